@@ -1,0 +1,53 @@
+"""Errors a user can act on. Each carries one line that says what went wrong."""
+
+
+class ChunkstoreError(Exception):
+    """Base of every error chunkstore reports to a user; str() is the one-line reason."""
+
+    exit_code = 1
+
+
+class InvalidInput(ChunkstoreError):
+    """A malformed argument, path, ref or request."""
+
+    exit_code = 2
+
+
+class NotFound(ChunkstoreError):
+    """A repo, tag, version, file, manifest or chunk that does not exist."""
+
+    exit_code = 3
+
+
+class AmbiguousRef(InvalidInput):
+    """An id prefix that matches more than one version."""
+
+
+class CorruptChunk(ChunkstoreError):
+    """Stored bytes that do not hash to their chunk id, or cannot be decoded."""
+
+    exit_code = 4
+
+    def __init__(self, chunk_id: bytes, reason: str = "content does not match its id"):
+        self.chunk_id = chunk_id
+        super().__init__(f"chunk {chunk_id.hex()} is corrupt: {reason}")
+
+
+class ChunkNotFound(NotFound):
+    """A chunk id that no store holds."""
+
+    def __init__(self, chunk_id: bytes):
+        self.chunk_id = chunk_id
+        super().__init__(f"chunk {chunk_id.hex()} is missing from the store")
+
+
+class StoreFull(ChunkstoreError):
+    """The store's disk or map is full; nothing of the failed write was kept."""
+
+    exit_code = 5
+
+
+class StoreUnavailable(ChunkstoreError):
+    """The store cannot be opened or reached."""
+
+    exit_code = 6
