@@ -1,0 +1,172 @@
+"""The store protocol: everything the repository layer needs from a place that keeps data.
+
+A store keeps two kinds of things:
+
+- **chunks**, addressed by their id (BLAKE3-256 of the raw bytes) and kept as encoded blobs
+  (see :mod:`chunkstore.codec`); and
+- **metadata**: file manifests (by id), version records (by repo and id) and tags (by repo and
+  name), each an opaque byte string whose meaning belongs to :mod:`chunkstore.model`.
+
+Every write returns only once it is durable. Nothing here interprets versions, so the same
+repository layer runs on every implementation: :class:`MemoryStore` for tests,
+:class:`LmdbStore` on one machine, and the cluster client over gRPC.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from chunkstore import codec
+
+
+@dataclass(frozen=True)
+class ChunkInfo:
+    """What a store knows of one stored chunk without decoding it."""
+
+    id: bytes
+    stored_size: int  # encoded bytes kept
+    wanted_at: float  # unix time of the last write or existence check that found it
+
+
+@dataclass(frozen=True)
+class ChunkTotals:
+    chunks: int
+    stored_bytes: int
+
+
+class ChunkStore(ABC):
+    """Content-addressed chunk storage."""
+
+    @abstractmethod
+    def missing(self, ids: Sequence[bytes]) -> set[bytes]:
+        """Return the ids among ``ids`` that are not stored; mark the stored ones wanted now.
+
+        Marking matters for garbage collection: a chunk found here is spared by a concurrent GC
+        for the grace period, so a push that skips uploading it cannot lose it.
+        """
+
+    @abstractmethod
+    def put(self, chunks: Sequence[tuple[bytes, bytes]]) -> int:
+        """Store ``(id, blob)`` pairs durably, all or none; return the blob bytes newly added.
+
+        An id already stored keeps its blob. The caller vouches that each blob decodes to bytes
+        with that id; stores that take writes from the network check it themselves.
+        """
+
+    @abstractmethod
+    def get(self, ids: Sequence[bytes]) -> Iterator[tuple[bytes, bytes]]:
+        """Yield ``(id, blob)`` for every id, in any order; raise ChunkNotFound for an absent one.
+
+        Blobs are not verified here: use :meth:`read` for bytes that reach a user.
+        """
+
+    @abstractmethod
+    def delete(self, ids: Iterable[bytes]) -> int:
+        """Remove these chunks where present; return how many were removed."""
+
+    @abstractmethod
+    def scan(self) -> Iterator[ChunkInfo]:
+        """Yield every stored chunk once."""
+
+    @abstractmethod
+    def totals(self) -> ChunkTotals:
+        """Count and encoded size of all stored chunks."""
+
+    def read(self, ids: Sequence[bytes], workers: int = 2) -> Iterator[tuple[bytes, bytes]]:
+        """Yield ``(id, raw bytes)`` for every id, each verified against its id, in any order.
+
+        Raises CorruptChunk naming the first chunk whose bytes do not match, ChunkNotFound for
+        an absent one. Decoding and hashing run on ``workers`` threads (both release the GIL).
+        """
+        if workers <= 1:
+            for cid, blob in self.get(ids):
+                yield cid, codec.decode_verified(cid, blob)
+            return
+        with ThreadPoolExecutor(workers, thread_name_prefix="chunk-decode") as pool:
+            pending = []
+            for cid, blob in self.get(ids):
+                pending.append(pool.submit(_decode_pair, cid, blob))
+                if len(pending) >= 4 * workers:
+                    yield pending.pop(0).result()
+            for fut in pending:
+                yield fut.result()
+
+
+def _decode_pair(cid: bytes, blob: bytes) -> tuple[bytes, bytes]:
+    return cid, codec.decode_verified(cid, blob)
+
+
+class MetaStore(ABC):
+    """Manifests, version records and tags. Keys are bytes ids and str names."""
+
+    @abstractmethod
+    def put_manifest(self, manifest_id: bytes, data: bytes) -> None:
+        """Store a file manifest durably (idempotent); its stored_at becomes now."""
+
+    @abstractmethod
+    def get_manifest(self, manifest_id: bytes) -> bytes:
+        """Return a stored manifest; raise NotFound if absent."""
+
+    @abstractmethod
+    def has_manifests(self, manifest_ids: Sequence[bytes]) -> set[bytes]:
+        """Return the ids among ``manifest_ids`` that are stored."""
+
+    @abstractmethod
+    def put_version(self, repo: str, version_id: bytes, data: bytes) -> None:
+        """Store a version record durably; from then on it is visible (idempotent)."""
+
+    @abstractmethod
+    def get_version(self, repo: str, version_id: bytes) -> bytes:
+        """Return a version record; raise NotFound if absent."""
+
+    @abstractmethod
+    def list_versions(self, repo: str) -> list[tuple[bytes, bytes]]:
+        """Return ``(id, record)`` for every version of ``repo``, in no particular order."""
+
+    @abstractmethod
+    def delete_version(self, repo: str, version_id: bytes) -> None:
+        """Remove a version record and every tag that points at it; NotFound if absent."""
+
+    @abstractmethod
+    def list_repos(self) -> list[str]:
+        """Names of repos with at least one version, sorted."""
+
+    @abstractmethod
+    def set_tag(self, repo: str, tag: str, version_id: bytes) -> None:
+        """Point ``repo@tag`` at a stored version, creating or moving the tag; NotFound if the
+        version is not stored."""
+
+    @abstractmethod
+    def delete_tag(self, repo: str, tag: str) -> None:
+        """Remove a tag; NotFound if absent."""
+
+    @abstractmethod
+    def tags(self, repo: str) -> dict[str, bytes]:
+        """All tags of ``repo``: name -> version id."""
+
+    @abstractmethod
+    def scan_manifests(self) -> Iterator[tuple[bytes, float]]:
+        """Yield ``(id, stored_at)`` of every manifest once; stored_at is its last put's time."""
+
+    @abstractmethod
+    def delete_manifests(self, manifest_ids: Iterable[bytes]) -> int:
+        """Remove these manifests where present; return how many were removed."""
+
+
+class Store(ChunkStore, MetaStore):
+    """A complete store: chunks and metadata. Use as a context manager or call :meth:`close`."""
+
+    #: Human-readable location, shown in errors and ``stats``.
+    location: str = ""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release files, connections and threads."""
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

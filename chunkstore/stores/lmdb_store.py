@@ -1,0 +1,526 @@
+"""The embedded store: one LMDB environment in a directory.
+
+It is the default store on one machine and each storage node's shard. Named databases
+(key -> value; times are unix seconds as float64 LE):
+
+- ``chunks``: chunk id -> encoded blob
+- ``chunk_meta``: chunk id -> wanted_at
+- ``manifests``: manifest id -> manifest record
+- ``manifest_meta``: manifest id -> stored_at
+- ``versions``: repo (UTF-8) + NUL + version id -> version record
+- ``tags``: repo (UTF-8) + NUL + tag (UTF-8) -> version id
+- ``meta``: ``format`` -> ``1``; ``stored_bytes`` -> total blob bytes, uint64 LE
+
+Every write is one transaction committed with sync, so it is durable and all or nothing. LMDB
+allows one write transaction per environment: writers queue on a lock, readers run alongside.
+Several processes may open the same directory. When the memory map is full it is doubled and the
+write retried; only a full disk fails a write (:class:`~chunkstore.errors.StoreFull`).
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+from typing import TypeVar
+
+import lmdb
+
+from chunkstore import errors
+from chunkstore.stores.base import ChunkInfo, ChunkTotals, Store
+
+T = TypeVar("T")
+
+FORMAT = b"1"
+_DBS = (
+    b"chunks",
+    b"chunk_meta",
+    b"manifests",
+    b"manifest_meta",
+    b"versions",
+    b"tags",
+    b"meta",
+)
+_FORMAT_KEY = b"format"
+_STORED_KEY = b"stored_bytes"
+_SCAN_BATCH = 4096  # keys per read transaction when iterating a whole database
+_GET_BATCH_BYTES = 16 << 20  # blob bytes copied out per read transaction in get()
+_MAX_KEY = 511  # LMDB's default maximum key size
+_STAMP = struct.Struct("<d")
+
+
+class _Gate:
+    """Shared/exclusive lock: read transactions share it; a map resize or a write
+    transaction's abort takes it alone. A waiting exclusive holder holds back new readers.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._active = 0
+        self._exclusive = False
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._exclusive)
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._active -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._exclusive)
+            self._exclusive = True
+            self._cond.wait_for(lambda: not self._active)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
+
+
+class LmdbStore(Store):
+    """A store in the LMDB environment in directory ``path``.
+
+    ``create`` makes the directory and an empty store if there is none; ``map_size`` is the
+    initial map size in bytes (it grows as needed). A ``readonly`` store refuses writes with
+    StoreUnavailable and its :meth:`missing` cannot mark chunks wanted.
+
+    Open a directory once per process (py-lmdb refuses a second open) and share the store
+    between threads; other processes may open it at the same time.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        create: bool = True,
+        map_size: int = 1 << 30,
+        readonly: bool = False,
+    ) -> None:
+        self.path = Path(path)
+        self.location = str(self.path)
+        self._readonly = readonly
+        self._write_lock = threading.RLock()  # held by the writer, taken again to resize
+        self._gate = _Gate()
+        self._env = self._open_env(create and not readonly, map_size)
+        try:
+            dbs = self._open_dbs()
+        except BaseException:
+            self._env.close()
+            raise
+        (
+            self._chunks,
+            self._chunk_meta,
+            self._manifests,
+            self._manifest_meta,
+            self._versions,
+            self._tags,
+            self._meta,
+        ) = dbs
+
+    def _open_env(self, create: bool, map_size: int) -> lmdb.Environment:
+        if not (self.path / "data.mdb").exists():
+            if self.path.is_dir() and any(self.path.iterdir()):
+                raise self._unavailable("the directory is not empty and holds no store")
+            if not create:
+                raise self._unavailable("no store there")
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise self._unavailable(_reason(e)) from None
+        try:
+            env = lmdb.open(
+                str(self.path),
+                map_size=map_size,
+                readonly=self._readonly,
+                create=False,
+                max_dbs=len(_DBS),
+                sync=True,
+                metasync=True,
+                lock=True,
+            )
+        except (OSError, lmdb.Error) as e:
+            raise self._unavailable(_reason(e)) from None
+        env.reader_check()
+        return env
+
+    def _open_dbs(self) -> list[lmdb._Database]:
+        if self._env.stat()["entries"] == 0 and not self._readonly:  # a new, empty environment
+            with self._env.begin(write=True) as txn:
+                dbs = [self._env.open_db(name, txn=txn) for name in _DBS]
+                txn.put(_FORMAT_KEY, FORMAT, db=dbs[-1])
+            return dbs
+        try:
+            dbs = [self._env.open_db(name, create=False) for name in _DBS]
+        except lmdb.NotFoundError:
+            raise self._unavailable("not a chunkstore store") from None
+        with self._env.begin() as txn:
+            found = txn.get(_FORMAT_KEY, db=dbs[-1])
+        if found != FORMAT:
+            raise self._unavailable(f"not a chunkstore store of format {FORMAT.decode()}")
+        return dbs
+
+    def _unavailable(self, reason: str) -> errors.StoreUnavailable:
+        return errors.StoreUnavailable(f"cannot open store at {self.location}: {reason}")
+
+    def close(self) -> None:
+        with self._write_lock, self._gate.exclusive():
+            self._env.close()
+
+    # transactions
+
+    def _read(self, fn: Callable[[lmdb.Transaction], T], *, buffers: bool = False) -> T:
+        """Return ``fn(txn)`` run in a read transaction.
+
+        With ``buffers``, values are views into the map that are valid only inside ``fn``.
+        """
+        while True:
+            with self._gate.shared():
+                try:
+                    with self._env.begin(buffers=buffers) as txn:
+                        return fn(txn)
+                except lmdb.MapResizedError:
+                    pass
+            self._set_map_size(0)  # another process grew the map: adopt its size
+
+    def _write(self, fn: Callable[[lmdb.Transaction], T]) -> T:
+        """Return ``fn(txn)`` run in one write transaction, committed durably: all or nothing.
+
+        A full map is doubled and ``fn`` run again from the start; a full disk raises StoreFull.
+        """
+        if self._readonly:
+            raise errors.StoreUnavailable(f"store at {self.location} is open read-only")
+        with self._write_lock:
+            while True:
+                try:
+                    return self._attempt(fn)
+                except lmdb.MapFullError:
+                    self._set_map_size(2 * self._env.info()["map_size"])
+                except lmdb.MapResizedError:
+                    self._set_map_size(0)
+                except (lmdb.DiskError, OSError) as e:
+                    if isinstance(e, OSError) and e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                        raise
+                    raise errors.StoreFull(
+                        f"store at {self.location} is full (no space left on device); "
+                        "nothing of this write was stored"
+                    ) from e
+
+    def _attempt(self, fn: Callable[[lmdb.Transaction], T]) -> T:
+        txn = self._env.begin(write=True)
+        try:
+            result = fn(txn)
+        except BaseException:
+            # py-lmdb's abort of a write transaction waits until no thread is inside an LMDB
+            # call: with readers busy that can take seconds, so hold them back meanwhile.
+            with self._gate.exclusive():
+                txn.abort()
+            raise
+        txn.commit()  # on failure LMDB has already discarded the transaction
+        return result
+
+    def _set_map_size(self, size: int) -> None:
+        """Change the map size (0: adopt the size another process set).
+
+        LMDB requires that no transaction of this process is open meanwhile.
+        """
+        with self._write_lock, self._gate.exclusive():
+            self._env.set_mapsize(size)
+
+    def _rows(
+        self, db: lmdb._Database, row: Callable[[lmdb.Transaction, lmdb.Cursor], T]
+    ) -> Iterator[T]:
+        """Yield ``row(txn, cursor)`` at every key of ``db`` in order, without holding one
+        read transaction for long: each one reads a batch, the next resumes after its last key.
+        """
+        after = b""
+        while True:
+            last, rows = self._read(partial(_rows_after, db, after, row), buffers=True)
+            yield from rows
+            if last is None:
+                return
+            after = last
+
+    def _stored(self, txn: lmdb.Transaction) -> int:
+        return int.from_bytes(txn.get(_STORED_KEY, b"", db=self._meta), "little")
+
+    def _add_stored(self, txn: lmdb.Transaction, delta: int) -> None:
+        txn.put(_STORED_KEY, (self._stored(txn) + delta).to_bytes(8, "little"), db=self._meta)
+
+    # chunks
+
+    def missing(self, ids: Sequence[bytes]) -> set[bytes]:
+        found = self._read(partial(_present, self._chunks, ids))
+        absent = set(ids).difference(found)
+        if found and not self._readonly:
+            absent.update(self._write(partial(self._mark_wanted, found, _stamp())))
+        return absent
+
+    def _mark_wanted(self, ids: list[bytes], stamp: bytes, txn: lmdb.Transaction) -> list[bytes]:
+        """Set wanted_at of the ids still stored; return those deleted meanwhile."""
+        cursor = txn.cursor(db=self._chunks)
+        gone = []
+        for cid in ids:
+            if cursor.set_key(cid):
+                txn.put(cid, stamp, db=self._chunk_meta)
+            else:
+                gone.append(cid)
+        return gone
+
+    def put(self, chunks: Sequence[tuple[bytes, bytes]]) -> int:
+        if not chunks:
+            return 0
+        stamp = _stamp()
+
+        def write(txn: lmdb.Transaction) -> int:
+            added = 0
+            for cid, blob in chunks:
+                if txn.put(cid, blob, db=self._chunks, overwrite=False):
+                    added += len(blob)
+                txn.put(cid, stamp, db=self._chunk_meta)
+            if added:
+                self._add_stored(txn, added)
+            return added
+
+        return self._write(write)
+
+    def get(self, ids: Sequence[bytes]) -> Iterator[tuple[bytes, bytes]]:
+        """Yield ``(id, blob)`` in request order, copying up to 16 MiB per read transaction."""
+        start = 0
+        while start < len(ids):
+            batch = self._read(partial(self._get_batch, ids, start))
+            start += len(batch)
+            yield from batch
+
+    def _get_batch(
+        self, ids: Sequence[bytes], start: int, txn: lmdb.Transaction
+    ) -> list[tuple[bytes, bytes]]:
+        batch, size = [], 0
+        for i in range(start, len(ids)):
+            cid = ids[i]
+            blob = txn.get(cid, db=self._chunks)
+            if blob is None:
+                raise errors.ChunkNotFound(cid)
+            batch.append((cid, blob))
+            size += len(blob)
+            if size >= _GET_BATCH_BYTES:
+                break
+        return batch
+
+    def delete(self, ids: Iterable[bytes]) -> int:
+        ids = list(ids)
+
+        def remove(txn: lmdb.Transaction) -> int:
+            removed = freed = 0
+            for cid in ids:
+                blob = txn.pop(cid, db=self._chunks)
+                if blob is not None:
+                    txn.delete(cid, db=self._chunk_meta)
+                    removed += 1
+                    freed += len(blob)
+            if removed:
+                self._add_stored(txn, -freed)
+            return removed
+
+        return self._write(remove) if ids else 0
+
+    def scan(self) -> Iterator[ChunkInfo]:
+        def info(txn: lmdb.Transaction, cursor: lmdb.Cursor) -> ChunkInfo:
+            cid = bytes(cursor.key())
+            (wanted_at,) = _STAMP.unpack(txn.get(cid, db=self._chunk_meta))
+            return ChunkInfo(cid, len(cursor.value()), wanted_at)
+
+        return self._rows(self._chunks, info)
+
+    def totals(self) -> ChunkTotals:
+        return self._read(
+            lambda txn: ChunkTotals(txn.stat(self._chunks)["entries"], self._stored(txn))
+        )
+
+    def map_usage(self) -> tuple[int, int]:
+        """Bytes of the map in use and the current map size."""
+        with self._gate.shared():
+            info, stat = self._env.info(), self._env.stat()
+        return (info["last_pgno"] + 1) * stat["psize"], info["map_size"]
+
+    # manifests
+
+    def put_manifest(self, manifest_id: bytes, data: bytes) -> None:
+        """Store a manifest (an existing one keeps its data) and set its stored_at to now."""
+        stamp = _stamp()
+
+        def write(txn: lmdb.Transaction) -> None:
+            txn.put(manifest_id, data, db=self._manifests, overwrite=False)
+            txn.put(manifest_id, stamp, db=self._manifest_meta)
+
+        self._write(write)
+
+    def get_manifest(self, manifest_id: bytes) -> bytes:
+        data = self._read(lambda txn: txn.get(manifest_id, db=self._manifests))
+        if data is None:
+            raise errors.NotFound(f"manifest {manifest_id.hex()} is not in the store")
+        return data
+
+    def has_manifests(self, manifest_ids: Sequence[bytes]) -> set[bytes]:
+        return set(self._read(partial(_present, self._manifests, manifest_ids)))
+
+    def scan_manifests(self) -> Iterator[tuple[bytes, float]]:
+        """Yield ``(id, stored_at)`` of every manifest: the time of its last put_manifest."""
+
+        def info(txn: lmdb.Transaction, cursor: lmdb.Cursor) -> tuple[bytes, float]:
+            mid = bytes(cursor.key())
+            return mid, _STAMP.unpack(txn.get(mid, db=self._manifest_meta))[0]
+
+        return self._rows(self._manifests, info)
+
+    def delete_manifests(self, manifest_ids: Iterable[bytes]) -> int:
+        ids = list(manifest_ids)
+
+        def remove(txn: lmdb.Transaction) -> int:
+            removed = 0
+            for mid in ids:
+                if txn.delete(mid, db=self._manifests):
+                    txn.delete(mid, db=self._manifest_meta)
+                    removed += 1
+            return removed
+
+        return self._write(remove) if ids else 0
+
+    # versions and tags
+
+    def put_version(self, repo: str, version_id: bytes, data: bytes) -> None:
+        key = _key(repo, version_id)
+        self._write(lambda txn: txn.put(key, data, db=self._versions, overwrite=False))
+
+    def get_version(self, repo: str, version_id: bytes) -> bytes:
+        data = self._read(lambda txn: txn.get(_key(repo, version_id), db=self._versions))
+        if data is None:
+            raise errors.NotFound(f"version {version_id.hex()} is not in repo {repo!r}")
+        return data
+
+    def list_versions(self, repo: str) -> list[tuple[bytes, bytes]]:
+        return self._read(partial(_with_prefix, self._versions, _key(repo, b"")))
+
+    def delete_version(self, repo: str, version_id: bytes) -> None:
+        def remove(txn: lmdb.Transaction) -> None:
+            if not txn.delete(_key(repo, version_id), db=self._versions):
+                raise errors.NotFound(f"version {version_id.hex()} is not in repo {repo!r}")
+            prefix = _key(repo, b"")
+            cursor = txn.cursor(db=self._tags)
+            cursor.set_range(prefix)
+            while cursor.key().startswith(prefix):  # an unpositioned cursor's key is b""
+                if cursor.value() == version_id:
+                    cursor.delete()  # moves to the next key
+                else:
+                    cursor.next()
+
+        self._write(remove)
+
+    def list_repos(self) -> list[str]:
+        def repos(txn: lmdb.Transaction) -> list[str]:
+            names = []
+            cursor = txn.cursor(db=self._versions)
+            positioned = cursor.first()
+            while positioned:
+                repo = cursor.key().split(b"\0", 1)[0]
+                names.append(repo.decode())
+                positioned = cursor.set_range(repo + b"\1")  # skip this repo's other versions
+            return names  # UTF-8 byte order is code point order: already sorted
+
+        return self._read(repos)
+
+    def set_tag(self, repo: str, tag: str, version_id: bytes) -> None:
+        """Point ``repo@tag`` at a version; NotFound if that version is not stored."""
+        key = _key(repo, tag.encode())
+
+        def write(txn: lmdb.Transaction) -> None:
+            if not _present(self._versions, [_key(repo, version_id)], txn):
+                raise errors.NotFound(f"version {version_id.hex()} is not in repo {repo!r}")
+            txn.put(key, version_id, db=self._tags)
+
+        self._write(write)
+
+    def delete_tag(self, repo: str, tag: str) -> None:
+        key = _key(repo, tag.encode())
+
+        def remove(txn: lmdb.Transaction) -> None:
+            if not txn.delete(key, db=self._tags):
+                raise errors.NotFound(f"tag {tag!r} is not in repo {repo!r}")
+
+        self._write(remove)
+
+    def tags(self, repo: str) -> dict[str, bytes]:
+        rows = self._read(partial(_with_prefix, self._tags, _key(repo, b"")))
+        return {tag.decode(): version_id for tag, version_id in rows}
+
+
+def _key(repo: str, name: bytes) -> bytes:
+    """The key of a version or tag: repo + NUL + name."""
+    if "\0" in repo:
+        raise errors.InvalidInput(f"repo name {repo!r} contains a NUL character")
+    key = repo.encode() + b"\0" + name
+    if len(key) > _MAX_KEY:
+        raise errors.InvalidInput(f"repo and name together exceed {_MAX_KEY} bytes: {repo!r}")
+    return key
+
+
+def _present(db: lmdb._Database, keys: Sequence[bytes], txn: lmdb.Transaction) -> list[bytes]:
+    """The keys among ``keys`` that ``db`` holds, looked up without copying values."""
+    cursor = txn.cursor(db=db)
+    return [k for k in keys if cursor.set_key(k)]
+
+
+def _with_prefix(
+    db: lmdb._Database, prefix: bytes, txn: lmdb.Transaction
+) -> list[tuple[bytes, bytes]]:
+    """``(key without prefix, value)`` for every key of ``db`` that starts with ``prefix``."""
+    cursor = txn.cursor(db=db)
+    cursor.set_range(prefix)
+    rows = []
+    while cursor.key().startswith(prefix):
+        rows.append((cursor.key()[len(prefix) :], cursor.value()))
+        cursor.next()
+    return rows
+
+
+def _rows_after(
+    db: lmdb._Database,
+    after: bytes,
+    row: Callable[[lmdb.Transaction, lmdb.Cursor], T],
+    txn: lmdb.Transaction,
+) -> tuple[bytes | None, list[T]]:
+    """Up to _SCAN_BATCH rows from the first key after ``after`` (b"": from the start), and
+    the last key read, or None when the database is exhausted."""
+    cursor = txn.cursor(db=db)
+    positioned = cursor.set_range(after)
+    if positioned and after and cursor.key() == after:
+        positioned = cursor.next()
+    rows: list[T] = []
+    last = after
+    while positioned and len(rows) < _SCAN_BATCH:
+        rows.append(row(txn, cursor))
+        last = bytes(cursor.key())
+        positioned = cursor.next()
+    return (last if positioned else None), rows
+
+
+def _stamp() -> bytes:
+    return _STAMP.pack(time.time())
+
+
+def _reason(e: OSError | lmdb.Error) -> str:
+    """The short reason of an OS or LMDB error, e.g. 'permission denied'."""
+    text = e.strerror if isinstance(e, OSError) and e.strerror else str(e).rsplit(": ", 1)[-1]
+    return text[:1].lower() + text[1:]

@@ -1,0 +1,155 @@
+"""A store in process memory, for tests: plain dicts behind one lock."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+
+from chunkstore import errors
+from chunkstore.stores.base import ChunkInfo, ChunkTotals, Store
+
+
+class MemoryStore(Store):
+    """Keeps everything in dicts; thread-safe; gone when the object is."""
+
+    location = "memory://"
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._chunks: dict[bytes, bytes] = {}
+        self._wanted_at: dict[bytes, float] = {}
+        self._manifests: dict[bytes, bytes] = {}
+        self._manifest_stored_at: dict[bytes, float] = {}
+        self._versions: dict[tuple[str, bytes], bytes] = {}
+        self._tags: dict[tuple[str, str], bytes] = {}
+
+    # chunks
+
+    def missing(self, ids: Sequence[bytes]) -> set[bytes]:
+        now = time.time()
+        absent = set()
+        with self._lock:
+            for cid in ids:
+                if cid in self._chunks:
+                    self._wanted_at[cid] = now
+                else:
+                    absent.add(cid)
+        return absent
+
+    def put(self, chunks: Sequence[tuple[bytes, bytes]]) -> int:
+        now = time.time()
+        added = 0
+        items = list(chunks)  # all or none: fail before changing anything
+        with self._lock:
+            for cid, blob in items:
+                if cid not in self._chunks:
+                    self._chunks[cid] = bytes(blob)
+                    added += len(blob)
+                self._wanted_at[cid] = now
+        return added
+
+    def get(self, ids: Sequence[bytes]) -> Iterator[tuple[bytes, bytes]]:
+        for cid in ids:
+            with self._lock:
+                blob = self._chunks.get(cid)
+            if blob is None:
+                raise errors.ChunkNotFound(cid)
+            yield cid, blob
+
+    def delete(self, ids: Iterable[bytes]) -> int:
+        removed = 0
+        with self._lock:
+            for cid in ids:
+                if self._chunks.pop(cid, None) is not None:
+                    del self._wanted_at[cid]
+                    removed += 1
+        return removed
+
+    def scan(self) -> Iterator[ChunkInfo]:
+        with self._lock:
+            infos = [ChunkInfo(c, len(b), self._wanted_at[c]) for c, b in self._chunks.items()]
+        yield from infos
+
+    def totals(self) -> ChunkTotals:
+        with self._lock:
+            return ChunkTotals(len(self._chunks), sum(map(len, self._chunks.values())))
+
+    # manifests
+
+    def put_manifest(self, manifest_id: bytes, data: bytes) -> None:
+        """Store a manifest (an existing one keeps its data) and set its stored_at to now."""
+        now = time.time()
+        with self._lock:
+            self._manifests.setdefault(manifest_id, bytes(data))
+            self._manifest_stored_at[manifest_id] = now
+
+    def get_manifest(self, manifest_id: bytes) -> bytes:
+        with self._lock:
+            data = self._manifests.get(manifest_id)
+        if data is None:
+            raise errors.NotFound(f"manifest {manifest_id.hex()} is not in the store")
+        return data
+
+    def has_manifests(self, manifest_ids: Sequence[bytes]) -> set[bytes]:
+        with self._lock:
+            return {m for m in manifest_ids if m in self._manifests}
+
+    def scan_manifests(self) -> Iterator[tuple[bytes, float]]:
+        """Yield ``(id, stored_at)`` of every manifest: the time of its last put_manifest."""
+        with self._lock:
+            infos = list(self._manifest_stored_at.items())
+        yield from infos
+
+    def delete_manifests(self, manifest_ids: Iterable[bytes]) -> int:
+        removed = 0
+        with self._lock:
+            for mid in manifest_ids:
+                if self._manifests.pop(mid, None) is not None:
+                    del self._manifest_stored_at[mid]
+                    removed += 1
+        return removed
+
+    # versions and tags
+
+    def put_version(self, repo: str, version_id: bytes, data: bytes) -> None:
+        with self._lock:
+            self._versions.setdefault((repo, version_id), bytes(data))
+
+    def get_version(self, repo: str, version_id: bytes) -> bytes:
+        with self._lock:
+            data = self._versions.get((repo, version_id))
+        if data is None:
+            raise errors.NotFound(f"version {version_id.hex()} is not in repo {repo!r}")
+        return data
+
+    def list_versions(self, repo: str) -> list[tuple[bytes, bytes]]:
+        with self._lock:
+            return [(vid, data) for (r, vid), data in self._versions.items() if r == repo]
+
+    def delete_version(self, repo: str, version_id: bytes) -> None:
+        with self._lock:
+            if self._versions.pop((repo, version_id), None) is None:
+                raise errors.NotFound(f"version {version_id.hex()} is not in repo {repo!r}")
+            for key in [k for k, v in self._tags.items() if k[0] == repo and v == version_id]:
+                del self._tags[key]
+
+    def list_repos(self) -> list[str]:
+        with self._lock:
+            return sorted({repo for repo, _ in self._versions})
+
+    def set_tag(self, repo: str, tag: str, version_id: bytes) -> None:
+        """Point ``repo@tag`` at a version; NotFound if that version is not stored."""
+        with self._lock:
+            if (repo, version_id) not in self._versions:
+                raise errors.NotFound(f"version {version_id.hex()} is not in repo {repo!r}")
+            self._tags[(repo, tag)] = version_id
+
+    def delete_tag(self, repo: str, tag: str) -> None:
+        with self._lock:
+            if self._tags.pop((repo, tag), None) is None:
+                raise errors.NotFound(f"tag {tag!r} is not in repo {repo!r}")
+
+    def tags(self, repo: str) -> dict[str, bytes]:
+        with self._lock:
+            return {t: vid for (r, t), vid in self._tags.items() if r == repo}

@@ -1,0 +1,469 @@
+"""The store protocol on every store (``store`` fixture), then what only LmdbStore promises."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import lmdb
+import pytest
+
+from chunkstore import ids
+from chunkstore.errors import (
+    ChunkNotFound,
+    CorruptChunk,
+    InvalidInput,
+    NotFound,
+    StoreFull,
+    StoreUnavailable,
+)
+from chunkstore.stores import LmdbStore, Store
+
+ROOT = Path(__file__).resolve().parents[1]
+KB = 1 << 10
+
+
+def blob(raw: bytes) -> bytes:
+    """A blob in the raw codec (id 0): 1 byte codec, 4 bytes length, the raw bytes."""
+    return bytes([0]) + len(raw).to_bytes(4, "little") + raw
+
+
+def chunks(n: int, size: int = 100, seed: int = 0) -> list[tuple[bytes, bytes]]:
+    """``n`` distinct (id, blob) pairs with ``size`` raw bytes each."""
+    out = []
+    for i in range(n):
+        raw = (seed * 1_000_003 + i).to_bytes(8, "little") * (size // 8)
+        out.append((ids.chunk_id(raw), blob(raw)))
+    return out
+
+
+def stored(store: Store, pairs: list[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
+    return dict(store.get([cid for cid, _ in pairs]))
+
+
+class ExplodingList(list):
+    """A batch that fails while it is being stored, at its third item."""
+
+    def __iter__(self):
+        for i, item in enumerate(super().__iter__()):
+            if i == 2:
+                raise RuntimeError("boom")
+            yield item
+
+
+# chunks, on every store
+
+
+def test_put_get_scan_totals(store: Store):
+    pairs = chunks(5)
+    assert store.put(pairs) == sum(len(b) for _, b in pairs)
+    assert stored(store, pairs) == dict(pairs)
+    assert sorted((i.id, i.stored_size) for i in store.scan()) == sorted(
+        (cid, len(b)) for cid, b in pairs
+    )
+    assert store.totals().chunks == 5
+    assert store.totals().stored_bytes == sum(len(b) for _, b in pairs)
+    assert store.missing([cid for cid, _ in pairs]) == set()
+
+
+def test_empty_store(store: Store):
+    assert list(store.scan()) == []
+    assert (store.totals().chunks, store.totals().stored_bytes) == (0, 0)
+    assert store.put([]) == 0
+    assert list(store.get([])) == []
+    assert store.delete([]) == 0
+
+
+def test_put_of_existing_id_keeps_first_blob(store: Store):
+    (cid, first), (_, other) = chunks(2)
+    assert store.put([(cid, first), (cid, other)]) == len(first)  # duplicate within a batch
+    assert store.put([(cid, other)]) == 0
+    assert stored(store, [(cid, first)]) == {cid: first}
+    assert store.totals().stored_bytes == len(first)
+
+
+def test_get_of_absent_id_raises(store: Store):
+    pairs = chunks(2)
+    store.put(pairs[:1])
+    with pytest.raises(ChunkNotFound) as info:
+        list(store.get([pairs[0][0], pairs[1][0]]))
+    assert info.value.chunk_id == pairs[1][0]
+
+
+def test_missing_reports_absent_and_refreshes_wanted_at(store: Store):
+    pairs = chunks(3)
+    store.put(pairs[:2])
+    before = {i.id: i.wanted_at for i in store.scan()}
+    time.sleep(0.01)
+    asked = [pairs[0][0], pairs[2][0]]
+    assert store.missing(asked) == {pairs[2][0]}
+    after = {i.id: i.wanted_at for i in store.scan()}
+    assert after[pairs[0][0]] > before[pairs[0][0]]
+    assert after[pairs[1][0]] == before[pairs[1][0]]  # not asked about
+    assert pairs[2][0] not in after  # asking stores nothing
+
+
+def test_put_refreshes_wanted_at_of_existing(store: Store):
+    pairs = chunks(1)
+    store.put(pairs)
+    (before,) = store.scan()
+    time.sleep(0.01)
+    store.put(pairs)
+    (after,) = store.scan()
+    assert after.wanted_at > before.wanted_at
+
+
+def test_delete(store: Store):
+    pairs = chunks(3)
+    store.put(pairs)
+    absent = chunks(1, seed=9)[0][0]
+    assert store.delete([pairs[0][0], pairs[1][0], absent]) == 2
+    assert store.missing([cid for cid, _ in pairs]) == {pairs[0][0], pairs[1][0]}
+    assert [i.id for i in store.scan()] == [pairs[2][0]]
+    assert (store.totals().chunks, store.totals().stored_bytes) == (1, len(pairs[2][1]))
+    assert store.put(pairs[:1]) == len(pairs[0][1])  # can be stored again
+
+
+def test_put_is_all_or_nothing(store: Store):
+    with pytest.raises(RuntimeError, match="boom"):
+        store.put(ExplodingList(chunks(5)))
+    assert list(store.scan()) == []
+    assert store.totals().stored_bytes == 0
+
+
+def test_read_verifies(store: Store):
+    raw = b"weights" * 100
+    good = ids.chunk_id(raw)
+    bad = ids.chunk_id(b"something else")
+    store.put([(good, blob(raw)), (bad, blob(raw))])
+    assert dict(store.read([good], workers=1)) == {good: raw}
+    with pytest.raises(CorruptChunk):
+        list(store.read([good, bad]))
+
+
+def test_concurrent_writers(store: Store):
+    batches = [chunks(20, seed=s) for s in range(8)]
+    failures: list[BaseException] = []
+
+    def write(mine: list[list[tuple[bytes, bytes]]]) -> None:
+        try:
+            for batch in mine:
+                store.put(batch)
+        except BaseException as e:
+            failures.append(e)
+
+    threads = [threading.Thread(target=write, args=(batches[i::2],)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+    assert store.totals().chunks == 160
+
+
+# manifests, versions, tags, on every store
+
+
+def test_manifests(store: Store):
+    store.put_manifest(b"m1", b"one")
+    store.put_manifest(b"m2", b"two")
+    assert store.get_manifest(b"m1") == b"one"
+    assert store.has_manifests([b"m1", b"m3"]) == {b"m1"}
+    assert sorted(mid for mid, _ in store.scan_manifests()) == [b"m1", b"m2"]
+    assert store.delete_manifests([b"m1", b"m3"]) == 1
+    assert [mid for mid, _ in store.scan_manifests()] == [b"m2"]
+    with pytest.raises(NotFound):
+        store.get_manifest(b"m1")
+    assert store.delete_manifests([b"m1"]) == 0
+
+
+def test_put_manifest_again_keeps_data_and_refreshes_stored_at(store: Store):
+    started = time.time()
+    store.put_manifest(b"m", b"one")
+    ((_, first),) = store.scan_manifests()
+    assert started <= first <= time.time()
+    time.sleep(0.01)
+    store.put_manifest(b"m", b"one")
+    ((_, second),) = store.scan_manifests()
+    assert second > first
+    assert store.get_manifest(b"m") == b"one"
+
+
+def test_versions(store: Store):
+    store.put_version("r", b"v1", b"one")
+    store.put_version("r", b"v1", b"one")  # idempotent
+    store.put_version("r", b"v2", b"two")
+    store.put_version("r2", b"v1", b"other repo")
+    assert store.get_version("r", b"v2") == b"two"
+    assert sorted(store.list_versions("r")) == [(b"v1", b"one"), (b"v2", b"two")]
+    assert store.list_versions("nope") == []
+    with pytest.raises(NotFound):
+        store.get_version("r", b"v3")
+    with pytest.raises(NotFound):
+        store.get_version("r3", b"v1")
+    with pytest.raises(NotFound):
+        store.delete_version("r", b"v3")
+
+
+def test_tags(store: Store):
+    store.put_version("r", b"v1", b"one")
+    store.put_version("r", b"v2", b"two")
+    store.set_tag("r", "t", b"v1")
+    store.set_tag("r", "t", b"v2")  # moves
+    store.set_tag("r", "ü/x", b"v1")
+    assert store.tags("r") == {"t": b"v2", "ü/x": b"v1"}
+    assert store.tags("r2") == {}
+    store.delete_tag("r", "t")
+    assert store.tags("r") == {"ü/x": b"v1"}
+    with pytest.raises(NotFound):
+        store.delete_tag("r", "t")
+    with pytest.raises(NotFound):
+        store.set_tag("r", "t", b"v3")  # no such version
+    assert store.tags("r") == {"ü/x": b"v1"}
+
+
+def test_delete_version_removes_its_tags(store: Store):
+    for repo in ("r", "r2"):
+        store.put_version(repo, b"v1", b"one")
+        store.put_version(repo, b"v2", b"two")
+        store.set_tag(repo, "a", b"v1")
+        store.set_tag(repo, "b", b"v1")
+        store.set_tag(repo, "c", b"v2")
+    store.delete_version("r", b"v1")
+    assert store.tags("r") == {"c": b"v2"}
+    assert store.tags("r2") == {"a": b"v1", "b": b"v1", "c": b"v2"}
+    assert store.list_versions("r") == [(b"v2", b"two")]
+
+
+def test_list_repos(store: Store):
+    assert store.list_repos() == []
+    for repo in ("b", "a b", "a", "ab", "a"):
+        for v in (b"v1", b"v2"):
+            store.put_version(repo, v, b"x")
+    assert store.list_repos() == ["a", "a b", "ab", "b"]
+    store.delete_version("ab", b"v1")
+    store.delete_version("ab", b"v2")
+    assert store.list_repos() == ["a", "a b", "b"]
+
+
+# LmdbStore only
+
+
+def test_lmdb_map_grows(tmp_path):
+    with LmdbStore(tmp_path / "s", map_size=64 * KB) as store:
+        batches = [chunks(16, size=16 * KB, seed=s) for s in range(16)]  # 4 MiB
+        batches.append(chunks(64, size=32 * KB, seed=99))  # 2 MiB in one transaction
+        for batch in batches:
+            store.put(batch)
+        every = [pair for batch in batches for pair in batch]
+        assert stored(store, every) == dict(every)
+        assert store.totals().stored_bytes == sum(len(b) for _, b in every)
+        used, size = store.map_usage()
+        assert size > 64 * KB and used <= size
+
+
+def test_lmdb_grows_under_concurrent_readers(tmp_path):
+    """Resizes and aborts wait for reads in other threads, neither starving nor deadlocking."""
+    with LmdbStore(tmp_path / "s", map_size=64 * KB) as store:
+        base = chunks(4, size=4 * KB, seed=1)
+        store.put(base)
+        done = threading.Event()
+        failures: list[BaseException] = []
+
+        def read() -> None:
+            try:
+                while not done.is_set():
+                    assert stored(store, base) == dict(base)
+                    assert len(list(store.scan())) >= 4
+                    store.totals()
+            except BaseException as e:
+                failures.append(e)
+
+        readers = [threading.Thread(target=read) for _ in range(3)]
+        for t in readers:
+            t.start()
+        started = time.monotonic()
+        for s in range(2, 40):
+            store.put(chunks(8, size=16 * KB, seed=s))
+            with pytest.raises(NotFound):  # a write that aborts
+                store.delete_tag("r", "absent")
+        elapsed = time.monotonic() - started
+        done.set()
+        for t in readers:
+            t.join()
+        assert failures == []
+        assert store.totals().chunks == 4 + 38 * 8
+        assert elapsed < 30  # py-lmdb's abort waits for idle readers: it must not starve
+
+
+def test_lmdb_write_while_iterating(tmp_path):
+    """A half-consumed get() or scan() holds no transaction, so a growing write can proceed."""
+    with LmdbStore(tmp_path / "s", map_size=64 * KB) as store:
+        first = chunks(4, size=4 * KB)
+        store.put(first)
+        reading, scanning = store.get([cid for cid, _ in first]), store.scan()
+        next(reading), next(scanning)
+        store.put(chunks(64, size=16 * KB, seed=1))  # 1 MiB: the map must grow
+        assert len(list(reading)) == 3 and len(list(scanning)) >= 3
+
+
+def test_lmdb_scan_resumes_across_batches(tmp_path, monkeypatch):
+    monkeypatch.setattr("chunkstore.stores.lmdb_store._SCAN_BATCH", 3)
+    with LmdbStore(tmp_path / "s") as store:
+        pairs = chunks(10)
+        store.put(pairs)
+        scanned = [i.id for i in store.scan()]
+        assert scanned == sorted(cid for cid, _ in pairs)
+        for i in range(7):
+            store.put_manifest(bytes([i]), b"m")
+        assert [mid for mid, _ in store.scan_manifests()] == [bytes([i]) for i in range(7)]
+
+
+def test_lmdb_data_survives_close_and_processes(tmp_path):
+    path = tmp_path / "s"
+    code = (
+        "import sys\n"
+        "from chunkstore.stores import LmdbStore\n"
+        "from test_stores import chunks\n"
+        "with LmdbStore(sys.argv[1]) as s:\n"
+        "    s.put(chunks(10))\n"
+        "    s.put_version('r', b'v1', b'record')\n"
+        "    s.set_tag('r', 't', b'v1')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    subprocess.run([sys.executable, "-c", code, str(path)], env=env, check=True, timeout=60)
+    with LmdbStore(path) as store:
+        assert stored(store, chunks(10)) == dict(chunks(10))
+        assert store.totals().stored_bytes == sum(len(b) for _, b in chunks(10))
+        assert store.tags("r") == {"t": b"v1"}
+        store.put_manifest(b"m", b"manifest")
+    with LmdbStore(path, readonly=True) as store:
+        assert store.get_manifest(b"m") == b"manifest"
+        assert store.missing([cid for cid, _ in chunks(10)]) == set()
+        with pytest.raises(StoreUnavailable, match="read-only"):
+            store.put(chunks(1, seed=1))
+
+
+def test_lmdb_adopts_map_grown_by_another_process(tmp_path):
+    path = tmp_path / "s"
+    code = (
+        "import sys\n"
+        "from chunkstore.stores import LmdbStore\n"
+        "from test_stores import chunks\n"
+        "with LmdbStore(sys.argv[1], map_size=64 * 1024) as s:\n"
+        "    s.put(chunks(64, size=32 * 1024, seed=int(sys.argv[2])))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+
+    def grow_elsewhere(seed: int) -> list[tuple[bytes, bytes]]:
+        args = [sys.executable, "-c", code, str(path), str(seed)]
+        subprocess.run(args, env=env, check=True, timeout=60)
+        return chunks(64, size=32 * KB, seed=seed)
+
+    with LmdbStore(path, map_size=64 * KB) as store:
+        store.put(chunks(1))
+        first = grow_elsewhere(1)
+        store.put(chunks(8, size=32 * KB, seed=2))  # a write past our old map
+        second = grow_elsewhere(3)
+        assert stored(store, first + second) == dict(first + second)  # a read past it
+        assert store.totals().chunks == 1 + 64 + 8 + 64
+        assert store.map_usage()[1] >= 4 << 20
+
+
+def test_lmdb_unusable_paths(tmp_path):
+    (tmp_path / "afile").write_bytes(b"x")
+    with pytest.raises(StoreUnavailable, match="cannot open store at .*afile/store: not a dir"):
+        LmdbStore(tmp_path / "afile" / "store")
+    with pytest.raises(StoreUnavailable, match="cannot open store at /proc/"):
+        LmdbStore("/proc/chunkstore-test/store")
+    with pytest.raises(StoreUnavailable, match="no store there"):
+        LmdbStore(tmp_path / "nothing", create=False)
+    with pytest.raises(StoreUnavailable, match="no store there"):
+        LmdbStore(tmp_path / "nothing", readonly=True)
+    assert not (tmp_path / "nothing").exists()
+
+
+def test_lmdb_refuses_what_is_not_a_store(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "notes.txt").write_text("hello")
+    with pytest.raises(StoreUnavailable, match="not empty and holds no store"):
+        LmdbStore(tmp_path / "docs")
+    with lmdb.open(str(tmp_path / "other")) as env, env.begin(write=True) as txn:
+        txn.put(b"key", b"value")
+    with pytest.raises(StoreUnavailable, match="not a chunkstore store"):
+        LmdbStore(tmp_path / "other")
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "data.mdb").write_bytes(b"\0" * 8192)
+    with pytest.raises(StoreUnavailable, match="cannot open store at .*junk"):
+        LmdbStore(tmp_path / "junk")
+
+
+def test_lmdb_one_open_per_process(tmp_path):
+    with LmdbStore(tmp_path / "s"), pytest.raises(StoreUnavailable, match="already open"):
+        LmdbStore(tmp_path / "s")
+    LmdbStore(tmp_path / "s").close()  # free again once closed
+
+
+def test_lmdb_rejects_unusable_names(tmp_path):
+    with LmdbStore(tmp_path / "s") as store:
+        with pytest.raises(InvalidInput):
+            store.put_version("a\0b", b"v", b"x")
+        with pytest.raises(InvalidInput):
+            store.put_version("r" * 600, b"v", b"x")
+
+
+class _Txn:
+    """A write transaction whose disk fills up at the third put, or at commit."""
+
+    def __init__(self, txn: lmdb.Transaction, error: Exception, at: str) -> None:
+        self._txn, self._error, self._at, self._puts = txn, error, at, 0
+
+    def __getattr__(self, name: str):
+        return getattr(self._txn, name)
+
+    def put(self, *args, **kwargs):
+        self._puts += 1
+        if self._at == "put" and self._puts == 3:
+            raise self._error
+        return self._txn.put(*args, **kwargs)
+
+    def commit(self):
+        if self._at == "commit":
+            self._txn.abort()  # as LMDB does when its commit fails
+            raise self._error
+        self._txn.commit()
+
+
+class _FullDiskEnv:
+    def __init__(self, env: lmdb.Environment, error: Exception, at: str) -> None:
+        self._env, self._error, self._at = env, error, at
+
+    def __getattr__(self, name: str):
+        return getattr(self._env, name)
+
+    def begin(self, write: bool = False, **kwargs):
+        txn = self._env.begin(write=write, **kwargs)
+        return _Txn(txn, self._error, self._at) if write else txn
+
+
+@pytest.mark.parametrize("at", ["put", "commit"])
+@pytest.mark.parametrize(
+    "error",
+    [lmdb.DiskError("mdb_txn_commit: No space left on device"), OSError(errno.ENOSPC, "full")],
+)
+def test_lmdb_full_disk(tmp_path, monkeypatch, error, at):
+    with LmdbStore(tmp_path / "s") as store:
+        kept = chunks(2, seed=1)
+        store.put(kept)
+        monkeypatch.setattr(store, "_env", _FullDiskEnv(store._env, error, at))
+        with pytest.raises(StoreFull, match="is full .*nothing of this write was stored"):
+            store.put(chunks(5))
+        monkeypatch.undo()
+        assert {i.id for i in store.scan()} == {cid for cid, _ in kept}
+        assert store.totals().stored_bytes == sum(len(b) for _, b in kept)
+        assert store.put(chunks(5)) > 0  # the store still works
