@@ -1,0 +1,242 @@
+"""Versions, file entries and manifests: their Python shape and their canonical encoding.
+
+The canonical encoding is the deterministic protobuf serialization of the messages in
+``proto/chunkstore/v1/model.proto``; a record's id is BLAKE3-256 of that encoding.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from chunkstore import ids
+from chunkstore.errors import InvalidInput, NotFound
+from chunkstore.v1 import model_pb2
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*")
+_TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+MAX_NAME = 200
+
+
+def check_repo_name(name: str) -> str:
+    """Return ``name`` if it is a valid repo name, else raise InvalidInput."""
+    if not (len(name) <= MAX_NAME and _NAME.fullmatch(name)):
+        raise InvalidInput(
+            f"invalid repo name {name!r}: use letters, digits, '.', '_', '-' and '/' separators"
+        )
+    return name
+
+
+def check_tag_name(tag: str) -> str:
+    """Return ``tag`` if it is a valid tag name, else raise InvalidInput."""
+    if not (len(tag) <= MAX_NAME and _TAG.fullmatch(tag)):
+        raise InvalidInput(f"invalid tag {tag!r}: use letters, digits, '.', '_' and '-'")
+    return tag
+
+
+def normalise_path(path: str) -> str:
+    """Return a manifest path in normal form, or raise InvalidInput if it is unsafe.
+
+    A stored path is relative, '/'-separated, and never climbs out of the tree it names:
+    absolute paths, '..' components, empty names and NUL bytes are refused.
+    """
+    if not path or "\0" in path or "\\" in path or path.startswith("/"):
+        raise InvalidInput(f"unsafe path in manifest: {path!r}")
+    parts = path.split("/")
+    if any(p in ("..", ".", "") for p in parts):
+        raise InvalidInput(f"unsafe path in manifest: {path!r}")
+    return path
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    path: str
+    size: int
+    digest: bytes
+    manifest_id: bytes
+    mode: int = 0o644
+
+
+@dataclass(frozen=True)
+class VersionLink:
+    repo: str
+    id: bytes
+
+    def __str__(self) -> str:
+        return f"{self.repo}@{ids.short(self.id)}"
+
+
+@dataclass
+class Version:
+    """An immutable version of a repo, plus its tags (which live outside the record)."""
+
+    repo: str
+    id: bytes
+    parents: list[bytes]
+    created_ns: int
+    author: str
+    message: str
+    files: list[FileEntry]
+    params: dict[str, str]
+    metrics: dict[str, float]
+    inputs: list[VersionLink]
+    new_bytes: int
+    tags: list[str] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        """Sum of the sizes of the version's files."""
+        return sum(f.size for f in self.files)
+
+    @property
+    def short_id(self) -> str:
+        return ids.short(self.id)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.repo}@{self.short_id}"
+
+    def file(self, path: str) -> FileEntry:
+        for f in self.files:
+            if f.path == path:
+                return f
+        raise NotFound(f"{self.ref} has no file {path!r}")
+
+    def to_json(self) -> dict:
+        return {
+            "id": self.id.hex(),
+            "repo": self.repo,
+            "parents": [p.hex() for p in self.parents],
+            "created": self.created_ns / 1e9,
+            "author": self.author,
+            "message": self.message,
+            "tags": sorted(self.tags),
+            "params": dict(self.params),
+            "metrics": dict(self.metrics),
+            "inputs": [{"repo": i.repo, "id": i.id.hex()} for i in self.inputs],
+            "size": self.size,
+            "new_bytes": self.new_bytes,
+            "files": [
+                {"path": f.path, "size": f.size, "digest": f.digest.hex()} for f in self.files
+            ],
+        }
+
+
+def encode_version(
+    *,
+    repo: str,
+    parents: list[bytes],
+    created_ns: int,
+    author: str,
+    message: str,
+    files: list[FileEntry],
+    params: dict[str, str],
+    metrics: dict[str, float],
+    inputs: list[VersionLink],
+    new_bytes: int,
+) -> tuple[bytes, bytes]:
+    """Return ``(version id, canonical record)`` for these fields."""
+    msg = model_pb2.Version(
+        repo=repo,
+        parents=parents,
+        created_ns=created_ns,
+        author=author,
+        message=message,
+        files=[
+            model_pb2.FileEntry(
+                path=f.path, size=f.size, digest=f.digest, manifest_id=f.manifest_id, mode=f.mode
+            )
+            for f in sorted(files, key=lambda f: f.path)
+        ],
+        params=params,
+        metrics=metrics,
+        inputs=[model_pb2.VersionLink(repo=i.repo, id=i.id) for i in inputs],
+        new_bytes=new_bytes,
+    )
+    data = msg.SerializeToString(deterministic=True)
+    return ids.record_id(data), data
+
+
+def decode_version(version_id: bytes, data: bytes, tags: list[str] | None = None) -> Version:
+    """Parse a stored version record (checked against its id)."""
+    if ids.record_id(data) != version_id:
+        raise InvalidInput(f"version record {version_id.hex()} does not match its id")
+    msg = model_pb2.Version.FromString(data)
+    return Version(
+        repo=msg.repo,
+        id=version_id,
+        parents=list(msg.parents),
+        created_ns=msg.created_ns,
+        author=msg.author,
+        message=msg.message,
+        files=[
+            FileEntry(
+                path=f.path, size=f.size, digest=f.digest, manifest_id=f.manifest_id, mode=f.mode
+            )
+            for f in msg.files
+        ],
+        params=dict(msg.params),
+        metrics=dict(msg.metrics),
+        inputs=[VersionLink(i.repo, i.id) for i in msg.inputs],
+        new_bytes=msg.new_bytes,
+        tags=sorted(tags or []),
+    )
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The content of one file: its chunks in order and, for safetensors, its tensor index."""
+
+    size: int
+    chunks: list[tuple[bytes, int]]  # (chunk id, raw length), in file order
+    tensors: list[TensorInfo] = field(default_factory=list)
+
+    @property
+    def digest(self) -> bytes:
+        return ids.file_digest(self.chunks)
+
+    def offsets(self) -> list[int]:
+        """Start offset of each chunk."""
+        out, pos = [], 0
+        for _, length in self.chunks:
+            out.append(pos)
+            pos += length
+        return out
+
+    def encode(self) -> tuple[bytes, bytes]:
+        """Return ``(manifest id, canonical record)``."""
+        msg = model_pb2.FileManifest(
+            size=self.size,
+            chunks=[model_pb2.ChunkRef(id=c, length=n) for c, n in self.chunks],
+            tensors=[
+                model_pb2.TensorInfo(
+                    name=t.name, dtype=t.dtype, shape=t.shape, begin=t.begin, end=t.end
+                )
+                for t in self.tensors
+            ],
+        )
+        data = msg.SerializeToString(deterministic=True)
+        return ids.record_id(data), data
+
+    @classmethod
+    def decode(cls, manifest_id: bytes, data: bytes) -> Manifest:
+        """Parse a stored manifest, checking it against its id and its own sizes."""
+        if ids.record_id(data) != manifest_id:
+            raise InvalidInput(f"manifest {manifest_id.hex()} does not match its id")
+        msg = model_pb2.FileManifest.FromString(data)
+        chunks = [(c.id, c.length) for c in msg.chunks]
+        if sum(n for _, n in chunks) != msg.size:
+            raise InvalidInput(f"manifest {manifest_id.hex()} chunk lengths do not add up")
+        tensors = [
+            TensorInfo(t.name, t.dtype, tuple(t.shape), t.begin, t.end) for t in msg.tensors
+        ]
+        return cls(size=msg.size, chunks=chunks, tensors=tensors)

@@ -1,0 +1,71 @@
+"""Refs name versions: ``NAME`` (latest), ``NAME@TAG``, ``NAME@ID-PREFIX`` (>= 6 hex digits)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from chunkstore.errors import AmbiguousRef, InvalidInput, NotFound
+from chunkstore.model import Version, check_repo_name, decode_version
+from chunkstore.stores.base import MetaStore
+
+MIN_PREFIX = 6
+_HEX = re.compile(r"[0-9a-f]+")
+
+
+@dataclass(frozen=True)
+class Ref:
+    repo: str
+    selector: str | None  # tag or id prefix; None means the latest version
+
+    @classmethod
+    def parse(cls, text: str) -> Ref:
+        repo, sep, selector = text.partition("@")
+        if sep and not selector:
+            raise InvalidInput(f"invalid ref {text!r}: nothing after '@'")
+        return cls(check_repo_name(repo), selector or None)
+
+    def __str__(self) -> str:
+        return f"{self.repo}@{self.selector}" if self.selector else self.repo
+
+
+def load_versions(meta: MetaStore, repo: str) -> list[Version]:
+    """Every version of ``repo`` with its tags, newest first."""
+    by_version: dict[bytes, list[str]] = {}
+    for tag, vid in meta.tags(repo).items():
+        by_version.setdefault(vid, []).append(tag)
+    versions = [
+        decode_version(vid, data, by_version.get(vid)) for vid, data in meta.list_versions(repo)
+    ]
+    versions.sort(key=lambda v: (v.created_ns, v.id), reverse=True)
+    return versions
+
+
+def resolve(meta: MetaStore, ref: Ref | str) -> Version:
+    """The version a ref names; NotFound or AmbiguousRef with a clear reason otherwise."""
+    if isinstance(ref, str):
+        ref = Ref.parse(ref)
+    versions = load_versions(meta, ref.repo)
+    if not versions:
+        raise NotFound(f"unknown repo {ref.repo!r}")
+    if ref.selector is None:
+        return versions[0]
+    for v in versions:
+        if ref.selector in v.tags:
+            return v
+    sel = ref.selector.lower()
+    if not _HEX.fullmatch(sel):
+        raise NotFound(f"{ref.repo} has no tag {ref.selector!r}")
+    if len(sel) < MIN_PREFIX:
+        raise InvalidInput(
+            f"{ref.repo} has no tag {ref.selector!r}, and an id prefix needs at least "
+            f"{MIN_PREFIX} hex digits"
+        )
+    matches = [v for v in versions if v.id.hex().startswith(sel)]
+    if not matches:
+        raise NotFound(f"{ref.repo} has no tag or version {ref.selector!r}")
+    if len(matches) > 1:
+        raise AmbiguousRef(
+            f"{ref} is ambiguous: matches {', '.join(v.short_id for v in matches[:5])}"
+        )
+    return matches[0]

@@ -1,0 +1,549 @@
+"""The repository layer: push, pull, log, show, diff, tag, rm, gc, verify, stats, status.
+
+Written once against the store protocol (:mod:`chunkstore.stores.base`), so it runs unchanged
+on the embedded store and on a cluster.
+"""
+
+from __future__ import annotations
+
+import getpass
+import math
+import os
+import socket
+import stat
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from chunkstore import codec, ids
+from chunkstore.chunking import Chunker, ChunkerParams, MappedFile
+from chunkstore.errors import (
+    ChunkNotFound,
+    CorruptChunk,
+    InvalidInput,
+    NotFound,
+)
+from chunkstore.ingest import Ingester, IngestStats, PipelineLimits
+from chunkstore.model import (
+    FileEntry,
+    Manifest,
+    Version,
+    VersionLink,
+    check_tag_name,
+    decode_version,
+    encode_version,
+    normalise_path,
+)
+from chunkstore.model import (
+    check_repo_name as _check_repo_name,
+)
+from chunkstore.progress import NoProgress, Progress
+from chunkstore.refs import Ref, load_versions, resolve
+from chunkstore.restore import ChunkedReader, restore_file
+from chunkstore.stores.base import Store
+
+DEFAULT_GC_GRACE = 6 * 3600.0
+_VERIFY_BATCH = 256
+
+
+@dataclass
+class PushResult:
+    version: Version
+    stats: IngestStats
+
+    @property
+    def dedup_ratio(self) -> float:
+        """Share of the scanned bytes that were already stored."""
+        scanned = self.stats.scanned_bytes
+        return 1.0 - self.stats.new_raw_bytes / scanned if scanned else 1.0
+
+
+@dataclass
+class FileChange:
+    path: str
+    old_size: int | None = None
+    new_size: int | None = None
+    changed_bytes: int = 0  # bytes of the new file in chunks the old one lacks
+
+    def to_json(self) -> dict:
+        return {
+            "path": self.path,
+            "old_size": self.old_size,
+            "new_size": self.new_size,
+            "changed_bytes": self.changed_bytes,
+        }
+
+
+@dataclass
+class Diff:
+    old: str
+    new: str
+    added: list[FileChange] = field(default_factory=list)
+    removed: list[FileChange] = field(default_factory=list)
+    modified: list[FileChange] = field(default_factory=list)
+    unchanged: int = 0
+    params: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)
+    metrics: dict[str, tuple[float | None, float | None]] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {
+            "old": self.old,
+            "new": self.new,
+            "added": [c.to_json() for c in self.added],
+            "removed": [c.to_json() for c in self.removed],
+            "modified": [c.to_json() for c in self.modified],
+            "unchanged": self.unchanged,
+            "params": {k: {"old": a, "new": b} for k, (a, b) in self.params.items()},
+            "metrics": {k: {"old": a, "new": b} for k, (a, b) in self.metrics.items()},
+        }
+
+
+@dataclass
+class VerifyResult:
+    chunks: int = 0
+    bytes: int = 0
+    corrupt: list[bytes] = field(default_factory=list)
+    missing: list[bytes] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.corrupt and not self.missing
+
+
+@dataclass
+class GcResult:
+    versions: int
+    reachable_chunks: int
+    deleted_chunks: int
+    deleted_bytes: int
+    spared_young: int
+    deleted_manifests: int
+
+
+@dataclass
+class RepoSummary:
+    name: str
+    versions: int
+    latest: Version
+
+
+def default_author() -> str:
+    """``CHUNKSTORE_AUTHOR``, else ``user@host``."""
+    if author := os.environ.get("CHUNKSTORE_AUTHOR"):
+        return author
+    try:
+        user = getpass.getuser()
+    except Exception:  # no passwd entry in some containers
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+def list_tree(path: Path) -> list[tuple[str, Path]]:
+    """The files a push of ``path`` stores, as (stored path, local path), sorted.
+
+    A directory's regular files (recursively, following no directory symlinks) are stored under
+    their paths relative to it; a single file is stored under its base name.
+    """
+    if not path.exists():
+        raise NotFound(f"no such file or directory: {path}")
+    if path.is_file():
+        return [(normalise_path(path.name), path)]
+    if not path.is_dir():
+        raise InvalidInput(f"not a regular file or directory: {path}")
+    found: list[tuple[str, Path]] = []
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            local = Path(root, name)
+            if stat.S_ISREG(local.stat().st_mode):
+                found.append((normalise_path(local.relative_to(path).as_posix()), local))
+    found.sort()
+    return found
+
+
+class Repository:
+    """Version management of model files over any :class:`Store`."""
+
+    def __init__(
+        self,
+        store: Store,
+        chunker: ChunkerParams = ChunkerParams(),
+        limits: PipelineLimits = PipelineLimits(),
+    ) -> None:
+        self.store = store
+        self.chunker = chunker
+        self.limits = limits
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> Repository:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def push(
+        self,
+        path: str | os.PathLike,
+        repo: str,
+        message: str = "",
+        tags: Sequence[str] = (),
+        params: dict[str, str] | None = None,
+        metrics: dict[str, float] | None = None,
+        inputs: Sequence[str] = (),
+        author: str | None = None,
+        progress: Progress | None = None,
+    ) -> PushResult:
+        """Store the file or directory at ``path`` as a new version of ``repo``.
+
+        Only chunks the store lacks are uploaded. The version becomes visible (and its tags
+        are set) only after every chunk and manifest it references is durable; an interrupted
+        push leaves no version behind, and the next push reuses what was stored.
+        """
+        _check_repo_name(repo)
+        for tag in tags:
+            check_tag_name(tag)
+        params = _check_params(params or {})
+        metrics = _check_metrics(metrics or {})
+        links = [VersionLink(v.repo, v.id) for v in (self.resolve(r) for r in inputs)]
+        tree = list_tree(Path(path))
+        if not tree:
+            raise InvalidInput(f"nothing to push: {path} holds no files")
+        progress = progress or NoProgress()
+        total = sum(local.stat().st_size for _, local in tree)
+        progress.start(total, f"push {repo}")
+        ingester = Ingester(self.store, self.chunker, self.limits, progress)
+        try:
+            manifests = [(name, local, ingester.ingest_file(local)) for name, local in tree]
+            stats = ingester.finish()
+        finally:
+            ingester.close()
+            progress.finish()
+        entries = []
+        for name, local, manifest in manifests:
+            manifest_id, data = manifest.encode()
+            self.store.put_manifest(manifest_id, data)
+            mode = local.stat().st_mode & 0o777
+            entries.append(FileEntry(name, manifest.size, manifest.digest, manifest_id, mode))
+        parent = self._latest(repo)
+        vid, record = encode_version(
+            repo=repo,
+            parents=[parent.id] if parent else [],
+            created_ns=time.time_ns(),
+            author=author or default_author(),
+            message=message,
+            files=entries,
+            params=params,
+            metrics=metrics,
+            inputs=links,
+            new_bytes=stats.new_stored_bytes,
+        )
+        self.store.put_version(repo, vid, record)
+        for tag in tags:
+            self.store.set_tag(repo, tag, vid)
+        return PushResult(decode_version(vid, record, list(tags)), stats)
+
+    def tag(self, ref: str, tag: str) -> Version:
+        """Point ``tag`` at the version ``ref`` names (moving it if it exists)."""
+        check_tag_name(tag)
+        version = self.resolve(ref)
+        self.store.set_tag(version.repo, tag, version.id)
+        return self.resolve(f"{version.repo}@{version.short_id}")
+
+    def untag(self, repo: str, tag: str) -> None:
+        self.store.delete_tag(_check_repo_name(repo), check_tag_name(tag))
+
+    def rm(self, ref: str) -> Version:
+        """Remove a version record and its tags; its chunks go at the next ``gc``."""
+        version = self.resolve(ref)
+        self.store.delete_version(version.repo, version.id)
+        return version
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def resolve(self, ref: str | Ref) -> Version:
+        return resolve(self.store, ref)
+
+    def log(self, repo: str) -> list[Version]:
+        """Versions of ``repo``, newest first."""
+        versions = load_versions(self.store, _check_repo_name(repo))
+        if not versions:
+            raise NotFound(f"unknown repo {repo!r}")
+        return versions
+
+    def repos(self) -> list[RepoSummary]:
+        out = []
+        for name in self.store.list_repos():
+            versions = load_versions(self.store, name)
+            if versions:
+                out.append(RepoSummary(name, len(versions), versions[0]))
+        return out
+
+    def lineage(self, ref: str, depth: int = 8) -> list[tuple[int, Version | VersionLink]]:
+        """The versions ``ref`` was made from, recursively: (depth, version or dangling link)."""
+        out: list[tuple[int, Version | VersionLink]] = []
+
+        def walk(version: Version, level: int) -> None:
+            if level > depth:
+                return
+            for link in version.inputs:
+                try:
+                    source = resolve(self.store, Ref(link.repo, link.id.hex()))
+                except NotFound:
+                    out.append((level, link))
+                    continue
+                out.append((level, source))
+                walk(source, level + 1)
+
+        walk(self.resolve(ref), 1)
+        return out
+
+    def manifest(self, entry: FileEntry) -> Manifest:
+        return Manifest.decode(entry.manifest_id, self.store.get_manifest(entry.manifest_id))
+
+    def pull(
+        self,
+        ref: str,
+        dest: str | os.PathLike,
+        force: bool = False,
+        progress: Progress | None = None,
+    ) -> Version:
+        """Recreate the tree of ``ref`` under ``dest``; every byte is verified on the way.
+
+        ``dest`` must not exist or be an empty directory, unless ``force`` (files of the
+        version then replace files of the same name).
+        """
+        version = self.resolve(ref)
+        dest = Path(dest)
+        if dest.exists() and not dest.is_dir():
+            raise InvalidInput(f"destination {dest} exists and is not a directory")
+        if dest.is_dir() and any(dest.iterdir()) and not force:
+            raise InvalidInput(f"destination {dest} is not empty (use --force to write into it)")
+        plan = []
+        for entry in version.files:
+            rel = normalise_path(entry.path)
+            plan.append((dest.joinpath(*rel.split("/")), entry, self.manifest(entry)))
+        progress = progress or NoProgress()
+        progress.start(version.size, f"pull {version.ref}")
+        try:
+            for target, entry, manifest in plan:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if target.is_dir():
+                    raise InvalidInput(f"cannot write {target}: a directory is in the way")
+                restore_file(self.store, manifest, target, progress, mode=entry.mode or 0o644)
+        finally:
+            progress.finish()
+        return version
+
+    def open(self, ref: str, path: str) -> ChunkedReader:
+        """A seekable, read-only file object over one file of a version."""
+        version = self.resolve(ref)
+        entry = version.file(normalise_path(path))
+        return ChunkedReader(self.store, self.manifest(entry), name=entry.path)
+
+    def diff(self, ref_a: str, ref_b: str) -> Diff:
+        a, b = self.resolve(ref_a), self.resolve(ref_b)
+        result = Diff(old=a.ref, new=b.ref)
+        old = {f.path: f for f in a.files}
+        new = {f.path: f for f in b.files}
+        for path in sorted(old.keys() | new.keys()):
+            fa, fb = old.get(path), new.get(path)
+            if fa is None:
+                result.added.append(FileChange(path, None, fb.size, fb.size))
+            elif fb is None:
+                result.removed.append(FileChange(path, fa.size, None, 0))
+            elif fa.digest != fb.digest:
+                old_ids = {cid for cid, _ in self.manifest(fa).chunks}
+                changed = sum(n for cid, n in self.manifest(fb).chunks if cid not in old_ids)
+                result.modified.append(FileChange(path, fa.size, fb.size, changed))
+            else:
+                result.unchanged += 1
+        for key in sorted(a.params.keys() | b.params.keys()):
+            if a.params.get(key) != b.params.get(key):
+                result.params[key] = (a.params.get(key), b.params.get(key))
+        for key in sorted(a.metrics.keys() | b.metrics.keys()):
+            if a.metrics.get(key) != b.metrics.get(key):
+                result.metrics[key] = (a.metrics.get(key), b.metrics.get(key))
+        return result
+
+    def status(self, path: str | os.PathLike, repo: str) -> Diff:
+        """How the files at ``path`` differ from the latest version of ``repo``.
+
+        Files whose size matches are cut and hashed (nothing is stored) to compare digests.
+        """
+        latest = self.log(repo)[0]
+        stored = {f.path: f for f in latest.files}
+        result = Diff(old=latest.ref, new=str(path))
+        local = dict(list_tree(Path(path)))
+        chunker = Chunker(self.chunker)
+        for name in sorted(stored.keys() | local.keys()):
+            entry, file = stored.get(name), local.get(name)
+            if entry is None:
+                size = file.stat().st_size
+                result.added.append(FileChange(name, None, size, size))
+            elif file is None:
+                result.removed.append(FileChange(name, entry.size, None, 0))
+            else:
+                size = file.stat().st_size
+                same = size == entry.size and _digest_of(chunker, file) == entry.digest
+                if same:
+                    result.unchanged += 1
+                else:
+                    result.modified.append(FileChange(name, entry.size, size, 0))
+        return result
+
+    def stats(self) -> dict:
+        totals = self.store.totals()
+        versions = 0
+        logical = 0
+        repos = self.store.list_repos()
+        for name in repos:
+            for v in load_versions(self.store, name):
+                versions += 1
+                logical += v.size
+        return {
+            "location": self.store.location,
+            "repos": len(repos),
+            "versions": versions,
+            "logical_bytes": logical,
+            "stored_bytes": totals.stored_bytes,
+            "chunks": totals.chunks,
+            "dedup_ratio": (logical / totals.stored_bytes) if totals.stored_bytes else None,
+        }
+
+    # -- integrity and space -----------------------------------------------------------------
+
+    def verify(self, ref: str | None = None, progress: Progress | None = None) -> VerifyResult:
+        """Re-read and re-hash every chunk reachable from ``ref`` (or from every version)."""
+        versions = [self.resolve(ref)] if ref else list(self._all_versions())
+        chunk_ids: dict[bytes, int] = {}
+        for v in versions:
+            for entry in v.files:
+                for cid, length in self.manifest(entry).chunks:
+                    chunk_ids[cid] = length
+        progress = progress or NoProgress()
+        progress.start(sum(chunk_ids.values()), "verify")
+        result = VerifyResult()
+        try:
+            todo = list(chunk_ids)
+            for i in range(0, len(todo), _VERIFY_BATCH):
+                for cid, outcome in self._check_chunks(todo[i : i + _VERIFY_BATCH]):
+                    if outcome == "missing":
+                        result.missing.append(cid)
+                    elif outcome == "corrupt":
+                        result.corrupt.append(cid)
+                    else:
+                        result.chunks += 1
+                        result.bytes += chunk_ids[cid]
+                    progress.advance(chunk_ids[cid])
+        finally:
+            progress.finish()
+        return result
+
+    def _check_chunks(self, batch: list[bytes]) -> Iterator[tuple[bytes, str]]:
+        try:
+            blobs = list(self.store.get(batch))
+        except ChunkNotFound:
+            for cid in batch:
+                try:
+                    blobs = list(self.store.get([cid]))
+                except ChunkNotFound:
+                    yield cid, "missing"
+                    continue
+                yield cid, _check_blob(cid, blobs[0][1])
+            return
+        for cid, blob in blobs:
+            yield cid, _check_blob(cid, blob)
+
+    def gc(self, grace_seconds: float = DEFAULT_GC_GRACE) -> GcResult:
+        """Delete chunks and manifests no version references and nobody wanted lately.
+
+        A chunk is spared while younger than ``grace_seconds`` (since it was stored or last
+        found by an existence check), so a push in flight never loses what it relies on.
+        """
+        if grace_seconds < 0 or math.isnan(grace_seconds):
+            raise InvalidInput("grace period must be >= 0 seconds")
+        started = time.time()
+        versions = list(self._all_versions())
+        live_manifests = {f.manifest_id for v in versions for f in v.files}
+        live_chunks: set[bytes] = set()
+        for mid in live_manifests:
+            manifest = Manifest.decode(mid, self.store.get_manifest(mid))
+            live_chunks.update(cid for cid, _ in manifest.chunks)
+        cutoff = started - grace_seconds
+        doomed, doomed_bytes, young = [], 0, 0
+        for info in self.store.scan():
+            if info.id in live_chunks:
+                continue
+            if info.wanted_at >= cutoff:
+                young += 1
+                continue
+            doomed.append(info.id)
+            doomed_bytes += info.stored_size
+        deleted = 0
+        for i in range(0, len(doomed), 4096):
+            deleted += self.store.delete(doomed[i : i + 4096])
+        stale_manifests = [
+            mid
+            for mid, stored_at in self.store.scan_manifests()
+            if mid not in live_manifests and stored_at < cutoff
+        ]
+        deleted_manifests = self.store.delete_manifests(stale_manifests)
+        return GcResult(
+            versions=len(versions),
+            reachable_chunks=len(live_chunks),
+            deleted_chunks=deleted,
+            deleted_bytes=doomed_bytes,
+            spared_young=young,
+            deleted_manifests=deleted_manifests,
+        )
+
+    def _all_versions(self) -> Iterable[Version]:
+        for name in self.store.list_repos():
+            yield from load_versions(self.store, name)
+
+    def _latest(self, repo: str) -> Version | None:
+        versions = load_versions(self.store, repo)
+        return versions[0] if versions else None
+
+
+def _check_blob(cid: bytes, blob: bytes) -> str:
+    try:
+        codec.decode_verified(cid, blob)
+    except CorruptChunk:
+        return "corrupt"
+    return "ok"
+
+
+def _digest_of(chunker: Chunker, path: Path) -> bytes:
+    with MappedFile(path) as mapped:
+        view = mapped.view
+        chunks = [(ids.chunk_id(view[o : o + n]), n) for o, n in chunker.cut(view)]
+        del view
+    return ids.file_digest(chunks)
+
+
+def _check_params(params: dict[str, str]) -> dict[str, str]:
+    for key, value in params.items():
+        if not isinstance(key, str) or not key or not isinstance(value, str):
+            raise InvalidInput(f"invalid param {key!r}={value!r}: keys and values are strings")
+    return dict(params)
+
+
+def _check_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    out = {}
+    for key, value in metrics.items():
+        if not isinstance(key, str) or not key:
+            raise InvalidInput(f"invalid metric name {key!r}")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise InvalidInput(f"invalid metric {key}={value!r}: not a number") from None
+        if not math.isfinite(number):
+            raise InvalidInput(f"invalid metric {key}={value!r}: must be finite")
+        out[key] = number
+    return out

@@ -1,0 +1,87 @@
+"""Synthetic checkpoint series (safetensors, bf16 or fp32) for the demo, tests and benchmarks.
+
+Weights are normally distributed like trained ones; each next version rewrites a share of the
+tensors, as fine-tuning a few layers does, and keeps the rest byte-identical.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+
+DTYPES = {"bf16": ("BF16", 2), "fp32": ("F32", 4), "fp16": ("F16", 2)}
+
+
+def weights(rng: np.random.Generator, count: int, dtype: str) -> np.ndarray:
+    """``count`` normal weights (std 0.02) encoded as ``dtype``, as a flat array."""
+    values = (rng.standard_normal(count, dtype=np.float32) * 0.02).astype(np.float32)
+    if dtype == "fp32":
+        return values
+    if dtype == "fp16":
+        return values.astype(np.float16)
+    if dtype == "bf16":
+        return (values.view(np.uint32) >> 16).astype(np.uint16)
+    raise ValueError(f"unknown dtype {dtype!r}")
+
+
+def write_safetensors(
+    path: Path, tensors: dict[str, tuple[str, tuple[int, ...], np.ndarray]],
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Write ``name -> (safetensors dtype, shape, flat array)`` as a safetensors file."""
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = metadata
+    offset = 0
+    for name, (dtype, shape, data) in tensors.items():
+        header[name] = {"dtype": dtype, "shape": list(shape),
+                        "data_offsets": [offset, offset + data.nbytes]}
+        offset += data.nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)))
+        f.write(encoded)
+        for _, _, data in tensors.values():
+            f.write(data.tobytes())
+
+
+def make_series(
+    out_dir: Path,
+    versions: int = 3,
+    size_mb: float = 64,
+    dtype: str = "bf16",
+    changed_share: float = 0.1,
+    tensor_mb: float = 4,
+    seed: int = 0,
+) -> list[Path]:
+    """Write ``versions`` checkpoint directories ``out_dir/step-K/model.safetensors``.
+
+    Version K+1 re-draws ``changed_share`` of the tensors of version K and bumps the step in
+    the metadata (which changes the header); all other tensor bytes stay as they were.
+    """
+    st_dtype, itemsize = DTYPES[dtype]
+    rng = np.random.default_rng(seed)
+    n_tensors = max(1, round(size_mb / tensor_mb))
+    elems = int(tensor_mb * (1 << 20)) // itemsize
+    cols = 1024 if elems >= 1024 else elems
+    shape = (elems // cols, cols)
+    tensors = {
+        f"layers.{i}.weight": (st_dtype, shape, weights(rng, shape[0] * cols, dtype))
+        for i in range(n_tensors)
+    }
+    names = list(tensors)
+    paths = []
+    for k in range(versions):
+        if k:
+            n_changed = max(1, round(changed_share * n_tensors))
+            for name in rng.choice(names, size=n_changed, replace=False):
+                tensors[name] = (st_dtype, shape, weights(rng, shape[0] * cols, dtype))
+        step_dir = out_dir / f"step-{(k + 1) * 1000}"
+        step_dir.mkdir(parents=True, exist_ok=True)
+        write_safetensors(step_dir / "model.safetensors", tensors, {"step": str((k + 1) * 1000)})
+        paths.append(step_dir)
+    return paths

@@ -1,0 +1,63 @@
+"""Shared fixtures: stores of every kind, repositories over them, and file helpers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from chunkstore.repository import Repository
+from chunkstore.stores.lmdb_store import LmdbStore
+from chunkstore.stores.memory import MemoryStore
+
+
+@pytest.fixture(params=["memory", "lmdb"])
+def store(request, tmp_path):
+    s = MemoryStore() if request.param == "memory" else LmdbStore(tmp_path / "store")
+    request.addfinalizer(s.close)
+    return s
+
+
+@pytest.fixture
+def repo(store) -> Repository:
+    return Repository(store)
+
+
+@pytest.fixture
+def lmdb_repo(tmp_path) -> Repository:
+    r = Repository(LmdbStore(tmp_path / "store"))
+    yield r
+    r.close()
+
+
+def random_bytes(size: int, seed: int = 0) -> bytes:
+    return np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8).tobytes()
+
+
+def write(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` by relative path, for comparing trees."""
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture
+def env_store(tmp_path, monkeypatch) -> Path:
+    """Point CHUNKSTORE_STORE at a fresh embedded store for CLI tests."""
+    path = tmp_path / "cli-store"
+    monkeypatch.setenv("CHUNKSTORE_STORE", str(path))
+    monkeypatch.delenv("CHUNKSTORE_DEBUG", raising=False)
+    return path
+
+
+os.environ.setdefault("CHUNKSTORE_AUTHOR", "tester")
