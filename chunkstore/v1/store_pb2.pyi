@@ -1,0 +1,199 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Empty(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class EncodedChunk(_message.Message):
+    __slots__ = ("id", "blob")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    BLOB_FIELD_NUMBER: _ClassVar[int]
+    id: bytes
+    blob: bytes
+    def __init__(self, id: _Optional[bytes] = ..., blob: _Optional[bytes] = ...) -> None: ...
+
+class ChunkIds(_message.Message):
+    __slots__ = ("ids",)
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, ids: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class PutChunksBatch(_message.Message):
+    __slots__ = ("seq", "chunks")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    chunks: _containers.RepeatedCompositeFieldContainer[EncodedChunk]
+    def __init__(self, seq: _Optional[int] = ..., chunks: _Optional[_Iterable[_Union[EncodedChunk, _Mapping]]] = ...) -> None: ...
+
+class PutChunksAck(_message.Message):
+    __slots__ = ("seq", "added_bytes")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    ADDED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    added_bytes: int
+    def __init__(self, seq: _Optional[int] = ..., added_bytes: _Optional[int] = ...) -> None: ...
+
+class ChunkBatch(_message.Message):
+    __slots__ = ("chunks",)
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    chunks: _containers.RepeatedCompositeFieldContainer[EncodedChunk]
+    def __init__(self, chunks: _Optional[_Iterable[_Union[EncodedChunk, _Mapping]]] = ...) -> None: ...
+
+class ScanChunksRequest(_message.Message):
+    __slots__ = ("after", "limit")
+    AFTER_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    after: bytes
+    limit: int
+    def __init__(self, after: _Optional[bytes] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class ChunkInfo(_message.Message):
+    __slots__ = ("id", "stored_size", "wanted_at")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    STORED_SIZE_FIELD_NUMBER: _ClassVar[int]
+    WANTED_AT_FIELD_NUMBER: _ClassVar[int]
+    id: bytes
+    stored_size: int
+    wanted_at: float
+    def __init__(self, id: _Optional[bytes] = ..., stored_size: _Optional[int] = ..., wanted_at: _Optional[float] = ...) -> None: ...
+
+class ChunkInfoBatch(_message.Message):
+    __slots__ = ("chunks",)
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    chunks: _containers.RepeatedCompositeFieldContainer[ChunkInfo]
+    def __init__(self, chunks: _Optional[_Iterable[_Union[ChunkInfo, _Mapping]]] = ...) -> None: ...
+
+class DeleteResult(_message.Message):
+    __slots__ = ("deleted",)
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    deleted: int
+    def __init__(self, deleted: _Optional[int] = ...) -> None: ...
+
+class ChunkTotals(_message.Message):
+    __slots__ = ("chunks", "stored_bytes")
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    STORED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    chunks: int
+    stored_bytes: int
+    def __init__(self, chunks: _Optional[int] = ..., stored_bytes: _Optional[int] = ...) -> None: ...
+
+class ManifestRecord(_message.Message):
+    __slots__ = ("id", "data")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    id: bytes
+    data: bytes
+    def __init__(self, id: _Optional[bytes] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class ManifestInfo(_message.Message):
+    __slots__ = ("id", "stored_at")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    STORED_AT_FIELD_NUMBER: _ClassVar[int]
+    id: bytes
+    stored_at: float
+    def __init__(self, id: _Optional[bytes] = ..., stored_at: _Optional[float] = ...) -> None: ...
+
+class ManifestInfoBatch(_message.Message):
+    __slots__ = ("manifests",)
+    MANIFESTS_FIELD_NUMBER: _ClassVar[int]
+    manifests: _containers.RepeatedCompositeFieldContainer[ManifestInfo]
+    def __init__(self, manifests: _Optional[_Iterable[_Union[ManifestInfo, _Mapping]]] = ...) -> None: ...
+
+class VersionKey(_message.Message):
+    __slots__ = ("repo", "id")
+    REPO_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    repo: str
+    id: bytes
+    def __init__(self, repo: _Optional[str] = ..., id: _Optional[bytes] = ...) -> None: ...
+
+class VersionRecord(_message.Message):
+    __slots__ = ("repo", "id", "data")
+    REPO_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    repo: str
+    id: bytes
+    data: bytes
+    def __init__(self, repo: _Optional[str] = ..., id: _Optional[bytes] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class VersionRecords(_message.Message):
+    __slots__ = ("versions",)
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    versions: _containers.RepeatedCompositeFieldContainer[VersionRecord]
+    def __init__(self, versions: _Optional[_Iterable[_Union[VersionRecord, _Mapping]]] = ...) -> None: ...
+
+class RepoName(_message.Message):
+    __slots__ = ("repo",)
+    REPO_FIELD_NUMBER: _ClassVar[int]
+    repo: str
+    def __init__(self, repo: _Optional[str] = ...) -> None: ...
+
+class RepoNames(_message.Message):
+    __slots__ = ("repos",)
+    REPOS_FIELD_NUMBER: _ClassVar[int]
+    repos: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, repos: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Tag(_message.Message):
+    __slots__ = ("repo", "tag", "version_id")
+    REPO_FIELD_NUMBER: _ClassVar[int]
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    VERSION_ID_FIELD_NUMBER: _ClassVar[int]
+    repo: str
+    tag: str
+    version_id: bytes
+    def __init__(self, repo: _Optional[str] = ..., tag: _Optional[str] = ..., version_id: _Optional[bytes] = ...) -> None: ...
+
+class Tags(_message.Message):
+    __slots__ = ("tags",)
+    TAGS_FIELD_NUMBER: _ClassVar[int]
+    tags: _containers.RepeatedCompositeFieldContainer[Tag]
+    def __init__(self, tags: _Optional[_Iterable[_Union[Tag, _Mapping]]] = ...) -> None: ...
+
+class NodeInfo(_message.Message):
+    __slots__ = ("id", "address", "weight")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    address: str
+    weight: float
+    def __init__(self, id: _Optional[str] = ..., address: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
+
+class ClusterMap(_message.Message):
+    __slots__ = ("epoch", "replicas", "write_quorum", "nodes")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    WRITE_QUORUM_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    replicas: int
+    write_quorum: int
+    nodes: _containers.RepeatedCompositeFieldContainer[NodeInfo]
+    def __init__(self, epoch: _Optional[int] = ..., replicas: _Optional[int] = ..., write_quorum: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ...) -> None: ...
+
+class NodeStatus(_message.Message):
+    __slots__ = ("id", "epoch", "chunks", "stored_bytes", "map_used_bytes", "map_size_bytes", "data_dir")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    STORED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAP_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAP_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DATA_DIR_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    epoch: int
+    chunks: int
+    stored_bytes: int
+    map_used_bytes: int
+    map_size_bytes: int
+    data_dir: str
+    def __init__(self, id: _Optional[str] = ..., epoch: _Optional[int] = ..., chunks: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., map_used_bytes: _Optional[int] = ..., map_size_bytes: _Optional[int] = ..., data_dir: _Optional[str] = ...) -> None: ...

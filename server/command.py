@@ -1,0 +1,165 @@
+"""The ``chunkstore node`` and ``chunkstore cluster`` commands, for the main CLI to mount.
+
+    sub = parser.add_subparsers(...)
+    add_node_parser(sub)
+    add_cluster_parser(sub)
+    args = parser.parse_args()
+    if getattr(args, "run", None):      # node and cluster need no store
+        return args.run(args)
+
+Each ``run_*`` prints its own errors (one line, ``chunkstore <command>: error: ...``) and
+returns the exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+from typing import Any
+
+from chunkstore.cluster_map import load_cluster_file
+from chunkstore.connect import store_url
+from chunkstore.errors import ChunkstoreError, InvalidInput
+
+from . import local_cluster, node
+
+
+def add_node_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``node`` to ``subparsers``; its namespace gets ``run=run_node``."""
+    p = subparsers.add_parser(
+        "node",
+        help="run a storage node",
+        description="Serve one node's shard over gRPC until SIGTERM or SIGINT.",
+        epilog="example:\n  chunkstore node --id n1 --cluster cluster.toml --data /srv/n1 "
+        "--metrics-port 9101",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    node.add_arguments(p)
+    p.set_defaults(run=run_node)
+    return p
+
+
+def run_node(args: argparse.Namespace) -> int:
+    """Run ``chunkstore node``; returns 0 after a clean shutdown."""
+    return node.run(args)
+
+
+def add_cluster_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``cluster up|down|status`` to ``subparsers``; its namespace gets ``run=run_cluster``."""
+    p = subparsers.add_parser(
+        "cluster",
+        help="start, stop and inspect a cluster",
+        description="Run a local cluster of node processes, or show any cluster's nodes.",
+        epilog=textwrap.dedent("""\
+            examples:
+              export CHUNKSTORE_STORE=$(chunkstore cluster up --nodes 3 --dir ./cluster)
+              chunkstore cluster status --dir ./cluster
+              chunkstore cluster down --dir ./cluster
+            """),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="cluster_command", metavar="ACTION", required=True)
+
+    up = sub.add_parser(
+        "up",
+        help="start a local cluster on loopback ports and print its store URL",
+        description="Start N node processes (detached) with their data, logs and pids in DIR; "
+        "print the store URL once all serve. If DIR holds a cluster already, restart it.",
+    )
+    up.add_argument("--dir", required=True, help="cluster directory")
+    up.add_argument(
+        "--nodes", type=int, help=f"number of nodes (default {local_cluster.DEFAULT_NODES})"
+    )
+    up.add_argument("--replicas", type=int, help="copies of each chunk (default min(3, nodes))")
+    up.add_argument(
+        "--write-quorum",
+        type=int,
+        help="copies durable before a write is acknowledged (default replicas // 2 + 1)",
+    )
+    up.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long to wait for the nodes to serve (default 30)",
+    )
+
+    down = sub.add_parser("down", help="stop a local cluster's nodes (data is kept)")
+    down.add_argument("--dir", required=True, help="cluster directory")
+    down.add_argument(
+        "--timeout",
+        type=float,
+        default=15.0,
+        metavar="SECONDS",
+        help="wait this long after SIGTERM before SIGKILL (default 15)",
+    )
+
+    status = sub.add_parser(
+        "status",
+        help="show every node of a cluster: health, chunks, bytes, ring share",
+        description="Show every node in the cluster map. Exit code 1 if any node is unhealthy.",
+    )
+    where = status.add_mutually_exclusive_group()
+    where.add_argument(
+        "--store", metavar="URL", help="grpc://HOST:PORT,... (default: $CHUNKSTORE_STORE)"
+    )
+    where.add_argument("--dir", help="a local cluster directory")
+    status.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    status.add_argument(
+        "--timeout", type=float, default=2.0, metavar="SECONDS", help="per-node timeout (default 2)"
+    )
+
+    p.set_defaults(run=run_cluster)
+    return p
+
+
+def run_cluster(args: argparse.Namespace) -> int:
+    """Run ``chunkstore cluster ACTION``; return the exit code."""
+    try:
+        return _ACTIONS[args.cluster_command](args)
+    except ChunkstoreError as exc:
+        print(f"chunkstore cluster {args.cluster_command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+def _up(args: argparse.Namespace) -> int:
+    url = local_cluster.cluster_up(
+        args.dir, args.nodes, args.replicas, args.write_quorum, timeout=args.timeout
+    )
+    print(url, flush=True)
+    print(
+        f"nodes serve in the background (logs in {args.dir}); stop them with: "
+        f"chunkstore cluster down --dir {args.dir}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _down(args: argparse.Namespace) -> int:
+    stopped = local_cluster.cluster_down(args.dir, timeout=args.timeout)
+    print(f"stopped {', '.join(stopped)}" if stopped else f"no node of {args.dir} was running")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    if args.dir:
+        target: Any = load_cluster_file(f"{args.dir}/{local_cluster.MAP_FILE}")
+    else:
+        url = store_url(args.store)
+        if not url.startswith("grpc://"):
+            raise InvalidInput(
+                f"{url!r} is not a cluster: give --store grpc://HOST:PORT,... or --dir DIR"
+            )
+        target = [a for a in url.removeprefix("grpc://").split(",") if a]
+    status = local_cluster.cluster_status(target, timeout=args.timeout)
+    if args.json:
+        json.dump(status, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(local_cluster.format_status(status))
+    return 0 if all(n["healthy"] for n in status["nodes"]) else 1
+
+
+_ACTIONS = {"up": _up, "down": _down, "status": _status}

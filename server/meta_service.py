@@ -1,0 +1,99 @@
+"""MetaService over a node's store: manifests, version records and tags, one call per method.
+
+Absent records raise NotFound and malformed keys InvalidInput in the store; the RPC interceptor
+reports them as NOT_FOUND and INVALID_ARGUMENT.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+
+from chunkstore import errors
+from chunkstore.stores.base import MetaStore
+from chunkstore.v1 import store_pb2 as pb
+from chunkstore.v1 import store_pb2_grpc as pb_grpc
+
+from .chunk_service import chunk_ids
+
+SCAN_BATCH = 4096  # ManifestInfo per ScanManifests message
+
+_EMPTY = pb.Empty()
+
+
+class MetaServicer(pb_grpc.MetaServiceServicer):
+    """Serves the metadata of ``store``. Manifest ids are checked like chunk ids (32 bytes)."""
+
+    def __init__(self, store: MetaStore) -> None:
+        self._store = store
+
+    def PutManifest(self, request: pb.ManifestRecord, context: grpc.ServicerContext) -> pb.Empty:
+        (manifest_id,) = chunk_ids([request.id])
+        self._store.put_manifest(manifest_id, request.data)
+        return _EMPTY
+
+    def GetManifest(self, request: pb.ChunkIds, context: grpc.ServicerContext) -> pb.ManifestRecord:
+        if len(request.ids) != 1:
+            raise errors.InvalidInput(f"GetManifest takes exactly one id, got {len(request.ids)}")
+        (manifest_id,) = chunk_ids(request.ids)
+        return pb.ManifestRecord(id=manifest_id, data=self._store.get_manifest(manifest_id))
+
+    def HasManifests(self, request: pb.ChunkIds, context: grpc.ServicerContext) -> pb.ChunkIds:
+        wanted = chunk_ids(request.ids)
+        found = self._store.has_manifests(wanted)
+        return pb.ChunkIds(ids=[m for m in dict.fromkeys(wanted) if m in found])
+
+    def ScanManifests(
+        self, request: pb.Empty, context: grpc.ServicerContext
+    ) -> Iterator[pb.ManifestInfoBatch]:
+        batch: list[pb.ManifestInfo] = []
+        for manifest_id, stored_at in self._store.scan_manifests():
+            batch.append(pb.ManifestInfo(id=manifest_id, stored_at=stored_at))
+            if len(batch) >= SCAN_BATCH:
+                yield pb.ManifestInfoBatch(manifests=batch)
+                batch = []
+        if batch:
+            yield pb.ManifestInfoBatch(manifests=batch)
+
+    def DeleteManifests(
+        self, request: pb.ChunkIds, context: grpc.ServicerContext
+    ) -> pb.DeleteResult:
+        return pb.DeleteResult(deleted=self._store.delete_manifests(chunk_ids(request.ids)))
+
+    def PutVersion(self, request: pb.VersionRecord, context: grpc.ServicerContext) -> pb.Empty:
+        self._store.put_version(request.repo, request.id, request.data)
+        return _EMPTY
+
+    def GetVersion(self, request: pb.VersionKey, context: grpc.ServicerContext) -> pb.VersionRecord:
+        data = self._store.get_version(request.repo, request.id)
+        return pb.VersionRecord(repo=request.repo, id=request.id, data=data)
+
+    def ListVersions(
+        self, request: pb.RepoName, context: grpc.ServicerContext
+    ) -> pb.VersionRecords:
+        rows = self._store.list_versions(request.repo)
+        return pb.VersionRecords(
+            versions=[pb.VersionRecord(repo=request.repo, id=vid, data=data) for vid, data in rows]
+        )
+
+    def DeleteVersion(self, request: pb.VersionKey, context: grpc.ServicerContext) -> pb.Empty:
+        self._store.delete_version(request.repo, request.id)
+        return _EMPTY
+
+    def ListRepos(self, request: pb.Empty, context: grpc.ServicerContext) -> pb.RepoNames:
+        return pb.RepoNames(repos=self._store.list_repos())
+
+    def SetTag(self, request: pb.Tag, context: grpc.ServicerContext) -> pb.Empty:
+        self._store.set_tag(request.repo, request.tag, request.version_id)
+        return _EMPTY
+
+    def DeleteTag(self, request: pb.Tag, context: grpc.ServicerContext) -> pb.Empty:
+        self._store.delete_tag(request.repo, request.tag)
+        return _EMPTY
+
+    def ListTags(self, request: pb.RepoName, context: grpc.ServicerContext) -> pb.Tags:
+        tags = self._store.tags(request.repo)
+        return pb.Tags(
+            tags=[pb.Tag(repo=request.repo, tag=t, version_id=v) for t, v in sorted(tags.items())]
+        )

@@ -1,0 +1,131 @@
+"""A storage node's Prometheus metrics, in a registry of their own.
+
+Names start with ``chunkstore_``, use base units (bytes, seconds) and end in ``_total`` for
+counters. No label ever holds a chunk id: label values come from small fixed sets (RPC names,
+status codes, rejection reasons).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from chunkstore.stores.lmdb_store import LmdbStore
+
+# Unary calls take milliseconds; a stream of chunk batches may take a minute.
+_RPC_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+#: Why PutChunks refused chunks (values of the ``reason`` label).
+REJECT_REASONS = ("bad_id", "too_large", "corrupt", "store_full")
+
+
+class _StoreCollector(Collector):
+    """Reads the store's totals and LMDB map usage at each scrape."""
+
+    def __init__(self, store: LmdbStore) -> None:
+        self._store = store
+
+    def collect(self) -> Iterator[Metric]:
+        totals = self._store.totals()
+        used, size = self._store.map_usage()
+        yield GaugeMetricFamily("chunkstore_stored_chunks", "Chunks stored", totals.chunks)
+        yield GaugeMetricFamily(
+            "chunkstore_stored_bytes", "Encoded bytes of the chunks stored", totals.stored_bytes
+        )
+        yield GaugeMetricFamily("chunkstore_lmdb_map_used_bytes", "LMDB map bytes in use", used)
+        yield GaugeMetricFamily("chunkstore_lmdb_map_size_bytes", "LMDB map size in bytes", size)
+
+
+class NodeMetrics:
+    """Counters and histograms the node's services update, plus gauges read from the store."""
+
+    def __init__(self, store: LmdbStore) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.chunks_received = Counter(
+            "chunkstore_chunks_received_total",
+            "Chunks received by PutChunks that passed verification",
+            registry=r,
+        )
+        self.received_bytes = Counter(
+            "chunkstore_received_bytes_total",
+            "Blob bytes of the chunks received by PutChunks that passed verification",
+            registry=r,
+        )
+        self.added_bytes = Counter(
+            "chunkstore_added_bytes_total",
+            "Blob bytes newly stored (received minus those of chunks already stored)",
+            registry=r,
+        )
+        self.chunks_deduplicated = Counter(
+            "chunkstore_chunks_deduplicated_total",
+            "Chunk ids a Missing call found already stored, so the client need not send them",
+            registry=r,
+        )
+        self.chunks_rejected = Counter(
+            "chunkstore_chunks_rejected_total",
+            "Chunks PutChunks refused: each chunk that failed verification (bad_id, too_large, "
+            "corrupt), or every chunk of a batch the full store could not take (store_full)",
+            ["reason"],
+            registry=r,
+        )
+        for reason in REJECT_REASONS:
+            self.chunks_rejected.labels(reason)
+        self.chunks_served = Counter(
+            "chunkstore_chunks_served_total", "Chunks sent by GetChunks", registry=r
+        )
+        self.served_bytes = Counter(
+            "chunkstore_served_bytes_total", "Blob bytes sent by GetChunks", registry=r
+        )
+        self.chunks_deleted = Counter(
+            "chunkstore_chunks_deleted_total", "Chunks removed by DeleteChunks", registry=r
+        )
+        self._rpc_seconds = Histogram(
+            "chunkstore_rpc_duration_seconds",
+            "Time from the start of an RPC to its end (the whole stream for streaming RPCs)",
+            ["service", "method"],
+            buckets=_RPC_BUCKETS,
+            registry=r,
+        )
+        self._rpcs = Counter(
+            "chunkstore_rpcs_total",
+            "RPCs finished, by status code",
+            ["service", "method", "code"],
+            registry=r,
+        )
+        r.register(_StoreCollector(store))
+
+    def observe_rpc(self, service: str, method: str, code: str, seconds: float) -> None:
+        """Record one finished RPC (``code`` is a gRPC status code name, e.g. ``"OK"``)."""
+        self._rpc_seconds.labels(service, method).observe(seconds)
+        self._rpcs.labels(service, method, code).inc()
+
+    def serve(self, port: int, host: str = "0.0.0.0") -> MetricsServer:
+        """Serve ``/metrics`` over HTTP on ``host:port`` (port 0: any free port) in a thread.
+
+        Raises OSError if the port cannot be bound.
+        """
+        return MetricsServer(*start_http_server(port, addr=host, registry=self.registry))
+
+
+class MetricsServer:
+    """A running metrics HTTP server."""
+
+    def __init__(self, server: WSGIServer, thread: threading.Thread) -> None:
+        self._server = server
+        self._thread = thread
+
+    @property
+    def port(self) -> int:
+        return self._server.server_port
+
+    def close(self) -> None:
+        """Stop serving and release the port."""
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()

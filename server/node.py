@@ -1,0 +1,253 @@
+"""The storage node: the chunkstore services over one LmdbStore, plus health, reflection, metrics.
+
+    python -m chunkstore.server.node --id n1 --cluster cluster.toml --data /srv/chunkstore/n1
+
+A node serves until SIGTERM or SIGINT; then its health turns NOT_SERVING, calls in flight get a
+grace period to finish, the store is closed and the process exits 0. A startup failure (a bad
+cluster file, an id not in the map, a store that cannot be opened, a port in use) prints one
+line to stderr and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from chunkstore.cluster_map import ClusterMap, load_cluster_file
+from chunkstore.errors import ChunkstoreError, InvalidInput
+from chunkstore.stores.lmdb_store import LmdbStore
+from chunkstore.v1 import store_pb2 as pb
+from chunkstore.v1 import store_pb2_grpc as pb_grpc
+
+from .chunk_service import ChunkServicer
+from .cluster_service import ClusterServicer
+from .meta_service import MetaServicer
+from .metrics import NodeMetrics
+from .rpc import RpcInterceptor
+
+PROG = "chunkstore node"
+#: Largest gRPC message either way: a batch of ~4 MiB, or one chunk of up to 16 MiB raw.
+MAX_MESSAGE_BYTES = 32 << 20
+DEFAULT_WORKERS = 16
+DEFAULT_GRACE = 10.0
+SERVICE_NAMES = tuple(s.full_name for s in pb.DESCRIPTOR.services_by_name.values())
+
+log = logging.getLogger("chunkstore.node")
+
+
+class NodeServer:
+    """The gRPC server of node ``node_id`` of ``cluster``, serving ``store``.
+
+    Call :meth:`listen`, then :meth:`start`; :meth:`stop` may be called more than once. The
+    store stays open: whoever opened it closes it after :meth:`stop`.
+    """
+
+    def __init__(
+        self,
+        node_id: str,
+        cluster: ClusterMap,
+        store: LmdbStore,
+        metrics: NodeMetrics,
+        *,
+        workers: int = DEFAULT_WORKERS,
+    ) -> None:
+        self._verify_pool = ThreadPoolExecutor(
+            max(2, os.cpu_count() or 1), thread_name_prefix="verify"
+        )
+        self._health = health.HealthServicer()
+        self._server = grpc.server(
+            ThreadPoolExecutor(workers, thread_name_prefix="rpc"),
+            interceptors=[RpcInterceptor(metrics)],
+            options=[
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.so_reuseport", 0),  # a port in use is an error, not a shared port
+            ],
+        )
+        pb_grpc.add_ChunkServiceServicer_to_server(
+            ChunkServicer(store, metrics, self._verify_pool), self._server
+        )
+        pb_grpc.add_MetaServiceServicer_to_server(MetaServicer(store), self._server)
+        pb_grpc.add_ClusterServiceServicer_to_server(
+            ClusterServicer(node_id, cluster, store), self._server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
+        )
+
+    def listen(self, address: str) -> int:
+        """Bind ``address`` (HOST:PORT; port 0 picks one); return the port bound."""
+        _check_bindable(address)  # first: gRPC would log its own error lines before ours
+        try:
+            return self._server.add_insecure_port(address)
+        except RuntimeError:
+            raise ChunkstoreError(f"cannot listen on {address}") from None
+
+    def start(self) -> None:
+        """Start serving; health answers SERVING for the node and each of its services."""
+        self._server.start()
+        for name in ("", *SERVICE_NAMES):
+            self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    def stop(self, grace: float) -> None:
+        """Answer NOT_SERVING, refuse new calls, give calls in flight ``grace`` seconds."""
+        self._health.enter_graceful_shutdown()
+        self._server.stop(grace).wait()
+        self._verify_pool.shutdown()
+
+
+def serve(
+    node_id: str,
+    cluster_file: str | Path,
+    data_dir: str | Path,
+    *,
+    listen: str | None = None,
+    metrics_port: int | None = None,
+    grace: float = DEFAULT_GRACE,
+) -> None:
+    """Run node ``node_id`` until SIGTERM or SIGINT (call from the main thread).
+
+    Prints one line to stdout once serving. Raises ChunkstoreError, before serving, if the
+    cluster file is invalid or lacks ``node_id``, the store cannot be opened, or a port cannot
+    be bound.
+    """
+    cluster = load_cluster_file(cluster_file)
+    try:
+        spec = cluster.node(node_id)
+    except KeyError:
+        ids = ", ".join(n.id for n in cluster.nodes)
+        raise InvalidInput(
+            f"{cluster_file}: no node {node_id!r} in the map (nodes: {ids})"
+        ) from None
+    address = listen or spec.address
+    host = address.rsplit(":", 1)[0]
+    stop = threading.Event()
+    with ExitStack() as stack:
+        stack.enter_context(_signals_set(stop))  # restored last: a signal during grace is moot
+        store = stack.enter_context(LmdbStore(data_dir))
+        metrics = NodeMetrics(store)
+        metrics_note = ""
+        if metrics_port is not None:
+            try:
+                metrics_server = metrics.serve(metrics_port, host.strip("[]"))
+            except OSError as e:
+                raise ChunkstoreError(
+                    f"cannot serve metrics on port {metrics_port}: {e.strerror or e}"
+                ) from None
+            stack.callback(metrics_server.close)
+            metrics_note = f", metrics :{metrics_server.port}"
+        node = NodeServer(node_id, cluster, store, metrics)
+        stack.callback(node.stop, grace)
+        port = node.listen(address)
+        node.start()
+        print(
+            f"node {node_id} serving on {host}:{port} (data {data_dir}{metrics_note})",
+            flush=True,
+        )
+        stop.wait()
+        log.info("node %s stopping: calls in flight get %.0f s", node_id, grace)
+    log.info("node %s stopped", node_id)
+
+
+def _check_bindable(address: str) -> None:
+    """Raise ChunkstoreError saying why ``address`` cannot be bound (in use, not local...)."""
+    host, _, port = address.rpartition(":")
+    try:
+        family, kind, proto, _, sockaddr = socket.getaddrinfo(
+            host.strip("[]") or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
+            probe.bind(sockaddr)
+    except ValueError:
+        raise InvalidInput(f"cannot listen on {address!r}: want HOST:PORT") from None
+    except OSError as e:
+        reason = (e.strerror or str(e)).lower()
+        raise ChunkstoreError(f"cannot listen on {address}: {reason}") from None
+
+
+@contextmanager
+def _signals_set(event: threading.Event) -> Iterator[None]:
+    """Within the block, SIGTERM and SIGINT set ``event`` instead of ending the process."""
+    previous = {
+        sig: signal.signal(sig, lambda signum, frame: event.set())
+        for sig in (signal.SIGTERM, signal.SIGINT)
+    }
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``chunkstore node``."""
+    parser.add_argument(
+        "--id", required=True, dest="node_id", metavar="ID", help="this node's id in the map"
+    )
+    parser.add_argument("--cluster", required=True, metavar="FILE", help="cluster map (TOML)")
+    parser.add_argument("--data", required=True, metavar="DIR", help="directory of the store")
+    parser.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        help="address to bind (default: this node's address in the map)",
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="N",
+        help="serve Prometheus metrics over HTTP on this port",
+    )
+    parser.add_argument(
+        "--grace",
+        type=float,
+        default=DEFAULT_GRACE,
+        metavar="SECONDS",
+        help=f"on SIGTERM, time calls in flight get to finish (default {DEFAULT_GRACE:.0f})",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run a node from parsed :func:`add_arguments` options; return the exit code."""
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        serve(
+            args.node_id,
+            args.cluster,
+            args.data,
+            listen=args.listen,
+            metrics_port=args.metrics_port,
+            grace=args.grace,
+        )
+    except ChunkstoreError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=PROG, description="Run a chunkstore storage node.")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""Local clusters: ``cluster up/status/down`` as the CLI runs them, and the LocalCluster helper."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+from cluster_fixtures import LocalCluster
+
+from chunkstore.cluster_map import load_cluster_file
+from chunkstore.errors import InvalidInput
+from chunkstore.server import local_cluster
+from chunkstore.server.command import add_cluster_parser
+
+
+def cluster_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    parser = argparse.ArgumentParser(prog="chunkstore")
+    add_cluster_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["cluster", *argv])
+    code = args.run(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def node_gone(pid: int) -> bool:
+    return not Path(f"/proc/{pid}").exists()
+
+
+def test_up_status_down(tmp_path: Path, capsys):
+    d = tmp_path / "cluster"
+    code, out, err = cluster_cli(capsys, "up", "--nodes", "3", "--dir", str(d))
+    pids = {}
+    try:
+        assert code == 0, err
+        cluster = load_cluster_file(d / "cluster.toml")
+        url = out.strip()
+        assert url == "grpc://" + ",".join(n.address for n in cluster.nodes)
+        assert url.count("127.0.0.1:") == 3
+        pids = {n.id: int((d / f"{n.id}.pid").read_text()) for n in cluster.nodes}
+        assert all(not node_gone(pid) for pid in pids.values())
+
+        code, out, _ = cluster_cli(capsys, "status", "--dir", str(d), "--json")
+        assert code == 0
+        status = json.loads(out)
+        assert status["epoch"] == 1
+        assert [n["id"] for n in status["nodes"]] == ["n1", "n2", "n3"]
+        assert all(n["healthy"] and n["chunks"] == 0 for n in status["nodes"])
+        assert sum(n["share"] for n in status["nodes"]) == pytest.approx(1.0)
+
+        code, out, _ = cluster_cli(capsys, "status", "--store", url)
+        assert code == 0
+        assert "3 of 3 nodes healthy" in out
+        assert out.count("serving") == 3
+
+        code, _, err = cluster_cli(capsys, "up", "--dir", str(d))
+        assert code == 1
+        assert "already run" in err and len(err.strip().splitlines()) == 1
+    finally:
+        code, out, _ = cluster_cli(capsys, "down", "--dir", str(d))
+    assert code == 0
+    assert out.strip() == "stopped n1, n2, n3"
+    assert all(node_gone(pid) for pid in pids.values())
+    assert list(d.glob("*.pid")) == []
+
+    code, out, _ = cluster_cli(capsys, "status", "--dir", str(d))
+    assert code == 1
+    assert "0 of 3 nodes healthy" in out
+    assert out.count("unavailable") == 3
+
+
+def test_up_again_restarts_the_same_cluster_with_its_data(tmp_path: Path):
+    d = tmp_path / "cluster"
+    url = local_cluster.cluster_up(d, nodes=2, replicas=2)
+    try:
+        marker = d / "n1" / "data.mdb"
+        assert marker.exists()
+        local_cluster.cluster_down(d)
+        assert local_cluster.cluster_up(d) == url
+        status = local_cluster.cluster_status(load_cluster_file(d / "cluster.toml"))
+        assert [n["healthy"] for n in status["nodes"]] == [True, True]
+        with pytest.raises(InvalidInput, match=r"nodes 2 \(asked 3\)"):
+            local_cluster.cluster_up(d, nodes=3)
+    finally:
+        local_cluster.cluster_down(d)
+
+
+def test_up_with_a_failing_node_stops_the_others_and_shows_its_log(tmp_path: Path):
+    d = tmp_path / "cluster"
+    local_cluster.create(d, 3)
+    (d / "n2").mkdir()
+    (d / "n2" / "stray-file").write_text("not a store")
+    with pytest.raises(local_cluster.LocalClusterError) as err:
+        local_cluster.cluster_up(d, timeout=30)
+    message = str(err.value)
+    assert message.startswith("node n2 exited with code 6")
+    assert "cannot open store" in message  # the tail of n2.log
+    assert list(d.glob("*.pid")) == []
+    assert local_cluster.cluster_down(d) == []
+
+
+def test_status_of_unreachable_seeds_is_a_clear_error(capsys):
+    port = local_cluster.free_ports(1)[0]
+    code, _, err = cluster_cli(capsys, "status", "--store", f"grpc://127.0.0.1:{port}")
+    assert code == 1
+    assert err.startswith("chunkstore cluster status: error: no node answered")
+
+
+def test_status_needs_a_cluster_url(capsys, tmp_path: Path):
+    code, _, err = cluster_cli(capsys, "status", "--store", str(tmp_path / "embedded"))
+    assert code == 2
+    assert "is not a cluster" in err
+
+
+def test_local_cluster_kill_stop_start(tmp_path: Path):
+    with LocalCluster(tmp_path, nodes=2, replicas=1) as cluster:
+        assert cluster.url == local_cluster.store_url(cluster.map)
+        cluster.kill("n1")
+        status = local_cluster.cluster_status([cluster.address("n2")])
+        assert [n["healthy"] for n in status["nodes"]] == [False, True]
+        cluster.start("n1")
+        assert cluster.stop("n2") == 0
+        status = local_cluster.cluster_status(cluster.map)
+        assert [n["healthy"] for n in status["nodes"]] == [True, False]
+        assert cluster.node_data("n1") == tmp_path / "n1"
+        cluster.start("n2")
+        processes = [cluster.process(n) for n in ("n1", "n2")]
+    assert all(p.poll() is not None for p in processes)
+
+
+def test_local_cluster_stops_every_node_when_the_block_fails(tmp_path: Path):
+    with pytest.raises(RuntimeError, match="test failed"), LocalCluster(tmp_path, nodes=1) as c:
+        process = c.process("n1")
+        raise RuntimeError("test failed")
+    assert process.poll() is not None
