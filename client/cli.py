@@ -1,0 +1,491 @@
+"""The ``chunkstore`` command line: git-like version management of model files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Sequence
+
+from chunkstore.connect import ENV_STORE, connect
+from chunkstore.errors import ChunkstoreError, InvalidInput
+from chunkstore.model import Version
+from chunkstore.progress import for_terminal, human_bytes
+from chunkstore.repository import DEFAULT_GC_GRACE, Diff, Repository
+from chunkstore.server.command import add_cluster_parser, add_node_parser
+
+PROG = "chunkstore"
+
+
+def _key_value(text: str, kind: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise InvalidInput(f"invalid --{kind} {text!r}: expected KEY=VALUE")
+    return key.strip(), value
+
+
+def _parse_params(items: Sequence[str]) -> dict[str, str]:
+    return dict(_key_value(item, "param") for item in items)
+
+
+def _parse_metrics(items: Sequence[str]) -> dict[str, float]:
+    out = {}
+    for item in items:
+        key, value = _key_value(item, "metric")
+        try:
+            out[key] = float(value)
+        except ValueError:
+            raise InvalidInput(f"invalid --metric {item!r}: {value!r} is not a number") from None
+    return out
+
+
+def _when(version: Version) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(version.created_ns / 1e9))
+
+
+def _emit_json(value: object) -> None:
+    json.dump(value, sys.stdout, indent=2, sort_keys=False)
+    sys.stdout.write("\n")
+
+
+# -- commands -----------------------------------------------------------------------------------
+
+
+def cmd_push(repo: Repository, args: argparse.Namespace) -> int:
+    result = repo.push(
+        args.path,
+        repo=args.repo,
+        message=args.message,
+        tags=args.tag,
+        params=_parse_params(args.param),
+        metrics=_parse_metrics(args.metric),
+        inputs=args.input,
+        progress=for_terminal(args.quiet),
+    )
+    v, s = result.version, result.stats
+    if args.json:
+        _emit_json(
+            {
+                **v.to_json(),
+                "scanned_bytes": s.scanned_bytes,
+                "new_raw_bytes": s.new_raw_bytes,
+                "dedup_ratio": result.dedup_ratio,
+            }
+        )
+    elif not args.quiet:
+        tags = f" [{', '.join(v.tags)}]" if v.tags else ""
+        print(
+            f"pushed {v.ref}{tags}: {human_bytes(v.size)}, {human_bytes(s.new_raw_bytes)} new "
+            f"({result.dedup_ratio:.0%} deduplicated), {human_bytes(v.new_bytes)} stored"
+        )
+    return 0
+
+
+def cmd_pull(repo: Repository, args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    v = repo.pull(args.ref, args.dest, force=args.force, progress=for_terminal(args.quiet))
+    elapsed = time.perf_counter() - started
+    if args.json:
+        _emit_json({**v.to_json(), "dest": args.dest, "seconds": elapsed})
+    elif not args.quiet:
+        rate = human_bytes(v.size / elapsed) if elapsed > 0 else "-"
+        print(
+            f"pulled {v.ref} to {args.dest}: {len(v.files)} files, "
+            f"{human_bytes(v.size)} ({rate}/s), verified"
+        )
+    return 0
+
+
+def cmd_log(repo: Repository, args: argparse.Namespace) -> int:
+    versions = repo.log(args.repo)[: args.limit or None]
+    if args.json:
+        _emit_json([v.to_json() for v in versions])
+        return 0
+    for v in versions:
+        tags = f" [{', '.join(v.tags)}]" if v.tags else ""
+        metrics = (
+            "  " + " ".join(f"{k}={x:g}" for k, x in sorted(v.metrics.items())) if v.metrics else ""
+        )
+        print(
+            f"{v.short_id}  {_when(v)}  {human_bytes(v.size):>9}  "
+            f"{human_bytes(v.new_bytes):>9} new  {v.message}{tags}{metrics}"
+        )
+    return 0
+
+
+def cmd_show(repo: Repository, args: argparse.Namespace) -> int:
+    v = repo.resolve(args.ref)
+    lineage = repo.lineage(args.ref)
+    if args.json:
+        out = v.to_json()
+        out["lineage"] = [
+            {
+                "depth": d,
+                "repo": x.repo,
+                "id": x.id.hex(),
+                "found": isinstance(x, Version),
+                "message": x.message if isinstance(x, Version) else None,
+            }
+            for d, x in lineage
+        ]
+        _emit_json(out)
+        return 0
+    print(f"version  {v.repo}@{v.id.hex()}")
+    if v.tags:
+        print(f"tags     {', '.join(v.tags)}")
+    print(f"date     {_when(v)}")
+    print(f"author   {v.author}")
+    if v.parents:
+        print(f"parent   {', '.join(p.hex()[:8] for p in v.parents)}")
+    print(
+        f"size     {human_bytes(v.size)} in {len(v.files)} files, "
+        f"{human_bytes(v.new_bytes)} newly stored"
+    )
+    print(f"message  {v.message}")
+    for k, x in sorted(v.params.items()):
+        print(f"param    {k} = {x}")
+    for k, x in sorted(v.metrics.items()):
+        print(f"metric   {k} = {x:g}")
+    for depth, x in lineage:
+        label = f"{x.ref}  {x.message}" if isinstance(x, Version) else f"{x} (not found)"
+        print(f"input    {'  ' * (depth - 1)}{label}")
+    print("files")
+    for f in v.files:
+        print(f"  {human_bytes(f.size):>9}  {f.digest.hex()[:12]}  {f.path}")
+    return 0
+
+
+def _print_diff(d: Diff) -> None:
+    for c in d.added:
+        print(f"A  {c.path}  ({human_bytes(c.new_size or 0)})")
+    for c in d.removed:
+        print(f"D  {c.path}  ({human_bytes(c.old_size or 0)})")
+    for c in d.modified:
+        changed = f", {human_bytes(c.changed_bytes)} changed" if c.changed_bytes else ""
+        print(
+            f"M  {c.path}  ({human_bytes(c.old_size or 0)} -> "
+            f"{human_bytes(c.new_size or 0)}{changed})"
+        )
+    for k, (a, b) in d.params.items():
+        print(f"param   {k}: {a if a is not None else '-'} -> {b if b is not None else '-'}")
+    for k, (a, b) in d.metrics.items():
+        print(f"metric  {k}: {'-' if a is None else f'{a:g}'} -> {'-' if b is None else f'{b:g}'}")
+    print(
+        f"{len(d.added)} added, {len(d.removed)} removed, {len(d.modified)} modified, "
+        f"{d.unchanged} unchanged"
+    )
+
+
+def cmd_diff(repo: Repository, args: argparse.Namespace) -> int:
+    d = repo.diff(args.old, args.new)
+    _emit_json(d.to_json()) if args.json else _print_diff(d)
+    return 0
+
+
+def cmd_status(repo: Repository, args: argparse.Namespace) -> int:
+    d = repo.status(args.path, args.repo)
+    _emit_json(d.to_json()) if args.json else _print_diff(d)
+    return 0
+
+
+def cmd_tag(repo: Repository, args: argparse.Namespace) -> int:
+    if args.delete:
+        repo.untag(args.ref.partition("@")[0], args.tag)
+        print(f"deleted tag {args.tag}")
+        return 0
+    v = repo.tag(args.ref, args.tag)
+    print(f"tagged {v.ref} as {v.repo}@{args.tag}")
+    return 0
+
+
+def cmd_ls(repo: Repository, args: argparse.Namespace) -> int:
+    repos = repo.repos()
+    if args.json:
+        _emit_json(
+            [
+                {
+                    "name": r.name,
+                    "versions": r.versions,
+                    "latest": r.latest.id.hex(),
+                    "latest_size": r.latest.size,
+                    "updated": r.latest.created_ns / 1e9,
+                }
+                for r in repos
+            ]
+        )
+        return 0
+    for r in repos:
+        print(
+            f"{r.name}  {r.versions} versions  latest {r.latest.short_id} "
+            f"({_when(r.latest)}, {human_bytes(r.latest.size)})"
+        )
+    return 0
+
+
+def cmd_rm(repo: Repository, args: argparse.Namespace) -> int:
+    v = repo.rm(args.ref)
+    print(f"removed {v.ref}; run 'chunkstore gc' to reclaim its space")
+    return 0
+
+
+def cmd_gc(repo: Repository, args: argparse.Namespace) -> int:
+    r = repo.gc(args.grace)
+    if args.json:
+        _emit_json(r.__dict__)
+    else:
+        print(
+            f"gc: {r.deleted_chunks} chunks deleted ({human_bytes(r.deleted_bytes)}), "
+            f"{r.reachable_chunks} reachable from {r.versions} versions kept, "
+            f"{r.spared_young} spared within the grace period"
+        )
+    return 0
+
+
+def cmd_verify(repo: Repository, args: argparse.Namespace) -> int:
+    r = repo.verify(args.ref, progress=for_terminal(args.quiet))
+    if args.json:
+        _emit_json(
+            {
+                "ok": r.ok,
+                "chunks": r.chunks,
+                "bytes": r.bytes,
+                "corrupt": [c.hex() for c in r.corrupt],
+                "missing": [c.hex() for c in r.missing],
+            }
+        )
+    else:
+        for cid in r.corrupt:
+            print(f"corrupt chunk {cid.hex()}", file=sys.stderr)
+        for cid in r.missing:
+            print(f"missing chunk {cid.hex()}", file=sys.stderr)
+        if r.ok:
+            print(f"verified {r.chunks} chunks ({human_bytes(r.bytes)}): all intact")
+    if not r.ok:
+        print(
+            f"{PROG}: error: {len(r.corrupt)} corrupt and {len(r.missing)} missing chunks",
+            file=sys.stderr,
+        )
+        return 4
+    return 0
+
+
+def cmd_stats(repo: Repository, args: argparse.Namespace) -> int:
+    s = repo.stats()
+    if args.json:
+        _emit_json(s)
+        return 0
+    ratio = f"{s['dedup_ratio']:.2f}x" if s["dedup_ratio"] else "-"
+    print(f"store      {s['location']}")
+    print(f"repos      {s['repos']}")
+    print(f"versions   {s['versions']}")
+    print(f"logical    {human_bytes(s['logical_bytes'])}")
+    print(f"stored     {human_bytes(s['stored_bytes'])} in {s['chunks']} chunks")
+    print(f"saving     {ratio} (logical / stored)")
+    return 0
+
+
+# -- parser -------------------------------------------------------------------------------------
+
+Command = Callable[[Repository, argparse.Namespace], int]
+
+
+def _add(sub, name: str, func: Command, help: str, example: str, json_flag: bool = True):
+    p = sub.add_parser(
+        name,
+        help=help,
+        description=help,
+        epilog="example:\n" + textwrap.indent(example.strip(), "  "),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--store",
+        help=f"store path or URL (default: ${ENV_STORE} or the embedded "
+        "store in ~/.local/share/chunkstore)",
+    )
+    if json_flag:
+        p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.set_defaults(func=func, json=False)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Deduplicating, versioned storage for model weight files.",
+        epilog=textwrap.dedent("""\
+            examples:
+              chunkstore push ./ckpt-1000 --repo llama-ft -m "step 1000" --tag v1
+              chunkstore log llama-ft
+              chunkstore diff llama-ft@v1 llama-ft
+              chunkstore pull llama-ft@v1 ./restored
+            """),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = _add(
+        sub,
+        "push",
+        cmd_push,
+        "store a file or directory as a new version of a repo",
+        'chunkstore push ./ckpt-2000 --repo llama-ft -m "step 2000" --tag v2 '
+        "--param lr=3e-4 --metric loss=2.05 --input datasets/web@v3",
+    )
+    p.add_argument("path", help="file or directory to store")
+    p.add_argument("--repo", required=True, help="repo name, e.g. llama-ft or team/llama-ft")
+    p.add_argument("-m", "--message", default="", help="what this version is")
+    p.add_argument("--tag", action="append", default=[], help="tag the version (repeatable)")
+    p.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="record a parameter (repeatable)",
+    )
+    p.add_argument(
+        "--metric",
+        action="append",
+        default=[],
+        metavar="K=NUM",
+        help="record a metric (repeatable)",
+    )
+    p.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        metavar="REF",
+        help="a stored version this one was made from, e.g. its data set (repeatable)",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+
+    p = _add(
+        sub,
+        "pull",
+        cmd_pull,
+        "recreate a version's files under a directory",
+        "chunkstore pull llama-ft@v1 ./restored",
+    )
+    p.add_argument("ref", help="NAME, NAME@TAG or NAME@ID-PREFIX")
+    p.add_argument("dest", help="directory to write into (must be empty unless --force)")
+    p.add_argument("--force", action="store_true", help="write into a non-empty directory")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+
+    p = _add(sub, "log", cmd_log, "list a repo's versions, newest first", "chunkstore log llama-ft")
+    p.add_argument("repo")
+    p.add_argument("-n", "--limit", type=int, default=0, help="show at most N versions")
+
+    p = _add(
+        sub,
+        "show",
+        cmd_show,
+        "show one version: files, params, metrics, lineage",
+        "chunkstore show llama-ft@v2",
+    )
+    p.add_argument("ref")
+
+    p = _add(
+        sub,
+        "diff",
+        cmd_diff,
+        "compare two versions: files, params, metrics",
+        "chunkstore diff llama-ft@v1 llama-ft@v2",
+    )
+    p.add_argument("old")
+    p.add_argument("new")
+
+    p = _add(
+        sub,
+        "status",
+        cmd_status,
+        "compare local files with a repo's latest version",
+        "chunkstore status ./ckpt-3000 --repo llama-ft",
+    )
+    p.add_argument("path")
+    p.add_argument("--repo", required=True)
+
+    p = _add(
+        sub,
+        "tag",
+        cmd_tag,
+        "point a tag at a version (moves it if it exists)",
+        "chunkstore tag llama-ft@3f2a9c1e best",
+        json_flag=False,
+    )
+    p.add_argument("ref")
+    p.add_argument("tag")
+    p.add_argument("-d", "--delete", action="store_true", help="delete the tag instead")
+
+    _add(sub, "ls", cmd_ls, "list repos", "chunkstore ls --json")
+
+    p = _add(
+        sub,
+        "rm",
+        cmd_rm,
+        "remove a version (space is reclaimed by gc)",
+        "chunkstore rm llama-ft@3f2a9c1e",
+        json_flag=False,
+    )
+    p.add_argument("ref")
+
+    p = _add(sub, "gc", cmd_gc, "delete chunks no version references", "chunkstore gc --grace 3600")
+    p.add_argument(
+        "--grace",
+        type=float,
+        default=DEFAULT_GC_GRACE,
+        metavar="SECONDS",
+        help=f"spare chunks wanted within this many seconds (default {DEFAULT_GC_GRACE:.0f})",
+    )
+
+    p = _add(
+        sub,
+        "verify",
+        cmd_verify,
+        "re-read and re-hash every chunk a version (or all) uses",
+        "chunkstore verify llama-ft@v1",
+    )
+    p.add_argument("ref", nargs="?")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    _add(sub, "stats", cmd_stats, "sizes: logical, stored, saving", "chunkstore stats --json")
+    add_node_parser(sub)
+    add_cluster_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.quiet = getattr(args, "quiet", False)
+    if getattr(args, "run", None):  # node and cluster commands manage their own resources
+        return args.run(args)
+    try:
+        with connect(args.store) as repo:
+            return args.func(repo, args)
+    except ChunkstoreError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; no partial version was made visible", file=sys.stderr)
+        return 130
+    except OSError as exc:
+        print(
+            f"{PROG}: error: {exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""),
+            file=sys.stderr,
+        )
+        return 1
+    except Exception as exc:  # never a traceback for users, unless asked for
+        if os.environ.get("CHUNKSTORE_DEBUG"):
+            raise
+        print(
+            f"{PROG}: internal error: {type(exc).__name__}: {exc} "
+            "(set CHUNKSTORE_DEBUG=1 for a traceback)",
+            file=sys.stderr,
+        )
+        return 70
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""The command line as a user drives it: output shapes, --json, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import random_bytes, tree_bytes, write
+
+from chunkstore.client.cli import main
+
+MB = 1 << 20
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def cli(*argv: str, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "chunkstore.client.cli", *argv],
+                          capture_output=True, text=True, env=env, **kw)
+
+
+@pytest.fixture
+def two_versions(env_store, tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    write(ckpt / "model.bin", random_bytes(2 * MB, seed=1))
+    write(ckpt / "config.json", b"{}")
+    assert run(capsys, "push", str(ckpt), "--repo", "llama-ft", "-m", "step 1000", "--tag", "v1",
+               "--param", "lr=3e-4", "--metric", "loss=2.31")[0] == 0
+    write(ckpt / "config.json", b'{"a": 1}')
+    code, out, _ = run(capsys, "push", str(ckpt), "--repo", "llama-ft", "-m", "step 2000",
+                       "--tag", "v2", "--metric", "loss=2.05")
+    assert code == 0
+    return ckpt, out
+
+
+def test_push_summary_line(two_versions):
+    _, out = two_versions
+    assert out.startswith("pushed llama-ft@") and "[v2]" in out
+    assert "new (" in out and "% deduplicated" in out
+
+
+def test_log_json_shape(two_versions, capsys):
+    code, out, _ = run(capsys, "log", "llama-ft", "--json")
+    log = json.loads(out)
+    assert code == 0 and [v["message"] for v in log] == ["step 2000", "step 1000"]
+    for key in ("id", "message", "tags", "params", "metrics", "created", "size"):
+        assert key in log[0]
+    assert log[1]["params"] == {"lr": "3e-4"} and log[0]["metrics"] == {"loss": 2.05}
+    assert log[0]["tags"] == ["v2"]
+    code, out, _ = run(capsys, "log", "llama-ft")
+    assert code == 0 and "step 2000" in out.splitlines()[0] and "[v1]" in out.splitlines()[1]
+
+
+def test_diff_json_shape(two_versions, capsys):
+    code, out, _ = run(capsys, "diff", "llama-ft@v1", "llama-ft@v2", "--json")
+    d = json.loads(out)
+    assert code == 0
+    assert d["modified"][0]["path"] == "config.json" and d["added"] == [] and d["removed"] == []
+    assert d["metrics"] == {"loss": {"old": 2.31, "new": 2.05}}
+    assert d["params"] == {"lr": {"old": "3e-4", "new": None}}
+
+
+def test_stats_json_and_ls(two_versions, capsys):
+    code, out, _ = run(capsys, "stats", "--json")
+    s = json.loads(out)
+    assert code == 0 and s["versions"] == 2 and s["chunks"] > 0
+    assert s["logical_bytes"] > s["stored_bytes"] > 0
+    code, out, _ = run(capsys, "ls", "--json")
+    assert [r["name"] for r in json.loads(out)] == ["llama-ft"]
+
+
+def test_pull_show_status_tag_rm_gc_verify(two_versions, tmp_path, capsys):
+    ckpt, _ = two_versions
+    assert run(capsys, "pull", "llama-ft@v1", str(tmp_path / "out"))[0] == 0
+    assert (tmp_path / "out" / "model.bin").read_bytes() == (ckpt / "model.bin").read_bytes()
+    assert (tmp_path / "out" / "config.json").read_bytes() == b"{}"
+    code, out, _ = run(capsys, "show", "llama-ft@v1", "--json")
+    assert code == 0 and json.loads(out)["params"] == {"lr": "3e-4"}
+    code, out, _ = run(capsys, "status", str(ckpt), "--repo", "llama-ft", "--json")
+    assert code == 0 and json.loads(out)["unchanged"] == 2
+    assert run(capsys, "tag", "llama-ft@v1", "best")[0] == 0
+    assert run(capsys, "rm", "llama-ft@v1")[0] == 0
+    code, out, _ = run(capsys, "gc", "--grace", "0", "--json")
+    assert code == 0 and json.loads(out)["deleted_chunks"] >= 1
+    code, out, _ = run(capsys, "verify")
+    assert code == 0 and "all intact" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle", "exit_code"),
+    [
+        (["push", "/no/such/dir", "--repo", "m"], "no such file", 3),
+        (["push", ".", "--repo", "m", "--param", "noequals"], "--param", 2),
+        (["push", ".", "--repo", "m", "--metric", "loss=low"], "not a number", 2),
+        (["log", "unknown-repo"], "unknown repo", 3),
+        (["pull", "llama-ft@nosuchtag", "out"], "no tag", 3),
+        (["pull", "llama-ft@abc", "out"], "no tag", 2),
+        (["show", "llama-ft@0123"], "at least 6", 2),
+        (["diff", "llama-ft@v1", "nope"], "unknown repo", 3),
+    ],
+)
+def test_bad_input_is_one_line_and_nonzero(two_versions, capsys, argv, needle, exit_code):
+    assert main(["stats", "--json"]) == 0
+    before = json.loads(capsys.readouterr().out)
+    code, out, err = run(capsys, *argv)
+    assert code == exit_code
+    assert needle in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert main(["stats", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == before
+
+
+def test_pull_into_non_empty_dir_needs_force(two_versions, tmp_path, capsys):
+    write(tmp_path / "busy" / "x", b"x")
+    code, _, err = run(capsys, "pull", "llama-ft", str(tmp_path / "busy"))
+    assert code == 2 and "not empty" in err and "--force" in err
+    assert run(capsys, "pull", "llama-ft", str(tmp_path / "busy"), "--force")[0] == 0
+    assert set(tree_bytes(tmp_path / "busy")) == {"x", "model.bin", "config.json"}
+
+
+def test_unwritable_store_path_is_one_line(tmp_path):
+    blocker = write(tmp_path / "file", b"")
+    env = {**os.environ, "CHUNKSTORE_STORE": str(blocker / "store")}
+    proc = cli("ls", env=env)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "cannot" in proc.stderr
+
+
+def test_corrupt_chunk_fails_pull_and_verify(env_store, tmp_path):
+    write(tmp_path / "d" / "w.bin", random_bytes(MB, seed=4))
+    env = {**os.environ, "CHUNKSTORE_STORE": str(env_store)}
+    assert cli("push", str(tmp_path / "d"), "--repo", "m", env=env).returncode == 0
+    from chunkstore import codec
+    from chunkstore.stores.lmdb_store import LmdbStore
+
+    with LmdbStore(env_store) as store:
+        info = next(iter(store.scan()))
+        raw = codec.decode(dict(store.get([info.id]))[info.id])
+        store.delete([info.id])
+        store.put([(info.id, codec.encode(b"X" + raw[1:]))])
+    pull = cli("pull", "m", str(tmp_path / "out"), env=env)
+    assert pull.returncode == 4 and info.id.hex() in pull.stderr and "Traceback" not in pull.stderr
+    verify = cli("verify", env=env)
+    assert verify.returncode == 4 and info.id.hex() in verify.stderr
+
+
+def test_ctrl_c_mid_push_leaves_nothing_visible_and_next_push_reuses(env_store, tmp_path):
+    data = random_bytes(300 * MB, seed=5)
+    write(tmp_path / "big" / "w.bin", data)
+    env = {**os.environ, "CHUNKSTORE_STORE": str(env_store)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "chunkstore.client.cli", "push", str(tmp_path / "big"),
+         "--repo", "m", "-q"], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # wait until some chunks are durable
+            if (env_store / "data.mdb").exists() and (env_store / "data.mdb").stat().st_size > 0:
+                time.sleep(0.3)
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    if proc.returncode == 0:
+        pytest.fail("push finished before it could be interrupted; make the file larger")
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err
+    assert cli("log", "m", env=env).returncode == 3  # no version is visible
+    again = cli("push", str(tmp_path / "big"), "--repo", "m", "--json", env=env)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["new_raw_bytes"] < len(data)
+
+
+def test_help_has_examples():
+    proc = cli("push", "--help")
+    assert proc.returncode == 0 and "example:" in proc.stdout and "--metric" in proc.stdout
+    assert "examples:" in cli("--help").stdout
