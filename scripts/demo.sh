@@ -8,7 +8,7 @@ export PATH="$PWD/.venv/bin:$PATH"
 export CHUNKSTORE_STORE="$PWD/demo-data/store"   # an embedded store of its own
 SIZE_MB="${DEMO_SIZE_MB:-128}"
 
-run() { printf '\n$ %s\n' "$*"; "$@"; }
+run() { printf '\n$ %s\n' "${*@Q}"; "$@"; }
 
 rm -rf demo-data
 echo "generating 3 checkpoints of ${SIZE_MB} MB (bf16 safetensors, 10% of tensors change per step)"

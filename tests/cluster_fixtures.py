@@ -29,9 +29,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from chunkstore.server import local_cluster
 
 from chunkstore.cluster_map import ClusterMap
+from chunkstore.server import local_cluster
 
 
 def free_port() -> int:
