@@ -486,7 +486,7 @@ class Repository:
             doomed_bytes += info.stored_size
         deleted = 0
         for i in range(0, len(doomed), 4096):
-            deleted += self.store.delete(doomed[i : i + 4096])
+            deleted += self.store.delete(doomed[i : i + 4096], unwanted_since=cutoff)
         stale_manifests = [
             mid
             for mid, stored_at in self.store.scan_manifests()

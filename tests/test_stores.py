@@ -22,7 +22,7 @@ from chunkstore.errors import (
     StoreFull,
     StoreUnavailable,
 )
-from chunkstore.stores import LmdbStore, Store
+from chunkstore.stores import ChunkTotals, LmdbStore, Store
 
 ROOT = Path(__file__).resolve().parents[1]
 KB = 1 << 10
@@ -127,6 +127,20 @@ def test_delete(store: Store):
     assert [i.id for i in store.scan()] == [pairs[2][0]]
     assert (store.totals().chunks, store.totals().stored_bytes) == (1, len(pairs[2][1]))
     assert store.put(pairs[:1]) == len(pairs[0][1])  # can be stored again
+
+
+def test_delete_spares_chunks_wanted_since_cutoff(store: Store):
+    old, young = chunks(2)
+    store.put([old])
+    cutoff = time.time()
+    time.sleep(0.01)
+    store.put([young])
+    assert store.delete([old[0], young[0]], unwanted_since=cutoff) == 1
+    assert store.missing([old[0], young[0]]) == {old[0]}
+    assert store.totals() == ChunkTotals(1, len(young[1]))
+    # An existence check counts as wanting: GC must not take a chunk a push was told exists.
+    assert store.missing([young[0]]) == set()
+    assert store.delete([young[0]], unwanted_since=time.time() - 60) == 0
 
 
 def test_put_is_all_or_nothing(store: Store):

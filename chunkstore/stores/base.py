@@ -64,8 +64,13 @@ class ChunkStore(ABC):
         """
 
     @abstractmethod
-    def delete(self, ids: Iterable[bytes]) -> int:
-        """Remove these chunks where present; return how many were removed."""
+    def delete(self, ids: Iterable[bytes], unwanted_since: float | None = None) -> int:
+        """Remove these chunks where present; return how many were removed.
+
+        With ``unwanted_since``, a chunk wanted at or after that time (stored, or found by
+        :meth:`missing`) is kept: the check and the removal are one atomic step, so a push that
+        was just told a chunk exists never loses it to a concurrent GC.
+        """
 
     @abstractmethod
     def scan(self) -> Iterator[ChunkInfo]:

@@ -4,7 +4,7 @@ It is the default store on one machine and each storage node's shard. Named data
 (key -> value; times are unix seconds as float64 LE):
 
 - ``chunks``: chunk id -> encoded blob
-- ``chunk_meta``: chunk id -> wanted_at
+- ``chunk_meta``: chunk id -> wanted_at (float64 LE) + blob size (uint32 LE)
 - ``manifests``: manifest id -> manifest record
 - ``manifest_meta``: manifest id -> stored_at
 - ``versions``: repo (UTF-8) + NUL + version id -> version record
@@ -52,6 +52,7 @@ _SCAN_BATCH = 4096  # keys per read transaction when iterating a whole database
 _GET_BATCH_BYTES = 16 << 20  # blob bytes copied out per read transaction in get()
 _MAX_KEY = 511  # LMDB's default maximum key size
 _STAMP = struct.Struct("<d")
+_CHUNK_META = struct.Struct("<dI")  # wanted_at, blob size
 
 
 class _Gate:
@@ -265,31 +266,26 @@ class LmdbStore(Store):
         found = self._read(partial(_present, self._chunks, ids))
         absent = set(ids).difference(found)
         if found and not self._readonly:
-            absent.update(self._write(partial(self._mark_wanted, found, _stamp())))
+            absent.update(self._write(partial(self._mark_wanted, found, time.time())))
         return absent
 
-    def _mark_wanted(self, ids: list[bytes], stamp: bytes, txn: lmdb.Transaction) -> list[bytes]:
+    def _mark_wanted(self, ids: list[bytes], now: float, txn: lmdb.Transaction) -> list[bytes]:
         """Set wanted_at of the ids still stored; return those deleted meanwhile."""
-        cursor = txn.cursor(db=self._chunks)
-        gone = []
-        for cid in ids:
-            if cursor.set_key(cid):
-                txn.put(cid, stamp, db=self._chunk_meta)
-            else:
-                gone.append(cid)
-        return gone
+        return [cid for cid in ids if not _touch(txn, self._chunk_meta, cid, now)]
 
     def put(self, chunks: Sequence[tuple[bytes, bytes]]) -> int:
         if not chunks:
             return 0
-        stamp = _stamp()
+        now = time.time()
 
         def write(txn: lmdb.Transaction) -> int:
             added = 0
             for cid, blob in chunks:
                 if txn.put(cid, blob, db=self._chunks, overwrite=False):
                     added += len(blob)
-                txn.put(cid, stamp, db=self._chunk_meta)
+                    txn.put(cid, _CHUNK_META.pack(now, len(blob)), db=self._chunk_meta)
+                else:
+                    _touch(txn, self._chunk_meta, cid, now)
             if added:
                 self._add_stored(txn, added)
             return added
@@ -319,17 +315,22 @@ class LmdbStore(Store):
                 break
         return batch
 
-    def delete(self, ids: Iterable[bytes]) -> int:
+    def delete(self, ids: Iterable[bytes], unwanted_since: float | None = None) -> int:
         ids = list(ids)
 
         def remove(txn: lmdb.Transaction) -> int:
             removed = freed = 0
             for cid in ids:
-                blob = txn.pop(cid, db=self._chunks)
-                if blob is not None:
-                    txn.delete(cid, db=self._chunk_meta)
-                    removed += 1
-                    freed += len(blob)
+                meta = txn.get(cid, db=self._chunk_meta)
+                if meta is None:
+                    continue
+                wanted_at, size = _CHUNK_META.unpack(meta)
+                if unwanted_since is not None and wanted_at >= unwanted_since:
+                    continue
+                txn.delete(cid, db=self._chunks)
+                txn.delete(cid, db=self._chunk_meta)
+                removed += 1
+                freed += size
             if removed:
                 self._add_stored(txn, -freed)
             return removed
@@ -338,11 +339,10 @@ class LmdbStore(Store):
 
     def scan(self) -> Iterator[ChunkInfo]:
         def info(txn: lmdb.Transaction, cursor: lmdb.Cursor) -> ChunkInfo:
-            cid = bytes(cursor.key())
-            (wanted_at,) = _STAMP.unpack(txn.get(cid, db=self._chunk_meta))
-            return ChunkInfo(cid, len(cursor.value()), wanted_at)
+            wanted_at, size = _CHUNK_META.unpack(cursor.value())
+            return ChunkInfo(bytes(cursor.key()), size, wanted_at)
 
-        return self._rows(self._chunks, info)
+        return self._rows(self._chunk_meta, info)
 
     def totals(self) -> ChunkTotals:
         return self._read(
@@ -514,6 +514,16 @@ def _rows_after(
         last = bytes(cursor.key())
         positioned = cursor.next()
     return (last if positioned else None), rows
+
+
+def _touch(txn: lmdb.Transaction, chunk_meta: lmdb._Database, cid: bytes, now: float) -> bool:
+    """Set a stored chunk's wanted_at to ``now``; False if the chunk is not stored."""
+    meta = txn.get(cid, db=chunk_meta)
+    if meta is None:
+        return False
+    _, size = _CHUNK_META.unpack(meta)
+    txn.put(cid, _CHUNK_META.pack(now, size), db=chunk_meta)
+    return True
 
 
 def _stamp() -> bytes:

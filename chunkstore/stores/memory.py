@@ -57,10 +57,14 @@ class MemoryStore(Store):
                 raise errors.ChunkNotFound(cid)
             yield cid, blob
 
-    def delete(self, ids: Iterable[bytes]) -> int:
+    def delete(self, ids: Iterable[bytes], unwanted_since: float | None = None) -> int:
         removed = 0
         with self._lock:
             for cid in ids:
+                if cid not in self._chunks:
+                    continue
+                if unwanted_since is not None and self._wanted_at[cid] >= unwanted_since:
+                    continue
                 if self._chunks.pop(cid, None) is not None:
                     del self._wanted_at[cid]
                     removed += 1
