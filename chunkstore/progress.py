@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
-from typing import Protocol
+import time
+from typing import Protocol, TextIO
 
 
 class Progress(Protocol):
@@ -34,40 +36,62 @@ class NoProgress:
 
 
 class BarProgress:
-    """A progress bar on stderr: bytes done, new bytes, speed and time left."""
+    """A one-line progress bar on stderr: share done, bytes, new bytes, speed, time left.
 
-    def __init__(self) -> None:
-        self._bar = None
-        self._new = 0
+    Redrawn at most ten times a second and erased when the work ends, so the command's own
+    summary line is what stays on screen.
+    """
+
+    REDRAW_SECONDS = 0.1
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self._stream = stream or sys.stderr
+        self._total = self._done = self._new = 0
+        self._label = ""
+        self._started = self._drawn_at = 0.0
+        self._active = False
 
     def start(self, total: int, label: str) -> None:
-        from tqdm import tqdm
-
         self.finish()
-        self._new = 0
-        self._bar = tqdm(
-            total=total,
-            desc=label,
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            file=sys.stderr,
-            dynamic_ncols=True,
-            leave=False,
-        )
+        self._total, self._done, self._new, self._label = total, 0, 0, label
+        self._started = time.monotonic()
+        self._drawn_at = 0.0
+        self._active = True
+        self._draw()
 
     def advance(self, done: int, new: int = 0) -> None:
-        if self._bar is None:
+        if not self._active:
             return
+        self._done += done
         self._new += new
-        self._bar.update(done)
-        if new:
-            self._bar.set_postfix_str(f"new {human_bytes(self._new)}", refresh=False)
+        if time.monotonic() - self._drawn_at >= self.REDRAW_SECONDS:
+            self._draw()
 
     def finish(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
+        if self._active:
+            self._stream.write("\r\x1b[2K")
+            self._stream.flush()
+            self._active = False
+
+    def _draw(self) -> None:
+        now = time.monotonic()
+        self._drawn_at = now
+        elapsed = now - self._started
+        share = self._done / self._total if self._total else 1.0
+        speed = self._done / elapsed if elapsed > 0 else 0.0
+        left = (self._total - self._done) / speed if speed > 0 else None
+        text = (
+            f"{self._label} {share:4.0%} {human_bytes(self._done)}/{human_bytes(self._total)}"
+            f", {human_bytes(self._new)} new, {human_bytes(speed)}/s"
+            + (f", {left:.0f}s left" if left is not None else "")
+        )
+        width = shutil.get_terminal_size().columns
+        bar_width = width - len(text) - 4
+        if bar_width >= 10:
+            filled = int(bar_width * min(share, 1.0))
+            text = f"{text} [{'#' * filled}{'.' * (bar_width - filled)}]"
+        self._stream.write("\r\x1b[2K" + text[: width - 1])
+        self._stream.flush()
 
 
 def for_terminal(quiet: bool = False) -> Progress:

@@ -183,3 +183,32 @@ def test_help_has_examples():
     proc = cli("push", "--help")
     assert proc.returncode == 0 and "example:" in proc.stdout and "--metric" in proc.stdout
     assert "examples:" in cli("--help").stdout
+
+
+def test_progress_bar_on_a_terminal_only(env_store, tmp_path):
+    import pty
+
+    write(tmp_path / "d" / "w.bin", random_bytes(48 * MB, seed=8))
+    env = {**os.environ, "CHUNKSTORE_STORE": str(env_store), "COLUMNS": "120"}
+    argv = [sys.executable, "-m", "chunkstore.client.cli", "push", str(tmp_path / "d"),
+            "--repo", "m"]
+    primary, secondary = pty.openpty()
+    proc = subprocess.Popen(argv, env=env, stdin=secondary, stdout=secondary, stderr=secondary)
+    os.close(secondary)
+    seen = b""
+    while True:
+        try:
+            data = os.read(primary, 4096)
+        except OSError:  # the other end closed
+            break
+        if not data:
+            break
+        seen += data
+    os.close(primary)
+    assert proc.wait(timeout=60) == 0
+    text = seen.decode(errors="replace")
+    assert "push m" in text and "B/s" in text and "pushed m@" in text
+    piped = cli("push", str(tmp_path / "d"), "--repo", "m", env=env)
+    assert piped.returncode == 0 and "B/s" not in piped.stderr and piped.stderr == ""
+    quiet = cli("push", str(tmp_path / "d"), "--repo", "m", "-q", env=env)
+    assert quiet.returncode == 0 and quiet.stdout == "" and quiet.stderr == ""
