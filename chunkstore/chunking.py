@@ -17,6 +17,7 @@ from pathlib import Path
 import pyfastcdc
 
 from chunkstore.errors import InvalidInput
+from chunkstore.tensor_index import TensorIndex
 
 KiB = 1024
 
@@ -37,6 +38,42 @@ class ChunkerParams:
             )
 
 
+@dataclass(frozen=True)
+class Region:
+    """A byte range cut on its own; ``element_size`` is set inside a tensor's bytes."""
+
+    begin: int
+    end: int
+    element_size: int | None = None
+
+
+def file_regions(index: TensorIndex | None, size: int, min_size: int) -> list[Region]:
+    """Split a file into the regions to cut independently.
+
+    Plain files are one region. A safetensors file gets its header, each tensor of at least
+    ``min_size`` bytes, and each run of smaller tensors as regions of their own, so a changed
+    header or an inserted, removed or reordered tensor leaves every other tensor's chunks as
+    they were.
+    """
+    if index is None:
+        return [Region(0, size)] if size else []
+    out = [Region(0, index.header_end)]
+    run_start: int | None = None
+    pos = index.header_end
+    for tensor in index.tensors:
+        if tensor.end - tensor.begin >= min_size:
+            if run_start is not None or tensor.begin > pos:
+                out.append(Region(pos if run_start is None else run_start, tensor.begin))
+            out.append(Region(tensor.begin, tensor.end, index.element_size(tensor)))
+            run_start = None
+        elif run_start is None:
+            run_start = pos
+        pos = max(pos, tensor.end)
+    if run_start is not None or pos < size:
+        out.append(Region(pos if run_start is None else run_start, size))
+    return [r for r in out if r.end > r.begin]
+
+
 class Chunker:
     """Cuts buffers at content-defined boundaries. Not thread-safe: one per thread."""
 
@@ -55,6 +92,30 @@ class Chunker:
             return
         for chunk in self._cdc.cut_buf(buf):
             yield chunk.offset, chunk.length
+
+    def cut_file(
+        self, view: memoryview, index: TensorIndex | None
+    ) -> Iterator[tuple[int, int, int | None]]:
+        """Yield ``(offset, length, element size or None)`` of every chunk of a whole file."""
+        for region in file_regions(index, len(view), self.params.min_size):
+            for offset, length in self.cut_region(view, region):
+                yield offset, length, region.element_size
+
+    def cut_region(self, view: memoryview, region: Region) -> Iterator[tuple[int, int]]:
+        """Yield absolute ``(offset, length)`` of the chunks of one region of ``view``.
+
+        Inside a tensor every cut is moved back to an element boundary (counted from the
+        tensor's start), so byte planes of each chunk line up with the tensor's elements.
+        """
+        step = region.element_size or 1
+        start = 0
+        for offset, length in self.cut(view[region.begin : region.end]):
+            end = offset + length
+            if end != region.end - region.begin:
+                end -= end % step
+            if end > start:
+                yield region.begin + start, end - start
+                start = end
 
 
 class MappedFile:

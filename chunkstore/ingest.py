@@ -20,6 +20,7 @@ from chunkstore.chunking import Chunker, ChunkerParams, MappedFile
 from chunkstore.model import Manifest
 from chunkstore.progress import NoProgress, Progress
 from chunkstore.stores.base import ChunkStore
+from chunkstore.tensor_index import read_index
 
 MiB = 1 << 20
 
@@ -43,6 +44,8 @@ class PipelineLimits:
 
 
 _DONE = object()
+#: A chunk waiting to be stored: id, bytes, element size of the tensor it lies in (if any).
+_Pending = tuple[bytes, memoryview, int | None]
 
 
 class Ingester:
@@ -72,26 +75,32 @@ class Ingester:
         self._writer.start()
 
     def ingest_file(self, path: Path) -> Manifest:
-        """Chunk one file and queue its new chunks for storing; return its manifest."""
+        """Chunk one file and queue its new chunks for storing; return its manifest.
+
+        A safetensors file is cut along its tensors (:func:`~chunkstore.chunking.file_regions`)
+        and its tensor index kept in the manifest; any other file, or a malformed one, is cut
+        as plain bytes.
+        """
         mapped = MappedFile(path)
         self._maps.append(mapped)
         view = mapped.view
+        index = read_index(view, mapped.size)
         chunks: list[tuple[bytes, int]] = []
-        window: list[tuple[bytes, memoryview]] = []
+        window: list[_Pending] = []
         window_bytes = 0
         in_flight = self.limits.group_bytes * (self.limits.queued_groups + 2)
-        for offset, length in self._chunker.cut(view):
+        for offset, length, element_size in self._chunker.cut_file(view, index):
             data = view[offset : offset + length]
             cid = ids.chunk_id(data)
             chunks.append((cid, length))
-            window.append((cid, data))
+            window.append((cid, data, element_size))
             window_bytes += length
             if window_bytes >= self.limits.window_bytes:
                 self._flush(window)
                 mapped.release_before(offset - in_flight)
                 window, window_bytes = [], 0
         self._flush(window)
-        return Manifest(size=mapped.size, chunks=chunks)
+        return Manifest(mapped.size, chunks, index.tensors if index else [])
 
     def finish(self) -> IngestStats:
         """Wait until every queued chunk is durable; raise what the writer met, if anything."""
@@ -116,24 +125,24 @@ class Ingester:
             mapped.close()
         self._maps.clear()
 
-    def _flush(self, window: list[tuple[bytes, memoryview]]) -> None:
+    def _flush(self, window: list[_Pending]) -> None:
         if not window:
             return
         self._raise_writer_error()
-        scanned = sum(len(d) for _, d in window)
+        scanned = sum(len(d) for _, d, _ in window)
         self.stats.scanned_bytes += scanned
         self.stats.chunks += len(window)
-        fresh = list(dict.fromkeys(cid for cid, _ in window if cid not in self._known))
+        fresh = list(dict.fromkeys(cid for cid, _, _ in window if cid not in self._known))
         lacking = self.store.missing(fresh) if fresh else set()
         self._known.update(fresh)
         new_bytes = 0
-        group: list[tuple[bytes, memoryview]] = []
+        group: list[_Pending] = []
         group_bytes = 0
-        for cid, data in window:
+        for cid, data, element_size in window:
             if cid not in lacking:
                 continue
             lacking.discard(cid)  # a chunk repeated within the window is stored once
-            group.append((cid, data))
+            group.append((cid, data, element_size))
             group_bytes += len(data)
             new_bytes += len(data)
             if group_bytes >= self.limits.group_bytes:
@@ -194,5 +203,5 @@ class Ingester:
         self.stats.new_stored_bytes += added
 
 
-def _encode_group(group: list[tuple[bytes, memoryview]]) -> list[tuple[bytes, bytes, int]]:
-    return [(cid, codec.encode(data), len(data)) for cid, data in group]
+def _encode_group(group: list[_Pending]) -> list[tuple[bytes, bytes, int]]:
+    return [(cid, codec.encode(data, size), len(data)) for cid, data, size in group]

@@ -42,6 +42,7 @@ from chunkstore.progress import NoProgress, Progress
 from chunkstore.refs import Ref, load_versions, resolve
 from chunkstore.restore import ChunkedReader, restore_file
 from chunkstore.stores.base import Store
+from chunkstore.tensor_index import read_index
 
 DEFAULT_GC_GRACE = 6 * 3600.0
 _VERIFY_BATCH = 256
@@ -520,9 +521,11 @@ def _check_blob(cid: bytes, blob: bytes) -> str:
 
 
 def _digest_of(chunker: Chunker, path: Path) -> bytes:
+    """The digest a push of ``path`` would record, computed without storing anything."""
     with MappedFile(path) as mapped:
         view = mapped.view
-        chunks = [(ids.chunk_id(view[o : o + n]), n) for o, n in chunker.cut(view)]
+        index = read_index(view, mapped.size)
+        chunks = [(ids.chunk_id(view[o : o + n]), n) for o, n, _ in chunker.cut_file(view, index)]
         del view
     return ids.file_digest(chunks)
 
