@@ -14,7 +14,9 @@ import stat
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from pathlib import Path
+from typing import Any
 
 from chunkstore import codec, ids
 from chunkstore.chunking import Chunker, ChunkerParams, MappedFile
@@ -43,6 +45,7 @@ from chunkstore.refs import Ref, load_versions, resolve
 from chunkstore.restore import ChunkedReader, restore_file
 from chunkstore.stores.base import Store
 from chunkstore.tensor_index import read_index
+from chunkstore.tensors import LazyTensors, TensorDiff, diff_file, tensor_files
 
 DEFAULT_GC_GRACE = 6 * 3600.0
 _VERIFY_BATCH = 256
@@ -396,6 +399,52 @@ class Repository:
                 else:
                     result.modified.append(FileChange(name, entry.size, size, 0))
         return result
+
+    def open_safetensors(self, ref: str, path: str, framework: str = "np") -> LazyTensors:
+        """A lazy mapping name -> tensor over one stored safetensors file."""
+        version = self.resolve(ref)
+        entry = version.file(normalise_path(path))
+        manifest = self.manifest(entry)
+        tensor_files(version, {entry.path: manifest}, entry.path)
+        return LazyTensors(self.store, manifest, entry.path, framework)
+
+    def load_tensors(
+        self,
+        ref: str,
+        names: str | Sequence[str],
+        file: str | None = None,
+        framework: str = "np",
+    ) -> dict[str, Any]:
+        """Load the tensors whose names match ``names`` (names or glob patterns), fetching only
+        the chunks they cover. Searches every safetensors file of the version unless ``file``.
+        """
+        patterns = [names] if isinstance(names, str) else list(names)
+        version = self.resolve(ref)
+        manifests = {f.path: self.manifest(f) for f in version.files}
+        out: dict[str, Any] = {}
+        for path in tensor_files(version, manifests, file):
+            lazy = LazyTensors(self.store, manifests[path], path, framework)
+            for name in lazy:
+                if any(fnmatchcase(name, p) for p in patterns):
+                    out[name] = lazy[name]
+        for pattern in patterns:
+            if not any(fnmatchcase(name, pattern) for name in out):
+                raise NotFound(f"no tensor of {version.ref} matches {pattern!r}")
+        return out
+
+    def tensor_diff(
+        self, ref_a: str, ref_b: str, file: str | None = None, stats: bool = False
+    ) -> list[TensorDiff]:
+        """Tensor-level differences between the safetensors files two versions share."""
+        a, b = self.resolve(ref_a), self.resolve(ref_b)
+        old = {f.path: self.manifest(f) for f in a.files}
+        new = {f.path: self.manifest(f) for f in b.files}
+        paths = tensor_files(b, new, file)
+        return [
+            diff_file(self.store, path, old[path], new[path], stats)
+            for path in paths
+            if path in old
+        ]
 
     def stats(self) -> dict:
         totals = self.store.totals()

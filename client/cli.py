@@ -119,8 +119,24 @@ def cmd_log(repo: Repository, args: argparse.Namespace) -> int:
 def cmd_show(repo: Repository, args: argparse.Namespace) -> int:
     v = repo.resolve(args.ref)
     lineage = repo.lineage(args.ref)
+    tensors = {f.path: repo.manifest(f).tensors for f in v.files} if args.tensors else {}
     if args.json:
         out = v.to_json()
+        if args.tensors:
+            out["tensors"] = {
+                path: [
+                    {
+                        "name": t.name,
+                        "dtype": t.dtype,
+                        "shape": list(t.shape),
+                        "begin": t.begin,
+                        "end": t.end,
+                    }
+                    for t in index
+                ]
+                for path, index in tensors.items()
+                if index
+            }
         out["lineage"] = [
             {
                 "depth": d,
@@ -155,6 +171,8 @@ def cmd_show(repo: Repository, args: argparse.Namespace) -> int:
     print("files")
     for f in v.files:
         print(f"  {human_bytes(f.size):>9}  {f.digest.hex()[:12]}  {f.path}")
+        for t in tensors.get(f.path, []):
+            print(f"      {t.name}  {t.dtype}{list(t.shape)}  {human_bytes(t.end - t.begin)}")
     return 0
 
 
@@ -180,8 +198,43 @@ def _print_diff(d: Diff) -> None:
 
 
 def cmd_diff(repo: Repository, args: argparse.Namespace) -> int:
+    if args.tensors or args.stats:
+        return _tensor_diff(repo, args)
     d = repo.diff(args.old, args.new)
     _emit_json(d.to_json()) if args.json else _print_diff(d)
+    return 0
+
+
+def _tensor_diff(repo: Repository, args: argparse.Namespace) -> int:
+    diffs = repo.tensor_diff(args.old, args.new, file=args.file, stats=args.stats)
+    if args.json:
+        _emit_json(
+            {
+                "added": [n for d in diffs for n in d.added],
+                "removed": [n for d in diffs for n in d.removed],
+                "changed": [{"file": d.path, **c.to_json()} for d in diffs for c in d.changed],
+                "unchanged": sum(d.unchanged for d in diffs),
+                "files": [d.to_json() for d in diffs],
+            }
+        )
+        return 0
+    for d in diffs:
+        print(f"{d.path}:")
+        for name in d.added:
+            print(f"  A  {name}")
+        for name in d.removed:
+            print(f"  D  {name}")
+        for c in d.changed:
+            extra = ""
+            if c.old.dtype != c.new.dtype or c.old.shape != c.new.shape:
+                extra += f", {c.old.dtype}{list(c.old.shape)} -> {c.new.dtype}{list(c.new.shape)}"
+            if c.relative_l2 is not None:
+                extra += f", relative L2 change {c.relative_l2:.3g}"
+            print(f"  M  {c.name}  ({human_bytes(c.bytes_changed)} changed{extra})")
+        print(
+            f"  {len(d.added)} added, {len(d.removed)} removed, {len(d.changed)} changed, "
+            f"{d.unchanged} unchanged"
+        )
     return 0
 
 
@@ -382,19 +435,35 @@ def build_parser() -> argparse.ArgumentParser:
         "show",
         cmd_show,
         "show one version: files, params, metrics, lineage",
-        "chunkstore show llama-ft@v2",
+        "chunkstore show llama-ft@v2 --tensors",
     )
     p.add_argument("ref")
+    p.add_argument(
+        "--tensors", action="store_true", help="list the tensor index of each safetensors file"
+    )
 
     p = _add(
         sub,
         "diff",
         cmd_diff,
-        "compare two versions: files, params, metrics",
-        "chunkstore diff llama-ft@v1 llama-ft@v2",
+        "compare two versions: files, params, metrics, tensors",
+        "chunkstore diff llama-ft@v1 llama-ft@v2\n"
+        "chunkstore diff llama-ft@v1 llama-ft@v2 --tensors --stats",
     )
     p.add_argument("old")
     p.add_argument("new")
+    p.add_argument(
+        "--tensors",
+        action="store_true",
+        help="compare the tensors of safetensors files instead of whole files",
+    )
+    p.add_argument(
+        "--stats",
+        action="store_true",
+        help="with --tensors: fetch changed tensors, count differing bytes and the relative "
+        "L2 norm of each change",
+    )
+    p.add_argument("--file", help="with --tensors: only this file of the versions")
 
     p = _add(
         sub,

@@ -1,0 +1,223 @@
+"""Tensors of stored safetensors files: partial loads, lazy mappings and tensor-level diffs.
+
+Every read goes through :class:`~chunkstore.restore.ChunkedReader`, so loading one tensor of a
+multi-GB file fetches only the chunks that hold that tensor's bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from chunkstore.errors import InvalidInput, NotFound
+from chunkstore.model import Manifest, TensorInfo, Version
+from chunkstore.restore import ChunkedReader
+from chunkstore.stores.base import ChunkStore
+
+_NUMPY = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U64": np.uint64,
+    "U32": np.uint32,
+    "U16": np.uint16,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+    "F8_E4M3": np.uint8,
+    "F8_E5M2": np.uint8,
+}
+_TORCH = {"BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+def to_array(raw: bytes, tensor: TensorInfo) -> np.ndarray:
+    """A numpy array of a tensor's bytes. bfloat16 becomes float32 (exactly: its top half);
+    8-bit floats stay raw uint8 codes, since numpy has no such types."""
+    if tensor.dtype == "BF16":
+        bits = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16
+        return bits.view(np.float32).reshape(tensor.shape)
+    return np.frombuffer(raw, dtype=np.dtype(_NUMPY[tensor.dtype]).newbyteorder("<")).reshape(
+        tensor.shape
+    )
+
+
+def to_torch(raw: bytes, tensor: TensorInfo) -> Any:
+    """A torch tensor of a tensor's bytes, in its own dtype (bfloat16 included)."""
+    try:
+        import torch
+    except ImportError:
+        raise InvalidInput("framework='pt' needs torch, which is not installed") from None
+
+    buf = bytearray(raw)  # writable, so torch does not warn and the tensor owns its memory
+    if tensor.dtype in _TORCH:
+        flat = (
+            torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8)
+        )
+        return flat.view(getattr(torch, _TORCH[tensor.dtype])).reshape(tensor.shape)
+    array = np.frombuffer(buf, dtype=np.dtype(_NUMPY[tensor.dtype]).newbyteorder("<"))
+    return torch.from_numpy(array.reshape(tensor.shape))
+
+
+class LazyTensors(Mapping):
+    """A read-only mapping name -> tensor over one stored safetensors file; each lookup fetches
+    only that tensor's chunks."""
+
+    def __init__(
+        self, store: ChunkStore, manifest: Manifest, name: str, framework: str = "np"
+    ) -> None:
+        if framework not in ("np", "pt"):
+            raise InvalidInput(f"unknown framework {framework!r}: use 'np' or 'pt'")
+        self._reader = ChunkedReader(store, manifest, name=name)
+        self._tensors = {t.name: t for t in manifest.tensors}
+        self._framework = framework
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self._tensors[name]
+        except KeyError:
+            raise NotFound(f"{self._reader.name} has no tensor {name!r}") from None
+
+    def raw(self, name: str) -> bytes:
+        tensor = self.info(name)
+        self._reader.seek(tensor.begin)
+        return self._reader.read(tensor.end - tensor.begin)
+
+    def __getitem__(self, name: str) -> Any:
+        convert = to_torch if self._framework == "pt" else to_array
+        return convert(self.raw(name), self.info(name))
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tensors
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+
+@dataclass
+class TensorChange:
+    name: str
+    bytes_changed: int  # bytes of the new tensor in chunks the old file lacks
+    old: TensorInfo
+    new: TensorInfo
+    differing_bytes: int | None = None  # exact count, with stats
+    relative_l2: float | None = None  # ||new - old|| / ||old||, with stats
+
+    def to_json(self) -> dict:
+        out: dict[str, Any] = {"name": self.name, "bytes_changed": self.bytes_changed}
+        if self.old.dtype != self.new.dtype or self.old.shape != self.new.shape:
+            out["old"] = {"dtype": self.old.dtype, "shape": list(self.old.shape)}
+            out["new"] = {"dtype": self.new.dtype, "shape": list(self.new.shape)}
+        if self.differing_bytes is not None:
+            out["differing_bytes"] = self.differing_bytes
+            out["relative_l2"] = self.relative_l2
+        return out
+
+
+@dataclass
+class TensorDiff:
+    path: str
+    added: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    changed: list[TensorChange] = field(default_factory=list)
+    unchanged: int = 0
+
+    def to_json(self) -> dict:
+        return {
+            "path": self.path,
+            "added": self.added,
+            "removed": self.removed,
+            "changed": [c.to_json() for c in self.changed],
+            "unchanged": self.unchanged,
+        }
+
+
+def _chunk_spans(manifest: Manifest, tensor: TensorInfo) -> list[tuple[int, bytes, int]]:
+    """(offset relative to the tensor, chunk id, length) of the chunks overlapping it."""
+    out, pos = [], 0
+    for cid, length in manifest.chunks:
+        if pos + length > tensor.begin and pos < tensor.end:
+            out.append((pos - tensor.begin, cid, length))
+        pos += length
+        if pos >= tensor.end:
+            break
+    return out
+
+
+def diff_file(
+    store: ChunkStore, path: str, old: Manifest, new: Manifest, stats: bool = False
+) -> TensorDiff:
+    """Compare the tensors of two versions of one safetensors file.
+
+    A tensor is unchanged when the chunks covering it are the same, at the same relative
+    offsets; no bytes are fetched for it. With ``stats``, changed tensors are fetched from both
+    versions to count differing bytes and the relative L2 norm of the change.
+    """
+    result = TensorDiff(path)
+    before = {t.name: t for t in old.tensors}
+    after = {t.name: t for t in new.tensors}
+    result.added = sorted(after.keys() - before.keys())
+    result.removed = sorted(before.keys() - after.keys())
+    old_reader = ChunkedReader(store, old) if stats else None
+    new_reader = ChunkedReader(store, new) if stats else None
+    old_ids = {cid for cid, _ in old.chunks}
+    for name in sorted(before.keys() & after.keys()):
+        a, b = before[name], after[name]
+        spans_a, spans_b = _chunk_spans(old, a), _chunk_spans(new, b)
+        same_layout = a.dtype == b.dtype and a.shape == b.shape
+        if same_layout and spans_a == spans_b:
+            result.unchanged += 1
+            continue
+        changed = sum(
+            min(off + n, b.end - b.begin) - max(off, 0)
+            for off, cid, n in spans_b
+            if cid not in old_ids
+        )
+        change = TensorChange(name, changed, a, b)
+        if stats and same_layout:
+            change.differing_bytes, change.relative_l2 = _compare(old_reader, new_reader, a, b)
+        if change.bytes_changed or change.differing_bytes or not same_layout:
+            result.changed.append(change)
+        else:
+            result.unchanged += 1  # same bytes, cut differently
+    return result
+
+
+def _compare(
+    old_reader: ChunkedReader, new_reader: ChunkedReader, a: TensorInfo, b: TensorInfo
+) -> tuple[int, float]:
+    old_reader.seek(a.begin)
+    new_reader.seek(b.begin)
+    raw_a, raw_b = old_reader.read(a.end - a.begin), new_reader.read(b.end - b.begin)
+    differing = int(
+        np.count_nonzero(np.frombuffer(raw_a, np.uint8) != np.frombuffer(raw_b, np.uint8))
+    )
+    x = to_array(raw_a, a).astype(np.float64).ravel()
+    y = to_array(raw_b, b).astype(np.float64).ravel()
+    norm = float(np.linalg.norm(x))
+    delta = float(np.linalg.norm(y - x))
+    return differing, (delta / norm if norm else (0.0 if delta == 0 else float("inf")))
+
+
+def tensor_files(
+    version: Version, manifests: Mapping[str, Manifest], file: str | None
+) -> list[str]:
+    """Paths of the version's files that have a tensor index (just ``file`` if given)."""
+    if file is not None:
+        if file not in manifests:
+            raise NotFound(f"{version.ref} has no file {file!r}")
+        if not manifests[file].tensors:
+            raise InvalidInput(f"{version.ref}:{file} is not a safetensors file")
+        return [file]
+    paths = [p for p, m in manifests.items() if m.tensors]
+    if not paths:
+        raise InvalidInput(f"{version.ref} holds no safetensors file")
+    return paths

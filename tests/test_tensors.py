@@ -1,0 +1,148 @@
+"""Partial loads, lazy mappings and tensor-level diffs of stored safetensors files."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+from test_cli import run
+
+from chunkstore.errors import InvalidInput, NotFound
+from chunkstore.repository import Repository
+from chunkstore.synthetic import weights, write_safetensors
+
+MB = 1 << 20
+
+
+def model(seed: int = 0, n: int = 6, mb: float = 1) -> dict:
+    rng = np.random.default_rng(seed)
+    count = int(mb * MB) // 4
+    out = {
+        f"layers.{i}.w": ("F32", (count // 128, 128), weights(rng, count, "fp32")) for i in range(n)
+    }
+    out["embed.bf16"] = ("BF16", (count // 128, 128), weights(rng, count, "bf16"))
+    out["step"] = ("I64", (1,), np.array([1000], dtype=np.int64))
+    return out
+
+
+@pytest.fixture
+def pushed(repo: Repository, tmp_path):
+    tensors = model()
+    (tmp_path / "v1").mkdir()
+    write_safetensors(tmp_path / "v1" / "model.safetensors", tensors)
+    (tmp_path / "v1" / "notes.txt").write_text("hi")
+    repo.push(tmp_path / "v1", repo="m", tags=["v1"])
+    return tensors
+
+
+def _expected(spec) -> np.ndarray:
+    dtype, shape, flat = spec
+    if dtype == "BF16":
+        return (flat.astype(np.uint32) << 16).view(np.float32).reshape(shape)
+    return flat.reshape(shape)
+
+
+def test_load_tensors_by_name_and_glob(repo, pushed):
+    got = repo.load_tensors("m@v1", ["layers.1.w", "embed.*", "step"])
+    assert set(got) == {"layers.1.w", "embed.bf16", "step"}
+    for name, array in got.items():
+        np.testing.assert_array_equal(array, _expected(pushed[name]))
+    assert got["embed.bf16"].dtype == np.float32 and got["step"].dtype == np.int64
+    assert set(repo.load_tensors("m", "layers.*", file="model.safetensors")) == {
+        f"layers.{i}.w" for i in range(6)
+    }
+
+
+def test_load_tensors_errors(repo, pushed):
+    with pytest.raises(NotFound, match="no tensor"):
+        repo.load_tensors("m", ["layers.1.w", "nope*"])
+    with pytest.raises(InvalidInput, match="not a safetensors"):
+        repo.load_tensors("m", "x", file="notes.txt")
+    with pytest.raises(NotFound, match="no file"):
+        repo.load_tensors("m", "x", file="other.safetensors")
+    with pytest.raises(InvalidInput, match="framework"):
+        repo.open_safetensors("m", "model.safetensors", framework="tf")
+
+
+def test_torch_missing_is_a_clear_error(repo, pushed, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)
+    with pytest.raises(InvalidInput, match="needs torch"):
+        repo.load_tensors("m", "step", framework="pt")
+
+
+def test_one_tensor_load_moves_only_its_chunks(repo, pushed):
+    fetched = []
+    real_get = repo.store.get
+
+    def counting_get(chunk_ids):
+        for cid, blob in real_get(chunk_ids):
+            fetched.append(len(blob))
+            yield cid, blob
+
+    repo.store.get = counting_get
+    lazy = repo.open_safetensors("m", "model.safetensors")
+    assert len(lazy) == 8 and "layers.3.w" in lazy
+    assert fetched == []  # building the mapping reads the manifest only
+    np.testing.assert_array_equal(lazy["layers.3.w"], _expected(pushed["layers.3.w"]))
+    file_size = repo.resolve("m").file("model.safetensors").size
+    assert sum(fetched) <= MB + 64 * 1024  # one tensor's chunks (stored size), not the file
+    assert sum(fetched) < file_size / 5
+
+
+def _push_v2(repo, tmp_path, tensors):
+    v2 = dict(tensors)
+    rng = np.random.default_rng(5)
+    dtype, shape, flat = v2["layers.2.w"]
+    nudged = flat.copy()
+    nudged[:1000] += np.float32(0.001)
+    v2["layers.2.w"] = (dtype, shape, nudged)
+    del v2["layers.5.w"]
+    v2["head.w"] = ("F32", (256, 128), weights(rng, 256 * 128, "fp32"))
+    (tmp_path / "v2").mkdir()
+    write_safetensors(tmp_path / "v2" / "model.safetensors", v2)
+    repo.push(tmp_path / "v2", repo="m", tags=["v2"])
+    return flat, nudged
+
+
+def test_tensor_diff(repo, pushed, tmp_path):
+    old, new = _push_v2(repo, tmp_path, pushed)
+    (d,) = repo.tensor_diff("m@v1", "m@v2")
+    assert d.added == ["head.w"] and d.removed == ["layers.5.w"]
+    assert [c.name for c in d.changed] == ["layers.2.w"]
+    assert 0 < d.changed[0].bytes_changed < MB
+    assert d.unchanged == 6
+    (s,) = repo.tensor_diff("m@v1", "m@v2", stats=True)
+    change = s.changed[0]
+    exact = np.linalg.norm((new - old).astype(np.float64)) / np.linalg.norm(old.astype(np.float64))
+    assert change.relative_l2 == pytest.approx(exact, rel=1e-9)
+    assert 0 < change.differing_bytes <= 4000
+
+
+def test_tensor_diff_cli(env_store, tmp_path, capsys):
+    tensors = model(n=3)
+    (tmp_path / "v1").mkdir()
+    write_safetensors(tmp_path / "v1" / "model.safetensors", tensors)
+    assert run(capsys, "push", str(tmp_path / "v1"), "--repo", "m", "--tag", "v1")[0] == 0
+    with _open(env_store) as repo:
+        _push_v2(repo, tmp_path, {**tensors, "layers.5.w": tensors["layers.0.w"]})
+    code, out, _ = run(capsys, "diff", "m@v1", "m@v2", "--tensors", "--stats", "--json")
+    d = json.loads(out)
+    assert code == 0 and d["added"] == ["head.w"] and d["removed"] == []
+    assert [c["name"] for c in d["changed"]] == ["layers.2.w"]
+    assert d["changed"][0]["bytes_changed"] > 0 and d["changed"][0]["relative_l2"] > 0
+    assert d["unchanged"] == 4  # layers.0, layers.1, embed.bf16, step (layers.5 is new)
+    code, out, _ = run(capsys, "diff", "m@v1", "m@v2", "--tensors")
+    assert code == 0 and "M  layers.2.w" in out and "A  head.w" in out
+    code, out, _ = run(capsys, "show", "m@v2", "--tensors", "--json")
+    names = [t["name"] for t in json.loads(out)["tensors"]["model.safetensors"]]
+    assert code == 0 and "head.w" in names
+    code, _, err = run(capsys, "diff", "m@v1", "m@v2", "--tensors", "--file", "x.bin")
+    assert code == 3 and "no file" in err
+
+
+def _open(path):
+    from chunkstore.connect import connect
+
+    return connect(str(path))
