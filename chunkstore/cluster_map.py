@@ -30,6 +30,7 @@ from typing import Any
 
 from chunkstore.errors import InvalidInput
 from chunkstore.ring import HashRing
+from chunkstore.v1 import store_pb2 as pb
 
 _ID_RE = re.compile(r"[A-Za-z0-9_.-]+")
 _ADDRESS_RE = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):([0-9]{1,5})")
@@ -216,3 +217,23 @@ def load_cluster_file(path: str | Path) -> ClusterMap:
         raise ClusterFileError(f"{path}: invalid TOML: {e}") from None
     except ClusterMapError as e:
         raise ClusterFileError(f"{path}: {e}") from None
+
+
+def map_to_proto(cluster: ClusterMap) -> pb.ClusterMap:
+    """The map as the ClusterService serves it."""
+    return pb.ClusterMap(
+        epoch=cluster.epoch,
+        replicas=cluster.replicas,
+        write_quorum=cluster.write_quorum,
+        nodes=[pb.NodeInfo(id=n.id, address=n.address, weight=n.weight) for n in cluster.nodes],
+    )
+
+
+def map_from_proto(message: pb.ClusterMap) -> ClusterMap:
+    """The map a node serves; raises ClusterMapError if it breaks a rule."""
+    return ClusterMap(
+        epoch=message.epoch,
+        replicas=message.replicas,
+        write_quorum=message.write_quorum,
+        nodes=tuple(NodeSpec(n.id, n.address, n.weight) for n in message.nodes),
+    )

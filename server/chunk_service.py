@@ -128,8 +128,11 @@ class ChunkServicer(pb_grpc.ChunkServiceServicer):
         self._metrics.served_bytes.inc(size)
         return pb.ChunkBatch(chunks=batch)
 
-    def DeleteChunks(self, request: pb.ChunkIds, context: grpc.ServicerContext) -> pb.DeleteResult:
-        deleted = self._store.delete(chunk_ids(request.ids))
+    def DeleteChunks(
+        self, request: pb.DeleteChunksRequest, context: grpc.ServicerContext
+    ) -> pb.DeleteResult:
+        since = request.unwanted_since if request.HasField("unwanted_since") else None
+        deleted = self._store.delete(chunk_ids(request.ids), unwanted_since=since)
         self._metrics.chunks_deleted.inc(deleted)
         return pb.DeleteResult(deleted=deleted)
 

@@ -4,29 +4,10 @@ from __future__ import annotations
 
 import grpc
 
-from chunkstore.cluster_map import ClusterMap, NodeSpec
+from chunkstore.cluster_map import ClusterMap, map_to_proto
 from chunkstore.stores.lmdb_store import LmdbStore
 from chunkstore.v1 import store_pb2 as pb
 from chunkstore.v1 import store_pb2_grpc as pb_grpc
-
-
-def map_to_proto(cluster: ClusterMap) -> pb.ClusterMap:
-    return pb.ClusterMap(
-        epoch=cluster.epoch,
-        replicas=cluster.replicas,
-        write_quorum=cluster.write_quorum,
-        nodes=[pb.NodeInfo(id=n.id, address=n.address, weight=n.weight) for n in cluster.nodes],
-    )
-
-
-def map_from_proto(message: pb.ClusterMap) -> ClusterMap:
-    """The map a node serves; raises ClusterMapError if it breaks a rule."""
-    return ClusterMap(
-        epoch=message.epoch,
-        replicas=message.replicas,
-        write_quorum=message.write_quorum,
-        nodes=tuple(NodeSpec(n.id, n.address, n.weight) for n in message.nodes),
-    )
 
 
 class ClusterServicer(pb_grpc.ClusterServiceServicer):

@@ -30,13 +30,11 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from chunkstore.cluster_map import ClusterMap, load_cluster_file
+from chunkstore.cluster_map import ClusterMap, load_cluster_file, map_from_proto
 from chunkstore.errors import ChunkstoreError, InvalidInput
 from chunkstore.progress import human_bytes
 from chunkstore.v1 import store_pb2 as pb
 from chunkstore.v1 import store_pb2_grpc as pb_grpc
-
-from .cluster_service import map_from_proto
 
 HOST = "127.0.0.1"
 MAP_FILE = "cluster.toml"

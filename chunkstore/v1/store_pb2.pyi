@@ -70,6 +70,14 @@ class ChunkInfoBatch(_message.Message):
     chunks: _containers.RepeatedCompositeFieldContainer[ChunkInfo]
     def __init__(self, chunks: _Optional[_Iterable[_Union[ChunkInfo, _Mapping]]] = ...) -> None: ...
 
+class DeleteChunksRequest(_message.Message):
+    __slots__ = ("ids", "unwanted_since")
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    UNWANTED_SINCE_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[bytes]
+    unwanted_since: float
+    def __init__(self, ids: _Optional[_Iterable[bytes]] = ..., unwanted_since: _Optional[float] = ...) -> None: ...
+
 class DeleteResult(_message.Message):
     __slots__ = ("deleted",)
     DELETED_FIELD_NUMBER: _ClassVar[int]

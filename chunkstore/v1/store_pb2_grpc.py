@@ -54,7 +54,7 @@ class ChunkServiceStub:
                 _registered_method=True)
         self.DeleteChunks = channel.unary_unary(
                 '/chunkstore.v1.ChunkService/DeleteChunks',
-                request_serializer=chunkstore_dot_v1_dot_store__pb2.ChunkIds.SerializeToString,
+                request_serializer=chunkstore_dot_v1_dot_store__pb2.DeleteChunksRequest.SerializeToString,
                 response_deserializer=chunkstore_dot_v1_dot_store__pb2.DeleteResult.FromString,
                 _registered_method=True)
         self.ScanChunks = channel.unary_stream(
@@ -134,7 +134,7 @@ def add_ChunkServiceServicer_to_server(servicer, server):
             ),
             'DeleteChunks': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteChunks,
-                    request_deserializer=chunkstore_dot_v1_dot_store__pb2.ChunkIds.FromString,
+                    request_deserializer=chunkstore_dot_v1_dot_store__pb2.DeleteChunksRequest.FromString,
                     response_serializer=chunkstore_dot_v1_dot_store__pb2.DeleteResult.SerializeToString,
             ),
             'ScanChunks': grpc.unary_stream_rpc_method_handler(
@@ -257,7 +257,7 @@ class ChunkService:
             request,
             target,
             '/chunkstore.v1.ChunkService/DeleteChunks',
-            chunkstore_dot_v1_dot_store__pb2.ChunkIds.SerializeToString,
+            chunkstore_dot_v1_dot_store__pb2.DeleteChunksRequest.SerializeToString,
             chunkstore_dot_v1_dot_store__pb2.DeleteResult.FromString,
             options,
             channel_credentials,
