@@ -1,0 +1,543 @@
+"""The cluster client: the store protocol over gRPC to the storage nodes of a cluster.
+
+Placement follows the ring of the cluster map (:mod:`chunkstore.cluster_map`): a chunk lives
+on the owners of its id, a manifest on the owners of its id, and the version records and tags of
+a repo on the owners of ``b"repo:" + name``, so one repo's history sits on the same nodes.
+
+Replication rules, for every kind of record:
+
+- A write goes to every owner, in parallel, and succeeds once ``write_quorum`` owners made it
+  durable; otherwise it raises an error that names the failed nodes. Parts that did reach some
+  owners stay there (unreferenced chunks and manifests are collected by GC).
+- A chunk (or a manifest, in :meth:`has_manifests`) counts as stored when at least
+  ``write_quorum`` of its owners hold it, so a push re-sends what is under-replicated and
+  thereby repairs it. Unreachable owners count as lacking it.
+- A read goes to one owner and moves on to the next on any failure, NOT_FOUND included.
+  Listings (versions, tags) ask every owner and merge what the reachable ones hold; a tag that
+  owners disagree on (moved while one was down) takes the value most of them hold, ties going to
+  the earlier owner on the ring. Removals are not remembered (no tombstones): an owner that was
+  down during a removal brings the record back when it returns.
+- Whole-store views (:meth:`scan`, :meth:`scan_manifests`, :meth:`totals`) need every node
+  and raise StoreUnavailable naming the ones that did not answer: a partial view would let GC
+  or ``stats`` act on a wrong picture. :meth:`list_repos` merges the nodes that answer.
+
+Every call has a deadline and is retried with backoff (:mod:`.rpc`); a node that failed gets
+one call at a time until it answers again. Once enough nodes answered, a slower one gets a
+short grace period and then counts as failed (:mod:`.quorum`), and a read stream that stalls
+moves to other owners (:mod:`.fetch`): a dead or hung node costs about a second, not a deadline
+per call.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from functools import partial
+from typing import TypeVar
+
+import grpc
+
+from chunkstore import errors, ids
+from chunkstore.cluster_map import ClusterMap, ClusterMapError, NodeSpec, map_from_proto
+from chunkstore.stores.base import ChunkInfo, ChunkTotals, Store
+from chunkstore.v1 import store_pb2 as pb
+
+from .fetch import Fetch
+from .push import put_chunks
+from .quorum import Replies, call_each, first_answer, remove_all, write_all
+from .rpc import DEFAULT_POLICY, NodeCallError, NodeClient, RpcPolicy, to_error
+
+T = TypeVar("T")
+MiB = 1 << 20
+SCHEME = "grpc://"
+ID_BYTES_ON_WIRE = 34  # a 32-byte id in a repeated bytes field, for deadlines
+_SCAN_LIMIT = 4096  # ChunkInfo per ScanChunks message
+
+
+def repo_key(repo: str) -> bytes:
+    """The ring key of a repo's version records and tags (a hash, so repos spread evenly)."""
+    return ids.record_id(b"repo:" + repo.encode())
+
+
+def parse_url(url: str) -> list[str]:
+    """The ``HOST:PORT`` addresses of ``grpc://HOST:PORT[,HOST:PORT...]``; InvalidInput if bad."""
+    if not url.startswith(SCHEME):
+        raise errors.InvalidInput(f"not a cluster URL: {url!r} (want grpc://HOST:PORT[,...])")
+    addresses = [a.strip() for a in url[len(SCHEME) :].rstrip("/").split(",")]
+    for address in addresses:
+        try:
+            NodeSpec("seed", address)
+        except ClusterMapError:
+            raise errors.InvalidInput(
+                f"invalid cluster URL {url!r}: bad address {address!r} (want HOST:PORT)"
+            ) from None
+    return addresses
+
+
+def fetch_map(addresses: Sequence[str], policy: RpcPolicy) -> ClusterMap:
+    """The cluster map served by the first of ``addresses`` that answers.
+
+    Each address gets one attempt per round, ``policy.attempts`` rounds with backoff between
+    them. Raises StoreUnavailable naming every address and why it failed.
+    """
+    failures: dict[str, NodeCallError] = {}
+    for round_ in range(policy.attempts):
+        if round_:
+            time.sleep(policy.delay(round_))
+        for address in addresses:
+            try:
+                return _map_from(_ask_map(address, policy), address)
+            except NodeCallError as failure:
+                failures[address] = failure
+    reasons = "; ".join(f"{a}: {f.code.name.lower()}: {f.detail}" for a, f in failures.items())
+    raise errors.StoreUnavailable(f"no node of {SCHEME}{','.join(addresses)} answers: {reasons}")
+
+
+def _ask_map(address: str, policy: RpcPolicy) -> pb.ClusterMap:
+    node = NodeClient(NodeSpec("seed", address), replace(policy, attempts=1))
+    try:
+        return node.run(lambda: node.cluster.GetClusterMap(pb.Empty(), timeout=policy.timeout))
+    finally:
+        node.close()
+
+
+def _map_from(reply: pb.ClusterMap, address: str) -> ClusterMap:
+    try:
+        return map_from_proto(reply)
+    except ClusterMapError as e:
+        raise errors.StoreUnavailable(f"{address} serves an invalid cluster map: {e}") from None
+
+
+class ClusterStore(Store):
+    """The store of a cluster: chunks and metadata on its nodes, replicated by the ring.
+
+    Thread-safe. Channels to the nodes open on first use; :meth:`close` closes them and the
+    thread pool. ``message_bytes`` bounds the blob bytes of one PutChunks message (1-4 MiB
+    keeps a node's transactions large and its acknowledgements frequent); ``read_buffer`` the
+    received batches (~2 MiB each) a read holds for its caller, which bounds a read's memory.
+    """
+
+    def __init__(
+        self,
+        cluster: ClusterMap,
+        location: str = "",
+        policy: RpcPolicy = DEFAULT_POLICY,
+        *,
+        message_bytes: int = 4 * MiB,
+        read_buffer: int = 16,
+    ) -> None:
+        self.cluster = cluster
+        self.location = location or SCHEME + ",".join(n.address for n in cluster.nodes)
+        self.policy = policy
+        self.message_bytes = message_bytes
+        self.read_buffer = read_buffer
+        self._nodes = {n.id: NodeClient(n, policy) for n in cluster.nodes}
+        self._pool = ThreadPoolExecutor(
+            max(8, 4 * len(self._nodes)), thread_name_prefix="cluster-rpc"
+        )
+
+    @classmethod
+    def connect(cls, url: str, policy: RpcPolicy = DEFAULT_POLICY) -> ClusterStore:
+        """Open the cluster named by ``grpc://HOST:PORT[,HOST:PORT...]``.
+
+        The map comes from the first listed address that answers; from then on the client
+        talks to the nodes the map lists. Raises InvalidInput for a malformed URL and
+        StoreUnavailable if no listed address answers.
+        """
+        return cls(fetch_map(parse_url(url), policy), url, policy)
+
+    def close(self) -> None:
+        for node in self._nodes.values():
+            node.close()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    # placement
+
+    @property
+    def _quorum(self) -> int:
+        return self.cluster.write_quorum
+
+    def _owners(self, key: bytes) -> list[NodeClient]:
+        return [self._nodes[n.id] for n in self.cluster.owners(key)]
+
+    def _owners_many(self, keys: Sequence[bytes]) -> list[tuple[NodeClient, ...]]:
+        rows = self.cluster.ring().owners_many(keys, self.cluster.replicas)
+        nodes = self._nodes
+        return [tuple(nodes[node_id] for node_id in row) for row in rows]
+
+    def _by_owner(self, keys: Sequence[bytes]) -> dict[NodeClient, list[bytes]]:
+        """Every owner of each key, with the keys it owns."""
+        groups: dict[NodeClient, list[bytes]] = {}
+        for key, owners in zip(keys, self._owners_many(keys), strict=True):
+            for node in owners:
+                groups.setdefault(node, []).append(key)
+        return groups
+
+    def _every_node(self, call: Callable[[NodeClient], T], what: str) -> dict[str, T]:
+        """``call`` on every node; raise naming the nodes that failed, if any did."""
+        replies = call_each(self._pool, {n: partial(call, n) for n in self._nodes.values()})
+        if replies.failed:
+            raise to_error(f"{what} needs every node", replies.failed)
+        return replies.ok
+
+    def _held(
+        self, keys: Sequence[bytes], ask: Callable[[NodeClient, list[bytes]], set[bytes]]
+    ) -> set[bytes]:
+        """The keys that at least ``write_quorum`` of their owners hold.
+
+        ``ask(node, keys)`` returns the ones ``node`` holds; a node that fails holds none,
+        unless it refused the request as invalid, which raises InvalidInput.
+        """
+        groups = self._by_owner(keys)
+        replies = call_each(
+            self._pool,
+            {n: partial(ask, n, ks) for n, ks in groups.items()},
+            partial(self._covered, keys, groups),
+        )
+        refused = [f for f in replies.failed if f.code == grpc.StatusCode.INVALID_ARGUMENT]
+        if refused:
+            raise to_error("existence check", refused)
+        holders: Counter[bytes] = Counter()
+        for held in replies.ok.values():
+            holders.update(held)
+        return {key for key in keys if holders[key] >= self._quorum}
+
+    def _covered(
+        self, keys: Sequence[bytes], groups: dict[NodeClient, list[bytes]], replies: Replies
+    ) -> bool:
+        """Whether at least ``write_quorum`` owners of every key have answered."""
+        answered: Counter[bytes] = Counter()
+        for node, group in groups.items():
+            if node.id in replies.ok:
+                answered.update(group)
+        return all(answered[key] >= self._quorum for key in keys)
+
+    # chunks
+
+    def missing(self, ids: Sequence[bytes]) -> set[bytes]:
+        """The ids that fewer than ``write_quorum`` of their owners hold (so a push re-sends
+        under-replicated chunks); the owners that hold one mark it wanted now."""
+        distinct = list(dict.fromkeys(ids))
+        if not distinct:
+            return set()
+
+        def ask(node: NodeClient, keys: list[bytes]) -> set[bytes]:
+            reply = node.chunks.Missing(
+                pb.ChunkIds(ids=keys), timeout=self.policy.deadline(ID_BYTES_ON_WIRE * len(keys))
+            )
+            return set(keys).difference(reply.ids)
+
+        return set(distinct) - self._held(distinct, ask)
+
+    def put(self, chunks: Sequence[tuple[bytes, bytes]]) -> int:
+        """Store each chunk on all its owners; succeed once ``write_quorum`` of them have it.
+
+        Returns the blob bytes newly added as the chunks' primary owners report them (the
+        unique bytes this batch added; an undercount only if a primary failed). Raises
+        StoreUnavailable (or StoreFull, when a full node keeps the quorum from being met)
+        naming the failed nodes. Not all or nothing across nodes: chunks that reached some
+        owners before a failure stay there.
+        """
+        if not chunks:
+            return 0
+        pairs = [(cid, blob if isinstance(blob, bytes) else bytes(blob)) for cid, blob in chunks]
+        owners = self._owners_many([cid for cid, _ in pairs])
+        return put_chunks(self._pool, pairs, owners, self._quorum, self.message_bytes)
+
+    def get(self, ids: Sequence[bytes]) -> Iterator[tuple[bytes, bytes]]:
+        """Blobs from all nodes at once, each id from one owner, failing over to the others."""
+        return iter(self._fetch(ids, verify=False, workers=1))
+
+    def read(self, ids: Sequence[bytes], workers: int = 2) -> Iterator[tuple[bytes, bytes]]:
+        """Verified raw bytes, fetched like :meth:`get`; decoding and hashing run on the
+        threads that receive the streams (at least ``workers`` of them). A chunk whose bytes
+        do not match its id on one owner is read from the next."""
+        return iter(self._fetch(ids, verify=True, workers=workers))
+
+    def _fetch(self, ids: Sequence[bytes], *, verify: bool, workers: int) -> Fetch:
+        involved = min(len(self._nodes), max(1, len(ids)))
+        return Fetch(
+            ids,
+            self._owners_many,
+            policy=self.policy,
+            verify=verify,
+            streams_per_node=math.ceil(workers / involved),
+            queue_batches=self.read_buffer,
+        )
+
+    def delete(self, ids: Iterable[bytes], unwanted_since: float | None = None) -> int:
+        """Remove the chunks from every owner; return how many the primaries removed.
+
+        Raises, naming the nodes, if some chunk could not be removed from ``write_quorum`` of
+        its owners (what was removed stays removed). Each node checks ``unwanted_since`` and
+        removes in one transaction.
+        """
+
+        def remove(node: NodeClient, keys: list[bytes]) -> int:
+            reply = node.chunks.DeleteChunks(
+                pb.DeleteChunksRequest(ids=keys, unwanted_since=unwanted_since),
+                timeout=self.policy.deadline(ID_BYTES_ON_WIRE * len(keys)),
+            )
+            return reply.deleted
+
+        return self._delete(list(dict.fromkeys(ids)), remove, "delete chunks")
+
+    def _delete(
+        self, keys: list[bytes], remove: Callable[[NodeClient, list[bytes]], int], what: str
+    ) -> int:
+        """Run ``remove`` on every owner of the keys: one call for the keys a node is primary
+        for, one for the rest. Returns the primaries' count."""
+        if not keys:
+            return 0
+        runs: dict[NodeClient, tuple[list[bytes], list[bytes]]] = {}
+        for key, owners in zip(keys, self._owners_many(keys), strict=True):
+            for rank, node in enumerate(owners):
+                runs.setdefault(node, ([], []))[rank > 0].append(key)
+        calls = {node: _removal(remove, node, *run) for node, run in runs.items()}
+        groups = {node: primary + others for node, (primary, others) in runs.items()}
+        replies = call_each(self._pool, calls, partial(self._covered, keys, groups))
+        if not self._covered(keys, groups, replies):
+            raise to_error(f"{what}: write quorum {self._quorum} not reached", replies.failed)
+        return sum(replies.ok.values())
+
+    def scan(self) -> Iterator[ChunkInfo]:
+        """Every chunk once, merged from every node in id order (largest wanted_at wins).
+
+        Raises StoreUnavailable if a node cannot be read to the end.
+        """
+        streams = [self._scan_node(node) for node in self._nodes.values()]
+        merged = heapq.merge(*streams, key=lambda info: info.id)
+        for cid, group in itertools.groupby(merged, key=lambda info: info.id):
+            infos = list(group)
+            yield ChunkInfo(
+                cid,
+                max(i.stored_size for i in infos),
+                max(i.wanted_at for i in infos),
+            )
+
+    def _scan_node(self, node: NodeClient) -> Iterator[ChunkInfo]:
+        """``node``'s chunks in id order; a broken stream resumes after the last id received."""
+        after = b""
+        failures = 0
+        while True:
+            request = pb.ScanChunksRequest(after=after, limit=_SCAN_LIMIT)
+            try:
+                for batch in node.chunks.ScanChunks(
+                    request, timeout=self.policy.deadline(stream=True)
+                ):
+                    for c in batch.chunks:
+                        yield ChunkInfo(c.id, c.stored_size, c.wanted_at)
+                        after = c.id
+                    failures = 0
+                node.record(None)
+                return
+            except grpc.RpcError as exc:
+                failure = NodeCallError.from_rpc(node.spec, exc)
+                failures += 1
+                if not failure.retryable or failures >= node.attempts():
+                    node.record(failure)
+                    raise to_error("scan chunks needs every node", [failure]) from None
+                time.sleep(self.policy.delay(failures))
+
+    def totals(self) -> ChunkTotals:
+        """Chunks and blob bytes of the cluster, estimated as the sum over all nodes divided by
+        ``replicas``: exact when every chunk has all its replicas. Needs every node."""
+        replies = self._every_node(
+            lambda n: n.chunks.Totals(pb.Empty(), timeout=self.policy.timeout), "totals"
+        )
+        r = self.cluster.replicas
+        return ChunkTotals(
+            sum(t.chunks for t in replies.values()) // r,
+            sum(t.stored_bytes for t in replies.values()) // r,
+        )
+
+    # manifests
+
+    def put_manifest(self, manifest_id: bytes, data: bytes) -> None:
+        record = pb.ManifestRecord(id=manifest_id, data=data)
+        write_all(
+            self._pool,
+            self._owners(manifest_id),
+            lambda n: n.meta.PutManifest(record, timeout=self.policy.deadline(len(data))),
+            self._quorum,
+            f"store manifest {manifest_id.hex()}",
+        )
+
+    def get_manifest(self, manifest_id: bytes) -> bytes:
+        request = pb.ChunkIds(ids=[manifest_id])
+        reply = first_answer(
+            self._owners(manifest_id),
+            lambda n: n.meta.GetManifest(request, timeout=self.policy.deadline(stream=True)),
+            f"read manifest {manifest_id.hex()}",
+        )
+        return reply.data
+
+    def has_manifests(self, manifest_ids: Sequence[bytes]) -> set[bytes]:
+        """The manifests that at least ``write_quorum`` of their owners hold."""
+        distinct = list(dict.fromkeys(manifest_ids))
+        if not distinct:
+            return set()
+
+        def ask(node: NodeClient, keys: list[bytes]) -> set[bytes]:
+            reply = node.meta.HasManifests(
+                pb.ChunkIds(ids=keys), timeout=self.policy.deadline(ID_BYTES_ON_WIRE * len(keys))
+            )
+            return set(reply.ids)
+
+        return self._held(distinct, ask)
+
+    def scan_manifests(self) -> Iterator[tuple[bytes, float]]:
+        """``(id, stored_at)`` of every manifest once, the latest stored_at of its copies.
+
+        Needs every node."""
+        replies = self._every_node(self._manifest_infos, "scan manifests")
+        latest: dict[bytes, float] = {}
+        for infos in replies.values():
+            for mid, stored_at in infos:
+                latest[mid] = max(stored_at, latest.get(mid, stored_at))
+        yield from latest.items()
+
+    def _manifest_infos(self, node: NodeClient) -> list[tuple[bytes, float]]:
+        stream = node.meta.ScanManifests(pb.Empty(), timeout=self.policy.deadline(stream=True))
+        return [(m.id, m.stored_at) for batch in stream for m in batch.manifests]
+
+    def delete_manifests(self, manifest_ids: Iterable[bytes]) -> int:
+        def remove(node: NodeClient, keys: list[bytes]) -> int:
+            reply = node.meta.DeleteManifests(
+                pb.ChunkIds(ids=keys), timeout=self.policy.deadline(ID_BYTES_ON_WIRE * len(keys))
+            )
+            return reply.deleted
+
+        return self._delete(list(dict.fromkeys(manifest_ids)), remove, "delete manifests")
+
+    # versions and tags
+
+    def put_version(self, repo: str, version_id: bytes, data: bytes) -> None:
+        record = pb.VersionRecord(repo=repo, id=version_id, data=data)
+        write_all(
+            self._pool,
+            self._owners(repo_key(repo)),
+            lambda n: n.meta.PutVersion(record, timeout=self.policy.deadline(len(data))),
+            self._quorum,
+            f"store version {version_id.hex()} of {repo!r}",
+        )
+
+    def get_version(self, repo: str, version_id: bytes) -> bytes:
+        key = pb.VersionKey(repo=repo, id=version_id)
+        reply = first_answer(
+            self._owners(repo_key(repo)),
+            lambda n: n.meta.GetVersion(key, timeout=self.policy.timeout),
+            f"read version {version_id.hex()} of {repo!r}",
+        )
+        return reply.data
+
+    def list_versions(self, repo: str) -> list[tuple[bytes, bytes]]:
+        """Every version any reachable owner of the repo holds."""
+        request = pb.RepoName(repo=repo)
+        replies = self._ask_owners(
+            repo,
+            lambda n: n.meta.ListVersions(request, timeout=self.policy.deadline(stream=True)),
+            "list versions",
+        )
+        merged: dict[bytes, bytes] = {}
+        for reply in replies:
+            for v in reply.versions:
+                merged.setdefault(v.id, v.data)
+        return list(merged.items())
+
+    def delete_version(self, repo: str, version_id: bytes) -> None:
+        key = pb.VersionKey(repo=repo, id=version_id)
+        remove_all(
+            self._pool,
+            self._owners(repo_key(repo)),
+            lambda n: n.meta.DeleteVersion(key, timeout=self.policy.timeout),
+            self._quorum,
+            f"delete version {version_id.hex()} of {repo!r}",
+        )
+
+    def list_repos(self) -> list[str]:
+        """Repos any reachable node holds versions of; StoreUnavailable if none answers."""
+        # Once all but replicas - 1 nodes answered, every repo has an owner among them.
+        enough = len(self._nodes) - self.cluster.replicas + 1
+        replies = call_each(
+            self._pool,
+            {n: partial(self._repo_names, n) for n in self._nodes.values()},
+            lambda r: len(r.ok) >= enough,
+        )
+        if not replies.ok:
+            raise to_error("list repos", replies.failed)
+        return sorted({name for reply in replies.ok.values() for name in reply.repos})
+
+    def _repo_names(self, node: NodeClient) -> pb.RepoNames:
+        return node.meta.ListRepos(pb.Empty(), timeout=self.policy.deadline(stream=True))
+
+    def set_tag(self, repo: str, tag: str, version_id: bytes) -> None:
+        request = pb.Tag(repo=repo, tag=tag, version_id=version_id)
+        write_all(
+            self._pool,
+            self._owners(repo_key(repo)),
+            lambda n: n.meta.SetTag(request, timeout=self.policy.timeout),
+            self._quorum,
+            f"set tag {repo}@{tag}",
+        )
+
+    def delete_tag(self, repo: str, tag: str) -> None:
+        request = pb.Tag(repo=repo, tag=tag)
+        remove_all(
+            self._pool,
+            self._owners(repo_key(repo)),
+            lambda n: n.meta.DeleteTag(request, timeout=self.policy.timeout),
+            self._quorum,
+            f"delete tag {repo}@{tag}",
+        )
+
+    def tags(self, repo: str) -> dict[str, bytes]:
+        """Tags from every reachable owner; where they disagree, the value most hold."""
+        request = pb.RepoName(repo=repo)
+        replies = self._ask_owners(
+            repo, lambda n: n.meta.ListTags(request, timeout=self.policy.timeout), "list tags"
+        )
+        votes: dict[str, Counter[bytes]] = {}
+        for reply in replies:  # in ring order: Counter keeps first-seen order for ties
+            for t in reply.tags:
+                votes.setdefault(t.tag, Counter())[t.version_id] += 1
+        return {tag: counts.most_common(1)[0][0] for tag, counts in votes.items()}
+
+    def _ask_owners(self, repo: str, call: Callable[[NodeClient], T], what: str) -> list[T]:
+        """``call`` on every owner of ``repo``'s records: the answers in ring order.
+
+        Raises if no owner answers."""
+        owners = self._owners(repo_key(repo))
+        replies = call_each(
+            self._pool, {n: partial(call, n) for n in owners}, lambda r: len(r.ok) >= self._quorum
+        )
+        if not replies.ok:
+            raise to_error(f"{what} of {repo!r}", replies.failed)
+        return [replies.ok[n.id] for n in owners if n.id in replies.ok]
+
+
+def _removal(
+    remove: Callable[[NodeClient, list[bytes]], int],
+    node: NodeClient,
+    primary: list[bytes],
+    others: list[bytes],
+) -> Callable[[], int]:
+    """A call for :meth:`NodeClient.run` that removes ``primary``, then ``others``, from
+    ``node`` and returns the primary count; a retry does not repeat a step that succeeded."""
+    removed: int | None = None
+
+    def run() -> int:
+        nonlocal removed
+        if removed is None:
+            removed = remove(node, primary) if primary else 0
+        if others:
+            remove(node, others)
+        return removed
+
+    return run

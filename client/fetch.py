@@ -1,0 +1,262 @@
+"""Reading chunks from every node at once, with failover to the other owners of each chunk.
+
+The ids are spread over their owners (each goes to the least loaded of its healthy owners), and
+GetChunks streams to the chosen nodes run in parallel, each on its own thread. When asked to, a
+thread verifies what it receives (decoding and BLAKE3 release the GIL, so that work runs in
+parallel too) and hands it over through a bounded queue, which bounds the bytes in flight.
+
+Ids that a stream did not deliver (the node failed, lacked them, or sent bytes that do not match
+their id) go to their next owner. A stream that delivers nothing for ``stall_timeout`` while the
+reader waits is cancelled and counts as failed that way, so a hung node costs seconds, not a
+whole deadline. The same node is tried again, after a backoff, only for a retryable failure
+(UNAVAILABLE, DEADLINE_EXCEEDED, a stall) and only once no other owner is left.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+
+from chunkstore import codec, errors
+from chunkstore.v1 import store_pb2 as pb
+
+from .rpc import NodeCallError, NodeClient, RpcPolicy
+
+#: Blob bytes assumed per requested chunk when setting a GetChunks deadline (the chunker's max).
+DEADLINE_BYTES_PER_CHUNK = 256 << 10
+_POLL = 0.1  # seconds between checks for an abandoned fetch while the queue is full
+
+Owners = Callable[[Sequence[bytes]], Sequence[Sequence[NodeClient]]]
+
+
+@dataclass(eq=False)
+class _Stream:
+    """One GetChunks call: its node, the ids asked for, and when it last made progress."""
+
+    node: NodeClient
+    ids: list[bytes]
+    last: float = field(default_factory=time.monotonic)
+    call: grpc.Future | None = None
+    stalled: bool = False
+
+    def abandon(self) -> None:
+        """Cancel the call; it then reports its undelivered ids as failed (retryable)."""
+        self.stalled = True
+        if self.call is not None:
+            self.call.cancel()
+
+
+class Fetch:
+    """One parallel read of ``ids``; iterate it once for ``(id, data)`` of every id, any order.
+
+    ``owners(ids)`` gives the owners of each id, primary first. ``data`` is the blob, or with
+    ``verify`` the raw bytes checked against the id. An id asked for twice is yielded twice.
+    Each node gets up to ``streams_per_node`` streams at once; at most ``queue_batches``
+    received batches (about 2 MiB each) wait for the caller. Raises ChunkNotFound,
+    CorruptChunk or StoreUnavailable for an id no owner could deliver. Abandoning the iterator
+    cancels the streams.
+    """
+
+    def __init__(
+        self,
+        ids: Sequence[bytes],
+        owners: Owners,
+        *,
+        policy: RpcPolicy,
+        verify: bool,
+        streams_per_node: int = 1,
+        queue_batches: int = 16,
+    ) -> None:
+        self._copies = Counter(ids)
+        distinct = list(self._copies)
+        self._owners = dict(zip(distinct, owners(distinct), strict=True))
+        self._policy = policy
+        self._verify = verify
+        self._streams = max(1, streams_per_node)
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_batches)
+        self._stop = threading.Event()
+        self._running: set[_Stream] = set()
+        self._tries: dict[bytes, Counter[str]] = {cid: Counter() for cid in distinct}
+        self._failures: dict[bytes, list[NodeCallError]] = {}
+
+    def __iter__(self) -> Iterator[tuple[bytes, bytes]]:
+        remaining = set(self._copies)
+        try:
+            for node, ids in self._assign(list(self._copies)).items():
+                step = -(-len(ids) // self._streams)
+                for start in range(0, len(ids), step):
+                    self._start(node, ids[start : start + step], 0.0)
+            while self._running:
+                try:
+                    kind, stream, payload = self._queue.get(timeout=self._policy.stall_timeout)
+                except queue.Empty:
+                    self._abandon_stalled()
+                    continue
+                if kind == "chunks":
+                    for cid, data in payload:
+                        if cid in remaining:
+                            remaining.discard(cid)
+                            for _ in range(self._copies[cid]):
+                                yield cid, data
+                    continue
+                if kind == "crash":
+                    raise payload
+                self._running.discard(stream)
+                retry: dict[NodeClient, list[bytes]] = {}
+                delay: Counter[NodeClient] = Counter()
+                for cid, failure in payload.items():
+                    if cid in remaining:
+                        node, wait = self._next_owner(cid, failure)
+                        retry.setdefault(node, []).append(cid)
+                        delay[node] = max(delay[node], wait)
+                for node, ids in retry.items():
+                    self._start(node, ids, delay[node])
+        finally:
+            self._stop.set()
+            for stream in self._running:
+                if stream.call is not None:
+                    stream.call.cancel()
+
+    def _abandon_stalled(self) -> None:
+        """Cancel the streams that delivered nothing for ``stall_timeout`` (a hung node)."""
+        limit = time.monotonic() - self._policy.stall_timeout
+        for stream in self._running:
+            if stream.last <= limit:
+                stream.abandon()
+
+    # planning
+
+    def _assign(self, ids: list[bytes]) -> dict[NodeClient, list[bytes]]:
+        """Each id to the least loaded of its owners, healthy ones first, then in ring order."""
+        load: Counter[str] = Counter()
+        plan: dict[NodeClient, list[bytes]] = {}
+        for cid in ids:
+            node = min(self._owners[cid], key=lambda n: (not n.healthy, load[n.id]))
+            load[node.id] += 1
+            self._tries[cid][node.id] += 1
+            plan.setdefault(node, []).append(cid)
+        return plan
+
+    def _next_owner(self, cid: bytes, failure: NodeCallError) -> tuple[NodeClient, float]:
+        """Where to ask for ``cid`` after ``failure``, and how long to wait first.
+
+        Raises the error that reports ``cid`` when no owner is left to try.
+        """
+        self._failures.setdefault(cid, []).append(failure)
+        tries = self._tries[cid]
+        limit = self._policy.attempts
+        if not failure.retryable:
+            tries[failure.node.id] = limit  # this owner will not do
+        candidates = [n for n in self._owners[cid] if tries[n.id] < limit]
+        if not candidates:
+            raise self._error(cid)
+        node = min(candidates, key=lambda n: (tries[n.id], not n.healthy))
+        wait = self._policy.delay(tries[node.id]) if tries[node.id] else 0.0
+        tries[node.id] += 1
+        return node, wait
+
+    def _error(self, cid: bytes) -> errors.ChunkstoreError:
+        failures = self._failures[cid]
+        codes = {f.code for f in failures}
+        if codes == {grpc.StatusCode.NOT_FOUND}:
+            return errors.ChunkNotFound(cid)
+        if codes <= {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.DATA_LOSS}:
+            bad = [f for f in failures if f.code == grpc.StatusCode.DATA_LOSS]
+            where = ", ".join(f"{f.node.id} ({f.detail})" for f in bad)
+            return errors.CorruptChunk(cid, f"bad on every owner that has it: {where}")
+        lines = "; ".join(f"{f.node.id}: {f.code.name.lower()}: {f.detail}" for f in failures)
+        return errors.StoreUnavailable(f"cannot read chunk {cid.hex()}: {lines}")
+
+    # streams
+
+    def _start(self, node: NodeClient, ids: list[bytes], delay: float) -> None:
+        stream = _Stream(node, ids, time.monotonic() + delay)
+        self._running.add(stream)
+        threading.Thread(
+            target=self._run, args=(stream, delay), name=f"fetch-{node.id}", daemon=True
+        ).start()
+
+    def _run(self, stream: _Stream, delay: float) -> None:
+        """Post what the stream delivers, then ("end", {id: failure}) for the rest."""
+        try:
+            if delay and self._stop.wait(delay):
+                return
+            failures = self._receive(stream)
+        except Exception as exc:  # a bug, not a node failure: the reader re-raises it
+            self._post(("crash", stream, exc))
+            return
+        self._post(("end", stream, failures))
+
+    def _receive(self, stream: _Stream) -> dict[bytes, NodeCallError]:
+        node = stream.node
+        wanted = set(stream.ids)
+        failures: dict[bytes, NodeCallError] = {}
+        try:
+            nbytes = len(stream.ids) * DEADLINE_BYTES_PER_CHUNK
+            stream.call = call = node.chunks.GetChunks(
+                pb.ChunkIds(ids=stream.ids), timeout=self._policy.deadline(nbytes, stream=True)
+            )
+            if stream.stalled or self._stop.is_set():
+                call.cancel()
+            for batch in call:
+                stream.last = time.monotonic()
+                out = self._unpack(node, batch, wanted, failures)
+                if out and not self._post(("chunks", stream, out)):
+                    return {}
+                stream.last = time.monotonic()
+            node.record(None)
+            rest = NodeCallError(node.spec, grpc.StatusCode.NOT_FOUND, "not in its reply")
+        except grpc.RpcError as exc:
+            if self._stop.is_set():  # cancelled by the reader
+                return {}
+            if stream.stalled:
+                rest = NodeCallError(
+                    node.spec,
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"stalled: nothing received for {self._policy.stall_timeout:.0f} s",
+                )
+            else:
+                rest = NodeCallError.from_rpc(node.spec, exc)
+            node.record(rest)
+        failures.update(dict.fromkeys(wanted, rest))
+        return failures
+
+    def _unpack(
+        self,
+        node: NodeClient,
+        batch: pb.ChunkBatch,
+        wanted: set[bytes],
+        failures: dict[bytes, NodeCallError],
+    ) -> list[tuple[bytes, bytes]]:
+        """The wanted chunks of ``batch`` (verified if asked); bad ones go to ``failures``."""
+        out = []
+        for chunk in batch.chunks:
+            cid = chunk.id
+            if cid not in wanted:
+                continue
+            wanted.discard(cid)
+            if not self._verify:
+                out.append((cid, chunk.blob))
+                continue
+            try:
+                out.append((cid, codec.decode_verified(cid, chunk.blob)))
+            except errors.CorruptChunk as exc:
+                reason = str(exc).removeprefix(f"chunk {cid.hex()} is corrupt: ")
+                failures[cid] = NodeCallError(node.spec, grpc.StatusCode.DATA_LOSS, reason)
+        return out
+
+    def _post(self, item: tuple) -> bool:
+        """Queue ``item`` for the reader; False if the fetch was abandoned meanwhile."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=_POLL)
+                return True
+            except queue.Full:
+                continue
+        return False

@@ -1,0 +1,169 @@
+"""Calling several nodes at once, and judging their answers against the write quorum.
+
+Calls to several nodes run in parallel (:func:`call_each`); once enough nodes answered for the
+operation to succeed, a slower node gets a short grace period, then counts as failed, so one
+hung node slows an operation down by about its own duration, not by a whole deadline.
+
+Three patterns cover every replicated record (manifest, version, tag):
+
+- :func:`write_all`: the write goes to every owner; it succeeds once ``quorum`` of them answered.
+- :func:`remove_all`: the same for a removal, where an owner that lacks the record (NOT_FOUND)
+  counts as done; NotFound only when no owner had it.
+- :func:`first_answer`: a read tries the owners one by one until one answers; NOT_FOUND from one
+  owner sends it to the next.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, wait
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Generic, TypeVar
+
+import grpc
+
+from chunkstore import errors
+
+from .rpc import NodeCallError, NodeClient, to_error
+
+T = TypeVar("T")
+
+
+@dataclass
+class Replies(Generic[T]):
+    """What a set of nodes answered: results by node id, and the nodes that failed."""
+
+    ok: dict[str, T] = field(default_factory=dict)
+    failed: list[NodeCallError] = field(default_factory=list)
+
+
+def settle(
+    futures: Iterable[Future],
+    absorb: Callable[[Future], None],
+    enough: Callable[[], bool],
+    grace: float,
+) -> set[Future]:
+    """Wait for ``futures``, passing each to ``absorb`` as it completes. Once ``enough()`` holds,
+    the rest get ``grace`` seconds more, or as long as it took so far if that is longer.
+
+    Returns the futures still running then: the stragglers.
+    """
+    start = time.monotonic()
+    pending = set(futures)
+    cutoff: float | None = None
+    while pending:
+        if cutoff is None and enough():
+            now = time.monotonic()
+            cutoff = now + max(grace, now - start)
+        timeout = None if cutoff is None else cutoff - time.monotonic()
+        if timeout is not None and timeout <= 0:
+            break
+        done, pending = wait(pending, timeout=timeout, return_when=FIRST_COMPLETED)
+        for future in done:
+            absorb(future)
+    return pending
+
+
+def call_each(
+    pool: Executor,
+    calls: Mapping[NodeClient, Callable[[], T]],
+    enough: Callable[[Replies[T]], bool] = lambda replies: False,
+) -> Replies[T]:
+    """Run ``node.run(call)`` for every pair, the nodes in parallel; collect answers and failures.
+
+    Once ``enough(replies so far)`` holds, slower nodes get a grace period (see :func:`settle`);
+    those that miss it are marked slow and count as failed (their calls finish in the
+    background, within their deadlines). Errors other than NodeCallError propagate.
+    """
+    replies: Replies[T] = Replies()
+    if len(calls) == 1:  # no thread hop for a single node
+        ((node, call),) = calls.items()
+        try:
+            replies.ok[node.id] = node.run(call)
+        except NodeCallError as failure:
+            replies.failed.append(failure)
+        return replies
+    futures = {pool.submit(node.run, call): node for node, call in calls.items()}
+
+    def absorb(future: Future) -> None:
+        try:
+            replies.ok[futures[future].id] = future.result()
+        except NodeCallError as failure:
+            replies.failed.append(failure)
+
+    start = time.monotonic()
+    grace = next(iter(calls)).policy.straggler_grace
+    for late in settle(futures, absorb, lambda: enough(replies), grace):
+        replies.failed.append(futures[late].mark_slow(time.monotonic() - start))
+    return replies
+
+
+def _short_of_quorum(
+    what: str, answered: int, replies: Replies, owners: int, quorum: int
+) -> errors.ChunkstoreError:
+    return to_error(
+        f"{what}: {answered} of {owners} owners answered, write quorum is {quorum}",
+        replies.failed,
+    )
+
+
+def write_all(
+    pool: Executor,
+    owners: Sequence[NodeClient],
+    call: Callable[[NodeClient], object],
+    quorum: int,
+    what: str,
+) -> None:
+    """Run ``call(node)`` on every owner; raise unless at least ``quorum`` of them answered.
+
+    The error (see :func:`~chunkstore.client.rpc.to_error`) names ``what`` and every failed node.
+    """
+    replies = call_each(
+        pool, {node: partial(call, node) for node in owners}, lambda r: len(r.ok) >= quorum
+    )
+    if len(replies.ok) < quorum:
+        raise _short_of_quorum(what, len(replies.ok), replies, len(owners), quorum)
+
+
+def remove_all(
+    pool: Executor,
+    owners: Sequence[NodeClient],
+    call: Callable[[NodeClient], object],
+    quorum: int,
+    what: str,
+) -> None:
+    """Run the removal ``call(node)`` on every owner, where NOT_FOUND means already gone there.
+
+    Raises NotFound (the node's message) if the record was on no owner that answered, or an
+    error naming the failed nodes if fewer than ``quorum`` owners answered at all.
+    """
+    replies = call_each(
+        pool, {node: partial(call, node) for node in owners}, lambda r: _done(r) >= quorum
+    )
+    absent = [f for f in replies.failed if f.code == grpc.StatusCode.NOT_FOUND]
+    if _done(replies) < quorum:
+        raise _short_of_quorum(what, _done(replies), replies, len(owners), quorum)
+    if not replies.ok:
+        raise to_error(what, absent)
+
+
+def first_answer(owners: Sequence[NodeClient], call: Callable[[NodeClient], T], what: str) -> T:
+    """``call(node)`` of the first owner that answers, healthy owners first.
+
+    NOT_FOUND or a failure moves on to the next owner; when none answers, the error names each:
+    NotFound if every owner lacks the record, else StoreUnavailable.
+    """
+    failures: list[NodeCallError] = []
+    for node in sorted(owners, key=lambda n: not n.healthy):
+        try:
+            return node.run(partial(call, node))
+        except NodeCallError as failure:
+            failures.append(failure)
+    raise to_error(what, failures)
+
+
+def _done(replies: Replies) -> int:
+    """How many owners answered a removal: done, or NOT_FOUND (nothing to remove there)."""
+    return len(replies.ok) + sum(f.code == grpc.StatusCode.NOT_FOUND for f in replies.failed)

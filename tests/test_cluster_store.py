@@ -1,0 +1,417 @@
+"""ClusterStore against real node processes on loopback ports: round trips through the
+repository layer, placement by the ring, node failures, corrupt replicas, and the store protocol.
+
+Clusters come from ``cluster_fixtures``; every process they start is stopped at the end.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import signal
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+import test_stores
+from cluster_fixtures import LocalCluster, cluster_fixture, free_port
+from conftest import random_bytes, write
+
+# The store protocol as every store keeps it, run here against a cluster (``store`` below).
+# Left out: test_put_of_existing_id_keeps_first_blob and test_read_verifies store blobs that do
+# not match their ids, which nodes refuse; the manifest tests use ids that are not 32 bytes (see
+# test_manifests_on_a_cluster instead).
+from test_stores import (  # noqa: F401
+    blob,
+    test_concurrent_writers,
+    test_delete,
+    test_delete_version_removes_its_tags,
+    test_empty_store,
+    test_get_of_absent_id_raises,
+    test_list_repos,
+    test_missing_reports_absent_and_refreshes_wanted_at,
+    test_put_get_scan_totals,
+    test_put_is_all_or_nothing,
+    test_put_refreshes_wanted_at_of_existing,
+    test_tags,
+    test_versions,
+)
+
+from chunkstore import ids
+from chunkstore.client.cli import main as cli_main
+from chunkstore.client.cluster_store import ClusterStore, repo_key
+from chunkstore.client.push import put_chunks_batch
+from chunkstore.client.rpc import NodeCallError, RpcPolicy, to_error
+from chunkstore.cluster_map import ClusterMap, NodeSpec
+from chunkstore.errors import (
+    ChunkNotFound,
+    CorruptChunk,
+    InvalidInput,
+    NotFound,
+    StoreFull,
+    StoreUnavailable,
+)
+from chunkstore.ingest import PipelineLimits
+from chunkstore.repository import Repository
+from chunkstore.stores.lmdb_store import LmdbStore
+from chunkstore.synthetic import make_series
+from chunkstore.v1 import store_pb2 as pb
+from chunkstore.v1 import store_pb2_grpc as pb_grpc
+
+MB = 1 << 20
+# Small windows and batches: a 16 MB push makes many existence checks and writes.
+SMALL_WINDOWS = PipelineLimits(window_bytes=2 * MB, group_bytes=1 * MB, batch_bytes=2 * MB)
+
+cluster3 = cluster_fixture(nodes=3, replicas=2)
+cluster4 = cluster_fixture(nodes=4, replicas=3)
+contract_cluster = cluster_fixture(nodes=3, replicas=2)
+
+
+@pytest.fixture(scope="module")
+def series(tmp_path_factory) -> list[Path]:
+    """Three bf16 safetensors checkpoints of 16 MB, each rewriting ~10% of the last."""
+    return make_series(tmp_path_factory.mktemp("series"), versions=3, size_mb=16)
+
+
+def push_all(repo: Repository, versions: list[Path], name: str = "model") -> None:
+    for path in versions:
+        repo.push(path, name, message=path.name, tags=[path.name])
+
+
+def assert_pulls_identical(repo: Repository, versions: list[Path], dest: Path, name="model"):
+    for path in versions:
+        out = dest / path.name
+        repo.pull(f"{name}@{path.name}", out)
+        for original in path.iterdir():
+            assert filecmp.cmp(original, out / original.name, shallow=False), original
+
+
+def node_holds(address: str, chunk_ids: list[bytes]) -> set[bytes]:
+    """The chunks among ``chunk_ids`` that the node at ``address`` holds, asked directly."""
+    with grpc.insecure_channel(address) as channel:
+        reply = pb_grpc.ChunkServiceStub(channel).Missing(pb.ChunkIds(ids=chunk_ids), timeout=10)
+    return set(chunk_ids) - set(reply.ids)
+
+
+def repo_chunks(repo: Repository, ref: str) -> list[bytes]:
+    version = repo.resolve(ref)
+    return list(dict.fromkeys(cid for f in version.files for cid, _ in repo.manifest(f).chunks))
+
+
+class KillAt:
+    """A progress sink that SIGKILLs a node once ``share`` of a push or pull is done."""
+
+    def __init__(self, cluster: LocalCluster, node_id: str, share: float) -> None:
+        self.cluster, self.node_id, self.share = cluster, node_id, share
+        self.total = self.done = 0
+
+    def start(self, total: int, label: str) -> None:
+        self.total = total
+
+    def advance(self, done: int, new: int = 0) -> None:
+        self.done += done
+        if (
+            self.done >= self.share * self.total
+            and self.cluster.process(self.node_id).poll() is None
+        ):
+            self.cluster.kill(self.node_id)
+
+    def finish(self) -> None:
+        pass
+
+
+def corrupt(cluster: LocalCluster, node_id: str, cid: bytes, bad: bytes) -> None:
+    """Replace a chunk's blob in a node's store while the node is stopped."""
+    cluster.stop(node_id)
+    with LmdbStore(cluster.node_data(node_id), create=False) as shard:
+        assert shard.delete([cid]) == 1
+        shard.put([(cid, bad)])
+    cluster.start(node_id)
+
+
+# round trips and placement
+
+
+@pytest.mark.parametrize("cluster_name", ["cluster3", "cluster4"])
+def test_versions_round_trip(request, cluster_name, series, tmp_path):
+    cluster: LocalCluster = request.getfixturevalue(cluster_name)
+    with Repository(ClusterStore.connect(cluster.url)) as repo:
+        assert repo.store.location == cluster.url
+        push_all(repo, series, "rt")
+        assert [v.message for v in repo.log("rt")] == [p.name for p in reversed(series)]
+        second = repo.resolve(f"rt@{series[1].name}")
+        assert second.new_bytes < 0.4 * second.size  # only the rewritten tensors were new
+        assert_pulls_identical(repo, series, tmp_path, "rt")
+        assert repo.verify().ok
+        stats = repo.stats()
+        assert stats["versions"] == 3
+        assert 0 < stats["stored_bytes"] < stats["logical_bytes"] / 2  # unique bytes, not copies
+    with ClusterStore.connect(cluster.url) as store:  # a second client sees the same
+        assert "rt" in store.list_repos()
+        with Repository(store) as repo, repo.open(f"rt@{series[0].name}", "model.safetensors") as f:
+            f.seek(1000)
+            assert f.read(5000) == (series[0] / "model.safetensors").read_bytes()[1000:6000]
+
+
+@pytest.mark.parametrize("cluster_name", ["cluster3", "cluster4"])
+def test_data_lives_on_its_owners(request, cluster_name, tmp_path):
+    cluster: LocalCluster = request.getfixturevalue(cluster_name)
+    write(tmp_path / "ckpt" / "weights.bin", random_bytes(4 * MB, seed=3))
+    with Repository(ClusterStore.connect(cluster.url)) as repo:
+        version = repo.push(tmp_path / "ckpt", "placed").version
+        chunk_ids = repo_chunks(repo, "placed")
+    ring: ClusterMap = cluster.map
+    held = {n.id: node_holds(n.address, chunk_ids) for n in ring.nodes}
+    for cid in chunk_ids:
+        assert {n for n, h in held.items() if cid in h} == {o.id for o in ring.owners(cid)}
+    assert all(held.values())  # every node holds a share
+    manifest_id = version.files[0].manifest_id
+    for node in ring.nodes:
+        with grpc.insecure_channel(node.address) as channel:
+            meta = pb_grpc.MetaServiceStub(channel)
+            has = meta.HasManifests(pb.ChunkIds(ids=[manifest_id]), timeout=10).ids
+            versions = meta.ListVersions(pb.RepoName(repo="placed"), timeout=10).versions
+        assert bool(has) == (node in ring.owners(manifest_id))
+        assert bool(versions) == (node in ring.owners(repo_key("placed")))
+
+
+def test_gc_removes_unreferenced_data_from_every_node(tmp_path, series):
+    with LocalCluster(tmp_path / "c", nodes=3, replicas=2) as cluster:
+        with Repository(ClusterStore.connect(cluster.url)) as repo:
+            push_all(repo, series[:2])
+            old, new = repo_chunks(repo, f"model@{series[0].name}"), repo_chunks(repo, "model")
+            repo.rm(f"model@{series[0].name}")
+            result = repo.gc(grace_seconds=0)
+            gone = set(old) - set(new)
+            assert result.deleted_chunks == len(gone) > 0
+            assert result.deleted_manifests == 1
+            assert repo.store.missing(old) == gone
+            assert repo.stats()["chunks"] == len(new)
+            assert_pulls_identical(repo, series[1:2], tmp_path / "out")
+        for node in cluster.map.nodes:
+            assert not node_holds(node.address, list(gone))
+
+
+# failures
+
+
+def test_push_completes_when_a_node_dies_midway(tmp_path, series):
+    with LocalCluster(tmp_path / "c", nodes=3, replicas=3, write_quorum=2) as cluster:
+        repo = Repository(ClusterStore.connect(cluster.url), limits=SMALL_WINDOWS)
+        with repo:
+            repo.push(series[0], "m", tags=[series[0].name])
+            repo.push(series[1], "m", tags=[series[1].name], progress=KillAt(cluster, "n2", 0.4))
+            assert cluster.process("n2").poll() is not None, "n2 was not killed during the push"
+            repo.push(series[2], "m", tags=[series[2].name])
+            assert_pulls_identical(repo, series, tmp_path / "while-down", "m")
+        cluster.start("n2")  # back, without what was written while it was down
+        with Repository(ClusterStore.connect(cluster.url)) as repo:
+            assert_pulls_identical(repo, series, tmp_path / "after-restart", "m")
+
+
+def test_reads_survive_two_dead_owners_and_a_dead_seed(tmp_path, series):
+    with LocalCluster(tmp_path / "c", nodes=3, replicas=3, write_quorum=2) as cluster:
+        with Repository(ClusterStore.connect(cluster.url)) as repo:
+            push_all(repo, series[:2])
+        cluster.kill("n1")
+        # The URL lists the dead node first: the map comes from another.
+        with Repository(ClusterStore.connect(cluster.url)) as repo:
+            first = series[0].name
+            repo.pull(f"model@{first}", tmp_path / first, progress=KillAt(cluster, "n2", 0.5))
+            assert cluster.process("n2").poll() is not None, "n2 was not killed during the pull"
+            original = series[0] / "model.safetensors"
+            assert filecmp.cmp(original, tmp_path / first / original.name, shallow=False)
+            assert [v.message for v in repo.log("model")] == [series[1].name, first]
+            assert_pulls_identical(repo, series[1:2], tmp_path / "out")
+
+
+def test_a_hung_node_costs_seconds_not_deadlines(tmp_path, series):
+    quick = RpcPolicy(timeout=3, stream_timeout=6, straggler_grace=0.3, stall_timeout=1)
+    with LocalCluster(tmp_path / "c", nodes=3, replicas=3, write_quorum=2) as cluster:
+        with Repository(ClusterStore.connect(cluster.url, quick)) as repo:
+            repo.push(series[0], "m", tags=[series[0].name])
+            chunk_ids = repo_chunks(repo, "m")
+        store = ClusterStore.connect(cluster.url, quick)
+        assert store.list_repos() == ["m"]  # connected to every node, all healthy
+        cluster.process("n2").send_signal(signal.SIGSTOP)  # alive to the kernel, silent
+        try:
+            start = time.monotonic()
+            with store:  # n2's streams stall, and their chunks come from the others
+                assert len(dict(store.read(chunk_ids))) == len(chunk_ids)
+            assert quick.stall_timeout <= time.monotonic() - start < quick.stream_timeout
+            with Repository(ClusterStore.connect(cluster.url, quick), limits=SMALL_WINDOWS) as repo:
+                repo.push(series[1], "m", tags=[series[1].name])
+                assert_pulls_identical(repo, series[:2], tmp_path / "out", "m")
+            assert time.monotonic() - start < 4 * quick.stream_timeout
+        finally:
+            cluster.kill("n2")
+
+
+def test_dead_seed_is_skipped(cluster3):
+    live = cluster3.address("n2")
+    with ClusterStore.connect(f"grpc://127.0.0.1:{free_port()},{live}") as store:
+        assert store.cluster == cluster3.map
+        store.list_repos()
+
+
+def test_no_reachable_seed_names_every_address():
+    dead = [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]
+    with pytest.raises(StoreUnavailable) as info:
+        ClusterStore.connect("grpc://" + ",".join(dead))
+    message = str(info.value)
+    assert all(address in message for address in dead) and "\n" not in message
+
+
+@pytest.mark.parametrize("url", ["grpc://", "grpc://host", "grpc://a:1,,b:2", "http://a:1"])
+def test_malformed_url(url):
+    with pytest.raises(InvalidInput):
+        ClusterStore.connect(url)
+
+
+def test_push_below_write_quorum_fails_and_shows_nothing(tmp_path, series, monkeypatch, capsys):
+    with LocalCluster(tmp_path / "c", nodes=3, replicas=3, write_quorum=2) as cluster:
+        store = ClusterStore.connect(cluster.url)
+        cluster.kill("n2")
+        cluster.kill("n3")
+        with Repository(store) as repo, pytest.raises(StoreUnavailable) as info:
+            repo.push(series[0], "m", tags=["v1"])
+        message = str(info.value)
+        assert "n2" in message and "n3" in message and "write quorum is 2" in message
+        assert "\n" not in message
+
+        monkeypatch.setenv("CHUNKSTORE_STORE", cluster.url)
+        assert cli_main(["push", str(series[0]), "--repo", "m", "-q"]) == 6
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "n2" in err and "Traceback" not in err
+
+        cluster.start("n2")
+        cluster.start("n3")
+        with Repository(ClusterStore.connect(cluster.url)) as repo:
+            assert repo.repos() == []
+            with pytest.raises(NotFound):
+                repo.log("m")
+
+
+def test_corrupt_replica_is_read_from_another_owner(tmp_path):
+    data = random_bytes(2 * MB, seed=7)
+    write(tmp_path / "ckpt" / "w.bin", data)
+    with LocalCluster(tmp_path / "c", nodes=3, replicas=2) as cluster:
+        with Repository(ClusterStore.connect(cluster.url)) as repo:
+            repo.push(tmp_path / "ckpt", "m")
+            cid = repo_chunks(repo, "m")[0]
+            raw = dict(repo.store.read([cid]))[cid]
+        primary, secondary = (n.id for n in cluster.map.owners(cid))
+        bad = blob(bytes(reversed(raw)))  # decodes fine, hashes to another id
+        corrupt(cluster, primary, cid, bad)
+
+        with Repository(ClusterStore.connect(cluster.url)) as repo:
+            assert dict(repo.store.get([cid]))[cid] == bad  # get() is unverified, primary first
+            assert dict(repo.store.read([cid]))[cid] == raw
+            repo.pull("m", tmp_path / "out")
+            assert (tmp_path / "out" / "w.bin").read_bytes() == data
+
+        corrupt(cluster, secondary, cid, bad)
+        with Repository(ClusterStore.connect(cluster.url)) as repo:
+            with pytest.raises(CorruptChunk) as info:
+                list(repo.store.read([cid]))
+            assert primary in str(info.value) and secondary in str(info.value)
+            assert repo.verify().corrupt == [cid]
+
+
+def test_absent_chunk_is_not_found_on_every_owner(cluster3):
+    absent = ids.chunk_id(b"never stored")
+    with ClusterStore.connect(cluster3.url) as store:
+        with pytest.raises(ChunkNotFound) as info:
+            list(store.read([absent]))
+        assert info.value.chunk_id == absent
+        assert store.missing([absent]) == {absent}
+
+
+def test_missing_repairs_an_under_replicated_chunk(cluster4):
+    raw = random_bytes(1000, seed=11)
+    cid = ids.chunk_id(raw)
+    owners = cluster4.map.owners(cid)
+    with grpc.insecure_channel(owners[0].address) as channel:  # one copy only, behind the client
+        batch = pb.PutChunksBatch(seq=0, chunks=[pb.EncodedChunk(id=cid, blob=blob(raw))])
+        list(pb_grpc.ChunkServiceStub(channel).PutChunks(iter([batch]), timeout=10))
+    with ClusterStore.connect(cluster4.url) as store:
+        assert store.missing([cid]) == {cid}  # 1 of 3 owners < write quorum 2
+        assert store.put([(cid, blob(raw))]) == 0  # the primary had it: nothing new
+        assert store.missing([cid]) == set()
+    assert {n.id for n in cluster4.map.nodes if node_holds(n.address, [cid])} == {
+        o.id for o in owners
+    }
+
+
+# the store protocol
+
+
+@pytest.fixture
+def store(contract_cluster):
+    """A client of a cluster that is emptied again after each test."""
+    s = ClusterStore.connect(contract_cluster.url)
+    yield s
+    for repo in s.list_repos():
+        for vid, _ in s.list_versions(repo):
+            s.delete_version(repo, vid)
+    s.delete([info.id for info in s.scan()])
+    s.close()
+
+
+def test_delete_spares_chunks_wanted_since_cutoff(store):
+    test_stores.test_delete_spares_chunks_wanted_since_cutoff(store)
+
+
+def test_manifests_on_a_cluster(store):
+    m1, m2, m3 = (ids.record_id(x) for x in (b"one", b"two", b"three"))
+    started = time.time()
+    store.put_manifest(m1, b"one")
+    ((_, first),) = store.scan_manifests()
+    assert started <= first <= time.time()
+    time.sleep(0.01)
+    store.put_manifest(m1, b"one")  # idempotent, and refreshes stored_at
+    ((_, second),) = store.scan_manifests()
+    assert second > first
+    store.put_manifest(m2, b"two")
+    assert store.get_manifest(m1) == b"one"
+    assert store.has_manifests([m1, m3]) == {m1}
+    assert sorted(mid for mid, _ in store.scan_manifests()) == sorted([m1, m2])
+    assert store.delete_manifests([m1, m3]) == 1
+    assert [mid for mid, _ in store.scan_manifests()] == [m2]
+    with pytest.raises(NotFound):
+        store.get_manifest(m1)
+    assert store.delete_manifests([m2]) == 1
+
+
+@pytest.mark.parametrize("seq", [0, 1, 300])
+def test_hand_encoded_put_batch_is_the_protobuf_encoding(seq):
+    pairs = [(ids.chunk_id(b"x"), b"\0" * 5), (ids.chunk_id(b"y"), random_bytes(70_000))]
+    message = pb.PutChunksBatch(
+        seq=seq, chunks=[pb.EncodedChunk(id=cid, blob=data) for cid, data in pairs]
+    )
+    assert put_chunks_batch(seq, pairs) == message.SerializeToString(deterministic=True)
+    assert put_chunks_batch(seq, []) == pb.PutChunksBatch(seq=seq).SerializeToString()
+
+
+def test_node_failures_become_one_line_chunkstore_errors():
+    a, b = NodeSpec("a", "10.0.0.1:7400"), NodeSpec("b", "10.0.0.2:7400")
+    full = NodeCallError(a, grpc.StatusCode.RESOURCE_EXHAUSTED, "store at /srv is full")
+    down = NodeCallError(b, grpc.StatusCode.UNAVAILABLE, "connection refused")
+    error = to_error("store chunks", [full, down])
+    assert isinstance(error, StoreFull)
+    assert str(error) == (
+        "store chunks: node a (10.0.0.1:7400): resource_exhausted: store at /srv is full; "
+        "node b (10.0.0.2:7400): unavailable: connection refused"
+    )
+    assert isinstance(to_error("read", [down]), StoreUnavailable)
+    absent = NodeCallError(a, grpc.StatusCode.NOT_FOUND, "version 0a is not in repo 'r'")
+    assert str(to_error("read", [absent, absent])) == "version 0a is not in repo 'r'"
+    assert isinstance(to_error("read", [absent, down]), StoreUnavailable)
+
+
+def test_nodes_refuse_a_chunk_that_does_not_match_its_id(store):
+    wrong = ids.chunk_id(b"other bytes")
+    with pytest.raises(InvalidInput, match="does not match its id") as info:
+        store.put([(wrong, blob(b"weights" * 100))])
+    assert "\n" not in str(info.value)
+    assert list(store.scan()) == []
