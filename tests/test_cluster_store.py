@@ -29,7 +29,6 @@ from test_stores import (  # noqa: F401
     test_empty_store,
     test_get_of_absent_id_raises,
     test_list_repos,
-    test_missing_reports_absent_and_refreshes_wanted_at,
     test_put_get_scan_totals,
     test_put_is_all_or_nothing,
     test_put_refreshes_wanted_at_of_existing,

@@ -22,7 +22,7 @@ from chunkstore.errors import (
     StoreFull,
     StoreUnavailable,
 )
-from chunkstore.stores import ChunkTotals, LmdbStore, Store
+from chunkstore.stores import ChunkTotals, LmdbStore, Store, lmdb_store
 
 ROOT = Path(__file__).resolve().parents[1]
 KB = 1 << 10
@@ -95,7 +95,8 @@ def test_get_of_absent_id_raises(store: Store):
     assert info.value.chunk_id == pairs[1][0]
 
 
-def test_missing_reports_absent_and_refreshes_wanted_at(store: Store):
+def test_missing_reports_absent_and_refreshes_wanted_at(store: Store, monkeypatch):
+    monkeypatch.setattr(lmdb_store, "WANTED_REFRESH_SECONDS", 0.0)
     pairs = chunks(3)
     store.put(pairs[:2])
     before = {i.id: i.wanted_at for i in store.scan()}
@@ -106,6 +107,15 @@ def test_missing_reports_absent_and_refreshes_wanted_at(store: Store):
     assert after[pairs[0][0]] > before[pairs[0][0]]
     assert after[pairs[1][0]] == before[pairs[1][0]]  # not asked about
     assert pairs[2][0] not in after  # asking stores nothing
+
+
+def test_lmdb_missing_skips_refreshing_recently_wanted_chunks(tmp_path):
+    with LmdbStore(tmp_path / "s") as store:
+        pairs = chunks(2)
+        store.put(pairs)
+        before = {i.id: i.wanted_at for i in store.scan()}
+        assert store.missing([cid for cid, _ in pairs]) == set()
+        assert {i.id: i.wanted_at for i in store.scan()} == before
 
 
 def test_put_refreshes_wanted_at_of_existing(store: Store):

@@ -53,6 +53,7 @@ _GET_BATCH_BYTES = 16 << 20  # blob bytes copied out per read transaction in get
 _MAX_KEY = 511  # LMDB's default maximum key size
 _STAMP = struct.Struct("<d")
 _CHUNK_META = struct.Struct("<dI")  # wanted_at, blob size
+WANTED_REFRESH_SECONDS = 60.0
 
 
 class _Gate:
@@ -263,10 +264,15 @@ class LmdbStore(Store):
     # chunks
 
     def missing(self, ids: Sequence[bytes]) -> set[bytes]:
-        found = self._read(partial(_present, self._chunks, ids))
-        absent = set(ids).difference(found)
-        if found and not self._readonly:
-            absent.update(self._write(partial(self._mark_wanted, found, time.time())))
+        """See :meth:`ChunkStore.missing`. A chunk wanted within the last
+        ``WANTED_REFRESH_SECONDS`` is not re-marked, which spares a synced write per check
+        when pushes follow each other; GC grace periods are hours, far above it."""
+        now = time.time()
+        wanted = self._read(partial(_wanted_at, self._chunk_meta, ids))
+        absent = set(ids).difference(wanted)
+        stale = [cid for cid, at in wanted.items() if at < now - WANTED_REFRESH_SECONDS]
+        if stale and not self._readonly:
+            absent.update(self._write(partial(self._mark_wanted, stale, now)))
         return absent
 
     def _mark_wanted(self, ids: list[bytes], now: float, txn: lmdb.Transaction) -> list[bytes]:
@@ -474,6 +480,18 @@ def _key(repo: str, name: bytes) -> bytes:
     if len(key) > _MAX_KEY:
         raise errors.InvalidInput(f"repo and name together exceed {_MAX_KEY} bytes: {repo!r}")
     return key
+
+
+def _wanted_at(
+    chunk_meta: lmdb._Database, ids: Sequence[bytes], txn: lmdb.Transaction
+) -> dict[bytes, float]:
+    """wanted_at of each stored chunk among ``ids``."""
+    out = {}
+    for cid in ids:
+        meta = txn.get(cid, db=chunk_meta)
+        if meta is not None:
+            out[cid] = _CHUNK_META.unpack(meta)[0]
+    return out
 
 
 def _present(db: lmdb._Database, keys: Sequence[bytes], txn: lmdb.Transaction) -> list[bytes]:
