@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -68,6 +69,9 @@ class Ingester:
         self._progress = progress or NoProgress()
         self._known: set[bytes] = set()  # stored already, or queued for storing in this push
         self._pool = ThreadPoolExecutor(limits.workers, thread_name_prefix="chunk-encode")
+        # Existence checks run on their own thread, overlapping the next window's hashing.
+        self._checker = ThreadPoolExecutor(1, thread_name_prefix="chunk-check")
+        self._checks: deque[Future] = deque()
         self._queue: queue.Queue = queue.Queue(maxsize=limits.queued_groups)
         self._error: BaseException | None = None
         self._maps: list[MappedFile] = []
@@ -88,7 +92,10 @@ class Ingester:
         chunks: list[tuple[bytes, int]] = []
         window: list[_Pending] = []
         window_bytes = 0
-        in_flight = self.limits.group_bytes * (self.limits.queued_groups + 2)
+        # Bytes still to be read by checks and encoders: pages before them can be dropped.
+        in_flight = 3 * self.limits.window_bytes + self.limits.group_bytes * (
+            self.limits.queued_groups + 2
+        )
         for offset, length, element_size in self._chunker.cut_file(view, index):
             data = view[offset : offset + length]
             cid = ids.chunk_id(data)
@@ -105,6 +112,8 @@ class Ingester:
     def finish(self) -> IngestStats:
         """Wait until every queued chunk is durable; raise what the writer met, if anything."""
         try:
+            while self._checks:
+                self._checks.popleft().result()
             self._put_queue(_DONE)
             self._writer.join()
             if self._error is not None:
@@ -117,6 +126,8 @@ class Ingester:
         """Stop the pipeline without waiting for queued work (after an error or interrupt)."""
         if self._writer.is_alive():
             self._error = self._error or InterruptedError("push interrupted")
+        self._checker.shutdown(wait=True, cancel_futures=True)
+        if self._writer.is_alive():
             self._drain_queue()
             self._queue.put(_DONE)
             self._writer.join()
@@ -129,6 +140,12 @@ class Ingester:
         if not window:
             return
         self._raise_writer_error()
+        self._checks.append(self._checker.submit(self._check, window))
+        while len(self._checks) > 2:
+            self._checks.popleft().result()
+
+    def _check(self, window: list[_Pending]) -> None:
+        """Ask the store which chunks of the window it lacks and queue those for encoding."""
         scanned = sum(len(d) for _, d, _ in window)
         self.stats.scanned_bytes += scanned
         self.stats.chunks += len(window)
