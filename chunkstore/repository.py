@@ -10,7 +10,6 @@ import getpass
 import math
 import os
 import socket
-import stat
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -43,9 +42,11 @@ from chunkstore.model import (
 from chunkstore.progress import NoProgress, Progress
 from chunkstore.refs import Ref, load_versions, resolve
 from chunkstore.restore import ChunkedReader, restore_file
+from chunkstore.staging import DEFAULT_STAGE_TTL, Stage, live_stage_manifests
 from chunkstore.stores.base import Store
 from chunkstore.tensor_index import read_index
 from chunkstore.tensors import LazyTensors, TensorDiff, diff_file, tensor_files
+from chunkstore.tree import list_tree
 
 DEFAULT_GC_GRACE = 6 * 3600.0
 _VERIFY_BATCH = 256
@@ -123,6 +124,7 @@ class GcResult:
     deleted_bytes: int
     spared_young: int
     deleted_manifests: int
+    expired_stages: int
 
 
 @dataclass
@@ -141,29 +143,6 @@ def default_author() -> str:
     except Exception:  # no passwd entry in some containers
         user = "unknown"
     return f"{user}@{socket.gethostname()}"
-
-
-def list_tree(path: Path) -> list[tuple[str, Path]]:
-    """The files a push of ``path`` stores, as (stored path, local path), sorted.
-
-    A directory's regular files (recursively, following no directory symlinks) are stored under
-    their paths relative to it; a single file is stored under its base name.
-    """
-    if not path.exists():
-        raise NotFound(f"no such file or directory: {path}")
-    if path.is_file():
-        return [(normalise_path(path.name), path)]
-    if not path.is_dir():
-        raise InvalidInput(f"not a regular file or directory: {path}")
-    found: list[tuple[str, Path]] = []
-    for root, dirs, files in os.walk(path):
-        dirs.sort()
-        for name in sorted(files):
-            local = Path(root, name)
-            if stat.S_ISREG(local.stat().st_mode):
-                found.append((normalise_path(local.relative_to(path).as_posix()), local))
-    found.sort()
-    return found
 
 
 class Repository:
@@ -217,9 +196,18 @@ class Repository:
         tree = list_tree(Path(path))
         if not tree:
             raise InvalidInput(f"nothing to push: {path} holds no files")
+        entries, stats = self.store_tree(tree, f"push {repo}", progress)
+        version = self.commit_version(
+            repo, entries, message, params, metrics, links, author, tags, stats.new_stored_bytes
+        )
+        return PushResult(version, stats)
+
+    def store_tree(
+        self, tree: list[tuple[str, Path]], label: str, progress: Progress | None = None
+    ) -> tuple[list[FileEntry], IngestStats]:
+        """Store the chunks and manifests of ``(stored path, local path)`` pairs durably."""
         progress = progress or NoProgress()
-        total = sum(local.stat().st_size for _, local in tree)
-        progress.start(total, f"push {repo}")
+        progress.start(sum(local.stat().st_size for _, local in tree), label)
         ingester = Ingester(self.store, self.chunker, self.limits, progress)
         try:
             manifests = [(name, local, ingester.ingest_file(local)) for name, local in tree]
@@ -233,6 +221,22 @@ class Repository:
             self.store.put_manifest(manifest_id, data)
             mode = local.stat().st_mode & 0o777
             entries.append(FileEntry(name, manifest.size, manifest.digest, manifest_id, mode))
+        return entries, stats
+
+    def commit_version(
+        self,
+        repo: str,
+        entries: list[FileEntry],
+        message: str,
+        params: dict[str, str],
+        metrics: dict[str, float],
+        links: list[VersionLink],
+        author: str | None,
+        tags: Sequence[str],
+        new_bytes: int,
+    ) -> Version:
+        """Write a version record over durable files (the latest version is its parent), then
+        its tags. Callers check the arguments first."""
         parent = self._latest(repo)
         vid, record = encode_version(
             repo=repo,
@@ -244,12 +248,61 @@ class Repository:
             params=params,
             metrics=metrics,
             inputs=links,
-            new_bytes=stats.new_stored_bytes,
+            new_bytes=new_bytes,
         )
         self.store.put_version(repo, vid, record)
         for tag in tags:
             self.store.set_tag(repo, tag, vid)
-        return PushResult(decode_version(vid, record, list(tags)), stats)
+        return decode_version(vid, record, list(tags))
+
+    # -- multi-process saves ------------------------------------------------------------------
+
+    def stage(
+        self,
+        repo: str,
+        message: str = "",
+        tags: Sequence[str] = (),
+        params: dict[str, str] | None = None,
+        metrics: dict[str, float] | None = None,
+        inputs: Sequence[str] = (),
+        author: str | None = None,
+        ttl_seconds: float = DEFAULT_STAGE_TTL,
+    ) -> Stage:
+        """Open a stage: a version that several processes fill and one commits atomically.
+
+        Pass ``stage.id`` to the other processes; each calls :meth:`stage_add`; then one calls
+        ``stage.commit()`` (or ``abort()``). A stage not committed within ``ttl_seconds``
+        expires, and the chunks its files uploaded fall to GC after the grace period.
+        """
+        _check_repo_name(repo)
+        for tag in tags:
+            check_tag_name(tag)
+        links = [VersionLink(v.repo, v.id) for v in (self.resolve(r) for r in inputs)]
+        return Stage.create(
+            self,
+            repo=repo,
+            message=message,
+            tags=list(tags),
+            params=_check_params(params or {}),
+            metrics=_check_metrics(metrics or {}),
+            inputs=links,
+            author=author or default_author(),
+            ttl_seconds=ttl_seconds,
+        )
+
+    def open_stage(self, stage_id: str) -> Stage:
+        """A handle on a stage another process opened."""
+        return Stage.open(self, stage_id)
+
+    def stage_add(
+        self,
+        stage_id: str,
+        path: str | os.PathLike,
+        as_path: str | None = None,
+        progress: Progress | None = None,
+    ) -> list[FileEntry]:
+        """Upload a file or directory into a stage (see :meth:`Stage.add`)."""
+        return self.open_stage(stage_id).add(path, as_path, progress)
 
     def tag(self, ref: str, tag: str) -> Version:
         """Point ``tag`` at the version ``ref`` names (moving it if it exists)."""
@@ -519,7 +572,8 @@ class Repository:
             raise InvalidInput("grace period must be >= 0 seconds")
         started = time.time()
         versions = list(self._all_versions())
-        live_manifests = {f.manifest_id for v in versions for f in v.files}
+        live_manifests, stages_dropped = live_stage_manifests(self.store)
+        live_manifests.update(f.manifest_id for v in versions for f in v.files)
         live_chunks: set[bytes] = set()
         for mid in live_manifests:
             manifest = Manifest.decode(mid, self.store.get_manifest(mid))
@@ -550,6 +604,7 @@ class Repository:
             deleted_bytes=doomed_bytes,
             spared_young=young,
             deleted_manifests=deleted_manifests,
+            expired_stages=stages_dropped,
         )
 
     def _all_versions(self) -> Iterable[Version]:

@@ -65,6 +65,11 @@ def repo_key(repo: str) -> bytes:
     return ids.record_id(b"repo:" + repo.encode())
 
 
+def stage_key(stage_id: bytes) -> bytes:
+    """The ring key of a stage and its files."""
+    return ids.record_id(b"stage:" + stage_id)
+
+
 def parse_url(url: str) -> list[str]:
     """The ``HOST:PORT`` addresses of ``grpc://HOST:PORT[,HOST:PORT...]``; InvalidInput if bad."""
     if not url.startswith(SCHEME):
@@ -513,13 +518,82 @@ class ClusterStore(Store):
         """``call`` on every owner of ``repo``'s records: the answers in ring order.
 
         Raises if no owner answers."""
-        owners = self._owners(repo_key(repo))
+        return self._ask_key_owners(repo_key(repo), call, f"{what} of {repo!r}")
+
+    def _ask_key_owners(self, key: bytes, call: Callable[[NodeClient], T], what: str) -> list[T]:
+        owners = self._owners(key)
         replies = call_each(
             self._pool, {n: partial(call, n) for n in owners}, lambda r: len(r.ok) >= self._quorum
         )
         if not replies.ok:
-            raise to_error(f"{what} of {repo!r}", replies.failed)
+            raise to_error(what, replies.failed)
         return [replies.ok[n.id] for n in owners if n.id in replies.ok]
+
+    # stages: placed by their id, replicated like versions
+
+    def put_stage(self, stage_id: bytes, data: bytes) -> None:
+        record = pb.StageRecord(id=stage_id, data=data)
+        write_all(
+            self._pool,
+            self._owners(stage_key(stage_id)),
+            lambda n: n.meta.PutStage(record, timeout=self.policy.deadline(len(data))),
+            self._quorum,
+            f"store stage {stage_id.hex()}",
+        )
+
+    def get_stage(self, stage_id: bytes) -> bytes:
+        key = pb.StageKey(id=stage_id)
+        return first_answer(
+            self._owners(stage_key(stage_id)),
+            lambda n: n.meta.GetStage(key, timeout=self.policy.timeout),
+            f"read stage {stage_id.hex()}",
+        ).data
+
+    def put_stage_file(self, stage_id: bytes, path: str, data: bytes) -> None:
+        record = pb.StageFile(stage_id=stage_id, path=path, data=data)
+        write_all(
+            self._pool,
+            self._owners(stage_key(stage_id)),
+            lambda n: n.meta.PutStageFile(record, timeout=self.policy.deadline(len(data))),
+            self._quorum,
+            f"add {path!r} to stage {stage_id.hex()}",
+        )
+
+    def stage_files(self, stage_id: bytes) -> dict[str, bytes]:
+        """The files any reachable owner of the stage recorded."""
+        key = pb.StageKey(id=stage_id)
+        replies = self._ask_key_owners(
+            stage_key(stage_id),
+            lambda n: n.meta.ListStageFiles(key, timeout=self.policy.deadline(stream=True)),
+            f"list files of stage {stage_id.hex()}",
+        )
+        files: dict[str, bytes] = {}
+        for reply in replies:
+            for f in reply.files:
+                files.setdefault(f.path, f.data)
+        return files
+
+    def delete_stage(self, stage_id: bytes) -> None:
+        key = pb.StageKey(id=stage_id)
+        remove_all(
+            self._pool,
+            self._owners(stage_key(stage_id)),
+            lambda n: n.meta.DeleteStage(key, timeout=self.policy.timeout),
+            self._quorum,
+            f"delete stage {stage_id.hex()}",
+        )
+
+    def list_stages(self) -> list[tuple[bytes, bytes]]:
+        """Stages of every node (GC needs them all: it raises if a node does not answer)."""
+        replies = self._every_node(
+            lambda n: n.meta.ListStages(pb.Empty(), timeout=self.policy.deadline(stream=True)),
+            "list stages",
+        )
+        stages: dict[bytes, bytes] = {}
+        for reply in replies.values():
+            for record in reply.stages:
+                stages.setdefault(record.id, record.data)
+        return list(stages.items())
 
 
 def _removal(

@@ -18,6 +18,7 @@ from chunkstore.v1 import store_pb2_grpc as pb_grpc
 from .chunk_service import chunk_ids
 
 SCAN_BATCH = 4096  # ManifestInfo per ScanManifests message
+STAGE_ID_SIZE = 16
 
 _EMPTY = pb.Empty()
 
@@ -97,3 +98,37 @@ class MetaServicer(pb_grpc.MetaServiceServicer):
         return pb.Tags(
             tags=[pb.Tag(repo=request.repo, tag=t, version_id=v) for t, v in sorted(tags.items())]
         )
+
+    def PutStage(self, request: pb.StageRecord, context: grpc.ServicerContext) -> pb.Empty:
+        self._store.put_stage(_stage_id(request.id), request.data)
+        return _EMPTY
+
+    def GetStage(self, request: pb.StageKey, context: grpc.ServicerContext) -> pb.StageRecord:
+        stage_id = _stage_id(request.id)
+        return pb.StageRecord(id=stage_id, data=self._store.get_stage(stage_id))
+
+    def PutStageFile(self, request: pb.StageFile, context: grpc.ServicerContext) -> pb.Empty:
+        self._store.put_stage_file(_stage_id(request.stage_id), request.path, request.data)
+        return _EMPTY
+
+    def ListStageFiles(self, request: pb.StageKey, context: grpc.ServicerContext) -> pb.StageFiles:
+        stage_id = _stage_id(request.id)
+        files = self._store.stage_files(stage_id)
+        return pb.StageFiles(
+            files=[pb.StageFile(stage_id=stage_id, path=p, data=d) for p, d in files.items()]
+        )
+
+    def DeleteStage(self, request: pb.StageKey, context: grpc.ServicerContext) -> pb.Empty:
+        self._store.delete_stage(_stage_id(request.id))
+        return _EMPTY
+
+    def ListStages(self, request: pb.Empty, context: grpc.ServicerContext) -> pb.StageRecords:
+        return pb.StageRecords(
+            stages=[pb.StageRecord(id=i, data=d) for i, d in self._store.list_stages()]
+        )
+
+
+def _stage_id(raw: bytes) -> bytes:
+    if len(raw) != STAGE_ID_SIZE:
+        raise errors.InvalidInput(f"a stage id has {STAGE_ID_SIZE} bytes, got {len(raw)}")
+    return raw

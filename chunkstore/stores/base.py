@@ -153,6 +153,31 @@ class MetaStore(ABC):
         """All tags of ``repo``: name -> version id."""
 
     @abstractmethod
+    def put_stage(self, stage_id: bytes, data: bytes) -> None:
+        """Store a stage record durably, creating or replacing it."""
+
+    @abstractmethod
+    def get_stage(self, stage_id: bytes) -> bytes:
+        """Return a stage record; NotFound if absent."""
+
+    @abstractmethod
+    def put_stage_file(self, stage_id: bytes, path: str, data: bytes) -> None:
+        """Record one file of a stage (replacing one of the same path); NotFound if the stage
+        is absent."""
+
+    @abstractmethod
+    def stage_files(self, stage_id: bytes) -> dict[str, bytes]:
+        """The files recorded for a stage: path -> record (empty if none or no stage)."""
+
+    @abstractmethod
+    def delete_stage(self, stage_id: bytes) -> None:
+        """Remove a stage and its files; NotFound if absent."""
+
+    @abstractmethod
+    def list_stages(self) -> list[tuple[bytes, bytes]]:
+        """``(id, record)`` of every stage."""
+
+    @abstractmethod
     def scan_manifests(self) -> Iterator[tuple[bytes, float]]:
         """Yield ``(id, stored_at)`` of every manifest once; stored_at is its last put's time."""
 

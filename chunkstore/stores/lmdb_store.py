@@ -9,6 +9,8 @@ It is the default store on one machine and each storage node's shard. Named data
 - ``manifest_meta``: manifest id -> stored_at
 - ``versions``: repo (UTF-8) + NUL + version id -> version record
 - ``tags``: repo (UTF-8) + NUL + tag (UTF-8) -> version id
+- ``stages``: stage id -> stage record
+- ``stage_files``: stage id + NUL + path (UTF-8) -> staged file record
 - ``meta``: ``format`` -> ``1``; ``stored_bytes`` -> total blob bytes, uint64 LE
 
 Every write is one transaction committed with sync, so it is durable and all or nothing. LMDB
@@ -44,6 +46,8 @@ _DBS = (
     b"manifest_meta",
     b"versions",
     b"tags",
+    b"stages",
+    b"stage_files",
     b"meta",
 )
 _FORMAT_KEY = b"format"
@@ -129,6 +133,8 @@ class LmdbStore(Store):
             self._manifest_meta,
             self._versions,
             self._tags,
+            self._stages,
+            self._stage_files,
             self._meta,
         ) = dbs
 
@@ -471,6 +477,43 @@ class LmdbStore(Store):
         rows = self._read(partial(_with_prefix, self._tags, _key(repo, b"")))
         return {tag.decode(): version_id for tag, version_id in rows}
 
+    # stages
+
+    def put_stage(self, stage_id: bytes, data: bytes) -> None:
+        self._write(lambda txn: txn.put(stage_id, data, db=self._stages))
+
+    def get_stage(self, stage_id: bytes) -> bytes:
+        data = self._read(lambda txn: txn.get(stage_id, db=self._stages))
+        if data is None:
+            raise errors.NotFound(f"stage {stage_id.hex()} not found")
+        return data
+
+    def put_stage_file(self, stage_id: bytes, path: str, data: bytes) -> None:
+        def write(txn: lmdb.Transaction) -> None:
+            if txn.get(stage_id, db=self._stages) is None:
+                raise errors.NotFound(f"stage {stage_id.hex()} not found")
+            txn.put(_stage_key(stage_id, path), data, db=self._stage_files)
+
+        self._write(write)
+
+    def stage_files(self, stage_id: bytes) -> dict[str, bytes]:
+        rows = self._read(partial(_with_prefix, self._stage_files, stage_id + b"\0"))
+        return {path.decode(): data for path, data in rows}
+
+    def delete_stage(self, stage_id: bytes) -> None:
+        def remove(txn: lmdb.Transaction) -> None:
+            if not txn.delete(stage_id, db=self._stages):
+                raise errors.NotFound(f"stage {stage_id.hex()} not found")
+            for path, _ in _with_prefix(self._stage_files, stage_id + b"\0", txn):
+                txn.delete(stage_id + b"\0" + path, db=self._stage_files)
+
+        self._write(remove)
+
+    def list_stages(self) -> list[tuple[bytes, bytes]]:
+        return self._read(
+            lambda txn: [(bytes(k), bytes(v)) for k, v in txn.cursor(db=self._stages)]
+        )
+
 
 def _key(repo: str, name: bytes) -> bytes:
     """The key of a version or tag: repo + NUL + name."""
@@ -552,3 +595,10 @@ def _reason(e: OSError | lmdb.Error) -> str:
     """The short reason of an OS or LMDB error, e.g. 'permission denied'."""
     text = e.strerror if isinstance(e, OSError) and e.strerror else str(e).rsplit(": ", 1)[-1]
     return text[:1].lower() + text[1:]
+
+
+def _stage_key(stage_id: bytes, path: str) -> bytes:
+    key = stage_id + b"\0" + path.encode()
+    if len(key) > _MAX_KEY:
+        raise errors.InvalidInput(f"staged path too long: {path!r}")
+    return key

@@ -23,6 +23,8 @@ class MemoryStore(Store):
         self._manifest_stored_at: dict[bytes, float] = {}
         self._versions: dict[tuple[str, bytes], bytes] = {}
         self._tags: dict[tuple[str, str], bytes] = {}
+        self._stages: dict[bytes, bytes] = {}
+        self._stage_files: dict[bytes, dict[str, bytes]] = {}
 
     # chunks
 
@@ -157,3 +159,37 @@ class MemoryStore(Store):
     def tags(self, repo: str) -> dict[str, bytes]:
         with self._lock:
             return {t: vid for (r, t), vid in self._tags.items() if r == repo}
+
+    # stages
+
+    def put_stage(self, stage_id: bytes, data: bytes) -> None:
+        with self._lock:
+            self._stages[stage_id] = bytes(data)
+            self._stage_files.setdefault(stage_id, {})
+
+    def get_stage(self, stage_id: bytes) -> bytes:
+        with self._lock:
+            try:
+                return self._stages[stage_id]
+            except KeyError:
+                raise errors.NotFound(f"stage {stage_id.hex()} not found") from None
+
+    def put_stage_file(self, stage_id: bytes, path: str, data: bytes) -> None:
+        with self._lock:
+            if stage_id not in self._stages:
+                raise errors.NotFound(f"stage {stage_id.hex()} not found")
+            self._stage_files[stage_id][path] = bytes(data)
+
+    def stage_files(self, stage_id: bytes) -> dict[str, bytes]:
+        with self._lock:
+            return dict(self._stage_files.get(stage_id, {}))
+
+    def delete_stage(self, stage_id: bytes) -> None:
+        with self._lock:
+            if self._stages.pop(stage_id, None) is None:
+                raise errors.NotFound(f"stage {stage_id.hex()} not found")
+            self._stage_files.pop(stage_id, None)
+
+    def list_stages(self) -> list[tuple[bytes, bytes]]:
+        with self._lock:
+            return list(self._stages.items())

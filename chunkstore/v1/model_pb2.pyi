@@ -97,3 +97,47 @@ class VersionLink(_message.Message):
     repo: str
     id: bytes
     def __init__(self, repo: _Optional[str] = ..., id: _Optional[bytes] = ...) -> None: ...
+
+class Stage(_message.Message):
+    __slots__ = ("repo", "message", "author", "params", "metrics", "tags", "inputs", "created_ns", "expires_ns")
+    class ParamsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    REPO_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    AUTHOR_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_NS_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_NS_FIELD_NUMBER: _ClassVar[int]
+    repo: str
+    message: str
+    author: str
+    params: _containers.ScalarMap[str, str]
+    metrics: _containers.ScalarMap[str, float]
+    tags: _containers.RepeatedScalarFieldContainer[str]
+    inputs: _containers.RepeatedCompositeFieldContainer[VersionLink]
+    created_ns: int
+    expires_ns: int
+    def __init__(self, repo: _Optional[str] = ..., message: _Optional[str] = ..., author: _Optional[str] = ..., params: _Optional[_Mapping[str, str]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., tags: _Optional[_Iterable[str]] = ..., inputs: _Optional[_Iterable[_Union[VersionLink, _Mapping]]] = ..., created_ns: _Optional[int] = ..., expires_ns: _Optional[int] = ...) -> None: ...
+
+class StagedFile(_message.Message):
+    __slots__ = ("entry", "new_bytes")
+    ENTRY_FIELD_NUMBER: _ClassVar[int]
+    NEW_BYTES_FIELD_NUMBER: _ClassVar[int]
+    entry: FileEntry
+    new_bytes: int
+    def __init__(self, entry: _Optional[_Union[FileEntry, _Mapping]] = ..., new_bytes: _Optional[int] = ...) -> None: ...

@@ -166,6 +166,42 @@ class Tags(_message.Message):
     tags: _containers.RepeatedCompositeFieldContainer[Tag]
     def __init__(self, tags: _Optional[_Iterable[_Union[Tag, _Mapping]]] = ...) -> None: ...
 
+class StageRecord(_message.Message):
+    __slots__ = ("id", "data")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    id: bytes
+    data: bytes
+    def __init__(self, id: _Optional[bytes] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class StageKey(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: bytes
+    def __init__(self, id: _Optional[bytes] = ...) -> None: ...
+
+class StageFile(_message.Message):
+    __slots__ = ("stage_id", "path", "data")
+    STAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    stage_id: bytes
+    path: str
+    data: bytes
+    def __init__(self, stage_id: _Optional[bytes] = ..., path: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class StageFiles(_message.Message):
+    __slots__ = ("files",)
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    files: _containers.RepeatedCompositeFieldContainer[StageFile]
+    def __init__(self, files: _Optional[_Iterable[_Union[StageFile, _Mapping]]] = ...) -> None: ...
+
+class StageRecords(_message.Message):
+    __slots__ = ("stages",)
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    stages: _containers.RepeatedCompositeFieldContainer[StageRecord]
+    def __init__(self, stages: _Optional[_Iterable[_Union[StageRecord, _Mapping]]] = ...) -> None: ...
+
 class NodeInfo(_message.Message):
     __slots__ = ("id", "address", "weight")
     ID_FIELD_NUMBER: _ClassVar[int]

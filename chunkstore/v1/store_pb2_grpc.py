@@ -325,7 +325,7 @@ class ChunkService:
 
 
 class MetaServiceStub:
-    """Manifests, version records and tags. NOT_FOUND for an absent record.
+    """Manifests, version records, tags and stages. NOT_FOUND for an absent record.
     """
 
     def __init__(self, channel):
@@ -399,10 +399,40 @@ class MetaServiceStub:
                 request_serializer=chunkstore_dot_v1_dot_store__pb2.RepoName.SerializeToString,
                 response_deserializer=chunkstore_dot_v1_dot_store__pb2.Tags.FromString,
                 _registered_method=True)
+        self.PutStage = channel.unary_unary(
+                '/chunkstore.v1.MetaService/PutStage',
+                request_serializer=chunkstore_dot_v1_dot_store__pb2.StageRecord.SerializeToString,
+                response_deserializer=chunkstore_dot_v1_dot_store__pb2.Empty.FromString,
+                _registered_method=True)
+        self.GetStage = channel.unary_unary(
+                '/chunkstore.v1.MetaService/GetStage',
+                request_serializer=chunkstore_dot_v1_dot_store__pb2.StageKey.SerializeToString,
+                response_deserializer=chunkstore_dot_v1_dot_store__pb2.StageRecord.FromString,
+                _registered_method=True)
+        self.PutStageFile = channel.unary_unary(
+                '/chunkstore.v1.MetaService/PutStageFile',
+                request_serializer=chunkstore_dot_v1_dot_store__pb2.StageFile.SerializeToString,
+                response_deserializer=chunkstore_dot_v1_dot_store__pb2.Empty.FromString,
+                _registered_method=True)
+        self.ListStageFiles = channel.unary_unary(
+                '/chunkstore.v1.MetaService/ListStageFiles',
+                request_serializer=chunkstore_dot_v1_dot_store__pb2.StageKey.SerializeToString,
+                response_deserializer=chunkstore_dot_v1_dot_store__pb2.StageFiles.FromString,
+                _registered_method=True)
+        self.DeleteStage = channel.unary_unary(
+                '/chunkstore.v1.MetaService/DeleteStage',
+                request_serializer=chunkstore_dot_v1_dot_store__pb2.StageKey.SerializeToString,
+                response_deserializer=chunkstore_dot_v1_dot_store__pb2.Empty.FromString,
+                _registered_method=True)
+        self.ListStages = channel.unary_unary(
+                '/chunkstore.v1.MetaService/ListStages',
+                request_serializer=chunkstore_dot_v1_dot_store__pb2.Empty.SerializeToString,
+                response_deserializer=chunkstore_dot_v1_dot_store__pb2.StageRecords.FromString,
+                _registered_method=True)
 
 
 class MetaServiceServicer:
-    """Manifests, version records and tags. NOT_FOUND for an absent record.
+    """Manifests, version records, tags and stages. NOT_FOUND for an absent record.
     """
 
     def PutManifest(self, request, context):
@@ -484,6 +514,43 @@ class MetaServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PutStage(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetStage(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PutStageFile(self, request, context):
+        """NOT_FOUND if the stage is absent
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListStageFiles(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteStage(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListStages(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MetaServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -552,6 +619,36 @@ def add_MetaServiceServicer_to_server(servicer, server):
                     request_deserializer=chunkstore_dot_v1_dot_store__pb2.RepoName.FromString,
                     response_serializer=chunkstore_dot_v1_dot_store__pb2.Tags.SerializeToString,
             ),
+            'PutStage': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutStage,
+                    request_deserializer=chunkstore_dot_v1_dot_store__pb2.StageRecord.FromString,
+                    response_serializer=chunkstore_dot_v1_dot_store__pb2.Empty.SerializeToString,
+            ),
+            'GetStage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStage,
+                    request_deserializer=chunkstore_dot_v1_dot_store__pb2.StageKey.FromString,
+                    response_serializer=chunkstore_dot_v1_dot_store__pb2.StageRecord.SerializeToString,
+            ),
+            'PutStageFile': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutStageFile,
+                    request_deserializer=chunkstore_dot_v1_dot_store__pb2.StageFile.FromString,
+                    response_serializer=chunkstore_dot_v1_dot_store__pb2.Empty.SerializeToString,
+            ),
+            'ListStageFiles': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListStageFiles,
+                    request_deserializer=chunkstore_dot_v1_dot_store__pb2.StageKey.FromString,
+                    response_serializer=chunkstore_dot_v1_dot_store__pb2.StageFiles.SerializeToString,
+            ),
+            'DeleteStage': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteStage,
+                    request_deserializer=chunkstore_dot_v1_dot_store__pb2.StageKey.FromString,
+                    response_serializer=chunkstore_dot_v1_dot_store__pb2.Empty.SerializeToString,
+            ),
+            'ListStages': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListStages,
+                    request_deserializer=chunkstore_dot_v1_dot_store__pb2.Empty.FromString,
+                    response_serializer=chunkstore_dot_v1_dot_store__pb2.StageRecords.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'chunkstore.v1.MetaService', rpc_method_handlers)
@@ -561,7 +658,7 @@ def add_MetaServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class MetaService:
-    """Manifests, version records and tags. NOT_FOUND for an absent record.
+    """Manifests, version records, tags and stages. NOT_FOUND for an absent record.
     """
 
     @staticmethod
@@ -905,6 +1002,168 @@ class MetaService:
             '/chunkstore.v1.MetaService/ListTags',
             chunkstore_dot_v1_dot_store__pb2.RepoName.SerializeToString,
             chunkstore_dot_v1_dot_store__pb2.Tags.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutStage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chunkstore.v1.MetaService/PutStage',
+            chunkstore_dot_v1_dot_store__pb2.StageRecord.SerializeToString,
+            chunkstore_dot_v1_dot_store__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chunkstore.v1.MetaService/GetStage',
+            chunkstore_dot_v1_dot_store__pb2.StageKey.SerializeToString,
+            chunkstore_dot_v1_dot_store__pb2.StageRecord.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutStageFile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chunkstore.v1.MetaService/PutStageFile',
+            chunkstore_dot_v1_dot_store__pb2.StageFile.SerializeToString,
+            chunkstore_dot_v1_dot_store__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListStageFiles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chunkstore.v1.MetaService/ListStageFiles',
+            chunkstore_dot_v1_dot_store__pb2.StageKey.SerializeToString,
+            chunkstore_dot_v1_dot_store__pb2.StageFiles.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteStage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chunkstore.v1.MetaService/DeleteStage',
+            chunkstore_dot_v1_dot_store__pb2.StageKey.SerializeToString,
+            chunkstore_dot_v1_dot_store__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListStages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chunkstore.v1.MetaService/ListStages',
+            chunkstore_dot_v1_dot_store__pb2.Empty.SerializeToString,
+            chunkstore_dot_v1_dot_store__pb2.StageRecords.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,218 @@
+"""Stages: one version filled by several processes (the ranks of a training job).
+
+Rank 0 opens a stage and passes its id to the other ranks; each uploads its own files into it;
+rank 0 commits once all reported. The commit checks that every staged chunk and manifest is
+still stored, then writes one version record: before that nothing of the stage is visible, and
+an aborted or expired stage leaves only unreferenced chunks, which GC collects after its grace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from chunkstore.errors import InvalidInput, NotFound
+from chunkstore.model import FileEntry, Version, VersionLink, normalise_path
+from chunkstore.progress import Progress
+from chunkstore.stores.base import MetaStore
+from chunkstore.tree import list_tree
+from chunkstore.v1 import model_pb2
+
+if TYPE_CHECKING:
+    from chunkstore.repository import Repository
+
+DEFAULT_STAGE_TTL = 24 * 3600.0
+STAGE_ID_BYTES = 16
+
+
+def parse_stage_id(text: str) -> bytes:
+    try:
+        raw = bytes.fromhex(text)
+    except ValueError:
+        raw = b""
+    if len(raw) != STAGE_ID_BYTES:
+        raise InvalidInput(f"invalid stage id {text!r}: want {2 * STAGE_ID_BYTES} hex digits")
+    return raw
+
+
+def stage_expired(record: model_pb2.Stage, now_ns: int | None = None) -> bool:
+    return (now_ns or time.time_ns()) >= record.expires_ns
+
+
+class Stage:
+    """A handle on a stage; any process holding the id can add files, one commits."""
+
+    def __init__(self, repository: Repository, stage_id: bytes, record: model_pb2.Stage) -> None:
+        self._repository = repository
+        self._raw_id = stage_id
+        self.record = record
+
+    @property
+    def id(self) -> str:
+        """The id to hand to the other processes."""
+        return self._raw_id.hex()
+
+    @property
+    def repo(self) -> str:
+        return self.record.repo
+
+    @classmethod
+    def create(
+        cls,
+        repository: Repository,
+        *,
+        repo: str,
+        message: str,
+        tags: list[str],
+        params: dict[str, str],
+        metrics: dict[str, float],
+        inputs: list[VersionLink],
+        author: str,
+        ttl_seconds: float,
+    ) -> Stage:
+        if not ttl_seconds > 0:
+            raise InvalidInput("a stage's time to live must be > 0 seconds")
+        now = time.time_ns()
+        record = model_pb2.Stage(
+            repo=repo,
+            message=message,
+            author=author,
+            params=params,
+            metrics=metrics,
+            tags=tags,
+            inputs=[model_pb2.VersionLink(repo=i.repo, id=i.id) for i in inputs],
+            created_ns=now,
+            expires_ns=now + int(ttl_seconds * 1e9),
+        )
+        stage_id = secrets.token_bytes(STAGE_ID_BYTES)
+        repository.store.put_stage(stage_id, record.SerializeToString(deterministic=True))
+        return cls(repository, stage_id, record)
+
+    @classmethod
+    def open(cls, repository: Repository, stage_id: str) -> Stage:
+        raw = parse_stage_id(stage_id)
+        try:
+            data = repository.store.get_stage(raw)
+        except NotFound:
+            raise NotFound(f"no stage {stage_id} (committed, aborted or expired)") from None
+        return cls(repository, raw, model_pb2.Stage.FromString(data))
+
+    def _check_open(self) -> None:
+        """Raise unless the stage still exists and has not expired."""
+        try:
+            self._repository.store.get_stage(self._raw_id)
+        except NotFound:
+            raise NotFound(f"no stage {self.id} (committed, aborted or expired)") from None
+        if stage_expired(self.record):
+            raise InvalidInput(f"stage {self.id} has expired")
+
+    def add(
+        self,
+        path: str | os.PathLike,
+        as_path: str | None = None,
+        progress: Progress | None = None,
+    ) -> list[FileEntry]:
+        """Upload a file (stored as ``as_path``, default its base name) or a directory (its
+        files under ``as_path/``, default at the top) into the stage.
+
+        Returns the entries added. A path staged twice keeps the last upload.
+        """
+        self._check_open()
+        tree = list_tree(Path(path))
+        if not tree:
+            raise InvalidInput(f"nothing to stage: {path} holds no files")
+        if as_path is not None:
+            prefix = normalise_path(as_path)
+            if Path(path).is_file():
+                tree = [(prefix, tree[0][1])]
+            else:
+                tree = [(f"{prefix}/{name}", local) for name, local in tree]
+        entries, stats = self._repository.store_tree(tree, f"stage {self.repo}", progress)
+        share = stats.new_stored_bytes // len(entries)
+        for entry in entries:
+            staged = model_pb2.StagedFile(
+                entry=model_pb2.FileEntry(
+                    path=entry.path,
+                    size=entry.size,
+                    digest=entry.digest,
+                    manifest_id=entry.manifest_id,
+                    mode=entry.mode,
+                ),
+                new_bytes=share,
+            )
+            self._repository.store.put_stage_file(
+                self._raw_id, entry.path, staged.SerializeToString(deterministic=True)
+            )
+        return entries
+
+    def files(self) -> list[tuple[FileEntry, int]]:
+        """The staged files with the new bytes each upload stored, sorted by path."""
+        out = []
+        for path, data in sorted(self._repository.store.stage_files(self._raw_id).items()):
+            staged = model_pb2.StagedFile.FromString(data)
+            e = staged.entry
+            out.append((FileEntry(path, e.size, e.digest, e.manifest_id, e.mode), staged.new_bytes))
+        return out
+
+    def commit(self) -> Version:
+        """Make the stage one version of its repo, atomically; the stage is gone after."""
+        self._check_open()
+        staged = self.files()
+        if not staged:
+            raise InvalidInput(f"stage {self.id} has no files")
+        entries = [entry for entry, _ in staged]
+        self._check_durable(entries)
+        r = self.record
+        version = self._repository.commit_version(
+            r.repo,
+            entries,
+            r.message,
+            dict(r.params),
+            dict(r.metrics),
+            [VersionLink(i.repo, i.id) for i in r.inputs],
+            r.author,
+            list(r.tags),
+            sum(new for _, new in staged),
+        )
+        self._repository.store.delete_stage(self._raw_id)
+        return version
+
+    def abort(self) -> None:
+        """Drop the stage; what its files uploaded is left to GC."""
+        self._repository.store.delete_stage(self._raw_id)
+
+    def _check_durable(self, entries: list[FileEntry]) -> None:
+        """Every manifest and chunk the entries need is stored (and marked wanted now)."""
+        store = self._repository.store
+        manifest_ids = [e.manifest_id for e in entries]
+        if store.has_manifests(manifest_ids) != set(manifest_ids):
+            raise NotFound(f"stage {self.id}: some staged files' manifests are gone; add again")
+        chunk_ids = list(
+            dict.fromkeys(cid for e in entries for cid, _ in self._repository.manifest(e).chunks)
+        )
+        for i in range(0, len(chunk_ids), 8192):
+            if store.missing(chunk_ids[i : i + 8192]):
+                raise NotFound(f"stage {self.id}: some staged chunks are gone; add the files again")
+
+
+def live_stage_manifests(store: MetaStore) -> tuple[set[bytes], int]:
+    """The manifests of open stages' files (GC keeps them), after dropping expired stages.
+
+    Returns ``(manifest ids, stages dropped)``.
+    """
+    live: set[bytes] = set()
+    dropped = 0
+    now = time.time_ns()
+    for stage_id, data in store.list_stages():
+        if stage_expired(model_pb2.Stage.FromString(data), now):
+            with contextlib.suppress(NotFound):
+                store.delete_stage(stage_id)
+            dropped += 1
+            continue
+        for staged in store.stage_files(stage_id).values():
+            live.add(model_pb2.StagedFile.FromString(staged).entry.manifest_id)
+    return live, dropped
