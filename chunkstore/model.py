@@ -236,7 +236,5 @@ class Manifest:
         chunks = [(c.id, c.length) for c in msg.chunks]
         if sum(n for _, n in chunks) != msg.size:
             raise InvalidInput(f"manifest {manifest_id.hex()} chunk lengths do not add up")
-        tensors = [
-            TensorInfo(t.name, t.dtype, tuple(t.shape), t.begin, t.end) for t in msg.tensors
-        ]
+        tensors = [TensorInfo(t.name, t.dtype, tuple(t.shape), t.begin, t.end) for t in msg.tensors]
         return cls(size=msg.size, chunks=chunks, tensors=tensors)

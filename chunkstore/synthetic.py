@@ -28,7 +28,8 @@ def weights(rng: np.random.Generator, count: int, dtype: str) -> np.ndarray:
 
 
 def write_safetensors(
-    path: Path, tensors: dict[str, tuple[str, tuple[int, ...], np.ndarray]],
+    path: Path,
+    tensors: dict[str, tuple[str, tuple[int, ...], np.ndarray]],
     metadata: dict[str, str] | None = None,
 ) -> None:
     """Write ``name -> (safetensors dtype, shape, flat array)`` as a safetensors file."""
@@ -37,8 +38,11 @@ def write_safetensors(
         header["__metadata__"] = metadata
     offset = 0
     for name, (dtype, shape, data) in tensors.items():
-        header[name] = {"dtype": dtype, "shape": list(shape),
-                        "data_offsets": [offset, offset + data.nbytes]}
+        header[name] = {
+            "dtype": dtype,
+            "shape": list(shape),
+            "data_offsets": [offset, offset + data.nbytes],
+        }
         offset += data.nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
