@@ -491,3 +491,25 @@ def test_lmdb_full_disk(tmp_path, monkeypatch, error, at):
         assert {i.id for i in store.scan()} == {cid for cid, _ in kept}
         assert store.totals().stored_bytes == sum(len(b) for _, b in kept)
         assert store.put(chunks(5)) > 0  # the store still works
+
+
+def _rss_file_kib() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("RssFile:"):
+                return int(line.split()[1])
+    raise AssertionError("no RssFile in /proc/self/status")
+
+
+def test_lmdb_reads_do_not_keep_the_map_resident(tmp_path):
+    """Reading 192 MiB of chunks leaves at most about one release interval of map pages."""
+    with LmdbStore(tmp_path / "s") as store:
+        all_ids = []
+        for seed in range(6):
+            batch = chunks(512, size=65536, seed=100 + seed)
+            store.put(batch)
+            all_ids += [cid for cid, _ in batch]
+        before = _rss_file_kib()
+        read = sum(len(blob) for _, blob in store.get(all_ids))
+        assert read >= 192 << 20
+        assert _rss_file_kib() - before < 100 << 10

@@ -35,6 +35,7 @@ import lmdb
 
 from chunkstore import errors
 from chunkstore.stores.base import ChunkInfo, ChunkTotals, Store
+from chunkstore.stores.resident import drop_resident, mapped_ranges
 
 T = TypeVar("T")
 
@@ -54,6 +55,7 @@ _FORMAT_KEY = b"format"
 _STORED_KEY = b"stored_bytes"
 _SCAN_BATCH = 4096  # keys per read transaction when iterating a whole database
 _GET_BATCH_BYTES = 16 << 20  # blob bytes copied out per read transaction in get()
+_RELEASE_BYTES = 64 << 20  # blob bytes read or written between drops of resident map pages
 _MAX_KEY = 511  # LMDB's default maximum key size
 _STAMP = struct.Struct("<d")
 _CHUNK_META = struct.Struct("<dI")  # wanted_at, blob size
@@ -137,6 +139,8 @@ class LmdbStore(Store):
             self._stage_files,
             self._meta,
         ) = dbs
+        self._map_ranges = mapped_ranges(self.path / "data.mdb")
+        self._since_release = 0
 
     def _open_env(self, create: bool, map_size: int) -> lmdb.Environment:
         if not (self.path / "data.mdb").exists():
@@ -246,14 +250,18 @@ class LmdbStore(Store):
         """
         with self._write_lock, self._gate.exclusive():
             self._env.set_mapsize(size)
+            self._map_ranges = mapped_ranges(self.path / "data.mdb")
 
     def _rows(
-        self, db: lmdb._Database, row: Callable[[lmdb.Transaction, lmdb.Cursor], T]
+        self,
+        db: lmdb._Database,
+        row: Callable[[lmdb.Transaction, lmdb.Cursor], T],
+        after: bytes = b"",
     ) -> Iterator[T]:
-        """Yield ``row(txn, cursor)`` at every key of ``db`` in order, without holding one
-        read transaction for long: each one reads a batch, the next resumes after its last key.
+        """Yield ``row(txn, cursor)`` at every key of ``db`` after ``after`` (b"": from the
+        first) in order, without holding one read transaction for long: each one reads a batch,
+        the next resumes after its last key.
         """
-        after = b""
         while True:
             last, rows = self._read(partial(_rows_after, db, after, row), buffers=True)
             yield from rows
@@ -302,14 +310,29 @@ class LmdbStore(Store):
                 self._add_stored(txn, added)
             return added
 
-        return self._write(write)
+        added = self._write(write)
+        self._count_for_release(added)
+        return added
+
+    def _count_for_release(self, nbytes: int) -> None:
+        """Drop the map's resident pages once ``_RELEASE_BYTES`` were read or written."""
+        self._since_release += nbytes
+        if self._since_release >= _RELEASE_BYTES:
+            self._since_release = 0
+            with self._gate.shared():  # no remap meanwhile: the ranges stay valid
+                drop_resident(self._map_ranges)
 
     def get(self, ids: Sequence[bytes]) -> Iterator[tuple[bytes, bytes]]:
-        """Yield ``(id, blob)`` in request order, copying up to 16 MiB per read transaction."""
+        """Yield ``(id, blob)`` in request order, copying up to 16 MiB per read transaction.
+
+        Every ``_RELEASE_BYTES`` read, the map's resident pages are dropped (see
+        :mod:`.resident`), so reading a whole large store keeps memory small.
+        """
         start = 0
         while start < len(ids):
             batch = self._read(partial(self._get_batch, ids, start))
             start += len(batch)
+            self._count_for_release(sum(len(blob) for _, blob in batch))
             yield from batch
 
     def _get_batch(
@@ -349,12 +372,18 @@ class LmdbStore(Store):
 
         return self._write(remove) if ids else 0
 
-    def scan(self) -> Iterator[ChunkInfo]:
+    def scan(self, after: bytes = b"") -> Iterator[ChunkInfo]:
+        """See :meth:`ChunkStore.scan`; in id order, starting after ``after`` if given."""
+
         def info(txn: lmdb.Transaction, cursor: lmdb.Cursor) -> ChunkInfo:
             wanted_at, size = _CHUNK_META.unpack(cursor.value())
             return ChunkInfo(bytes(cursor.key()), size, wanted_at)
 
-        return self._rows(self._chunk_meta, info)
+        return self._rows(self._chunk_meta, info, after)
+
+    def holds(self, ids: Sequence[bytes]) -> set[bytes]:
+        """The ids among ``ids`` that are stored; unlike :meth:`missing`, marks nothing."""
+        return set(self._read(partial(_present, self._chunk_meta, ids)))
 
     def totals(self) -> ChunkTotals:
         return self._read(

@@ -1,0 +1,38 @@
+"""Dropping a file mapping's resident pages, so reading a large store does not grow RSS.
+
+LMDB reads through a read-only shared memory map: every page a read touches stays mapped into
+the process (and counted in its resident set) until the kernel needs the memory. Advising
+``MADV_DONTNEED`` over the map unmaps those pages; their contents stay in the page cache and
+are faulted back in when read again. This is safe only for a shared file mapping that nobody
+writes through, which is how LMDB maps its file unless opened with ``writemap``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import mmap
+import os
+from pathlib import Path
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+_libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+
+
+def mapped_ranges(path: Path) -> list[tuple[int, int]]:
+    """``(start, end)`` addresses of this process's mappings of the file at ``path``."""
+    target = os.path.realpath(path)
+    ranges = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5].rstrip("\n") == target:
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                ranges.append((start, end))
+    return ranges
+
+
+def drop_resident(ranges: list[tuple[int, int]]) -> None:
+    """Unmap the resident pages of these (shared, read-only file) mappings."""
+    for start, end in ranges:
+        _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
