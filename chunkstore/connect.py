@@ -1,4 +1,10 @@
-"""Opening a store from a URL: a path (embedded LMDB), ``memory://``, or ``grpc://HOST:PORT,...``."""
+"""Opening a store from a URL: a path (embedded LMDB), ``memory://``, ``grpc://HOST:PORT,...``,
+or ``grpcs://HOST:PORT,...`` (a cluster over TLS).
+
+A cluster client sends ``token`` (default ``$CHUNKSTORE_TOKEN``) on every call; over TLS it
+trusts the CAs in ``$CHUNKSTORE_TLS_CA`` (default: the system's) and presents the client
+certificate in ``$CHUNKSTORE_TLS_CERT`` and ``$CHUNKSTORE_TLS_KEY`` if set.
+"""
 
 from __future__ import annotations
 
@@ -22,23 +28,27 @@ def store_url(url: str | None = None) -> str:
     return url or os.environ.get(ENV_STORE) or str(default_store_path())
 
 
-def open_store(url: str | None = None) -> Store:
-    """Open the store a URL names (see :func:`store_url` for the default)."""
+def open_store(url: str | None = None, *, token: str | None = None) -> Store:
+    """Open the store a URL names (see :func:`store_url` for the default); a cluster's nodes
+    get ``token`` (default ``$CHUNKSTORE_TOKEN``)."""
     url = store_url(url)
     if url.startswith("memory://"):
         from chunkstore.stores.memory import MemoryStore
 
         return MemoryStore()
-    if url.startswith("grpc://"):
+    if url.startswith(("grpc://", "grpcs://")):
         from chunkstore.client.cluster_store import ClusterStore
+        from chunkstore.client.rpc import Credentials, RpcPolicy
 
-        return ClusterStore.connect(url)
+        credentials = Credentials.from_env(tls=url.startswith("grpcs://"), token=token)
+        return ClusterStore.connect(url, RpcPolicy(credentials=credentials))
     from chunkstore.stores.lmdb_store import LmdbStore
 
     path = url.removeprefix("file://")
     return LmdbStore(Path(path).expanduser())
 
 
-def connect(url: str | None = None) -> Repository:
-    """A :class:`Repository` over the store a URL names (default: the embedded store)."""
-    return Repository(open_store(url))
+def connect(url: str | None = None, *, token: str | None = None) -> Repository:
+    """A :class:`Repository` over the store a URL names (default: the embedded store); see
+    :func:`open_store` for ``token``."""
+    return Repository(open_store(url, token=token))

@@ -51,3 +51,9 @@ class StoreUnavailable(ChunkstoreError):
     """The store cannot be opened or reached."""
 
     exit_code = 6
+
+
+class PermissionDenied(ChunkstoreError):
+    """The store refused the caller: no token, an unknown one, or one whose scope is too low."""
+
+    exit_code = 7

@@ -5,16 +5,23 @@ retried with exponential backoff and jitter on UNAVAILABLE and DEADLINE_EXCEEDED
 number of times, and fails with :class:`NodeCallError`, which names the node and the status.
 Code above this module turns those into chunkstore errors with :func:`to_error`; no
 ``grpc.RpcError`` reaches a caller of the store.
+
+Channels speak TLS and carry a token as the policy's :class:`Credentials` say. Server code that
+calls other nodes builds its clients the same way: ``NodeClient(spec, RpcPolicy(credentials=
+node_security.peer))`` (see :func:`chunkstore.server.auth.load_node_security`).
 """
 
 from __future__ import annotations
 
+import collections
+import os
 import random
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import NamedTuple, TypeVar
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple, TypeVar
 
 import grpc
 
@@ -28,6 +35,140 @@ MiB = 1 << 20
 
 #: Statuses worth another attempt: the node may come back or answer in time.
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+#: Statuses that refuse the caller, not the request: no other node will think differently.
+REFUSED = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
+
+ENV_TOKEN = "CHUNKSTORE_TOKEN"
+ENV_TLS_CA = "CHUNKSTORE_TLS_CA"
+ENV_TLS_CERT = "CHUNKSTORE_TLS_CERT"
+ENV_TLS_KEY = "CHUNKSTORE_TLS_KEY"
+ENV_TLS_SERVER_NAME = "CHUNKSTORE_TLS_SERVER_NAME"
+
+
+def valid_token(token: str) -> bool:
+    """Whether ``token`` can travel as ``authorization: Bearer TOKEN`` metadata."""
+    return bool(token) and all("!" <= c <= "~" for c in token)
+
+
+def _read_pem(path: str, what: str) -> bytes:
+    try:
+        return Path(path).expanduser().read_bytes()
+    except OSError as e:
+        raise errors.InvalidInput(f"{what} {path}: cannot read: {e.strerror or e}") from None
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """What a client presents to the nodes and how it checks them.
+
+    - ``tls``: speak TLS (a ``grpcs://`` URL); ``ca``: PEM of the CAs whose node certificates
+      to trust (None: the system's roots); ``cert`` and ``key``: a client certificate, for
+      nodes that require one (mutual TLS); ``server_name``: the name node certificates must
+      carry, instead of the host of the address dialled.
+    - ``token``: sent as ``authorization: Bearer TOKEN`` metadata on every call.
+
+    Key and token stay out of ``repr``.
+    """
+
+    tls: bool = False
+    token: str | None = field(default=None, repr=False)
+    ca: bytes | None = field(default=None, repr=False)
+    cert: bytes | None = field(default=None, repr=False)
+    key: bytes | None = field(default=None, repr=False)
+    server_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.token is not None and not valid_token(self.token):
+            raise errors.InvalidInput(
+                "the token has characters a token cannot have (want printable ASCII, no spaces)"
+            )
+        if (self.cert is None) != (self.key is None):
+            raise errors.InvalidInput(
+                f"a client certificate needs its key: set both ${ENV_TLS_CERT} and ${ENV_TLS_KEY}"
+            )
+
+    @classmethod
+    def from_env(
+        cls, *, tls: bool = False, token: str | None = None, env: Mapping[str, str] | None = None
+    ) -> Credentials:
+        """Credentials from ``$CHUNKSTORE_TOKEN`` (unless ``token`` is given),
+        ``$CHUNKSTORE_TLS_CA``, ``$CHUNKSTORE_TLS_CERT`` and ``$CHUNKSTORE_TLS_KEY`` (PEM files)
+        and ``$CHUNKSTORE_TLS_SERVER_NAME``. The files are read now: InvalidInput if one
+        cannot be. The TLS variables count only when ``tls`` is true."""
+        env = os.environ if env is None else env
+        token = token or env.get(ENV_TOKEN) or None
+        if not tls:
+            return cls(token=token)
+        ca, cert, key = (env.get(v) or None for v in (ENV_TLS_CA, ENV_TLS_CERT, ENV_TLS_KEY))
+        return cls(
+            tls=True,
+            token=token,
+            ca=_read_pem(ca, f"${ENV_TLS_CA}") if ca else None,
+            cert=_read_pem(cert, f"${ENV_TLS_CERT}") if cert else None,
+            key=_read_pem(key, f"${ENV_TLS_KEY}") if key else None,
+            server_name=env.get(ENV_TLS_SERVER_NAME) or None,
+        )
+
+    def channel(self, address: str, options: Sequence[tuple[str, Any]] = ()) -> grpc.Channel:
+        """A channel to ``address`` with these credentials and the given options."""
+        options = list(options)
+        if self.tls:
+            if self.server_name:
+                options.append(("grpc.ssl_target_name_override", self.server_name))
+            credentials = grpc.ssl_channel_credentials(self.ca, self.key, self.cert)
+            channel = grpc.secure_channel(address, credentials, options=options)
+        else:
+            channel = grpc.insecure_channel(address, options=options)
+        if self.token:
+            channel = grpc.intercept_channel(channel, _BearerToken(self.token))
+        return channel
+
+
+class _CallDetails(
+    collections.namedtuple(
+        "_CallDetails",
+        ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression"),
+    ),
+    grpc.ClientCallDetails,
+):
+    pass
+
+
+class _BearerToken(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds ``authorization: Bearer TOKEN`` to the metadata of every call."""
+
+    def __init__(self, token: str) -> None:
+        self._header = ("authorization", f"Bearer {token}")
+
+    def __repr__(self) -> str:
+        return "_BearerToken(...)"
+
+    def _details(self, details: grpc.ClientCallDetails) -> _CallDetails:
+        return _CallDetails(
+            details.method,
+            details.timeout,
+            [*(details.metadata or ()), self._header],
+            details.credentials,
+            details.wait_for_ready,
+            details.compression,
+        )
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_unary_stream(self, continuation, client_call_details, request):
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
+        return continuation(self._details(client_call_details), request_iterator)
+
+    def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
+        return continuation(self._details(client_call_details), request_iterator)
 
 
 @dataclass(frozen=True)
@@ -43,6 +184,9 @@ class RpcPolicy:
     - ``stall_timeout``: a read stream that delivers nothing this long is abandoned.
     - ``max_message_bytes``: gRPC send and receive limit (a chunk is at most 16 MiB).
     - ``reconnect_backoff_ms``: the longest a channel waits before reconnecting to a node.
+    - ``credentials``: TLS and token of every channel (:class:`Credentials`); None is
+      plaintext without a token, except in ``ClusterStore.connect``, which then reads them
+      from the environment (:meth:`Credentials.from_env`).
     """
 
     timeout: float = 10.0
@@ -55,6 +199,7 @@ class RpcPolicy:
     stall_timeout: float = 5.0
     max_message_bytes: int = 64 * MiB
     reconnect_backoff_ms: int = 1000
+    credentials: Credentials | None = None
 
     def deadline(self, nbytes: int = 0, *, stream: bool = False) -> float:
         """Seconds a call that moves ``nbytes`` may take."""
@@ -96,19 +241,58 @@ class NodeCallError(errors.ChunkstoreError):
 def to_error(what: str, failures: Sequence[NodeCallError]) -> errors.ChunkstoreError:
     """The chunkstore error that reports ``failures`` of the operation ``what`` in one line.
 
-    A node's verdict on the request itself wins over unreachable nodes: INVALID_ARGUMENT becomes
-    InvalidInput, RESOURCE_EXHAUSTED StoreFull, NOT_FOUND from every node NotFound (with the
+    A refusal of the caller wins: UNAUTHENTICATED or PERMISSION_DENIED becomes PermissionDenied,
+    naming the first node that refused. Then a node's verdict on the request itself wins over
+    unreachable nodes: INVALID_ARGUMENT becomes InvalidInput, RESOURCE_EXHAUSTED StoreFull
+    (InvalidInput if the request was too large), NOT_FOUND from every node NotFound (with the
     node's own message); anything else StoreUnavailable. The line names every failed node.
     """
     codes = {f.code for f in failures}
+    refused = [f for f in failures if f.code in REFUSED]
+    if refused:
+        first, more = refused[0], len({f.node.id for f in refused} - {refused[0].node.id})
+        return errors.PermissionDenied(
+            f"{what}: node {first.node.id} {first.node.address}: "
+            f"{first.code.name.lower().replace('_', ' ')}: {first.detail}"
+            + (f" (and {more} more node{'s' if more > 1 else ''})" if more else "")
+        )
     line = f"{what}: " + "; ".join(map(str, failures))
     if grpc.StatusCode.INVALID_ARGUMENT in codes:
         return errors.InvalidInput(line)
-    if grpc.StatusCode.RESOURCE_EXHAUSTED in codes:
+    exhausted = [f for f in failures if f.code == grpc.StatusCode.RESOURCE_EXHAUSTED]
+    if exhausted:
+        if all(_too_large(f.detail) for f in exhausted):
+            return errors.InvalidInput(line)
         return errors.StoreFull(line)
     if codes == {grpc.StatusCode.NOT_FOUND}:
         return errors.NotFound(failures[0].detail)
     return errors.StoreUnavailable(line)
+
+
+def connect_hint(credentials: Credentials | None, failures: Sequence[NodeCallError]) -> str:
+    """A hint to append to a failure to reach any node, when a TLS mismatch explains it."""
+    tls = credentials is not None and credentials.tls
+    details = " ".join(f.detail for f in failures)
+    if "WRONG_VERSION_NUMBER" in details:
+        return " (the nodes do not seem to serve TLS: use grpc://)"
+    if "CERTIFICATE_VERIFY_FAILED" in details:
+        return f" (set ${ENV_TLS_CA} to the CA bundle that signed the nodes' certificates)"
+    if "Socket closed" not in details:
+        return ""
+    if not tls:
+        return " (if the nodes serve TLS, use grpcs://)"
+    if credentials is not None and credentials.cert is None:
+        return (
+            " (nodes that require client certificates close the connection without one: "
+            f"set ${ENV_TLS_CERT} and ${ENV_TLS_KEY})"
+        )
+    return ""
+
+
+def _too_large(detail: str) -> bool:
+    """Whether a RESOURCE_EXHAUSTED detail says the request was too large (gRPC's message
+    limit, or a node's limit on a record), rather than that the store is full."""
+    return "larger than max" in detail or " too large: " in detail
 
 
 class _Stubs(NamedTuple):
@@ -249,8 +433,9 @@ class NodeClient:
 
 
 def open_channel(address: str, policy: RpcPolicy) -> grpc.Channel:
-    """An insecure channel to ``address`` with the policy's message limits and quick reconnects."""
-    return grpc.insecure_channel(
+    """A channel to ``address`` with the policy's credentials (plaintext without a token if it
+    has none), message limits and quick reconnects."""
+    return (policy.credentials or Credentials()).channel(
         address,
         options=[
             ("grpc.max_send_message_length", policy.max_message_bytes),

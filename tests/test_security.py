@@ -1,0 +1,568 @@
+"""Security of a cluster, tried as clients and operators would: TLS and mutual TLS on the gRPC
+port, tokens with read, write and admin scopes, open health checks, size limits.
+
+Real node processes on loopback ports (``cluster_fixtures``), one cluster per kind, shared by
+the module. The CA, certificates and keys are made at run time with the ``openssl`` command,
+in a temporary directory; tokens are random per run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from cluster_fixtures import LocalCluster, write_cluster_file
+from conftest import random_bytes, tree_bytes, write
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+from test_node import assert_one_error_line, run_node
+
+import chunkstore
+from chunkstore import ids
+from chunkstore.client.cli import main as cli_main
+from chunkstore.client.cluster_store import ClusterStore
+from chunkstore.client.rpc import (
+    Credentials,
+    NodeCallError,
+    NodeClient,
+    RpcPolicy,
+    to_error,
+)
+from chunkstore.cluster_map import NodeSpec
+from chunkstore.errors import InvalidInput, PermissionDenied, StoreFull, StoreUnavailable
+from chunkstore.server import local_cluster
+from chunkstore.server.auth import METHOD_SCOPES, Scope, load_node_security, required_scope
+from chunkstore.server.limits import MAX_MANIFEST_BYTES, MAX_VERSION_BYTES
+from chunkstore.v1 import store_pb2 as pb
+from chunkstore.v1 import store_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
+
+MiB = 1 << 20
+TOKENS = {scope: f"{scope}-{secrets.token_hex(16)}" for scope in ("read", "write", "admin")}
+NAMES = {"read": "reader", "write": "writer", "admin": "operator"}
+SECURITY_ENV = (
+    "CHUNKSTORE_TOKEN",
+    "CHUNKSTORE_TLS_CA",
+    "CHUNKSTORE_TLS_CERT",
+    "CHUNKSTORE_TLS_KEY",
+    "CHUNKSTORE_TLS_SERVER_NAME",
+    "CHUNKSTORE_STORE",
+)
+BIG_CHANNEL = [("grpc.max_send_message_length", 64 * MiB)]
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    for name in SECURITY_ENV:
+        monkeypatch.delenv(name, raising=False)
+
+
+# a throwaway PKI
+
+
+@dataclass(frozen=True)
+class Pki:
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+    def server_args(self, mutual: bool = False) -> list[str]:
+        args = ["--tls-cert", str(self.server_cert), "--tls-key", str(self.server_key)]
+        return args + (["--tls-client-ca", str(self.ca)] if mutual else [])
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+
+
+def make_pki(d: Path) -> Pki:
+    """A CA, and a server and a client certificate it signed, for 127.0.0.1 and localhost."""
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    _openssl(
+        "req", "-x509", *ec, "-keyout", str(d / "ca.key"), "-out", str(d / "ca.pem"),
+        "-subj", "/CN=chunkstore test CA", "-days", "2",
+        "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+    )  # fmt: skip
+    ext = d / "leaf.cnf"
+    ext.write_text(
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n"
+    )
+    for who in ("server", "client"):
+        _openssl(
+            "req", "-new", *ec, "-keyout", str(d / f"{who}.key"), "-out", str(d / f"{who}.csr"),
+            "-subj", f"/CN={who}",
+        )  # fmt: skip
+        _openssl(
+            "x509", "-req", "-in", str(d / f"{who}.csr"), "-CA", str(d / "ca.pem"),
+            "-CAkey", str(d / "ca.key"), "-CAcreateserial", "-days", "2",
+            "-extfile", str(ext), "-out", str(d / f"{who}.pem"),
+        )  # fmt: skip
+    return Pki(d / "ca.pem", d / "server.pem", d / "server.key", d / "client.pem", d / "client.key")
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def tokens_toml() -> str:
+    return "".join(
+        f'[[tokens]]\ntoken = "{token}"\nscope = "{scope}"\nname = "{NAMES[scope]}"\n\n'
+        for scope, token in TOKENS.items()
+    )
+
+
+# clusters
+
+
+@pytest.fixture(scope="module")
+def tls_cluster(tmp_path_factory, pki):
+    """Two nodes serving TLS (no client certificates), no tokens."""
+    directory = tmp_path_factory.mktemp("tls")
+    probe = Credentials(tls=True, ca=pki.ca.read_bytes())
+    with LocalCluster(directory, 2, 2, node_args=pki.server_args(), credentials=probe) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def mtls_cluster(tmp_path_factory, pki):
+    """One node that requires client certificates."""
+    directory = tmp_path_factory.mktemp("mtls")
+    probe = Credentials(
+        tls=True,
+        ca=pki.ca.read_bytes(),
+        cert=pki.client_cert.read_bytes(),
+        key=pki.client_key.read_bytes(),
+    )
+    with LocalCluster(directory, 1, node_args=pki.server_args(mutual=True), credentials=probe) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def auth_cluster(tmp_path_factory):
+    """Two plaintext nodes that require tokens."""
+    directory = tmp_path_factory.mktemp("auth")
+    tokens = directory / "tokens.toml"
+    tokens.write_text(tokens_toml())
+    with LocalCluster(directory, 2, 2, node_args=["--tokens", str(tokens)]) as c:
+        yield c
+
+
+def make_tree(root: Path, seed: int, files: int = 2, size: int = 300_000) -> Path:
+    for i in range(files):
+        write(root / f"shard-{i}.bin", random_bytes(size, seed * 100 + i))
+    return root
+
+
+def one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+# TLS
+
+
+def test_tls_round_trip_push_and_pull_via_grpcs(tls_cluster, pki, tmp_path, monkeypatch, capsys):
+    assert tls_cluster.url.startswith("grpcs://")
+    monkeypatch.setenv("CHUNKSTORE_TLS_CA", str(pki.ca))
+    src = make_tree(tmp_path / "src", seed=1)
+    with chunkstore.connect(tls_cluster.url) as repo:
+        pushed = repo.push(src, "tls-model", message="over TLS").version
+        repo.pull("tls-model", tmp_path / "back")
+    assert tree_bytes(tmp_path / "back") == tree_bytes(src)
+    capsys.readouterr()
+    assert cli_main(["log", "tls-model", "--store", tls_cluster.url, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["id"] == pushed.id.hex()
+
+
+def test_server_name_overrides_the_host_checked(tls_cluster, pki, monkeypatch):
+    monkeypatch.setenv("CHUNKSTORE_TLS_CA", str(pki.ca))
+    monkeypatch.setenv("CHUNKSTORE_TLS_SERVER_NAME", "localhost")  # in the SAN, as 127.0.0.1 is
+    with chunkstore.connect(tls_cluster.url) as repo:
+        repo.stats()
+    monkeypatch.setenv("CHUNKSTORE_TLS_SERVER_NAME", "elsewhere.example")
+    with pytest.raises(StoreUnavailable, match="no node of grpcs://"):
+        chunkstore.connect(tls_cluster.url)
+
+
+def test_plaintext_client_against_tls_node_fails_clearly(tls_cluster, capsys):
+    plain = tls_cluster.url.replace("grpcs://", "grpc://")
+    assert cli_main(["ls", "--store", plain]) == StoreUnavailable.exit_code
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith("chunkstore: error: no node of grpc://")
+    assert "if the nodes serve TLS, use grpcs://" in line
+
+
+def test_tls_client_without_the_ca_fails_in_one_line(tls_cluster):
+    """As a user runs it: a process of its own, whose stderr gRPC could write to as well."""
+    result = subprocess.run(
+        [sys.executable, "-m", "chunkstore.client.cli", "ls", "--store", tls_cluster.url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in os.environ.items() if k not in SECURITY_ENV},
+    )
+    assert result.returncode == StoreUnavailable.exit_code
+    line = one_line(result.stderr)
+    assert "CERTIFICATE_VERIFY_FAILED" in line
+    assert "set $CHUNKSTORE_TLS_CA" in line
+
+
+def test_mutual_tls_refuses_a_client_without_certificate(mtls_cluster, pki, monkeypatch, capsys):
+    monkeypatch.setenv("CHUNKSTORE_TLS_CA", str(pki.ca))
+    assert cli_main(["ls", "--store", mtls_cluster.url]) == StoreUnavailable.exit_code
+    assert "set $CHUNKSTORE_TLS_CERT and $CHUNKSTORE_TLS_KEY" in one_line(capsys.readouterr().err)
+
+    monkeypatch.setenv("CHUNKSTORE_TLS_CERT", str(pki.client_cert))
+    monkeypatch.setenv("CHUNKSTORE_TLS_KEY", str(pki.client_key))
+    assert cli_main(["stats", "--store", mtls_cluster.url, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["versions"] == 0
+
+
+def test_client_certificate_without_key_is_invalid_input(monkeypatch, pki):
+    monkeypatch.setenv("CHUNKSTORE_TLS_CERT", str(pki.client_cert))
+    with pytest.raises(InvalidInput, match="CHUNKSTORE_TLS_KEY"):
+        Credentials.from_env(tls=True)
+    monkeypatch.setenv("CHUNKSTORE_TLS_KEY", str(pki.client_key.with_name("absent.key")))
+    with pytest.raises(InvalidInput, match="absent.key: cannot read"):
+        Credentials.from_env(tls=True)
+
+
+def test_credentials_keep_token_and_key_out_of_repr(pki):
+    creds = Credentials(
+        tls=True, token=TOKENS["admin"], cert=b"cert", key=pki.client_key.read_bytes()
+    )
+    assert TOKENS["admin"] not in repr(creds)
+    assert "PRIVATE" not in repr(creds)
+
+
+# tokens
+
+
+def channel_with(cluster: LocalCluster, token: str | None = None, node: str = "n1"):
+    return Credentials(token=token).channel(cluster.address(node), BIG_CHANNEL)
+
+
+def test_health_and_reflection_need_no_token(auth_cluster):
+    with grpc.insecure_channel(auth_cluster.address("n1")) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=5
+        )
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        services = ProtoReflectionDescriptorDatabase(channel).get_services()
+        assert "chunkstore.v1.ChunkService" in services
+
+
+def test_no_or_unknown_token_is_unauthenticated(auth_cluster, capsys, monkeypatch):
+    cases = [
+        (None, "requires a token"),
+        ("not-a-token", "unknown token"),
+        (TOKENS["admin"] + "x", "unknown token"),
+    ]
+    for token, needle in cases:
+        with channel_with(auth_cluster, token) as channel, pytest.raises(grpc.RpcError) as info:
+            pb_grpc.ClusterServiceStub(channel).GetClusterMap(pb.Empty(), timeout=5)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert needle in info.value.details()
+    no_bearer = [("authorization", TOKENS["admin"])]
+    with channel_with(auth_cluster) as channel, pytest.raises(grpc.RpcError) as info:
+        pb_grpc.ClusterServiceStub(channel).GetClusterMap(pb.Empty(), timeout=5, metadata=no_bearer)
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "Bearer" in info.value.details()
+
+    assert cli_main(["ls", "--store", auth_cluster.url]) == PermissionDenied.exit_code
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith("chunkstore: error: cluster map: node seed 127.0.0.1:")
+    assert "unauthenticated: this node requires a token (set CHUNKSTORE_TOKEN" in line
+    monkeypatch.setenv("CHUNKSTORE_TOKEN", TOKENS["read"])
+    assert cli_main(["ls", "--store", auth_cluster.url]) == 0
+
+
+def test_every_method_refuses_no_token_and_a_token_below_its_scope(auth_cluster):
+    """Refusals come before the handler, so these calls (empty requests) change nothing."""
+    below = {Scope.WRITE: TOKENS["read"], Scope.ADMIN: TOKENS["write"]}
+    for service in pb.DESCRIPTOR.services_by_name.values():
+        for method in service.methods:
+            name = f"/{service.full_name}/{method.name}"
+            kind = (
+                ("stream" if method.client_streaming else "unary")
+                + "_"
+                + ("stream" if method.server_streaming else "unary")
+            )
+            need = required_scope(name)
+            tokens = [(None, grpc.StatusCode.UNAUTHENTICATED)]
+            if need in below:
+                tokens.append((below[need], grpc.StatusCode.PERMISSION_DENIED))
+            for token, code in tokens:
+                with channel_with(auth_cluster, token) as channel:
+                    call = getattr(channel, kind)(name)
+                    request = iter([b""]) if method.client_streaming else b""
+                    with pytest.raises(grpc.RpcError) as info:
+                        reply = call(request, timeout=5)
+                        if method.server_streaming:
+                            list(reply)
+                assert info.value.code() == code, name
+                if code == grpc.StatusCode.PERMISSION_DENIED:
+                    assert info.value.details().endswith(f"{method.name} needs {need}"), name
+
+
+def test_scope_table_names_real_methods_and_new_ones_need_admin():
+    methods = {
+        f"{s.name}/{m.name}" for s in pb.DESCRIPTOR.services_by_name.values() for m in s.methods
+    }
+    assert set(METHOD_SCOPES) <= methods
+    assert required_scope("/chunkstore.v1.ClusterService/AddNode") == Scope.ADMIN
+    assert required_scope("/chunkstore.v1.ChunkService/DeleteChunks") == Scope.ADMIN
+    assert required_scope("/chunkstore.v1.ChunkService/Missing") == Scope.WRITE
+    assert required_scope("/chunkstore.v1.ChunkService/GetChunks") == Scope.READ
+
+
+def test_read_token_pulls_but_cannot_push(auth_cluster, tmp_path, capsys):
+    url = auth_cluster.url
+    src = make_tree(tmp_path / "v1", seed=2)
+    with chunkstore.connect(url, token=TOKENS["write"]) as repo:
+        repo.push(src, "read-test", message="v1")
+    with chunkstore.connect(url, token=TOKENS["read"]) as repo:
+        repo.pull("read-test", tmp_path / "back")
+        before = repo.store.totals()
+    assert tree_bytes(tmp_path / "back") == tree_bytes(src)
+
+    new = make_tree(tmp_path / "v2", seed=3)
+    argv = ["push", str(new), "--repo", "read-test", "-q", "--store", url]
+    assert cli_main([*argv, "--token", TOKENS["read"]]) == PermissionDenied.exit_code
+    line = one_line(capsys.readouterr().err)
+    assert ": permission denied: token 'reader' has scope read, Missing needs write" in line
+    assert TOKENS["read"] not in line
+
+    chunk = random_bytes(5000, 99)
+    with channel_with(auth_cluster, TOKENS["read"]) as channel:
+        api = pb_grpc.ChunkServiceStub(channel)
+        batch = pb.PutChunksBatch(seq=1, chunks=[pb.EncodedChunk(id=ids.chunk_id(chunk))])
+        with pytest.raises(grpc.RpcError) as info:
+            list(api.PutChunks(iter([batch]), timeout=10))
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with chunkstore.connect(url, token=TOKENS["read"]) as repo:
+        assert repo.store.totals() == before
+        assert [v.message for v in repo.log("read-test")] == ["v1"]
+
+
+def test_write_token_pushes_but_only_admin_collects_garbage(auth_cluster, tmp_path, capsys):
+    url = auth_cluster.url
+    src = make_tree(tmp_path / "gone", seed=4)
+    write_args = ["--store", url, "--token", TOKENS["write"]]
+    assert cli_main(["push", str(src), "--repo", "gc-test", "-q", *write_args]) == 0
+    assert cli_main(["rm", "gc-test", *write_args]) == 0
+    capsys.readouterr()
+
+    assert cli_main(["gc", "--grace", "0", *write_args]) == PermissionDenied.exit_code
+    line = one_line(capsys.readouterr().err)
+    assert "permission denied: token 'writer' has scope write" in line
+    assert "needs admin" in line
+
+    assert (
+        cli_main(["gc", "--grace", "0", "--json", "--store", url, "--token", TOKENS["admin"]]) == 0
+    )
+    assert json.loads(capsys.readouterr().out)["deleted_chunks"] > 0
+
+
+def test_refusals_are_counted_and_tokens_never_logged(auth_cluster):
+    with channel_with(auth_cluster, TOKENS["read"]) as channel, pytest.raises(grpc.RpcError):
+        pb_grpc.MetaServiceStub(channel).SetTag(pb.Tag(repo="r", tag="t"), timeout=5)
+    text = urllib.request.urlopen(auth_cluster.metrics_url("n1"), timeout=10).read().decode()
+    assert (
+        'chunkstore_rpcs_total{code="PERMISSION_DENIED",method="SetTag",service="MetaService"}'
+        in text
+    )
+    assert 'code="UNAUTHENTICATED"' in text
+    for node_id in ("n1", "n2"):
+        log = auth_cluster.log(node_id)
+        assert "plaintext, 3 tokens" in log
+        assert not any(token in log + text for token in TOKENS.values())
+
+
+def test_cluster_status_sends_the_token(auth_cluster, capsys):
+    argv = ["cluster", "status", "--store", auth_cluster.url, "--json"]
+    assert cli_main([*argv, "--token", TOKENS["read"]]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert [n["healthy"] for n in status["nodes"]] == [True, True]
+
+
+def test_peer_credentials_reach_other_nodes(auth_cluster, tmp_path, pki):
+    """What server code uses to call its peers: NodeClient with the node's peer policy."""
+    token_file = tmp_path / "peer-token"
+    token_file.write_text(TOKENS["admin"] + "\n")
+    security = load_node_security(peer_token_file=str(token_file))
+    assert security.peer.token == TOKENS["admin"] and not security.peer.tls
+    peer = NodeClient(
+        NodeSpec("n2", auth_cluster.address("n2")), RpcPolicy(credentials=security.peer)
+    )
+    try:
+        assert peer.run(lambda: peer.cluster.GetNodeStatus(pb.Empty(), timeout=5)).id == "n2"
+    finally:
+        peer.close()
+
+    tls = load_node_security(
+        tls_cert=str(pki.server_cert),
+        tls_key=str(pki.server_key),
+        tls_client_ca=str(pki.ca),
+        peer_token_file=str(token_file),
+    )
+    assert tls.peer.tls and tls.peer.cert == pki.server_cert.read_bytes()
+    assert tls.describe() == "mutual TLS, no auth"
+
+
+# bad start
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ('[[tokens]]\ntoken = "abc"\nscope = "root"\n', "unknown scope 'root'"),
+        (
+            '[[tokens]]\ntoken = "abc"\nscope = "read"\n'
+            '[[tokens]]\ntoken = "abc"\nscope = "admin"\n',
+            "token #2: duplicate token (the same as token #1)",
+        ),
+        ('[[tokens]]\nscope = "read"\n', "token #1: missing key 'token'"),
+        ('[[tokens]]\ntoken = "abc"\n', "token #1: missing key 'scope'"),
+        ('[[tokens]]\ntoken = "abc"\nscope = "read"\nrole = "x"\n', "unknown key 'role'"),
+        ('token = "abc"\n', "unknown key 'token'"),
+        ("", "no tokens"),
+        ('[[tokens]]\ntoken = "a b"\nscope = "read"\n', "printable ASCII without spaces"),
+        ("[[tokens]\n", "invalid TOML"),
+    ],
+    ids=[
+        "unknown-scope",
+        "duplicate",
+        "no-token",
+        "no-scope",
+        "unknown-key",
+        "top-level-key",
+        "empty",
+        "space",
+        "not-toml",
+    ],
+)
+def test_bad_tokens_file_exits_2_with_one_line(tmp_path: Path, text: str, reason: str):
+    cluster, _ = write_cluster_file(tmp_path, 1)
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text(text)
+    data = tmp_path / "data"
+    result = run_node(
+        "--id", "n1", "--cluster", str(cluster), "--data", str(data), "--tokens", str(tokens)
+    )
+    assert result.returncode == 2
+    assert_one_error_line(result, str(tokens), reason)
+    assert "abc" not in result.stderr
+    assert not data.exists()
+
+
+def test_bad_tls_files_exit_2_with_one_line(tmp_path: Path, pki):
+    cluster, _ = write_cluster_file(tmp_path, 1)
+    base = ["--id", "n1", "--cluster", str(cluster), "--data", str(tmp_path / "data")]
+    mismatched = ["--tls-cert", str(pki.server_cert), "--tls-key", str(pki.client_key)]
+    result = run_node(*base, *mismatched)
+    assert result.returncode == 2
+    assert_one_error_line(result, "not a PEM certificate and its private key")
+    result = run_node(*base, "--tls-cert", str(pki.server_cert))
+    assert result.returncode == 2
+    assert_one_error_line(result, "--tls-cert and --tls-key go together")
+    assert not (tmp_path / "data").exists()
+
+
+# limits
+
+
+def test_oversize_requests_are_resource_exhausted_and_store_nothing(auth_cluster):
+    manifest_id = ids.record_id(b"big manifest")
+    with channel_with(auth_cluster, TOKENS["write"]) as channel:
+        meta = pb_grpc.MetaServiceStub(channel)
+        cases = [
+            (pb.ManifestRecord(id=manifest_id, data=b"m" * (40 * MiB)), "larger than max"),
+            (
+                pb.ManifestRecord(id=manifest_id, data=b"m" * (MAX_MANIFEST_BYTES + 1)),
+                f"manifest too large: {MAX_MANIFEST_BYTES + 1} bytes, at most {MAX_MANIFEST_BYTES}",
+            ),
+        ]
+        for request, needle in cases:
+            with pytest.raises(grpc.RpcError) as info:
+                meta.PutManifest(request, timeout=30)
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert needle in info.value.details()
+        with pytest.raises(grpc.RpcError) as info:
+            version = pb.VersionRecord(
+                repo="big", id=b"v" * 32, data=b"x" * (MAX_VERSION_BYTES + 1)
+            )
+            meta.PutVersion(version, timeout=30)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "version record too large" in info.value.details()
+        with pytest.raises(grpc.RpcError) as info:
+            meta.GetManifest(pb.ChunkIds(ids=[manifest_id]), timeout=5)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+    store = ClusterStore.connect(
+        auth_cluster.url, RpcPolicy(credentials=Credentials(token=TOKENS["write"]))
+    )
+    try:
+        with pytest.raises(InvalidInput, match="manifest too large"):
+            store.put_manifest(manifest_id, b"m" * (MAX_MANIFEST_BYTES + 1))
+    finally:
+        store.close()
+
+
+def test_refusals_and_size_limits_map_to_their_errors():
+    a, b = NodeSpec("n1", "10.0.0.1:7401"), NodeSpec("n2", "10.0.0.2:7401")
+    denied = NodeCallError(
+        a, grpc.StatusCode.PERMISSION_DENIED, "token has scope read, PutChunks needs write"
+    )
+    error = to_error("store chunks", [denied, NodeCallError(b, denied.code, denied.detail)])
+    assert isinstance(error, PermissionDenied) and error.exit_code == 7
+    assert str(error) == (
+        "store chunks: node n1 10.0.0.1:7401: permission denied: "
+        "token has scope read, PutChunks needs write (and 1 more node)"
+    )
+    large = NodeCallError(
+        a, grpc.StatusCode.RESOURCE_EXHAUSTED, "Received message larger than max (5 vs. 4)"
+    )
+    assert isinstance(to_error("put", [large]), InvalidInput)
+    full = NodeCallError(b, grpc.StatusCode.RESOURCE_EXHAUSTED, "store at /srv is full")
+    assert isinstance(to_error("put", [large, full]), StoreFull)
+
+
+# cluster up
+
+
+def test_cluster_up_passes_tls_and_tokens_to_its_nodes(tmp_path, pki, monkeypatch, capsys):
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text(tokens_toml())
+    monkeypatch.setenv("CHUNKSTORE_TLS_CA", str(pki.ca))
+    d = tmp_path / "cluster"
+    up = ["cluster", "up", "--dir", str(d), "--nodes", "1", *pki.server_args()]
+    try:
+        assert cli_main([*up, "--tokens", str(tokens)]) == 0
+        url = capsys.readouterr().out.strip()
+        assert url.startswith("grpcs://127.0.0.1:")
+        assert local_cluster.uses_tls(d)
+        status = ["cluster", "status", "--dir", str(d), "--json"]
+        assert cli_main(status) == 1  # no token: GetNodeStatus is refused
+        assert json.loads(capsys.readouterr().out)["nodes"][0]["error"] == "UNAUTHENTICATED"
+        assert cli_main([*status, "--token", TOKENS["read"]]) == 0
+        assert json.loads(capsys.readouterr().out)["nodes"][0]["healthy"]
+    finally:
+        local_cluster.cluster_down(d)
