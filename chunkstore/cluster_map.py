@@ -28,6 +28,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import blake3
+
 from chunkstore.errors import InvalidInput
 from chunkstore.ring import HashRing
 from chunkstore.v1 import store_pb2 as pb
@@ -237,3 +239,15 @@ def map_from_proto(message: pb.ClusterMap) -> ClusterMap:
         write_quorum=message.write_quorum,
         nodes=tuple(NodeSpec(n.id, n.address, n.weight) for n in message.nodes),
     )
+
+
+def map_digest(cluster: ClusterMap) -> bytes:
+    """BLAKE3 of the map's deterministic protobuf encoding."""
+    return blake3.blake3(map_to_proto(cluster).SerializeToString(deterministic=True)).digest()
+
+
+def newer(a: ClusterMap, b: ClusterMap | None) -> bool:
+    """Whether map ``a`` supersedes map ``b`` (any map supersedes None): a higher epoch, or at
+    the same epoch a larger :func:`map_digest`, so that everyone settles on the same one of two
+    maps made at once."""
+    return b is None or (a.epoch, map_digest(a)) > (b.epoch, map_digest(b))

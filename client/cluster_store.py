@@ -21,6 +21,12 @@ Replication rules, for every kind of record:
   and raise StoreUnavailable naming the ones that did not answer: a partial view would let GC
   or ``stats`` act on a wrong picture. :meth:`list_repos` merges the nodes that answer.
 
+Membership changes: the client asks a node for the cluster map again every ``map_refresh``
+seconds (in the background) and at once when every owner of a record lacks it or a write
+fails; a newer map replaces its own (writes go to the new owners, and a failed write is tried
+once more under the new map). While nodes move data to the new owners, a read whose owners all
+lack a record asks every other node of the map too.
+
 Every call has a deadline and is retried with backoff (:mod:`.rpc`); a node that failed gets
 one call at a time until it answers again. Once enough nodes answered, a slower one gets a
 short grace period and then counts as failed (:mod:`.quorum`), and a read stream that stalls
@@ -32,7 +38,9 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import math
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -44,18 +52,30 @@ from typing import TypeVar
 import grpc
 
 from chunkstore import errors, ids
-from chunkstore.cluster_map import ClusterMap, ClusterMapError, NodeSpec, map_from_proto
+from chunkstore.cluster_map import ClusterMap, ClusterMapError, NodeSpec, map_from_proto, newer
 from chunkstore.stores.base import ChunkInfo, ChunkTotals, Store
 from chunkstore.v1 import store_pb2 as pb
 
 from .fetch import Fetch
 from .push import put_chunks
 from .quorum import Replies, call_each, first_answer, remove_all, write_all
-from .rpc import DEFAULT_POLICY, NodeCallError, NodeClient, RpcPolicy, to_error
+from .rpc import (
+    DEFAULT_POLICY,
+    REFUSED,
+    Credentials,
+    NodeCallError,
+    NodeClient,
+    RpcPolicy,
+    connect_hint,
+    to_error,
+)
 
 T = TypeVar("T")
 MiB = 1 << 20
+MAP_REFRESH = 2.0  # seconds between background checks for a newer cluster map
+log = logging.getLogger(__name__)
 SCHEME = "grpc://"
+TLS_SCHEME = "grpcs://"
 ID_BYTES_ON_WIRE = 34  # a 32-byte id in a repeated bytes field, for deadlines
 _SCAN_LIMIT = 4096  # ChunkInfo per ScanChunks message
 
@@ -71,10 +91,14 @@ def stage_key(stage_id: bytes) -> bytes:
 
 
 def parse_url(url: str) -> list[str]:
-    """The ``HOST:PORT`` addresses of ``grpc://HOST:PORT[,HOST:PORT...]``; InvalidInput if bad."""
-    if not url.startswith(SCHEME):
-        raise errors.InvalidInput(f"not a cluster URL: {url!r} (want grpc://HOST:PORT[,...])")
-    addresses = [a.strip() for a in url[len(SCHEME) :].rstrip("/").split(",")]
+    """The ``HOST:PORT`` addresses of ``grpc://HOST:PORT[,HOST:PORT...]`` (or ``grpcs://``,
+    the same over TLS); InvalidInput if bad."""
+    scheme = TLS_SCHEME if url.startswith(TLS_SCHEME) else SCHEME
+    if not url.startswith(scheme):
+        raise errors.InvalidInput(
+            f"not a cluster URL: {url!r} (want grpc://HOST:PORT[,...] or grpcs://...)"
+        )
+    addresses = [a.strip() for a in url[len(scheme) :].rstrip("/").split(",")]
     for address in addresses:
         try:
             NodeSpec("seed", address)
@@ -99,9 +123,15 @@ def fetch_map(addresses: Sequence[str], policy: RpcPolicy) -> ClusterMap:
             try:
                 return _map_from(_ask_map(address, policy), address)
             except NodeCallError as failure:
+                if failure.code in REFUSED:  # a verdict on the caller: no point in retrying
+                    raise to_error("cluster map", [failure]) from None
                 failures[address] = failure
     reasons = "; ".join(f"{a}: {f.code.name.lower()}: {f.detail}" for a, f in failures.items())
-    raise errors.StoreUnavailable(f"no node of {SCHEME}{','.join(addresses)} answers: {reasons}")
+    hint = connect_hint(policy.credentials, list(failures.values()))
+    scheme = TLS_SCHEME if policy.credentials and policy.credentials.tls else SCHEME
+    raise errors.StoreUnavailable(
+        f"no node of {scheme}{','.join(addresses)} answers: {reasons}{hint}"
+    )
 
 
 def _ask_map(address: str, policy: RpcPolicy) -> pb.ClusterMap:
@@ -126,6 +156,7 @@ class ClusterStore(Store):
     thread pool. ``message_bytes`` bounds the blob bytes of one PutChunks message (1-4 MiB
     keeps a node's transactions large and its acknowledgements frequent); ``read_buffer`` the
     received batches (~2 MiB each) a read holds for its caller, which bounds a read's memory.
+    ``map_refresh``: seconds between checks for a newer cluster map (see the module docstring).
     """
 
     def __init__(
@@ -136,31 +167,138 @@ class ClusterStore(Store):
         *,
         message_bytes: int = 4 * MiB,
         read_buffer: int = 16,
+        map_refresh: float = MAP_REFRESH,
     ) -> None:
         self.cluster = cluster
         self.location = location or SCHEME + ",".join(n.address for n in cluster.nodes)
         self.policy = policy
         self.message_bytes = message_bytes
         self.read_buffer = read_buffer
+        self.map_refresh = map_refresh
         self._nodes = {n.id: NodeClient(n, policy) for n in cluster.nodes}
+        self._retired: list[NodeClient] = []  # clients of nodes whose address changed
+        self._map_lock = threading.Lock()
+        self._map_checked = time.monotonic()
+        self._refreshing = False
         self._pool = ThreadPoolExecutor(
             max(8, 4 * len(self._nodes)), thread_name_prefix="cluster-rpc"
         )
 
     @classmethod
     def connect(cls, url: str, policy: RpcPolicy = DEFAULT_POLICY) -> ClusterStore:
-        """Open the cluster named by ``grpc://HOST:PORT[,HOST:PORT...]``.
+        """Open the cluster named by ``grpc://HOST:PORT[,HOST:PORT...]``, or ``grpcs://...``
+        to speak TLS to every node.
 
+        The scheme decides TLS; the policy's credentials, if it has none those of the
+        environment (:meth:`Credentials.from_env`), give the CA, client certificate and token.
         The map comes from the first listed address that answers; from then on the client
-        talks to the nodes the map lists. Raises InvalidInput for a malformed URL and
-        StoreUnavailable if no listed address answers.
+        talks to the nodes the map lists. Raises InvalidInput for a malformed URL,
+        PermissionDenied if a node refuses the token, and StoreUnavailable if no listed
+        address answers.
         """
-        return cls(fetch_map(parse_url(url), policy), url, policy)
+        addresses = parse_url(url)
+        tls = url.startswith(TLS_SCHEME)
+        credentials = policy.credentials or Credentials.from_env(tls=tls)
+        policy = replace(policy, credentials=replace(credentials, tls=tls))
+        return cls(fetch_map(addresses, policy), url, policy)
 
     def close(self) -> None:
-        for node in self._nodes.values():
+        with self._map_lock:
+            self._map_checked = math.inf  # no more refreshes
+        for node in [*self._nodes.values(), *self._retired]:
             node.close()
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+    # the cluster map
+
+    def _current(self) -> ClusterMap:
+        """The map, with a check for a newer one started in the background when it is due."""
+        if time.monotonic() - self._map_checked > self.map_refresh:
+            with self._map_lock:
+                due = not self._refreshing and time.monotonic() - self._map_checked > (
+                    self.map_refresh
+                )
+                self._refreshing |= due
+            if due:
+                threading.Thread(
+                    target=self._refresh_in_background, name="cluster-map", daemon=True
+                ).start()
+        return self.cluster
+
+    def _refresh_in_background(self) -> None:
+        try:
+            self.refresh_map()
+        except Exception:  # never let a refresh break the caller's operation
+            log.exception("refreshing the cluster map failed")
+        finally:
+            self._refreshing = False
+
+    def refresh_map(self, timeout: float = 2.0) -> bool:
+        """Ask the nodes of the map for theirs (healthy ones first, until one answers with a
+        map at least as new) and adopt a newer one; return whether the map changed."""
+        changed = False
+        nodes = sorted(self._map_nodes(), key=lambda n: not n.healthy)
+        timeout = min(timeout, self.policy.timeout)
+        for node in nodes:
+            try:
+                reply = node.cluster.GetClusterMap(pb.Empty(), timeout=timeout)
+                theirs = map_from_proto(reply)
+            except (grpc.RpcError, ClusterMapError, errors.StoreUnavailable):
+                continue
+            changed |= self._adopt(theirs)
+            if theirs.epoch >= self.cluster.epoch:
+                break
+        with self._map_lock:
+            if self._map_checked != math.inf:
+                self._map_checked = time.monotonic()
+        return changed
+
+    def _adopt(self, cluster: ClusterMap) -> bool:
+        """Use ``cluster`` from now on if it is newer than the current map."""
+        with self._map_lock:
+            if self._map_checked == math.inf or not newer(cluster, self.cluster):
+                return False
+            for spec in cluster.nodes:
+                known = self._nodes.get(spec.id)
+                if known is None or known.spec.address != spec.address:
+                    if known is not None:
+                        self._retired.append(known)
+                    self._nodes[spec.id] = NodeClient(spec, self.policy)
+            old, self.cluster = self.cluster, cluster
+        log.info("cluster map epoch %d -> %d", old.epoch, cluster.epoch)
+        return True
+
+    def _map_nodes(self) -> list[NodeClient]:
+        """The clients of the nodes in the current map."""
+        return [self._nodes[n.id] for n in self.cluster.nodes]
+
+    def _under_newest_map(self, operation: Callable[[], T]) -> T:
+        """``operation()``; if it fails for want of nodes and a newer map is found, once more
+        under that map."""
+        try:
+            return operation()
+        except errors.StoreUnavailable:
+            if not self.refresh_map():
+                raise
+        return operation()
+
+    def _read_anywhere(self, key: bytes, call: Callable[[NodeClient], T], what: str) -> T:
+        """``call`` on the owners of ``key`` until one answers; if every owner lacks the
+        record, once more under the newest map, on its owners and then every other node."""
+        owners = self._owners(key)
+        try:
+            return first_answer(owners, call, what)
+        except errors.NotFound as absent:
+            self.refresh_map()
+            now = self._owners(key)
+            rest = [n for n in now if n not in owners]
+            rest += [n for n in self._map_nodes() if n not in owners and n not in rest]
+            if not rest:
+                raise
+            try:
+                return first_answer(rest, call, what)
+            except errors.ChunkstoreError:
+                raise absent from None
 
     # placement
 
@@ -169,10 +307,12 @@ class ClusterStore(Store):
         return self.cluster.write_quorum
 
     def _owners(self, key: bytes) -> list[NodeClient]:
-        return [self._nodes[n.id] for n in self.cluster.owners(key)]
+        cluster = self._current()
+        return [self._nodes[n.id] for n in cluster.owners(key)]
 
     def _owners_many(self, keys: Sequence[bytes]) -> list[tuple[NodeClient, ...]]:
-        rows = self.cluster.ring().owners_many(keys, self.cluster.replicas)
+        cluster = self._current()
+        rows = cluster.ring().owners_many(keys, cluster.replicas)
         nodes = self._nodes
         return [tuple(nodes[node_id] for node_id in row) for row in rows]
 
@@ -186,7 +326,7 @@ class ClusterStore(Store):
 
     def _every_node(self, call: Callable[[NodeClient], T], what: str) -> dict[str, T]:
         """``call`` on every node; raise naming the nodes that failed, if any did."""
-        replies = call_each(self._pool, {n: partial(call, n) for n in self._nodes.values()})
+        replies = call_each(self._pool, {n: partial(call, n) for n in self._map_nodes()})
         if replies.failed:
             raise to_error(f"{what} needs every node", replies.failed)
         return replies.ok
@@ -197,7 +337,8 @@ class ClusterStore(Store):
         """The keys that at least ``write_quorum`` of their owners hold.
 
         ``ask(node, keys)`` returns the ones ``node`` holds; a node that fails holds none,
-        unless it refused the request as invalid, which raises InvalidInput.
+        unless it refused the request as invalid, which raises InvalidInput, or refused the
+        caller, which raises PermissionDenied.
         """
         groups = self._by_owner(keys)
         replies = call_each(
@@ -205,7 +346,11 @@ class ClusterStore(Store):
             {n: partial(ask, n, ks) for n, ks in groups.items()},
             partial(self._covered, keys, groups),
         )
-        refused = [f for f in replies.failed if f.code == grpc.StatusCode.INVALID_ARGUMENT]
+        refused = [
+            f
+            for f in replies.failed
+            if f.code == grpc.StatusCode.INVALID_ARGUMENT or f.code in REFUSED
+        ]
         if refused:
             raise to_error("existence check", refused)
         holders: Counter[bytes] = Counter()
@@ -252,8 +397,12 @@ class ClusterStore(Store):
         if not chunks:
             return 0
         pairs = [(cid, blob if isinstance(blob, bytes) else bytes(blob)) for cid, blob in chunks]
-        owners = self._owners_many([cid for cid, _ in pairs])
-        return put_chunks(self._pool, pairs, owners, self._quorum, self.message_bytes)
+
+        def put() -> int:
+            owners = self._owners_many([cid for cid, _ in pairs])
+            return put_chunks(self._pool, pairs, owners, self._quorum, self.message_bytes)
+
+        return self._under_newest_map(put)
 
     def get(self, ids: Sequence[bytes]) -> Iterator[tuple[bytes, bytes]]:
         """Blobs from all nodes at once, each id from one owner, failing over to the others."""
@@ -265,6 +414,14 @@ class ClusterStore(Store):
         do not match its id on one owner is read from the next."""
         return iter(self._fetch(ids, verify=True, workers=workers))
 
+    def read_into(
+        self, ids: Sequence[bytes], consume: Callable[[bytes, bytes], None], workers: int = 2
+    ) -> None:
+        """As :meth:`read` (decoding and failover already run on the stream threads), handing
+        each chunk to ``consume``."""
+        for cid, raw in self.read(ids, workers=workers):
+            consume(cid, raw)
+
     def _fetch(self, ids: Sequence[bytes], *, verify: bool, workers: int) -> Fetch:
         involved = min(len(self._nodes), max(1, len(ids)))
         return Fetch(
@@ -274,7 +431,13 @@ class ClusterStore(Store):
             verify=verify,
             streams_per_node=math.ceil(workers / involved),
             queue_batches=self.read_buffer,
+            fallback=self._fallback_nodes,
         )
+
+    def _fallback_nodes(self) -> list[NodeClient]:
+        """Every node of the newest map: where a read goes when a chunk's owners lack it."""
+        self.refresh_map()
+        return self._map_nodes()
 
     def delete(self, ids: Iterable[bytes], unwanted_since: float | None = None) -> int:
         """Remove the chunks from every owner; return how many the primaries removed.
@@ -316,7 +479,7 @@ class ClusterStore(Store):
 
         Raises StoreUnavailable if a node cannot be read to the end.
         """
-        streams = [self._scan_node(node) for node in self._nodes.values()]
+        streams = [self._scan_node(node) for node in self._map_nodes()]
         merged = heapq.merge(*streams, key=lambda info: info.id)
         for cid, group in itertools.groupby(merged, key=lambda info: info.id):
             infos = list(group)
@@ -366,18 +529,20 @@ class ClusterStore(Store):
 
     def put_manifest(self, manifest_id: bytes, data: bytes) -> None:
         record = pb.ManifestRecord(id=manifest_id, data=data)
-        write_all(
-            self._pool,
-            self._owners(manifest_id),
-            lambda n: n.meta.PutManifest(record, timeout=self.policy.deadline(len(data))),
-            self._quorum,
-            f"store manifest {manifest_id.hex()}",
+        self._under_newest_map(
+            lambda: write_all(
+                self._pool,
+                self._owners(manifest_id),
+                lambda n: n.meta.PutManifest(record, timeout=self.policy.deadline(len(data))),
+                self._quorum,
+                f"store manifest {manifest_id.hex()}",
+            )
         )
 
     def get_manifest(self, manifest_id: bytes) -> bytes:
         request = pb.ChunkIds(ids=[manifest_id])
-        reply = first_answer(
-            self._owners(manifest_id),
+        reply = self._read_anywhere(
+            manifest_id,
             lambda n: n.meta.GetManifest(request, timeout=self.policy.deadline(stream=True)),
             f"read manifest {manifest_id.hex()}",
         )
@@ -425,18 +590,20 @@ class ClusterStore(Store):
 
     def put_version(self, repo: str, version_id: bytes, data: bytes) -> None:
         record = pb.VersionRecord(repo=repo, id=version_id, data=data)
-        write_all(
-            self._pool,
-            self._owners(repo_key(repo)),
-            lambda n: n.meta.PutVersion(record, timeout=self.policy.deadline(len(data))),
-            self._quorum,
-            f"store version {version_id.hex()} of {repo!r}",
+        self._under_newest_map(
+            lambda: write_all(
+                self._pool,
+                self._owners(repo_key(repo)),
+                lambda n: n.meta.PutVersion(record, timeout=self.policy.deadline(len(data))),
+                self._quorum,
+                f"store version {version_id.hex()} of {repo!r}",
+            )
         )
 
     def get_version(self, repo: str, version_id: bytes) -> bytes:
         key = pb.VersionKey(repo=repo, id=version_id)
-        reply = first_answer(
-            self._owners(repo_key(repo)),
+        reply = self._read_anywhere(
+            repo_key(repo),
             lambda n: n.meta.GetVersion(key, timeout=self.policy.timeout),
             f"read version {version_id.hex()} of {repo!r}",
         )
@@ -469,10 +636,11 @@ class ClusterStore(Store):
     def list_repos(self) -> list[str]:
         """Repos any reachable node holds versions of; StoreUnavailable if none answers."""
         # Once all but replicas - 1 nodes answered, every repo has an owner among them.
-        enough = len(self._nodes) - self.cluster.replicas + 1
+        nodes = self._map_nodes()
+        enough = len(nodes) - self.cluster.replicas + 1
         replies = call_each(
             self._pool,
-            {n: partial(self._repo_names, n) for n in self._nodes.values()},
+            {n: partial(self._repo_names, n) for n in nodes},
             lambda r: len(r.ok) >= enough,
         )
         if not replies.ok:
@@ -484,12 +652,14 @@ class ClusterStore(Store):
 
     def set_tag(self, repo: str, tag: str, version_id: bytes) -> None:
         request = pb.Tag(repo=repo, tag=tag, version_id=version_id)
-        write_all(
-            self._pool,
-            self._owners(repo_key(repo)),
-            lambda n: n.meta.SetTag(request, timeout=self.policy.timeout),
-            self._quorum,
-            f"set tag {repo}@{tag}",
+        self._under_newest_map(
+            lambda: write_all(
+                self._pool,
+                self._owners(repo_key(repo)),
+                lambda n: n.meta.SetTag(request, timeout=self.policy.timeout),
+                self._quorum,
+                f"set tag {repo}@{tag}",
+            )
         )
 
     def delete_tag(self, repo: str, tag: str) -> None:
@@ -543,8 +713,8 @@ class ClusterStore(Store):
 
     def get_stage(self, stage_id: bytes) -> bytes:
         key = pb.StageKey(id=stage_id)
-        return first_answer(
-            self._owners(stage_key(stage_id)),
+        return self._read_anywhere(
+            stage_key(stage_id),
             lambda n: n.meta.GetStage(key, timeout=self.policy.timeout),
             f"read stage {stage_id.hex()}",
         ).data

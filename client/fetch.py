@@ -10,6 +10,10 @@ their id) go to their next owner. A stream that delivers nothing for ``stall_tim
 reader waits is cancelled and counts as failed that way, so a hung node costs seconds, not a
 whole deadline. The same node is tried again, after a backoff, only for a retryable failure
 (UNAVAILABLE, DEADLINE_EXCEEDED, a stall) and only once no other owner is left.
+
+When every owner of an id has failed, the other nodes of the cluster are asked, once each, if
+a ``fallback`` gives them: while chunks move to new owners after a membership change, a chunk
+may still sit only on nodes that no longer own it.
 """
 
 from __future__ import annotations
@@ -33,6 +37,11 @@ DEADLINE_BYTES_PER_CHUNK = 256 << 10
 _POLL = 0.1  # seconds between checks for an abandoned fetch while the queue is full
 
 Owners = Callable[[Sequence[bytes]], Sequence[Sequence[NodeClient]]]
+#: The code of an id a stream did not get to: another id it asked for was absent (NOT_FOUND
+#: ends a GetChunks stream); such an id is asked of the same node again.
+_UNSENT = grpc.StatusCode.ABORTED
+_UNSENT_DETAIL = "not sent: the stream ended at "
+Fallback = Callable[[], Sequence[NodeClient]]
 
 
 @dataclass(eq=False)
@@ -58,9 +67,10 @@ class Fetch:
     ``owners(ids)`` gives the owners of each id, primary first. ``data`` is the blob, or with
     ``verify`` the raw bytes checked against the id. An id asked for twice is yielded twice.
     Each node gets up to ``streams_per_node`` streams at once; at most ``queue_batches``
-    received batches (about 2 MiB each) wait for the caller. Raises ChunkNotFound,
-    CorruptChunk or StoreUnavailable for an id no owner could deliver. Abandoning the iterator
-    cancels the streams.
+    received batches (about 2 MiB each) wait for the caller. ``fallback()``, called at most
+    once, when some id's owners are spent, gives the nodes to ask next (each once). Raises
+    ChunkNotFound, CorruptChunk or StoreUnavailable for an id no node could deliver. Abandoning
+    the iterator cancels the streams.
     """
 
     def __init__(
@@ -72,6 +82,7 @@ class Fetch:
         verify: bool,
         streams_per_node: int = 1,
         queue_batches: int = 16,
+        fallback: Fallback | None = None,
     ) -> None:
         self._copies = Counter(ids)
         distinct = list(self._copies)
@@ -84,6 +95,8 @@ class Fetch:
         self._running: set[_Stream] = set()
         self._tries: dict[bytes, Counter[str]] = {cid: Counter() for cid in distinct}
         self._failures: dict[bytes, list[NodeCallError]] = {}
+        self._fallback = fallback
+        self._others: Sequence[NodeClient] | None = None
 
     def __iter__(self) -> Iterator[tuple[bytes, bytes]]:
         remaining = set(self._copies)
@@ -148,6 +161,9 @@ class Fetch:
 
         Raises the error that reports ``cid`` when no owner is left to try.
         """
+        if failure.code == _UNSENT and failure.detail.startswith(_UNSENT_DETAIL):
+            # ask the same node again: nothing says it lacks this id
+            return self._client(cid, failure.node.id), 0.0
         self._failures.setdefault(cid, []).append(failure)
         tries = self._tries[cid]
         limit = self._policy.attempts
@@ -155,11 +171,26 @@ class Fetch:
             tries[failure.node.id] = limit  # this owner will not do
         candidates = [n for n in self._owners[cid] if tries[n.id] < limit]
         if not candidates:
+            candidates = [n for n in self._other_nodes(cid) if not tries[n.id]]
+        if not candidates:
             raise self._error(cid)
         node = min(candidates, key=lambda n: (tries[n.id], not n.healthy))
         wait = self._policy.delay(tries[node.id]) if tries[node.id] else 0.0
         tries[node.id] += 1
         return node, wait
+
+    def _client(self, cid: bytes, node_id: str) -> NodeClient:
+        """The client of node ``node_id``, an owner or fallback node of ``cid``."""
+        return next(n for n in [*self._owners[cid], *(self._others or ())] if n.id == node_id)
+
+    def _other_nodes(self, cid: bytes) -> list[NodeClient]:
+        """The fallback nodes that do not own ``cid``, healthy ones first."""
+        if self._fallback is None:
+            return []
+        if self._others is None:
+            self._others = self._fallback()
+        owners = {n.id for n in self._owners[cid]}
+        return sorted((n for n in self._others if n.id not in owners), key=lambda n: not n.healthy)
 
     def _error(self, cid: bytes) -> errors.ChunkstoreError:
         failures = self._failures[cid]
@@ -223,6 +254,13 @@ class Fetch:
                 )
             else:
                 rest = NodeCallError.from_rpc(node.spec, exc)
+                absent = _named(rest, wanted)
+                if absent is not None:
+                    # The node lacks one chunk, which ended the stream; the ones after it are
+                    # not known to be absent there (during a move a node holds some of them).
+                    failures[absent] = rest
+                    wanted.discard(absent)
+                    rest = NodeCallError(node.spec, _UNSENT, f"{_UNSENT_DETAIL}{absent.hex()}")
             node.record(rest)
         failures.update(dict.fromkeys(wanted, rest))
         return failures
@@ -260,3 +298,18 @@ class Fetch:
             except queue.Full:
                 continue
         return False
+
+
+def _named(failure: NodeCallError, wanted: set[bytes]) -> bytes | None:
+    """The id among ``wanted`` that a NOT_FOUND ``failure`` names as absent, if any."""
+    if failure.code != grpc.StatusCode.NOT_FOUND:
+        return None
+    for word in failure.detail.split():
+        if len(word) == 64:
+            try:
+                cid = bytes.fromhex(word)
+            except ValueError:
+                continue
+            if cid in wanted:
+                return cid
+    return None

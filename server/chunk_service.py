@@ -18,6 +18,8 @@ from chunkstore.stores.lmdb_store import LmdbStore
 from chunkstore.v1 import store_pb2 as pb
 from chunkstore.v1 import store_pb2_grpc as pb_grpc
 
+from .keyspace import KEY_SPACE, MAX_RANGES, digests_for
+from .membership import MapHolder
 from .metrics import NodeMetrics
 
 MAX_CHUNK_BYTES = 16 << 20  # largest raw chunk accepted (the chunker's own upper bound)
@@ -70,10 +72,17 @@ def chunk_ids(ids: Sequence[bytes]) -> Sequence[bytes]:
 class ChunkServicer(pb_grpc.ChunkServiceServicer):
     """Serves the chunks of ``store``; verification runs on ``verify_pool``."""
 
-    def __init__(self, store: LmdbStore, metrics: NodeMetrics, verify_pool: Executor) -> None:
+    def __init__(
+        self,
+        store: LmdbStore,
+        metrics: NodeMetrics,
+        verify_pool: Executor,
+        holder: MapHolder | None = None,
+    ) -> None:
         self._store = store
         self._metrics = metrics
         self._pool = verify_pool
+        self._holder = holder
 
     def Missing(self, request: pb.ChunkIds, context: grpc.ServicerContext) -> pb.ChunkIds:
         wanted = list(dict.fromkeys(chunk_ids(request.ids)))
@@ -157,3 +166,31 @@ class ChunkServicer(pb_grpc.ChunkServiceServicer):
     def Totals(self, request: pb.Empty, context: grpc.ServicerContext) -> pb.ChunkTotals:
         totals = self._store.totals()
         return pb.ChunkTotals(chunks=totals.chunks, stored_bytes=totals.stored_bytes)
+
+    def Holds(self, request: pb.ChunkIds, context: grpc.ServicerContext) -> pb.ChunkIds:
+        wanted = list(dict.fromkeys(chunk_ids(request.ids)))
+        held = self._store.holds(wanted)
+        return pb.ChunkIds(ids=[cid for cid in wanted if cid in held])
+
+    def RangeDigests(
+        self, request: pb.RangeDigestsRequest, context: grpc.ServicerContext
+    ) -> pb.RangeDigestsReply:
+        if self._holder is None:
+            raise errors.InvalidInput("this node keeps no cluster map")
+        if not 1 <= request.count <= MAX_RANGES or request.span < 1:
+            raise errors.InvalidInput(
+                f"RangeDigests wants 1 to {MAX_RANGES} ranges of at least one position"
+            )
+        if request.start + request.span * request.count > KEY_SPACE:
+            raise errors.InvalidInput("RangeDigests ranges end beyond the key space")
+        cluster = self._holder.map
+        digests, counts = digests_for(
+            self._store,
+            cluster,
+            self._holder.node_id,
+            request.peer,
+            request.start,
+            request.span,
+            request.count,
+        )
+        return pb.RangeDigestsReply(epoch=cluster.epoch, digests=digests, counts=counts)

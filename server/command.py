@@ -17,13 +17,15 @@ import argparse
 import json
 import sys
 import textwrap
+from pathlib import Path
 from typing import Any
 
+from chunkstore.client.rpc import Credentials
 from chunkstore.cluster_map import load_cluster_file
 from chunkstore.connect import store_url
 from chunkstore.errors import ChunkstoreError, InvalidInput
 
-from . import local_cluster, node
+from . import admin, local_cluster, node
 
 
 def add_node_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -47,16 +49,19 @@ def run_node(args: argparse.Namespace) -> int:
 
 
 def add_cluster_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``cluster up|down|status`` to ``subparsers``; its namespace gets ``run=run_cluster``."""
+    """Add ``cluster up|down|status|add-node|remove-node|repair`` to ``subparsers``; its
+    namespace gets ``run=run_cluster``."""
     p = subparsers.add_parser(
         "cluster",
-        help="start, stop and inspect a cluster",
+        help="start, stop, inspect and change a cluster",
         description="Run a local cluster of node processes, or show any cluster's nodes.",
         epilog=textwrap.dedent("""\
             examples:
               export CHUNKSTORE_STORE=$(chunkstore cluster up --nodes 3 --dir ./cluster)
               chunkstore cluster status --dir ./cluster
               chunkstore cluster down --dir ./cluster
+              chunkstore cluster add-node n4 10.0.0.4:7400 --store grpc://10.0.0.1:7400
+              chunkstore cluster repair --store grpc://10.0.0.1:7400
             """),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -85,6 +90,13 @@ def add_cluster_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how long to wait for the nodes to serve (default 30)",
     )
+    security = up.add_argument_group(
+        "security",
+        "passed to every node (see chunkstore node --help) and kept for restarts; "
+        "TLS nodes are probed with $CHUNKSTORE_TLS_CA (and _CERT, _KEY)",
+    )
+    for flag in _NODE_FILE_FLAGS:
+        security.add_argument(flag, metavar="FILE")
 
     down = sub.add_parser("down", help="stop a local cluster's nodes (data is kept)")
     down.add_argument("--dir", required=True, help="cluster directory")
@@ -107,10 +119,12 @@ def add_cluster_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     where.add_argument("--dir", help="a local cluster directory")
     status.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    status.add_argument("--token", help="token the nodes require (default $CHUNKSTORE_TOKEN)")
     status.add_argument(
         "--timeout", type=float, default=2.0, metavar="SECONDS", help="per-node timeout (default 2)"
     )
 
+    admin.add_admin_parsers(sub)
     p.set_defaults(run=run_cluster)
     return p
 
@@ -124,9 +138,22 @@ def run_cluster(args: argparse.Namespace) -> int:
         return exc.exit_code
 
 
+_NODE_FILE_FLAGS = ("--tls-cert", "--tls-key", "--tls-client-ca", "--tokens")
+
+
 def _up(args: argparse.Namespace) -> int:
+    extra: list[str] = []
+    for flag in _NODE_FILE_FLAGS:
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:
+            extra += [flag, str(Path(value).resolve())]
     url = local_cluster.cluster_up(
-        args.dir, args.nodes, args.replicas, args.write_quorum, timeout=args.timeout
+        args.dir,
+        args.nodes,
+        args.replicas,
+        args.write_quorum,
+        timeout=args.timeout,
+        extra_args=extra or None,
     )
     print(url, flush=True)
     print(
@@ -146,14 +173,18 @@ def _down(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     if args.dir:
         target: Any = load_cluster_file(f"{args.dir}/{local_cluster.MAP_FILE}")
+        tls = local_cluster.uses_tls(args.dir)
     else:
         url = store_url(args.store)
-        if not url.startswith("grpc://"):
+        scheme = url.partition("://")[0]
+        if scheme not in ("grpc", "grpcs"):
             raise InvalidInput(
                 f"{url!r} is not a cluster: give --store grpc://HOST:PORT,... or --dir DIR"
             )
-        target = [a for a in url.removeprefix("grpc://").split(",") if a]
-    status = local_cluster.cluster_status(target, timeout=args.timeout)
+        target = [a for a in url.partition("://")[2].split(",") if a]
+        tls = scheme == "grpcs"
+    credentials = Credentials.from_env(tls=tls, token=args.token)
+    status = local_cluster.cluster_status(target, timeout=args.timeout, credentials=credentials)
     if args.json:
         json.dump(status, sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -162,4 +193,4 @@ def _status(args: argparse.Namespace) -> int:
     return 0 if all(n["healthy"] for n in status["nodes"]) else 1
 
 
-_ACTIONS = {"up": _up, "down": _down, "status": _status}
+_ACTIONS = {"up": _up, "down": _down, "status": _status, **admin.ACTIONS}

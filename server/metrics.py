@@ -11,7 +11,7 @@ import threading
 from collections.abc import Iterator
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -22,6 +22,8 @@ _RPC_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
 
 #: Why PutChunks refused chunks (values of the ``reason`` label).
 REJECT_REASONS = ("bad_id", "too_large", "corrupt", "store_full")
+#: Kinds of metadata records the reconciler copies and drops (values of the ``kind`` label).
+RECORD_KINDS = ("manifest", "version", "tag", "stage", "stage_file")
 
 
 class _StoreCollector(Collector):
@@ -98,7 +100,113 @@ class NodeMetrics:
             ["service", "method", "code"],
             registry=r,
         )
+        self._reconciler_metrics(r)
+        self._scrub_metrics(r)
         r.register(_StoreCollector(store))
+
+    def _reconciler_metrics(self, r: CollectorRegistry) -> None:
+        """What the reconciler (repair and rebalancing) does: see :mod:`.reconciler`."""
+        self.cluster_epoch = Gauge(
+            "chunkstore_cluster_epoch", "Epoch of the cluster map this node uses", registry=r
+        )
+        self.reconcile_chunks_copied = Counter(
+            "chunkstore_reconcile_chunks_copied_total",
+            "Chunks the reconciler sent to owners that lacked them (repair and rebalancing)",
+            registry=r,
+        )
+        self.reconcile_bytes_copied = Counter(
+            "chunkstore_reconcile_bytes_copied_total",
+            "Blob bytes of the chunks the reconciler sent",
+            registry=r,
+        )
+        self.reconcile_chunks_dropped = Counter(
+            "chunkstore_reconcile_chunks_dropped_total",
+            "Chunks removed from this node, which no longer owns them, once every owner held them",
+            registry=r,
+        )
+        self.reconcile_records_copied = Counter(
+            "chunkstore_reconcile_records_copied_total",
+            "Metadata records the reconciler sent to owners that lacked them",
+            ["kind"],
+            registry=r,
+        )
+        self.reconcile_records_dropped = Counter(
+            "chunkstore_reconcile_records_dropped_total",
+            "Metadata records removed from this node once every owner held them",
+            ["kind"],
+            registry=r,
+        )
+        for kind in RECORD_KINDS:
+            self.reconcile_records_copied.labels(kind)
+            self.reconcile_records_dropped.labels(kind)
+        self.reconcile_under_replicated_found = Counter(
+            "chunkstore_reconcile_under_replicated_found_total",
+            "Keys (chunks and records) a pass found below their replica count, before repairing",
+            registry=r,
+        )
+        self.reconcile_ranges_skipped = Counter(
+            "chunkstore_reconcile_ranges_skipped_total",
+            "Key ranges a digest showed in sync with a peer, so their ids were not compared",
+            registry=r,
+        )
+        self.reconcile_passes = Counter(
+            "chunkstore_reconcile_passes_total",
+            "Reconciler passes ended: complete, or aborted (the map changed, or the node stopped)",
+            ["result"],
+            registry=r,
+        )
+        for result in ("complete", "aborted"):
+            self.reconcile_passes.labels(result)
+        self.chunks_under_replicated = Gauge(
+            "chunkstore_chunks_under_replicated",
+            "Chunks this node is responsible for that the last pass left below their replica "
+            "count (an owner down or failing)",
+            registry=r,
+        )
+        self.records_under_replicated = Gauge(
+            "chunkstore_records_under_replicated",
+            "Metadata records the last pass left below their replica count",
+            registry=r,
+        )
+        self.keys_misplaced = Gauge(
+            "chunkstore_keys_misplaced",
+            "Chunks and records the last pass left on this node though it does not own them",
+            registry=r,
+        )
+        self.reconcile_progress = Gauge(
+            "chunkstore_reconcile_pass_progress",
+            "Fraction of the key space the running pass has covered (1 when idle)",
+            registry=r,
+        )
+        self.reconcile_last_pass = Gauge(
+            "chunkstore_reconcile_last_pass_timestamp_seconds",
+            "Unix time the last complete pass ended",
+            registry=r,
+        )
+
+    def _scrub_metrics(self, r: CollectorRegistry) -> None:
+        """What the scrubber does: see :mod:`.scrubber`."""
+        self.scrub_chunks = Counter(
+            "chunkstore_scrub_chunks_total", "Stored chunks re-verified by the scrubber", registry=r
+        )
+        self.scrub_bytes = Counter(
+            "chunkstore_scrub_bytes_total", "Blob bytes re-verified by the scrubber", registry=r
+        )
+        self.scrub_errors = Counter(
+            "chunkstore_scrub_errors_total",
+            "Stored chunks the scrubber found corrupt (undecodable, or not matching their id)",
+            registry=r,
+        )
+        self.scrub_repaired = Counter(
+            "chunkstore_scrub_repaired_total",
+            "Corrupt chunks the scrubber replaced with a verified copy from another node",
+            registry=r,
+        )
+        self.scrub_last_sweep = Gauge(
+            "chunkstore_scrub_last_sweep_timestamp_seconds",
+            "Unix time the scrubber last finished verifying every stored chunk",
+            registry=r,
+        )
 
     def observe_rpc(self, service: str, method: str, code: str, seconds: float) -> None:
         """Record one finished RPC (``code`` is a gRPC status code name, e.g. ``"OK"``)."""

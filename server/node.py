@@ -1,11 +1,21 @@
 """The storage node: the chunkstore services over one LmdbStore, plus health, reflection, metrics.
 
     python -m chunkstore.server.node --id n1 --cluster cluster.toml --data /srv/chunkstore/n1
+    python -m chunkstore.server.node --id n4 --listen 10.0.0.4:7400 --data /srv/n4 \
+        --join grpc://10.0.0.1:7400
+
+The node uses the newest cluster map it knows of (its cluster file, the map it persisted in its
+data directory, its seeds' with ``--join``, and then any newer one a peer or an operator
+publishes); in the background it repairs and rebalances (:mod:`.reconciler`) and scrubs
+(:mod:`.scrubber`); see :mod:`.maintenance`.
 
 A node serves until SIGTERM or SIGINT; then its health turns NOT_SERVING, calls in flight get a
 grace period to finish, the store is closed and the process exits 0. A startup failure (a bad
-cluster file, an id not in the map, a store that cannot be opened, a port in use) prints one
-line to stderr and exits non-zero.
+cluster file, an id not in the map, a store that cannot be opened, a port in use, a bad tokens
+file or TLS file) prints one line to stderr and exits non-zero.
+
+``--tls-cert``/``--tls-key`` serve TLS (``--tls-client-ca`` also requires client
+certificates) and ``--tokens`` requires a token on every chunkstore call; see :mod:`.auth`.
 """
 
 from __future__ import annotations
@@ -26,14 +36,25 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from chunkstore.cluster_map import ClusterMap, load_cluster_file
+from chunkstore.client.rpc import RpcPolicy
+from chunkstore.cluster_map import ClusterMap
 from chunkstore.errors import ChunkstoreError, InvalidInput
 from chunkstore.stores.lmdb_store import LmdbStore
 from chunkstore.v1 import store_pb2 as pb
 from chunkstore.v1 import store_pb2_grpc as pb_grpc
 
+from .auth import AuthInterceptor, NodeSecurity, load_node_security
 from .chunk_service import ChunkServicer
 from .cluster_service import ClusterServicer
+from .limits import LimitsInterceptor
+from .maintenance import (
+    Maintenance,
+    MaintenanceOptions,
+    add_maintenance_arguments,
+    options_from_args,
+    startup,
+)
+from .membership import MapHolder
 from .meta_service import MetaServicer
 from .metrics import NodeMetrics
 from .rpc import RpcInterceptor
@@ -52,25 +73,42 @@ class NodeServer:
     """The gRPC server of node ``node_id`` of ``cluster``, serving ``store``.
 
     Call :meth:`listen`, then :meth:`start`; :meth:`stop` may be called more than once. The
-    store stays open: whoever opened it closes it after :meth:`stop`.
+    store stays open: whoever opened it closes it after :meth:`stop`. ``security`` sets TLS
+    and tokens; its ``peer`` credentials (``self.peer_policy``) are for calls to other nodes.
     """
 
     def __init__(
         self,
         node_id: str,
-        cluster: ClusterMap,
+        cluster: ClusterMap | MapHolder,
         store: LmdbStore,
         metrics: NodeMetrics,
         *,
         workers: int = DEFAULT_WORKERS,
+        security: NodeSecurity | None = None,
+        maintenance: MaintenanceOptions | None = None,
     ) -> None:
+        self.security = security = security or NodeSecurity()
+        self.peer_policy = RpcPolicy(credentials=security.peer)
+        self.holder = cluster if isinstance(cluster, MapHolder) else MapHolder(node_id, cluster)
+        self.maintenance = (
+            Maintenance(node_id, store, self.holder, metrics, self.peer_policy, maintenance)
+            if maintenance is not None
+            else None
+        )
+        interceptors: list[grpc.ServerInterceptor] = [
+            LimitsInterceptor(metrics),
+            RpcInterceptor(metrics),
+        ]
+        if security.tokens is not None:  # first: a refused caller learns nothing else
+            interceptors.insert(0, AuthInterceptor(security.tokens, metrics))
         self._verify_pool = ThreadPoolExecutor(
             max(2, os.cpu_count() or 1), thread_name_prefix="verify"
         )
         self._health = health.HealthServicer()
         self._server = grpc.server(
             ThreadPoolExecutor(workers, thread_name_prefix="rpc"),
-            interceptors=[RpcInterceptor(metrics)],
+            interceptors=interceptors,
             options=[
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -78,11 +116,12 @@ class NodeServer:
             ],
         )
         pb_grpc.add_ChunkServiceServicer_to_server(
-            ChunkServicer(store, metrics, self._verify_pool), self._server
+            ChunkServicer(store, metrics, self._verify_pool, self.holder), self._server
         )
         pb_grpc.add_MetaServiceServicer_to_server(MetaServicer(store), self._server)
+        reconciler = self.maintenance.reconciler if self.maintenance is not None else None
         pb_grpc.add_ClusterServiceServicer_to_server(
-            ClusterServicer(node_id, cluster, store), self._server
+            ClusterServicer(node_id, self.holder, store, reconciler), self._server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
@@ -93,6 +132,8 @@ class NodeServer:
         """Bind ``address`` (HOST:PORT; port 0 picks one); return the port bound."""
         _check_bindable(address)  # first: gRPC would log its own error lines before ours
         try:
+            if self.security.tls is not None:
+                return self._server.add_secure_port(address, self.security.tls)
             return self._server.add_insecure_port(address)
         except RuntimeError:
             raise ChunkstoreError(f"cannot listen on {address}") from None
@@ -102,38 +143,38 @@ class NodeServer:
         self._server.start()
         for name in ("", *SERVICE_NAMES):
             self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.maintenance is not None:
+            self.maintenance.start()
 
     def stop(self, grace: float) -> None:
         """Answer NOT_SERVING, refuse new calls, give calls in flight ``grace`` seconds."""
         self._health.enter_graceful_shutdown()
+        if self.maintenance is not None:
+            self.maintenance.stop()
         self._server.stop(grace).wait()
         self._verify_pool.shutdown()
 
 
 def serve(
     node_id: str,
-    cluster_file: str | Path,
+    cluster_file: str | Path | None,
     data_dir: str | Path,
     *,
     listen: str | None = None,
     metrics_port: int | None = None,
     grace: float = DEFAULT_GRACE,
+    security: NodeSecurity | None = None,
+    options: MaintenanceOptions | None = None,
 ) -> None:
     """Run node ``node_id`` until SIGTERM or SIGINT (call from the main thread).
 
-    Prints one line to stdout once serving. Raises ChunkstoreError, before serving, if the
-    cluster file is invalid or lacks ``node_id``, the store cannot be opened, or a port cannot
-    be bound.
+    Prints one line to stdout once serving. Raises ChunkstoreError, before serving, if there
+    is no map (see :func:`.maintenance.startup`), the cluster file is invalid or lacks
+    ``node_id``, the store cannot be opened, or a port cannot be bound.
     """
-    cluster = load_cluster_file(cluster_file)
-    try:
-        spec = cluster.node(node_id)
-    except KeyError:
-        ids = ", ".join(n.id for n in cluster.nodes)
-        raise InvalidInput(
-            f"{cluster_file}: no node {node_id!r} in the map (nodes: {ids})"
-        ) from None
-    address = listen or spec.address
+    options = options or MaintenanceOptions()
+    peer_policy = RpcPolicy(credentials=(security or NodeSecurity()).peer)
+    cluster, address = startup(node_id, cluster_file, data_dir, listen, options, peer_policy)
     host = address.rsplit(":", 1)[0]
     stop = threading.Event()
     with ExitStack() as stack:
@@ -150,12 +191,14 @@ def serve(
                 ) from None
             stack.callback(metrics_server.close)
             metrics_note = f", metrics :{metrics_server.port}"
-        node = NodeServer(node_id, cluster, store, metrics)
+        holder = MapHolder(node_id, cluster, data_dir)
+        node = NodeServer(node_id, holder, store, metrics, security=security, maintenance=options)
         stack.callback(node.stop, grace)
         port = node.listen(address)
         node.start()
         print(
-            f"node {node_id} serving on {host}:{port} (data {data_dir}{metrics_note})",
+            f"node {node_id} serving on {host}:{port} "
+            f"(data {data_dir}{metrics_note}, {node.security.describe()})",
             flush=True,
         )
         stop.wait()
@@ -199,7 +242,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--id", required=True, dest="node_id", metavar="ID", help="this node's id in the map"
     )
-    parser.add_argument("--cluster", required=True, metavar="FILE", help="cluster map (TOML)")
+    parser.add_argument(
+        "--cluster",
+        metavar="FILE",
+        help="cluster map (TOML); a newer map persisted in --data wins (needed unless --join)",
+    )
     parser.add_argument("--data", required=True, metavar="DIR", help="directory of the store")
     parser.add_argument(
         "--listen",
@@ -219,6 +266,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help=f"on SIGTERM, time calls in flight get to finish (default {DEFAULT_GRACE:.0f})",
     )
+    parser.add_argument("--tls-cert", metavar="FILE", help="serve TLS with this certificate (PEM)")
+    parser.add_argument("--tls-key", metavar="FILE", help="the private key of --tls-cert (PEM)")
+    parser.add_argument(
+        "--tls-client-ca",
+        metavar="FILE",
+        help="require client certificates signed by these CAs (mutual TLS)",
+    )
+    parser.add_argument(
+        "--tokens",
+        metavar="FILE",
+        help="require a token on every call: TOML [[tokens]] with token and scope "
+        "(read, write, admin); without it, anyone who reaches the port may do anything",
+    )
+    parser.add_argument(
+        "--peer-token-file",
+        metavar="FILE",
+        help="token of this node's own calls to other nodes (default $CHUNKSTORE_TOKEN)",
+    )
+    add_maintenance_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -229,6 +295,13 @@ def run(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
+        security = load_node_security(
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            tls_client_ca=args.tls_client_ca,
+            tokens_file=args.tokens,
+            peer_token_file=args.peer_token_file,
+        )
         serve(
             args.node_id,
             args.cluster,
@@ -236,6 +309,8 @@ def run(args: argparse.Namespace) -> int:
             listen=args.listen,
             metrics_port=args.metrics_port,
             grace=args.grace,
+            security=security,
+            options=options_from_args(args),
         )
     except ChunkstoreError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)

@@ -25,11 +25,13 @@ from __future__ import annotations
 import atexit
 import signal
 import subprocess
-from collections.abc import Callable, Iterator
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
+from chunkstore.client.rpc import Credentials
 from chunkstore.cluster_map import ClusterMap
 from chunkstore.server import local_cluster
 
@@ -52,6 +54,10 @@ class LocalCluster:
 
     Entering starts every node and waits until all answer SERVING (``timeout`` seconds in all);
     if one fails, the others are stopped and the error shows the tail of its log.
+
+    ``node_args`` are extra options of every node (e.g. ``--tls-cert``, ``--tokens``);
+    ``credentials`` are those the health probes need (TLS: a CA, maybe a client certificate).
+    With ``--tls-cert``, :attr:`url` is ``grpcs://``.
     """
 
     def __init__(
@@ -61,12 +67,17 @@ class LocalCluster:
         replicas: int | None = None,
         write_quorum: int | None = None,
         timeout: float = 30.0,
+        node_args: Sequence[str] = (),
+        credentials: Credentials | None = None,
     ) -> None:
         self.directory = Path(directory)
         self.map_path, self.map = write_cluster_file(directory, nodes, replicas, write_quorum)
-        self.url = local_cluster.store_url(self.map)
+        local_cluster.set_node_args(directory, node_args)
+        self.url = local_cluster.store_url(self.map, tls="--tls-cert" in node_args)
+        self.credentials = credentials
         self.timeout = timeout
         self._processes: dict[str, subprocess.Popen] = {}
+        self._joined: dict[str, tuple[str, str]] = {}  # node id -> (address, seed URL)
 
     def __enter__(self) -> LocalCluster:
         atexit.register(self.close)
@@ -84,7 +95,21 @@ class LocalCluster:
         self.close()
 
     def address(self, node_id: str) -> str:
+        if node_id in self._joined:
+            return self._joined[node_id][0]
         return self.map.node(node_id).address
+
+    def join(self, node_id: str, seed: str | None = None) -> str:
+        """Start a new node ``node_id`` with ``--join`` (default seed: this cluster's URL) on
+        a free port, as an operator adds a node: it serves, but owns nothing until a map that
+        includes it is published. Returns its address; :meth:`start` restarts it the same way.
+        """
+        port, metrics_port = local_cluster.free_ports(2)
+        address = f"{local_cluster.HOST}:{port}"
+        (self.directory / f"{node_id}.metrics").write_text(f"{metrics_port}\n")
+        self._joined[node_id] = (address, seed or self.url)
+        self.start(node_id)
+        return address
 
     def node_data(self, node_id: str) -> Path:
         """The directory of a node's store."""
@@ -135,11 +160,34 @@ class LocalCluster:
         return process is not None and process.poll() is None
 
     def _spawn(self, node_id: str) -> None:
-        self._processes[node_id] = local_cluster.start_node(self.directory, node_id)
+        if node_id not in self._joined:
+            self._processes[node_id] = local_cluster.start_node(self.directory, node_id)
+            return
+        address, seed = self._joined[node_id]
+        d = self.directory
+        command = [
+            sys.executable, "-m", local_cluster.NODE_MODULE,
+            "--id", node_id,
+            "--listen", address,
+            "--join", seed,
+            "--data", str(d / node_id),
+            "--metrics-port", (d / f"{node_id}.metrics").read_text().strip(),
+            *local_cluster.node_args(d),
+        ]  # fmt: skip
+        with open(d / f"{node_id}.log", "ab") as log:
+            self._processes[node_id] = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+            )
+        (d / f"{node_id}.pid").write_text(f"{self._processes[node_id].pid}\n")
 
     def _wait(self, node_id: str) -> None:
         local_cluster.wait_serving(
-            self.directory, node_id, self.address(node_id), self._processes[node_id], self.timeout
+            self.directory,
+            node_id,
+            self.address(node_id),
+            self._processes[node_id],
+            self.timeout,
+            self.credentials,
         )
 
 

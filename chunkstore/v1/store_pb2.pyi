@@ -92,6 +92,30 @@ class ChunkTotals(_message.Message):
     stored_bytes: int
     def __init__(self, chunks: _Optional[int] = ..., stored_bytes: _Optional[int] = ...) -> None: ...
 
+class RangeDigestsRequest(_message.Message):
+    __slots__ = ("epoch", "peer", "start", "span", "count")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    PEER_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    SPAN_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    peer: str
+    start: int
+    span: int
+    count: int
+    def __init__(self, epoch: _Optional[int] = ..., peer: _Optional[str] = ..., start: _Optional[int] = ..., span: _Optional[int] = ..., count: _Optional[int] = ...) -> None: ...
+
+class RangeDigestsReply(_message.Message):
+    __slots__ = ("epoch", "digests", "counts")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    digests: _containers.RepeatedScalarFieldContainer[bytes]
+    counts: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, epoch: _Optional[int] = ..., digests: _Optional[_Iterable[bytes]] = ..., counts: _Optional[_Iterable[int]] = ...) -> None: ...
+
 class ManifestRecord(_message.Message):
     __slots__ = ("id", "data")
     ID_FIELD_NUMBER: _ClassVar[int]
@@ -225,7 +249,7 @@ class ClusterMap(_message.Message):
     def __init__(self, epoch: _Optional[int] = ..., replicas: _Optional[int] = ..., write_quorum: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ...) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("id", "epoch", "chunks", "stored_bytes", "map_used_bytes", "map_size_bytes", "data_dir")
+    __slots__ = ("id", "epoch", "chunks", "stored_bytes", "map_used_bytes", "map_size_bytes", "data_dir", "in_map", "rebalancing", "pass_running", "pass_progress", "pass_epoch", "misplaced", "under_replicated", "chunks_copied", "chunks_dropped", "bytes_copied", "passes", "departed")
     ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
@@ -233,6 +257,18 @@ class NodeStatus(_message.Message):
     MAP_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAP_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     DATA_DIR_FIELD_NUMBER: _ClassVar[int]
+    IN_MAP_FIELD_NUMBER: _ClassVar[int]
+    REBALANCING_FIELD_NUMBER: _ClassVar[int]
+    PASS_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    PASS_PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    PASS_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    MISPLACED_FIELD_NUMBER: _ClassVar[int]
+    UNDER_REPLICATED_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_COPIED_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_COPIED_FIELD_NUMBER: _ClassVar[int]
+    PASSES_FIELD_NUMBER: _ClassVar[int]
+    DEPARTED_FIELD_NUMBER: _ClassVar[int]
     id: str
     epoch: int
     chunks: int
@@ -240,4 +276,52 @@ class NodeStatus(_message.Message):
     map_used_bytes: int
     map_size_bytes: int
     data_dir: str
-    def __init__(self, id: _Optional[str] = ..., epoch: _Optional[int] = ..., chunks: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., map_used_bytes: _Optional[int] = ..., map_size_bytes: _Optional[int] = ..., data_dir: _Optional[str] = ...) -> None: ...
+    in_map: bool
+    rebalancing: bool
+    pass_running: bool
+    pass_progress: float
+    pass_epoch: int
+    misplaced: int
+    under_replicated: int
+    chunks_copied: int
+    chunks_dropped: int
+    bytes_copied: int
+    passes: int
+    departed: _containers.RepeatedCompositeFieldContainer[NodeInfo]
+    def __init__(self, id: _Optional[str] = ..., epoch: _Optional[int] = ..., chunks: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., map_used_bytes: _Optional[int] = ..., map_size_bytes: _Optional[int] = ..., data_dir: _Optional[str] = ..., in_map: _Optional[bool] = ..., rebalancing: _Optional[bool] = ..., pass_running: _Optional[bool] = ..., pass_progress: _Optional[float] = ..., pass_epoch: _Optional[int] = ..., misplaced: _Optional[int] = ..., under_replicated: _Optional[int] = ..., chunks_copied: _Optional[int] = ..., chunks_dropped: _Optional[int] = ..., bytes_copied: _Optional[int] = ..., passes: _Optional[int] = ..., departed: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ...) -> None: ...
+
+class PublishMapReply(_message.Message):
+    __slots__ = ("epoch", "accepted")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    accepted: bool
+    def __init__(self, epoch: _Optional[int] = ..., accepted: _Optional[bool] = ...) -> None: ...
+
+class ReconcileReport(_message.Message):
+    __slots__ = ("epoch", "chunks_copied", "bytes_copied", "chunks_dropped", "records_copied", "records_dropped", "under_replicated", "misplaced", "under_replicated_found", "ranges_skipped", "seconds", "complete")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_COPIED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_COPIED_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_COPIED_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    UNDER_REPLICATED_FIELD_NUMBER: _ClassVar[int]
+    MISPLACED_FIELD_NUMBER: _ClassVar[int]
+    UNDER_REPLICATED_FOUND_FIELD_NUMBER: _ClassVar[int]
+    RANGES_SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    chunks_copied: int
+    bytes_copied: int
+    chunks_dropped: int
+    records_copied: int
+    records_dropped: int
+    under_replicated: int
+    misplaced: int
+    under_replicated_found: int
+    ranges_skipped: int
+    seconds: float
+    complete: bool
+    def __init__(self, epoch: _Optional[int] = ..., chunks_copied: _Optional[int] = ..., bytes_copied: _Optional[int] = ..., chunks_dropped: _Optional[int] = ..., records_copied: _Optional[int] = ..., records_dropped: _Optional[int] = ..., under_replicated: _Optional[int] = ..., misplaced: _Optional[int] = ..., under_replicated_found: _Optional[int] = ..., ranges_skipped: _Optional[int] = ..., seconds: _Optional[float] = ..., complete: _Optional[bool] = ...) -> None: ...

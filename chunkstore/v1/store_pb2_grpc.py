@@ -67,6 +67,16 @@ class ChunkServiceStub:
                 request_serializer=chunkstore_dot_v1_dot_store__pb2.Empty.SerializeToString,
                 response_deserializer=chunkstore_dot_v1_dot_store__pb2.ChunkTotals.FromString,
                 _registered_method=True)
+        self.Holds = channel.unary_unary(
+                '/chunkstore.v1.ChunkService/Holds',
+                request_serializer=chunkstore_dot_v1_dot_store__pb2.ChunkIds.SerializeToString,
+                response_deserializer=chunkstore_dot_v1_dot_store__pb2.ChunkIds.FromString,
+                _registered_method=True)
+        self.RangeDigests = channel.unary_unary(
+                '/chunkstore.v1.ChunkService/RangeDigests',
+                request_serializer=chunkstore_dot_v1_dot_store__pb2.RangeDigestsRequest.SerializeToString,
+                response_deserializer=chunkstore_dot_v1_dot_store__pb2.RangeDigestsReply.FromString,
+                _registered_method=True)
 
 
 class ChunkServiceServicer:
@@ -114,6 +124,22 @@ class ChunkServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Holds(self, request, context):
+        """The ids among the request's that this node holds. Unlike Missing it marks nothing wanted,
+        so repair and rebalancing, which ask about every chunk, keep no garbage alive.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RangeDigests(self, request, context):
+        """Per range, a digest of the ids this node holds that both it and the caller own under
+        this node's map: equal digests on both sides mean the range is in sync between them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ChunkServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -146,6 +172,16 @@ def add_ChunkServiceServicer_to_server(servicer, server):
                     servicer.Totals,
                     request_deserializer=chunkstore_dot_v1_dot_store__pb2.Empty.FromString,
                     response_serializer=chunkstore_dot_v1_dot_store__pb2.ChunkTotals.SerializeToString,
+            ),
+            'Holds': grpc.unary_unary_rpc_method_handler(
+                    servicer.Holds,
+                    request_deserializer=chunkstore_dot_v1_dot_store__pb2.ChunkIds.FromString,
+                    response_serializer=chunkstore_dot_v1_dot_store__pb2.ChunkIds.SerializeToString,
+            ),
+            'RangeDigests': grpc.unary_unary_rpc_method_handler(
+                    servicer.RangeDigests,
+                    request_deserializer=chunkstore_dot_v1_dot_store__pb2.RangeDigestsRequest.FromString,
+                    response_serializer=chunkstore_dot_v1_dot_store__pb2.RangeDigestsReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -313,6 +349,60 @@ class ChunkService:
             '/chunkstore.v1.ChunkService/Totals',
             chunkstore_dot_v1_dot_store__pb2.Empty.SerializeToString,
             chunkstore_dot_v1_dot_store__pb2.ChunkTotals.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Holds(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chunkstore.v1.ChunkService/Holds',
+            chunkstore_dot_v1_dot_store__pb2.ChunkIds.SerializeToString,
+            chunkstore_dot_v1_dot_store__pb2.ChunkIds.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RangeDigests(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chunkstore.v1.ChunkService/RangeDigests',
+            chunkstore_dot_v1_dot_store__pb2.RangeDigestsRequest.SerializeToString,
+            chunkstore_dot_v1_dot_store__pb2.RangeDigestsReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -1195,6 +1285,16 @@ class ClusterServiceStub:
                 request_serializer=chunkstore_dot_v1_dot_store__pb2.Empty.SerializeToString,
                 response_deserializer=chunkstore_dot_v1_dot_store__pb2.NodeStatus.FromString,
                 _registered_method=True)
+        self.PublishMap = channel.unary_unary(
+                '/chunkstore.v1.ClusterService/PublishMap',
+                request_serializer=chunkstore_dot_v1_dot_store__pb2.ClusterMap.SerializeToString,
+                response_deserializer=chunkstore_dot_v1_dot_store__pb2.PublishMapReply.FromString,
+                _registered_method=True)
+        self.Reconcile = channel.unary_unary(
+                '/chunkstore.v1.ClusterService/Reconcile',
+                request_serializer=chunkstore_dot_v1_dot_store__pb2.Empty.SerializeToString,
+                response_deserializer=chunkstore_dot_v1_dot_store__pb2.ReconcileReport.FromString,
+                _registered_method=True)
 
 
 class ClusterServiceServicer:
@@ -1213,6 +1313,22 @@ class ClusterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PublishMap(self, request, context):
+        """Offer a map: the node adopts it if it is newer (a higher epoch; at the same epoch, the
+        larger digest of its canonical encoding, so that every node settles on the same map),
+        stores it in its data directory and uses it from then on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Reconcile(self, request, context):
+        """Run a reconciler pass now (after the one running, if any) and answer when it is done.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClusterServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -1225,6 +1341,16 @@ def add_ClusterServiceServicer_to_server(servicer, server):
                     servicer.GetNodeStatus,
                     request_deserializer=chunkstore_dot_v1_dot_store__pb2.Empty.FromString,
                     response_serializer=chunkstore_dot_v1_dot_store__pb2.NodeStatus.SerializeToString,
+            ),
+            'PublishMap': grpc.unary_unary_rpc_method_handler(
+                    servicer.PublishMap,
+                    request_deserializer=chunkstore_dot_v1_dot_store__pb2.ClusterMap.FromString,
+                    response_serializer=chunkstore_dot_v1_dot_store__pb2.PublishMapReply.SerializeToString,
+            ),
+            'Reconcile': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reconcile,
+                    request_deserializer=chunkstore_dot_v1_dot_store__pb2.Empty.FromString,
+                    response_serializer=chunkstore_dot_v1_dot_store__pb2.ReconcileReport.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1282,6 +1408,60 @@ class ClusterService:
             '/chunkstore.v1.ClusterService/GetNodeStatus',
             chunkstore_dot_v1_dot_store__pb2.Empty.SerializeToString,
             chunkstore_dot_v1_dot_store__pb2.NodeStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PublishMap(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chunkstore.v1.ClusterService/PublishMap',
+            chunkstore_dot_v1_dot_store__pb2.ClusterMap.SerializeToString,
+            chunkstore_dot_v1_dot_store__pb2.PublishMapReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reconcile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chunkstore.v1.ClusterService/Reconcile',
+            chunkstore_dot_v1_dot_store__pb2.Empty.SerializeToString,
+            chunkstore_dot_v1_dot_store__pb2.ReconcileReport.FromString,
             options,
             channel_credentials,
             insecure,

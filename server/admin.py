@@ -1,0 +1,319 @@
+"""Membership and repair, as operators run them: ``chunkstore cluster add-node``,
+``remove-node`` and ``repair``. Each takes ``--store grpc://HOST:PORT,...`` (or
+``$CHUNKSTORE_STORE``) and ``--token`` like every other command.
+
+``add-node`` and ``remove-node`` build the next map (epoch + 1) from the newest one the nodes
+serve and publish it to every node of the old and the new map (``PublishMap``); a node that
+misses it learns it from its peers within seconds. The data then moves in the background
+(:mod:`.reconciler`); ``chunkstore cluster status`` shows when it is done.
+
+``repair`` makes every node run a reconciler pass now and waits for all of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from typing import Any
+
+from chunkstore.client.cluster_store import TLS_SCHEME, parse_url
+from chunkstore.client.rpc import Credentials, NodeCallError, NodeClient, RpcPolicy, to_error
+from chunkstore.cluster_map import (
+    ClusterMap,
+    ClusterMapError,
+    NodeSpec,
+    map_from_proto,
+    map_to_proto,
+    newer,
+)
+from chunkstore.connect import store_url
+from chunkstore.errors import ChunkstoreError, InvalidInput, StoreUnavailable
+from chunkstore.progress import human_bytes
+from chunkstore.v1 import store_pb2 as pb
+
+DEFAULT_REPAIR_TIMEOUT = 3600.0
+
+
+def _connection_args(p: argparse.ArgumentParser, timeout: float, what: str) -> None:
+    p.add_argument(
+        "--store",
+        metavar="URL",
+        help="grpc://HOST:PORT,... of any nodes (default: $CHUNKSTORE_STORE)",
+    )
+    p.add_argument("--token", help="an admin token, if the nodes require tokens")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=timeout,
+        metavar="SECONDS",
+        help=f"{what} (default {timeout:g})",
+    )
+
+
+def add_admin_parsers(sub: Any) -> None:
+    """Add ``add-node``, ``remove-node`` and ``repair`` to the ``cluster`` subparsers."""
+    add = sub.add_parser(
+        "add-node",
+        help="add a node to a cluster's map; data moves to it in the background",
+        description="Publish a map with node ID at ADDRESS added (epoch + 1) to every node. "
+        "Start the node first (chunkstore node --id ID --listen ADDRESS --data DIR --join "
+        "grpc://SEED); it owns nothing until this publishes the map.",
+        epilog="example:\n  chunkstore cluster add-node n4 10.0.0.4:7400 --store grpc://10.0.0.1:7400",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add.add_argument("node_id", metavar="ID")
+    add.add_argument("address", metavar="ADDRESS", help="HOST:PORT the node serves on")
+    add.add_argument(
+        "--weight", type=float, default=1.0, help="relative share of the data (default 1)"
+    )
+    _connection_args(add, 10.0, "per-node timeout")
+
+    remove = sub.add_parser(
+        "remove-node",
+        help="remove a node from a cluster's map; its data moves to the others",
+        description="Publish a map without node ID (epoch + 1) to every node, the removed one "
+        "included. Keep the node running until 'chunkstore cluster status' shows the cluster "
+        "no longer rebalancing; then stop it.",
+        epilog="example:\n  chunkstore cluster remove-node n2 --store grpc://10.0.0.1:7400",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    remove.add_argument("node_id", metavar="ID")
+    _connection_args(remove, 10.0, "per-node timeout")
+
+    repair = sub.add_parser(
+        "repair",
+        help="run a repair pass on every node now and wait for them",
+        description="Every node copies the chunks, manifests, version records, tags and "
+        "stages it is responsible for to the owners that lack them, and drops what it no "
+        "longer owns once the owners hold it. Exit code 1 if a node did not answer or keys "
+        "remain below their replica count.",
+        epilog="example:\n  chunkstore cluster repair --store grpc://10.0.0.1:7400",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    repair.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    _connection_args(repair, DEFAULT_REPAIR_TIMEOUT, "how long to wait for the passes")
+
+
+def _policy(args: argparse.Namespace) -> tuple[str, RpcPolicy]:
+    url = store_url(args.store)
+    if not url.startswith(("grpc://", "grpcs://")):
+        raise InvalidInput(f"{url!r} is not a cluster: give --store grpc://HOST:PORT,...")
+    credentials = Credentials.from_env(tls=url.startswith(TLS_SCHEME), token=args.token)
+    return url, RpcPolicy(credentials=credentials, timeout=args.timeout, attempts=2)
+
+
+def _ask(client: NodeClient, call: Callable[[NodeClient], Any]) -> Any:
+    return client.run(lambda: call(client))
+
+
+def newest_map(url: str, policy: RpcPolicy) -> ClusterMap:
+    """The newest map served by the seeds of ``url`` or by the nodes of the newest of those."""
+    failures: list[NodeCallError] = []
+    asked: set[str] = set()
+
+    def ask(address: str) -> ClusterMap | None:
+        client = NodeClient(NodeSpec("seed", address), replace(policy, attempts=1))
+        try:
+            timeout = policy.timeout
+            reply = _ask(client, lambda c: c.cluster.GetClusterMap(pb.Empty(), timeout=timeout))
+            return map_from_proto(reply)
+        except NodeCallError as e:
+            failures.append(e)
+        except ClusterMapError:
+            pass
+        finally:
+            client.close()
+        return None
+
+    best: ClusterMap | None = None
+    addresses = parse_url(url)
+    for _ in range(2):  # the seeds, then the nodes of the newest map they serve
+        addresses = [a for a in dict.fromkeys(addresses) if a not in asked]
+        if not addresses:
+            break
+        asked.update(addresses)
+        with ThreadPoolExecutor(min(32, len(addresses))) as pool:
+            for theirs in pool.map(ask, addresses):
+                if theirs is not None and newer(theirs, best):
+                    best = theirs
+        if best is None:
+            break
+        addresses = [n.address for n in best.nodes]
+    if best is None:
+        raise to_error(f"no node of {url} serves a cluster map", failures)
+    return best
+
+
+@dataclass
+class Published:
+    """How each node took a published map."""
+
+    cluster: ClusterMap
+    accepted: list[str]
+    refused: dict[str, int]  # node id -> its (newer) epoch
+    failed: dict[str, str]  # node id -> why
+
+
+def publish(cluster: ClusterMap, targets: list[NodeSpec], policy: RpcPolicy) -> Published:
+    """Offer ``cluster`` to every node of ``targets`` in parallel."""
+    request = map_to_proto(cluster)
+    result = Published(cluster, [], {}, {})
+
+    def offer(spec: NodeSpec) -> None:
+        client = NodeClient(spec, policy)
+        try:
+            reply = _ask(client, lambda c: c.cluster.PublishMap(request, timeout=policy.timeout))
+        except NodeCallError as e:
+            result.failed[spec.id] = f"{e.code.name.lower()}: {e.detail}"
+            return
+        finally:
+            client.close()
+        if reply.accepted:
+            result.accepted.append(spec.id)
+        else:
+            result.refused[spec.id] = reply.epoch
+
+    with ThreadPoolExecutor(max(1, min(32, len(targets)))) as pool:
+        list(pool.map(offer, targets))
+    return result
+
+
+def change_membership(
+    url: str, policy: RpcPolicy, change: Callable[[ClusterMap], ClusterMap]
+) -> Published:
+    """Publish ``change(newest map)`` to the nodes of both maps."""
+    current = newest_map(url, policy)
+    following = change(current)
+    targets = {n.id: n for n in current.nodes}
+    targets.update((n.id, n) for n in following.nodes)
+    return publish(following, list(targets.values()), policy)
+
+
+def with_node(cluster: ClusterMap, node_id: str, address: str, weight: float) -> ClusterMap:
+    """``cluster`` with one more node, one epoch later."""
+    if any(n.id == node_id for n in cluster.nodes):
+        raise InvalidInput(f"node {node_id!r} is already in the map (epoch {cluster.epoch})")
+    try:
+        spec = NodeSpec(node_id, address, weight)
+        return ClusterMap(
+            cluster.epoch + 1, cluster.replicas, cluster.write_quorum, (*cluster.nodes, spec)
+        )
+    except ClusterMapError as e:
+        raise InvalidInput(f"cannot add node {node_id!r}: {e}") from None
+
+
+def without_node(cluster: ClusterMap, node_id: str) -> ClusterMap:
+    """``cluster`` without one node, one epoch later."""
+    if not any(n.id == node_id for n in cluster.nodes):
+        ids = ", ".join(n.id for n in cluster.nodes)
+        raise InvalidInput(f"no node {node_id!r} in the map (nodes: {ids})")
+    rest = tuple(n for n in cluster.nodes if n.id != node_id)
+    if not rest:
+        raise InvalidInput(f"cannot remove node {node_id!r}: it is the only node")
+    try:
+        return ClusterMap(cluster.epoch + 1, cluster.replicas, cluster.write_quorum, rest)
+    except ClusterMapError as e:
+        raise InvalidInput(f"cannot remove node {node_id!r}: {e}") from None
+
+
+def _report_published(done: Published, what: str) -> int:
+    cluster = done.cluster
+    total = len(done.accepted) + len(done.refused) + len(done.failed)
+    for node_id, why in sorted(done.failed.items()):
+        print(
+            f"warning: node {node_id} did not take the map ({why}); it learns it from its "
+            "peers once it is back",
+            file=sys.stderr,
+        )
+    if done.refused:
+        nodes = ", ".join(f"{n} (epoch {e})" for n, e in sorted(done.refused.items()))
+        raise ChunkstoreError(
+            f"{what}: nodes hold a newer map: {nodes}; the membership changed meanwhile, "
+            "check 'chunkstore cluster status' and try again"
+        )
+    if not done.accepted:
+        raise StoreUnavailable(f"{what}: no node took the map")
+    print(
+        f"{what}: cluster map epoch {cluster.epoch} ({', '.join(n.id for n in cluster.nodes)}) "
+        f"taken by {len(done.accepted)} of {total} nodes; data moves in the background, "
+        "see 'chunkstore cluster status'"
+    )
+    return 0
+
+
+def run_add_node(args: argparse.Namespace) -> int:
+    url, policy = _policy(args)
+    done = change_membership(
+        url, policy, lambda m: with_node(m, args.node_id, args.address, args.weight)
+    )
+    return _report_published(done, f"added {args.node_id}")
+
+
+def run_remove_node(args: argparse.Namespace) -> int:
+    url, policy = _policy(args)
+    done = change_membership(url, policy, lambda m: without_node(m, args.node_id))
+    return _report_published(done, f"removed {args.node_id}")
+
+
+def repair(url: str, policy: RpcPolicy, timeout: float) -> dict[str, Any]:
+    """Run a reconciler pass on every node of the newest map; the reports by node."""
+    cluster = newest_map(url, policy)
+    one_try = replace(policy, attempts=1)
+
+    def run(spec: NodeSpec) -> dict[str, Any]:
+        client = NodeClient(spec, one_try)
+        try:
+            reply = _ask(client, lambda c: c.cluster.Reconcile(pb.Empty(), timeout=timeout))
+        except NodeCallError as e:
+            return {"id": spec.id, "ok": False, "error": f"{e.code.name.lower()}: {e.detail}"}
+        finally:
+            client.close()
+        report = {f.name: getattr(reply, f.name) for f in pb.ReconcileReport.DESCRIPTOR.fields}
+        return {"id": spec.id, "ok": True, "error": None, **report}
+
+    with ThreadPoolExecutor(max(1, min(32, len(cluster.nodes)))) as pool:
+        nodes = list(pool.map(run, cluster.nodes))
+    return {"epoch": cluster.epoch, "nodes": nodes}
+
+
+def run_repair(args: argparse.Namespace) -> int:
+    url, policy = _policy(args)
+    result = repair(url, replace(policy, timeout=min(args.timeout, 10.0)), args.timeout)
+    nodes = result["nodes"]
+    if args.json:
+        json.dump(result, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        for n in nodes:
+            if not n["ok"]:
+                print(f"{n['id']}: failed: {n['error']}")
+                continue
+            print(
+                f"{n['id']}: copied {n['chunks_copied']} chunks ({human_bytes(n['bytes_copied'])})"
+                f" and {n['records_copied']} records, dropped {n['chunks_dropped']} chunks and "
+                f"{n['records_dropped']} records, found {n['under_replicated_found']} keys below "
+                f"replica count, {n['under_replicated']} left, {n['misplaced']} misplaced "
+                f"({n['seconds']:.1f} s)"
+            )
+    failed = [n["id"] for n in nodes if not n["ok"]]
+    short = sum(n.get("under_replicated", 0) for n in nodes if n["ok"])
+    if failed or short:
+        why = []
+        if failed:
+            why.append(f"nodes {', '.join(failed)} did not finish a pass")
+        if short:
+            why.append(f"{short} keys remain below their replica count")
+        print(f"chunkstore cluster repair: {'; '.join(why)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+ACTIONS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "add-node": run_add_node,
+    "remove-node": run_remove_node,
+    "repair": run_repair,
+}

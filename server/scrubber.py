@@ -1,0 +1,181 @@
+"""The scrubber: re-verifies every stored chunk against its id, in the background, at a bounded
+rate, and replaces a corrupt chunk with a verified copy from another node.
+
+A sweep reads the node's chunks in id order (decoding each and comparing its BLAKE3 with its
+id, as every read does) at ``rate`` bytes per second; a sweep starts ``interval`` seconds after
+the last one ended (or after the node's first start). Its position is kept in the node's state
+file, so a sweep interrupted by a restart resumes where it was.
+
+A chunk that fails is counted (``chunkstore_scrub_errors_total``), a good copy is fetched from
+its other owners (then from any other node) and verified, and the bad copy is replaced by it
+(``chunkstore_scrub_repaired_total``). If no node has a good copy, the bad one is deleted
+anyway: it is worth nothing, and without it existence checks report the chunk missing, so the
+next push that has it sends it again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import grpc
+
+from chunkstore import codec, errors
+from chunkstore.client.rpc import NodeCallError
+from chunkstore.stores.lmdb_store import LmdbStore
+from chunkstore.v1 import store_pb2 as pb
+
+from .background import StateFile, TokenBucket
+from .membership import MapHolder, Peers
+from .metrics import NodeMetrics
+
+log = logging.getLogger("chunkstore.scrubber")
+
+MiB = 1 << 20
+DEFAULT_RATE = 16 * MiB
+DEFAULT_INTERVAL = 24 * 3600.0
+SAVE_EVERY = 5.0  # seconds between writes of the position
+_STATE = "scrubber"
+
+
+class Scrubber:
+    """Scrubs ``store`` of node ``node_id`` (see the module docstring)."""
+
+    def __init__(
+        self,
+        node_id: str,
+        store: LmdbStore,
+        holder: MapHolder,
+        peers: Peers,
+        metrics: NodeMetrics,
+        *,
+        rate: float = DEFAULT_RATE,
+        interval: float = DEFAULT_INTERVAL,
+        state: StateFile | None = None,
+    ) -> None:
+        self.node_id = node_id
+        self._store = store
+        self._holder = holder
+        self._peers = peers
+        self._metrics = metrics
+        self.interval = interval
+        self._state = state or StateFile(None)
+        self._stop = threading.Event()
+        self._bucket = TokenBucket(rate, self._stop)
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="scrubber", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def _loop(self) -> None:
+        state = self._state.get(_STATE)
+        if "next_sweep" not in state:
+            state = {"next_sweep": time.time() + self.interval, "after": ""}
+            self._state.put(_STATE, state)
+        while not self._stop.is_set():
+            wait = state["next_sweep"] - time.time()
+            if wait > 0:
+                if self._stop.wait(min(wait, 60.0)):
+                    return
+                continue
+            try:
+                finished = self._sweep(bytes.fromhex(state.get("after", "")))
+            except Exception:
+                log.exception("node %s: scrub failed", self.node_id)
+                finished = False
+                if self._stop.wait(10.0):
+                    return
+            if finished:
+                self._metrics.scrub_last_sweep.set(time.time())
+                state = {"next_sweep": time.time() + self.interval, "after": ""}
+                self._state.put(_STATE, state)
+            else:
+                state = self._state.get(_STATE)
+
+    def _sweep(self, after: bytes) -> bool:
+        """Verify the chunks after ``after``; True once every chunk was verified."""
+        saved = time.monotonic()
+        for info in self._store.scan(after):
+            cid = info.id
+            blob = self._read(cid)
+            if blob is not None:
+                if not self._bucket.take(len(blob)):
+                    break
+                self._metrics.scrub_chunks.inc()
+                self._metrics.scrub_bytes.inc(len(blob))
+                try:
+                    codec.decode_verified(cid, blob)
+                except errors.CorruptChunk as e:
+                    self._metrics.scrub_errors.inc()
+                    log.error("node %s: scrub: %s", self.node_id, e)
+                    self._repair(cid)
+            after = cid
+            if time.monotonic() - saved > SAVE_EVERY:
+                self._save(after)
+                saved = time.monotonic()
+        else:
+            return True
+        self._save(after)
+        return False
+
+    def _save(self, after: bytes) -> None:
+        self._state.put(_STATE, {**self._state.get(_STATE), "after": after.hex()})
+
+    def _read(self, cid: bytes) -> bytes | None:
+        try:
+            ((_, blob),) = list(self._store.get([cid]))
+        except errors.ChunkNotFound:
+            return None  # deleted meanwhile
+        return bytes(blob)
+
+    def _repair(self, cid: bytes) -> None:
+        """Replace the corrupt chunk ``cid`` with a verified copy from another node."""
+        good = self._fetch(cid)
+        self._store.delete([cid])
+        if good is None:
+            log.error(
+                "node %s: scrub: no other node has a good copy of chunk %s; deleted the bad one",
+                self.node_id,
+                cid.hex(),
+            )
+            return
+        self._store.put([(cid, good)])
+        self._metrics.scrub_repaired.inc()
+        log.info("node %s: scrub: chunk %s replaced by a good copy", self.node_id, cid.hex())
+
+    def _fetch(self, cid: bytes) -> bytes | None:
+        """A blob of ``cid`` that verifies, from its other owners first, then any node."""
+        cluster = self._holder.map
+        owners = [n.id for n in cluster.owners(cid)]
+        order = [o for o in owners if o != self.node_id]
+        order += [n.id for n in cluster.nodes if n.id not in owners and n.id != self.node_id]
+        request = pb.ChunkIds(ids=[cid])
+        for node_id in order:
+            client = self._peers.client(cluster.node(node_id))
+            try:
+                batches = client.run(
+                    lambda c=client: list(
+                        c.chunks.GetChunks(request, timeout=c.policy.deadline(stream=True))
+                    )
+                )
+            except NodeCallError as e:
+                if e.code != grpc.StatusCode.NOT_FOUND:
+                    log.warning("node %s: scrub: %s", self.node_id, e)
+                continue
+            for batch in batches:
+                for chunk in batch.chunks:
+                    if chunk.id != cid:
+                        continue
+                    try:
+                        codec.decode_verified(cid, chunk.blob)
+                    except errors.CorruptChunk:
+                        continue
+                    return chunk.blob
+        return None
