@@ -4,6 +4,12 @@ Per file: memory-map -> cut (FastCDC) -> id (BLAKE3) on the calling thread; then
 chunks, one batched existence check; the missing chunks are encoded on a thread pool and handed,
 in order, to a writer thread that stores them in large all-or-nothing batches. Memory is bounded
 by the window and the writer's queue, never by file size.
+
+With a base (:class:`~chunkstore.delta.BaseTensors`), a tensor the base also has is cut at the
+base tensor's chunk boundaries, and each of its chunks the store lacks may be stored as a delta
+against the paired base chunk (see :mod:`chunkstore.delta`): the existence check also asks for
+the keyframes, whose bytes are then read in one batch per window, and the encoders decide
+between the delta and the standalone encoding.
 """
 
 from __future__ import annotations
@@ -11,17 +17,19 @@ from __future__ import annotations
 import queue
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from chunkstore import codec, ids
-from chunkstore.chunking import Chunker, ChunkerParams, MappedFile
-from chunkstore.model import Manifest
+from chunkstore import ids
+from chunkstore.chunking import Chunker, ChunkerParams, MappedFile, file_regions
+from chunkstore.delta import BaseChunk, BaseTensors, Encoded, base_length, encode_chunk
+from chunkstore.errors import ChunkstoreError
+from chunkstore.model import DeltaRef, Manifest
 from chunkstore.progress import NoProgress, Progress
 from chunkstore.stores.base import ChunkStore
-from chunkstore.tensor_index import read_index
+from chunkstore.tensor_index import TensorIndex, read_index
 
 MiB = 1 << 20
 
@@ -33,6 +41,8 @@ class IngestStats:
     new_chunks: int = 0
     new_raw_bytes: int = 0
     new_stored_bytes: int = 0
+    delta_chunks: int = 0  # new chunks stored as deltas against a base chunk
+    delta_raw_bytes: int = 0  # raw bytes of those chunks
 
 
 @dataclass(frozen=True)
@@ -45,8 +55,44 @@ class PipelineLimits:
 
 
 _DONE = object()
-#: A chunk waiting to be stored: id, bytes, element size of the tensor it lies in (if any).
-_Pending = tuple[bytes, memoryview, int | None]
+#: A chunk waiting to be stored: id, bytes, element size of the tensor it lies in (if any),
+#: and the base chunk it is paired with (if any).
+_Pending = tuple[bytes, memoryview, int | None, BaseChunk | None]
+#: What an encoding task gets per chunk: id, bytes, element size, and the keyframe to code a
+#: delta against as (id, raw bytes, transform), if any.
+_Task = tuple[bytes, memoryview, int | None, tuple[bytes, bytes, str] | None]
+
+
+def plan_cuts(
+    chunker: Chunker,
+    view: memoryview,
+    index: TensorIndex | None,
+    base: BaseTensors | None = None,
+    path: str | None = None,
+) -> Iterator[tuple[int, int, int | None, BaseChunk | None]]:
+    """Yield ``(offset, length, element size or None, base chunk or None)`` of every chunk of
+    a file, as a push cuts it.
+
+    Without a base (or for what the base lacks) this is :meth:`Chunker.cut_file`. A tensor
+    cut on its own whose name and shape the base has, chunk-aligned, with a dtype it predicts,
+    is cut at the base tensor's chunk boundaries instead, each chunk paired with its base chunk.
+    """
+    if not base or index is None:
+        for offset, length, element_size in chunker.cut_file(view, index):
+            yield offset, length, element_size, None
+        return
+    tensors = {t.begin: t for t in index.tensors}
+    for region in file_regions(index, len(view), chunker.params.min_size):
+        tensor = tensors.get(region.begin) if region.element_size else None
+        cuts = None
+        if tensor is not None and tensor.end == region.end:
+            cuts = base.match(path, tensor)
+        if cuts is None:
+            for offset, length in chunker.cut_region(view, region):
+                yield offset, length, region.element_size, None
+        else:
+            for offset, length, base_chunk in cuts:
+                yield region.begin + offset, length, region.element_size, base_chunk
 
 
 class Ingester:
@@ -61,13 +107,19 @@ class Ingester:
         params: ChunkerParams = ChunkerParams(),
         limits: PipelineLimits = PipelineLimits(),
         progress: Progress | None = None,
+        base: BaseTensors | None = None,
     ) -> None:
         self.store = store
         self.limits = limits
         self.stats = IngestStats()
         self._chunker = Chunker(params)
         self._progress = progress or NoProgress()
+        self._base = base
         self._known: set[bytes] = set()  # stored already, or queued for storing in this push
+        self._present: set[bytes] = set()  # found stored by an existence check of this push
+        self._delta_of: dict[bytes, DeltaRef] = {}  # chunks of this push rebuilt from deltas
+        self._written: set[bytes] = set()  # ids handed to the store by this push
+        self._manifests: list[Manifest] = []
         self._pool = ThreadPoolExecutor(limits.workers, thread_name_prefix="chunk-encode")
         # Existence checks run on their own thread, overlapping the next window's hashing.
         self._checker = ThreadPoolExecutor(1, thread_name_prefix="chunk-check")
@@ -78,12 +130,13 @@ class Ingester:
         self._writer = threading.Thread(target=self._write_loop, name="chunk-writer", daemon=True)
         self._writer.start()
 
-    def ingest_file(self, path: Path) -> Manifest:
+    def ingest_file(self, path: Path, name: str | None = None) -> Manifest:
         """Chunk one file and queue its new chunks for storing; return its manifest.
 
         A safetensors file is cut along its tensors (:func:`~chunkstore.chunking.file_regions`)
         and its tensor index kept in the manifest; any other file, or a malformed one, is cut
-        as plain bytes.
+        as plain bytes. ``name`` (the stored path) picks base tensors of the same file first.
+        The manifest's deltas are filled in by :meth:`finish`.
         """
         mapped = MappedFile(path)
         self._maps.append(mapped)
@@ -96,21 +149,28 @@ class Ingester:
         in_flight = 3 * self.limits.window_bytes + self.limits.group_bytes * (
             self.limits.queued_groups + 2
         )
-        for offset, length, element_size in self._chunker.cut_file(view, index):
+        for offset, length, element_size, base in plan_cuts(
+            self._chunker, view, index, self._base, name
+        ):
             data = view[offset : offset + length]
             cid = ids.chunk_id(data)
             chunks.append((cid, length))
-            window.append((cid, data, element_size))
+            window.append((cid, data, element_size, base))
             window_bytes += length
             if window_bytes >= self.limits.window_bytes:
                 self._flush(window)
                 mapped.release_before(offset - in_flight)
                 window, window_bytes = [], 0
         self._flush(window)
-        return Manifest(mapped.size, chunks, index.tensors if index else [])
+        manifest = Manifest(mapped.size, chunks, index.tensors if index else [])
+        self._manifests.append(manifest)
+        return manifest
 
     def finish(self) -> IngestStats:
-        """Wait until every queued chunk is durable; raise what the writer met, if anything."""
+        """Wait until every queued chunk is durable; raise what the writer met, if anything.
+
+        Then records in each ingested file's manifest the chunks stored as deltas.
+        """
         try:
             while self._checks:
                 self._checks.popleft().result()
@@ -118,6 +178,11 @@ class Ingester:
             self._writer.join()
             if self._error is not None:
                 raise self._error
+            if self._delta_of:
+                for manifest in self._manifests:
+                    for i, (cid, _) in enumerate(manifest.chunks):
+                        if cid in self._delta_of:
+                            manifest.deltas[i] = self._delta_of[cid]
             return self.stats
         finally:
             self.close()
@@ -145,21 +210,49 @@ class Ingester:
             self._checks.popleft().result()
 
     def _check(self, window: list[_Pending]) -> None:
-        """Ask the store which chunks of the window it lacks and queue those for encoding."""
-        scanned = sum(len(d) for _, d, _ in window)
+        """Ask the store which chunks of the window it lacks and queue those for encoding.
+
+        Chunks paired with a base chunk also get their keyframe asked for (and so marked
+        wanted); a lacking chunk whose keyframe is stored is queued with the keyframe's bytes,
+        read for the whole window at once, and the encoder decides whether a delta pays. A
+        lacking chunk equal to a delta-coded base chunk reuses that chunk's delta.
+        """
+        scanned = sum(len(d) for _, d, _, _ in window)
         self.stats.scanned_bytes += scanned
         self.stats.chunks += len(window)
-        fresh = list(dict.fromkeys(cid for cid, _, _ in window if cid not in self._known))
-        lacking = self.store.missing(fresh) if fresh else set()
+        fresh: dict[bytes, _Pending] = {}
+        for item in window:
+            if item[0] not in self._known and item[0] not in fresh:
+                fresh[item[0]] = item
+        needed = [sid for item in fresh.values() for sid in _base_ids(item)]
+        ask = list(dict.fromkeys([*fresh, *(s for s in needed if s not in self._present)]))
+        lacking = self.store.missing(ask) if ask else set()
+        self._present.update(sid for sid in ask if sid not in lacking)
         self._known.update(fresh)
-        new_bytes = 0
-        group: list[_Pending] = []
-        group_bytes = 0
-        for cid, data, element_size in window:
+        tasks: list[tuple[bytes, memoryview, int | None, tuple[bytes, str] | None]] = []
+        keyframes: dict[bytes, int] = {}  # keyframe id -> raw length expected
+        for cid, data, element_size, base in fresh.values():
             if cid not in lacking:
                 continue
-            lacking.discard(cid)  # a chunk repeated within the window is stored once
-            group.append((cid, data, element_size))
+            reuse = _reusable(cid, base)
+            if reuse is not None and {reuse.delta, reuse.base} <= self._present:
+                self._delta_of[cid] = reuse  # the same bytes as the base chunk: reuse its delta
+                continue
+            key = base.keyframe() if base is not None else None
+            if key is not None and key[0] in self._present:
+                keyframes[key[0]] = base_length(len(data), key[1])
+                tasks.append((cid, data, element_size, key))
+            else:
+                tasks.append((cid, data, element_size, None))
+        raws = self._read_keyframes(keyframes)
+        new_bytes = 0
+        group: list[_Task] = []
+        group_bytes = 0
+        for cid, data, element_size, key in tasks:
+            base_arg = None
+            if key is not None and len(raws.get(key[0], b"")) == keyframes[key[0]]:
+                base_arg = (key[0], raws[key[0]], key[1])
+            group.append((cid, data, element_size, base_arg))
             group_bytes += len(data)
             new_bytes += len(data)
             if group_bytes >= self.limits.group_bytes:
@@ -168,6 +261,16 @@ class Ingester:
         if group:
             self._put_queue(self._pool.submit(_encode_group, group))
         self._progress.advance(scanned, new_bytes)
+
+    def _read_keyframes(self, lengths: dict[bytes, int]) -> dict[bytes, bytes]:
+        """Raw bytes of these stored chunks, verified, in one read; any that cannot be read
+        leave their chunks to be stored on their own (verify reports the damage)."""
+        if not lengths:
+            return {}
+        try:
+            return dict(self.store.read(list(lengths)))
+        except ChunkstoreError:
+            return {}
 
     def _put_queue(self, item: object) -> None:
         while True:
@@ -200,10 +303,17 @@ class Ingester:
                 item = self._queue.get()
                 if item is _DONE or self._error is not None:
                     break
-                for cid, blob, raw_len in item.result():
-                    batch.append((cid, blob))
-                    batch_bytes += len(blob)
-                    raw_bytes += raw_len
+                for encoded in item.result():
+                    if encoded.ref is not None:
+                        self._delta_of[encoded.chunk_id] = encoded.ref
+                        self.stats.delta_chunks += 1
+                        self.stats.delta_raw_bytes += encoded.raw_length
+                    if encoded.store_id in self._written:
+                        continue  # the same delta bytes as a chunk stored before
+                    self._written.add(encoded.store_id)
+                    batch.append((encoded.store_id, encoded.blob))
+                    batch_bytes += len(encoded.blob)
+                    raw_bytes += encoded.raw_length
                 if batch_bytes >= self.limits.batch_bytes:
                     self._store_batch(batch, raw_bytes)
                     batch, batch_bytes, raw_bytes = [], 0, 0
@@ -220,5 +330,25 @@ class Ingester:
         self.stats.new_stored_bytes += added
 
 
-def _encode_group(group: list[_Pending]) -> list[tuple[bytes, bytes, int]]:
-    return [(cid, codec.encode(data, size), len(data)) for cid, data, size in group]
+def _reusable(cid: bytes, base: BaseChunk | None) -> DeltaRef | None:
+    """The delta of a base chunk with the same bytes as chunk ``cid``, if it has one."""
+    if base is not None and base.id == cid and not base.relation:
+        return base.ref
+    return None
+
+
+def _base_ids(item: _Pending) -> list[bytes]:
+    """Stored chunks a lacking chunk paired with a base could be coded against."""
+    cid, _, _, base = item
+    if base is None:
+        return []
+    reuse = _reusable(cid, base)
+    out = [reuse.delta, reuse.base] if reuse is not None else []
+    key = base.keyframe()
+    if key is not None:
+        out.append(key[0])
+    return out
+
+
+def _encode_group(group: list[_Task]) -> list[Encoded]:
+    return [encode_chunk(cid, data, size, base) for cid, data, size, base in group]

@@ -192,13 +192,36 @@ class TensorInfo:
     end: int
 
 
+#: How a delta-coded chunk's prediction is made from its base chunk's bytes.
+TRANSFORMS = ("", "bf16_from_f32", "f16_from_f32")
+
+
+@dataclass(frozen=True)
+class DeltaRef:
+    """A chunk rebuilt from two stored chunks: raw = raw(delta) XOR predict(raw(base)).
+
+    ``base`` is always a chunk stored under its own id (a keyframe), never a delta itself, so a
+    delta-coded chunk is at most one step from stored bytes. See :mod:`chunkstore.delta`.
+    """
+
+    delta: bytes  # id of the stored XOR chunk
+    base: bytes  # id of the stored base chunk
+    transform: str = ""  # one of TRANSFORMS
+
+
 @dataclass(frozen=True)
 class Manifest:
-    """The content of one file: its chunks in order and, for safetensors, its tensor index."""
+    """The content of one file: its chunks in order and, for safetensors, its tensor index.
+
+    ``chunks`` holds every chunk's (id, length), whether it is stored under its id or rebuilt
+    from a delta; ``deltas`` maps the index of each delta-coded chunk to how it is rebuilt. The
+    digest depends on ``chunks`` only, so it is the same with or without deltas.
+    """
 
     size: int
     chunks: list[tuple[bytes, int]]  # (chunk id, raw length), in file order
     tensors: list[TensorInfo] = field(default_factory=list)
+    deltas: dict[int, DeltaRef] = field(default_factory=dict)  # chunk index -> delta
 
     @property
     def digest(self) -> bytes:
@@ -212,11 +235,43 @@ class Manifest:
             pos += length
         return out
 
+    def delta_refs(self) -> dict[bytes, DeltaRef]:
+        """Chunk id -> how it is rebuilt, for every delta-coded chunk."""
+        return {self.chunks[i][0]: ref for i, ref in self.deltas.items()}
+
+    def stored_ids(self) -> list[bytes]:
+        """Ids of the chunks the store must hold to rebuild this file, each once: the plain
+        chunks' own ids, and the delta and base of every delta-coded chunk."""
+        out: dict[bytes, None] = {}
+        for i, (cid, _) in enumerate(self.chunks):
+            ref = self.deltas.get(i)
+            if ref is None:
+                out[cid] = None
+            else:
+                out[ref.delta] = None
+                out[ref.base] = None
+        return list(out)
+
     def encode(self) -> tuple[bytes, bytes]:
         """Return ``(manifest id, canonical record)``."""
+        refs = []
+        for i, (cid, length) in enumerate(self.chunks):
+            ref = self.deltas.get(i)
+            if ref is None:
+                refs.append(model_pb2.ChunkRef(id=cid, length=length))
+            else:
+                refs.append(
+                    model_pb2.ChunkRef(
+                        id=cid,
+                        length=length,
+                        delta=ref.delta,
+                        base=ref.base,
+                        transform=ref.transform,
+                    )
+                )
         msg = model_pb2.FileManifest(
             size=self.size,
-            chunks=[model_pb2.ChunkRef(id=c, length=n) for c, n in self.chunks],
+            chunks=refs,
             tensors=[
                 model_pb2.TensorInfo(
                     name=t.name, dtype=t.dtype, shape=t.shape, begin=t.begin, end=t.end
@@ -236,5 +291,16 @@ class Manifest:
         chunks = [(c.id, c.length) for c in msg.chunks]
         if sum(n for _, n in chunks) != msg.size:
             raise InvalidInput(f"manifest {manifest_id.hex()} chunk lengths do not add up")
+        deltas = {}
+        for i, c in enumerate(msg.chunks):
+            if not (c.delta or c.base or c.transform):
+                continue
+            if len(c.delta) != ids.ID_SIZE or len(c.base) != ids.ID_SIZE:
+                raise InvalidInput(f"manifest {manifest_id.hex()} has a malformed delta at {i}")
+            if c.transform not in TRANSFORMS:
+                raise InvalidInput(
+                    f"manifest {manifest_id.hex()} has an unknown delta transform {c.transform!r}"
+                )
+            deltas[i] = DeltaRef(c.delta, c.base, c.transform)
         tensors = [TensorInfo(t.name, t.dtype, tuple(t.shape), t.begin, t.end) for t in msg.tensors]
-        return cls(size=msg.size, chunks=chunks, tensors=tensors)
+        return cls(size=msg.size, chunks=chunks, tensors=tensors, deltas=deltas)

@@ -19,14 +19,16 @@ from typing import Any
 
 from chunkstore import codec, ids
 from chunkstore.chunking import Chunker, ChunkerParams, MappedFile
+from chunkstore.delta import BaseTensors, base_length, read_chunks
 from chunkstore.errors import (
     ChunkNotFound,
     CorruptChunk,
     InvalidInput,
     NotFound,
 )
-from chunkstore.ingest import Ingester, IngestStats, PipelineLimits
+from chunkstore.ingest import Ingester, IngestStats, PipelineLimits, plan_cuts
 from chunkstore.model import (
+    DeltaRef,
     FileEntry,
     Manifest,
     Version,
@@ -110,6 +112,7 @@ class VerifyResult:
     bytes: int = 0
     corrupt: list[bytes] = field(default_factory=list)
     missing: list[bytes] = field(default_factory=list)
+    deltas: int = 0  # delta-coded chunks rebuilt and found to match their ids
 
     @property
     def ok(self) -> bool:
@@ -180,37 +183,55 @@ class Repository:
         inputs: Sequence[str] = (),
         author: str | None = None,
         progress: Progress | None = None,
+        delta_base: str | None = None,
+        delta: bool = True,
     ) -> PushResult:
         """Store the file or directory at ``path`` as a new version of ``repo``.
 
         Only chunks the store lacks are uploaded. The version becomes visible (and its tags
         are set) only after every chunk and manifest it references is durable; an interrupted
         push leaves no version behind, and the next push reuses what was stored.
+
+        Tensors of safetensors files that a base version also has are stored as deltas against
+        it where that is clearly smaller (see :mod:`chunkstore.delta`). The base of a tensor is
+        the first of ``inputs`` that has it (a fine-tune's base model), else the repo's latest
+        version; ``delta_base`` names the one base instead; ``delta=False`` stores every chunk
+        on its own.
         """
         _check_repo_name(repo)
         for tag in tags:
             check_tag_name(tag)
         params = _check_params(params or {})
         metrics = _check_metrics(metrics or {})
-        links = [VersionLink(v.repo, v.id) for v in (self.resolve(r) for r in inputs)]
+        sources = [self.resolve(r) for r in inputs]
+        links = [VersionLink(v.repo, v.id) for v in sources]
+        if delta_base is not None and not delta:
+            raise InvalidInput("--delta-base and --no-delta contradict each other")
+        bases = [self.resolve(delta_base)] if delta_base is not None else None
         tree = list_tree(Path(path))
         if not tree:
             raise InvalidInput(f"nothing to push: {path} holds no files")
-        entries, stats = self.store_tree(tree, f"push {repo}", progress)
+        base = self.delta_bases(repo, sources, bases) if delta else None
+        entries, stats = self.store_tree(tree, f"push {repo}", progress, base)
         version = self.commit_version(
             repo, entries, message, params, metrics, links, author, tags, stats.new_stored_bytes
         )
         return PushResult(version, stats)
 
     def store_tree(
-        self, tree: list[tuple[str, Path]], label: str, progress: Progress | None = None
+        self,
+        tree: list[tuple[str, Path]],
+        label: str,
+        progress: Progress | None = None,
+        base: BaseTensors | None = None,
     ) -> tuple[list[FileEntry], IngestStats]:
-        """Store the chunks and manifests of ``(stored path, local path)`` pairs durably."""
+        """Store the chunks and manifests of ``(stored path, local path)`` pairs durably,
+        coding deltas against ``base`` where they pay."""
         progress = progress or NoProgress()
         progress.start(sum(local.stat().st_size for _, local in tree), label)
-        ingester = Ingester(self.store, self.chunker, self.limits, progress)
+        ingester = Ingester(self.store, self.chunker, self.limits, progress, base)
         try:
-            manifests = [(name, local, ingester.ingest_file(local)) for name, local in tree]
+            manifests = [(name, local, ingester.ingest_file(local, name)) for name, local in tree]
             stats = ingester.finish()
         finally:
             ingester.close()
@@ -222,6 +243,24 @@ class Repository:
             mode = local.stat().st_mode & 0o777
             entries.append(FileEntry(name, manifest.size, manifest.digest, manifest_id, mode))
         return entries, stats
+
+    def delta_bases(
+        self,
+        repo: str,
+        inputs: Sequence[Version] = (),
+        bases: Sequence[Version] | None = None,
+    ) -> BaseTensors | None:
+        """The tensors a push to ``repo`` codes deltas against: those of ``bases`` if given,
+        else of ``inputs`` (in order) then of the repo's latest version; None if there are
+        none."""
+        if bases is None:
+            latest = self._latest(repo)
+            bases = [*inputs, *([latest] if latest else [])]
+        versions = []
+        for version in {(v.repo, v.id): v for v in bases}.values():
+            versions.append({f.path: self.manifest(f) for f in version.files})
+        base = BaseTensors(versions)
+        return base if base else None
 
     def commit_version(
         self,
@@ -437,6 +476,7 @@ class Repository:
         result = Diff(old=latest.ref, new=str(path))
         local = dict(list_tree(Path(path)))
         chunker = Chunker(self.chunker)
+        base = None  # a push cuts tensors at the latest version's chunk boundaries
         for name in sorted(stored.keys() | local.keys()):
             entry, file = stored.get(name), local.get(name)
             if entry is None:
@@ -446,7 +486,9 @@ class Repository:
                 result.removed.append(FileChange(name, entry.size, None, 0))
             else:
                 size = file.stat().st_size
-                same = size == entry.size and _digest_of(chunker, file) == entry.digest
+                if size == entry.size and base is None:
+                    base = self.delta_bases(repo, bases=[latest])
+                same = size == entry.size and _digest_of(chunker, file, base, name) == entry.digest
                 if same:
                     result.unchanged += 1
                 else:
@@ -521,15 +563,28 @@ class Repository:
     # -- integrity and space -----------------------------------------------------------------
 
     def verify(self, ref: str | None = None, progress: Progress | None = None) -> VerifyResult:
-        """Re-read and re-hash every chunk reachable from ``ref`` (or from every version)."""
+        """Re-read and re-hash every chunk reachable from ``ref`` (or from every version).
+
+        Every stored chunk (plain chunks, and the delta and base of delta-coded ones) is
+        checked against its id; then every delta-coded chunk whose parts are intact is rebuilt
+        and checked against its own id. A chunk that fails is listed as corrupt or missing.
+        """
         versions = [self.resolve(ref)] if ref else list(self._all_versions())
         chunk_ids: dict[bytes, int] = {}
+        rebuilt: dict[bytes, tuple[DeltaRef, int]] = {}
         for v in versions:
             for entry in v.files:
-                for cid, length in self.manifest(entry).chunks:
-                    chunk_ids[cid] = length
+                manifest = self.manifest(entry)
+                for i, (cid, length) in enumerate(manifest.chunks):
+                    delta = manifest.deltas.get(i)
+                    if delta is None:
+                        chunk_ids[cid] = length
+                        continue
+                    rebuilt.setdefault(cid, (delta, length))
+                    chunk_ids.setdefault(delta.delta, length)
+                    chunk_ids.setdefault(delta.base, base_length(length, delta.transform))
         progress = progress or NoProgress()
-        progress.start(sum(chunk_ids.values()), "verify")
+        progress.start(sum(chunk_ids.values()) + sum(n for _, n in rebuilt.values()), "verify")
         result = VerifyResult()
         try:
             todo = list(chunk_ids)
@@ -543,9 +598,38 @@ class Repository:
                         result.chunks += 1
                         result.bytes += chunk_ids[cid]
                     progress.advance(chunk_ids[cid])
+            bad = {*result.missing, *result.corrupt}
+            todo = [x for x, (d, _) in rebuilt.items() if not {d.delta, d.base} & bad]
+            refs = {x: d for x, (d, _) in rebuilt.items()}
+            for i in range(0, len(todo), _VERIFY_BATCH):
+                for cid, intact in self._check_rebuilt(todo[i : i + _VERIFY_BATCH], refs):
+                    if intact:
+                        result.deltas += 1
+                    else:
+                        result.corrupt.append(cid)
+                    progress.advance(rebuilt[cid][1])
         finally:
             progress.finish()
         return result
+
+    def _check_rebuilt(
+        self, batch: list[bytes], refs: dict[bytes, DeltaRef]
+    ) -> Iterator[tuple[bytes, bool]]:
+        """Rebuild delta-coded chunks; ``(id, whether its bytes match it)`` for each."""
+        try:
+            done = [cid for cid, _ in read_chunks(self.store, batch, refs)]
+        except (ChunkNotFound, CorruptChunk):
+            for cid in batch:  # find which failed
+                try:
+                    for _ in read_chunks(self.store, [cid], refs):
+                        pass
+                except (ChunkNotFound, CorruptChunk):
+                    yield cid, False
+                else:
+                    yield cid, True
+            return
+        for cid in done:
+            yield cid, True
 
     def _check_chunks(self, batch: list[bytes]) -> Iterator[tuple[bytes, str]]:
         try:
@@ -577,7 +661,7 @@ class Repository:
         live_chunks: set[bytes] = set()
         for mid in live_manifests:
             manifest = Manifest.decode(mid, self.store.get_manifest(mid))
-            live_chunks.update(cid for cid, _ in manifest.chunks)
+            live_chunks.update(manifest.stored_ids())
         cutoff = started - grace_seconds
         doomed, doomed_bytes, young = [], 0, 0
         for info in self.store.scan():
@@ -624,12 +708,18 @@ def _check_blob(cid: bytes, blob: bytes) -> str:
     return "ok"
 
 
-def _digest_of(chunker: Chunker, path: Path) -> bytes:
-    """The digest a push of ``path`` would record, computed without storing anything."""
+def _digest_of(
+    chunker: Chunker, path: Path, base: BaseTensors | None = None, name: str | None = None
+) -> bytes:
+    """The digest a push of ``path`` (as ``name``, deltas against ``base``) would record,
+    computed without storing anything."""
     with MappedFile(path) as mapped:
         view = mapped.view
         index = read_index(view, mapped.size)
-        chunks = [(ids.chunk_id(view[o : o + n]), n) for o, n, _ in chunker.cut_file(view, index)]
+        chunks = [
+            (ids.chunk_id(view[o : o + n]), n)
+            for o, n, _, _ in plan_cuts(chunker, view, index, base, name)
+        ]
         del view
     return ids.file_digest(chunks)
 

@@ -131,7 +131,13 @@ class Stage:
                 tree = [(prefix, tree[0][1])]
             else:
                 tree = [(f"{prefix}/{name}", local) for name, local in tree]
-        entries, stats = self._repository.store_tree(tree, f"stage {self.repo}", progress)
+        repository = self._repository
+        inputs = []
+        for link in self.record.inputs:  # deltas against the inputs that are still there
+            with contextlib.suppress(NotFound):
+                inputs.append(repository.resolve(f"{link.repo}@{link.id.hex()}"))
+        base = repository.delta_bases(self.repo, inputs)
+        entries, stats = repository.store_tree(tree, f"stage {self.repo}", progress, base)
         share = stats.new_stored_bytes // len(entries)
         for entry in entries:
             staged = model_pb2.StagedFile(
@@ -192,7 +198,7 @@ class Stage:
         if store.has_manifests(manifest_ids) != set(manifest_ids):
             raise NotFound(f"stage {self.id}: some staged files' manifests are gone; add again")
         chunk_ids = list(
-            dict.fromkeys(cid for e in entries for cid, _ in self._repository.manifest(e).chunks)
+            dict.fromkeys(cid for e in entries for cid in self._repository.manifest(e).stored_ids())
         )
         for i in range(0, len(chunk_ids), 8192):
             if store.missing(chunk_ids[i : i + 8192]):

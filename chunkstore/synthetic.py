@@ -89,3 +89,35 @@ def make_series(
         write_safetensors(step_dir / "model.safetensors", tensors, {"step": str((k + 1) * 1000)})
         paths.append(step_dir)
     return paths
+
+
+def bf16_from_f32(values: np.ndarray) -> np.ndarray:
+    """fp32 values rounded to bfloat16 bit patterns (uint16), to nearest, ties to even, as
+    torch's ``.to(torch.bfloat16)`` does (NaN becomes 0x7FC0)."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    rounded = bits + (np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))
+    out = (rounded >> np.uint32(16)).astype(np.uint16)
+    out[np.isnan(values)] = 0x7FC0
+    return out
+
+
+def f32_from_bf16(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (uint16) as the fp32 values they are exactly."""
+    return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+def optimizer_step(
+    rng: np.random.Generator, flat: np.ndarray, dtype: str, lr: float = 1e-4
+) -> np.ndarray:
+    """``flat`` (weights encoded as ``dtype``) one optimizer step later: every weight moves by
+    ``lr`` times a standard normal draw (Adam's steps are about ``lr`` per weight), computed in
+    fp32 and stored back in ``dtype``, so bf16 weights change in their low mantissa bits, or
+    not at all when the step is below half a unit in their last place."""
+    step = (rng.standard_normal(flat.size, dtype=np.float32) * np.float32(lr)).astype(np.float32)
+    if dtype == "bf16":
+        return bf16_from_f32(f32_from_bf16(flat) - step)
+    if dtype == "fp16":
+        return (flat.astype(np.float32) - step).astype(np.float16)
+    if dtype == "fp32":
+        return (flat - step).astype(np.float32)
+    raise ValueError(f"unknown dtype {dtype!r}")

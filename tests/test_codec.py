@@ -160,7 +160,7 @@ def test_flipped_byte_never_yields_wrong_bytes(codec_id):
             assert e.chunk_id == cid
 
 
-@pytest.mark.parametrize("method", [2, 255])
+@pytest.mark.parametrize("method", [3, 255])
 def test_unknown_plane_method_is_corrupt_chunk(method):
     blob = BLOBS["planes4"]
     assert_corrupt(CID, blob[:5] + bytes([method]) + blob[6:])

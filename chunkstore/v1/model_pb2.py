@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63hunkstore/v1/model.proto\x12\rchunkstore.v1\"&\n\x08\x43hunkRef\x12\n\n\x02id\x18\x01 \x01(\x0c\x12\x0e\n\x06length\x18\x02 \x01(\r\"T\n\nTensorInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x04\x12\r\n\x05\x62\x65gin\x18\x04 \x01(\x04\x12\x0b\n\x03\x65nd\x18\x05 \x01(\x04\"q\n\x0c\x46ileManifest\x12\x0c\n\x04size\x18\x01 \x01(\x04\x12\'\n\x06\x63hunks\x18\x02 \x03(\x0b\x32\x17.chunkstore.v1.ChunkRef\x12*\n\x07tensors\x18\x03 \x03(\x0b\x32\x19.chunkstore.v1.TensorInfo\"Z\n\tFileEntry\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0e\n\x06\x64igest\x18\x03 \x01(\x0c\x12\x13\n\x0bmanifest_id\x18\x04 \x01(\x0c\x12\x0c\n\x04mode\x18\x05 \x01(\r\"\x8e\x03\n\x07Version\x12\x0c\n\x04repo\x18\x01 \x01(\t\x12\x0f\n\x07parents\x18\x02 \x03(\x0c\x12\x12\n\ncreated_ns\x18\x03 \x01(\x03\x12\x0e\n\x06\x61uthor\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\'\n\x05\x66iles\x18\x06 \x03(\x0b\x32\x18.chunkstore.v1.FileEntry\x12\x32\n\x06params\x18\x07 \x03(\x0b\x32\".chunkstore.v1.Version.ParamsEntry\x12\x34\n\x07metrics\x18\x08 \x03(\x0b\x32#.chunkstore.v1.Version.MetricsEntry\x12*\n\x06inputs\x18\t \x03(\x0b\x32\x1a.chunkstore.v1.VersionLink\x12\x11\n\tnew_bytes\x18\n \x01(\x04\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\'\n\x0bVersionLink\x12\x0c\n\x04repo\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\x0c\"\xdd\x02\n\x05Stage\x12\x0c\n\x04repo\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0e\n\x06\x61uthor\x18\x03 \x01(\t\x12\x30\n\x06params\x18\x04 \x03(\x0b\x32 .chunkstore.v1.Stage.ParamsEntry\x12\x32\n\x07metrics\x18\x05 \x03(\x0b\x32!.chunkstore.v1.Stage.MetricsEntry\x12\x0c\n\x04tags\x18\x06 \x03(\t\x12*\n\x06inputs\x18\x07 \x03(\x0b\x32\x1a.chunkstore.v1.VersionLink\x12\x12\n\ncreated_ns\x18\x08 \x01(\x03\x12\x12\n\nexpires_ns\x18\t \x01(\x03\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"H\n\nStagedFile\x12\'\n\x05\x65ntry\x18\x01 \x01(\x0b\x32\x18.chunkstore.v1.FileEntry\x12\x11\n\tnew_bytes\x18\x02 \x01(\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63hunkstore/v1/model.proto\x12\rchunkstore.v1\"V\n\x08\x43hunkRef\x12\n\n\x02id\x18\x01 \x01(\x0c\x12\x0e\n\x06length\x18\x02 \x01(\r\x12\r\n\x05\x64\x65lta\x18\x03 \x01(\x0c\x12\x0c\n\x04\x62\x61se\x18\x04 \x01(\x0c\x12\x11\n\ttransform\x18\x05 \x01(\t\"T\n\nTensorInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x04\x12\r\n\x05\x62\x65gin\x18\x04 \x01(\x04\x12\x0b\n\x03\x65nd\x18\x05 \x01(\x04\"q\n\x0c\x46ileManifest\x12\x0c\n\x04size\x18\x01 \x01(\x04\x12\'\n\x06\x63hunks\x18\x02 \x03(\x0b\x32\x17.chunkstore.v1.ChunkRef\x12*\n\x07tensors\x18\x03 \x03(\x0b\x32\x19.chunkstore.v1.TensorInfo\"Z\n\tFileEntry\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0e\n\x06\x64igest\x18\x03 \x01(\x0c\x12\x13\n\x0bmanifest_id\x18\x04 \x01(\x0c\x12\x0c\n\x04mode\x18\x05 \x01(\r\"\x8e\x03\n\x07Version\x12\x0c\n\x04repo\x18\x01 \x01(\t\x12\x0f\n\x07parents\x18\x02 \x03(\x0c\x12\x12\n\ncreated_ns\x18\x03 \x01(\x03\x12\x0e\n\x06\x61uthor\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\'\n\x05\x66iles\x18\x06 \x03(\x0b\x32\x18.chunkstore.v1.FileEntry\x12\x32\n\x06params\x18\x07 \x03(\x0b\x32\".chunkstore.v1.Version.ParamsEntry\x12\x34\n\x07metrics\x18\x08 \x03(\x0b\x32#.chunkstore.v1.Version.MetricsEntry\x12*\n\x06inputs\x18\t \x03(\x0b\x32\x1a.chunkstore.v1.VersionLink\x12\x11\n\tnew_bytes\x18\n \x01(\x04\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\'\n\x0bVersionLink\x12\x0c\n\x04repo\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\x0c\"\xdd\x02\n\x05Stage\x12\x0c\n\x04repo\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0e\n\x06\x61uthor\x18\x03 \x01(\t\x12\x30\n\x06params\x18\x04 \x03(\x0b\x32 .chunkstore.v1.Stage.ParamsEntry\x12\x32\n\x07metrics\x18\x05 \x03(\x0b\x32!.chunkstore.v1.Stage.MetricsEntry\x12\x0c\n\x04tags\x18\x06 \x03(\t\x12*\n\x06inputs\x18\x07 \x03(\x0b\x32\x1a.chunkstore.v1.VersionLink\x12\x12\n\ncreated_ns\x18\x08 \x01(\x03\x12\x12\n\nexpires_ns\x18\t \x01(\x03\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"H\n\nStagedFile\x12\'\n\x05\x65ntry\x18\x01 \x01(\x0b\x32\x18.chunkstore.v1.FileEntry\x12\x11\n\tnew_bytes\x18\x02 \x01(\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,27 +40,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STAGE_METRICSENTRY']._loaded_options = None
   _globals['_STAGE_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_CHUNKREF']._serialized_start=44
-  _globals['_CHUNKREF']._serialized_end=82
-  _globals['_TENSORINFO']._serialized_start=84
-  _globals['_TENSORINFO']._serialized_end=168
-  _globals['_FILEMANIFEST']._serialized_start=170
-  _globals['_FILEMANIFEST']._serialized_end=283
-  _globals['_FILEENTRY']._serialized_start=285
-  _globals['_FILEENTRY']._serialized_end=375
-  _globals['_VERSION']._serialized_start=378
-  _globals['_VERSION']._serialized_end=776
-  _globals['_VERSION_PARAMSENTRY']._serialized_start=683
-  _globals['_VERSION_PARAMSENTRY']._serialized_end=728
-  _globals['_VERSION_METRICSENTRY']._serialized_start=730
-  _globals['_VERSION_METRICSENTRY']._serialized_end=776
-  _globals['_VERSIONLINK']._serialized_start=778
-  _globals['_VERSIONLINK']._serialized_end=817
-  _globals['_STAGE']._serialized_start=820
-  _globals['_STAGE']._serialized_end=1169
-  _globals['_STAGE_PARAMSENTRY']._serialized_start=683
-  _globals['_STAGE_PARAMSENTRY']._serialized_end=728
-  _globals['_STAGE_METRICSENTRY']._serialized_start=730
-  _globals['_STAGE_METRICSENTRY']._serialized_end=776
-  _globals['_STAGEDFILE']._serialized_start=1171
-  _globals['_STAGEDFILE']._serialized_end=1243
+  _globals['_CHUNKREF']._serialized_end=130
+  _globals['_TENSORINFO']._serialized_start=132
+  _globals['_TENSORINFO']._serialized_end=216
+  _globals['_FILEMANIFEST']._serialized_start=218
+  _globals['_FILEMANIFEST']._serialized_end=331
+  _globals['_FILEENTRY']._serialized_start=333
+  _globals['_FILEENTRY']._serialized_end=423
+  _globals['_VERSION']._serialized_start=426
+  _globals['_VERSION']._serialized_end=824
+  _globals['_VERSION_PARAMSENTRY']._serialized_start=731
+  _globals['_VERSION_PARAMSENTRY']._serialized_end=776
+  _globals['_VERSION_METRICSENTRY']._serialized_start=778
+  _globals['_VERSION_METRICSENTRY']._serialized_end=824
+  _globals['_VERSIONLINK']._serialized_start=826
+  _globals['_VERSIONLINK']._serialized_end=865
+  _globals['_STAGE']._serialized_start=868
+  _globals['_STAGE']._serialized_end=1217
+  _globals['_STAGE_PARAMSENTRY']._serialized_start=731
+  _globals['_STAGE_PARAMSENTRY']._serialized_end=776
+  _globals['_STAGE_METRICSENTRY']._serialized_start=778
+  _globals['_STAGE_METRICSENTRY']._serialized_end=824
+  _globals['_STAGEDFILE']._serialized_start=1219
+  _globals['_STAGEDFILE']._serialized_end=1291
 # @@protoc_insertion_point(module_scope)

@@ -7,12 +7,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ChunkRef(_message.Message):
-    __slots__ = ("id", "length")
+    __slots__ = ("id", "length", "delta", "base", "transform")
     ID_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    BASE_FIELD_NUMBER: _ClassVar[int]
+    TRANSFORM_FIELD_NUMBER: _ClassVar[int]
     id: bytes
     length: int
-    def __init__(self, id: _Optional[bytes] = ..., length: _Optional[int] = ...) -> None: ...
+    delta: bytes
+    base: bytes
+    transform: str
+    def __init__(self, id: _Optional[bytes] = ..., length: _Optional[int] = ..., delta: _Optional[bytes] = ..., base: _Optional[bytes] = ..., transform: _Optional[str] = ...) -> None: ...
 
 class TensorInfo(_message.Message):
     __slots__ = ("name", "dtype", "shape", "begin", "end")
