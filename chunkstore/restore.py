@@ -1,4 +1,8 @@
-"""Rebuilding files from their manifests: whole files (pull) and random access (open)."""
+"""Rebuilding files from their manifests: whole files (pull) and random access (open).
+
+Chunks are read through :func:`chunkstore.delta.read_chunks`, which rebuilds delta-coded chunks
+from their delta and base chunks; every chunk is checked against its id either way.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +10,11 @@ import io
 import os
 from bisect import bisect_right
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
-from chunkstore.model import Manifest
+from chunkstore.delta import fetch_size, read_chunks
+from chunkstore.model import DeltaRef, Manifest
 from chunkstore.progress import NoProgress, Progress
 from chunkstore.stores.base import ChunkStore
 
@@ -27,13 +33,15 @@ def restore_file(
 
     The bytes go to a temporary file beside ``dest`` that is renamed into place only once
     complete, so ``dest`` never holds a partial file. Chunks are fetched a window at a time
-    (memory stays bounded) and each is written at every offset where the file holds it.
+    (memory stays bounded: a window counts the delta and base bytes a chunk needs) and each
+    is written at every offset where the file holds it.
     """
     progress = progress or NoProgress()
     tmp = dest.with_name(f".{dest.name}.chunkstore-partial")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.ftruncate(fd, manifest.size)
+        refs = manifest.delta_refs()
         offsets: dict[bytes, list[int]] = defaultdict(list)
         order: list[tuple[bytes, int]] = []
         pos = 0
@@ -42,15 +50,18 @@ def restore_file(
                 order.append((cid, length))
             offsets[cid].append(pos)
             pos += length
-        window: list[bytes] = []
-        size = 0
-        for cid, length in order:
-            window.append(cid)
-            size += length * len(offsets[cid])
-            if size >= window_bytes:
-                _write_window(store, window, offsets, fd, progress)
-                window, size = [], 0
-        _write_window(store, window, offsets, fd, progress)
+
+        def write(cid: bytes, raw: bytes) -> None:
+            for offset in offsets[cid]:
+                os.pwrite(fd, raw, offset)
+            progress.advance(len(raw) * len(offsets[cid]))
+
+        if refs:
+            for window in _windows(order, offsets, refs, window_bytes):
+                for cid, raw in read_chunks(store, window, refs):
+                    write(cid, raw)
+        else:  # one pass, chunks written on the decoding threads; the store bounds memory
+            store.read_into([cid for cid, _ in order], write)
         os.fchmod(fd, mode & 0o777)
     except BaseException:
         os.close(fd)
@@ -60,19 +71,23 @@ def restore_file(
     os.replace(tmp, dest)
 
 
-def _write_window(
-    store: ChunkStore,
-    window: list[bytes],
+def _windows(
+    order: list[tuple[bytes, int]],
     offsets: dict[bytes, list[int]],
-    fd: int,
-    progress: Progress,
-) -> None:
-    if not window:
-        return
-    for cid, raw in store.read(window):
-        for offset in offsets[cid]:
-            os.pwrite(fd, raw, offset)
-        progress.advance(len(raw) * len(offsets[cid]))
+    refs: dict[bytes, DeltaRef],
+    window_bytes: int,
+) -> Iterator[list[bytes]]:
+    """Chunk ids in groups whose fetched bytes (deltas and bases included) fill a window."""
+    window: list[bytes] = []
+    size = 0
+    for cid, length in order:
+        window.append(cid)
+        size += length * (len(offsets[cid]) - 1) + fetch_size(length, refs.get(cid))
+        if size >= window_bytes:
+            yield window
+            window, size = [], 0
+    if window:
+        yield window
 
 
 class ChunkedReader(io.RawIOBase):
@@ -86,6 +101,7 @@ class ChunkedReader(io.RawIOBase):
         self._store = store
         self._manifest = manifest
         self._starts = manifest.offsets()
+        self._refs = manifest.delta_refs()
         self._pos = 0
         self._cache: dict[int, bytes] = {}
         self.name = name
@@ -115,7 +131,9 @@ class ChunkedReader(io.RawIOBase):
         last = bisect_right(self._starts, end - 1) - 1
         needed = [i for i in range(first, last + 1) if i not in self._cache]
         if needed:
-            fetched = dict(self._store.read([self._manifest.chunks[i][0] for i in needed]))
+            fetched = dict(
+                read_chunks(self._store, [self._manifest.chunks[i][0] for i in needed], self._refs)
+            )
             self._cache = {i: self._cache[i] for i in range(first, last + 1) if i in self._cache}
             for i in needed:
                 self._cache[i] = fetched[self._manifest.chunks[i][0]]
