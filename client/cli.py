@@ -10,6 +10,7 @@ import textwrap
 import time
 from collections.abc import Callable, Sequence
 
+import chunkstore.client.quiet_grpc  # noqa: F401  (before anything loads gRPC)
 from chunkstore.connect import ENV_STORE, connect
 from chunkstore.errors import ChunkstoreError, InvalidInput
 from chunkstore.model import Version
@@ -64,6 +65,8 @@ def cmd_push(repo: Repository, args: argparse.Namespace) -> int:
         metrics=_parse_metrics(args.metric),
         inputs=args.input,
         progress=for_terminal(args.quiet),
+        delta_base=args.delta_base,
+        delta=not args.no_delta,
     )
     v, s = result.version, result.stats
     if args.json:
@@ -73,13 +76,16 @@ def cmd_push(repo: Repository, args: argparse.Namespace) -> int:
                 "scanned_bytes": s.scanned_bytes,
                 "new_raw_bytes": s.new_raw_bytes,
                 "dedup_ratio": result.dedup_ratio,
+                "delta_chunks": s.delta_chunks,
+                "delta_raw_bytes": s.delta_raw_bytes,
             }
         )
     elif not args.quiet:
         tags = f" [{', '.join(v.tags)}]" if v.tags else ""
+        deltas = f" ({human_bytes(s.delta_raw_bytes)} as deltas)" if s.delta_chunks else ""
         print(
             f"pushed {v.ref}{tags}: {human_bytes(v.size)}, {human_bytes(s.new_raw_bytes)} new "
-            f"({result.dedup_ratio:.0%} deduplicated), {human_bytes(v.new_bytes)} stored"
+            f"({result.dedup_ratio:.0%} deduplicated), {human_bytes(v.new_bytes)} stored{deltas}"
         )
     return 0
 
@@ -305,6 +311,7 @@ def cmd_verify(repo: Repository, args: argparse.Namespace) -> int:
                 "ok": r.ok,
                 "chunks": r.chunks,
                 "bytes": r.bytes,
+                "deltas": r.deltas,
                 "corrupt": [c.hex() for c in r.corrupt],
                 "missing": [c.hex() for c in r.missing],
             }
@@ -315,7 +322,8 @@ def cmd_verify(repo: Repository, args: argparse.Namespace) -> int:
         for cid in r.missing:
             print(f"missing chunk {cid.hex()}", file=sys.stderr)
         if r.ok:
-            print(f"verified {r.chunks} chunks ({human_bytes(r.bytes)}): all intact")
+            rebuilt = f", {r.deltas} rebuilt from deltas" if r.deltas else ""
+            print(f"verified {r.chunks} chunks ({human_bytes(r.bytes)}){rebuilt}: all intact")
     if not r.ok:
         print(
             f"{PROG}: error: {len(r.corrupt)} corrupt and {len(r.missing)} missing chunks",
@@ -357,6 +365,10 @@ def _add(sub, name: str, func: Command, help: str, example: str, json_flag: bool
         "--store",
         help=f"store path or URL (default: ${ENV_STORE} or the embedded "
         "store in ~/.local/share/chunkstore)",
+    )
+    p.add_argument(
+        "--token",
+        help="token for a cluster whose nodes require one (default: $CHUNKSTORE_TOKEN)",
     )
     if json_flag:
         p.add_argument("--json", action="store_true", help="print machine-readable JSON")
@@ -411,6 +423,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="REF",
         help="a stored version this one was made from, e.g. its data set (repeatable)",
+    )
+    delta = p.add_mutually_exclusive_group()
+    delta.add_argument(
+        "--delta-base",
+        metavar="REF",
+        help="store tensors as deltas against this version's (default: the first --input "
+        "that has the tensor, else the repo's latest version)",
+    )
+    delta.add_argument(
+        "--no-delta", action="store_true", help="store every chunk on its own, no deltas"
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
 
@@ -531,7 +553,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "run", None):  # node and cluster commands manage their own resources
         return args.run(args)
     try:
-        with connect(args.store) as repo:
+        with connect(args.store, token=args.token) as repo:
             return args.func(repo, args)
     except ChunkstoreError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
