@@ -47,7 +47,7 @@ class IngestStats:
 
 @dataclass(frozen=True)
 class PipelineLimits:
-    window_bytes: int = 32 * MiB  # raw bytes per existence check
+    window_bytes: int = 16 * MiB  # raw bytes per existence check
     group_bytes: int = 4 * MiB  # raw bytes per encoding task
     batch_bytes: int = 16 * MiB  # encoded bytes per store write
     queued_groups: int = 8  # encoding tasks in flight before the reader waits
