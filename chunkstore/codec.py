@@ -133,9 +133,13 @@ class Planes:
         compressor, table, stored = _zstd().plane, [], []
         for row in planes:
             plane = memoryview(row)
-            packed = compressor.compress(plane)
             nonzero = int(np.count_nonzero(row))
             sparse_size = _COUNT.size + nonzero * (_position_size(m) + 1)
+            if sparse_size > MIN_GAIN * m and _incompressible(compressor, plane):
+                table.append(_PLANE_ENTRY.pack(PLANE_RAW, m))
+                stored.append(plane)
+                continue
+            packed = compressor.compress(plane)
             if sparse_size <= MIN_GAIN * m and sparse_size <= SPARSE_OVER_ZSTD * len(packed):
                 sparse = _encode_sparse(row)
                 table.append(_PLANE_ENTRY.pack(PLANE_SPARSE, len(sparse)))
@@ -179,6 +183,17 @@ class Planes:
         if len(payload) - offset != length - m * k:
             raise CodecError(f"{self.name} payload has a wrong remainder")
         return planes, payload[offset:]
+
+
+PROBE_BYTES = 4096  # a plane whose first bytes do not shrink is stored without compressing
+
+
+def _incompressible(compressor: zstandard.ZstdCompressor, plane: memoryview) -> bool:
+    """Whether a probe of the plane's first bytes shows zstd will not pay (mantissa planes
+    of float weights), so the whole plane need not be compressed to find out."""
+    if len(plane) < 4 * PROBE_BYTES:
+        return False
+    return len(compressor.compress(plane[:PROBE_BYTES])) > MIN_GAIN * PROBE_BYTES
 
 
 def _position_size(m: int) -> int:
@@ -292,12 +307,16 @@ def estimate(raw: bytes | memoryview, element_size: int | None = None) -> int:
 def encode(raw: bytes | memoryview, element_size: int | None = None) -> bytes:
     """Return the blob of chunk ``raw``, stored the way that keeps it smallest.
 
-    The codec is chosen by encoding a sample of a few KiB with each candidate: whole-chunk zstd
-    and byte planes of 2 and 4 bytes (only of ``element_size`` if given, none if that is not 2
-    or 4). The chunk is stored raw unless the winner stores it in at most 0.95 of its size.
+    With an ``element_size`` of 2 or 4 (a tensor's chunk), byte planes of that size are used
+    and each plane is compressed only if a probe of it shrinks. Otherwise the codec is chosen
+    by encoding a sample of a few KiB with each candidate: whole-chunk zstd and byte planes of
+    2 and 4 bytes. The chunk is stored raw unless the result is at most 0.95 of its size.
     """
     view = memoryview(raw).cast("B")
-    best, _ = _choose(view, element_size)
+    if element_size in _PLANES_BY_SIZE:  # a tensor's elements: planes, each judged on its own
+        best = _PLANES_BY_SIZE[element_size]
+    else:
+        best, _ = _choose(view, element_size)
     if best != RAW:
         blob = encode_as(view, best)
         if len(blob) - _HEADER.size <= MIN_GAIN * len(view):
