@@ -16,7 +16,6 @@ from chunkstore.errors import ChunkstoreError, InvalidInput
 from chunkstore.model import Version
 from chunkstore.progress import for_terminal, human_bytes
 from chunkstore.repository import DEFAULT_GC_GRACE, Diff, Repository
-from chunkstore.server.command import add_cluster_parser, add_node_parser
 
 PROG = "chunkstore"
 
@@ -376,7 +375,7 @@ def _add(sub, name: str, func: Command, help: str, example: str, json_flag: bool
     return p
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(server_commands: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Deduplicating, versioned storage for model weight files.",
@@ -541,13 +540,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     _add(sub, "stats", cmd_stats, "sizes: logical, stored, saving", "chunkstore stats --json")
-    add_node_parser(sub)
-    add_cluster_parser(sub)
+    if server_commands:
+        from chunkstore.server.command import add_cluster_parser, add_node_parser
+
+        add_node_parser(sub)
+        add_cluster_parser(sub)
+    else:  # listed in --help; their real parsers (and gRPC) load only when used
+        sub.add_parser("node", help="run a storage node")
+        sub.add_parser("cluster", help="start, stop and inspect a cluster")
     return parser
 
 
+SERVER_COMMANDS = ("node", "cluster")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(server_commands=any(a in SERVER_COMMANDS for a in argv))
     args = parser.parse_args(argv)
     args.quiet = getattr(args, "quiet", False)
     if getattr(args, "run", None):  # node and cluster commands manage their own resources
