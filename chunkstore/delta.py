@@ -27,7 +27,7 @@ per-chunk encoding decision, and :func:`read_chunks`, which rebuilds chunks on r
 from __future__ import annotations
 
 from collections import defaultdict, deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -299,6 +299,22 @@ class BaseTensors:
 # -- the read side ----------------------------------------------------------------------------
 
 
+def read_chunks_into(
+    store: ChunkStore,
+    chunk_ids: Sequence[bytes],
+    refs: Mapping[bytes, DeltaRef],
+    consume: Callable[[bytes, bytes], None],
+    workers: int = 2,
+) -> None:
+    """As :func:`read_chunks`, handing each chunk to ``consume`` on the decoding threads
+    (``consume`` must be thread-safe), so writing chunks out does not funnel through one."""
+    if not any(cid in refs for cid in chunk_ids):
+        store.read_into(list(dict.fromkeys(chunk_ids)), consume, workers=workers)
+        return
+    for _ in _read(store, chunk_ids, refs, workers, consume):
+        pass
+
+
 def read_chunks(
     store: ChunkStore,
     chunk_ids: Sequence[bytes],
@@ -319,6 +335,19 @@ def read_chunks(
     if not any(cid in refs for cid in wanted):
         yield from store.read(wanted, workers=workers)
         return
+    yield from _read(store, wanted, refs, workers, None)
+
+
+def _read(
+    store: ChunkStore,
+    chunk_ids: Sequence[bytes],
+    refs: Mapping[bytes, DeltaRef],
+    workers: int,
+    consume: Callable[[bytes, bytes], None] | None,
+) -> Iterator[tuple[bytes, bytes]]:
+    """The work of :func:`read_chunks`; with ``consume``, chunks go to it on the worker
+    threads and nothing is yielded."""
+    wanted = list(dict.fromkeys(chunk_ids))
     plain: set[bytes] = set()
     fetch: dict[bytes, None] = {}
     waiting: dict[bytes, list[bytes]] = defaultdict(list)  # stored id -> chunks it rebuilds
@@ -358,12 +387,12 @@ def read_chunks(
                         if not users[part]:
                             del held[part]
             if batch_bytes >= _BATCH_BYTES:
-                pending.append(pool.submit(_decode_batch, store, batch))
+                pending.append(pool.submit(_decode_batch, store, batch, consume))
                 batch, batch_bytes = [], 0
             while pending and (pending[0].done() or len(pending) > 2 * workers):
                 yield from pending.popleft().result()
         if batch:
-            pending.append(pool.submit(_decode_batch, store, batch))
+            pending.append(pool.submit(_decode_batch, store, batch, consume))
         while pending:
             yield from pending.popleft().result()
 
@@ -371,14 +400,21 @@ def read_chunks(
 _BATCH_BYTES = 1 << 20  # blob bytes per decoding task
 
 
-def _decode_batch(store: ChunkStore, batch: list[tuple]) -> list[tuple[bytes, bytes]]:
-    """Decode plain chunks (verified) and rebuild delta-coded ones, in order."""
+def _decode_batch(
+    store: ChunkStore, batch: list[tuple], consume: Callable[[bytes, bytes], None] | None
+) -> list[tuple[bytes, bytes]]:
+    """Decode plain chunks (verified) and rebuild delta-coded ones, in order; hand them to
+    ``consume`` if given (returning nothing), else return them."""
     out = []
     for cid, ref, blob, base_blob in batch:
         if ref is None:
-            out.append((cid, codec.decode_verified(cid, blob)))
+            item = (cid, codec.decode_verified(cid, blob))
         else:
-            out.append(_rebuild_blobs(store, cid, ref, blob, base_blob))
+            item = _rebuild_blobs(store, cid, ref, blob, base_blob)
+        if consume is None:
+            out.append(item)
+        else:
+            consume(*item)
     return out
 
 

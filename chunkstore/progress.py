@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import shutil
 import sys
+import threading
 import time
 from typing import Protocol, TextIO
 
 
 class Progress(Protocol):
-    """Receives byte counts as work advances. Implementations must be thread-safe enough for
-    one reporting thread."""
+    """Receives byte counts as work advances; ``advance`` may be called from several threads."""
 
     def start(self, total: int, label: str) -> None:
         """A unit of work of ``total`` bytes begins."""
@@ -50,6 +50,7 @@ class BarProgress:
         self._label = ""
         self._started = self._drawn_at = 0.0
         self._active = False
+        self._lock = threading.Lock()
 
     def start(self, total: int, label: str) -> None:
         self.finish()
@@ -62,10 +63,11 @@ class BarProgress:
     def advance(self, done: int, new: int = 0) -> None:
         if not self._active:
             return
-        self._done += done
-        self._new += new
-        if time.monotonic() - self._drawn_at >= self.REDRAW_SECONDS:
-            self._draw()
+        with self._lock:
+            self._done += done
+            self._new += new
+            if time.monotonic() - self._drawn_at >= self.REDRAW_SECONDS:
+                self._draw()
 
     def finish(self) -> None:
         if self._active:

@@ -13,7 +13,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
-from chunkstore.delta import fetch_size, read_chunks
+from chunkstore.delta import fetch_size, read_chunks, read_chunks_into
 from chunkstore.model import DeltaRef, Manifest
 from chunkstore.progress import NoProgress, Progress
 from chunkstore.stores.base import ChunkStore
@@ -56,11 +56,11 @@ def restore_file(
                 os.pwrite(fd, raw, offset)
             progress.advance(len(raw) * len(offsets[cid]))
 
+        # Chunks are written on the decoding threads: nothing funnels through this one.
         if refs:
             for window in _windows(order, offsets, refs, window_bytes):
-                for cid, raw in read_chunks(store, window, refs):
-                    write(cid, raw)
-        else:  # one pass, chunks written on the decoding threads; the store bounds memory
+                read_chunks_into(store, window, refs, write)
+        else:  # one pass; the store bounds what is in flight
             store.read_into([cid for cid, _ in order], write)
         os.fchmod(fd, mode & 0o777)
     except BaseException:
