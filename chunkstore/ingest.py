@@ -58,6 +58,8 @@ _DONE = object()
 #: A chunk waiting to be stored: id, bytes, element size of the tensor it lies in (if any),
 #: and the base chunk it is paired with (if any).
 _Pending = tuple[bytes, memoryview, int | None, BaseChunk | None]
+#: A cut of a file: offset, length, element size, base chunk (see :func:`plan_cuts`).
+_Cut = tuple[int, int, int | None, BaseChunk | None]
 #: What an encoding task gets per chunk: id, bytes, element size, and the keyframe to code a
 #: delta against as (id, raw bytes, transform), if any.
 _Task = tuple[bytes, memoryview, int | None, tuple[bytes, bytes, str] | None]
@@ -123,6 +125,7 @@ class Ingester:
         self._pool = ThreadPoolExecutor(limits.workers, thread_name_prefix="chunk-encode")
         # Existence checks run on their own thread, overlapping the next window's hashing.
         self._checker = ThreadPoolExecutor(1, thread_name_prefix="chunk-check")
+        self._hasher = ThreadPoolExecutor(limits.workers, thread_name_prefix="chunk-hash")
         self._checks: deque[Future] = deque()
         self._queue: queue.Queue = queue.Queue(maxsize=limits.queued_groups)
         self._error: BaseException | None = None
@@ -143,25 +146,20 @@ class Ingester:
         view = mapped.view
         index = read_index(view, mapped.size)
         chunks: list[tuple[bytes, int]] = []
-        window: list[_Pending] = []
-        window_bytes = 0
+        cuts: list[_Cut] = []
+        cut_bytes = 0
         # Bytes still to be read by checks and encoders: pages before them can be dropped.
         in_flight = 3 * self.limits.window_bytes + self.limits.group_bytes * (
             self.limits.queued_groups + 2
         )
-        for offset, length, element_size, base in plan_cuts(
-            self._chunker, view, index, self._base, name
-        ):
-            data = view[offset : offset + length]
-            cid = ids.chunk_id(data)
-            chunks.append((cid, length))
-            window.append((cid, data, element_size, base))
-            window_bytes += length
-            if window_bytes >= self.limits.window_bytes:
-                self._flush(window)
-                mapped.release_before(offset - in_flight)
-                window, window_bytes = [], 0
-        self._flush(window)
+        for cut in plan_cuts(self._chunker, view, index, self._base, name):
+            cuts.append(cut)
+            cut_bytes += cut[1]
+            if cut_bytes >= self.limits.window_bytes:
+                self._flush(self._identify(view, cuts, chunks))
+                mapped.release_before(cut[0] - in_flight)
+                cuts, cut_bytes = [], 0
+        self._flush(self._identify(view, cuts, chunks))
         manifest = Manifest(mapped.size, chunks, index.tensors if index else [])
         self._manifests.append(manifest)
         return manifest
@@ -192,6 +190,7 @@ class Ingester:
         if self._writer.is_alive():
             self._error = self._error or InterruptedError("push interrupted")
         self._checker.shutdown(wait=True, cancel_futures=True)
+        self._hasher.shutdown(wait=True, cancel_futures=True)
         if self._writer.is_alive():
             self._drain_queue()
             self._queue.put(_DONE)
@@ -200,6 +199,21 @@ class Ingester:
         for mapped in self._maps:
             mapped.close()
         self._maps.clear()
+
+    def _identify(
+        self, view: memoryview, cuts: list[_Cut], chunks: list[tuple[bytes, int]]
+    ) -> list[_Pending]:
+        """Hash a window's chunks on the hashing threads (BLAKE3 releases the GIL), append
+        them to ``chunks`` and return them ready for :meth:`_flush`."""
+        datas = [view[offset : offset + length] for offset, length, _, _ in cuts]
+        step = -(-len(datas) // self.limits.workers) or 1
+        parts = [datas[i : i + step] for i in range(0, len(datas), step)]
+        chunk_ids = [cid for part in self._hasher.map(_hash_all, parts) for cid in part]
+        chunks.extend((cid, len(data)) for cid, data in zip(chunk_ids, datas, strict=True))
+        return [
+            (cid, data, element_size, base)
+            for cid, data, (_, _, element_size, base) in zip(chunk_ids, datas, cuts, strict=True)
+        ]
 
     def _flush(self, window: list[_Pending]) -> None:
         if not window:
@@ -348,6 +362,10 @@ def _base_ids(item: _Pending) -> list[bytes]:
     if key is not None:
         out.append(key[0])
     return out
+
+
+def _hash_all(datas: list[memoryview]) -> list[bytes]:
+    return [ids.chunk_id(data) for data in datas]
 
 
 def _encode_group(group: list[_Task]) -> list[Encoded]:
