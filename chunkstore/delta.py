@@ -177,6 +177,7 @@ class BaseChunk:
     id: bytes
     ref: DeltaRef | None  # how the base chunk itself is stored, if delta-coded
     relation: str  # transform from the base chunk's dtype to the new chunk's
+    tensor: str = ""  # name of the base tensor the chunk belongs to
 
     def keyframe(self) -> tuple[bytes, str] | None:
         """``(stored chunk id, transform)`` to code a new chunk against, or None."""
@@ -213,6 +214,8 @@ def encode_chunk(
     if base is None:
         return Encoded(chunk_id, codec.encode(data, element_size), len(data), chunk_id)
     base_id, base_raw, transform = base
+    if _delta_unlikely(data, base_raw, transform, element_size):
+        return Encoded(chunk_id, codec.encode(data, element_size), len(data), chunk_id)
     diff = xor(data, predict(base_raw, transform))
     if element_size in (2, 4):  # the planes of an XOR are mostly zero bits: no need to choose
         diff_blob = codec.encode_as(diff, codec.PLANES2 if element_size == 2 else codec.PLANES4)
@@ -224,6 +227,31 @@ def encode_chunk(
             return Encoded(chunk_id, blob, len(data), chunk_id)
     delta_id = ids.chunk_id(diff)
     return Encoded(delta_id, diff_blob, len(data), chunk_id, DeltaRef(delta_id, base_id, transform))
+
+
+_PROBE_BYTES = 8192
+
+
+def _delta_unlikely(
+    data: bytes | memoryview, base_raw: bytes, transform: str, element_size: int | None
+) -> bool:
+    """Whether a probe from the middle of the chunk says its delta will not pay (a tensor
+    rewritten rather than nudged), so the full XOR need not be encoded to find out."""
+    n = len(data)
+    if transform or n < 4 * _PROBE_BYTES or len(base_raw) != n:
+        return False
+    step = element_size or 1
+    start = n // 2 - (n // 2) % step
+    probe = memoryview(data)[start : start + _PROBE_BYTES]
+    base_probe = np.frombuffer(base_raw, np.uint8, _PROBE_BYTES, start)
+    diff = xor(probe, base_probe)
+    if element_size in (2, 4):
+        diff_size = len(
+            codec.encode_as(diff, codec.PLANES2 if element_size == 2 else codec.PLANES4)
+        )
+    else:
+        diff_size = len(codec.encode(diff, element_size))
+    return diff_size > KEEP_RATIO * len(codec.encode(probe, element_size))
 
 
 class BaseTensors:
@@ -261,13 +289,13 @@ class BaseTensors:
             rel = relation(tensor.dtype, base.dtype)
             if rel is None or base.shape != tensor.shape:
                 continue
-            cuts = self._aligned(manifest, base, rel)
+            cuts = self._aligned(manifest, base, rel, tensor.name)
             if cuts is not None and sum(n for _, n, _ in cuts) == tensor.end - tensor.begin:
                 return cuts
         return None
 
     def _aligned(
-        self, manifest: Manifest, base: TensorInfo, rel: str
+        self, manifest: Manifest, base: TensorInfo, rel: str, name: str
     ) -> list[tuple[int, int, BaseChunk]] | None:
         starts = self._starts.get(id(manifest))
         if starts is None:
@@ -288,7 +316,7 @@ class BaseTensors:
                 (
                     (pos - base.begin) // scale,
                     length // scale,
-                    BaseChunk(cid, manifest.deltas.get(index), rel),
+                    BaseChunk(cid, manifest.deltas.get(index), rel, name),
                 )
             )
             pos += length

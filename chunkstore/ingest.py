@@ -120,6 +120,8 @@ class Ingester:
         self._known: set[bytes] = set()  # stored already, or queued for storing in this push
         self._present: set[bytes] = set()  # found stored by an existence check of this push
         self._delta_of: dict[bytes, DeltaRef] = {}  # chunks of this push rebuilt from deltas
+        self._delta_tried: dict[bytes, str] = {}  # chunk queued with a base -> base tensor
+        self._delta_outcomes: dict[str, list[int]] = {}  # base tensor -> [paid, missed]
         self._written: set[bytes] = set()  # ids handed to the store by this push
         self._manifests: list[Manifest] = []
         self._pool = ThreadPoolExecutor(limits.workers, thread_name_prefix="chunk-encode")
@@ -253,9 +255,10 @@ class Ingester:
                 self._delta_of[cid] = reuse  # the same bytes as the base chunk: reuse its delta
                 continue
             key = base.keyframe() if base is not None else None
-            if key is not None and key[0] in self._present:
+            if key is not None and key[0] in self._present and self._deltas_may_pay(base):
                 keyframes[key[0]] = base_length(len(data), key[1])
                 tasks.append((cid, data, element_size, key))
+                self._delta_tried[cid] = base.tensor
             else:
                 tasks.append((cid, data, element_size, None))
         raws = self._read_keyframes(keyframes)
@@ -275,6 +278,12 @@ class Ingester:
         if group:
             self._put_queue(self._pool.submit(_encode_group, group))
         self._progress.advance(scanned, new_bytes)
+
+    def _deltas_may_pay(self, base: BaseChunk) -> bool:
+        """False once two chunks of the base tensor were tried and none paid as a delta (a
+        tensor rewritten rather than nudged): its other chunks skip reading their bases."""
+        paid, missed = self._delta_outcomes.get(base.tensor, (0, 0))
+        return paid > 0 or missed < 2
 
     def _read_keyframes(self, lengths: dict[bytes, int]) -> dict[bytes, bytes]:
         """Raw bytes of these stored chunks, verified, in one read; any that cannot be read
@@ -318,6 +327,10 @@ class Ingester:
                 if item is _DONE or self._error is not None:
                     break
                 for encoded in item.result():
+                    tensor = self._delta_tried.pop(encoded.chunk_id, None)
+                    if tensor is not None:
+                        outcomes = self._delta_outcomes.setdefault(tensor, [0, 0])
+                        outcomes[encoded.ref is None] += 1
                     if encoded.ref is not None:
                         self._delta_of[encoded.chunk_id] = encoded.ref
                         self.stats.delta_chunks += 1
