@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import re
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
@@ -32,6 +31,7 @@ import blake3
 
 from chunkstore.errors import InvalidInput
 from chunkstore.ring import HashRing
+from chunkstore.tomlfile import load_toml
 from chunkstore.v1 import store_pb2 as pb
 
 _ID_RE = re.compile(r"[A-Za-z0-9_.-]+")
@@ -205,18 +205,9 @@ def load_cluster_file(path: str | Path) -> ClusterMap:
     Raises :class:`ClusterFileError` whose one line starts with ``path``: the file cannot be
     read, is not UTF-8 TOML (with tomllib's line and column), or breaks a rule of the map.
     """
+    data = load_toml(path, "cluster file", ClusterFileError)
     try:
-        text = Path(path).read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise ClusterFileError(f"{path}: cluster file not found") from None
-    except OSError as e:
-        raise ClusterFileError(f"{path}: cannot read cluster file: {e.strerror}") from None
-    except UnicodeDecodeError as e:
-        raise ClusterFileError(f"{path}: not UTF-8 text (byte {e.start})") from None
-    try:
-        return ClusterMap.from_dict(tomllib.loads(text))
-    except tomllib.TOMLDecodeError as e:
-        raise ClusterFileError(f"{path}: invalid TOML: {e}") from None
+        return ClusterMap.from_dict(data)
     except ClusterMapError as e:
         raise ClusterFileError(f"{path}: {e}") from None
 

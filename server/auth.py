@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ssl
-import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -34,6 +33,7 @@ import grpc
 
 from chunkstore.client.rpc import Credentials, valid_token
 from chunkstore.errors import InvalidInput
+from chunkstore.tomlfile import load_toml
 
 from .metrics import NodeMetrics
 
@@ -130,18 +130,9 @@ class Tokens:
     @classmethod
     def load(cls, path: str | Path) -> Tokens:
         """Read and check a tokens file; InvalidInput with one line starting with ``path``."""
+        data = load_toml(path, "tokens file")
         try:
-            text = Path(path).read_bytes().decode("utf-8")
-        except FileNotFoundError:
-            raise InvalidInput(f"{path}: tokens file not found") from None
-        except OSError as e:
-            raise InvalidInput(f"{path}: cannot read tokens file: {e.strerror}") from None
-        except UnicodeDecodeError as e:
-            raise InvalidInput(f"{path}: not UTF-8 text (byte {e.start})") from None
-        try:
-            return cls.from_dict(tomllib.loads(text))
-        except tomllib.TOMLDecodeError as e:
-            raise InvalidInput(f"{path}: invalid TOML: {e}") from None
+            return cls.from_dict(data)
         except InvalidInput as e:
             raise InvalidInput(f"{path}: {e}") from None
 
