@@ -69,8 +69,12 @@ class LocalCluster:
         timeout: float = 30.0,
         node_args: Sequence[str] = (),
         credentials: Credentials | None = None,
+        listen: dict[str, str] | None = None,
     ) -> None:
         self.directory = Path(directory)
+        #: node id -> address that node binds instead of its map address (e.g. to put a
+        #: TCP proxy on the map address); may be filled in before entering the ``with`` block.
+        self.listen: dict[str, str] = dict(listen or {})
         self.map_path, self.map = write_cluster_file(directory, nodes, replicas, write_quorum)
         local_cluster.set_node_args(directory, node_args)
         self.url = local_cluster.store_url(self.map, tls="--tls-cert" in node_args)
@@ -160,8 +164,11 @@ class LocalCluster:
         return process is not None and process.poll() is None
 
     def _spawn(self, node_id: str) -> None:
-        if node_id not in self._joined:
+        if node_id not in self._joined and node_id not in self.listen:
             self._processes[node_id] = local_cluster.start_node(self.directory, node_id)
+            return
+        if node_id not in self._joined:
+            self._spawn_listening(node_id, self.listen[node_id])
             return
         address, seed = self._joined[node_id]
         d = self.directory
@@ -170,6 +177,25 @@ class LocalCluster:
             "--id", node_id,
             "--listen", address,
             "--join", seed,
+            "--data", str(d / node_id),
+            "--metrics-port", (d / f"{node_id}.metrics").read_text().strip(),
+            *local_cluster.node_args(d),
+        ]  # fmt: skip
+        with open(d / f"{node_id}.log", "ab") as log:
+            self._processes[node_id] = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+            )
+        (d / f"{node_id}.pid").write_text(f"{self._processes[node_id].pid}\n")
+
+    def _spawn_listening(self, node_id: str, listen: str) -> None:
+        """Start a node of the cluster file as :func:`local_cluster.start_node` does, but
+        bound to ``listen`` rather than its map address."""
+        d = self.directory
+        command = [
+            sys.executable, "-m", local_cluster.NODE_MODULE,
+            "--id", node_id,
+            "--cluster", str(d / local_cluster.MAP_FILE),
+            "--listen", listen,
             "--data", str(d / node_id),
             "--metrics-port", (d / f"{node_id}.metrics").read_text().strip(),
             *local_cluster.node_args(d),

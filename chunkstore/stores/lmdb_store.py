@@ -22,6 +22,7 @@ write retried; only a full disk fails a write (:class:`~chunkstore.errors.StoreF
 from __future__ import annotations
 
 import errno
+import shutil
 import struct
 import threading
 import time
@@ -56,6 +57,7 @@ _STORED_KEY = b"stored_bytes"
 _SCAN_BATCH = 4096  # keys per read transaction when iterating a whole database
 _GET_BATCH_BYTES = 16 << 20  # blob bytes copied out per read transaction in get()
 _RELEASE_BYTES = 64 << 20  # blob bytes read or written between drops of resident map pages
+_FULL_DISK_BYTES = 64 << 20  # an I/O error at commit with less free space means a full disk
 _MAX_KEY = 511  # LMDB's default maximum key size
 _STAMP = struct.Struct("<d")
 _CHUNK_META = struct.Struct("<dI")  # wanted_at, blob size
@@ -222,13 +224,27 @@ class LmdbStore(Store):
                     self._set_map_size(2 * self._env.info()["map_size"])
                 except lmdb.MapResizedError:
                     self._set_map_size(0)
-                except (lmdb.DiskError, OSError) as e:
-                    if isinstance(e, OSError) and e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                except (lmdb.Error, OSError) as e:
+                    if not self._disk_full(e):
                         raise
                     raise errors.StoreFull(
                         f"store at {self.location} is full (no space left on device); "
                         "nothing of this write was stored"
                     ) from e
+
+    def _disk_full(self, e: lmdb.Error | OSError) -> bool:
+        """Whether a failed write failed for lack of space. LMDB reports a short write at
+        commit as a plain I/O error, so that counts too when the disk is (nearly) full."""
+        if isinstance(e, lmdb.DiskError):
+            return True
+        if isinstance(e, OSError):
+            return e.errno in (errno.ENOSPC, errno.EDQUOT)
+        if "Input/output error" not in str(e):
+            return False
+        try:
+            return shutil.disk_usage(self.path).free < _FULL_DISK_BYTES
+        except OSError:
+            return False
 
     def _attempt(self, fn: Callable[[lmdb.Transaction], T]) -> T:
         txn = self._env.begin(write=True)
