@@ -8,7 +8,7 @@ export PATH="$PWD/.venv/bin:$PATH"
 export CHUNKSTORE_STORE="$PWD/demo-data/store"   # an embedded store of its own
 SIZE_MB="${DEMO_SIZE_MB:-128}"
 
-run() { printf '\n$ %s\n' "${*@Q}"; "$@"; }
+run() { printf '\n$'; printf ' %q' "$@"; printf '\n'; "$@"; }
 
 rm -rf demo-data
 echo "generating 3 checkpoints of ${SIZE_MB} MB (bf16 safetensors, 10% of tensors change per step)"
@@ -25,6 +25,7 @@ run chunkstore push demo-data/ckpts/step-3000 --repo demo-model -m "step 3000" -
     --param lr=1e-4 --param batch=64 --metric loss=1.97
 run chunkstore log demo-model
 run chunkstore diff demo-model@v1 demo-model@v3
+run chunkstore diff demo-model@v2 demo-model@v3 --tensors
 run chunkstore stats
 run chunkstore pull demo-model@v1 demo-data/restored
 run chunkstore verify
