@@ -26,7 +26,7 @@ def restore_file(
     manifest: Manifest,
     dest: Path,
     progress: Progress | None = None,
-    window_bytes: int = 64 * MiB,
+    window_bytes: int = 256 * MiB,
     mode: int = 0o644,
 ) -> None:
     """Write the file described by ``manifest`` to ``dest``, every chunk verified.
