@@ -47,10 +47,11 @@ from chunkstore.cluster_map import ClusterMap, ClusterMapError, map_digest, map_
 from chunkstore.stores.lmdb_store import LmdbStore
 from chunkstore.v1 import store_pb2 as pb
 
-from .background import StateFile, TokenBucket
+from .background import StateFile
 from .keyspace import KEY_SPACE, position, range_digests, ranges_for, scan_range
 from .membership import MapHolder, Peers
 from .metrics import NodeMetrics
+from .worker import NodeWorker
 
 log = logging.getLogger("chunkstore.reconciler")
 
@@ -183,8 +184,10 @@ class _Aborted(Exception):
     """The map changed or the node is stopping: the pass ends incomplete."""
 
 
-class Reconciler:
+class Reconciler(NodeWorker):
     """The repair and rebalancing loop of node ``node_id`` over ``store`` (module docstring)."""
+
+    thread_name = "reconciler"
 
     def __init__(
         self,
@@ -198,15 +201,9 @@ class Reconciler:
         rate: float = DEFAULT_RATE,
         state: StateFile | None = None,
     ) -> None:
-        self.node_id = node_id
-        self._store = store
-        self._holder = holder
-        self._peers = peers
-        self._metrics = metrics
-        self.interval = interval
-        self._state = state or StateFile(None)
-        self._stop = threading.Event()
-        self._bucket = TokenBucket(rate, self._stop)
+        super().__init__(
+            node_id, store, holder, peers, metrics, interval=interval, rate=rate, state=state
+        )
         self._cond = threading.Condition()
         self._wanted = False
         self._started = 0  # passes started
@@ -216,22 +213,14 @@ class Reconciler:
         self._progress = 1.0
         self._totals = Counter[str]()
         self._down: set[str] = set()  # peers that failed during the running pass
-        self._thread: threading.Thread | None = None
         holder.subscribe(lambda cluster: self.wake())
         metrics.cluster_epoch.set(holder.epoch)
 
     # control
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="reconciler", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
+    def _interrupt(self) -> None:
         with self._cond:
             self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(10)
 
     def wake(self) -> None:
         """Start a pass as soon as the running one (if any) ends."""

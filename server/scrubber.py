@@ -16,7 +16,6 @@ next push that has it sends it again.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 
 import grpc
@@ -26,9 +25,10 @@ from chunkstore.client.rpc import NodeCallError
 from chunkstore.stores.lmdb_store import LmdbStore
 from chunkstore.v1 import store_pb2 as pb
 
-from .background import StateFile, TokenBucket
+from .background import StateFile
 from .membership import MapHolder, Peers
 from .metrics import NodeMetrics
+from .worker import NodeWorker
 
 log = logging.getLogger("chunkstore.scrubber")
 
@@ -39,8 +39,10 @@ SAVE_EVERY = 5.0  # seconds between writes of the position
 _STATE = "scrubber"
 
 
-class Scrubber:
+class Scrubber(NodeWorker):
     """Scrubs ``store`` of node ``node_id`` (see the module docstring)."""
+
+    thread_name = "scrubber"
 
     def __init__(
         self,
@@ -54,25 +56,9 @@ class Scrubber:
         interval: float = DEFAULT_INTERVAL,
         state: StateFile | None = None,
     ) -> None:
-        self.node_id = node_id
-        self._store = store
-        self._holder = holder
-        self._peers = peers
-        self._metrics = metrics
-        self.interval = interval
-        self._state = state or StateFile(None)
-        self._stop = threading.Event()
-        self._bucket = TokenBucket(rate, self._stop)
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="scrubber", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(10)
+        super().__init__(
+            node_id, store, holder, peers, metrics, interval=interval, rate=rate, state=state
+        )
 
     def _loop(self) -> None:
         state = self._state.get(_STATE)
