@@ -24,8 +24,13 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
 
 
 def cli(*argv: str, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "chunkstore.client.cli", *argv],
-                          capture_output=True, text=True, env=env, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "chunkstore.client.cli", *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        **kw,
+    )
 
 
 @pytest.fixture
@@ -33,11 +38,38 @@ def two_versions(env_store, tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
     write(ckpt / "model.bin", random_bytes(2 * MB, seed=1))
     write(ckpt / "config.json", b"{}")
-    assert run(capsys, "push", str(ckpt), "--repo", "llama-ft", "-m", "step 1000", "--tag", "v1",
-               "--param", "lr=3e-4", "--metric", "loss=2.31")[0] == 0
+    assert (
+        run(
+            capsys,
+            "push",
+            str(ckpt),
+            "--repo",
+            "llama-ft",
+            "-m",
+            "step 1000",
+            "--tag",
+            "v1",
+            "--param",
+            "lr=3e-4",
+            "--metric",
+            "loss=2.31",
+        )[0]
+        == 0
+    )
     write(ckpt / "config.json", b'{"a": 1}')
-    code, out, _ = run(capsys, "push", str(ckpt), "--repo", "llama-ft", "-m", "step 2000",
-                       "--tag", "v2", "--metric", "loss=2.05")
+    code, out, _ = run(
+        capsys,
+        "push",
+        str(ckpt),
+        "--repo",
+        "llama-ft",
+        "-m",
+        "step 2000",
+        "--tag",
+        "v2",
+        "--metric",
+        "loss=2.05",
+    )
     assert code == 0
     return ckpt, out
 
@@ -157,8 +189,20 @@ def test_ctrl_c_mid_push_leaves_nothing_visible_and_next_push_reuses(env_store, 
     write(tmp_path / "big" / "w.bin", data)
     env = {**os.environ, "CHUNKSTORE_STORE": str(env_store)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "chunkstore.client.cli", "push", str(tmp_path / "big"),
-         "--repo", "m", "-q"], env=env, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "chunkstore.client.cli",
+            "push",
+            str(tmp_path / "big"),
+            "--repo",
+            "m",
+            "-q",
+        ],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:  # wait until some chunks are durable
@@ -190,8 +234,15 @@ def test_progress_bar_on_a_terminal_only(env_store, tmp_path):
 
     write(tmp_path / "d" / "w.bin", random_bytes(48 * MB, seed=8))
     env = {**os.environ, "CHUNKSTORE_STORE": str(env_store), "COLUMNS": "120"}
-    argv = [sys.executable, "-m", "chunkstore.client.cli", "push", str(tmp_path / "d"),
-            "--repo", "m"]
+    argv = [
+        sys.executable,
+        "-m",
+        "chunkstore.client.cli",
+        "push",
+        str(tmp_path / "d"),
+        "--repo",
+        "m",
+    ]
     primary, secondary = pty.openpty()
     proc = subprocess.Popen(argv, env=env, stdin=secondary, stdout=secondary, stderr=secondary)
     os.close(secondary)

@@ -27,8 +27,9 @@ def ckpt(tmp_path):
 
 
 def test_push_pull_round_trip(repo: Repository, ckpt, tmp_path):
-    result = repo.push(ckpt, repo="m", message="first", tags=["v1"], params={"lr": "3e-4"},
-                       metrics={"loss": 2.5})
+    result = repo.push(
+        ckpt, repo="m", message="first", tags=["v1"], params={"lr": "3e-4"}, metrics={"loss": 2.5}
+    )
     v = result.version
     assert v.message == "first" and v.tags == ["v1"] and v.params == {"lr": "3e-4"}
     assert v.metrics == {"loss": 2.5}
@@ -131,8 +132,7 @@ def test_diff_files_params_metrics(repo, ckpt):
     assert d.params == {"lr": ("1", "2"), "wd": (None, "0.1")}
     assert d.metrics == {"loss": (2.0, 1.5)}
     js = d.to_json()
-    assert js["added"] == [{"path": "new.txt", "old_size": None, "new_size": 5,
-                            "changed_bytes": 5}]
+    assert js["added"] == [{"path": "new.txt", "old_size": None, "new_size": 5, "changed_bytes": 5}]
 
 
 def test_tag_moves_and_untag(repo, ckpt):
@@ -198,8 +198,18 @@ def _forge_version(repo: Repository, path: str) -> None:
     mid, record = Manifest(size=4, chunks=[(cid, 4)]).encode()
     repo.store.put_manifest(mid, record)
     entry = FileEntry(path, 4, ids.file_digest([(cid, 4)]), mid)
-    vid, record = encode_version(repo="evil", parents=[], created_ns=1, author="x", message="",
-                                 files=[entry], params={}, metrics={}, inputs=[], new_bytes=0)
+    vid, record = encode_version(
+        repo="evil",
+        parents=[],
+        created_ns=1,
+        author="x",
+        message="",
+        files=[entry],
+        params={},
+        metrics={},
+        inputs=[],
+        new_bytes=0,
+    )
     repo.store.put_version("evil", vid, record)
 
 
@@ -232,8 +242,9 @@ def test_corrupt_chunk_is_named_by_pull_and_verify(repo, ckpt, tmp_path):
     out = tree_bytes(tmp_path / "out")
     source = tree_bytes(ckpt)
     assert all(source[path] == data for path, data in out.items())
-    damaged = [f.path for f in repo.resolve("m").files
-               if bad in {c for c, _ in repo.manifest(f).chunks}]
+    damaged = [
+        f.path for f in repo.resolve("m").files if bad in {c for c, _ in repo.manifest(f).chunks}
+    ]
     assert damaged and not set(damaged) & set(out)
     result = repo.verify("m")
     assert result.corrupt == [bad] and not result.ok
