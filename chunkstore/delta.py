@@ -336,11 +336,43 @@ def read_chunks_into(
 ) -> None:
     """As :func:`read_chunks`, handing each chunk to ``consume`` on the decoding threads
     (``consume`` must be thread-safe), so writing chunks out does not funnel through one."""
-    if not any(cid in refs for cid in chunk_ids):
-        store.read_into(list(dict.fromkeys(chunk_ids)), consume, workers=workers)
+    wanted = list(dict.fromkeys(chunk_ids))
+    if not any(cid in refs for cid in wanted):
+        store.read_into(wanted, consume, workers=workers)
         return
-    for _ in _read(store, chunk_ids, refs, workers, consume):
-        pass
+    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="chunk-rebuild") as pool:
+        pending: deque[Future] = deque()
+        for i in range(0, len(wanted), _CHUNKS_PER_TASK):
+            task = wanted[i : i + _CHUNKS_PER_TASK]
+            pending.append(pool.submit(_fetch_and_rebuild, store, task, refs, consume))
+            while len(pending) > 4 * workers:
+                pending.popleft().result()
+        for future in pending:
+            future.result()
+
+
+_CHUNKS_PER_TASK = 16  # chunks a worker fetches (with their deltas and bases) and rebuilds
+
+
+def _fetch_and_rebuild(
+    store: ChunkStore,
+    chunk_ids: list[bytes],
+    refs: Mapping[bytes, DeltaRef],
+    consume: Callable[[bytes, bytes], None],
+) -> None:
+    """Fetch the stored chunks a few chunks need in one call, rebuild and check each, and hand
+    it to ``consume``: all on the calling worker, so fetching runs in parallel too."""
+    parts: dict[bytes, None] = {}
+    for cid in chunk_ids:
+        ref = refs.get(cid)
+        parts.update(dict.fromkeys((cid,) if ref is None else (ref.delta, ref.base)))
+    blobs = dict(store.get(list(parts)))
+    for cid in chunk_ids:
+        ref = refs.get(cid)
+        if ref is None:
+            consume(cid, codec.decode_verified(cid, blobs[cid]))
+        else:
+            consume(*_rebuild_blobs(store, cid, ref, blobs[ref.delta], blobs[ref.base]))
 
 
 def read_chunks(
@@ -363,19 +395,6 @@ def read_chunks(
     if not any(cid in refs for cid in wanted):
         yield from store.read(wanted, workers=workers)
         return
-    yield from _read(store, wanted, refs, workers, None)
-
-
-def _read(
-    store: ChunkStore,
-    chunk_ids: Sequence[bytes],
-    refs: Mapping[bytes, DeltaRef],
-    workers: int,
-    consume: Callable[[bytes, bytes], None] | None,
-) -> Iterator[tuple[bytes, bytes]]:
-    """The work of :func:`read_chunks`; with ``consume``, chunks go to it on the worker
-    threads and nothing is yielded."""
-    wanted = list(dict.fromkeys(chunk_ids))
     plain: set[bytes] = set()
     fetch: dict[bytes, None] = {}
     waiting: dict[bytes, list[bytes]] = defaultdict(list)  # stored id -> chunks it rebuilds
@@ -415,12 +434,12 @@ def _read(
                         if not users[part]:
                             del held[part]
             if batch_bytes >= _BATCH_BYTES:
-                pending.append(pool.submit(_decode_batch, store, batch, consume))
+                pending.append(pool.submit(_decode_batch, store, batch))
                 batch, batch_bytes = [], 0
             while pending and (pending[0].done() or len(pending) > 2 * workers):
                 yield from pending.popleft().result()
         if batch:
-            pending.append(pool.submit(_decode_batch, store, batch, consume))
+            pending.append(pool.submit(_decode_batch, store, batch))
         while pending:
             yield from pending.popleft().result()
 
@@ -428,21 +447,14 @@ def _read(
 _BATCH_BYTES = 1 << 20  # blob bytes per decoding task
 
 
-def _decode_batch(
-    store: ChunkStore, batch: list[tuple], consume: Callable[[bytes, bytes], None] | None
-) -> list[tuple[bytes, bytes]]:
-    """Decode plain chunks (verified) and rebuild delta-coded ones, in order; hand them to
-    ``consume`` if given (returning nothing), else return them."""
+def _decode_batch(store: ChunkStore, batch: list[tuple]) -> list[tuple[bytes, bytes]]:
+    """Decode plain chunks (verified) and rebuild delta-coded ones, in order."""
     out = []
     for cid, ref, blob, base_blob in batch:
         if ref is None:
-            item = (cid, codec.decode_verified(cid, blob))
+            out.append((cid, codec.decode_verified(cid, blob)))
         else:
-            item = _rebuild_blobs(store, cid, ref, blob, base_blob)
-        if consume is None:
-            out.append(item)
-        else:
-            consume(*item)
+            out.append(_rebuild_blobs(store, cid, ref, blob, base_blob))
     return out
 
 
