@@ -366,13 +366,23 @@ def _fetch_and_rebuild(
     for cid in chunk_ids:
         ref = refs.get(cid)
         parts.update(dict.fromkeys((cid,) if ref is None else (ref.delta, ref.base)))
-    blobs = dict(store.get(list(parts)))
-    for cid in chunk_ids:
-        ref = refs.get(cid)
-        if ref is None:
-            consume(cid, codec.decode_verified(cid, blobs[cid]))
-        else:
-            consume(*_rebuild_blobs(store, cid, ref, blobs[ref.delta], blobs[ref.base]))
+
+    def rebuild_all(blobs: Mapping[bytes, bytes | memoryview]) -> list[tuple[bytes, bytes]]:
+        out = []
+        for cid in chunk_ids:
+            ref = refs.get(cid)
+            if ref is None:
+                out.append((cid, codec.decode_verified(cid, blobs[cid])))
+            else:
+                out.append((cid, _try_rebuild(cid, ref, blobs[ref.delta], blobs[ref.base])))
+        return out
+
+    for cid, raw in store.with_blobs(list(parts), rebuild_all):
+        if raw is None:  # re-read its parts verified, to name the damaged one
+            ref = refs[cid]
+            fresh = dict(store.read(list(dict.fromkeys((ref.delta, ref.base))), workers=1))
+            raw = rebuild(cid, ref, fresh[ref.delta], fresh[ref.base])
+        consume(cid, raw)
 
 
 def read_chunks(
@@ -456,6 +466,23 @@ def _decode_batch(store: ChunkStore, batch: list[tuple]) -> list[tuple[bytes, by
         else:
             out.append(_rebuild_blobs(store, cid, ref, blob, base_blob))
     return out
+
+
+def _try_rebuild(
+    cid: bytes, ref: DeltaRef, delta_blob: bytes | memoryview, base_blob: bytes | memoryview
+) -> bytes | None:
+    """Chunk ``cid`` rebuilt from the blobs of its delta and base, or None if they do not
+    decode to bytes with its id."""
+    try:
+        if ref.transform:
+            prediction = predict_blob(base_blob, ref.transform)
+            codec.xor_into(prediction, delta_blob)  # touches only the changed bytes if sparse
+            raw = prediction.tobytes()
+        else:
+            raw = codec.decode_xor(delta_blob, base_blob)
+    except (codec.CodecError, ValueError):
+        return None
+    return raw if ids.chunk_id(raw) == cid else None
 
 
 def _rebuild_blobs(

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 from chunkstore import codec
 
@@ -32,6 +33,7 @@ class ChunkInfo:
     wanted_at: float  # unix time of the last write or existence check that found it
 
 
+T = TypeVar("T")
 _DECODE_BATCH_BYTES = 1 << 20  # blob bytes per decoding task in read_into
 
 
@@ -83,6 +85,16 @@ class ChunkStore(ABC):
     @abstractmethod
     def totals(self) -> ChunkTotals:
         """Count and encoded size of all stored chunks."""
+
+    def with_blobs(
+        self, ids: Sequence[bytes], fn: Callable[[Mapping[bytes, bytes | memoryview]], T]
+    ) -> T:
+        """Return ``fn(blobs)`` over the blobs of these chunks (ChunkNotFound if one is absent).
+
+        The blobs may be views into the store that are valid only during the call, so ``fn``
+        decodes them without copying and must not keep them; it may run more than once.
+        """
+        return fn(dict(self.get(ids)))
 
     def read(self, ids: Sequence[bytes], workers: int = 2) -> Iterator[tuple[bytes, bytes]]:
         """Yield ``(id, raw bytes)`` for every id, each verified against its id, in any order.
