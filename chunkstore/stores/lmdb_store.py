@@ -357,16 +357,18 @@ class LmdbStore(Store):
         """See :meth:`ChunkStore.with_blobs`: the blobs are views into the map, read in one
         transaction, so decoding reads the map directly (page faults with the GIL released)."""
 
-        def run(txn: lmdb.Transaction) -> T:
+        def run(txn: lmdb.Transaction) -> tuple[T, int]:
             blobs = {}
             for cid in ids:
                 blob = txn.get(cid, db=self._chunks)
                 if blob is None:
                     raise errors.ChunkNotFound(cid)
                 blobs[cid] = blob
-            return fn(blobs)
+            return fn(blobs), sum(len(blob) for blob in blobs.values())
 
-        return self._read(run, buffers=True)
+        result, nbytes = self._read(run, buffers=True)
+        self._count_for_release(nbytes)
+        return result
 
     def _get_batch(
         self, ids: Sequence[bytes], start: int, txn: lmdb.Transaction
