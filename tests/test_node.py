@@ -346,6 +346,19 @@ def test_manifests_versions_and_tags(meta_api):
     assert deleted.deleted == 1
 
 
+def test_stages_round_trip_and_a_stage_file_needs_its_stage(meta_api):
+    sid = b"\7" * 16
+    meta_api.PutStage(pb.StageRecord(id=sid, data=b"record"))
+    meta_api.PutStageFile(pb.StageFile(stage_id=sid, path="a/b", data=b"file"))
+    assert meta_api.GetStage(pb.StageKey(id=sid)).data == b"record"
+    files = meta_api.ListStageFiles(pb.StageKey(id=sid)).files
+    assert [(f.path, f.data) for f in files] == [("a/b", b"file")]
+    assert [r.id for r in meta_api.ListStages(pb.Empty()).stages] == [sid]
+    meta_api.DeleteStage(pb.StageKey(id=sid))
+    assert list(meta_api.ListStageFiles(pb.StageKey(id=sid)).files) == []
+    assert list(meta_api.ListStages(pb.Empty()).stages) == []
+
+
 def test_scan_manifests_streams_ids_with_their_time(meta_api):
     mids = {os.urandom(32) for _ in range(3)}
     for mid in mids:
@@ -365,8 +378,27 @@ def test_scan_manifests_streams_ids_with_their_time(meta_api):
         (lambda api: api.DeleteTag(pb.Tag(repo="r", tag="t")), "NOT_FOUND", "tag 't'"),
         (lambda api: api.SetTag(pb.Tag(repo="r", tag="t", version_id=b"v")), "NOT_FOUND", "v"),
         (lambda api: api.ListVersions(pb.RepoName(repo="a\0b")), "INVALID_ARGUMENT", "NUL"),
+        (lambda api: api.GetStage(pb.StageKey(id=b"\3" * 16)), "NOT_FOUND", "stage 0303"),
+        (lambda api: api.GetStage(pb.StageKey(id=b"short")), "INVALID_ARGUMENT", "16 bytes"),
+        (
+            lambda api: api.PutStageFile(pb.StageFile(stage_id=b"\4" * 16, path="a", data=b"")),
+            "NOT_FOUND",
+            "stage 0404",
+        ),
+        (lambda api: api.DeleteStage(pb.StageKey(id=b"\5" * 16)), "NOT_FOUND", "stage 0505"),
     ],
-    ids=["manifest", "no-id", "version", "tag", "tag-to-absent", "nul-repo"],
+    ids=[
+        "manifest",
+        "no-id",
+        "version",
+        "tag",
+        "tag-to-absent",
+        "nul-repo",
+        "stage",
+        "stage-id-length",
+        "file-to-absent-stage",
+        "delete-absent-stage",
+    ],
 )
 def test_meta_errors_have_status_and_message(meta_api, call, code, needle):
     with pytest.raises(grpc.RpcError) as err:
