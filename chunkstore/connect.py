@@ -28,9 +28,10 @@ def store_url(url: str | None = None) -> str:
     return url or os.environ.get(ENV_STORE) or str(default_store_path())
 
 
-def open_store(url: str | None = None, *, token: str | None = None) -> Store:
+def open_store(url: str | None = None, *, token: str | None = None, create: bool = True) -> Store:
     """Open the store a URL names (see :func:`store_url` for the default); a cluster's nodes
-    get ``token`` (default ``$CHUNKSTORE_TOKEN``)."""
+    get ``token`` (default ``$CHUNKSTORE_TOKEN``). Without ``create``, an embedded store that
+    does not exist yet is an error instead of being made."""
     url = store_url(url)
     if url.startswith("memory://"):
         from chunkstore.stores.memory import MemoryStore
@@ -45,10 +46,10 @@ def open_store(url: str | None = None, *, token: str | None = None) -> Store:
     from chunkstore.stores.lmdb_store import LmdbStore
 
     path = url.removeprefix("file://")
-    return LmdbStore(Path(path).expanduser())
+    return LmdbStore(Path(path).expanduser(), create=create)
 
 
-def connect(url: str | None = None, *, token: str | None = None) -> Repository:
+def connect(url: str | None = None, *, token: str | None = None, create: bool = True) -> Repository:
     """A :class:`Repository` over the store a URL names (default: the embedded store); see
-    :func:`open_store` for ``token``."""
-    return Repository(open_store(url, token=token))
+    :func:`open_store` for ``token`` and ``create``."""
+    return Repository(open_store(url, token=token, create=create))

@@ -562,7 +562,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "run", None):  # node and cluster commands manage their own resources
         return args.run(args)
     try:
-        with connect(args.store, token=args.token) as repo:
+        # Only a push makes a new embedded store: reading a mistyped path must not create one.
+        create = args.command == "push"
+        with connect(args.store, token=args.token, create=create) as repo:
             return args.func(repo, args)
     except ChunkstoreError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)

@@ -263,3 +263,12 @@ def test_progress_bar_on_a_terminal_only(env_store, tmp_path):
     assert piped.returncode == 0 and "B/s" not in piped.stderr and piped.stderr == ""
     quiet = cli("push", str(tmp_path / "d"), "--repo", "m", "-q", env=env)
     assert quiet.returncode == 0 and quiet.stdout == "" and quiet.stderr == ""
+
+
+def test_reading_a_store_that_does_not_exist_creates_nothing(tmp_path):
+    env = {**os.environ, "CHUNKSTORE_STORE": str(tmp_path / "typo" / "store")}
+    for argv in (["ls"], ["log", "m"], ["stats"], ["gc"]):
+        proc = cli(*argv, env=env)
+        assert proc.returncode == 6 and "no store there" in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "typo").exists()
