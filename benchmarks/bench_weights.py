@@ -237,12 +237,13 @@ def codec_figures(store: Path, tag: str) -> dict:
     return out
 
 
-def _rebuild(delta_blob: bytes, base_blob: bytes, transform: str) -> bytes:
+def _rebuild(delta_blob: bytes, base_blob: bytes, transform: str) -> np.ndarray:
     """What a read does per delta-coded chunk, without the hash."""
     if not transform:
         return codec.decode_xor(delta_blob, base_blob)
-    prediction = delta.predict(codec.decode(base_blob), transform)
-    return delta.xor(codec.decode(delta_blob), prediction).tobytes()
+    prediction = delta.predict_blob(base_blob, transform)
+    codec.xor_into(prediction, delta_blob)
+    return prediction
 
 
 def one_tensor_load(store: Path, tag: str) -> tuple[int, int, int]:

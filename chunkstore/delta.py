@@ -331,11 +331,12 @@ def read_chunks_into(
     store: ChunkStore,
     chunk_ids: Sequence[bytes],
     refs: Mapping[bytes, DeltaRef],
-    consume: Callable[[bytes, bytes], None],
+    consume: Callable[[bytes, codec.RawBuffer], None],
     workers: int = 2,
 ) -> None:
     """As :func:`read_chunks`, handing each chunk to ``consume`` on the decoding threads
-    (``consume`` must be thread-safe), so writing chunks out does not funnel through one."""
+    (``consume`` must be thread-safe), so writing chunks out does not funnel through one. The
+    bytes handed over are bytes-like and valid only during the call."""
     wanted = list(dict.fromkeys(chunk_ids))
     if not any(cid in refs for cid in wanted):
         store.read_into(wanted, consume, workers=workers)
@@ -358,31 +359,39 @@ def _fetch_and_rebuild(
     store: ChunkStore,
     chunk_ids: list[bytes],
     refs: Mapping[bytes, DeltaRef],
-    consume: Callable[[bytes, bytes], None],
+    consume: Callable[[bytes, codec.RawBuffer], None],
 ) -> None:
     """Fetch the stored chunks a few chunks need in one call, rebuild and check each, and hand
-    it to ``consume``: all on the calling worker, so fetching runs in parallel too."""
+    it to ``consume``: all on the calling worker, so fetching runs in parallel too. Chunks are
+    consumed while their blobs are valid, so nothing is copied on the way."""
     parts: dict[bytes, None] = {}
     for cid in chunk_ids:
         ref = refs.get(cid)
         parts.update(dict.fromkeys((cid,) if ref is None else (ref.delta, ref.base)))
+    consumed: set[bytes] = set()  # with_blobs may call rebuild_all again: consume each once
 
-    def rebuild_all(blobs: Mapping[bytes, bytes | memoryview]) -> list[tuple[bytes, bytes]]:
-        out = []
+    def rebuild_all(blobs: Mapping[bytes, bytes | memoryview]) -> list[bytes]:
+        """Consume every chunk that rebuilds; return the ones that do not."""
+        failed = []
         for cid in chunk_ids:
+            if cid in consumed:
+                continue
             ref = refs.get(cid)
             if ref is None:
-                out.append((cid, codec.decode_verified(cid, blobs[cid])))
+                raw = codec.verified_buffer(cid, blobs[cid])
             else:
-                out.append((cid, _try_rebuild(cid, ref, blobs[ref.delta], blobs[ref.base])))
-        return out
+                raw = _try_rebuild(cid, ref, blobs[ref.delta], blobs[ref.base])
+            if raw is None:
+                failed.append(cid)
+            else:
+                consume(cid, raw)
+                consumed.add(cid)
+        return failed
 
-    for cid, raw in store.with_blobs(list(parts), rebuild_all):
-        if raw is None:  # re-read its parts verified, to name the damaged one
-            ref = refs[cid]
-            fresh = dict(store.read(list(dict.fromkeys((ref.delta, ref.base))), workers=1))
-            raw = rebuild(cid, ref, fresh[ref.delta], fresh[ref.base])
-        consume(cid, raw)
+    for cid in store.with_blobs(list(parts), rebuild_all):
+        ref = refs[cid]  # re-read its parts verified, to name the damaged one
+        fresh = dict(store.read(list(dict.fromkeys((ref.delta, ref.base))), workers=1))
+        consume(cid, rebuild(cid, ref, fresh[ref.delta], fresh[ref.base]))
 
 
 def read_chunks(
@@ -470,14 +479,13 @@ def _decode_batch(store: ChunkStore, batch: list[tuple]) -> list[tuple[bytes, by
 
 def _try_rebuild(
     cid: bytes, ref: DeltaRef, delta_blob: bytes | memoryview, base_blob: bytes | memoryview
-) -> bytes | None:
-    """Chunk ``cid`` rebuilt from the blobs of its delta and base, or None if they do not
-    decode to bytes with its id."""
+) -> np.ndarray | None:
+    """Chunk ``cid`` rebuilt from the blobs of its delta and base (a uint8 array), or None if
+    they do not decode to bytes with its id."""
     try:
         if ref.transform:
-            prediction = predict_blob(base_blob, ref.transform)
-            codec.xor_into(prediction, delta_blob)  # touches only the changed bytes if sparse
-            raw = prediction.tobytes()
+            raw = predict_blob(base_blob, ref.transform)
+            codec.xor_into(raw, delta_blob)  # touches only the changed bytes if sparse
         else:
             raw = codec.decode_xor(delta_blob, base_blob)
     except (codec.CodecError, ValueError):
@@ -490,17 +498,9 @@ def _rebuild_blobs(
 ) -> tuple[bytes, bytes]:
     """Rebuild a chunk from the blobs of its delta and base; if its bytes do not match its
     id, read both again verified (naming the damaged one) and rebuild from those."""
-    try:
-        if ref.transform:
-            prediction = predict_blob(base_blob, ref.transform)
-            codec.xor_into(prediction, delta_blob)  # touches only the changed bytes if sparse
-            raw = prediction.tobytes()
-        else:
-            raw = codec.decode_xor(delta_blob, base_blob)
-        if ids.chunk_id(raw) == cid:
-            return cid, raw
-    except (codec.CodecError, ValueError):
-        pass
+    raw = _try_rebuild(cid, ref, delta_blob, base_blob)
+    if raw is not None:
+        return cid, raw.tobytes()
     parts = dict(store.read(list(dict.fromkeys((ref.delta, ref.base))), workers=1))
     return cid, rebuild(cid, ref, parts[ref.delta], parts[ref.base])
 

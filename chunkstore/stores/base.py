@@ -116,13 +116,18 @@ class ChunkStore(ABC):
                 yield fut.result()
 
     def read_into(
-        self, ids: Sequence[bytes], consume: Callable[[bytes, bytes], None], workers: int = 2
+        self,
+        ids: Sequence[bytes],
+        consume: Callable[[bytes, codec.RawBuffer], None],
+        workers: int = 2,
     ) -> None:
         """Call ``consume(id, raw bytes)`` for every id, each verified as by :meth:`read`.
 
         Calls come from ``workers`` threads at once, each decoding and verifying its own
-        chunks, so ``consume`` must be thread-safe (writing at a file offset is). This is the
-        fast path for writing many chunks out: nothing funnels through one thread.
+        chunks, so ``consume`` must be thread-safe (writing at a file offset is). The raw bytes
+        are bytes-like and valid only during the call: nothing is copied that is written out
+        at once. This is the fast path for writing many chunks out: nothing funnels through one
+        thread.
         """
         with ThreadPoolExecutor(workers, thread_name_prefix="chunk-decode") as pool:
             pending: deque[Future] = deque()
@@ -142,9 +147,11 @@ class ChunkStore(ABC):
                 fut.result()
 
 
-def _decode_into(batch: list[tuple[bytes, bytes]], consume: Callable[[bytes, bytes], None]) -> None:
+def _decode_into(
+    batch: list[tuple[bytes, bytes]], consume: Callable[[bytes, codec.RawBuffer], None]
+) -> None:
     for cid, blob in batch:
-        consume(cid, codec.decode_verified(cid, blob))
+        consume(cid, codec.verified_buffer(cid, blob))
 
 
 def _decode_pair(cid: bytes, blob: bytes) -> tuple[bytes, bytes]:
