@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from chunkstore.repository import Repository
-from chunkstore.stores.base import Store
+if TYPE_CHECKING:  # imported where used: importing chunkstore stays light
+    from chunkstore.repository import Repository
+    from chunkstore.stores.base import Store
 
 ENV_STORE = "CHUNKSTORE_STORE"
 
@@ -52,4 +54,6 @@ def open_store(url: str | None = None, *, token: str | None = None, create: bool
 def connect(url: str | None = None, *, token: str | None = None, create: bool = True) -> Repository:
     """A :class:`Repository` over the store a URL names (default: the embedded store); see
     :func:`open_store` for ``token`` and ``create``."""
+    from chunkstore.repository import Repository
+
     return Repository(open_store(url, token=token, create=create))

@@ -10,7 +10,7 @@ import textwrap
 import time
 from collections.abc import Callable, Sequence
 
-import chunkstore.client.quiet_grpc  # noqa: F401  (before anything loads gRPC)
+import chunkstore.client.process_setup  # noqa: F401  (before anything loads gRPC or numpy)
 from chunkstore.connect import ENV_STORE, connect
 from chunkstore.errors import ChunkstoreError, InvalidInput
 from chunkstore.model import Version

@@ -272,3 +272,31 @@ def test_reading_a_store_that_does_not_exist_creates_nothing(tmp_path):
         assert proc.returncode == 6 and "no store there" in proc.stderr, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "typo").exists()
+
+
+def _python(code: str, env: dict[str, str]) -> str:
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    return out.stdout.strip()
+
+
+def test_cli_loads_numpy_with_one_blas_thread_unless_told_otherwise():
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    probe = (
+        "import sys, os, chunkstore; assert 'numpy' not in sys.modules; "
+        "import chunkstore.client.cli; assert 'numpy' in sys.modules; "
+        "print(os.environ['OPENBLAS_NUM_THREADS'], len(os.listdir('/proc/self/task')))"
+    )
+    assert _python(probe, env) == "1 1"  # no idle BLAS pool beside the main thread
+    assert _python(probe, {**env, "OPENBLAS_NUM_THREADS": "2"}).split()[0] == "2"
+
+
+def test_package_exports_load_on_first_use():
+    assert (
+        _python(
+            "import chunkstore; print(chunkstore.Repository.__name__, chunkstore.Diff.__name__)",
+            dict(os.environ),
+        )
+        == "Repository Diff"
+    )
