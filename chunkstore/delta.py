@@ -30,13 +30,15 @@ from collections import defaultdict, deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
 from chunkstore import codec, ids
 from chunkstore.errors import CorruptChunk
 from chunkstore.model import DeltaRef, Manifest, TensorInfo
-from chunkstore.stores.base import ChunkStore
+from chunkstore.parallel import for_each
+from chunkstore.stores.base import CHUNKS_PER_TASK, ChunkStore
 
 #: A delta is kept only if its blob is at most this share of the chunk's standalone blob; a
 #: chunk whose delta stops paying is stored on its own and becomes the next keyframe.
@@ -341,25 +343,15 @@ def read_chunks_into(
     if not any(cid in refs for cid in wanted):
         store.read_into(wanted, consume, workers=workers)
         return
-    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="chunk-rebuild") as pool:
-        pending: deque[Future] = deque()
-        for i in range(0, len(wanted), _CHUNKS_PER_TASK):
-            task = wanted[i : i + _CHUNKS_PER_TASK]
-            pending.append(pool.submit(_fetch_and_rebuild, store, task, refs, consume))
-            while len(pending) > 4 * workers:
-                pending.popleft().result()
-        for future in pending:
-            future.result()
-
-
-_CHUNKS_PER_TASK = 16  # chunks a worker fetches (with their deltas and bases) and rebuilds
+    tasks = (wanted[i : i + CHUNKS_PER_TASK] for i in range(0, len(wanted), CHUNKS_PER_TASK))
+    for_each(partial(_fetch_and_rebuild, store, refs, consume), tasks, workers, "chunk-rebuild")
 
 
 def _fetch_and_rebuild(
     store: ChunkStore,
-    chunk_ids: list[bytes],
     refs: Mapping[bytes, DeltaRef],
     consume: Callable[[bytes, codec.RawBuffer], None],
+    chunk_ids: list[bytes],
 ) -> None:
     """Fetch the stored chunks a few chunks need in one call, rebuild and check each, and hand
     it to ``consume``: all on the calling worker, so fetching runs in parallel too. Chunks are
@@ -368,14 +360,11 @@ def _fetch_and_rebuild(
     for cid in chunk_ids:
         ref = refs.get(cid)
         parts.update(dict.fromkeys((cid,) if ref is None else (ref.delta, ref.base)))
-    consumed: set[bytes] = set()  # with_blobs may call rebuild_all again: consume each once
 
     def rebuild_all(blobs: Mapping[bytes, bytes | memoryview]) -> list[bytes]:
         """Consume every chunk that rebuilds; return the ones that do not."""
         failed = []
         for cid in chunk_ids:
-            if cid in consumed:
-                continue
             ref = refs.get(cid)
             if ref is None:
                 raw = codec.verified_buffer(cid, blobs[cid])
@@ -385,7 +374,6 @@ def _fetch_and_rebuild(
                 failed.append(cid)
             else:
                 consume(cid, raw)
-                consumed.add(cid)
         return failed
 
     for cid in store.with_blobs(list(parts), rebuild_all):

@@ -108,9 +108,9 @@ def test_same_path_twice_keeps_the_last(repo: Repository, tmp_path):
 def test_gc_keeps_open_stages_and_drops_expired_ones(repo: Repository, tmp_path):
     kept = repo.stage("m")
     kept.add(write(tmp_path / "k" / "keep.bin", random_bytes(MB, seed=1)))
-    doomed = repo.stage("m", ttl_seconds=0.05)
+    doomed = repo.stage("m", ttl_seconds=0.5)  # long enough for the add on a busy machine
     doomed.add(write(tmp_path / "d" / "drop.bin", random_bytes(MB, seed=2)))
-    time.sleep(0.1)
+    time.sleep(0.6)
     with pytest.raises(InvalidInput, match="expired"):
         doomed.commit()
     result = repo.gc(grace_seconds=0)

@@ -15,13 +15,13 @@ repository layer runs on every implementation: :class:`MemoryStore` for tests,
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
 from chunkstore import codec
+from chunkstore.parallel import for_each
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class ChunkInfo:
 
 
 T = TypeVar("T")
-_DECODE_BATCH_BYTES = 1 << 20  # blob bytes per decoding task in read_into
+CHUNKS_PER_TASK = 16  # chunks a reading thread fetches in one call, then decodes
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ class ChunkStore(ABC):
         """Return ``fn(blobs)`` over the blobs of these chunks (ChunkNotFound if one is absent).
 
         The blobs may be views into the store that are valid only during the call, so ``fn``
-        decodes them without copying and must not keep them; it may run more than once.
+        decodes them without copying and must not keep them. ``fn`` runs once.
         """
         return fn(dict(self.get(ids)))
 
@@ -123,35 +123,22 @@ class ChunkStore(ABC):
     ) -> None:
         """Call ``consume(id, raw bytes)`` for every id, each verified as by :meth:`read`.
 
-        Calls come from ``workers`` threads at once, each decoding and verifying its own
-        chunks, so ``consume`` must be thread-safe (writing at a file offset is). The raw bytes
-        are bytes-like and valid only during the call: nothing is copied that is written out
-        at once. This is the fast path for writing many chunks out: nothing funnels through one
-        thread.
+        Calls come from ``workers`` threads at once, each fetching (through
+        :meth:`with_blobs`), decoding and verifying its own chunks, so ``consume`` must be
+        thread-safe (writing at a file offset is). The raw bytes are bytes-like and valid only
+        during the call: nothing is copied that is written out at once. This is the fast path
+        for writing many chunks out: nothing funnels through one thread.
         """
-        with ThreadPoolExecutor(workers, thread_name_prefix="chunk-decode") as pool:
-            pending: deque[Future] = deque()
-            batch: list[tuple[bytes, bytes]] = []
-            batch_bytes = 0
-            for cid, blob in self.get(ids):
-                batch.append((cid, blob))
-                batch_bytes += len(blob)
-                if batch_bytes >= _DECODE_BATCH_BYTES:
-                    pending.append(pool.submit(_decode_into, batch, consume))
-                    batch, batch_bytes = [], 0
-                    while len(pending) > 4 * workers:
-                        pending.popleft().result()
-            if batch:
-                pending.append(pool.submit(_decode_into, batch, consume))
-            for fut in pending:
-                fut.result()
 
+        def decode_task(task: Sequence[bytes]) -> None:
+            def decode_all(blobs: Mapping[bytes, bytes | memoryview]) -> None:
+                for cid in task:
+                    consume(cid, codec.verified_buffer(cid, blobs[cid]))
 
-def _decode_into(
-    batch: list[tuple[bytes, bytes]], consume: Callable[[bytes, codec.RawBuffer], None]
-) -> None:
-    for cid, blob in batch:
-        consume(cid, codec.verified_buffer(cid, blob))
+            self.with_blobs(task, decode_all)
+
+        tasks = (ids[i : i + CHUNKS_PER_TASK] for i in range(0, len(ids), CHUNKS_PER_TASK))
+        for_each(decode_task, tasks, workers, "chunk-decode")
 
 
 def _decode_pair(cid: bytes, blob: bytes) -> tuple[bytes, bytes]:
