@@ -1,15 +1,18 @@
 """The push pipeline: cut files into chunks, find the ones the store lacks, encode and store them.
 
-Per file: memory-map -> cut (FastCDC) -> id (BLAKE3) on the calling thread; then, per window of
-chunks, one batched existence check; the missing chunks are encoded on a thread pool and handed,
-in order, to a writer thread that stores them in large all-or-nothing batches. Memory is bounded
-by the window and the writer's queue, never by file size.
+Per file: memory-map -> cut (FastCDC) on the calling thread -> per window of chunks, ids
+(BLAKE3) on the hashing threads while the next window is cut, then one batched existence check;
+the missing chunks are encoded on a thread pool and handed, in order, to a writer thread that
+stores them in large all-or-nothing batches. Memory is bounded by the window and the writer's
+queue, never by file size.
 
 With a base (:class:`~chunkstore.delta.BaseTensors`), a tensor the base also has is cut at the
 base tensor's chunk boundaries, and each of its chunks the store lacks may be stored as a delta
 against the paired base chunk (see :mod:`chunkstore.delta`): the existence check also asks for
-the keyframes, whose bytes are then read in one batch per window, and the encoders decide
-between the delta and the standalone encoding.
+the keyframes. Each encoding task reads the keyframes of its chunks in one call, decodes one only
+when its chunk is tried as a delta, and decides between the delta and the standalone encoding;
+a tensor whose first two tried chunks do not pay as deltas (rewritten rather than nudged) has
+its other chunks in the task stored on their own without decoding their keyframes.
 """
 
 from __future__ import annotations
@@ -17,12 +20,13 @@ from __future__ import annotations
 import queue
 import threading
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
-from chunkstore import ids
+from chunkstore import codec, ids
 from chunkstore.chunking import Chunker, ChunkerParams, MappedFile, file_regions
 from chunkstore.delta import BaseChunk, BaseTensors, Encoded, base_length, encode_chunk
 from chunkstore.errors import ChunkstoreError
@@ -60,9 +64,21 @@ _DONE = object()
 _Pending = tuple[bytes, memoryview, int | None, BaseChunk | None]
 #: A cut of a file: offset, length, element size, base chunk (see :func:`plan_cuts`).
 _Cut = tuple[int, int, int | None, BaseChunk | None]
+
+
+@dataclass(frozen=True)
+class _Keyframe:
+    """A stored chunk a new chunk may be coded against, as a delta."""
+
+    id: bytes
+    transform: str
+    length: int  # raw length it must have to predict the new chunk
+    tensor: str  # the base tensor it lies in
+
+
 #: What an encoding task gets per chunk: id, bytes, element size, and the keyframe to code a
-#: delta against as (id, raw bytes, transform), if any.
-_Task = tuple[bytes, memoryview, int | None, tuple[bytes, bytes, str] | None]
+#: delta against, if any.
+_Task = tuple[bytes, memoryview, int | None, _Keyframe | None]
 
 
 def plan_cuts(
@@ -147,7 +163,7 @@ class Ingester:
         self._maps.append(mapped)
         view = mapped.view
         index = read_index(view, mapped.size)
-        chunks: list[tuple[bytes, int]] = []
+        windows: list[Future[list[tuple[bytes, int]]]] = []
         cuts: list[_Cut] = []
         cut_bytes = 0
         # Bytes still to be read by checks and encoders: pages before them can be dropped.
@@ -158,10 +174,12 @@ class Ingester:
             cuts.append(cut)
             cut_bytes += cut[1]
             if cut_bytes >= self.limits.window_bytes:
-                self._flush(self._identify(view, cuts, chunks))
+                windows.append(self._identify(view, cuts))
                 mapped.release_before(cut[0] - in_flight)
                 cuts, cut_bytes = [], 0
-        self._flush(self._identify(view, cuts, chunks))
+        if cuts:
+            windows.append(self._identify(view, cuts))
+        chunks = [chunk for window in windows for chunk in window.result()]
         manifest = Manifest(mapped.size, chunks, index.tensors if index else [])
         self._manifests.append(manifest)
         return manifest
@@ -202,28 +220,38 @@ class Ingester:
             mapped.close()
         self._maps.clear()
 
-    def _identify(
-        self, view: memoryview, cuts: list[_Cut], chunks: list[tuple[bytes, int]]
-    ) -> list[_Pending]:
-        """Hash a window's chunks on the hashing threads (BLAKE3 releases the GIL), append
-        them to ``chunks`` and return them ready for :meth:`_flush`."""
+    def _identify(self, view: memoryview, cuts: list[_Cut]) -> Future[list[tuple[bytes, int]]]:
+        """Queue a window of cuts to be hashed (on the hashing threads: BLAKE3 releases the
+        GIL) and then checked; the future gives its chunks' ``(id, length)``.
+
+        The calling thread goes on cutting the next window meanwhile. At most three windows
+        are in flight: the caller waits for the oldest beyond that.
+        """
+        self._raise_writer_error()
         datas = [view[offset : offset + length] for offset, length, _, _ in cuts]
         step = -(-len(datas) // self.limits.workers) or 1
-        parts = [datas[i : i + step] for i in range(0, len(datas), step)]
-        chunk_ids = [cid for part in self._hasher.map(_hash_all, parts) for cid in part]
-        chunks.extend((cid, len(data)) for cid, data in zip(chunk_ids, datas, strict=True))
-        return [
-            (cid, data, element_size, base)
-            for cid, data, (_, _, element_size, base) in zip(chunk_ids, datas, cuts, strict=True)
+        parts = [
+            self._hasher.submit(_hash_all, datas[i : i + step]) for i in range(0, len(datas), step)
         ]
-
-    def _flush(self, window: list[_Pending]) -> None:
-        if not window:
-            return
-        self._raise_writer_error()
-        self._checks.append(self._checker.submit(self._check, window))
+        window = self._checker.submit(self._check_hashed, parts, datas, cuts)
+        self._checks.append(window)
         while len(self._checks) > 2:
             self._checks.popleft().result()
+        return window
+
+    def _check_hashed(
+        self, parts: list[Future[list[bytes]]], datas: list[memoryview], cuts: list[_Cut]
+    ) -> list[tuple[bytes, int]]:
+        chunk_ids = [cid for part in parts for cid in part.result()]
+        self._check(
+            [
+                (cid, data, element_size, base)
+                for cid, data, (_, _, element_size, base) in zip(
+                    chunk_ids, datas, cuts, strict=True
+                )
+            ]
+        )
+        return [(cid, len(data)) for cid, data in zip(chunk_ids, datas, strict=True)]
 
     def _check(self, window: list[_Pending]) -> None:
         """Ask the store which chunks of the window it lacks and queue those for encoding.
@@ -245,8 +273,9 @@ class Ingester:
         lacking = self.store.missing(ask) if ask else set()
         self._present.update(sid for sid in ask if sid not in lacking)
         self._known.update(fresh)
-        tasks: list[tuple[bytes, memoryview, int | None, tuple[bytes, str] | None]] = []
-        keyframes: dict[bytes, int] = {}  # keyframe id -> raw length expected
+        new_bytes = 0
+        group: list[_Task] = []
+        group_bytes = 0
         for cid, data, element_size, base in fresh.values():
             if cid not in lacking:
                 continue
@@ -255,28 +284,19 @@ class Ingester:
                 self._delta_of[cid] = reuse  # the same bytes as the base chunk: reuse its delta
                 continue
             key = base.keyframe() if base is not None else None
+            keyframe = None
             if key is not None and key[0] in self._present and self._deltas_may_pay(base):
-                keyframes[key[0]] = base_length(len(data), key[1])
-                tasks.append((cid, data, element_size, key))
+                length = base_length(len(data), key[1])
+                keyframe = _Keyframe(key[0], key[1], length, base.tensor)
                 self._delta_tried[cid] = base.tensor
-            else:
-                tasks.append((cid, data, element_size, None))
-        raws = self._read_keyframes(keyframes)
-        new_bytes = 0
-        group: list[_Task] = []
-        group_bytes = 0
-        for cid, data, element_size, key in tasks:
-            base_arg = None
-            if key is not None and len(raws.get(key[0], b"")) == keyframes[key[0]]:
-                base_arg = (key[0], raws[key[0]], key[1])
-            group.append((cid, data, element_size, base_arg))
+            group.append((cid, data, element_size, keyframe))
             group_bytes += len(data)
             new_bytes += len(data)
             if group_bytes >= self.limits.group_bytes:
-                self._put_queue(self._pool.submit(_encode_group, group))
+                self._put_queue(self._pool.submit(_encode_group, self.store, group))
                 group, group_bytes = [], 0
         if group:
-            self._put_queue(self._pool.submit(_encode_group, group))
+            self._put_queue(self._pool.submit(_encode_group, self.store, group))
         self._progress.advance(scanned, new_bytes)
 
     def _deltas_may_pay(self, base: BaseChunk) -> bool:
@@ -284,16 +304,6 @@ class Ingester:
         tensor rewritten rather than nudged): its other chunks skip reading their bases."""
         paid, missed = self._delta_outcomes.get(base.tensor, (0, 0))
         return paid > 0 or missed < 2
-
-    def _read_keyframes(self, lengths: dict[bytes, int]) -> dict[bytes, bytes]:
-        """Raw bytes of these stored chunks, verified, in one read; any that cannot be read
-        leave their chunks to be stored on their own (verify reports the damage)."""
-        if not lengths:
-            return {}
-        try:
-            return dict(self.store.read(list(lengths)))
-        except ChunkstoreError:
-            return {}
 
     def _put_queue(self, item: object) -> None:
         while True:
@@ -381,5 +391,34 @@ def _hash_all(datas: list[memoryview]) -> list[bytes]:
     return [ids.chunk_id(data) for data in datas]
 
 
-def _encode_group(group: list[_Task]) -> list[Encoded]:
-    return [encode_chunk(cid, data, size, base) for cid, data, size, base in group]
+def _encode_group(store: ChunkStore, group: list[_Task]) -> list[Encoded]:
+    """Encode a group of chunks, reading the keyframes they may be coded against in one call;
+    if that read fails (a keyframe gone or damaged: verify reports it), each chunk is stored
+    on its own."""
+    keys = list(dict.fromkeys(key.id for _, _, _, key in group if key is not None))
+    if keys:
+        try:
+            return store.with_blobs(keys, partial(_encode_against, group))
+        except ChunkstoreError:
+            pass
+    return [encode_chunk(cid, data, size) for cid, data, size, _ in group]
+
+
+def _encode_against(group: list[_Task], blobs: Mapping[bytes, bytes | memoryview]) -> list[Encoded]:
+    """Encode each chunk, as a delta against its keyframe where that pays; a tensor whose
+    first two tried chunks did not pay has its other chunks stored on their own untried."""
+    out = []
+    outcomes: dict[str, list[int]] = {}  # base tensor -> [paid, missed] in this group
+    for cid, data, size, key in group:
+        paid, missed = outcomes.setdefault(key.tensor, [0, 0]) if key else (0, 0)
+        if key is None or (missed >= 2 and not paid):
+            out.append(encode_chunk(cid, data, size))
+            continue
+        raw = codec.verified_buffer(key.id, blobs[key.id])
+        if len(raw) != key.length:
+            encoded = encode_chunk(cid, data, size)
+        else:
+            encoded = encode_chunk(cid, data, size, (key.id, raw, key.transform))
+        outcomes[key.tensor][encoded.ref is None] += 1
+        out.append(encoded)
+    return out

@@ -12,7 +12,7 @@ from cluster_fixtures import LocalCluster
 from conftest import tree_bytes
 from test_cli import run
 
-from chunkstore import codec, delta, ids
+from chunkstore import codec, delta, ids, ingest
 from chunkstore.client.cluster_store import ClusterStore
 from chunkstore.errors import ChunkNotFound, CorruptChunk, InvalidInput
 from chunkstore.model import DeltaRef, Manifest
@@ -501,3 +501,49 @@ def test_cli_delta_flags(env_store, tmp_path, capsys):
     assert code == 0 and json.loads(out)["deltas"] > 0
     code, _, _ = run(capsys, "pull", "m", str(tmp_path / "out"), "-q")
     assert code == 0 and tree_bytes(tmp_path / "out") == tree_bytes(p3)
+
+
+def _group(store: MemoryStore, new: list[bytes], bases: list[bytes], tensor: str) -> list:
+    """An encoding task's chunks, each paired with the stored base chunk at the same index."""
+    group = []
+    for data, base in zip(new, bases, strict=True):
+        base_id = ids.chunk_id(base)
+        store.put([(base_id, codec.encode(base, 2))])
+        key = ingest._Keyframe(base_id, "", len(base), tensor)
+        group.append((ids.chunk_id(data), memoryview(data), 2, key))
+    return group
+
+
+def _encoded_bytes(store: MemoryStore, encoded: list[delta.Encoded]) -> list[bytes]:
+    store.put([(e.store_id, e.blob) for e in encoded])
+    refs = {e.chunk_id: e.ref for e in encoded if e.ref is not None}
+    out = dict(delta.read_chunks(store, [e.chunk_id for e in encoded], refs))
+    return [out[e.chunk_id] for e in encoded]
+
+
+def test_encoding_task_stops_trying_deltas_of_a_rewritten_tensor(monkeypatch):
+    rng = np.random.default_rng(40)
+    chunks = [weights(rng, 32 * KB, "bf16").tobytes() for _ in range(12)]
+    nudged = [optimizer_step(rng, np.frombuffer(c, "<u2"), "bf16").tobytes() for c in chunks[:6]]
+    rewritten = [weights(rng, 32 * KB, "bf16").tobytes() for _ in range(6)]
+    store = MemoryStore()
+    group = _group(store, nudged, chunks[:6], "a") + _group(store, rewritten, chunks[6:], "b")
+    decoded = []
+    real = codec.verified_buffer
+    monkeypatch.setattr(codec, "verified_buffer", lambda c, b: decoded.append(c) or real(c, b))
+    encoded = ingest._encode_group(store, group)
+    assert [e.ref is not None for e in encoded] == [True] * 6 + [False] * 6
+    assert len(decoded) == 6 + 2  # tensor b: two tries, then its keyframes are not decoded
+    assert _encoded_bytes(store, encoded) == nudged + rewritten
+
+
+def test_encoding_task_with_a_keyframe_gone_stores_its_chunks_whole():
+    rng = np.random.default_rng(41)
+    bases = [weights(rng, 32 * KB, "bf16").tobytes() for _ in range(3)]
+    new = [optimizer_step(rng, np.frombuffer(b, "<u2"), "bf16").tobytes() for b in bases]
+    store = MemoryStore()
+    group = _group(store, new, bases, "a")
+    store.delete([ids.chunk_id(bases[1])])
+    encoded = ingest._encode_group(store, group)
+    assert all(e.ref is None and e.store_id == e.chunk_id for e in encoded)
+    assert _encoded_bytes(store, encoded) == new
