@@ -513,3 +513,15 @@ def test_lmdb_reads_do_not_keep_the_map_resident(tmp_path):
         read = sum(len(blob) for _, blob in store.get(all_ids))
         assert read >= 192 << 20
         assert _rss_file_kib() - before < 100 << 10
+
+
+def test_lmdb_lookups_and_writes_do_not_keep_the_map_resident(tmp_path):
+    """Scattered lookups map a large folio each; they are dropped as the lookups go."""
+    with LmdbStore(tmp_path / "s") as store:
+        for seed in range(6):
+            store.put(chunks(512, size=65536, seed=200 + seed))
+        before = _rss_file_kib()
+        absent = [ids.chunk_id(i.to_bytes(8, "little")) for i in range(20_000)]
+        assert store.missing(absent) == set(absent)
+        store.put(chunks(512, size=65536, seed=300))
+        assert _rss_file_kib() - before < 32 << 10

@@ -56,7 +56,13 @@ _FORMAT_KEY = b"format"
 _STORED_KEY = b"stored_bytes"
 _SCAN_BATCH = 4096  # keys per read transaction when iterating a whole database
 _GET_BATCH_BYTES = 16 << 20  # blob bytes copied out per read transaction in get()
-_RELEASE_BYTES = 64 << 20  # blob bytes read or written between drops of resident map pages
+#: The map's resident pages are dropped every RELEASE_RECORDS records looked up or written in
+#: a transaction, and every RELEASE_BYTES of blobs read. The page cache holds the file in
+#: large folios (up to 2 MiB) and touching one record maps the whole folio it lies in, so
+#: scattered lookups grow residency fast; blobs read in the order they were written share
+#: their folios.
+RELEASE_RECORDS = 32
+RELEASE_BYTES = 32 << 20
 _FULL_DISK_BYTES = 64 << 20  # an I/O error at commit with less free space means a full disk
 _MAX_KEY = 511  # LMDB's default maximum key size
 _STAMP = struct.Struct("<d")
@@ -298,7 +304,7 @@ class LmdbStore(Store):
         ``WANTED_REFRESH_SECONDS`` is not re-marked, which spares a synced write per check
         when pushes follow each other; GC grace periods are hours, far above it."""
         now = time.time()
-        wanted = self._read(partial(_wanted_at, self._chunk_meta, ids))
+        wanted = self._read(partial(_wanted_at, self._chunk_meta, ids, self._release_in_txn))
         absent = set(ids).difference(wanted)
         stale = [cid for cid, at in wanted.items() if at < now - WANTED_REFRESH_SECONDS]
         if stale and not self._readonly:
@@ -316,7 +322,9 @@ class LmdbStore(Store):
 
         def write(txn: lmdb.Transaction) -> int:
             added = 0
-            for cid, blob in chunks:
+            for i, (cid, blob) in enumerate(chunks, 1):
+                if i % RELEASE_RECORDS == 0:
+                    self._release_in_txn()
                 if txn.put(cid, blob, db=self._chunks, overwrite=False):
                     added += len(blob)
                     txn.put(cid, _CHUNK_META.pack(now, len(blob)), db=self._chunk_meta)
@@ -327,21 +335,30 @@ class LmdbStore(Store):
             return added
 
         added = self._write(write)
-        self._count_for_release(added)
+        self._release()
         return added
 
     def _count_for_release(self, nbytes: int) -> None:
-        """Drop the map's resident pages once ``_RELEASE_BYTES`` were read or written."""
+        """Drop the map's resident pages once ``RELEASE_BYTES`` of blobs were read."""
         self._since_release += nbytes
-        if self._since_release >= _RELEASE_BYTES:
+        if self._since_release >= RELEASE_BYTES:
             self._since_release = 0
-            with self._gate.shared():  # no remap meanwhile: the ranges stay valid
-                drop_resident(self._map_ranges)
+            self._release()
+
+    def _release(self) -> None:
+        with self._gate.shared():  # no remap meanwhile: the ranges stay valid
+            drop_resident(self._map_ranges)
+
+    def _release_in_txn(self) -> None:
+        """Drop the map's resident pages from inside a transaction, which holds the gate or
+        the write lock, so the map is not remapped meanwhile. Values read before are copies or
+        views, which fault their pages back in when touched."""
+        drop_resident(self._map_ranges)
 
     def get(self, ids: Sequence[bytes]) -> Iterator[tuple[bytes, bytes]]:
         """Yield ``(id, blob)`` in request order, copying up to 16 MiB per read transaction.
 
-        Every ``_RELEASE_BYTES`` read, the map's resident pages are dropped (see
+        Every ``RELEASE_BYTES`` read, the map's resident pages are dropped (see
         :mod:`.resident`), so reading a whole large store keeps memory small.
         """
         start = 0
@@ -590,11 +607,16 @@ def _key(repo: str, name: bytes) -> bytes:
 
 
 def _wanted_at(
-    chunk_meta: lmdb._Database, ids: Sequence[bytes], txn: lmdb.Transaction
+    chunk_meta: lmdb._Database,
+    ids: Sequence[bytes],
+    release: Callable[[], None],
+    txn: lmdb.Transaction,
 ) -> dict[bytes, float]:
-    """wanted_at of each stored chunk among ``ids``."""
+    """wanted_at of each stored chunk among ``ids``; ``release()`` every RELEASE_RECORDS."""
     out = {}
-    for cid in ids:
+    for i, cid in enumerate(ids, 1):
+        if i % RELEASE_RECORDS == 0:
+            release()
         meta = txn.get(cid, db=chunk_meta)
         if meta is not None:
             out[cid] = _CHUNK_META.unpack(meta)[0]
