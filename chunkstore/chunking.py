@@ -148,6 +148,13 @@ class MappedFile:
             self._mm.madvise(mmap.MADV_DONTNEED, self._released, end - self._released)
             self._released = end
 
+    def release(self, begin: int, end: int) -> None:
+        """Drop resident pages that lie wholly inside ``[begin, end)``; any thread may call it."""
+        start = -(-begin // mmap.PAGESIZE) * mmap.PAGESIZE
+        stop = end - end % mmap.PAGESIZE
+        if self._mm is not None and stop > start:
+            self._mm.madvise(mmap.MADV_DONTNEED, start, stop - start)
+
     def close(self) -> None:
         if self._mm is not None:
             # Views still alive keep the map; it is freed when they are.

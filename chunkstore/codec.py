@@ -183,7 +183,7 @@ class Planes:
             elif method == PLANE_ZSTD:
                 planes.append(_decompress(stored, m))
             elif method == PLANE_SPARSE:
-                parts = _sparse_parts(stored, m, f"{self.name} plane {j}")
+                parts = _sparse_parts(stored, m, self.name, j)
                 planes.append(parts if sparse else _dense(parts, m))
             else:
                 raise CodecError(f"{self.name} plane {j} has bad method {method} or size {size}")
@@ -216,19 +216,23 @@ def _encode_sparse(plane: np.ndarray) -> bytes:
     )
 
 
-def _sparse_parts(stored: memoryview, m: int, what: str) -> tuple[np.ndarray, np.ndarray]:
-    """The (positions, values) of a sparse plane of ``m`` bytes, checked."""
+def _sparse_parts(
+    stored: memoryview, m: int, codec_name: str, j: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The (positions, values) of sparse plane ``j`` of ``m`` bytes, checked."""
     if len(stored) < _COUNT.size:
-        raise CodecError(f"{what} is too short for a sparse plane")
+        raise CodecError(f"{codec_name} plane {j} is too short for a sparse plane")
     (count,) = _COUNT.unpack_from(stored)
     width = _position_size(m)
     if len(stored) != _COUNT.size + count * (width + 1) or count > m:
-        raise CodecError(f"{what}: a sparse plane of {count} bytes has a wrong size")
+        raise CodecError(
+            f"{codec_name} plane {j}: a sparse plane of {count} bytes has a wrong size"
+        )
     positions = np.frombuffer(stored, f"<u{width}", count, _COUNT.size)
     # Ascending as written; only bounds are checked here, since positions out of order change
     # the decoded bytes, which their chunk's id then rejects.
     if count and int(positions.max()) >= m:
-        raise CodecError(f"{what}: a sparse position lies outside the plane")
+        raise CodecError(f"{codec_name} plane {j}: a sparse position lies outside the plane")
     return positions, np.frombuffer(stored, np.uint8, count, _COUNT.size + count * width)
 
 
@@ -285,7 +289,8 @@ def _interleave(planes: list, remainder: RawBuffer, length: int) -> np.ndarray:
         elements = out[: m * k].reshape(m, k)
         for j, row in enumerate(rows):
             elements[:, j] = row
-    out[m * k :] = np.frombuffer(remainder, np.uint8)
+    if m * k < length:
+        out[m * k :] = np.frombuffer(remainder, np.uint8)
     return out
 
 
@@ -421,7 +426,9 @@ def decode_xor(blob: bytes | memoryview, other: bytes | memoryview) -> np.ndarra
             rest = np.bitwise_xor(np.frombuffer(rest, np.uint8), np.frombuffer(other_rest, "u1"))
         out = _interleave(dense, rest, length)
         for j, (positions, values) in fixes:
-            out[positions.astype(np.intp) * k + j] ^= values
+            where = np.multiply(positions, k, dtype=np.intp)
+            where += j
+            out[where] ^= values
         return out
     a = np.frombuffer(decode_buffer(blob), np.uint8)
     b = np.frombuffer(decode_buffer(other), np.uint8)

@@ -174,11 +174,11 @@ class Ingester:
             cuts.append(cut)
             cut_bytes += cut[1]
             if cut_bytes >= self.limits.window_bytes:
-                windows.append(self._identify(view, cuts))
+                windows.append(self._identify(mapped, cuts))
                 mapped.release_before(cut[0] - in_flight)
                 cuts, cut_bytes = [], 0
         if cuts:
-            windows.append(self._identify(view, cuts))
+            windows.append(self._identify(mapped, cuts))
         chunks = [chunk for window in windows for chunk in window.result()]
         manifest = Manifest(mapped.size, chunks, index.tensors if index else [])
         self._manifests.append(manifest)
@@ -220,7 +220,7 @@ class Ingester:
             mapped.close()
         self._maps.clear()
 
-    def _identify(self, view: memoryview, cuts: list[_Cut]) -> Future[list[tuple[bytes, int]]]:
+    def _identify(self, mapped: MappedFile, cuts: list[_Cut]) -> Future[list[tuple[bytes, int]]]:
         """Queue a window of cuts to be hashed (on the hashing threads: BLAKE3 releases the
         GIL) and then checked; the future gives its chunks' ``(id, length)``.
 
@@ -228,20 +228,27 @@ class Ingester:
         are in flight: the caller waits for the oldest beyond that.
         """
         self._raise_writer_error()
+        view = mapped.view
         datas = [view[offset : offset + length] for offset, length, _, _ in cuts]
         step = -(-len(datas) // self.limits.workers) or 1
         parts = [
             self._hasher.submit(_hash_all, datas[i : i + step]) for i in range(0, len(datas), step)
         ]
-        window = self._checker.submit(self._check_hashed, parts, datas, cuts)
+        window = self._checker.submit(self._check_hashed, mapped, parts, datas, cuts)
         self._checks.append(window)
         while len(self._checks) > 2:
             self._checks.popleft().result()
         return window
 
     def _check_hashed(
-        self, parts: list[Future[list[bytes]]], datas: list[memoryview], cuts: list[_Cut]
+        self,
+        mapped: MappedFile,
+        parts: list[Future[list[bytes]]],
+        datas: list[memoryview],
+        cuts: list[_Cut],
     ) -> list[tuple[bytes, int]]:
+        """Check a hashed window, then drop its pages: the encoders fault back in those of
+        its new chunks, so a window of stored chunks costs no memory once checked."""
         chunk_ids = [cid for part in parts for cid in part.result()]
         self._check(
             [
@@ -251,6 +258,7 @@ class Ingester:
                 )
             ]
         )
+        mapped.release(cuts[0][0], cuts[-1][0] + cuts[-1][1])
         return [(cid, len(data)) for cid, data in zip(chunk_ids, datas, strict=True)]
 
     def _check(self, window: list[_Pending]) -> None:
