@@ -605,23 +605,30 @@ def target_lines(found: list[Target]) -> str:
 # -- main --------------------------------------------------------------------------------------
 
 
-def available_tools() -> tuple[list[tuple[str, Callable[[Path], Tool]]], dict[str, str]]:
-    """The tools to run, and the skipped ones with the reason."""
+def available_tools(
+    only: set[str] | None = None,
+) -> tuple[list[tuple[str, Callable[[Path], Tool]]], dict[str, str]]:
+    """The tools to run (those in ``only``, if given), and the skipped ones with the reason."""
     chosen, skipped = [], {}
     for name, factory, executable in TOOLS:
-        if executable and shutil.which(executable) is None:
+        if only is not None and name.split()[0] not in only:
+            skipped[name] = "skipped: not in --tools"
+        elif executable and shutil.which(executable) is None:
             skipped[name] = f"skipped: `{executable}` is not installed"
         else:
             chosen.append((name, factory))
     return chosen, skipped
 
 
-def bench_dtype(dtype: str, size_mb: float, repeat: int, root: Path, keep: bool) -> dict:
-    """Generate one series and run every tool on it ``repeat`` times; return all figures."""
+def bench_dtype(
+    dtype: str, size_mb: float, repeat: int, root: Path, keep: bool, only: set[str] | None
+) -> dict:
+    """Generate one series and run every tool (of ``only``) on it ``repeat`` times; return all
+    figures."""
     say(f"generating {len(SERIES)} x {size_mb:g} MB {dtype} checkpoints + header-only variant")
     files = generate(root / f"series-{dtype}", size_mb, dtype)
     file_bytes = tree_size(files["v1"])
-    tools, skipped = available_tools()
+    tools, skipped = available_tools(only)
     results: dict[str, Figures] = {}
     for attempt in range(repeat):
         for name, factory in tools:  # interleaved, so that load from elsewhere hits all alike
@@ -677,6 +684,12 @@ def main() -> None:
         help="work in DIR and keep everything there (default: a temp dir, removed at the end)",
     )
     parser.add_argument(
+        "--tools",
+        metavar="NAMES",
+        help="comma-separated tools to run (default all: chunkstore,cp,borg,restic); "
+        "e.g. chunkstore,borg where disk is short for cp's full copies",
+    )
+    parser.add_argument(
         "--json",
         type=Path,
         metavar="PATH",
@@ -686,6 +699,12 @@ def main() -> None:
     if args.json and str(args.json) == "-":
         sys.stdout = sys.stderr
     dtypes = ["bf16", "fp32"] if args.dtype == "both" else [args.dtype]
+    only = None
+    if args.tools:
+        only = {name.strip() for name in args.tools.split(",") if name.strip()}
+        known = {name.split()[0] for name, _, _ in TOOLS}
+        if not only <= known or "chunkstore" not in only:
+            parser.error(f"--tools {args.tools}: choose chunkstore and any of {sorted(known)}")
     if args.keep:
         if args.keep.exists() and any(args.keep.iterdir()):
             parser.error(f"--keep {args.keep}: the directory is not empty")
@@ -695,7 +714,9 @@ def main() -> None:
         cleanup = tempfile.TemporaryDirectory(prefix="bench-push-pull-")
         root = Path(cleanup.name)
     try:
-        report = [bench_dtype(d, args.size_mb, args.repeat, root, bool(args.keep)) for d in dtypes]
+        report = [
+            bench_dtype(d, args.size_mb, args.repeat, root, bool(args.keep), only) for d in dtypes
+        ]
     finally:
         if cleanup:
             cleanup.cleanup()
