@@ -57,12 +57,13 @@ _STORED_KEY = b"stored_bytes"
 _SCAN_BATCH = 4096  # keys per read transaction when iterating a whole database
 _GET_BATCH_BYTES = 16 << 20  # blob bytes copied out per read transaction in get()
 #: The map's resident pages are dropped every RELEASE_RECORDS records looked up or written in
-#: a transaction, and every RELEASE_BYTES of blobs read. The page cache holds the file in
-#: large folios (up to 2 MiB) and touching one record maps the whole folio it lies in, so
-#: scattered lookups grow residency fast; blobs read in the order they were written share
-#: their folios.
+#: a transaction, and every RELEASE_BYTES or RELEASE_BLOBS of blobs read. The page cache holds
+#: the file in large folios (up to 2 MiB) and touching one record maps the whole folio it lies
+#: in, so scattered lookups grow residency fast (each blob read looks up a B-tree leaf
+#: somewhere in the file); blobs read in the order they were written share their folios.
 RELEASE_RECORDS = 32
 RELEASE_BYTES = 32 << 20
+RELEASE_BLOBS = 128
 _FULL_DISK_BYTES = 64 << 20  # an I/O error at commit with less free space means a full disk
 _MAX_KEY = 511  # LMDB's default maximum key size
 _STAMP = struct.Struct("<d")
@@ -148,7 +149,7 @@ class LmdbStore(Store):
             self._meta,
         ) = dbs
         self._map_ranges = mapped_ranges(self.path / "data.mdb")
-        self._since_release = 0
+        self._blobs_since_release = self._bytes_since_release = 0
 
     def _open_env(self, create: bool, map_size: int) -> lmdb.Environment:
         if not (self.path / "data.mdb").exists():
@@ -338,11 +339,13 @@ class LmdbStore(Store):
         self._release()
         return added
 
-    def _count_for_release(self, nbytes: int) -> None:
-        """Drop the map's resident pages once ``RELEASE_BYTES`` of blobs were read."""
-        self._since_release += nbytes
-        if self._since_release >= RELEASE_BYTES:
-            self._since_release = 0
+    def _count_for_release(self, blobs: int, nbytes: int) -> None:
+        """Drop the map's resident pages once ``RELEASE_BLOBS`` or ``RELEASE_BYTES`` of blobs
+        were read."""
+        self._blobs_since_release += blobs
+        self._bytes_since_release += nbytes
+        if self._blobs_since_release >= RELEASE_BLOBS or self._bytes_since_release >= RELEASE_BYTES:
+            self._blobs_since_release = self._bytes_since_release = 0
             self._release()
 
     def _release(self) -> None:
@@ -358,14 +361,14 @@ class LmdbStore(Store):
     def get(self, ids: Sequence[bytes]) -> Iterator[tuple[bytes, bytes]]:
         """Yield ``(id, blob)`` in request order, copying up to 16 MiB per read transaction.
 
-        Every ``RELEASE_BYTES`` read, the map's resident pages are dropped (see
+        Every ``RELEASE_BLOBS`` or ``RELEASE_BYTES`` read, the map's resident pages are dropped (see
         :mod:`.resident`), so reading a whole large store keeps memory small.
         """
         start = 0
         while start < len(ids):
             batch = self._read(partial(self._get_batch, ids, start))
             start += len(batch)
-            self._count_for_release(sum(len(blob) for _, blob in batch))
+            self._count_for_release(len(batch), sum(len(blob) for _, blob in batch))
             yield from batch
 
     def with_blobs(
@@ -384,7 +387,7 @@ class LmdbStore(Store):
             return fn(blobs), sum(len(blob) for blob in blobs.values())
 
         result, nbytes = self._read(run, buffers=True)
-        self._count_for_release(nbytes)
+        self._count_for_release(len(ids), nbytes)
         return result
 
     def _get_batch(
