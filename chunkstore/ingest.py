@@ -54,7 +54,7 @@ class PipelineLimits:
     window_bytes: int = 16 * MiB  # raw bytes per existence check
     group_bytes: int = 4 * MiB  # raw bytes per encoding task
     batch_bytes: int = 16 * MiB  # encoded bytes per store write
-    queued_groups: int = 8  # encoding tasks in flight before the reader waits
+    queued_groups: int = 4  # encoding tasks in flight before the reader waits
     workers: int = 2  # encoding threads
 
 
