@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import os
 import shutil
 import sys
 import tempfile
@@ -47,13 +48,22 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import zstandard
+# As the command line does (see chunkstore.client.process_setup): the phases run in spawned
+# processes that inherit this, so no idle BLAS pool spins beside a timed push or pull.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from chunkstore import codec, delta
-from chunkstore.repository import Repository
-from chunkstore.stores.lmdb_store import LmdbStore
-from chunkstore.synthetic import bf16_from_f32, optimizer_step, weights, write_safetensors
+import numpy as np  # noqa: E402
+import zstandard  # noqa: E402
+
+from chunkstore import codec, delta  # noqa: E402
+from chunkstore.repository import Repository  # noqa: E402
+from chunkstore.stores.lmdb_store import LmdbStore  # noqa: E402
+from chunkstore.synthetic import (  # noqa: E402
+    bf16_from_f32,
+    optimizer_step,
+    weights,
+    write_safetensors,
+)
 
 MiB = 1 << 20
 MB = 1_000_000
