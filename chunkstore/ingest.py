@@ -29,7 +29,7 @@ from pathlib import Path
 from chunkstore import codec, ids
 from chunkstore.chunking import Chunker, ChunkerParams, MappedFile, file_regions
 from chunkstore.delta import BaseChunk, BaseTensors, Encoded, base_length, encode_chunk
-from chunkstore.errors import ChunkstoreError
+from chunkstore.errors import ChunkstoreError, NotFound
 from chunkstore.model import DeltaRef, Manifest
 from chunkstore.progress import NoProgress, Progress
 from chunkstore.stores.base import ChunkStore
@@ -187,7 +187,10 @@ class Ingester:
     def finish(self) -> IngestStats:
         """Wait until every queued chunk is durable; raise what the writer met, if anything.
 
-        Then records in each ingested file's manifest the chunks stored as deltas.
+        Then marks wanted, in one call, the chunks the existence checks found stored (see
+        :meth:`~chunkstore.stores.base.ChunkStore.lacking`): NotFound if a concurrent GC took
+        one meanwhile. Then records in each ingested file's manifest the chunks stored as
+        deltas.
         """
         try:
             while self._checks:
@@ -196,6 +199,12 @@ class Ingester:
             self._writer.join()
             if self._error is not None:
                 raise self._error
+            gone = self.store.mark_wanted(list(self._present)) if self._present else set()
+            if gone:
+                raise NotFound(
+                    f"{len(gone)} chunks this push found stored were removed meanwhile "
+                    "(by a concurrent gc?); nothing was committed: push again"
+                )
             if self._delta_of:
                 for manifest in self._manifests:
                     for i, (cid, _) in enumerate(manifest.chunks):
@@ -265,9 +274,9 @@ class Ingester:
         """Ask the store which chunks of the window it lacks and queue those for encoding.
 
         Chunks paired with a base chunk also get their keyframe asked for (and so marked
-        wanted); a lacking chunk whose keyframe is stored is queued with the keyframe's bytes,
-        read for the whole window at once, and the encoder decides whether a delta pays. A
-        lacking chunk equal to a delta-coded base chunk reuses that chunk's delta.
+        wanted by :meth:`finish`); a lacking chunk whose keyframe is stored is queued with it,
+        and the encoder decides whether a delta pays. A lacking chunk equal to a delta-coded
+        base chunk reuses that chunk's delta.
         """
         scanned = sum(len(d) for _, d, _, _ in window)
         self.stats.scanned_bytes += scanned
@@ -278,7 +287,7 @@ class Ingester:
                 fresh[item[0]] = item
         needed = [sid for item in fresh.values() for sid in _base_ids(item)]
         ask = list(dict.fromkeys([*fresh, *(s for s in needed if s not in self._present)]))
-        lacking = self.store.missing(ask) if ask else set()
+        lacking = self.store.lacking(ask) if ask else set()
         self._present.update(sid for sid in ask if sid not in lacking)
         self._known.update(fresh)
         new_bytes = 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import time
 
 import pytest
 from conftest import random_bytes, tree_bytes, write
@@ -365,3 +366,45 @@ def test_file_mode_is_kept(repo, ckpt, tmp_path):
     repo.push(ckpt, repo="m")
     repo.pull("m", tmp_path / "out")
     assert (tmp_path / "out" / "config.json").stat().st_mode & 0o777 == 0o600
+
+
+def test_push_marks_the_chunks_it_found_in_one_transaction(lmdb_repo, ckpt, monkeypatch):
+    from chunkstore.ingest import PipelineLimits
+    from chunkstore.stores import lmdb_store
+
+    lmdb_repo.push(ckpt, repo="m")
+    write(ckpt / "model.bin", random_bytes(3 * MB, seed=5))  # the rest is found stored
+    monkeypatch.setattr(lmdb_store, "WANTED_REFRESH_SECONDS", 0.0)  # every mark is stale
+    marks = []
+    real = lmdb_store.LmdbStore._mark_wanted
+    monkeypatch.setattr(
+        lmdb_store.LmdbStore,
+        "_mark_wanted",
+        lambda s, ids, *a: marks.append(ids) or real(s, ids, *a),
+    )
+    small = Repository(lmdb_repo.store, limits=PipelineLimits(window_bytes=256 << 10))
+    result = small.push(ckpt, repo="m")
+    assert len(marks) == 1 and len(marks[0]) > 1  # many windows, one marking transaction
+    wanted = {i.id: i.wanted_at for i in lmdb_repo.store.scan()}
+    version_chunks = {cid for f in result.version.files for cid, _ in lmdb_repo.manifest(f).chunks}
+    assert all(wanted[cid] >= result.version.created_ns / 1e9 - 60 for cid in version_chunks)
+
+
+def test_push_whose_found_chunks_vanish_commits_nothing(lmdb_repo, ckpt):
+    repo = lmdb_repo
+    repo.push(ckpt, repo="m")
+    versions = len(repo.log("m"))
+    store = repo.store
+    real = store.lacking
+
+    def lacking_then_gc(ids):
+        absent = real(ids)
+        found = [cid for cid in ids if cid not in absent]
+        store.delete(found[:1], unwanted_since=time.time())  # a GC with no grace, meanwhile
+        return absent
+
+    store.lacking = lacking_then_gc
+    write(ckpt / "config.json", b'{"layers": 3}')
+    with pytest.raises(NotFound, match="removed meanwhile"):
+        repo.push(ckpt, repo="m")
+    assert len(repo.log("m")) == versions

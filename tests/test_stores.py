@@ -109,6 +109,34 @@ def test_missing_reports_absent_and_refreshes_wanted_at(store: Store, monkeypatc
     assert pairs[2][0] not in after  # asking stores nothing
 
 
+def test_lacking_then_mark_wanted_marks_what_was_found(store: Store, monkeypatch):
+    monkeypatch.setattr(lmdb_store, "WANTED_REFRESH_SECONDS", 0.0)
+    pairs = chunks(3)
+    store.put(pairs[:2])
+    before = {i.id: i.wanted_at for i in store.scan()}
+    time.sleep(0.01)
+    assert store.lacking([cid for cid, _ in pairs]) == {pairs[2][0]}
+    assert store.mark_wanted([cid for cid, _ in pairs[:2]]) == set()
+    after = {i.id: i.wanted_at for i in store.scan()}
+    assert all(after[cid] > before[cid] for cid, _ in pairs[:2])
+    assert pairs[2][0] not in after  # asking stores nothing
+
+
+def test_lmdb_lacking_defers_marks_and_mark_wanted_names_chunks_gone(tmp_path, monkeypatch):
+    monkeypatch.setattr(lmdb_store, "WANTED_REFRESH_SECONDS", 0.0)
+    with LmdbStore(tmp_path / "s") as store:
+        pairs = chunks(3)
+        store.put(pairs)
+        before = {i.id: i.wanted_at for i in store.scan()}
+        time.sleep(0.01)
+        assert store.lacking([cid for cid, _ in pairs]) == set()
+        assert {i.id: i.wanted_at for i in store.scan()} == before  # no write yet
+        store.delete([pairs[2][0]], unwanted_since=time.time())  # a GC with no grace
+        assert store.mark_wanted([cid for cid, _ in pairs]) == {pairs[2][0]}
+        after = {i.id: i.wanted_at for i in store.scan()}
+        assert all(after[cid] > before[cid] for cid, _ in pairs[:2])
+
+
 def test_lmdb_missing_skips_refreshing_recently_wanted_chunks(tmp_path):
     with LmdbStore(tmp_path / "s") as store:
         pairs = chunks(2)

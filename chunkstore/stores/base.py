@@ -54,6 +54,18 @@ class ChunkStore(ABC):
         for the grace period, so a push that skips uploading it cannot lose it.
         """
 
+    def lacking(self, ids: Sequence[bytes]) -> set[bytes]:
+        """As :meth:`missing`, except that the store may leave the stored ones unmarked: the
+        caller then passes them to :meth:`mark_wanted` before anything that relies on them
+        becomes visible. Stores whose marks are cheap mark them here already."""
+        return self.missing(ids)
+
+    def mark_wanted(self, ids: Sequence[bytes]) -> set[bytes]:
+        """Mark wanted now the chunks :meth:`lacking` found stored; return the ids among them
+        that are no longer stored (a concurrent GC may have taken an unmarked one). A store
+        that marks in :meth:`lacking` has nothing left to do."""
+        return set()
+
     @abstractmethod
     def put(self, chunks: Sequence[tuple[bytes, bytes]]) -> int:
         """Store ``(id, blob)`` pairs durably, all or none; return the blob bytes newly added.
