@@ -39,8 +39,8 @@ from test_stores import (  # noqa: F401
 from chunkstore import ids
 from chunkstore.client.cli import main as cli_main
 from chunkstore.client.cluster_store import ClusterStore, repo_key
-from chunkstore.client.push import put_chunks_batch
 from chunkstore.client.rpc import NodeCallError, RpcPolicy, to_error
+from chunkstore.client.wire import put_chunks_batch
 from chunkstore.cluster_map import ClusterMap, NodeSpec
 from chunkstore.errors import (
     ChunkNotFound,
