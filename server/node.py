@@ -44,7 +44,7 @@ from chunkstore.v1 import store_pb2 as pb
 from chunkstore.v1 import store_pb2_grpc as pb_grpc
 
 from .auth import AuthInterceptor, NodeSecurity, load_node_security
-from .chunk_service import ChunkServicer
+from .chunk_service import ChunkServicer, add_chunk_service
 from .cluster_service import ClusterServicer
 from .limits import LimitsInterceptor
 from .maintenance import (
@@ -102,9 +102,8 @@ class NodeServer:
         ]
         if security.tokens is not None:  # first: a refused caller learns nothing else
             interceptors.insert(0, AuthInterceptor(security.tokens, metrics))
-        self._verify_pool = ThreadPoolExecutor(
-            max(2, os.cpu_count() or 1), thread_name_prefix="verify"
-        )
+        verify_workers = max(2, os.cpu_count() or 1)
+        self._verify_pool = ThreadPoolExecutor(verify_workers, thread_name_prefix="verify")
         self._health = health.HealthServicer()
         self._server = grpc.server(
             ThreadPoolExecutor(workers, thread_name_prefix="rpc"),
@@ -115,9 +114,10 @@ class NodeServer:
                 ("grpc.so_reuseport", 0),  # a port in use is an error, not a shared port
             ],
         )
-        pb_grpc.add_ChunkServiceServicer_to_server(
-            ChunkServicer(store, metrics, self._verify_pool, self.holder), self._server
+        self._chunks = ChunkServicer(
+            store, metrics, self._verify_pool, self.holder, verify_workers=verify_workers
         )
+        add_chunk_service(self._chunks, self._server)
         pb_grpc.add_MetaServiceServicer_to_server(MetaServicer(store), self._server)
         reconciler = self.maintenance.reconciler if self.maintenance is not None else None
         pb_grpc.add_ClusterServiceServicer_to_server(
@@ -152,6 +152,7 @@ class NodeServer:
         if self.maintenance is not None:
             self.maintenance.stop()
         self._server.stop(grace).wait()
+        self._chunks.close()
         self._verify_pool.shutdown()
 
 
