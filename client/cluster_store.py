@@ -56,6 +56,7 @@ from chunkstore.cluster_map import ClusterMap, ClusterMapError, NodeSpec, map_fr
 from chunkstore.stores.base import ChunkInfo, ChunkTotals, Store
 from chunkstore.v1 import store_pb2 as pb
 
+from .allocator import keep_freed_memory
 from .fetch import Fetch
 from .push import put_chunks
 from .quorum import Replies, call_each, first_answer, remove_all, write_all
@@ -72,6 +73,9 @@ from .rpc import (
 
 T = TypeVar("T")
 MiB = 1 << 20
+#: Freed memory the client keeps for its next messages (see :mod:`.allocator`): enough for
+#: what is in flight, little enough that a push's peak RSS hardly grows with it.
+CLIENT_KEPT_BYTES = 16 * MiB
 MAP_REFRESH = 2.0  # seconds between background checks for a newer cluster map
 log = logging.getLogger(__name__)
 SCHEME = "grpc://"
@@ -175,6 +179,7 @@ class ClusterStore(Store):
         self.message_bytes = message_bytes
         self.read_buffer = read_buffer
         self.map_refresh = map_refresh
+        keep_freed_memory(CLIENT_KEPT_BYTES)  # the messages to and from nodes are MiBs each
         self._nodes = {n.id: NodeClient(n, policy) for n in cluster.nodes}
         self._retired: list[NodeClient] = []  # clients of nodes whose address changed
         self._map_lock = threading.Lock()

@@ -36,6 +36,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from chunkstore.client.allocator import keep_freed_memory
 from chunkstore.client.rpc import RpcPolicy
 from chunkstore.cluster_map import ClusterMap
 from chunkstore.errors import ChunkstoreError, InvalidInput
@@ -174,6 +175,7 @@ def serve(
     ``node_id``, the store cannot be opened, or a port cannot be bound.
     """
     options = options or MaintenanceOptions()
+    keep_freed_memory()  # every PutChunks and GetChunks message is a few MiB
     peer_policy = RpcPolicy(credentials=(security or NodeSecurity()).peer)
     cluster, address = startup(node_id, cluster_file, data_dir, listen, options, peer_policy)
     host = address.rsplit(":", 1)[0]
