@@ -158,8 +158,8 @@ class ClusterStore(Store):
 
     Thread-safe. Channels to the nodes open on first use; :meth:`close` closes them and the
     thread pool. ``message_bytes`` bounds the blob bytes of one PutChunks message (1-4 MiB
-    keeps a node's transactions large and its acknowledgements frequent); ``read_buffer`` the
-    received batches (~2 MiB each) a read holds for its caller, which bounds a read's memory.
+    keeps a node's transactions large and its acknowledgements frequent); ``read_buffer`` the received batches (~2 MiB each) :meth:`read` holds for its caller,
+    which bounds a read's memory (:meth:`read_into` holds none: the stream threads consume).
     ``map_refresh``: seconds between checks for a newer cluster map (see the module docstring).
     """
 
@@ -422,12 +422,20 @@ class ClusterStore(Store):
     def read_into(
         self, ids: Sequence[bytes], consume: Callable[[bytes, bytes], None], workers: int = 2
     ) -> None:
-        """As :meth:`read` (decoding and failover already run on the stream threads), handing
-        each chunk to ``consume``."""
-        for cid, raw in self.read(ids, workers=workers):
-            consume(cid, raw)
+        """As :meth:`read`, calling ``consume(id, raw bytes)`` on the threads that receive the
+        streams (several at once: ``consume`` must be thread-safe), so nothing funnels through
+        the caller's thread. An exception ``consume`` raises ends the read and is raised here.
+        """
+        self._fetch(ids, verify=True, workers=workers, deliver=consume).run()
 
-    def _fetch(self, ids: Sequence[bytes], *, verify: bool, workers: int) -> Fetch:
+    def _fetch(
+        self,
+        ids: Sequence[bytes],
+        *,
+        verify: bool,
+        workers: int,
+        deliver: Callable[[bytes, bytes], None] | None = None,
+    ) -> Fetch:
         involved = min(len(self._nodes), max(1, len(ids)))
         return Fetch(
             ids,
@@ -437,6 +445,7 @@ class ClusterStore(Store):
             streams_per_node=math.ceil(workers / involved),
             queue_batches=self.read_buffer,
             fallback=self._fallback_nodes,
+            deliver=deliver,
         )
 
     def _fallback_nodes(self) -> list[NodeClient]:

@@ -300,6 +300,7 @@ class _Stubs(NamedTuple):
     meta: pb_grpc.MetaServiceStub
     cluster: pb_grpc.ClusterServiceStub
     put_encoded: grpc.StreamStreamMultiCallable
+    get_encoded: grpc.UnaryStreamMultiCallable
 
 
 class NodeClient:
@@ -347,6 +348,11 @@ class NodeClient:
         """ChunkService.PutChunks taking requests already serialized (see :mod:`.push`)."""
         return self._open().put_encoded
 
+    @property
+    def get_encoded(self) -> grpc.UnaryStreamMultiCallable:
+        """ChunkService.GetChunks yielding its messages serialized (see :mod:`.wire`)."""
+        return self._open().get_encoded
+
     def _open(self) -> _Stubs:
         stubs = self._stubs
         if stubs is None:
@@ -364,6 +370,11 @@ class NodeClient:
                             "/chunkstore.v1.ChunkService/PutChunks",
                             request_serializer=None,
                             response_deserializer=pb.PutChunksAck.FromString,
+                        ),
+                        channel.unary_stream(
+                            "/chunkstore.v1.ChunkService/GetChunks",
+                            request_serializer=pb.ChunkIds.SerializeToString,
+                            response_deserializer=None,
                         ),
                     )
                 stubs = self._stubs
