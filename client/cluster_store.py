@@ -73,9 +73,10 @@ from .rpc import (
 
 T = TypeVar("T")
 MiB = 1 << 20
-#: Freed memory the client keeps for its next messages (see :mod:`.allocator`): enough for
-#: what is in flight, little enough that a push's peak RSS hardly grows with it.
-CLIENT_KEPT_BYTES = 16 * MiB
+#: Freed memory the client keeps for its next messages, and the size below which a block comes
+#: from the heap (see :mod:`.allocator`): above the 1-2 MiB of a message, small enough that a
+#: push of a 4 GB file keeps its peak RSS under 300 MiB.
+CLIENT_KEPT_BYTES = 4 * MiB
 MAP_REFRESH = 2.0  # seconds between background checks for a newer cluster map
 log = logging.getLogger(__name__)
 SCHEME = "grpc://"
@@ -181,7 +182,7 @@ class ClusterStore(Store):
         self.message_bytes = message_bytes
         self.read_buffer = read_buffer
         self.map_refresh = map_refresh
-        keep_freed_memory(CLIENT_KEPT_BYTES)  # the messages to and from nodes are MiBs each
+        keep_freed_memory(CLIENT_KEPT_BYTES, CLIENT_KEPT_BYTES)  # messages are ~1-2 MiB
         self._nodes = {n.id: NodeClient(n, policy) for n in cluster.nodes}
         self._retired: list[NodeClient] = []  # clients of nodes whose address changed
         self._map_lock = threading.Lock()
