@@ -161,7 +161,7 @@ class ClusterStore(Store):
     thread pool. ``message_bytes`` bounds the blob bytes of one PutChunks message (a node
     verifies each message as it arrives and commits the messages waiting together, so small
     messages keep its pipeline full and the client's memory low; 1 MiB measured best);
-    ``read_buffer`` the received batches (~2 MiB each) :meth:`read` holds for its caller,
+    ``read_buffer`` the received batches (~1 MiB each) :meth:`read` holds for its caller,
     which bounds a read's memory (:meth:`read_into` holds none: the stream threads consume).
     ``map_refresh``: seconds between checks for a newer cluster map (see the module docstring).
     """

@@ -71,7 +71,7 @@ class Fetch:
     ``owners(ids)`` gives the owners of each id, primary first. ``data`` is the blob, or with
     ``verify`` the raw bytes checked against the id. An id asked for twice is yielded twice.
     Each node gets up to ``streams_per_node`` streams at once; at most ``queue_batches``
-    received batches (about 2 MiB each) wait for the caller. ``fallback()``, called at most
+    received batches (about 1 MiB each) wait for the caller. ``fallback()``, called at most
     once, when some id's owners are spent, gives the nodes to ask next (each once). Raises
     ChunkNotFound, CorruptChunk or StoreUnavailable for an id no node could deliver. Abandoning
     the iterator cancels the streams.
