@@ -101,7 +101,8 @@ def put_chunks(
 def _plan(
     chunks: Sequence[Chunk], owners: Sequence[Sequence[NodeClient]], message_bytes: int
 ) -> list[_Share]:
-    """Each node's share: its primary chunks, then the others, cut into messages."""
+    """Each node's share: its primary chunks and the others, cut into separate messages, the
+    messages in the order of their first chunk."""
     runs: dict[NodeClient, tuple[list[int], list[int]]] = {}
     for i, nodes in enumerate(owners):
         for rank, node in enumerate(nodes):
@@ -109,10 +110,16 @@ def _plan(
     shares = []
     for node, (primary, others) in runs.items():
         share = _Share(node)
-        for is_primary, run in ((True, primary), (False, others)):
-            for message in _cut(run, chunks, message_bytes):
-                share.messages.append(message)
-                share.primary.append(is_primary)
+        messages = [
+            (message, is_primary)
+            for is_primary, run in ((True, primary), (False, others))
+            for message in _cut(run, chunks, message_bytes)
+        ]
+        # In chunk order, so that every owner of a chunk receives it at about the same time:
+        # chunks reach the quorum steadily, and a push cut short leaves more of them stored.
+        for message, is_primary in sorted(messages, key=lambda m: m[0][0]):
+            share.messages.append(message)
+            share.primary.append(is_primary)
         shares.append(share)
     return shares
 
