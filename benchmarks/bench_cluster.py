@@ -154,6 +154,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-cluster-") as tmp:
         work = Path(tmp)
         versions = make_series(work / "src", versions=2, size_mb=args.size_mb, dtype="bf16")
+        os.sync()  # no writeback of the series behind the stores' synced commits
         size = (versions[1] / "model.safetensors").stat().st_size
         print(
             f"{size / 1e6:.0f} MB bf16 safetensors per version; cluster of {args.nodes} nodes, "

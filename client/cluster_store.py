@@ -56,6 +56,7 @@ from chunkstore.cluster_map import ClusterMap, ClusterMapError, NodeSpec, map_fr
 from chunkstore.stores.base import ChunkInfo, ChunkTotals, Store
 from chunkstore.v1 import store_pb2 as pb
 
+from .allocator import keep_freed_memory
 from .fetch import Fetch
 from .push import put_chunks
 from .quorum import Replies, call_each, first_answer, remove_all, write_all
@@ -72,6 +73,10 @@ from .rpc import (
 
 T = TypeVar("T")
 MiB = 1 << 20
+#: Freed memory the client keeps for its next messages, and the size below which a block comes
+#: from the heap (see :mod:`.allocator`): above the 1-2 MiB of a message, small enough that a
+#: push of a 4 GB file keeps its peak RSS under 300 MiB.
+CLIENT_KEPT_BYTES = 4 * MiB
 MAP_REFRESH = 2.0  # seconds between background checks for a newer cluster map
 log = logging.getLogger(__name__)
 SCHEME = "grpc://"
@@ -153,9 +158,11 @@ class ClusterStore(Store):
     """The store of a cluster: chunks and metadata on its nodes, replicated by the ring.
 
     Thread-safe. Channels to the nodes open on first use; :meth:`close` closes them and the
-    thread pool. ``message_bytes`` bounds the blob bytes of one PutChunks message (1-4 MiB
-    keeps a node's transactions large and its acknowledgements frequent); ``read_buffer`` the
-    received batches (~2 MiB each) a read holds for its caller, which bounds a read's memory.
+    thread pool. ``message_bytes`` bounds the blob bytes of one PutChunks message (a node
+    verifies each message as it arrives and commits the messages waiting together, so small
+    messages keep its pipeline full and the client's memory low; 1 MiB measured best);
+    ``read_buffer`` the received batches (~1 MiB each) :meth:`read` holds for its caller,
+    which bounds a read's memory (:meth:`read_into` holds none: the stream threads consume).
     ``map_refresh``: seconds between checks for a newer cluster map (see the module docstring).
     """
 
@@ -165,7 +172,7 @@ class ClusterStore(Store):
         location: str = "",
         policy: RpcPolicy = DEFAULT_POLICY,
         *,
-        message_bytes: int = 4 * MiB,
+        message_bytes: int = 1 * MiB,
         read_buffer: int = 16,
         map_refresh: float = MAP_REFRESH,
     ) -> None:
@@ -175,6 +182,7 @@ class ClusterStore(Store):
         self.message_bytes = message_bytes
         self.read_buffer = read_buffer
         self.map_refresh = map_refresh
+        keep_freed_memory(CLIENT_KEPT_BYTES, CLIENT_KEPT_BYTES)  # messages are ~1-2 MiB
         self._nodes = {n.id: NodeClient(n, policy) for n in cluster.nodes}
         self._retired: list[NodeClient] = []  # clients of nodes whose address changed
         self._map_lock = threading.Lock()
@@ -417,12 +425,20 @@ class ClusterStore(Store):
     def read_into(
         self, ids: Sequence[bytes], consume: Callable[[bytes, bytes], None], workers: int = 2
     ) -> None:
-        """As :meth:`read` (decoding and failover already run on the stream threads), handing
-        each chunk to ``consume``."""
-        for cid, raw in self.read(ids, workers=workers):
-            consume(cid, raw)
+        """As :meth:`read`, calling ``consume(id, raw bytes)`` on the threads that receive the
+        streams (several at once: ``consume`` must be thread-safe), so nothing funnels through
+        the caller's thread. An exception ``consume`` raises ends the read and is raised here.
+        """
+        self._fetch(ids, verify=True, workers=workers, deliver=consume).run()
 
-    def _fetch(self, ids: Sequence[bytes], *, verify: bool, workers: int) -> Fetch:
+    def _fetch(
+        self,
+        ids: Sequence[bytes],
+        *,
+        verify: bool,
+        workers: int,
+        deliver: Callable[[bytes, bytes], None] | None = None,
+    ) -> Fetch:
         involved = min(len(self._nodes), max(1, len(ids)))
         return Fetch(
             ids,
@@ -432,6 +448,7 @@ class ClusterStore(Store):
             streams_per_node=math.ceil(workers / involved),
             queue_batches=self.read_buffer,
             fallback=self._fallback_nodes,
+            deliver=deliver,
         )
 
     def _fallback_nodes(self) -> list[NodeClient]:

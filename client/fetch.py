@@ -3,7 +3,9 @@
 The ids are spread over their owners (each goes to the least loaded of its healthy owners), and
 GetChunks streams to the chosen nodes run in parallel, each on its own thread. When asked to, a
 thread verifies what it receives (decoding and BLAKE3 release the GIL, so that work runs in
-parallel too) and hands it over through a bounded queue, which bounds the bytes in flight.
+parallel too) and hands it over through a bounded queue, which bounds the bytes in flight, or,
+given a ``deliver`` callback, calls it itself (:meth:`Fetch.run`): nothing then funnels through
+the reader's thread. Messages are read without copying blobs (:mod:`.wire`).
 
 Ids that a stream did not deliver (the node failed, lacked them, or sent bytes that do not match
 their id) go to their next owner. A stream that delivers nothing for ``stall_timeout`` while the
@@ -30,6 +32,7 @@ import grpc
 from chunkstore import codec, errors
 from chunkstore.v1 import store_pb2 as pb
 
+from . import wire
 from .rpc import NodeCallError, NodeClient, RpcPolicy
 
 #: Blob bytes assumed per requested chunk when setting a GetChunks deadline (the chunker's max).
@@ -42,6 +45,7 @@ Owners = Callable[[Sequence[bytes]], Sequence[Sequence[NodeClient]]]
 _UNSENT = grpc.StatusCode.ABORTED
 _UNSENT_DETAIL = "not sent: the stream ended at "
 Fallback = Callable[[], Sequence[NodeClient]]
+Deliver = Callable[[bytes, bytes], None]
 
 
 @dataclass(eq=False)
@@ -67,10 +71,14 @@ class Fetch:
     ``owners(ids)`` gives the owners of each id, primary first. ``data`` is the blob, or with
     ``verify`` the raw bytes checked against the id. An id asked for twice is yielded twice.
     Each node gets up to ``streams_per_node`` streams at once; at most ``queue_batches``
-    received batches (about 2 MiB each) wait for the caller. ``fallback()``, called at most
+    received batches (about 1 MiB each) wait for the caller. ``fallback()``, called at most
     once, when some id's owners are spent, gives the nodes to ask next (each once). Raises
     ChunkNotFound, CorruptChunk or StoreUnavailable for an id no node could deliver. Abandoning
     the iterator cancels the streams.
+
+    With ``deliver``, call :meth:`run` instead of iterating: the stream threads call
+    ``deliver(id, data)`` themselves, from several threads at once, and an exception it raises
+    ends the fetch and is raised by :meth:`run`.
     """
 
     def __init__(
@@ -83,6 +91,7 @@ class Fetch:
         streams_per_node: int = 1,
         queue_batches: int = 16,
         fallback: Fallback | None = None,
+        deliver: Deliver | None = None,
     ) -> None:
         self._copies = Counter(ids)
         distinct = list(self._copies)
@@ -97,9 +106,19 @@ class Fetch:
         self._failures: dict[bytes, list[NodeCallError]] = {}
         self._fallback = fallback
         self._others: Sequence[NodeClient] | None = None
+        self._deliver = deliver
+        self._remaining = set(self._copies)  # ids not delivered yet
+        self._claim_lock = threading.Lock()
+
+    def run(self) -> None:
+        """Fetch every id, handing each to ``deliver`` on the stream threads."""
+        if self._deliver is None:
+            raise TypeError("Fetch.run needs a deliver callback; iterate the fetch instead")
+        for _ in self:  # nothing is yielded: the streams deliver
+            pass
 
     def __iter__(self) -> Iterator[tuple[bytes, bytes]]:
-        remaining = set(self._copies)
+        remaining = self._remaining
         try:
             for node, ids in self._assign(list(self._copies)).items():
                 step = -(-len(ids) // self._streams)
@@ -113,8 +132,7 @@ class Fetch:
                     continue
                 if kind == "chunks":
                     for cid, data in payload:
-                        if cid in remaining:
-                            remaining.discard(cid)
+                        if self._claim(cid):
                             for _ in range(self._copies[cid]):
                                 yield cid, data
                     continue
@@ -135,6 +153,14 @@ class Fetch:
             for stream in self._running:
                 if stream.call is not None:
                     stream.call.cancel()
+
+    def _claim(self, cid: bytes) -> bool:
+        """Whether ``cid`` is still to be delivered; from now on it is not."""
+        with self._claim_lock:
+            if cid in self._remaining:
+                self._remaining.discard(cid)
+                return True
+            return False
 
     def _abandon_stalled(self) -> None:
         """Cancel the streams that delivered nothing for ``stall_timeout`` (a hung node)."""
@@ -230,19 +256,26 @@ class Fetch:
         failures: dict[bytes, NodeCallError] = {}
         try:
             nbytes = len(stream.ids) * DEADLINE_BYTES_PER_CHUNK
-            stream.call = call = node.chunks.GetChunks(
+            stream.call = call = node.get_encoded(
                 pb.ChunkIds(ids=stream.ids), timeout=self._policy.deadline(nbytes, stream=True)
             )
             if stream.stalled or self._stop.is_set():
                 call.cancel()
-            for batch in call:
+            for message in call:
                 stream.last = time.monotonic()
-                out = self._unpack(node, batch, wanted, failures)
-                if out and not self._post(("chunks", stream, out)):
+                out = self._unpack(node, message, wanted, failures)
+                if self._deliver is not None:
+                    self._hand_over(stream, out)
+                elif out and not self._post(("chunks", stream, out)):
                     return {}
                 stream.last = time.monotonic()
             node.record(None)
             rest = NodeCallError(node.spec, grpc.StatusCode.NOT_FOUND, "not in its reply")
+        except wire.WireError as e:  # the node answered, with bytes that are no ChunkBatch
+            call.cancel()
+            rest = NodeCallError(
+                node.spec, grpc.StatusCode.DATA_LOSS, f"malformed GetChunks message: {e}"
+            )
         except grpc.RpcError as exc:
             if self._stop.is_set():  # cancelled by the reader
                 return {}
@@ -265,25 +298,35 @@ class Fetch:
         failures.update(dict.fromkeys(wanted, rest))
         return failures
 
+    def _hand_over(self, stream: _Stream, chunks: list[tuple[bytes, bytes]]) -> None:
+        """Deliver ``chunks`` not delivered yet (each as often as it was asked for)."""
+        for cid, data in chunks:
+            if self._stop.is_set():
+                return
+            if self._claim(cid):
+                for _ in range(self._copies[cid]):
+                    self._deliver(cid, data)
+                stream.last = time.monotonic()
+
     def _unpack(
         self,
         node: NodeClient,
-        batch: pb.ChunkBatch,
+        message: bytes,
         wanted: set[bytes],
         failures: dict[bytes, NodeCallError],
     ) -> list[tuple[bytes, bytes]]:
-        """The wanted chunks of ``batch`` (verified if asked); bad ones go to ``failures``."""
+        """The wanted chunks of a ChunkBatch ``message`` (verified if asked); bad ones go to
+        ``failures``. Raises WireError if ``message`` is not a ChunkBatch."""
         out = []
-        for chunk in batch.chunks:
-            cid = chunk.id
+        for cid, blob in wire.read_chunk_batch(message):
             if cid not in wanted:
                 continue
             wanted.discard(cid)
             if not self._verify:
-                out.append((cid, chunk.blob))
+                out.append((cid, bytes(blob)))
                 continue
             try:
-                out.append((cid, codec.decode_verified(cid, chunk.blob)))
+                out.append((cid, codec.decode_verified(cid, blob)))
             except errors.CorruptChunk as exc:
                 reason = str(exc).removeprefix(f"chunk {cid.hex()} is corrupt: ")
                 failures[cid] = NodeCallError(node.spec, grpc.StatusCode.DATA_LOSS, reason)

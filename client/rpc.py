@@ -183,6 +183,9 @@ class RpcPolicy:
       others still get (or as long as the answers took, if longer) before they count as failed.
     - ``stall_timeout``: a read stream that delivers nothing this long is abandoned.
     - ``max_message_bytes``: gRPC send and receive limit (a chunk is at most 16 MiB).
+    - ``receive_window``: bytes a node may send on one call ahead of what the client has read
+      (HTTP/2 flow control): it bounds the memory of a read; one stream carries at most
+      ``receive_window`` per round trip.
     - ``reconnect_backoff_ms``: the longest a channel waits before reconnecting to a node.
     - ``credentials``: TLS and token of every channel (:class:`Credentials`); None is
       plaintext without a token, except in ``ClusterStore.connect``, which then reads them
@@ -198,6 +201,7 @@ class RpcPolicy:
     straggler_grace: float = 1.0
     stall_timeout: float = 5.0
     max_message_bytes: int = 64 * MiB
+    receive_window: int = 4 * MiB
     reconnect_backoff_ms: int = 1000
     credentials: Credentials | None = None
 
@@ -300,6 +304,7 @@ class _Stubs(NamedTuple):
     meta: pb_grpc.MetaServiceStub
     cluster: pb_grpc.ClusterServiceStub
     put_encoded: grpc.StreamStreamMultiCallable
+    get_encoded: grpc.UnaryStreamMultiCallable
 
 
 class NodeClient:
@@ -347,6 +352,11 @@ class NodeClient:
         """ChunkService.PutChunks taking requests already serialized (see :mod:`.push`)."""
         return self._open().put_encoded
 
+    @property
+    def get_encoded(self) -> grpc.UnaryStreamMultiCallable:
+        """ChunkService.GetChunks yielding its messages serialized (see :mod:`.wire`)."""
+        return self._open().get_encoded
+
     def _open(self) -> _Stubs:
         stubs = self._stubs
         if stubs is None:
@@ -364,6 +374,11 @@ class NodeClient:
                             "/chunkstore.v1.ChunkService/PutChunks",
                             request_serializer=None,
                             response_deserializer=pb.PutChunksAck.FromString,
+                        ),
+                        channel.unary_stream(
+                            "/chunkstore.v1.ChunkService/GetChunks",
+                            request_serializer=pb.ChunkIds.SerializeToString,
+                            response_deserializer=None,
                         ),
                     )
                 stubs = self._stubs
@@ -443,5 +458,9 @@ def open_channel(address: str, policy: RpcPolicy) -> grpc.Channel:
             ("grpc.initial_reconnect_backoff_ms", min(100, policy.reconnect_backoff_ms)),
             ("grpc.min_reconnect_backoff_ms", min(100, policy.reconnect_backoff_ms)),
             ("grpc.max_reconnect_backoff_ms", policy.reconnect_backoff_ms),
+            # A fixed window instead of one grown by bandwidth probes, which let the nodes of
+            # a pull send hundreds of MiB ahead of a client busy decoding.
+            ("grpc.http2.bdp_probe", 0),
+            ("grpc.http2.lookahead_bytes", policy.receive_window),
         ],
     )

@@ -36,6 +36,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from chunkstore.client.allocator import keep_freed_memory
 from chunkstore.client.rpc import RpcPolicy
 from chunkstore.cluster_map import ClusterMap
 from chunkstore.errors import ChunkstoreError, InvalidInput
@@ -44,7 +45,7 @@ from chunkstore.v1 import store_pb2 as pb
 from chunkstore.v1 import store_pb2_grpc as pb_grpc
 
 from .auth import AuthInterceptor, NodeSecurity, load_node_security
-from .chunk_service import ChunkServicer
+from .chunk_service import ChunkServicer, add_chunk_service
 from .cluster_service import ClusterServicer
 from .limits import LimitsInterceptor
 from .maintenance import (
@@ -102,9 +103,8 @@ class NodeServer:
         ]
         if security.tokens is not None:  # first: a refused caller learns nothing else
             interceptors.insert(0, AuthInterceptor(security.tokens, metrics))
-        self._verify_pool = ThreadPoolExecutor(
-            max(2, os.cpu_count() or 1), thread_name_prefix="verify"
-        )
+        verify_workers = max(2, os.cpu_count() or 1)
+        self._verify_pool = ThreadPoolExecutor(verify_workers, thread_name_prefix="verify")
         self._health = health.HealthServicer()
         self._server = grpc.server(
             ThreadPoolExecutor(workers, thread_name_prefix="rpc"),
@@ -115,9 +115,10 @@ class NodeServer:
                 ("grpc.so_reuseport", 0),  # a port in use is an error, not a shared port
             ],
         )
-        pb_grpc.add_ChunkServiceServicer_to_server(
-            ChunkServicer(store, metrics, self._verify_pool, self.holder), self._server
+        self._chunks = ChunkServicer(
+            store, metrics, self._verify_pool, self.holder, verify_workers=verify_workers
         )
+        add_chunk_service(self._chunks, self._server)
         pb_grpc.add_MetaServiceServicer_to_server(MetaServicer(store), self._server)
         reconciler = self.maintenance.reconciler if self.maintenance is not None else None
         pb_grpc.add_ClusterServiceServicer_to_server(
@@ -152,6 +153,7 @@ class NodeServer:
         if self.maintenance is not None:
             self.maintenance.stop()
         self._server.stop(grace).wait()
+        self._chunks.close()
         self._verify_pool.shutdown()
 
 
@@ -173,6 +175,7 @@ def serve(
     ``node_id``, the store cannot be opened, or a port cannot be bound.
     """
     options = options or MaintenanceOptions()
+    keep_freed_memory()  # every PutChunks and GetChunks message is a few MiB
     peer_policy = RpcPolicy(credentials=(security or NodeSecurity()).peer)
     cluster, address = startup(node_id, cluster_file, data_dir, listen, options, peer_policy)
     host = address.rsplit(":", 1)[0]

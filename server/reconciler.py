@@ -41,8 +41,8 @@ import grpc
 
 from chunkstore import errors
 from chunkstore.client.cluster_store import repo_key, stage_key
-from chunkstore.client.push import put_chunks_batch
 from chunkstore.client.rpc import REFUSED, NodeCallError, NodeClient
+from chunkstore.client.wire import put_chunks_batch
 from chunkstore.cluster_map import ClusterMap, ClusterMapError, map_digest, map_from_proto, newer
 from chunkstore.stores.lmdb_store import LmdbStore
 from chunkstore.v1 import store_pb2 as pb

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import filecmp
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -39,8 +40,8 @@ from test_stores import (  # noqa: F401
 from chunkstore import ids
 from chunkstore.client.cli import main as cli_main
 from chunkstore.client.cluster_store import ClusterStore, repo_key
-from chunkstore.client.push import put_chunks_batch
 from chunkstore.client.rpc import NodeCallError, RpcPolicy, to_error
+from chunkstore.client.wire import put_chunks_batch
 from chunkstore.cluster_map import ClusterMap, NodeSpec
 from chunkstore.errors import (
     ChunkNotFound,
@@ -414,3 +415,38 @@ def test_nodes_refuse_a_chunk_that_does_not_match_its_id(store):
         store.put([(wrong, blob(b"weights" * 100))])
     assert "\n" not in str(info.value)
     assert list(store.scan()) == []
+
+
+def test_read_into_consumes_on_several_stream_threads(store):
+    raws = [random_bytes(20_000, seed=100 + i) for i in range(60)]
+    pairs = [(ids.chunk_id(raw), blob(raw)) for raw in raws]
+    store.put(pairs)
+    wanted = [cid for cid, _ in pairs]
+    got: dict[bytes, list[bytes]] = {}
+    threads = set()
+
+    def consume(cid: bytes, raw: bytes) -> None:
+        threads.add(threading.get_ident())
+        got.setdefault(cid, []).append(raw)
+
+    store.read_into([*wanted, wanted[0]], consume)  # an id asked twice is consumed twice
+    assert got == {cid: [raw] for cid, raw in zip(wanted, raws, strict=True)} | {
+        wanted[0]: [raws[0], raws[0]]
+    }
+    assert threading.get_ident() not in threads
+    assert len(threads) > 1  # one stream per node, each consuming what it receives
+
+
+def test_an_error_in_consume_ends_read_into(store):
+    raws = [random_bytes(20_000, seed=200 + i) for i in range(30)]
+    pairs = [(ids.chunk_id(raw), blob(raw)) for raw in raws]
+    store.put(pairs)
+    calls = []
+
+    def consume(cid: bytes, raw: bytes) -> None:
+        calls.append(cid)
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        store.read_into([cid for cid, _ in pairs], consume)
+    assert 1 <= len(calls) <= 3  # each stream stops at its first failure

@@ -423,12 +423,13 @@ def test_a_client_killed_mid_push_then_the_push_again_reuses_what_was_stored(tmp
         )
         client = subprocess.Popen([sys.executable, "-c", script, cluster.url, str(big)])
         try:
-            wait_until(
+            wait_until(  # a quarter of the copies of its chunks: some have both by then
                 lambda: (
-                    sum(node_status(a).chunks for a in addresses) > 0 or client.poll() is not None
+                    sum(node_status(a).stored_bytes for a in addresses) >= (2 * (48 << 20)) // 4
+                    or client.poll() is not None
                 ),
                 30,
-                "the client to store its first chunks",
+                "the client to store a quarter of its chunks",
                 every=0.01,
             )
         finally:

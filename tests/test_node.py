@@ -265,6 +265,39 @@ def test_bad_chunk_fails_the_batch_and_stores_nothing_of_it(chunks_api, spoil, r
     assert missing(chunks_api, [c for c, _ in pairs]) == [c for c, _ in pairs]
 
 
+def test_batches_after_a_bad_one_are_not_stored(chunks_api):
+    first, bad, after = make_chunks(2), make_chunks(2), make_chunks(3)
+    bad[0] = _mismatch(bad[0])
+    requests = [batch(1, first), batch(2, bad), batch(3, after)]
+    acks = []
+    with pytest.raises(grpc.RpcError) as err:
+        for ack in chunks_api.PutChunks(iter(requests), timeout=30):
+            acks.append(ack)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert [a.seq for a in acks] == [1]
+    assert missing(chunks_api, [c for c, _ in first]) == []
+    assert missing(chunks_api, [c for c, _ in bad + after]) == [c for c, _ in bad + after]
+
+
+def test_many_batches_in_one_stream_are_acked_in_order(chunks_api):
+    batches = [make_chunks(3, size=50_000) for _ in range(20)]
+    acks = put(chunks_api, *batches)
+    assert [a.seq for a in acks] == list(range(1, 21))
+    assert [a.added_bytes for a in acks] == [sum(len(b) for _, b in p) for p in batches]
+
+
+def test_malformed_put_message_is_invalid_argument(channel):
+    raw = channel.stream_stream(
+        "/chunkstore.v1.ChunkService/PutChunks",
+        request_serializer=None,
+        response_deserializer=pb.PutChunksAck.FromString,
+    )
+    with pytest.raises(grpc.RpcError) as err:
+        list(raw(iter([b"\x12\x05abc"]), timeout=30))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "malformed PutChunks message" in err.value.details()
+
+
 def test_chunk_id_of_wrong_length_is_invalid_argument(chunks_api):
     cid, blob = make_chunks(1)[0]
     with pytest.raises(grpc.RpcError) as err:
