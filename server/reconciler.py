@@ -44,13 +44,9 @@ from chunkstore.client.cluster_store import repo_key, stage_key
 from chunkstore.client.rpc import REFUSED, NodeCallError, NodeClient
 from chunkstore.client.wire import put_chunks_batch
 from chunkstore.cluster_map import ClusterMap, ClusterMapError, map_digest, map_from_proto, newer
-from chunkstore.stores.lmdb_store import LmdbStore
 from chunkstore.v1 import store_pb2 as pb
 
-from .background import StateFile
 from .keyspace import KEY_SPACE, position, range_digests, ranges_for, scan_range
-from .membership import MapHolder, Peers
-from .metrics import NodeMetrics
 from .worker import NodeWorker
 
 log = logging.getLogger("chunkstore.reconciler")
@@ -189,21 +185,9 @@ class Reconciler(NodeWorker):
 
     thread_name = "reconciler"
 
-    def __init__(
-        self,
-        node_id: str,
-        store: LmdbStore,
-        holder: MapHolder,
-        peers: Peers,
-        metrics: NodeMetrics,
-        *,
-        interval: float = DEFAULT_INTERVAL,
-        rate: float = DEFAULT_RATE,
-        state: StateFile | None = None,
-    ) -> None:
-        super().__init__(
-            node_id, store, holder, peers, metrics, interval=interval, rate=rate, state=state
-        )
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """Takes the arguments of :class:`NodeWorker`."""
+        super().__init__(*args, **kwargs)
         self._cond = threading.Condition()
         self._wanted = False
         self._started = 0  # passes started
@@ -213,8 +197,8 @@ class Reconciler(NodeWorker):
         self._progress = 1.0
         self._totals = Counter[str]()
         self._down: set[str] = set()  # peers that failed during the running pass
-        holder.subscribe(lambda cluster: self.wake())
-        metrics.cluster_epoch.set(holder.epoch)
+        self._holder.subscribe(lambda cluster: self.wake())
+        self._metrics.cluster_epoch.set(self._holder.epoch)
 
     # control
 

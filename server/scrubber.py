@@ -22,12 +22,8 @@ import grpc
 
 from chunkstore import codec, errors
 from chunkstore.client.rpc import NodeCallError
-from chunkstore.stores.lmdb_store import LmdbStore
 from chunkstore.v1 import store_pb2 as pb
 
-from .background import StateFile
-from .membership import MapHolder, Peers
-from .metrics import NodeMetrics
 from .worker import NodeWorker
 
 log = logging.getLogger("chunkstore.scrubber")
@@ -43,22 +39,6 @@ class Scrubber(NodeWorker):
     """Scrubs ``store`` of node ``node_id`` (see the module docstring)."""
 
     thread_name = "scrubber"
-
-    def __init__(
-        self,
-        node_id: str,
-        store: LmdbStore,
-        holder: MapHolder,
-        peers: Peers,
-        metrics: NodeMetrics,
-        *,
-        rate: float = DEFAULT_RATE,
-        interval: float = DEFAULT_INTERVAL,
-        state: StateFile | None = None,
-    ) -> None:
-        super().__init__(
-            node_id, store, holder, peers, metrics, interval=interval, rate=rate, state=state
-        )
 
     def _loop(self) -> None:
         state = self._state.get(_STATE)
