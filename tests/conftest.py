@@ -61,3 +61,12 @@ def env_store(tmp_path, monkeypatch) -> Path:
 
 
 os.environ.setdefault("CHUNKSTORE_AUTHOR", "tester")
+
+
+def rss_file_kib() -> int:
+    """Resident pages of mapped files in this process, in KiB (RssFile of /proc/self/status)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("RssFile:"):
+                return int(line.split()[1])
+    raise AssertionError("no RssFile in /proc/self/status")

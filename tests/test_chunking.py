@@ -5,18 +5,11 @@ from __future__ import annotations
 import os
 
 import numpy as np
+from conftest import rss_file_kib
 
 from chunkstore.chunking import MappedFile
 
 MiB = 1 << 20
-
-
-def _rss_file_kib() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("RssFile:"):
-                return int(line.split()[1])
-    raise AssertionError("no RssFile in /proc/self/status")
 
 
 def test_released_ranges_leave_residency_and_read_back_the_same(tmp_path):
@@ -25,14 +18,14 @@ def test_released_ranges_leave_residency_and_read_back_the_same(tmp_path):
     path.write_bytes(data)
     with MappedFile(path) as mapped:
         view = mapped.view
-        before = _rss_file_kib()
+        before = rss_file_kib()
         assert int(np.frombuffer(view, np.uint8).sum()) == int(
             np.frombuffer(data, np.uint8).sum()
         )  # every page touched
-        assert _rss_file_kib() - before > 48 << 10
+        assert rss_file_kib() - before > 48 << 10
         mapped.release(1, 40 * MiB + 5)  # pages wholly inside only
         mapped.release_before(40 * MiB)  # already dropped: a no-op
-        assert _rss_file_kib() - before < 32 << 10
+        assert rss_file_kib() - before < 32 << 10
         assert view[:16].tobytes() == data[:16]  # faulted back in from the page cache
         assert view[20 * MiB : 20 * MiB + 16].tobytes() == data[20 * MiB : 20 * MiB + 16]
         del view

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import lmdb
 import pytest
+from conftest import rss_file_kib
 
 from chunkstore import ids
 from chunkstore.errors import (
@@ -521,14 +522,6 @@ def test_lmdb_full_disk(tmp_path, monkeypatch, error, at):
         assert store.put(chunks(5)) > 0  # the store still works
 
 
-def _rss_file_kib() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("RssFile:"):
-                return int(line.split()[1])
-    raise AssertionError("no RssFile in /proc/self/status")
-
-
 def test_lmdb_reads_do_not_keep_the_map_resident(tmp_path):
     """Reading 192 MiB of chunks leaves at most about one release interval of map pages."""
     with LmdbStore(tmp_path / "s") as store:
@@ -537,10 +530,10 @@ def test_lmdb_reads_do_not_keep_the_map_resident(tmp_path):
             batch = chunks(512, size=65536, seed=100 + seed)
             store.put(batch)
             all_ids += [cid for cid, _ in batch]
-        before = _rss_file_kib()
+        before = rss_file_kib()
         read = sum(len(blob) for _, blob in store.get(all_ids))
         assert read >= 192 << 20
-        assert _rss_file_kib() - before < 100 << 10
+        assert rss_file_kib() - before < 100 << 10
 
 
 def test_lmdb_lookups_and_writes_do_not_keep_the_map_resident(tmp_path):
@@ -548,8 +541,8 @@ def test_lmdb_lookups_and_writes_do_not_keep_the_map_resident(tmp_path):
     with LmdbStore(tmp_path / "s") as store:
         for seed in range(6):
             store.put(chunks(512, size=65536, seed=200 + seed))
-        before = _rss_file_kib()
+        before = rss_file_kib()
         absent = [ids.chunk_id(i.to_bytes(8, "little")) for i in range(20_000)]
         assert store.missing(absent) == set(absent)
         store.put(chunks(512, size=65536, seed=300))
-        assert _rss_file_kib() - before < 32 << 10
+        assert rss_file_kib() - before < 32 << 10
