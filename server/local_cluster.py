@@ -121,17 +121,27 @@ def create(
     return cluster
 
 
-def start_node(directory: str | Path, node_id: str, *, detached: bool = False) -> subprocess.Popen:
+def start_node(
+    directory: str | Path,
+    node_id: str,
+    *,
+    detached: bool = False,
+    placement: Sequence[str] | None = None,
+) -> subprocess.Popen:
     """Start node ``node_id`` of the cluster in ``directory`` and record its pid.
 
     A ``detached`` node runs in a session of its own, so it outlives the caller and its
     terminal; otherwise it shares the caller's process group (Ctrl-C reaches it too).
+    ``placement`` replaces the node's ``--cluster MAP_FILE`` arguments (``--listen``,
+    ``--join``: how tests start a node elsewhere than its map says, or joining).
     """
     d = Path(directory)
+    if placement is None:
+        placement = ["--cluster", str(d / MAP_FILE)]
     command = [
         sys.executable, "-m", NODE_MODULE,
         "--id", node_id,
-        "--cluster", str(d / MAP_FILE),
+        *placement,
         "--data", str(d / node_id),
         "--metrics-port", (d / f"{node_id}.metrics").read_text().strip(),
         *node_args(d),

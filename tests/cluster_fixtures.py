@@ -25,7 +25,6 @@ from __future__ import annotations
 import atexit
 import signal
 import subprocess
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -164,47 +163,16 @@ class LocalCluster:
         return process is not None and process.poll() is None
 
     def _spawn(self, node_id: str) -> None:
-        if node_id not in self._joined and node_id not in self.listen:
-            self._processes[node_id] = local_cluster.start_node(self.directory, node_id)
-            return
-        if node_id not in self._joined:
-            self._spawn_listening(node_id, self.listen[node_id])
-            return
-        address, seed = self._joined[node_id]
-        d = self.directory
-        command = [
-            sys.executable, "-m", local_cluster.NODE_MODULE,
-            "--id", node_id,
-            "--listen", address,
-            "--join", seed,
-            "--data", str(d / node_id),
-            "--metrics-port", (d / f"{node_id}.metrics").read_text().strip(),
-            *local_cluster.node_args(d),
-        ]  # fmt: skip
-        with open(d / f"{node_id}.log", "ab") as log:
-            self._processes[node_id] = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
-            )
-        (d / f"{node_id}.pid").write_text(f"{self._processes[node_id].pid}\n")
-
-    def _spawn_listening(self, node_id: str, listen: str) -> None:
-        """Start a node of the cluster file as :func:`local_cluster.start_node` does, but
-        bound to ``listen`` rather than its map address."""
-        d = self.directory
-        command = [
-            sys.executable, "-m", local_cluster.NODE_MODULE,
-            "--id", node_id,
-            "--cluster", str(d / local_cluster.MAP_FILE),
-            "--listen", listen,
-            "--data", str(d / node_id),
-            "--metrics-port", (d / f"{node_id}.metrics").read_text().strip(),
-            *local_cluster.node_args(d),
-        ]  # fmt: skip
-        with open(d / f"{node_id}.log", "ab") as log:
-            self._processes[node_id] = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
-            )
-        (d / f"{node_id}.pid").write_text(f"{self._processes[node_id].pid}\n")
+        placement = None
+        if node_id in self._joined:
+            address, seed = self._joined[node_id]
+            placement = ["--listen", address, "--join", seed]
+        elif node_id in self.listen:  # bound elsewhere than its map address
+            map_file = str(self.directory / local_cluster.MAP_FILE)
+            placement = ["--cluster", map_file, "--listen", self.listen[node_id]]
+        self._processes[node_id] = local_cluster.start_node(
+            self.directory, node_id, placement=placement
+        )
 
     def _wait(self, node_id: str) -> None:
         local_cluster.wait_serving(
