@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import os
 import shutil
 import sys
 import tempfile
@@ -48,22 +47,18 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# As the command line does (see chunkstore.client.process_setup): the phases run in spawned
-# processes that inherit this, so no idle BLAS pool spins beside a timed push or pull.
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# Set up numpy's libraries as the command line does, before numpy loads: the phases run in
+# spawned processes that inherit it, so no idle BLAS pool spins beside a timed push or pull.
+import chunkstore.client.process_setup  # noqa: F401
 
-import numpy as np  # noqa: E402
-import zstandard  # noqa: E402
+# isort: split
+import numpy as np
+import zstandard
 
-from chunkstore import codec, delta  # noqa: E402
-from chunkstore.repository import Repository  # noqa: E402
-from chunkstore.stores.lmdb_store import LmdbStore  # noqa: E402
-from chunkstore.synthetic import (  # noqa: E402
-    bf16_from_f32,
-    optimizer_step,
-    weights,
-    write_safetensors,
-)
+from chunkstore import codec, delta
+from chunkstore.repository import Repository
+from chunkstore.stores.lmdb_store import LmdbStore
+from chunkstore.synthetic import bf16_from_f32, optimizer_step, weights, write_safetensors
 
 MiB = 1 << 20
 MB = 1_000_000
