@@ -127,6 +127,7 @@ class MappedFile:
     """
 
     def __init__(self, path: Path) -> None:
+        self.path = path
         self.size = os.path.getsize(path)
         self._mm: mmap.mmap | None = None
         self._released = 0

@@ -281,6 +281,12 @@ class BaseTensors:
     def __bool__(self) -> bool:
         return bool(self._by_name)
 
+    def stored_ids(self) -> set[bytes]:
+        """Ids of the chunks the store holds for the base files (see
+        :meth:`~chunkstore.model.Manifest.stored_ids`): a push relies on them without asking,
+        since a visible version references them, and confirms them at its end."""
+        return {cid for manifest in self._manifests for cid in manifest.stored_ids()}
+
     def match(
         self, path: str | None, tensor: TensorInfo
     ) -> list[tuple[int, int, BaseChunk]] | None:

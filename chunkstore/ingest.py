@@ -29,7 +29,7 @@ from pathlib import Path
 from chunkstore import codec, ids
 from chunkstore.chunking import Chunker, ChunkerParams, MappedFile, file_regions
 from chunkstore.delta import BaseChunk, BaseTensors, Encoded, base_length, encode_chunk
-from chunkstore.errors import ChunkstoreError, NotFound
+from chunkstore.errors import ChunkstoreError
 from chunkstore.model import DeltaRef, Manifest
 from chunkstore.progress import NoProgress, Progress
 from chunkstore.stores.base import ChunkStore
@@ -60,8 +60,8 @@ class PipelineLimits:
 
 _DONE = object()
 #: A chunk waiting to be stored: id, bytes, element size of the tensor it lies in (if any),
-#: and the base chunk it is paired with (if any).
-_Pending = tuple[bytes, memoryview, int | None, BaseChunk | None]
+#: the base chunk it is paired with (if any), and its offset in its file.
+_Pending = tuple[bytes, memoryview, int | None, BaseChunk | None, int]
 #: A cut of a file: offset, length, element size, base chunk (see :func:`plan_cuts`).
 _Cut = tuple[int, int, int | None, BaseChunk | None]
 
@@ -134,7 +134,9 @@ class Ingester:
         self._progress = progress or NoProgress()
         self._base = base
         self._known: set[bytes] = set()  # stored already, or queued for storing in this push
-        self._present: set[bytes] = set()  # found stored by an existence check of this push
+        self._present: set[bytes] = set()  # relied on as stored, confirmed by finish()
+        # Stored for the base versions, which reference them: relied on without asking.
+        self._assumed: set[bytes] = base.stored_ids() if base else set()
         self._delta_of: dict[bytes, DeltaRef] = {}  # chunks of this push rebuilt from deltas
         self._delta_tried: dict[bytes, str] = {}  # chunk queued with a base -> base tensor
         self._delta_outcomes: dict[str, list[int]] = {}  # base tensor -> [paid, missed]
@@ -187,10 +189,12 @@ class Ingester:
     def finish(self) -> IngestStats:
         """Wait until every queued chunk is durable; raise what the writer met, if anything.
 
-        Then marks wanted, in one call, the chunks the existence checks found stored (see
-        :meth:`~chunkstore.stores.base.ChunkStore.lacking`): NotFound if a concurrent GC took
-        one meanwhile. Then records in each ingested file's manifest the chunks stored as
-        deltas.
+        Then marks wanted, in one call, the chunks this push relies on without uploading them:
+        those the existence checks found stored (see
+        :meth:`~chunkstore.stores.base.ChunkStore.lacking`) and those of the base versions. Any
+        found gone (taken by a concurrent GC, or lost) is stored again from its file, and a
+        chunk coded against one is stored on its own. Then records in each ingested file's
+        manifest the chunks stored as deltas.
         """
         try:
             while self._checks:
@@ -201,10 +205,7 @@ class Ingester:
                 raise self._error
             gone = self.store.mark_wanted(list(self._present)) if self._present else set()
             if gone:
-                raise NotFound(
-                    f"{len(gone)} chunks this push found stored were removed meanwhile "
-                    "(by a concurrent gc?); nothing was committed: push again"
-                )
+                self._store_again(gone)
             if self._delta_of:
                 for manifest in self._manifests:
                     for i, (cid, _) in enumerate(manifest.chunks):
@@ -213,6 +214,36 @@ class Ingester:
             return self.stats
         finally:
             self.close()
+
+    def _store_again(self, gone: set[bytes]) -> None:
+        """Store again, read from the ingested files, the chunks among ``gone`` and those coded
+        as deltas against one; each read is checked against its id first."""
+        need = set(gone)
+        for cid, ref in list(self._delta_of.items()):
+            if ref.delta in gone or ref.base in gone:
+                del self._delta_of[cid]
+                need.add(cid)
+        batch: list[tuple[bytes, bytes]] = []
+        raw_bytes = 0
+        for mapped, manifest in zip(self._maps, self._manifests, strict=True):
+            view = mapped.view
+            for (cid, length), offset in zip(manifest.chunks, manifest.offsets(), strict=True):
+                if cid not in need:
+                    continue
+                data = view[offset : offset + length]
+                if ids.chunk_id(data) != cid:
+                    raise ChunkstoreError(
+                        f"{mapped.path} changed while it was pushed; nothing was committed: "
+                        "push again once it is written"
+                    )
+                batch.append((cid, codec.encode(data, None)))
+                raw_bytes += length
+                need.discard(cid)
+                if sum(len(blob) for _, blob in batch) >= self.limits.batch_bytes:
+                    self._store_batch(batch, raw_bytes)
+                    batch, raw_bytes = [], 0
+        if batch:
+            self._store_batch(batch, raw_bytes)
 
     def close(self) -> None:
         """Stop the pipeline without waiting for queued work (after an error or interrupt)."""
@@ -260,40 +291,42 @@ class Ingester:
         its new chunks, so a window of stored chunks costs no memory once checked."""
         chunk_ids = [cid for part in parts for cid in part.result()]
         self._check(
+            mapped,
             [
-                (cid, data, element_size, base)
-                for cid, data, (_, _, element_size, base) in zip(
+                (cid, data, element_size, base, offset)
+                for cid, data, (offset, _, element_size, base) in zip(
                     chunk_ids, datas, cuts, strict=True
                 )
-            ]
+            ],
         )
         mapped.release(cuts[0][0], cuts[-1][0] + cuts[-1][1])
         return [(cid, len(data)) for cid, data in zip(chunk_ids, datas, strict=True)]
 
-    def _check(self, window: list[_Pending]) -> None:
-        """Ask the store which chunks of the window it lacks and queue those for encoding.
+    def _check(self, mapped: MappedFile, window: list[_Pending]) -> None:
+        """Ask the store which chunks of the window it lacks and queue those for encoding;
+        each encoding task drops the pages of its chunks when done.
 
         Chunks paired with a base chunk also get their keyframe asked for (and so marked
         wanted by :meth:`finish`); a lacking chunk whose keyframe is stored is queued with it,
         and the encoder decides whether a delta pays. A lacking chunk equal to a delta-coded
         base chunk reuses that chunk's delta.
         """
-        scanned = sum(len(d) for _, d, _, _ in window)
+        scanned = sum(len(item[1]) for item in window)
         self.stats.scanned_bytes += scanned
         self.stats.chunks += len(window)
         fresh: dict[bytes, _Pending] = {}
         for item in window:
             if item[0] not in self._known and item[0] not in fresh:
                 fresh[item[0]] = item
-        needed = [sid for item in fresh.values() for sid in _base_ids(item)]
-        ask = list(dict.fromkeys([*fresh, *(s for s in needed if s not in self._present)]))
+        wanted = dict.fromkeys([*fresh, *(s for item in fresh.values() for s in _base_ids(item))])
+        ask = [sid for sid in wanted if sid not in self._present and sid not in self._assumed]
         lacking = self.store.lacking(ask) if ask else set()
-        self._present.update(sid for sid in ask if sid not in lacking)
+        self._present.update(sid for sid in wanted if sid not in lacking)
         self._known.update(fresh)
         new_bytes = 0
         group: list[_Task] = []
-        group_bytes = 0
-        for cid, data, element_size, base in fresh.values():
+        group_bytes = group_begin = 0
+        for cid, data, element_size, base, offset in fresh.values():
             if cid not in lacking:
                 continue
             reuse = _reusable(cid, base)
@@ -306,15 +339,22 @@ class Ingester:
                 length = base_length(len(data), key[1])
                 keyframe = _Keyframe(key[0], key[1], length, base.tensor)
                 self._delta_tried[cid] = base.tensor
+            if not group:
+                group_begin = offset
             group.append((cid, data, element_size, keyframe))
             group_bytes += len(data)
             new_bytes += len(data)
             if group_bytes >= self.limits.group_bytes:
-                self._put_queue(self._pool.submit(_encode_group, self.store, group))
+                self._queue_group(mapped, group, group_begin, offset + len(data))
                 group, group_bytes = [], 0
         if group:
-            self._put_queue(self._pool.submit(_encode_group, self.store, group))
+            self._queue_group(mapped, group, group_begin, offset + len(data))
         self._progress.advance(scanned, new_bytes)
+
+    def _queue_group(self, mapped: MappedFile, group: list[_Task], begin: int, end: int) -> None:
+        self._put_queue(
+            self._pool.submit(_encode_then_release, self.store, group, mapped, begin, end)
+        )
 
     def _deltas_may_pay(self, base: BaseChunk) -> bool:
         """False once two chunks of the base tensor were tried and none paid as a delta (a
@@ -393,7 +433,7 @@ def _reusable(cid: bytes, base: BaseChunk | None) -> DeltaRef | None:
 
 def _base_ids(item: _Pending) -> list[bytes]:
     """Stored chunks a lacking chunk paired with a base could be coded against."""
-    cid, _, _, base = item
+    cid, _, _, base, _ = item
     if base is None:
         return []
     reuse = _reusable(cid, base)
@@ -406,6 +446,16 @@ def _base_ids(item: _Pending) -> list[bytes]:
 
 def _hash_all(datas: list[memoryview]) -> list[bytes]:
     return [ids.chunk_id(data) for data in datas]
+
+
+def _encode_then_release(
+    store: ChunkStore, group: list[_Task], mapped: MappedFile, begin: int, end: int
+) -> list[Encoded]:
+    """Encode a group of chunks lying in ``[begin, end)`` of a file, then drop those pages."""
+    try:
+        return _encode_group(store, group)
+    finally:
+        mapped.release(begin, end)
 
 
 def _encode_group(store: ChunkStore, group: list[_Task]) -> list[Encoded]:

@@ -320,6 +320,57 @@ def _pushed_pair(repo: Repository, tmp_path: Path) -> tuple[Path, Manifest]:
     return p2, the_manifest(repo, "m@v2")
 
 
+def test_push_asks_the_store_only_about_chunks_its_base_does_not_hold(repo: Repository, tmp_path):
+    v1 = model(seed=50, n=4)
+    repo.push(save(tmp_path, "v1", v1), "m")
+    base_ids = set(the_manifest(repo, "m").stored_ids())
+    v2 = dict(v1, **{"layers.1.w": model(seed=51, n=2)["layers.1.w"]})  # one tensor rewritten
+    p2 = save(tmp_path, "v2", v2)
+    asked: list[bytes] = []
+    real = repo.store.lacking
+    repo.store.lacking = lambda chunk_ids: asked.extend(chunk_ids) or real(chunk_ids)
+    result = repo.push(p2, "m")
+    assert asked and not set(asked) & base_ids
+    assert len(asked) <= result.stats.new_chunks + 2  # the rewritten tensor, the header
+    assert_pulls(repo, "m", p2, tmp_path / "out")
+
+
+def test_push_stores_again_base_chunks_lost_from_the_store(repo: Repository, tmp_path):
+    v1 = model(seed=52, n=3)
+    repo.push(save(tmp_path, "v1", v1), "m", tags=["v1"])
+    base = the_manifest(repo, "m@v1")
+    v2 = dict(v1, **{"layers.0.w": stepped(v1, 53)["layers.0.w"]})  # coded against v1
+    p2 = save(tmp_path, "v2", v2)
+    offsets = base.offsets()
+    tensor = {t.name: t for t in base.tensors}
+    stepped_chunks = [
+        cid
+        for (cid, _), at in zip(base.chunks, offsets, strict=True)
+        if tensor["layers.0.w"].begin <= at < tensor["layers.0.w"].end
+    ]
+    kept_chunks = [
+        cid
+        for (cid, _), at in zip(base.chunks, offsets, strict=True)
+        if tensor["layers.2.w"].begin <= at < tensor["layers.2.w"].end
+    ]
+    lost = [stepped_chunks[0], kept_chunks[0]]  # a keyframe, and a chunk v2 shares with v1
+    assert repo.store.delete(lost[1:]) == 1  # lost before the push
+    real = repo.store.mark_wanted
+
+    def collect_then_mark(chunk_ids):  # the keyframe is taken after the deltas were coded
+        assert repo.store.delete(lost[:1]) == 1
+        return real(chunk_ids)
+
+    repo.store.mark_wanted = collect_then_mark
+    result = repo.push(p2, "m", tags=["v2"])
+    assert repo.store.missing([kept_chunks[0]]) == set()  # stored again from the file
+    manifest = the_manifest(repo, "m@v2")
+    assert all(ref.base not in lost for ref in manifest.deltas.values())
+    assert result.stats.delta_chunks > 0
+    assert_pulls(repo, "m@v2", p2, tmp_path / "out")
+    assert repo.verify("m@v2").ok
+
+
 def test_missing_base_fails_pull_naming_it_and_verify_reports_it(repo: Repository, tmp_path):
     _, manifest = _pushed_pair(repo, tmp_path)
     ref = next(iter(manifest.deltas.values()))

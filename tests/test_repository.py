@@ -10,7 +10,13 @@ import pytest
 from conftest import random_bytes, tree_bytes, write
 
 from chunkstore import codec, ids
-from chunkstore.errors import AmbiguousRef, CorruptChunk, InvalidInput, NotFound
+from chunkstore.errors import (
+    AmbiguousRef,
+    ChunkstoreError,
+    CorruptChunk,
+    InvalidInput,
+    NotFound,
+)
 from chunkstore.model import FileEntry, Manifest, encode_version
 from chunkstore.repository import Repository
 
@@ -390,21 +396,47 @@ def test_push_marks_the_chunks_it_found_in_one_transaction(lmdb_repo, ckpt, monk
     assert all(wanted[cid] >= result.version.created_ns / 1e9 - 60 for cid in version_chunks)
 
 
-def test_push_whose_found_chunks_vanish_commits_nothing(lmdb_repo, ckpt):
+def test_push_whose_found_chunks_vanish_stores_them_again(lmdb_repo, ckpt, tmp_path):
     repo = lmdb_repo
     repo.push(ckpt, repo="m")
-    versions = len(repo.log("m"))
     store = repo.store
     real = store.lacking
+    taken: list[bytes] = []
 
     def lacking_then_gc(ids):
         absent = real(ids)
         found = [cid for cid in ids if cid not in absent]
         store.delete(found[:1], unwanted_since=time.time())  # a GC with no grace, meanwhile
+        taken.extend(found[:1])
         return absent
 
     store.lacking = lacking_then_gc
     write(ckpt / "config.json", b'{"layers": 3}')
-    with pytest.raises(NotFound, match="removed meanwhile"):
+    repo.push(ckpt, repo="m")
+    assert taken and store.missing(taken) == set()
+    repo.pull("m", tmp_path / "out")
+    assert tree_bytes(tmp_path / "out") == tree_bytes(ckpt)
+
+
+def test_push_of_a_file_changed_meanwhile_commits_nothing(lmdb_repo, ckpt):
+    repo = lmdb_repo
+    repo.push(ckpt, repo="m")
+    versions = len(repo.log("m"))
+    store = repo.store
+    real = store.lacking
+    model = ckpt / "model.bin"
+
+    def lacking_then_gc_and_edit(ids):
+        absent = real(ids)
+        found = [cid for cid in ids if cid not in absent]
+        if found:  # once they are hashed, the file is written meanwhile: same size, other bytes
+            store.delete(found, unwanted_since=time.time())
+            with open(model, "r+b") as f:
+                f.write(b"\xff" * 64)
+        return absent
+
+    store.lacking = lacking_then_gc_and_edit
+    write(ckpt / "config.json", b'{"layers": 3}')
+    with pytest.raises(ChunkstoreError, match="changed while it was pushed"):
         repo.push(ckpt, repo="m")
     assert len(repo.log("m")) == versions

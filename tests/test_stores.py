@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from chunkstore.errors import (
     StoreUnavailable,
 )
 from chunkstore.stores import ChunkTotals, LmdbStore, Store, lmdb_store
+from chunkstore.stores.resident import FaultBudget
 
 ROOT = Path(__file__).resolve().parents[1]
 KB = 1 << 10
@@ -546,3 +548,29 @@ def test_lmdb_lookups_and_writes_do_not_keep_the_map_resident(tmp_path):
         assert store.missing(absent) == set(absent)
         store.put(chunks(512, size=65536, seed=300))
         assert rss_file_kib() - before < 32 << 10
+
+
+def test_fault_budget_is_spent_by_the_faults_threads_take():
+    """Touching fresh pages of an anonymous map faults once per page; the budget adds up the
+    faults of every thread that checks it and starts again from nothing once reset."""
+    budget = FaultBudget(48)
+    area = mmap.mmap(-1, 128 * mmap.PAGESIZE)
+    try:
+        assert not budget.spent()  # a thread's first check only records where it starts
+
+        def touch(first: int, count: int) -> None:
+            for page in range(first, first + count):
+                area[page * mmap.PAGESIZE] = 1
+
+        touch(0, 24)
+        assert not budget.spent()
+        other = threading.Thread(target=lambda: (budget.spent(), touch(24, 32), budget.spent()))
+        other.start()
+        other.join()
+        assert budget.spent()  # 24 faults here and 32 on the other thread
+        budget.reset()
+        assert not budget.spent()
+        touch(56, 8)
+        assert not budget.spent()
+    finally:
+        area.close()

@@ -61,10 +61,13 @@ class ChunkStore(ABC):
         return self.missing(ids)
 
     def mark_wanted(self, ids: Sequence[bytes]) -> set[bytes]:
-        """Mark wanted now the chunks :meth:`lacking` found stored; return the ids among them
-        that are no longer stored (a concurrent GC may have taken an unmarked one). A store
-        that marks in :meth:`lacking` has nothing left to do."""
-        return set()
+        """Mark the stored chunks among ``ids`` wanted now; return the ids that are not stored.
+
+        A push calls it once at its end for every chunk it relies on without uploading: those
+        :meth:`lacking` found (a concurrent GC may have taken an unmarked one since) and those
+        it never asked for because a stored version references them.
+        """
+        return self.missing(ids)
 
     @abstractmethod
     def put(self, chunks: Sequence[tuple[bytes, bytes]]) -> int:

@@ -36,7 +36,7 @@ import lmdb
 
 from chunkstore import errors
 from chunkstore.stores.base import ChunkInfo, ChunkTotals, Store
-from chunkstore.stores.resident import drop_resident, mapped_ranges
+from chunkstore.stores.resident import FaultBudget, drop_resident, mapped_ranges
 
 T = TypeVar("T")
 
@@ -56,12 +56,14 @@ _FORMAT_KEY = b"format"
 _STORED_KEY = b"stored_bytes"
 _SCAN_BATCH = 4096  # keys per read transaction when iterating a whole database
 _GET_BATCH_BYTES = 16 << 20  # blob bytes copied out per read transaction in get()
-#: The map's resident pages are dropped every RELEASE_RECORDS records looked up or written in
-#: a transaction, and every RELEASE_BYTES or RELEASE_BLOBS of blobs read. The page cache holds
-#: the file in large folios (up to 2 MiB) and touching one record maps the whole folio it lies
-#: in, so scattered lookups grow residency fast (each blob read looks up a B-tree leaf
-#: somewhere in the file); blobs read in the order they were written share their folios.
-RELEASE_RECORDS = 32
+#: The page cache holds the file in large folios (up to 2 MiB), and touching one record maps
+#: the whole folio it lies in, so scattered lookups grow residency fast. Lookups and writes
+#: count the faults they take, every CHECK_RECORDS records, and drop the map's pages once they
+#: took RECORD_FAULTS (a fault maps 0.6 MiB on average here, 2 MiB at most); the folios of a
+#: working set stay mapped until then. Blob reads drop them every RELEASE_BYTES or
+#: RELEASE_BLOBS: blobs read in the order they were written share their folios.
+CHECK_RECORDS = 4
+RECORD_FAULTS = 32
 RELEASE_BYTES = 32 << 20
 RELEASE_BLOBS = 128
 _FULL_DISK_BYTES = 64 << 20  # an I/O error at commit with less free space means a full disk
@@ -150,6 +152,7 @@ class LmdbStore(Store):
         ) = dbs
         self._map_ranges = mapped_ranges(self.path / "data.mdb")
         self._blobs_since_release = self._bytes_since_release = 0
+        self._record_faults = FaultBudget(RECORD_FAULTS)
 
     def _open_env(self, create: bool, map_size: int) -> lmdb.Environment:
         if not (self.path / "data.mdb").exists():
@@ -305,7 +308,7 @@ class LmdbStore(Store):
         ``WANTED_REFRESH_SECONDS`` is not re-marked, which spares a synced write per check
         when pushes follow each other; GC grace periods are hours, far above it."""
         now = time.time()
-        wanted = self._read(partial(_wanted_at, self._chunk_meta, ids, self._release_in_txn))
+        wanted = self._read(partial(_wanted_at, self._chunk_meta, ids, self._trim_in_txn))
         absent = set(ids).difference(wanted)
         stale = [cid for cid, at in wanted.items() if at < now - WANTED_REFRESH_SECONDS]
         if stale and not self._readonly:
@@ -316,7 +319,7 @@ class LmdbStore(Store):
         """See :meth:`ChunkStore.lacking`: lookups only. Marks are what a check costs here (a
         synced transaction rewriting pages all over the chunk index), so a push defers them to
         one :meth:`mark_wanted` for all its chunks: ~1 s per GB pushed less on this machine."""
-        wanted = self._read(partial(_wanted_at, self._chunk_meta, ids, self._release_in_txn))
+        wanted = self._read(partial(_wanted_at, self._chunk_meta, ids, self._trim_in_txn))
         return set(ids).difference(wanted)
 
     def mark_wanted(self, ids: Sequence[bytes]) -> set[bytes]:
@@ -324,7 +327,7 @@ class LmdbStore(Store):
         wanted within ``WANTED_REFRESH_SECONDS`` are left as they are."""
         now = time.time()
         ordered = sorted(set(ids))
-        wanted = self._read(partial(_wanted_at, self._chunk_meta, ordered, self._release_in_txn))
+        wanted = self._read(partial(_wanted_at, self._chunk_meta, ordered, self._trim_in_txn))
         gone = set(ordered).difference(wanted)
         stale = [cid for cid in ordered if wanted.get(cid, now) < now - WANTED_REFRESH_SECONDS]
         if stale and not self._readonly:
@@ -335,8 +338,8 @@ class LmdbStore(Store):
         """Set wanted_at of the ids still stored; return those deleted meanwhile."""
         gone = []
         for i, cid in enumerate(ids, 1):
-            if i % RELEASE_RECORDS == 0:
-                self._release_in_txn()
+            if i % CHECK_RECORDS == 0:
+                self._trim_in_txn()
             if not _touch(txn, self._chunk_meta, cid, now):
                 gone.append(cid)
         return gone
@@ -349,8 +352,8 @@ class LmdbStore(Store):
         def write(txn: lmdb.Transaction) -> int:
             added = 0
             for i, (cid, blob) in enumerate(chunks, 1):
-                if i % RELEASE_RECORDS == 0:
-                    self._release_in_txn()
+                if i % CHECK_RECORDS == 0:
+                    self._trim_in_txn()
                 if txn.put(cid, blob, db=self._chunks, overwrite=False):
                     added += len(blob)
                     txn.put(cid, _CHUNK_META.pack(now, len(blob)), db=self._chunk_meta)
@@ -360,9 +363,7 @@ class LmdbStore(Store):
                 self._add_stored(txn, added)
             return added
 
-        added = self._write(write)
-        self._release()
-        return added
+        return self._write(write)
 
     def _count_for_release(self, blobs: int, nbytes: int) -> None:
         """Drop the map's resident pages once ``RELEASE_BLOBS`` or ``RELEASE_BYTES`` of blobs
@@ -377,11 +378,14 @@ class LmdbStore(Store):
         with self._gate.shared():  # no remap meanwhile: the ranges stay valid
             drop_resident(self._map_ranges)
 
-    def _release_in_txn(self) -> None:
-        """Drop the map's resident pages from inside a transaction, which holds the gate or
-        the write lock, so the map is not remapped meanwhile. Values read before are copies or
-        views, which fault their pages back in when touched."""
-        drop_resident(self._map_ranges)
+    def _trim_in_txn(self) -> None:
+        """Drop the map's resident pages once records read or written have spent their fault
+        budget. Called inside a transaction, which holds the gate or the write lock, so the
+        map is not remapped meanwhile. Values read before are copies or views, which fault
+        their pages back in when touched."""
+        if self._record_faults.spent():
+            drop_resident(self._map_ranges)
+            self._record_faults.reset()
 
     def get(self, ids: Sequence[bytes]) -> Iterator[tuple[bytes, bytes]]:
         """Yield ``(id, blob)`` in request order, copying up to 16 MiB per read transaction.
@@ -637,14 +641,14 @@ def _key(repo: str, name: bytes) -> bytes:
 def _wanted_at(
     chunk_meta: lmdb._Database,
     ids: Sequence[bytes],
-    release: Callable[[], None],
+    trim: Callable[[], None],
     txn: lmdb.Transaction,
 ) -> dict[bytes, float]:
-    """wanted_at of each stored chunk among ``ids``; ``release()`` every RELEASE_RECORDS."""
+    """wanted_at of each stored chunk among ``ids``; ``trim()`` every CHECK_RECORDS."""
     out = {}
     for i, cid in enumerate(ids, 1):
-        if i % RELEASE_RECORDS == 0:
-            release()
+        if i % CHECK_RECORDS == 0:
+            trim()
         meta = txn.get(cid, db=chunk_meta)
         if meta is not None:
             out[cid] = _CHUNK_META.unpack(meta)[0]

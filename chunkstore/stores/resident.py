@@ -13,6 +13,8 @@ import ctypes
 import ctypes.util
 import mmap
 import os
+import resource
+import threading
 from pathlib import Path
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
@@ -36,3 +38,37 @@ def drop_resident(ranges: list[tuple[int, int]]) -> None:
     """Unmap the resident pages of these (shared, read-only file) mappings."""
     for start, end in ranges:
         _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
+
+
+class FaultBudget:
+    """Counts the page faults that threads take while reading a map, so that its pages are
+    dropped only once they may hold about ``limit`` faults' worth, not on a fixed schedule.
+
+    One fault maps a whole page-cache folio (up to 2 MiB), so the map's resident size stays
+    under ``limit`` times that; dropping costs the refaults of the pages still in use, which a
+    count of records read would pay even when every lookup hit pages mapped already. Faults a
+    thread takes for anything else count too: the budget errs towards dropping.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._spent = 0
+        self._seen = threading.local()  # the calling thread's fault count at its last check
+
+    def spent(self) -> bool:
+        """Add the calling thread's faults since its last check; True once the faults added
+        since the last :meth:`reset` reach the limit."""
+        now = _thread_faults()
+        last = getattr(self._seen, "faults", now)
+        self._seen.faults = now
+        self._spent += now - last
+        return self._spent >= self.limit
+
+    def reset(self) -> None:
+        self._spent = 0
+        self._seen.faults = _thread_faults()
+
+
+def _thread_faults() -> int:
+    usage = resource.getrusage(resource.RUSAGE_THREAD)
+    return usage.ru_minflt + usage.ru_majflt
