@@ -26,7 +26,8 @@ times faster than zstd's many short matches.
 Ids 4 and up are free for later codecs: add an object with ``name``, ``encode`` and ``decode``
 to ``CODECS``; callers only use the functions below. (Deltas between versions are not a codec:
 an XOR chunk is an ordinary chunk, see :mod:`chunkstore.delta`; :func:`decode_xor`,
-:func:`xor_into` and :func:`planes_of` let it be rebuilt without extra passes.)
+:func:`decode_xor_many`, :func:`xor_into` and :func:`planes_of` let it be rebuilt without extra
+passes.)
 A codec never changes a chunk's id, which is the BLAKE3 of the raw bytes.
 
 Decoding allocates at most the header's raw length (up to 4 GiB): a caller that takes blobs from
@@ -437,9 +438,9 @@ def decode_xor_many(
     """:func:`decode_xor` of each pair, or None for a pair that does not decode (decode_xor
     of that pair says why).
 
-    The zstd planes of all pairs are decompressed in one call, which lets other threads run
-    once for the lot rather than once per plane: for a reader's batch of chunks on a few
-    threads, the handoffs cost more than the calls.
+    The zstd planes of all pairs are decompressed in one call, which releases the GIL once
+    for the lot instead of once per plane: a reader's threads then hand it to each other far
+    less often, which costs them more than the calls themselves.
     """
     out: list[np.ndarray | None] = [None] * len(pairs)
     batched: list[tuple[int, _PlanePair]] = []
@@ -453,12 +454,13 @@ def decode_xor_many(
         except CodecError:
             pass
     frames = [pair.frames() for _, pair in batched]
-    sizes = [pair.length // pair.codec.k for _, pair in batched]
+    flat: list[memoryview] = []
+    sizes: list[int] = []
+    for (_, pair), group in zip(batched, frames, strict=True):
+        flat += group
+        sizes += [pair.length // pair.codec.k] * len(group)
     try:
-        planes = _decompress_many(
-            [frame for group in frames for frame in group],
-            [size for group, size in zip(frames, sizes, strict=True) for _ in group],
-        )
+        planes = _decompress_many(flat, sizes)
     except CodecError:  # one damaged frame fails the call: decode the pairs one by one
         planes = None
     start = 0
