@@ -26,15 +26,20 @@ times faster than zstd's many short matches.
 Ids 4 and up are free for later codecs: add an object with ``name``, ``encode`` and ``decode``
 to ``CODECS``; callers only use the functions below. (Deltas between versions are not a codec:
 an XOR chunk is an ordinary chunk, see :mod:`chunkstore.delta`; :func:`decode_xor`,
-:func:`xor_into` and :func:`planes_of` let it be rebuilt without extra passes.)
+:func:`decode_xor_many`, :func:`xor_into` and :func:`planes_of` let it be rebuilt without extra
+passes.)
 A codec never changes a chunk's id, which is the BLAKE3 of the raw bytes.
 
 Decoding allocates at most the header's raw length (up to 4 GiB): a caller that takes blobs from
 the network should check ``raw_length(blob)`` against its maximum chunk size first.
 """
 
+from __future__ import annotations
+
 import struct
 import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -169,28 +174,45 @@ class Planes:
     ) -> tuple[list, memoryview]:
         """The k planes of ``payload`` and its raw remainder, not yet interleaved; with
         ``sparse``, a sparse plane is given as its (positions, values) arrays."""
+        table, remainder = self.plane_table(payload, length)
+        m = length // self.k
+        planes = [
+            _decompress(stored, m) if method == PLANE_ZSTD else stored for method, stored in table
+        ]
+        return self._unpack_sparse(table, planes, m, sparse), remainder
+
+    def plane_table(
+        self, payload: memoryview, length: int
+    ) -> tuple[list[tuple[int, memoryview]], memoryview]:
+        """``(method, stored bytes)`` of each of the k planes of ``payload``, and its raw
+        remainder, with the sizes checked; nothing is decompressed yet."""
         k, m = self.k, length // self.k
         offset = k * _PLANE_ENTRY.size
         if len(payload) < offset:
             raise CodecError(f"{self.name} payload too short for its plane table")
-        planes = []
+        table = []
         for j, (method, size) in enumerate(_PLANE_ENTRY.iter_unpack(payload[:offset])):
             stored = payload[offset : offset + size]
             if len(stored) != size:
                 raise CodecError(f"{self.name} plane {j} is truncated")
-            if method == PLANE_RAW and size == m:
-                planes.append(stored)
-            elif method == PLANE_ZSTD:
-                planes.append(_decompress(stored, m))
-            elif method == PLANE_SPARSE:
-                parts = _sparse_parts(stored, m, self.name, j)
-                planes.append(parts if sparse else _dense(parts, m))
-            else:
+            if method not in (PLANE_ZSTD, PLANE_SPARSE) and not (method == PLANE_RAW and size == m):
                 raise CodecError(f"{self.name} plane {j} has bad method {method} or size {size}")
+            table.append((method, stored))
             offset += size
         if len(payload) - offset != length - m * k:
             raise CodecError(f"{self.name} payload has a wrong remainder")
-        return planes, payload[offset:]
+        return table, payload[offset:]
+
+    def _unpack_sparse(
+        self, table: list[tuple[int, memoryview]], planes: list, m: int, sparse: bool
+    ) -> list:
+        """``planes`` (from :meth:`plane_table`, zstd planes already decompressed) with each
+        sparse plane as its (positions, values) arrays, or with ``sparse`` False, dense."""
+        for j, (method, stored) in enumerate(table):
+            if method == PLANE_SPARSE:
+                parts = _sparse_parts(stored, m, self.name, j)
+                planes[j] = parts if sparse else _dense(parts, m)
+        return planes
 
 
 PROBE_BYTES = 4096  # a plane whose first bytes do not shrink is stored without compressing
@@ -401,16 +423,114 @@ def decode_xor(blob: bytes | memoryview, other: bytes | memoryview) -> np.ndarra
     When both are byte planes of the same element size the planes are XORed before they are
     interleaved, which saves one interleaving pass. Raises CodecError like :func:`decode`.
     """
-    codec, length = _parse_header(blob)
-    other_codec, other_length = _parse_header(other)
-    if length != other_length:
-        raise CodecError(f"cannot XOR blobs of {length} and {other_length} raw bytes")
-    if isinstance(codec, Planes) and isinstance(other_codec, Planes) and codec.k == other_codec.k:
-        planes, rest = codec.decode_planes(memoryview(blob)[_HEADER.size :], length, True)
-        other_planes, other_rest = other_codec.decode_planes(
-            memoryview(other)[_HEADER.size :], length, True
+    pair = _PlanePair.of(blob, other)
+    if pair is None:
+        a = np.frombuffer(decode_buffer(blob), np.uint8)
+        b = np.frombuffer(decode_buffer(other), np.uint8)
+        return np.bitwise_xor(a, b)
+    m = pair.length // pair.codec.k
+    return pair.xor([_decompress(frame, m) for frame in pair.frames()])
+
+
+def decode_xor_many(
+    pairs: Sequence[tuple[bytes | memoryview, bytes | memoryview]],
+) -> list[np.ndarray | None]:
+    """:func:`decode_xor` of each pair, or None for a pair that does not decode (decode_xor
+    of that pair says why).
+
+    The zstd planes of all pairs are decompressed in one call, which releases the GIL once
+    for the lot instead of once per plane: a reader's threads then hand it to each other far
+    less often, which costs them more than the calls themselves.
+    """
+    out: list[np.ndarray | None] = [None] * len(pairs)
+    batched: list[tuple[int, _PlanePair]] = []
+    for i, (blob, other) in enumerate(pairs):
+        try:
+            pair = _PlanePair.of(blob, other)
+            if pair is None:
+                out[i] = decode_xor(blob, other)
+            else:
+                batched.append((i, pair))
+        except CodecError:
+            pass
+    frames = [pair.frames() for _, pair in batched]
+    flat: list[memoryview] = []
+    sizes: list[int] = []
+    for (_, pair), group in zip(batched, frames, strict=True):
+        flat += group
+        sizes += [pair.length // pair.codec.k] * len(group)
+    try:
+        planes = _decompress_many(flat, sizes)
+    except CodecError:  # one damaged frame fails the call: decode the pairs one by one
+        planes = None
+    start = 0
+    for (i, pair), group in zip(batched, frames, strict=True):
+        try:
+            if planes is None:
+                out[i] = decode_xor(*pairs[i])
+            else:
+                out[i] = pair.xor(planes[start : start + len(group)])
+        except CodecError:
+            pass
+        start += len(group)
+    return out
+
+
+def _decompress_many(frames: list[memoryview], sizes: list[int]) -> list:
+    """The zstd ``frames`` decompressed (bytes-like objects), each checked to hold its size."""
+    if not frames:
+        return []
+    try:
+        result = _zstd().decompressor.multi_decompress_to_buffer(
+            frames, decompressed_sizes=np.array(sizes, np.uint64).tobytes()
         )
-        k, m = codec.k, length // codec.k
+    except (zstandard.ZstdError, ValueError) as e:
+        raise CodecError(f"zstd: {e}") from e
+    return [result[i] for i in range(len(frames))]
+
+
+@dataclass(frozen=True)
+class _PlanePair:
+    """Two byte-plane blobs of one element size and raw length, parsed, not yet decoded."""
+
+    codec: Planes
+    length: int
+    tables: tuple[list[tuple[int, memoryview]], list[tuple[int, memoryview]]]
+    remainders: tuple[memoryview, memoryview]
+
+    @classmethod
+    def of(cls, blob: bytes | memoryview, other: bytes | memoryview) -> _PlanePair | None:
+        """The pair, None if the blobs are not byte planes of one element size; CodecError if
+        either is malformed or their raw lengths differ."""
+        codec, length = _parse_header(blob)
+        other_codec, other_length = _parse_header(other)
+        if length != other_length:
+            raise CodecError(f"cannot XOR blobs of {length} and {other_length} raw bytes")
+        if not (isinstance(codec, Planes) and isinstance(other_codec, Planes)):
+            return None
+        if codec.k != other_codec.k:
+            return None
+        table, rest = codec.plane_table(memoryview(blob)[_HEADER.size :], length)
+        other_table, other_rest = codec.plane_table(memoryview(other)[_HEADER.size :], length)
+        return cls(codec, length, (table, other_table), (rest, other_rest))
+
+    def frames(self) -> list[memoryview]:
+        """The zstd frames of both blobs' planes, in order."""
+        return [stored for table in self.tables for method, stored in table if method == PLANE_ZSTD]
+
+    def xor(self, decompressed: Sequence) -> np.ndarray:
+        """The XOR of the two blobs' raw bytes, given their :meth:`frames` decompressed."""
+        k, m = self.codec.k, self.length // self.codec.k
+        frames = iter(decompressed)
+        planes, other_planes = (
+            self.codec._unpack_sparse(
+                table,
+                [next(frames) if method == PLANE_ZSTD else stored for method, stored in table],
+                m,
+                True,
+            )
+            for table in self.tables
+        )
         dense, fixes = [], []
         for j, (a, b) in enumerate(zip(planes, other_planes, strict=True)):
             if isinstance(a, tuple) and isinstance(b, tuple):
@@ -422,17 +542,15 @@ def decode_xor(blob: bytes | memoryview, other: bytes | memoryview) -> np.ndarra
                 fixes.append((j, a))
             else:
                 dense.append(np.bitwise_xor(np.frombuffer(a, np.uint8), np.frombuffer(b, np.uint8)))
+        rest, other_rest = self.remainders
         if len(rest):
             rest = np.bitwise_xor(np.frombuffer(rest, np.uint8), np.frombuffer(other_rest, "u1"))
-        out = _interleave(dense, rest, length)
+        out = _interleave(dense, rest, self.length)
         for j, (positions, values) in fixes:
             where = np.multiply(positions, k, dtype=np.intp)
             where += j
             out[where] ^= values
         return out
-    a = np.frombuffer(decode_buffer(blob), np.uint8)
-    b = np.frombuffer(decode_buffer(other), np.uint8)
-    return np.bitwise_xor(a, b)
 
 
 def planes_of(blob: bytes | memoryview) -> tuple[list[np.ndarray], memoryview] | None:

@@ -370,10 +370,16 @@ def _fetch_and_rebuild(
     def rebuild_all(blobs: Mapping[bytes, bytes | memoryview]) -> list[bytes]:
         """Consume every chunk that rebuilds; return the ones that do not."""
         failed = []
+        xors = [cid for cid in chunk_ids if cid in refs and not refs[cid].transform]
+        pairs = [(blobs[refs[cid].delta], blobs[refs[cid].base]) for cid in xors]
+        rebuilt = dict(zip(xors, codec.decode_xor_many(pairs), strict=True))
         for cid in chunk_ids:
             ref = refs.get(cid)
             if ref is None:
                 raw = codec.verified_buffer(cid, blobs[cid])
+            elif cid in rebuilt:
+                raw = rebuilt.pop(cid)
+                raw = raw if raw is not None and ids.chunk_id(raw) == cid else None
             else:
                 raw = _try_rebuild(cid, ref, blobs[ref.delta], blobs[ref.base])
             if raw is None:

@@ -512,6 +512,69 @@ def test_decode_xor_matches_xor_of_decodes(length):
         codec.decode_xor(codec.encode(base), codec.encode(base + b"x"))
 
 
+def _xor_pair_cases() -> list[tuple[bytes, bytes]]:
+    """Raw (x, y) pairs whose blobs take every path of decode_xor_many."""
+    rng = np.random.default_rng(9)
+    base = bf16_from_f32(weights(rng, 20_000, "fp32")).tobytes()
+    near = bytearray(base)
+    near[::37] = bytes(b ^ 1 for b in near[::37])
+    diff = bytes(a ^ b for a, b in zip(near, base, strict=True))
+    return [(diff, base), (base, diff), (diff[:-1], base[:-1]), (near, base), (diff, diff)]
+
+
+def _frame_damaged(blob: bytes) -> bytes:
+    """``blob`` with the magic number of its first zstd frame broken."""
+    at = blob.index(b"\x28\xb5\x2f\xfd")
+    return blob[:at] + b"\0" + blob[at + 1 :]
+
+
+def test_decode_xor_many_matches_decode_xor():
+    pairs, wants = [], []
+    for x, y in _xor_pair_cases():
+        want = bytes(p ^ q for p, q in zip(x, y, strict=True))
+        for bx, by in [
+            (codec.encode(x, 2), codec.encode(y, 2)),  # planes of both: decoded in one call
+            (codec.encode_as(x, codec.PLANES4), codec.encode(y, 2)),  # planes of two sizes
+            (codec.encode_as(x, codec.ZSTD), codec.encode_as(y, codec.RAW)),  # no planes
+        ]:
+            pairs.append((bx, by))
+            wants.append(want)
+    assert [out.tobytes() for out in codec.decode_xor_many(pairs)] == wants
+    assert codec.decode_xor_many([]) == []
+
+
+def test_decode_xor_many_gives_none_for_bad_pairs_only():
+    (x, y), (u, v) = _xor_pair_cases()[:2]
+    good, other = (codec.encode(x, 2), codec.encode(y, 2)), (codec.encode(u, 2), codec.encode(v, 2))
+    assert b"\x28\xb5\x2f\xfd" in good[1]  # the base's exponent plane is zstd
+    bad = [
+        (good[0], _frame_damaged(good[1])),  # fails the one call for all: pairs decode alone
+        (good[0], codec.encode(y + b"xy", 2)),  # raw lengths differ
+        (b"\x09" + good[0][1:], good[1]),  # unknown codec
+        (good[0], good[1][:-1]),  # truncated
+    ]
+    got = codec.decode_xor_many([good, *bad, other])
+    assert got[0].tobytes() == bytes(p ^ q for p, q in zip(x, y, strict=True))
+    assert got[-1].tobytes() == bytes(p ^ q for p, q in zip(u, v, strict=True))
+    assert got[1:-1] == [None] * len(bad)
+    for pair in bad:
+        with pytest.raises(codec.CodecError):
+            codec.decode_xor(*pair)
+
+
+def test_pull_names_a_delta_whose_frame_is_damaged(tmp_path):
+    store = MemoryStore()
+    repo = Repository(store)
+    _, manifest = _pushed_pair(repo, tmp_path)
+    ref = next(
+        r for r in manifest.delta_refs().values() if b"\x28\xb5\x2f\xfd" in store._chunks[r.delta]
+    )
+    store._chunks[ref.delta] = _frame_damaged(store._chunks[ref.delta])
+    with pytest.raises(CorruptChunk) as info:
+        repo.pull("m@v2", tmp_path / "out")
+    assert info.value.chunk_id == ref.delta
+
+
 def test_sparse_planes_round_trip_and_reject_damage():
     plane = np.zeros(70_000 * 2, np.uint8)  # planes above 65536 bytes use 4-byte positions
     plane[3::1001] = 7
