@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from precompile import compile_package
+
 from chunkstore.connect import connect
 from chunkstore.server import local_cluster
 from chunkstore.synthetic import make_series
@@ -146,6 +148,7 @@ def main() -> None:
     parser.add_argument("--phase", choices=("push", "pull"), help=argparse.SUPPRESS)
     parser.add_argument("args", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    compile_package()
     if args.phase:  # a child: url, source, destination
         url, source, dest = args.args
         print(json.dumps(run_phase(args.phase, url, Path(source), Path(dest))))

@@ -59,6 +59,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from precompile import compile_package
 
 from chunkstore.synthetic import DTYPES, make_series, write_safetensors
 
@@ -696,6 +697,7 @@ def main() -> None:
         help="also write all figures as JSON to PATH ('-': stdout, and the tables go to stderr)",
     )
     args = parser.parse_args()
+    compile_package()
     if args.json and str(args.json) == "-":
         sys.stdout = sys.stderr
     dtypes = ["bf16", "fp32"] if args.dtype == "both" else [args.dtype]

@@ -54,6 +54,7 @@ import chunkstore.client.process_setup  # noqa: F401
 # isort: split
 import numpy as np
 import zstandard
+from precompile import compile_package
 
 from chunkstore import codec, delta
 from chunkstore.repository import Repository
@@ -405,6 +406,7 @@ def main() -> int:
     parser.add_argument("--series", choices=SERIES, action="append", help="only these series")
     parser.add_argument("--keep", type=Path, help="keep files and stores under this directory")
     args = parser.parse_args()
+    compile_package()
     if args.size_mb < TENSOR_MB:
         parser.error(f"--size-mb must be at least {TENSOR_MB}")
     started = time.perf_counter()
