@@ -51,7 +51,7 @@ from typing import TypeVar
 
 import grpc
 
-from chunkstore import errors, ids
+from chunkstore import codec, errors, ids
 from chunkstore.cluster_map import ClusterMap, ClusterMapError, NodeSpec, map_from_proto, newer
 from chunkstore.stores.base import ChunkInfo, ChunkTotals, Store
 from chunkstore.v1 import store_pb2 as pb
@@ -423,11 +423,16 @@ class ClusterStore(Store):
         return iter(self._fetch(ids, verify=True, workers=workers))
 
     def read_into(
-        self, ids: Sequence[bytes], consume: Callable[[bytes, bytes], None], workers: int = 2
+        self,
+        ids: Sequence[bytes],
+        consume: Callable[[bytes, codec.RawBuffer], None],
+        workers: int = 2,
     ) -> None:
         """As :meth:`read`, calling ``consume(id, raw bytes)`` on the threads that receive the
         streams (several at once: ``consume`` must be thread-safe), so nothing funnels through
-        the caller's thread. An exception ``consume`` raises ends the read and is raised here.
+        the caller's thread. The raw bytes are bytes-like and valid only during the call, as
+        in :meth:`ChunkStore.read_into`. An exception ``consume`` raises ends the read and is
+        raised here.
         """
         self._fetch(ids, verify=True, workers=workers, deliver=consume).run()
 
@@ -437,7 +442,7 @@ class ClusterStore(Store):
         *,
         verify: bool,
         workers: int,
-        deliver: Callable[[bytes, bytes], None] | None = None,
+        deliver: Callable[[bytes, codec.RawBuffer], None] | None = None,
     ) -> Fetch:
         involved = min(len(self._nodes), max(1, len(ids)))
         return Fetch(

@@ -69,7 +69,7 @@ def check_chunk(cid: bytes, blob: bytes | memoryview) -> Rejection | None:
             f"chunk {cid.hex()} is too large: {length} raw bytes, at most {MAX_CHUNK_BYTES}",
         )
     try:
-        codec.decode_verified(cid, blob)
+        codec.verified_buffer(cid, blob)
     except errors.CorruptChunk as e:
         return Rejection("corrupt", str(e))
     return None
