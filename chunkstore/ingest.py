@@ -265,13 +265,22 @@ class Ingester:
                 for cid, data, (_, _, element_size, base) in zip(
                     chunk_ids, datas, cuts, strict=True
                 )
-            ]
+            ],
+            mapped,
+            {cid: offset for cid, (offset, _, _, _) in zip(chunk_ids, cuts, strict=True)},
         )
         mapped.release(cuts[0][0], cuts[-1][0] + cuts[-1][1])
         return [(cid, len(data)) for cid, data in zip(chunk_ids, datas, strict=True)]
 
-    def _check(self, window: list[_Pending]) -> None:
+    def _check(
+        self, window: list[_Pending], mapped: MappedFile, offsets: Mapping[bytes, int]
+    ) -> None:
         """Ask the store which chunks of the window it lacks and queue those for encoding.
+
+        Each encoding task then drops the pages of ``mapped`` its chunks (at ``offsets``)
+        faulted back in: the window's pages were dropped after the check, and a push that
+        finds most chunks stored runs far ahead of its encoders, past where
+        :meth:`MappedFile.release_before` would drop them.
 
         Chunks paired with a base chunk also get their keyframe asked for (and so marked
         wanted by :meth:`finish`); a lacking chunk whose keyframe is stored is queued with it,
@@ -293,6 +302,8 @@ class Ingester:
         new_bytes = 0
         group: list[_Task] = []
         group_bytes = 0
+        spans: list[tuple[int, int]] = []
+        encode = partial(self._pool.submit, _encode_and_release, self.store, mapped)
         for cid, data, element_size, base in fresh.values():
             if cid not in lacking:
                 continue
@@ -307,13 +318,14 @@ class Ingester:
                 keyframe = _Keyframe(key[0], key[1], length, base.tensor)
                 self._delta_tried[cid] = base.tensor
             group.append((cid, data, element_size, keyframe))
+            spans.append((offsets[cid], offsets[cid] + len(data)))
             group_bytes += len(data)
             new_bytes += len(data)
             if group_bytes >= self.limits.group_bytes:
-                self._put_queue(self._pool.submit(_encode_group, self.store, group))
-                group, group_bytes = [], 0
+                self._put_queue(encode(group, spans))
+                group, group_bytes, spans = [], 0, []
         if group:
-            self._put_queue(self._pool.submit(_encode_group, self.store, group))
+            self._put_queue(encode(group, spans))
         self._progress.advance(scanned, new_bytes)
 
     def _deltas_may_pay(self, base: BaseChunk) -> bool:
@@ -406,6 +418,18 @@ def _base_ids(item: _Pending) -> list[bytes]:
 
 def _hash_all(datas: list[memoryview]) -> list[bytes]:
     return [ids.chunk_id(data) for data in datas]
+
+
+def _encode_and_release(
+    store: ChunkStore, mapped: MappedFile, group: list[_Task], spans: list[tuple[int, int]]
+) -> list[Encoded]:
+    """:func:`_encode_group`, then drop the source pages at ``spans`` that encoding faulted
+    in."""
+    try:
+        return _encode_group(store, group)
+    finally:
+        for begin, end in spans:
+            mapped.release(begin, end)
 
 
 def _encode_group(store: ChunkStore, group: list[_Task]) -> list[Encoded]:
