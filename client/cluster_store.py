@@ -51,7 +51,7 @@ from typing import TypeVar
 
 import grpc
 
-from chunkstore import errors, ids
+from chunkstore import codec, errors, ids
 from chunkstore.cluster_map import ClusterMap, ClusterMapError, NodeSpec, map_from_proto, newer
 from chunkstore.stores.base import ChunkInfo, ChunkTotals, Store
 from chunkstore.v1 import store_pb2 as pb
@@ -83,6 +83,7 @@ SCHEME = "grpc://"
 TLS_SCHEME = "grpcs://"
 ID_BYTES_ON_WIRE = 34  # a 32-byte id in a repeated bytes field, for deadlines
 _SCAN_LIMIT = 4096  # ChunkInfo per ScanChunks message
+MARK_BATCH = 65536  # ids per MarkWanted call (~2 MiB)
 
 
 def repo_key(repo: str) -> bytes:
@@ -340,13 +341,17 @@ class ClusterStore(Store):
         return replies.ok
 
     def _held(
-        self, keys: Sequence[bytes], ask: Callable[[NodeClient, list[bytes]], set[bytes]]
+        self,
+        keys: Sequence[bytes],
+        ask: Callable[[NodeClient, list[bytes]], set[bytes]],
+        strict: str | None = None,
     ) -> set[bytes]:
         """The keys that at least ``write_quorum`` of their owners hold.
 
         ``ask(node, keys)`` returns the ones ``node`` holds; a node that fails holds none,
         unless it refused the request as invalid, which raises InvalidInput, or refused the
-        caller, which raises PermissionDenied.
+        caller, which raises PermissionDenied. With ``strict`` (what the call does), a key
+        short of the quorum while some node failed raises instead, naming the failed nodes.
         """
         groups = self._by_owner(keys)
         replies = call_each(
@@ -360,11 +365,14 @@ class ClusterStore(Store):
             if f.code == grpc.StatusCode.INVALID_ARGUMENT or f.code in REFUSED
         ]
         if refused:
-            raise to_error("existence check", refused)
+            raise to_error(strict or "existence check", refused)
         holders: Counter[bytes] = Counter()
         for held in replies.ok.values():
             holders.update(held)
-        return {key for key in keys if holders[key] >= self._quorum}
+        held = {key for key in keys if holders[key] >= self._quorum}
+        if strict and replies.failed and len(held) < len(keys):
+            raise to_error(f"{strict}: write quorum {self._quorum} not reached", replies.failed)
+        return held
 
     def _covered(
         self, keys: Sequence[bytes], groups: dict[NodeClient, list[bytes]], replies: Replies
@@ -392,6 +400,45 @@ class ClusterStore(Store):
             return set(keys).difference(reply.ids)
 
         return set(distinct) - self._held(distinct, ask)
+
+    def lacking(self, ids: Sequence[bytes]) -> set[bytes]:
+        """As :meth:`missing`, by lookups only (``Holds``): the owners mark nothing, so a check
+        costs them no synced transaction; :meth:`mark_wanted` marks what a push found."""
+        distinct = list(dict.fromkeys(ids))
+        if not distinct:
+            return set()
+
+        def ask(node: NodeClient, keys: list[bytes]) -> set[bytes]:
+            reply = node.chunks.Holds(
+                pb.ChunkIds(ids=keys), timeout=self.policy.deadline(ID_BYTES_ON_WIRE * len(keys))
+            )
+            return set(reply.ids)
+
+        return set(distinct) - self._held(distinct, ask)
+
+    def mark_wanted(self, ids: Sequence[bytes]) -> set[bytes]:
+        """Mark the chunks wanted on every owner (one ``MarkWanted`` call per node and
+        ``MARK_BATCH`` ids); return those that fewer than ``write_quorum`` owners still hold.
+
+        Raises StoreUnavailable naming the failed nodes if a node that did not answer leaves
+        some chunk below the quorum: that chunk is not known to be gone.
+        """
+        distinct = list(dict.fromkeys(ids))
+        if not distinct:
+            return set()
+
+        def mark(node: NodeClient, keys: list[bytes]) -> set[bytes]:
+            gone: set[bytes] = set()
+            for start in range(0, len(keys), MARK_BATCH):
+                part = keys[start : start + MARK_BATCH]
+                reply = node.chunks.MarkWanted(
+                    pb.ChunkIds(ids=part),
+                    timeout=self.policy.deadline(ID_BYTES_ON_WIRE * len(part)),
+                )
+                gone.update(reply.ids)
+            return set(keys) - gone
+
+        return set(distinct) - self._held(distinct, mark, "mark chunks wanted")
 
     def put(self, chunks: Sequence[tuple[bytes, bytes]]) -> int:
         """Store each chunk on all its owners; succeed once ``write_quorum`` of them have it.
@@ -423,11 +470,16 @@ class ClusterStore(Store):
         return iter(self._fetch(ids, verify=True, workers=workers))
 
     def read_into(
-        self, ids: Sequence[bytes], consume: Callable[[bytes, bytes], None], workers: int = 2
+        self,
+        ids: Sequence[bytes],
+        consume: Callable[[bytes, codec.RawBuffer], None],
+        workers: int = 2,
     ) -> None:
         """As :meth:`read`, calling ``consume(id, raw bytes)`` on the threads that receive the
         streams (several at once: ``consume`` must be thread-safe), so nothing funnels through
-        the caller's thread. An exception ``consume`` raises ends the read and is raised here.
+        the caller's thread. The raw bytes are bytes-like and valid only during the call, as
+        in :meth:`ChunkStore.read_into`. An exception ``consume`` raises ends the read and is
+        raised here.
         """
         self._fetch(ids, verify=True, workers=workers, deliver=consume).run()
 
@@ -437,7 +489,7 @@ class ClusterStore(Store):
         *,
         verify: bool,
         workers: int,
-        deliver: Callable[[bytes, bytes], None] | None = None,
+        deliver: Callable[[bytes, codec.RawBuffer], None] | None = None,
     ) -> Fetch:
         involved = min(len(self._nodes), max(1, len(ids)))
         return Fetch(

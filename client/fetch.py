@@ -45,7 +45,8 @@ Owners = Callable[[Sequence[bytes]], Sequence[Sequence[NodeClient]]]
 _UNSENT = grpc.StatusCode.ABORTED
 _UNSENT_DETAIL = "not sent: the stream ended at "
 Fallback = Callable[[], Sequence[NodeClient]]
-Deliver = Callable[[bytes, bytes], None]
+#: Takes an id and its bytes, valid only during the call (see :meth:`Fetch.run`).
+Deliver = Callable[[bytes, codec.RawBuffer], None]
 
 
 @dataclass(eq=False)
@@ -78,7 +79,9 @@ class Fetch:
 
     With ``deliver``, call :meth:`run` instead of iterating: the stream threads call
     ``deliver(id, data)`` themselves, from several threads at once, and an exception it raises
-    ends the fetch and is raised by :meth:`run`.
+    ends the fetch and is raised by :meth:`run`. There ``data`` is bytes-like and valid only
+    during the call (it may share the received message): nothing is copied that is written
+    out at once.
     """
 
     def __init__(
@@ -326,11 +329,18 @@ class Fetch:
                 out.append((cid, bytes(blob)))
                 continue
             try:
-                out.append((cid, codec.decode_verified(cid, blob)))
+                out.append((cid, self._decode(cid, blob)))
             except errors.CorruptChunk as exc:
                 reason = str(exc).removeprefix(f"chunk {cid.hex()} is corrupt: ")
                 failures[cid] = NodeCallError(node.spec, grpc.StatusCode.DATA_LOSS, reason)
         return out
+
+    def _decode(self, cid: bytes, blob: memoryview) -> codec.RawBuffer:
+        """The verified raw bytes of ``blob``: a buffer that may share the received message
+        when they go to ``deliver`` at once, else a copy of their own."""
+        if self._deliver is not None:
+            return codec.verified_buffer(cid, blob)
+        return codec.decode_verified(cid, blob)
 
     def _post(self, item: tuple) -> bool:
         """Queue ``item`` for the reader; False if the fetch was abandoned meanwhile."""

@@ -54,8 +54,10 @@ class Scope(IntEnum):
 #: The scope each ``chunkstore.v1`` method needs, by ``Service/Method``. A method not listed
 #: needs admin.
 METHOD_SCOPES: dict[str, Scope] = {
-    # Missing marks the chunks it finds as wanted (GC spares them): part of a push.
+    # Missing and MarkWanted mark the chunks they find as wanted (GC spares them): part of a
+    # push.
     "ChunkService/Missing": Scope.WRITE,
+    "ChunkService/MarkWanted": Scope.WRITE,
     "ChunkService/PutChunks": Scope.WRITE,
     "ChunkService/GetChunks": Scope.READ,
     "ChunkService/DeleteChunks": Scope.ADMIN,

@@ -69,7 +69,7 @@ def check_chunk(cid: bytes, blob: bytes | memoryview) -> Rejection | None:
             f"chunk {cid.hex()} is too large: {length} raw bytes, at most {MAX_CHUNK_BYTES}",
         )
     try:
-        codec.decode_verified(cid, blob)
+        codec.verified_buffer(cid, blob)
     except errors.CorruptChunk as e:
         return Rejection("corrupt", str(e))
     return None
@@ -285,6 +285,12 @@ class ChunkServicer(pb_grpc.ChunkServiceServicer):
         held = self._store.holds(wanted)
         return pb.ChunkIds(ids=[cid for cid in wanted if cid in held])
 
+    def MarkWanted(self, request: pb.ChunkIds, context: grpc.ServicerContext) -> pb.ChunkIds:
+        wanted = list(dict.fromkeys(chunk_ids(request.ids)))
+        gone = self._store.mark_wanted(wanted)
+        self._metrics.chunks_deduplicated.inc(len(wanted) - len(gone))
+        return pb.ChunkIds(ids=[cid for cid in wanted if cid in gone])
+
     def RangeDigests(
         self, request: pb.RangeDigestsRequest, context: grpc.ServicerContext
     ) -> pb.RangeDigestsReply:
@@ -336,6 +342,7 @@ def add_chunk_service(servicer: ChunkServicer, server: grpc.Server) -> None:
         "ScanChunks": stream(servicer.ScanChunks, **codec(pb.ScanChunksRequest, pb.ChunkInfoBatch)),
         "Totals": unary(servicer.Totals, **codec(pb.Empty, pb.ChunkTotals)),
         "Holds": unary(servicer.Holds, **codec(pb.ChunkIds, pb.ChunkIds)),
+        "MarkWanted": unary(servicer.MarkWanted, **codec(pb.ChunkIds, pb.ChunkIds)),
         "RangeDigests": unary(
             servicer.RangeDigests, **codec(pb.RangeDigestsRequest, pb.RangeDigestsReply)
         ),

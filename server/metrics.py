@@ -66,7 +66,7 @@ class NodeMetrics:
         )
         self.chunks_deduplicated = Counter(
             "chunkstore_chunks_deduplicated_total",
-            "Chunk ids a Missing call found already stored, so the client need not send them",
+            "Chunk ids a push found already stored (Missing, MarkWanted), so it need not send them",
             registry=r,
         )
         self.chunks_rejected = Counter(

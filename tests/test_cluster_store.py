@@ -11,6 +11,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import grpc
 import pytest
@@ -53,6 +54,7 @@ from chunkstore.errors import (
 )
 from chunkstore.ingest import PipelineLimits
 from chunkstore.repository import Repository
+from chunkstore.stores import lmdb_store
 from chunkstore.stores.lmdb_store import LmdbStore
 from chunkstore.synthetic import make_series
 from chunkstore.v1 import store_pb2 as pb
@@ -341,6 +343,68 @@ def test_missing_repairs_an_under_replicated_chunk(cluster4):
     assert {n.id for n in cluster4.map.nodes if node_holds(n.address, [cid])} == {
         o.id for o in owners
     }
+
+
+def wanted_at(address: str, cid: bytes) -> float:
+    """When the node at ``address`` last marked chunk ``cid`` wanted, asked directly."""
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.ChunkServiceStub(channel)
+        for batch in stub.ScanChunks(pb.ScanChunksRequest(), timeout=10):
+            for info in batch.chunks:
+                if info.id == cid:
+                    return info.wanted_at
+    raise AssertionError(f"{address} does not hold {cid.hex()}")
+
+
+def test_lacking_marks_nothing_and_mark_wanted_marks_every_owner(tmp_path, monkeypatch):
+    raw = random_bytes(5000, seed=12)
+    stale, absent = ids.chunk_id(raw), ids.chunk_id(b"never stored")
+    an_hour_ago = time.time() - 3600
+    with LocalCluster(tmp_path / "c", nodes=3, replicas=2) as cluster:
+        owners = cluster.map.owners(stale)
+        for owner in owners:  # a copy last wanted an hour ago on each owner
+            cluster.stop(owner.id)
+            with monkeypatch.context() as m, LmdbStore(cluster.node_data(owner.id)) as shard:
+                m.setattr(lmdb_store, "time", SimpleNamespace(time=lambda: an_hour_ago))
+                shard.put([(stale, blob(raw))])
+            cluster.start(owner.id)
+        started = time.time()
+        with ClusterStore.connect(cluster.url) as store:
+            assert store.lacking([stale, absent, stale]) == {absent}
+            assert all(wanted_at(o.address, stale) < started for o in owners)
+            assert store.mark_wanted([stale, absent]) == {absent}
+            assert all(wanted_at(o.address, stale) >= started for o in owners)
+            assert store.mark_wanted([]) == set()
+
+            cluster.stop(owners[1].id)  # gone or unreachable? not known: no verdict
+            with pytest.raises(StoreUnavailable, match=f"mark chunks wanted.*{owners[1].id}"):
+                store.mark_wanted([stale])
+
+
+def test_mark_wanted_refuses_a_malformed_id_and_marks_nothing(tmp_path, monkeypatch):
+    raw = random_bytes(3000, seed=13)
+    cid = ids.chunk_id(raw)
+    an_hour_ago = time.time() - 3600
+    with LocalCluster(tmp_path / "c", nodes=1, replicas=1) as cluster:
+        (node,) = cluster.map.nodes
+        cluster.stop(node.id)
+        with monkeypatch.context() as m, LmdbStore(cluster.node_data(node.id)) as shard:
+            m.setattr(lmdb_store, "time", SimpleNamespace(time=lambda: an_hour_ago))
+            shard.put([(cid, blob(raw))])
+        cluster.start(node.id)
+        with grpc.insecure_channel(node.address) as channel:
+            stub = pb_grpc.ChunkServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as info:
+                stub.MarkWanted(pb.ChunkIds(ids=[cid, b"short"]), timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "id #1" in info.value.details() and "32 bytes" in info.value.details()
+        assert wanted_at(node.address, cid) == an_hour_ago
+        with (
+            ClusterStore.connect(cluster.url) as store,
+            pytest.raises(InvalidInput, match="mark chunks wanted: .* id #0"),
+        ):
+            store.mark_wanted([b"short"])
+        assert wanted_at(node.address, cid) == an_hour_ago
 
 
 # the store protocol

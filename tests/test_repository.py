@@ -7,7 +7,7 @@ import os
 import time
 
 import pytest
-from conftest import random_bytes, tree_bytes, write
+from conftest import random_bytes, rss_file_kib, tree_bytes, write
 
 from chunkstore import codec, ids
 from chunkstore.errors import (
@@ -17,8 +17,10 @@ from chunkstore.errors import (
     InvalidInput,
     NotFound,
 )
+from chunkstore.ingest import PipelineLimits
 from chunkstore.model import FileEntry, Manifest, encode_version
 from chunkstore.repository import Repository
+from chunkstore.stores.memory import MemoryStore
 
 MB = 1 << 20
 
@@ -440,3 +442,30 @@ def test_push_of_a_file_changed_meanwhile_commits_nothing(lmdb_repo, ckpt):
     with pytest.raises(ChunkstoreError, match="changed while it was pushed"):
         repo.push(ckpt, repo="m")
     assert len(repo.log("m")) == versions
+
+
+def test_push_drops_source_pages_its_encoders_read(tmp_path):
+    """A push that finds most of a file stored cuts far ahead of its encoders: the pages they
+    read are dropped once encoded, not left mapped until the push ends."""
+    mib = 1 << 20
+    old = random_bytes(64 * mib, seed=31)
+    write(tmp_path / "v1" / "w.bin", old)
+    write(tmp_path / "v2" / "w.bin", random_bytes(24 * mib, seed=32) + old[24 * mib :])
+    peak = [0]
+    before: list[int] = []  # mapped pages before the second push, KiB
+
+    class SlowStore(MemoryStore):
+        """Stores slowly, so the encoders fall behind; notes the source pages mapped."""
+
+        def put(self, chunks):
+            if before:
+                time.sleep(0.05)
+                peak[0] = max(peak[0], rss_file_kib() - before[0])
+            return super().put(chunks)
+
+    limits = PipelineLimits(window_bytes=2 * mib, group_bytes=1 * mib, batch_bytes=2 * mib)
+    with Repository(SlowStore(), limits=limits) as repo:
+        repo.push(tmp_path / "v1", "m")
+        before.append(rss_file_kib())
+        repo.push(tmp_path / "v2", "m")
+    assert peak[0] < 10 << 10  # KiB: ~6 MiB; ~14 MiB when only the cutting dropped pages

@@ -330,6 +330,7 @@ def test_scope_table_names_real_methods_and_new_ones_need_admin():
     assert required_scope("/chunkstore.v1.ClusterService/AddNode") == Scope.ADMIN
     assert required_scope("/chunkstore.v1.ChunkService/DeleteChunks") == Scope.ADMIN
     assert required_scope("/chunkstore.v1.ChunkService/Missing") == Scope.WRITE
+    assert required_scope("/chunkstore.v1.ChunkService/MarkWanted") == Scope.WRITE
     assert required_scope("/chunkstore.v1.ChunkService/GetChunks") == Scope.READ
 
 
@@ -347,7 +348,8 @@ def test_read_token_pulls_but_cannot_push(auth_cluster, tmp_path, capsys):
     argv = ["push", str(new), "--repo", "read-test", "-q", "--store", url]
     assert cli_main([*argv, "--token", TOKENS["read"]]) == PermissionDenied.exit_code
     line = one_line(capsys.readouterr().err)
-    assert ": permission denied: token 'reader' has scope read, Missing needs write" in line
+    # The existence check only looks (read scope); storing the new chunks needs write.
+    assert ": permission denied: token 'reader' has scope read, PutChunks needs write" in line
     assert TOKENS["read"] not in line
 
     chunk = random_bytes(5000, 99)

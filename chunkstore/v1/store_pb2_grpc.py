@@ -72,6 +72,11 @@ class ChunkServiceStub:
                 request_serializer=chunkstore_dot_v1_dot_store__pb2.ChunkIds.SerializeToString,
                 response_deserializer=chunkstore_dot_v1_dot_store__pb2.ChunkIds.FromString,
                 _registered_method=True)
+        self.MarkWanted = channel.unary_unary(
+                '/chunkstore.v1.ChunkService/MarkWanted',
+                request_serializer=chunkstore_dot_v1_dot_store__pb2.ChunkIds.SerializeToString,
+                response_deserializer=chunkstore_dot_v1_dot_store__pb2.ChunkIds.FromString,
+                _registered_method=True)
         self.RangeDigests = channel.unary_unary(
                 '/chunkstore.v1.ChunkService/RangeDigests',
                 request_serializer=chunkstore_dot_v1_dot_store__pb2.RangeDigestsRequest.SerializeToString,
@@ -132,6 +137,15 @@ class ChunkServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MarkWanted(self, request, context):
+        """Marks the request's chunks wanted now (GC spares them for its grace period), in one
+        transaction; returns the ids among them this node does not hold. A push that asked Holds
+        instead of Missing marks the chunks it found this way before its version becomes visible.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def RangeDigests(self, request, context):
         """Per range, a digest of the ids this node holds that both it and the caller own under
         this node's map: equal digests on both sides mean the range is in sync between them.
@@ -175,6 +189,11 @@ def add_ChunkServiceServicer_to_server(servicer, server):
             ),
             'Holds': grpc.unary_unary_rpc_method_handler(
                     servicer.Holds,
+                    request_deserializer=chunkstore_dot_v1_dot_store__pb2.ChunkIds.FromString,
+                    response_serializer=chunkstore_dot_v1_dot_store__pb2.ChunkIds.SerializeToString,
+            ),
+            'MarkWanted': grpc.unary_unary_rpc_method_handler(
+                    servicer.MarkWanted,
                     request_deserializer=chunkstore_dot_v1_dot_store__pb2.ChunkIds.FromString,
                     response_serializer=chunkstore_dot_v1_dot_store__pb2.ChunkIds.SerializeToString,
             ),
@@ -374,6 +393,33 @@ class ChunkService:
             request,
             target,
             '/chunkstore.v1.ChunkService/Holds',
+            chunkstore_dot_v1_dot_store__pb2.ChunkIds.SerializeToString,
+            chunkstore_dot_v1_dot_store__pb2.ChunkIds.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MarkWanted(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chunkstore.v1.ChunkService/MarkWanted',
             chunkstore_dot_v1_dot_store__pb2.ChunkIds.SerializeToString,
             chunkstore_dot_v1_dot_store__pb2.ChunkIds.FromString,
             options,
