@@ -229,19 +229,22 @@ class Repository:
         coding deltas against ``base`` where they pay."""
         progress = progress or NoProgress()
         progress.start(sum(local.stat().st_size for _, local in tree), label)
-        ingester = Ingester(self.store, self.chunker, self.limits, progress, base)
-        try:
-            manifests = [(name, local, ingester.ingest_file(local, name)) for name, local in tree]
-            stats = ingester.finish()
-        finally:
-            ingester.close()
-            progress.finish()
-        entries = []
-        for name, local, manifest in manifests:
-            manifest_id, data = manifest.encode()
-            self.store.put_manifest(manifest_id, data)
-            mode = local.stat().st_mode & 0o777
-            entries.append(FileEntry(name, manifest.size, manifest.digest, manifest_id, mode))
+        with self.store.writing():
+            ingester = Ingester(self.store, self.chunker, self.limits, progress, base)
+            try:
+                manifests = [
+                    (name, local, ingester.ingest_file(local, name)) for name, local in tree
+                ]
+                stats = ingester.finish()
+            finally:
+                ingester.close()
+                progress.finish()
+            entries = []
+            for name, local, manifest in manifests:
+                manifest_id, data = manifest.encode()
+                self.store.put_manifest(manifest_id, data)
+                mode = local.stat().st_mode & 0o777
+                entries.append(FileEntry(name, manifest.size, manifest.digest, manifest_id, mode))
         return entries, stats
 
     def delta_bases(

@@ -17,6 +17,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -68,6 +69,12 @@ class ChunkStore(ABC):
         it never asked for because a stored version references them.
         """
         return self.missing(ids)
+
+    def writing(self) -> AbstractContextManager[None]:
+        """A context around a series of writes (a push): the store may hold back reusing the
+        space they free until it ends, to lay each write out in one piece. Contexts may nest
+        and overlap, from any thread."""
+        return nullcontext()
 
     @abstractmethod
     def put(self, chunks: Sequence[tuple[bytes, bytes]]) -> int:

@@ -113,7 +113,9 @@ class LmdbStore(Store):
     """A store in the LMDB environment in directory ``path``.
 
     ``create`` makes the directory and an empty store if there is none; ``map_size`` is the
-    initial map size in bytes (it grows as needed). A ``readonly`` store refuses writes with
+    initial map size in bytes (it grows as needed). The map is address space, not memory or
+    disk: a large one lets a store grow for long without remapping, which would end the
+    snapshot :meth:`writing` holds. A ``readonly`` store refuses writes with
     StoreUnavailable and its :meth:`missing` cannot mark chunks wanted.
 
     Open a directory once per process (py-lmdb refuses a second open) and share the store
@@ -125,7 +127,7 @@ class LmdbStore(Store):
         path: str | Path,
         *,
         create: bool = True,
-        map_size: int = 1 << 30,
+        map_size: int = 64 << 30,
         readonly: bool = False,
     ) -> None:
         self.path = Path(path)
@@ -153,6 +155,8 @@ class LmdbStore(Store):
         self._map_ranges = mapped_ranges(self.path / "data.mdb")
         self._blobs_since_release = self._bytes_since_release = 0
         self._record_faults = FaultBudget(RECORD_FAULTS)
+        self._pin: lmdb.Transaction | None = None  # the snapshot writing() holds
+        self._writing = 0  # writing() contexts open
 
     def _open_env(self, create: bool, map_size: int) -> lmdb.Environment:
         if not (self.path / "data.mdb").exists():
@@ -201,6 +205,9 @@ class LmdbStore(Store):
 
     def close(self) -> None:
         with self._write_lock, self._gate.exclusive():
+            if self._pin is not None:
+                self._pin.abort()
+                self._pin = None
             self._env.close()
 
     # transactions
@@ -275,8 +282,12 @@ class LmdbStore(Store):
         LMDB requires that no transaction of this process is open meanwhile.
         """
         with self._write_lock, self._gate.exclusive():
+            if self._pin is not None:
+                self._pin.abort()
             self._env.set_mapsize(size)
             self._map_ranges = mapped_ranges(self.path / "data.mdb")
+            if self._pin is not None:
+                self._pin = self._env.begin()
 
     def _rows(
         self,
@@ -343,6 +354,36 @@ class LmdbStore(Store):
             if not _touch(txn, self._chunk_meta, cid, now):
                 gone.append(cid)
         return gone
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """See :meth:`ChunkStore.writing`: a read snapshot is held meanwhile.
+
+        A commit frees the previous copies of the B-tree pages it rewrote, and LMDB puts the
+        next commits' pages there, all over the file. The kernel keeps the file in large
+        page-cache folios and writes a whole folio back for a few changed bytes in it: a 1 GB
+        first push wrote 3.9 GB to disk, a 4 GB one 31 GB. While a snapshot older than those
+        pages is held, LMDB cannot reuse them, so each commit's pages go to the end of the file
+        in one piece: 0.8 and 3.4 GB written, and the pushes took 1.8 s instead of 2.5 and
+        8.9 s instead of 13.7. The file holds the pages freed meanwhile (~5 % of what was
+        written) until the last context ends; later writes reuse them. Growing the map ends
+        the snapshot (LMDB remaps with no transaction open) and takes a new one.
+        """
+        if self._readonly:
+            yield
+            return
+        with self._write_lock:
+            self._writing += 1
+            if self._pin is None:
+                self._pin = self._env.begin()
+        try:
+            yield
+        finally:
+            with self._write_lock:
+                self._writing -= 1
+                if not self._writing and self._pin is not None:
+                    self._pin.abort()
+                    self._pin = None
 
     def put(self, chunks: Sequence[tuple[bytes, bytes]]) -> int:
         if not chunks:
