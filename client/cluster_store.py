@@ -340,6 +340,18 @@ class ClusterStore(Store):
             raise to_error(f"{what} needs every node", replies.failed)
         return replies.ok
 
+    def _reported(
+        self, rpc: Callable[[NodeClient], Callable[..., pb.ChunkIds]]
+    ) -> Callable[[NodeClient, list[bytes]], set[bytes]]:
+        """An ``ask`` for :meth:`_held`: the keys a node lists in its reply to ``rpc(node)``,
+        called with the keys and a deadline for their size."""
+
+        def ask(node: NodeClient, keys: list[bytes]) -> set[bytes]:
+            deadline = self.policy.deadline(ID_BYTES_ON_WIRE * len(keys))
+            return set(rpc(node)(pb.ChunkIds(ids=keys), timeout=deadline).ids)
+
+        return ask
+
     def _held(
         self,
         keys: Sequence[bytes],
@@ -407,14 +419,7 @@ class ClusterStore(Store):
         distinct = list(dict.fromkeys(ids))
         if not distinct:
             return set()
-
-        def ask(node: NodeClient, keys: list[bytes]) -> set[bytes]:
-            reply = node.chunks.Holds(
-                pb.ChunkIds(ids=keys), timeout=self.policy.deadline(ID_BYTES_ON_WIRE * len(keys))
-            )
-            return set(reply.ids)
-
-        return set(distinct) - self._held(distinct, ask)
+        return set(distinct) - self._held(distinct, self._reported(lambda n: n.chunks.Holds))
 
     def mark_wanted(self, ids: Sequence[bytes]) -> set[bytes]:
         """Mark the chunks wanted on every owner (one ``MarkWanted`` call per node and
@@ -622,14 +627,7 @@ class ClusterStore(Store):
         distinct = list(dict.fromkeys(manifest_ids))
         if not distinct:
             return set()
-
-        def ask(node: NodeClient, keys: list[bytes]) -> set[bytes]:
-            reply = node.meta.HasManifests(
-                pb.ChunkIds(ids=keys), timeout=self.policy.deadline(ID_BYTES_ON_WIRE * len(keys))
-            )
-            return set(reply.ids)
-
-        return self._held(distinct, ask)
+        return self._held(distinct, self._reported(lambda n: n.meta.HasManifests))
 
     def scan_manifests(self) -> Iterator[tuple[bytes, float]]:
         """``(id, stored_at)`` of every manifest once, the latest stored_at of its copies.
