@@ -224,7 +224,7 @@ class Ingester:
                 del self._delta_of[cid]
                 need.add(cid)
         batch: list[tuple[bytes, bytes]] = []
-        raw_bytes = 0
+        raw_bytes = batch_bytes = 0
         for mapped, manifest in zip(self._maps, self._manifests, strict=True):
             view = mapped.view
             for (cid, length), offset in zip(manifest.chunks, manifest.offsets(), strict=True):
@@ -236,12 +236,14 @@ class Ingester:
                         f"{mapped.path} changed while it was pushed; nothing was committed: "
                         "push again once it is written"
                     )
-                batch.append((cid, codec.encode(data, None)))
+                blob = codec.encode(data)  # chosen by sample: the rare path needs no index
+                batch.append((cid, blob))
                 raw_bytes += length
+                batch_bytes += len(blob)
                 need.discard(cid)
-                if sum(len(blob) for _, blob in batch) >= self.limits.batch_bytes:
+                if batch_bytes >= self.limits.batch_bytes:
                     self._store_batch(batch, raw_bytes)
-                    batch, raw_bytes = [], 0
+                    batch, raw_bytes, batch_bytes = [], 0, 0
         if batch:
             self._store_batch(batch, raw_bytes)
 

@@ -98,12 +98,18 @@ def test_get_of_absent_id_raises(store: Store):
     assert info.value.chunk_id == pairs[1][0]
 
 
-def test_missing_reports_absent_and_refreshes_wanted_at(store: Store, monkeypatch):
-    monkeypatch.setattr(lmdb_store, "WANTED_REFRESH_SECONDS", 0.0)
+def two_of_three_stored(store: Store) -> tuple[list[tuple[bytes, bytes]], dict[bytes, float]]:
+    """Three chunks, the first two stored; their wanted_at, and a pause so that a mark shows."""
     pairs = chunks(3)
     store.put(pairs[:2])
     before = {i.id: i.wanted_at for i in store.scan()}
     time.sleep(0.01)
+    return pairs, before
+
+
+def test_missing_reports_absent_and_refreshes_wanted_at(store: Store, monkeypatch):
+    monkeypatch.setattr(lmdb_store, "WANTED_REFRESH_SECONDS", 0.0)
+    pairs, before = two_of_three_stored(store)
     asked = [pairs[0][0], pairs[2][0]]
     assert store.missing(asked) == {pairs[2][0]}
     after = {i.id: i.wanted_at for i in store.scan()}
@@ -114,12 +120,10 @@ def test_missing_reports_absent_and_refreshes_wanted_at(store: Store, monkeypatc
 
 def test_lacking_then_mark_wanted_marks_what_was_found(store: Store, monkeypatch):
     monkeypatch.setattr(lmdb_store, "WANTED_REFRESH_SECONDS", 0.0)
-    pairs = chunks(3)
-    store.put(pairs[:2])
-    before = {i.id: i.wanted_at for i in store.scan()}
-    time.sleep(0.01)
-    assert store.lacking([cid for cid, _ in pairs]) == {pairs[2][0]}
-    assert store.mark_wanted([cid for cid, _ in pairs[:2]]) == set()
+    pairs, before = two_of_three_stored(store)
+    every = [cid for cid, _ in pairs]
+    assert store.lacking(every) == {pairs[2][0]}
+    assert store.mark_wanted(every) == {pairs[2][0]}  # names what is not stored
     after = {i.id: i.wanted_at for i in store.scan()}
     assert all(after[cid] > before[cid] for cid, _ in pairs[:2])
     assert pairs[2][0] not in after  # asking stores nothing

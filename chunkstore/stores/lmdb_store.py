@@ -315,12 +315,14 @@ class LmdbStore(Store):
     # chunks
 
     def missing(self, ids: Sequence[bytes]) -> set[bytes]:
-        """See :meth:`ChunkStore.missing`. A chunk wanted within the last
-        ``WANTED_REFRESH_SECONDS`` is not re-marked, which spares a synced write per check
-        when pushes follow each other; GC grace periods are hours, far above it."""
+        """See :meth:`ChunkStore.missing` (and :meth:`ChunkStore.mark_wanted`, which is this):
+        lookups in key order, then one synced transaction marking the stored ones. A chunk
+        wanted within the last ``WANTED_REFRESH_SECONDS`` is not re-marked, which spares that
+        write when pushes follow each other; GC grace periods are hours, far above it."""
         now = time.time()
-        wanted = self._read(partial(_wanted_at, self._chunk_meta, ids, self._trim_in_txn))
-        absent = set(ids).difference(wanted)
+        ordered = sorted(set(ids))
+        wanted = self._read(partial(_wanted_at, self._chunk_meta, ordered, self._trim_in_txn))
+        absent = set(ordered).difference(wanted)
         stale = [cid for cid, at in wanted.items() if at < now - WANTED_REFRESH_SECONDS]
         if stale and not self._readonly:
             absent.update(self._write(partial(self._mark_wanted, stale, now)))
@@ -332,18 +334,6 @@ class LmdbStore(Store):
         one :meth:`mark_wanted` for all its chunks: ~1 s per GB pushed less on this machine."""
         wanted = self._read(partial(_wanted_at, self._chunk_meta, ids, self._trim_in_txn))
         return set(ids).difference(wanted)
-
-    def mark_wanted(self, ids: Sequence[bytes]) -> set[bytes]:
-        """See :meth:`ChunkStore.mark_wanted`: one synced transaction, in key order; chunks
-        wanted within ``WANTED_REFRESH_SECONDS`` are left as they are."""
-        now = time.time()
-        ordered = sorted(set(ids))
-        wanted = self._read(partial(_wanted_at, self._chunk_meta, ordered, self._trim_in_txn))
-        gone = set(ordered).difference(wanted)
-        stale = [cid for cid in ordered if wanted.get(cid, now) < now - WANTED_REFRESH_SECONDS]
-        if stale and not self._readonly:
-            gone.update(self._write(partial(self._mark_wanted, stale, now)))
-        return gone
 
     def _mark_wanted(self, ids: list[bytes], now: float, txn: lmdb.Transaction) -> list[bytes]:
         """Set wanted_at of the ids still stored; return those deleted meanwhile."""
