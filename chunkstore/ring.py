@@ -118,16 +118,19 @@ class HashRing:
         i = bisect_left(self._positions, key_position(key))
         return list(rows[i if i < len(rows) else 0])
 
-    def owners_many(self, keys: Sequence[bytes], n: int) -> list[list[str]]:
-        """``[self.owners(key, n) for key in keys]``, with one vectorised search."""
+    def owners_many(self, keys: Sequence[bytes], n: int) -> list[tuple[str, ...]]:
+        """``[tuple(self.owners(key, n)) for key in keys]``, with one vectorised search.
+
+        Keys with the same owners share one tuple, so callers may map each distinct row once.
+        """
         rows = self._rows.get(n)
         if rows is None:
             rows = self._build_rows(n)
         if not rows:
-            return [[] for _ in keys]
+            return [() for _ in keys]
         idx = np.searchsorted(self._positions_np, key_positions(keys), side="left")
         idx[idx == len(rows)] = 0
-        return [list(rows[i]) for i in idx.tolist()]
+        return [rows[i] for i in idx.tolist()]
 
     def share(self, node_id: str) -> float:
         """The fraction of the key space for which ``node_id`` is the primary owner.

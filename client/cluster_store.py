@@ -323,7 +323,8 @@ class ClusterStore(Store):
         cluster = self._current()
         rows = cluster.ring().owners_many(keys, cluster.replicas)
         nodes = self._nodes
-        return [tuple(nodes[node_id] for node_id in row) for row in rows]
+        clients = {row: tuple(nodes[node_id] for node_id in row) for row in set(rows)}
+        return [clients[row] for row in rows]
 
     def _by_owner(self, keys: Sequence[bytes]) -> dict[NodeClient, list[bytes]]:
         """Every owner of each key, with the keys it owns."""

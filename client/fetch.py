@@ -105,7 +105,8 @@ class Fetch:
         self._queue: queue.Queue = queue.Queue(maxsize=queue_batches)
         self._stop = threading.Event()
         self._running: set[_Stream] = set()
-        self._tries: dict[bytes, Counter[str]] = {cid: Counter() for cid in distinct}
+        self._first: dict[bytes, str] = {}  # the node each id was first asked of
+        self._tries: dict[bytes, Counter[str]] = {}  # per id asked again: node id -> asks
         self._failures: dict[bytes, list[NodeCallError]] = {}
         self._fallback = fallback
         self._others: Sequence[NodeClient] | None = None
@@ -175,15 +176,30 @@ class Fetch:
     # planning
 
     def _assign(self, ids: list[bytes]) -> dict[NodeClient, list[bytes]]:
-        """Each id to the least loaded of its owners, healthy ones first, then in ring order."""
-        load: Counter[str] = Counter()
+        """Each id to the least loaded of its healthy owners (of all its owners if none is
+        healthy), the first in ring order on a tie; each node's ids in the order given."""
+        choices = {
+            owners: [n for n in owners if n.healthy] or list(owners)
+            for owners in set(self._owners.values())
+        }
+        load = dict.fromkeys({n for nodes in choices.values() for n in nodes}, 0)
         plan: dict[NodeClient, list[bytes]] = {}
         for cid in ids:
-            node = min(self._owners[cid], key=lambda n: (not n.healthy, load[n.id]))
-            load[node.id] += 1
-            self._tries[cid][node.id] += 1
+            node, *others = choices[self._owners[cid]]
+            for other in others:
+                if load[other] < load[node]:
+                    node = other
+            load[node] += 1
+            self._first[cid] = node.id
             plan.setdefault(node, []).append(cid)
         return plan
+
+    def _tries_of(self, cid: bytes) -> Counter[str]:
+        """How often ``cid`` was asked of each node."""
+        tries = self._tries.get(cid)
+        if tries is None:
+            tries = self._tries[cid] = Counter({self._first[cid]: 1})
+        return tries
 
     def _next_owner(self, cid: bytes, failure: NodeCallError) -> tuple[NodeClient, float]:
         """Where to ask for ``cid`` after ``failure``, and how long to wait first.
@@ -194,7 +210,7 @@ class Fetch:
             # ask the same node again: nothing says it lacks this id
             return self._client(cid, failure.node.id), 0.0
         self._failures.setdefault(cid, []).append(failure)
-        tries = self._tries[cid]
+        tries = self._tries_of(cid)
         limit = self._policy.attempts
         if not failure.retryable:
             tries[failure.node.id] = limit  # this owner will not do
