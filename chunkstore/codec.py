@@ -139,6 +139,7 @@ class Planes:
     def __init__(self, k: int):
         self.k = k
         self.name = f"planes{k}"
+        self._table = struct.Struct("<" + "BI" * k)  # the k entries of _PLANE_ENTRY
 
     def encode(self, raw: memoryview) -> list[bytes | memoryview]:
         k, m = self.k, len(raw) // self.k
@@ -187,11 +188,13 @@ class Planes:
         """``(method, stored bytes)`` of each of the k planes of ``payload``, and its raw
         remainder, with the sizes checked; nothing is decompressed yet."""
         k, m = self.k, length // self.k
-        offset = k * _PLANE_ENTRY.size
+        offset = self._table.size
         if len(payload) < offset:
             raise CodecError(f"{self.name} payload too short for its plane table")
+        entries = self._table.unpack_from(payload)
         table = []
-        for j, (method, size) in enumerate(_PLANE_ENTRY.iter_unpack(payload[:offset])):
+        for j in range(k):
+            method, size = entries[2 * j], entries[2 * j + 1]
             stored = payload[offset : offset + size]
             if len(stored) != size:
                 raise CodecError(f"{self.name} plane {j} is truncated")
@@ -515,38 +518,46 @@ class _PlanePair:
         return cls(codec, length, (table, other_table), (rest, other_rest))
 
     def frames(self) -> list[memoryview]:
-        """The zstd frames of both blobs' planes, in order."""
-        return [stored for table in self.tables for method, stored in table if method == PLANE_ZSTD]
+        """The zstd frames of both blobs' planes, plane by plane (the blob's, then the
+        other's)."""
+        return [
+            stored
+            for entries in zip(*self.tables, strict=True)
+            for method, stored in entries
+            if method == PLANE_ZSTD
+        ]
 
     def xor(self, decompressed: Sequence) -> np.ndarray:
-        """The XOR of the two blobs' raw bytes, given their :meth:`frames` decompressed."""
+        """The XOR of the two blobs' raw bytes, given their :meth:`frames` decompressed.
+
+        Dense planes are XORed before the one interleaving pass; a sparse plane is XORed
+        afterwards, at its nonzero bytes only.
+        """
         k, m = self.codec.k, self.length // self.codec.k
         frames = iter(decompressed)
-        planes, other_planes = (
-            self.codec._unpack_sparse(
-                table,
-                [next(frames) if method == PLANE_ZSTD else stored for method, stored in table],
-                m,
-                True,
-            )
-            for table in self.tables
-        )
-        dense, fixes = [], []
-        for j, (a, b) in enumerate(zip(planes, other_planes, strict=True)):
-            if isinstance(a, tuple) and isinstance(b, tuple):
-                a = _dense(a, m)
-            if isinstance(b, tuple):
-                a, b = b, a
-            if isinstance(a, tuple):  # XOR only the bytes a sparse plane changes, at the end
-                dense.append(b)
-                fixes.append((j, a))
+        dense: list[np.ndarray] = []
+        fixes: list[tuple[int, memoryview]] = []
+        for j, ((method, a), (other_method, b)) in enumerate(zip(*self.tables, strict=True)):
+            if method == PLANE_ZSTD:
+                a = next(frames)
+            if other_method == PLANE_ZSTD:
+                b = next(frames)
+            if method == PLANE_SPARSE:
+                method, other_method, a, b = other_method, method, b, a
+            if method == PLANE_SPARSE:  # both sparse
+                dense.append(_dense(_sparse_parts(a, m, self.codec.name, j), m))
+                fixes.append((j, b))
+            elif other_method == PLANE_SPARSE:
+                dense.append(np.frombuffer(a, np.uint8))
+                fixes.append((j, b))
             else:
-                dense.append(np.bitwise_xor(np.frombuffer(a, np.uint8), np.frombuffer(b, np.uint8)))
+                dense.append(np.bitwise_xor(np.frombuffer(a, np.uint8), np.frombuffer(b, "u1")))
         rest, other_rest = self.remainders
         if len(rest):
             rest = np.bitwise_xor(np.frombuffer(rest, np.uint8), np.frombuffer(other_rest, "u1"))
         out = _interleave(dense, rest, self.length)
-        for j, (positions, values) in fixes:
+        for j, stored in fixes:
+            positions, values = _sparse_parts(stored, m, self.codec.name, j)
             where = np.multiply(positions, k, dtype=np.intp)
             where += j
             out[where] ^= values

@@ -35,10 +35,13 @@ from functools import partial
 import numpy as np
 
 from chunkstore import codec, ids
+from chunkstore.client.allocator import keep_freed_memory
 from chunkstore.errors import CorruptChunk
 from chunkstore.model import DeltaRef, Manifest, TensorInfo
 from chunkstore.parallel import for_each
 from chunkstore.stores.base import CHUNKS_PER_TASK, ChunkStore
+
+Blob = bytes | memoryview
 
 #: A delta is kept only if its blob is at most this share of the chunk's standalone blob; a
 #: chunk whose delta stops paying is stored on its own and becomes the next keyframe.
@@ -349,6 +352,7 @@ def read_chunks_into(
     if not any(cid in refs for cid in wanted):
         store.read_into(wanted, consume, workers=workers)
         return
+    keep_freed_memory()
     tasks = (wanted[i : i + CHUNKS_PER_TASK] for i in range(0, len(wanted), CHUNKS_PER_TASK))
     for_each(partial(_fetch_and_rebuild, store, refs, consume), tasks, workers, "chunk-rebuild")
 
@@ -370,18 +374,14 @@ def _fetch_and_rebuild(
     def rebuild_all(blobs: Mapping[bytes, bytes | memoryview]) -> list[bytes]:
         """Consume every chunk that rebuilds; return the ones that do not."""
         failed = []
-        xors = [cid for cid in chunk_ids if cid in refs and not refs[cid].transform]
-        pairs = [(blobs[refs[cid].delta], blobs[refs[cid].base]) for cid in xors]
-        rebuilt = dict(zip(xors, codec.decode_xor_many(pairs), strict=True))
+        coded = [
+            (cid, refs[cid], blobs[refs[cid].delta], blobs[refs[cid].base])
+            for cid in chunk_ids
+            if cid in refs
+        ]
+        rebuilt = dict(zip([c[0] for c in coded], _rebuild_many(coded), strict=True))
         for cid in chunk_ids:
-            ref = refs.get(cid)
-            if ref is None:
-                raw = codec.verified_buffer(cid, blobs[cid])
-            elif cid in rebuilt:
-                raw = rebuilt.pop(cid)
-                raw = raw if raw is not None and ids.chunk_id(raw) == cid else None
-            else:
-                raw = _try_rebuild(cid, ref, blobs[ref.delta], blobs[ref.base])
+            raw = rebuilt[cid] if cid in rebuilt else codec.verified_buffer(cid, blobs[cid])
             if raw is None:
                 failed.append(cid)
             else:
@@ -389,9 +389,7 @@ def _fetch_and_rebuild(
         return failed
 
     for cid in store.with_blobs(list(parts), rebuild_all):
-        ref = refs[cid]  # re-read its parts verified, to name the damaged one
-        fresh = dict(store.read(list(dict.fromkeys((ref.delta, ref.base))), workers=1))
-        consume(cid, rebuild(cid, ref, fresh[ref.delta], fresh[ref.base]))
+        consume(cid, _rebuild_verified(store, cid, refs[cid]))
 
 
 def read_chunks(
@@ -414,6 +412,7 @@ def read_chunks(
     if not any(cid in refs for cid in wanted):
         yield from store.read(wanted, workers=workers)
         return
+    keep_freed_memory()
     plain: set[bytes] = set()
     fetch: dict[bytes, None] = {}
     waiting: dict[bytes, list[bytes]] = defaultdict(list)  # stored id -> chunks it rebuilds
@@ -468,12 +467,31 @@ _BATCH_BYTES = 1 << 20  # blob bytes per decoding task
 
 def _decode_batch(store: ChunkStore, batch: list[tuple]) -> list[tuple[bytes, bytes]]:
     """Decode plain chunks (verified) and rebuild delta-coded ones, in order."""
+    coded = [chunk for chunk in batch if chunk[1] is not None]
+    rebuilt = dict(zip([c[0] for c in coded], _rebuild_many(coded), strict=True))
     out = []
-    for cid, ref, blob, base_blob in batch:
+    for cid, ref, blob, _ in batch:
         if ref is None:
             out.append((cid, codec.decode_verified(cid, blob)))
+        elif rebuilt[cid] is not None:
+            out.append((cid, rebuilt[cid].tobytes()))
         else:
-            out.append(_rebuild_blobs(store, cid, ref, blob, base_blob))
+            out.append((cid, _rebuild_verified(store, cid, ref)))
+    return out
+
+
+def _rebuild_many(chunks: Sequence[tuple[bytes, DeltaRef, Blob, Blob]]) -> list[np.ndarray | None]:
+    """Each ``(id, ref, delta blob, base blob)`` rebuilt (a uint8 array), or None where its
+    blobs do not decode to bytes with its id. Chunks coded without a transform are decoded
+    together (:func:`codec.decode_xor_many`)."""
+    out: list[np.ndarray | None] = [None] * len(chunks)
+    xors = [i for i, (_, ref, _, _) in enumerate(chunks) if not ref.transform]
+    decoded = codec.decode_xor_many([chunks[i][2:] for i in xors])
+    for i, raw in zip(xors, decoded, strict=True):
+        out[i] = raw if raw is not None and ids.chunk_id(raw) == chunks[i][0] else None
+    for i, (cid, ref, delta_blob, base_blob) in enumerate(chunks):
+        if ref.transform:
+            out[i] = _try_rebuild(cid, ref, delta_blob, base_blob)
     return out
 
 
@@ -493,16 +511,12 @@ def _try_rebuild(
     return raw if ids.chunk_id(raw) == cid else None
 
 
-def _rebuild_blobs(
-    store: ChunkStore, cid: bytes, ref: DeltaRef, delta_blob: bytes, base_blob: bytes
-) -> tuple[bytes, bytes]:
-    """Rebuild a chunk from the blobs of its delta and base; if its bytes do not match its
-    id, read both again verified (naming the damaged one) and rebuild from those."""
-    raw = _try_rebuild(cid, ref, delta_blob, base_blob)
-    if raw is not None:
-        return cid, raw.tobytes()
+def _rebuild_verified(store: ChunkStore, cid: bytes, ref: DeltaRef) -> bytes:
+    """Chunk ``cid`` rebuilt from its delta and base read again verified, for a chunk whose
+    blobs did not give its bytes: names the damaged part (and, on a cluster, reads the parts
+    from another replica)."""
     parts = dict(store.read(list(dict.fromkeys((ref.delta, ref.base))), workers=1))
-    return cid, rebuild(cid, ref, parts[ref.delta], parts[ref.base])
+    return rebuild(cid, ref, parts[ref.delta], parts[ref.base])
 
 
 def fetch_size(length: int, ref: DeltaRef | None) -> int:

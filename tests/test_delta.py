@@ -575,6 +575,49 @@ def test_pull_names_a_delta_whose_frame_is_damaged(tmp_path):
     assert info.value.chunk_id == ref.delta
 
 
+def _special_values(dtype: str, n: int, seed: int) -> bytes:
+    """``n`` floats mixing NaN (quiet and signalling), inf, denormals, zeros of both signs
+    and normal values, as little-endian bytes."""
+    rng = np.random.default_rng(seed)
+    size = 2 if dtype == "bf16" else 4
+    values = rng.normal(0, 0.02, n).astype("<f4")
+    specials = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-40, -1e-45, 3e38], "<f4")
+    values[rng.integers(0, n, n // 8)] = rng.choice(specials, n // 8)
+    words = values.view("<u4")
+    words[rng.integers(0, n, n // 64)] = 0x7F800001  # a signalling NaN
+    return (words >> 16).astype("<u2").tobytes() if size == 2 else words.tobytes()
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_decode_xor_many_is_exact_on_special_values_and_odd_slices(dtype):
+    size = 2 if dtype == "bf16" else 4
+    old = _special_values(dtype, 30_001, 1)
+    new = bytearray(old)
+    new[::7] = bytes(b ^ 3 for b in new[::7])  # low bits nudged, like a step
+    new[size - 1 :: 97] = bytes(b ^ 0x80 for b in new[size - 1 :: 97])  # some signs flipped
+    diff = bytes(a ^ b for a, b in zip(new, old, strict=True))
+    pairs, wants = [], []
+    for start, end in [(0, len(old)), (1, len(old)), (3, len(old) - 2), (5, 5 + 3 * size + 1)]:
+        x, y = diff[start:end], old[start:end]  # odd lengths and odd alignment
+        pairs.append((codec.encode(x, size), codec.encode(y, size)))
+        wants.append(bytes(p ^ q for p, q in zip(x, y, strict=True)))
+    assert [out.tobytes() for out in codec.decode_xor_many(pairs)] == wants
+    assert [codec.decode_xor(*pair).tobytes() for pair in pairs] == wants
+
+
+def test_load_names_a_delta_whose_frame_is_damaged(tmp_path):
+    store = MemoryStore()
+    repo = Repository(store)
+    _, manifest = _pushed_pair(repo, tmp_path)
+    ref = next(
+        r for r in manifest.delta_refs().values() if b"\x28\xb5\x2f\xfd" in store._chunks[r.delta]
+    )
+    store._chunks[ref.delta] = _frame_damaged(store._chunks[ref.delta])
+    with pytest.raises(CorruptChunk) as info:
+        repo.load_tensors("m@v2", "*")
+    assert info.value.chunk_id == ref.delta
+
+
 def test_sparse_planes_round_trip_and_reject_damage():
     plane = np.zeros(70_000 * 2, np.uint8)  # planes above 65536 bytes use 4-byte positions
     plane[3::1001] = 7
