@@ -35,7 +35,7 @@ from functools import partial
 import numpy as np
 
 from chunkstore import codec, ids
-from chunkstore.client.allocator import keep_freed_memory
+from chunkstore.allocator import keep_freed_memory
 from chunkstore.errors import CorruptChunk
 from chunkstore.model import DeltaRef, Manifest, TensorInfo
 from chunkstore.parallel import for_each
@@ -46,6 +46,9 @@ Blob = bytes | memoryview
 #: A delta is kept only if its blob is at most this share of the chunk's standalone blob; a
 #: chunk whose delta stops paying is stored on its own and becomes the next keyframe.
 KEEP_RATIO = 0.8
+#: Freed memory a delta read keeps in the heap: each task decompresses into a ~1 MiB buffer,
+#: which glibc would otherwise map, fault in and unmap afresh (see :mod:`chunkstore.allocator`).
+KEPT_BYTES = 4 << 20
 
 #: (new dtype, base dtype) -> transform predicting the new chunk from the base chunk.
 _RELATIONS = {("BF16", "F32"): "bf16_from_f32", ("F16", "F32"): "f16_from_f32"}
@@ -352,7 +355,7 @@ def read_chunks_into(
     if not any(cid in refs for cid in wanted):
         store.read_into(wanted, consume, workers=workers)
         return
-    keep_freed_memory()
+    keep_freed_memory(KEPT_BYTES, KEPT_BYTES)
     tasks = (wanted[i : i + CHUNKS_PER_TASK] for i in range(0, len(wanted), CHUNKS_PER_TASK))
     for_each(partial(_fetch_and_rebuild, store, refs, consume), tasks, workers, "chunk-rebuild")
 
@@ -412,7 +415,7 @@ def read_chunks(
     if not any(cid in refs for cid in wanted):
         yield from store.read(wanted, workers=workers)
         return
-    keep_freed_memory()
+    keep_freed_memory(KEPT_BYTES, KEPT_BYTES)
     plain: set[bytes] = set()
     fetch: dict[bytes, None] = {}
     waiting: dict[bytes, list[bytes]] = defaultdict(list)  # stored id -> chunks it rebuilds

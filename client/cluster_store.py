@@ -52,11 +52,11 @@ from typing import TypeVar
 import grpc
 
 from chunkstore import codec, errors, ids
+from chunkstore.allocator import keep_freed_memory
 from chunkstore.cluster_map import ClusterMap, ClusterMapError, NodeSpec, map_from_proto, newer
 from chunkstore.stores.base import ChunkInfo, ChunkTotals, Store
 from chunkstore.v1 import store_pb2 as pb
 
-from .allocator import keep_freed_memory
 from .fetch import Fetch
 from .push import put_chunks
 from .quorum import Replies, call_each, first_answer, remove_all, write_all
@@ -74,8 +74,8 @@ from .rpc import (
 T = TypeVar("T")
 MiB = 1 << 20
 #: Freed memory the client keeps for its next messages, and the size below which a block comes
-#: from the heap (see :mod:`.allocator`): above the 1-2 MiB of a message, small enough that a
-#: push of a 4 GB file keeps its peak RSS under 300 MiB.
+#: from the heap (see :mod:`chunkstore.allocator`): above the 1-2 MiB of a message, small
+#: enough that a push of a 4 GB file keeps its peak RSS under 300 MiB.
 CLIENT_KEPT_BYTES = 4 * MiB
 MAP_REFRESH = 2.0  # seconds between background checks for a newer cluster map
 log = logging.getLogger(__name__)

@@ -36,7 +36,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from chunkstore.client.allocator import keep_freed_memory
+from chunkstore.allocator import keep_freed_memory
 from chunkstore.client.rpc import RpcPolicy
 from chunkstore.cluster_map import ClusterMap
 from chunkstore.errors import ChunkstoreError, InvalidInput

@@ -7,7 +7,7 @@ import sys
 
 BURSTS = """
 import resource, sys
-from chunkstore.client.allocator import keep_freed_memory
+from chunkstore.allocator import keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory(64 << 20)
     assert keep_freed_memory(64 << 20)  # a second call changes nothing
