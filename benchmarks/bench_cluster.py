@@ -10,6 +10,11 @@ that phase's alone. To damp the noise of a shared machine the two stores take tu
 phase, the whole is repeated ``--rounds`` times on new stores and the pull ``--pulls`` times per
 round, and the fastest run of each phase counts (with the largest RSS seen). Throughput is
 logical bytes of the version per second.
+
+A second table gives the CPU seconds of each fastest run: the client's (the phase's process,
+while it ran the phase) and the nodes' (all node processes, over the phase's process), and the
+most the cluster/embedded ratio could be on this machine's cores: the embedded phase's time
+over the cluster's CPU spread perfectly over every core.
 """
 
 from __future__ import annotations
@@ -37,15 +42,25 @@ PHASES = (("first push", 0.5), ("push, ~10% new", 0.8), ("pull", 0.6))
 
 
 def run_phase(phase: str, url: str, source: Path, dest: Path) -> dict[str, float]:
-    """Run one phase against the store at ``url`` in this process; its seconds and peak RSS."""
+    """Run one phase against the store at ``url`` in this process; its seconds, CPU seconds
+    and peak RSS."""
     with connect(url) as repo:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         if phase == "pull":
             repo.pull(REPO, dest)
         else:
             repo.push(source, REPO, message=phase)
-        seconds = time.perf_counter() - start
-    return {"seconds": seconds, "rss": peak_rss()}
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return {"seconds": seconds, "cpu": cpu, "rss": peak_rss()}
+
+
+def processes_cpu(pids: list[int]) -> float:
+    """CPU seconds (user + system) the processes ``pids`` have used so far."""
+    ticks = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def peak_rss() -> int:
@@ -69,12 +84,13 @@ def in_subprocess(phase: str, url: str, source: Path, dest: Path) -> dict[str, f
     return json.loads(out.splitlines()[-1])
 
 
-Results = dict[str, dict[str, dict[str, float]]]  # store -> phase -> seconds, rss
+Results = dict[str, dict[str, dict[str, float]]]  # store -> phase -> seconds, cpu, nodes, rss
+Store = tuple[str, list[int]]  # URL, and the pids of its node processes
 
 
-def measure(stores: dict[str, str], versions: list[Path], work: Path, pulls: int) -> Results:
-    """Seconds and peak RSS of each phase on each (empty) store, the stores taking turns so
-    that both see the same machine load; a pull is repeated ``pulls`` times."""
+def measure(stores: dict[str, Store], versions: list[Path], work: Path, pulls: int) -> Results:
+    """Seconds, CPU seconds and peak RSS of each phase on each (empty) store, the stores
+    taking turns so that both see the same machine load; a pull is repeated ``pulls`` times."""
     steps = [
         ("first push", "push", versions[0], 1),
         ("push, ~10% new", "push", versions[1], 1),
@@ -82,20 +98,23 @@ def measure(stores: dict[str, str], versions: list[Path], work: Path, pulls: int
     ]
     results: Results = {name: {} for name in stores}
     for phase, kind, source, repeat in steps:
-        for name, url in stores.items():
+        for name, (url, pids) in stores.items():
             for _ in range(repeat):
                 dest = work / "pulled"
+                nodes = processes_cpu(pids)
                 run = in_subprocess(kind, url, source, dest)
+                run["nodes"] = processes_cpu(pids) - nodes
                 shutil.rmtree(dest, ignore_errors=True)
                 results[name][phase] = best(results[name].get(phase), run)
     return results
 
 
 def best(a: dict[str, float] | None, b: dict[str, float]) -> dict[str, float]:
-    """The faster run, with the larger of the two peak RSS."""
+    """The faster run (its CPU seconds too), with the larger of the two peak RSS."""
     if a is None:
         return b
-    return {"seconds": min(a["seconds"], b["seconds"]), "rss": max(a["rss"], b["rss"])}
+    faster = a if a["seconds"] <= b["seconds"] else b
+    return {**faster, "rss": max(a["rss"], b["rss"])}
 
 
 def run_rounds(args: argparse.Namespace, versions: list[Path], work: Path) -> Results:
@@ -105,7 +124,8 @@ def run_rounds(args: argparse.Namespace, versions: list[Path], work: Path) -> Re
         cluster_dir, embedded = work / f"cluster-{round_}", work / f"embedded-{round_}"
         url = local_cluster.cluster_up(cluster_dir, nodes=args.nodes, replicas=args.replicas)
         try:
-            stores = {"embedded": str(embedded), "cluster": url}
+            pids = list(local_cluster.running_nodes(cluster_dir).values())
+            stores = {"embedded": (str(embedded), []), "cluster": (url, pids)}
             for name, phases in measure(stores, versions, work, args.pulls).items():
                 for phase, run in phases.items():
                     mine = results.setdefault(name, {})
@@ -131,6 +151,26 @@ def table(results: Results, size: int) -> str:
             f">= {target}x {'ok' if ratio >= target else 'MISSED'}",
             f"{emb['rss'] / 2**20:.0f} / {clu['rss'] / 2**20:.0f}",
         ))  # fmt: skip
+    return _aligned(rows)
+
+
+def cpu_table(results: Results) -> str:
+    """CPU seconds of each fastest run, and the ratio this machine's cores allow at most."""
+    cores = os.cpu_count() or 1
+    rows = [("phase", "embedded CPU s", "cluster CPU s client / nodes", f"at most ({cores} cores)")]
+    for phase, _ in PHASES:
+        emb, clu = results["embedded"][phase], results["cluster"][phase]
+        spread = (clu["cpu"] + clu["nodes"]) / cores
+        rows.append((
+            phase,
+            f"{emb['cpu']:.2f}",
+            f"{clu['cpu']:.2f} / {clu['nodes']:.2f}",
+            f"{emb['seconds'] / spread:.2f}x",
+        ))  # fmt: skip
+    return _aligned(rows)
+
+
+def _aligned(rows: list[tuple[str, ...]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join(
         "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
@@ -166,6 +206,8 @@ def main() -> None:
         )
         results = run_rounds(args, versions, work)
         print(table(results, size))
+        print()
+        print(cpu_table(results))
         print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
 
 

@@ -240,7 +240,7 @@ def cluster_up(
     if (d / MAP_FILE).exists():
         cluster = load_cluster_file(d / MAP_FILE)
         _check_matches(d, cluster, nodes, replicas, write_quorum)
-        running = [pid_file.stem for pid_file in sorted(d.glob("*.pid")) if _node_pid(pid_file)]
+        running = list(running_nodes(d))
         if running:
             raise LocalClusterError(
                 f"{d}: nodes {', '.join(running)} already run; stop them with cluster down first"
@@ -309,6 +309,13 @@ def cluster_down(directory: str | Path, timeout: float = 15.0) -> list[str]:
             os.kill(pid, signal.SIGKILL)
         (d / f"{node_id}.pid").unlink()
     return list(pids)
+
+
+def running_nodes(directory: str | Path) -> dict[str, int]:
+    """The pid of each node of the cluster in ``directory`` that runs, by node id."""
+    pid_files = sorted(Path(directory).glob("*.pid"))
+    pids = {pid_file.stem: _node_pid(pid_file) for pid_file in pid_files}
+    return {node_id: pid for node_id, pid in pids.items() if pid}
 
 
 def _node_pid(pid_file: Path) -> int | None:

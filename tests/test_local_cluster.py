@@ -76,8 +76,11 @@ def test_up_again_restarts_the_same_cluster_with_its_data(tmp_path: Path):
     try:
         marker = d / "n1" / "data.mdb"
         assert marker.exists()
+        assert sorted(local_cluster.running_nodes(d)) == ["n1", "n2"]
         local_cluster.cluster_down(d)
+        assert local_cluster.running_nodes(d) == {}
         assert local_cluster.cluster_up(d) == url
+        assert sorted(local_cluster.running_nodes(d)) == ["n1", "n2"]
         status = local_cluster.cluster_status(load_cluster_file(d / "cluster.toml"))
         assert [n["healthy"] for n in status["nodes"]] == [True, True]
         with pytest.raises(InvalidInput, match=r"nodes 2 \(asked 3\)"):
