@@ -177,10 +177,16 @@ class Planes:
         ``sparse``, a sparse plane is given as its (positions, values) arrays."""
         table, remainder = self.plane_table(payload, length)
         m = length // self.k
-        planes = [
-            _decompress(stored, m) if method == PLANE_ZSTD else stored for method, stored in table
-        ]
-        return self._unpack_sparse(table, planes, m, sparse), remainder
+        planes: list = []
+        for j, (method, stored) in enumerate(table):
+            if method == PLANE_ZSTD:
+                planes.append(_decompress(stored, m))
+            elif method == PLANE_SPARSE:
+                parts = _sparse_parts(stored, m, self.name, j)
+                planes.append(parts if sparse else _dense(parts, m))
+            else:
+                planes.append(stored)
+        return planes, remainder
 
     def plane_table(
         self, payload: memoryview, length: int
@@ -205,17 +211,6 @@ class Planes:
         if len(payload) - offset != length - m * k:
             raise CodecError(f"{self.name} payload has a wrong remainder")
         return table, payload[offset:]
-
-    def _unpack_sparse(
-        self, table: list[tuple[int, memoryview]], planes: list, m: int, sparse: bool
-    ) -> list:
-        """``planes`` (from :meth:`plane_table`, zstd planes already decompressed) with each
-        sparse plane as its (positions, values) arrays, or with ``sparse`` False, dense."""
-        for j, (method, stored) in enumerate(table):
-            if method == PLANE_SPARSE:
-                parts = _sparse_parts(stored, m, self.name, j)
-                planes[j] = parts if sparse else _dense(parts, m)
-        return planes
 
 
 PROBE_BYTES = 4096  # a plane whose first bytes do not shrink is stored without compressing
@@ -265,6 +260,16 @@ def _dense(parts: tuple[np.ndarray, np.ndarray], m: int) -> np.ndarray:
     out = np.zeros(m, np.uint8)
     out[parts[0]] = parts[1]
     return out
+
+
+def _xor_sparse(out: np.ndarray, parts: tuple[np.ndarray, np.ndarray], k: int, j: int) -> None:
+    """XOR sparse plane ``j`` of elements of ``k`` bytes into the interleaved bytes ``out``,
+    at its nonzero bytes only."""
+    positions, values = parts
+    if len(positions):
+        where = np.multiply(positions, k, dtype=np.intp)
+        where += j
+        out[where] ^= values
 
 
 def _split(elements: np.ndarray, k: int) -> np.ndarray:
@@ -557,10 +562,7 @@ class _PlanePair:
             rest = np.bitwise_xor(np.frombuffer(rest, np.uint8), np.frombuffer(other_rest, "u1"))
         out = _interleave(dense, rest, self.length)
         for j, stored in fixes:
-            positions, values = _sparse_parts(stored, m, self.codec.name, j)
-            where = np.multiply(positions, k, dtype=np.intp)
-            where += j
-            out[where] ^= values
+            _xor_sparse(out, _sparse_parts(stored, m, self.codec.name, j), k, j)
         return out
 
 
@@ -591,9 +593,7 @@ def xor_into(target: np.ndarray, blob: bytes | memoryview) -> None:
     elements = target[: m * k].reshape(m, k)
     for j, plane in enumerate(planes):
         if isinstance(plane, tuple):
-            positions, values = plane
-            if len(positions):
-                target[positions.astype(np.intp) * k + j] ^= values
+            _xor_sparse(target, plane, k, j)
         else:
             elements[:, j] ^= np.frombuffer(plane, np.uint8)
     if len(rest):
