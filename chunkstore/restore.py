@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from chunkstore.delta import fetch_size, read_chunks, read_chunks_into
+from chunkstore.filespace import reserve
 from chunkstore.model import DeltaRef, Manifest
 from chunkstore.progress import NoProgress, Progress
 from chunkstore.stores.base import ChunkStore
@@ -40,7 +41,7 @@ def restore_file(
     tmp = dest.with_name(f".{dest.name}.chunkstore-partial")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        os.ftruncate(fd, manifest.size)
+        reserve(fd, manifest.size, dest)
         refs = manifest.delta_refs()
         offsets: dict[bytes, list[int]] = defaultdict(list)
         order: list[tuple[bytes, int]] = []
