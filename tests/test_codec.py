@@ -177,3 +177,54 @@ def test_header_readers_reject_malformed_headers(bad):
         codec.raw_length(bad)
     with pytest.raises(codec.CodecError):
         codec.codec_name(bad)
+
+
+BAD_BLOBS = [  # (what is wrong, blob, the raw bytes its id is of)
+    ("no-header", b"", RAW),
+    ("truncated-header", BLOBS["planes2"][:4], RAW),
+    ("unknown-codec", b"\xff" + BLOBS["zstd"][1:], RAW),
+    ("truncated-zstd", BLOBS["zstd"][:-1], RAW),
+    ("flipped-zstd", flip(BLOBS["zstd"], len(BLOBS["zstd"]) // 2), RAW),
+    ("flipped-plane", flip(BLOBS["planes4"], len(BLOBS["planes4"]) // 2), RAW),
+    ("length-plus-one", with_length(BLOBS["planes2"], len(RAW) + 1), RAW),
+    ("length-max", with_length(BLOBS["zstd"], 2**32 - 1), RAW),
+    ("other-bytes", BLOBS["planes4"], RAW[:-1]),
+]
+
+
+def every_codec_blob() -> list[tuple[bytes, bytes]]:
+    """``(raw, blob)`` of every sample under every codec (sparse and remainder planes too)."""
+    return [(raw, codec.encode_as(raw, i)) for raw in DATA.values() for i in sorted(codec.CODECS)]
+
+
+def test_batched_decoding_gives_what_decoding_one_by_one_gives():
+    pairs = every_codec_blob()
+    decoded = list(codec.iter_decoded(blob for _, blob in pairs))
+    assert [bytes(raw) for raw in decoded] == [raw for raw, _ in pairs]
+    verified = codec.iter_verified([ids.chunk_id(raw) for raw, _ in pairs], [b for _, b in pairs])
+    assert [bytes(raw) for raw in verified] == [raw for raw, _ in pairs]
+
+
+@pytest.mark.parametrize("what, bad, raw", BAD_BLOBS, ids=[b[0] for b in BAD_BLOBS])
+def test_batched_decoding_names_the_bad_blob_and_decodes_the_others(what, bad, raw):
+    good = every_codec_blob()
+    chunks = [(ids.chunk_id(r), b) for r, b in good[:7]]
+    chunks += [(ids.chunk_id(raw), bad)]
+    chunks += [(ids.chunk_id(r), b) for r, b in good[7:]]
+    out = list(codec.iter_verified([c for c, _ in chunks], [b for _, b in chunks]))
+    assert isinstance(out[7], CorruptChunk) and out[7].chunk_id == ids.chunk_id(raw)
+    rest = out[:7] + out[8:]
+    assert [bytes(r) for r in rest] == [r for r, _ in good]
+
+
+def test_batched_decoding_bounds_what_one_call_decompresses(monkeypatch):
+    monkeypatch.setattr(codec, "BATCH_RAW_BYTES", 3 * CHUNK)
+    calls = []
+    many = codec._decompress_many
+    monkeypatch.setattr(
+        codec, "_decompress_many", lambda frames, sizes: calls.append(sizes) or many(frames, sizes)
+    )
+    pairs = [(r, b) for r, b in every_codec_blob() if len(r) <= CHUNK + 3]
+    assert [bytes(raw) for raw in codec.iter_decoded(b for _, b in pairs)] == [r for r, _ in pairs]
+    assert len(calls) > 1
+    assert all(sum(sizes) <= 3 * CHUNK for sizes in calls)
