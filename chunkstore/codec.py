@@ -38,9 +38,9 @@ from __future__ import annotations
 
 import struct
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import Protocol
 
 import numpy as np
 import zstandard
@@ -177,8 +177,16 @@ class Planes:
         ``sparse``, a sparse plane is given as its (positions, values) arrays."""
         table, remainder = self.plane_table(payload, length)
         m = length // self.k
-        zstd_planes = (_decompress(stored, m) for method, stored in table if method == PLANE_ZSTD)
-        return _planes(self.name, table, m, zstd_planes, sparse), remainder
+        planes: list = []
+        for j, (method, stored) in enumerate(table):
+            if method == PLANE_ZSTD:
+                planes.append(_decompress(stored, m))
+            elif method == PLANE_SPARSE:
+                parts = _sparse_parts(stored, m, self.name, j)
+                planes.append(parts if sparse else _dense(parts, m))
+            else:
+                planes.append(stored)
+        return planes, remainder
 
     def plane_table(
         self, payload: memoryview, length: int
@@ -203,28 +211,6 @@ class Planes:
         if len(payload) - offset != length - m * k:
             raise CodecError(f"{self.name} payload has a wrong remainder")
         return table, payload[offset:]
-
-
-def _planes(
-    codec_name: str,
-    table: list[tuple[int, memoryview]],
-    m: int,
-    zstd_planes: Iterator,
-    sparse: bool = False,
-) -> list:
-    """The planes of a plane ``table`` of ``m``-byte planes: the zstd ones taken in order from
-    ``zstd_planes`` (decompressed), sparse ones made dense (with ``sparse``, given as their
-    (positions, values) arrays), raw ones as stored."""
-    planes: list = []
-    for j, (method, stored) in enumerate(table):
-        if method == PLANE_ZSTD:
-            planes.append(next(zstd_planes))
-        elif method == PLANE_SPARSE:
-            parts = _sparse_parts(stored, m, codec_name, j)
-            planes.append(parts if sparse else _dense(parts, m))
-        else:
-            planes.append(stored)
-    return planes
 
 
 PROBE_BYTES = 4096  # a plane whose first bytes do not shrink is stored without compressing
@@ -439,118 +425,6 @@ def decode_buffer(blob: bytes | memoryview) -> RawBuffer:
     return codec.decode(memoryview(blob)[_HEADER.size :], length)
 
 
-#: Raw bytes the batched decoders decompress in one call at most (one chunk may be larger):
-#: bounds the memory they hold, whatever the blobs claim to hold.
-BATCH_RAW_BYTES = 4 << 20
-
-
-def iter_decoded(blobs: Iterable[bytes | memoryview]) -> Iterator[RawBuffer | None]:
-    """:func:`decode_buffer` of each blob, in order, or None for a blob that does not decode
-    (decode_buffer of that blob says why).
-
-    The zstd frames of up to ``BATCH_RAW_BYTES`` of blobs are decompressed in one call, as in
-    :func:`decode_xor_many`: one GIL release for a batch instead of one per frame, so the
-    threads decoding at once hand the GIL to each other far less often (a third fewer context
-    switches in a pull).
-    """
-    batch: list[bytes | memoryview] = []
-    raw_bytes = 0
-    for blob in blobs:
-        try:
-            length = raw_length(blob)
-        except CodecError:
-            length = 0
-        if batch and raw_bytes + length > BATCH_RAW_BYTES:
-            yield from _decode_batch(batch)
-            batch, raw_bytes = [], 0
-        batch.append(blob)
-        raw_bytes += length
-    if batch:
-        yield from _decode_batch(batch)
-
-
-def iter_verified(
-    chunk_ids: Iterable[bytes], blobs: Iterable[bytes | memoryview]
-) -> Iterator[RawBuffer | CorruptChunk]:
-    """:func:`verified_buffer` of each ``(id, blob)``, in order, or the CorruptChunk it
-    raises; decoded in batches (:func:`iter_decoded`)."""
-    blobs = list(blobs)
-    for cid, blob, raw in zip(chunk_ids, blobs, iter_decoded(blobs), strict=True):
-        if raw is not None and ids.chunk_id(raw) == cid:
-            yield raw
-            continue
-        try:
-            yield verified_buffer(cid, blob)  # names the fault
-        except CorruptChunk as e:
-            yield e
-
-
-class _Parsed(NamedTuple):
-    """A blob whose header and plane table were read: what :func:`_decode_batch` needs."""
-
-    codec: Codec
-    length: int
-    payload: memoryview
-    table: list[tuple[int, memoryview]] | None  # byte planes only
-    remainder: memoryview | None
-
-    def frames(self) -> list[tuple[memoryview, int]]:
-        """The zstd frames to decompress, with the raw size of each."""
-        if self.table is None:
-            return [(self.payload, self.length)] if isinstance(self.codec, Zstd) else []
-        m = self.length // self.codec.k
-        return [(stored, m) for method, stored in self.table if method == PLANE_ZSTD]
-
-    def finish(self, decompressed: Iterator) -> RawBuffer:
-        """The raw bytes, given an iterator positioned at this blob's decompressed frames;
-        takes all of them from it even if the blob turns out malformed (then CodecError)."""
-        if self.table is None:
-            if isinstance(self.codec, Zstd):
-                return memoryview(next(decompressed))
-            return self.codec.decode(self.payload, self.length)
-        mine = [next(decompressed) for _ in self.frames()]
-        m = self.length // self.codec.k
-        planes = _planes(self.codec.name, self.table, m, iter(mine))
-        return _interleave(planes, self.remainder, self.length)
-
-
-def _parse(blob: bytes | memoryview) -> _Parsed:
-    codec, length = _parse_header(blob)
-    payload = memoryview(blob)[_HEADER.size :]
-    if isinstance(codec, Planes):
-        table, remainder = codec.plane_table(payload, length)
-        return _Parsed(codec, length, payload, table, remainder)
-    return _Parsed(codec, length, payload, None, None)
-
-
-def _decode_batch(blobs: list[bytes | memoryview]) -> list[RawBuffer | None]:
-    parsed: list[_Parsed | None] = []
-    for blob in blobs:
-        try:
-            parsed.append(_parse(blob))
-        except CodecError:
-            parsed.append(None)
-    frames = [frame for p in parsed if p is not None for frame in p.frames()]
-    try:
-        decompressed = iter(_decompress_many([f for f, _ in frames], [n for _, n in frames]))
-    except CodecError:  # one damaged frame fails the call: decode the blobs one by one
-        return [_decoded_or_none(blob) for blob in blobs]
-    out: list[RawBuffer | None] = []
-    for p in parsed:
-        try:
-            out.append(None if p is None else p.finish(decompressed))
-        except CodecError:
-            out.append(None)
-    return out
-
-
-def _decoded_or_none(blob: bytes | memoryview) -> RawBuffer | None:
-    try:
-        return decode_buffer(blob)
-    except CodecError:
-        return None
-
-
 def decode_xor(blob: bytes | memoryview, other: bytes | memoryview) -> np.ndarray:
     """``decode(blob) XOR decode(other)`` as a uint8 array, for two blobs of the same raw length.
 
@@ -611,14 +485,10 @@ def decode_xor_many(
 
 
 def _decompress_many(frames: list[memoryview], sizes: list[int]) -> list:
-    """The zstd ``frames`` decompressed (bytes-like objects), each checked to hold its size
-    (before room is made for it, as :func:`_decompress` does)."""
+    """The zstd ``frames`` decompressed (bytes-like objects), each checked to hold its size."""
     if not frames:
         return []
     try:
-        for frame, size in zip(frames, sizes, strict=True):
-            if zstandard.frame_content_size(frame) != size:
-                raise CodecError(f"zstd frame does not hold {size} bytes")
         result = _zstd().decompressor.multi_decompress_to_buffer(
             frames, decompressed_sizes=np.array(sizes, np.uint64).tobytes()
         )

@@ -336,21 +336,19 @@ class Fetch:
     ) -> list[tuple[bytes, bytes]]:
         """The wanted chunks of a ChunkBatch ``message`` (verified if asked); bad ones go to
         ``failures``. Raises WireError if ``message`` is not a ChunkBatch."""
-        got = []
-        for cid, blob in wire.read_chunk_batch(message):
-            if cid in wanted:
-                wanted.discard(cid)
-                got.append((cid, blob))
-        if not self._verify:
-            return [(cid, bytes(blob)) for cid, blob in got]
         out = []
-        raws = codec.iter_verified([c for c, _ in got], [b for _, b in got])
-        for (cid, _), raw in zip(got, raws, strict=True):
-            if isinstance(raw, errors.CorruptChunk):
-                reason = str(raw).removeprefix(f"chunk {cid.hex()} is corrupt: ")
+        for cid, blob in wire.read_chunk_batch(message):
+            if cid not in wanted:
+                continue
+            wanted.discard(cid)
+            if not self._verify:
+                out.append((cid, bytes(blob)))
+                continue
+            try:
+                out.append((cid, self._decode(cid, blob)))
+            except errors.CorruptChunk as exc:
+                reason = str(exc).removeprefix(f"chunk {cid.hex()} is corrupt: ")
                 failures[cid] = NodeCallError(node.spec, grpc.StatusCode.DATA_LOSS, reason)
-            else:
-                out.append((cid, raw if self._deliver is not None else bytes(raw)))
         return out
 
     def _decode(self, cid: bytes, blob: memoryview) -> codec.RawBuffer:

@@ -52,9 +52,11 @@ class Rejection(NamedTuple):
     message: str
 
 
-def _admissible(cid: bytes, blob: bytes | memoryview) -> Rejection | None:
-    """Why a chunk is refused before it is decoded (its id's size, its header, its raw length:
-    checked before decoding allocates room for it), or None."""
+def check_chunk(cid: bytes, blob: bytes | memoryview) -> Rejection | None:
+    """None if ``blob`` decodes to bytes whose BLAKE3 is ``cid``, else why not.
+
+    The raw length in the blob's header is checked before decoding allocates room for it.
+    """
     if len(cid) != ID_SIZE:
         return Rejection("bad_id", f"chunk id {cid.hex()!r} has {len(cid)} bytes, not {ID_SIZE}")
     try:
@@ -66,25 +68,16 @@ def _admissible(cid: bytes, blob: bytes | memoryview) -> Rejection | None:
             "too_large",
             f"chunk {cid.hex()} is too large: {length} raw bytes, at most {MAX_CHUNK_BYTES}",
         )
+    try:
+        codec.verified_buffer(cid, blob)
+    except errors.CorruptChunk as e:
+        return Rejection("corrupt", str(e))
     return None
 
 
 def check_chunks(chunks: Sequence[wire.WireChunk]) -> list[Rejection]:
-    """The rejections of the bad ones among ``chunks``, in their order: those whose blob does
-    not decode to bytes whose BLAKE3 is their id, or that :func:`_admissible` refuses."""
-    found: list[tuple[int, Rejection]] = []
-    decodable: list[tuple[int, bytes, bytes | memoryview]] = []
-    for i, (cid, blob) in enumerate(chunks):
-        refused = _admissible(cid, blob)
-        if refused is None:
-            decodable.append((i, cid, blob))
-        else:
-            found.append((i, refused))
-    raws = codec.iter_verified([c for _, c, _ in decodable], [b for _, _, b in decodable])
-    for (i, _, _), raw in zip(decodable, raws, strict=True):
-        if isinstance(raw, errors.CorruptChunk):
-            found.append((i, Rejection("corrupt", str(raw))))
-    return [r for _, r in sorted(found, key=lambda item: item[0])]
+    """The rejections of the bad ones among ``chunks``."""
+    return [r for r in (check_chunk(cid, blob) for cid, blob in chunks) if r is not None]
 
 
 def _chunk_batches(

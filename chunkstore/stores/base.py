@@ -21,7 +21,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TypeVar
 
-from chunkstore import codec, errors
+from chunkstore import codec
 from chunkstore.parallel import for_each
 
 
@@ -154,11 +154,8 @@ class ChunkStore(ABC):
 
         def decode_task(task: Sequence[bytes]) -> None:
             def decode_all(blobs: Mapping[bytes, bytes | memoryview]) -> None:
-                raws = codec.iter_verified(task, [blobs[cid] for cid in task])
-                for cid, raw in zip(task, raws, strict=True):
-                    if isinstance(raw, errors.CorruptChunk):
-                        raise raw
-                    consume(cid, raw)
+                for cid in task:
+                    consume(cid, codec.verified_buffer(cid, blobs[cid]))
 
             self.with_blobs(task, decode_all)
 
