@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import signal
@@ -12,6 +14,7 @@ import time
 import pytest
 from conftest import random_bytes, tree_bytes, write
 
+from chunkstore import filespace
 from chunkstore.client.cli import main
 
 MB = 1 << 20
@@ -156,6 +159,21 @@ def test_pull_into_non_empty_dir_needs_force(two_versions, tmp_path, capsys):
     assert code == 2 and "not empty" in err and "--force" in err
     assert run(capsys, "pull", "llama-ft", str(tmp_path / "busy"), "--force")[0] == 0
     assert set(tree_bytes(tmp_path / "busy")) == {"x", "model.bin", "config.json"}
+
+
+def test_pull_onto_a_full_disk_is_one_line_naming_the_file(
+    two_versions, tmp_path, capsys, monkeypatch
+):
+    def no_space(fd: int, mode: int, offset: int, length: int) -> int:
+        ctypes.set_errno(errno.ENOSPC)
+        return -1
+
+    monkeypatch.setattr(filespace, "_FALLOCATE", no_space)
+    code, _, err = run(capsys, "pull", "llama-ft", str(tmp_path / "out"))
+    assert code == 1 and "Traceback" not in err
+    assert err.strip().splitlines() == [err.strip()]
+    assert "No space left on device" in err and str(tmp_path / "out") in err
+    assert tree_bytes(tmp_path / "out") == {}
 
 
 def test_unwritable_store_path_is_one_line(tmp_path):
