@@ -11,8 +11,9 @@ thresholds so that freed blocks stay in the heap for the next message.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
+
+from chunkstore.libc import function
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +30,9 @@ def keep_freed_memory(trim_bytes: int = 64 * MiB, mmap_bytes: int = 32 * MiB) ->
     global _done
     if _done:
         return True
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = function("mallopt", ctypes.c_int, ctypes.c_int)
+    if mallopt is None:
         return False
-    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     ok = mallopt(_M_MMAP_THRESHOLD, mmap_bytes) == 1 and mallopt(_M_TRIM_THRESHOLD, trim_bytes) == 1
     if not ok:
         log.debug("mallopt refused the thresholds")

@@ -10,25 +10,13 @@ reservation also makes a pull that cannot fit fail before it fetches anything.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 
+from chunkstore.libc import function
+
 _UNSUPPORTED = (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
-
-
-def _fallocate() -> ctypes._CFuncPtr | None:
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        fn = libc.fallocate
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_FALLOCATE = _fallocate()
+_FALLOCATE = function("fallocate", ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
 
 
 def reserve(fd: int, size: int, name: str | os.PathLike = "") -> None:

@@ -33,7 +33,8 @@ def restore_file(
     """Write the file described by ``manifest`` to ``dest``, every chunk verified.
 
     The bytes go to a temporary file beside ``dest`` that is renamed into place only once
-    complete, so ``dest`` never holds a partial file. Chunks are fetched a window at a time
+    complete, so ``dest`` never holds a partial file; its blocks are reserved first, so a file
+    that cannot fit fails before anything is fetched. Chunks are fetched a window at a time
     (memory stays bounded: a window counts the delta and base bytes a chunk needs) and each
     is written at every offset where the file holds it.
     """

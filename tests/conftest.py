@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 from pathlib import Path
 
@@ -70,3 +71,13 @@ def rss_file_kib() -> int:
             if line.startswith("RssFile:"):
                 return int(line.split()[1])
     raise AssertionError("no RssFile in /proc/self/status")
+
+
+def failing_fallocate(code: int):
+    """A stand-in for the C library's ``fallocate`` that fails with errno ``code``."""
+
+    def fallocate(fd: int, mode: int, offset: int, length: int) -> int:
+        ctypes.set_errno(code)
+        return -1
+
+    return fallocate

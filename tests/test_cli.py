@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import json
 import os
@@ -12,7 +11,7 @@ import sys
 import time
 
 import pytest
-from conftest import random_bytes, tree_bytes, write
+from conftest import failing_fallocate, random_bytes, tree_bytes, write
 
 from chunkstore import filespace
 from chunkstore.client.cli import main
@@ -164,11 +163,7 @@ def test_pull_into_non_empty_dir_needs_force(two_versions, tmp_path, capsys):
 def test_pull_onto_a_full_disk_is_one_line_naming_the_file(
     two_versions, tmp_path, capsys, monkeypatch
 ):
-    def no_space(fd: int, mode: int, offset: int, length: int) -> int:
-        ctypes.set_errno(errno.ENOSPC)
-        return -1
-
-    monkeypatch.setattr(filespace, "_FALLOCATE", no_space)
+    monkeypatch.setattr(filespace, "_FALLOCATE", failing_fallocate(errno.ENOSPC))
     code, _, err = run(capsys, "pull", "llama-ft", str(tmp_path / "out"))
     assert code == 1 and "Traceback" not in err
     assert err.strip().splitlines() == [err.strip()]

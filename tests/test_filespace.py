@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 
 import pytest
-from conftest import random_bytes, tree_bytes, write
+from conftest import failing_fallocate, random_bytes, tree_bytes, write
 
 from chunkstore import filespace
-
-
-def _failing_fallocate(code: int):
-    def fallocate(fd: int, mode: int, offset: int, length: int) -> int:
-        ctypes.set_errno(code)
-        return -1
-
-    return fallocate
 
 
 def test_reserve_allocates_zeroed_blocks(tmp_path):
@@ -55,7 +46,7 @@ def test_pull_that_cannot_fit_fails_before_reading_and_leaves_nothing(repo, tmp_
         monkeypatch.setattr(
             repo.store, name, lambda *a, _m=method, _n=name, **k: reads.append(_n) or _m(*a, **k)
         )
-    monkeypatch.setattr(filespace, "_FALLOCATE", _failing_fallocate(errno.ENOSPC))
+    monkeypatch.setattr(filespace, "_FALLOCATE", failing_fallocate(errno.ENOSPC))
     dest = tmp_path / "out"
     with pytest.raises(OSError, match="No space left") as info:
         repo.pull("m", dest)
@@ -67,6 +58,6 @@ def test_pull_that_cannot_fit_fails_before_reading_and_leaves_nothing(repo, tmp_
 def test_pull_where_fallocate_is_unsupported_sets_the_length_only(repo, tmp_path, monkeypatch):
     src = write(tmp_path / "src" / "model.bin", random_bytes(1 << 20, seed=4)).parent
     repo.push(src, repo="m")
-    monkeypatch.setattr(filespace, "_FALLOCATE", _failing_fallocate(errno.EOPNOTSUPP))
+    monkeypatch.setattr(filespace, "_FALLOCATE", failing_fallocate(errno.EOPNOTSUPP))
     repo.pull("m", tmp_path / "out")
     assert tree_bytes(tmp_path / "out") == tree_bytes(src)

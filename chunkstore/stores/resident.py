@@ -10,15 +10,15 @@ writes through, which is how LMDB maps its file unless opened with ``writemap``.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import mmap
 import os
 import resource
 import threading
 from pathlib import Path
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-_libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+from chunkstore.libc import function
+
+_MADVISE = function("madvise", ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 
 
 def mapped_ranges(path: Path) -> list[tuple[int, int]]:
@@ -36,8 +36,10 @@ def mapped_ranges(path: Path) -> list[tuple[int, int]]:
 
 def drop_resident(ranges: list[tuple[int, int]]) -> None:
     """Unmap the resident pages of these (shared, read-only file) mappings."""
+    if _MADVISE is None:
+        return
     for start, end in ranges:
-        _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
+        _MADVISE(start, end - start, mmap.MADV_DONTNEED)
 
 
 class FaultBudget:
