@@ -16,24 +16,34 @@ from dataclasses import dataclass
 
 from chunkstore.model import TensorInfo
 
-#: Bytes per element of each safetensors dtype.
-DTYPE_SIZES = {
-    "BOOL": 1,
-    "U8": 1,
-    "I8": 1,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-    "U16": 2,
-    "I16": 2,
-    "F16": 2,
-    "BF16": 2,
-    "U32": 4,
-    "I32": 4,
-    "F32": 4,
-    "U64": 8,
-    "I64": 8,
-    "F64": 8,
+#: Bits per element of each dtype the safetensors format defines (as of safetensors 0.8).
+DTYPE_BITS = {
+    "F4": 4,
+    "F6_E2M3": 6,
+    "F6_E3M2": 6,
+    "BOOL": 8,
+    "U8": 8,
+    "I8": 8,
+    "F8_E4M3": 8,
+    "F8_E5M2": 8,
+    "F8_E4M3FNUZ": 8,
+    "F8_E5M2FNUZ": 8,
+    "F8_E8M0": 8,
+    "U16": 16,
+    "I16": 16,
+    "F16": 16,
+    "BF16": 16,
+    "U32": 32,
+    "I32": 32,
+    "F32": 32,
+    "U64": 64,
+    "I64": 64,
+    "F64": 64,
+    "C64": 64,
 }
+#: Bytes of the numbers a dtype's elements are made of, where that is not the element's size:
+#: a complex64 is two fp32 values.
+_NUMBER_SIZE = {"C64": 4}
 MAX_HEADER = 100 << 20  # the safetensors format's own limit
 
 
@@ -43,7 +53,13 @@ class TensorIndex:
     tensors: list[TensorInfo]  # sorted by begin; absolute byte ranges
 
     def element_size(self, tensor: TensorInfo) -> int:
-        return DTYPE_SIZES[tensor.dtype]
+        return element_size(tensor.dtype)
+
+
+def element_size(dtype: str) -> int:
+    """Bytes a tensor's chunks are aligned to and split into byte planes by: the size of the
+    numbers its elements are made of, 1 for dtypes packed below a byte."""
+    return _NUMBER_SIZE.get(dtype, max(1, DTYPE_BITS[dtype] // 8))
 
 
 def read_index(data: bytes | memoryview, file_size: int) -> TensorIndex | None:
@@ -82,7 +98,7 @@ def _tensor(name: str, spec: object, header_end: int, file_size: int) -> TensorI
     if not isinstance(spec, dict):
         return None
     dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
-    if dtype not in DTYPE_SIZES or not isinstance(shape, list) or not isinstance(offsets, list):
+    if dtype not in DTYPE_BITS or not isinstance(shape, list) or not isinstance(offsets, list):
         return None
     if not all(isinstance(d, int) and d >= 0 for d in shape):
         return None
@@ -91,6 +107,7 @@ def _tensor(name: str, spec: object, header_end: int, file_size: int) -> TensorI
     begin, end = header_end + offsets[0], header_end + offsets[1]
     if not header_end <= begin <= end <= file_size:
         return None
-    if end - begin != math.prod(shape) * DTYPE_SIZES[dtype]:
+    bits = math.prod(shape) * DTYPE_BITS[dtype]
+    if bits % 8 or end - begin != bits // 8:  # packed dtypes fill whole bytes
         return None
     return TensorInfo(name, dtype, tuple(shape), begin, end)

@@ -16,11 +16,13 @@ from chunkstore.errors import InvalidInput, NotFound
 from chunkstore.model import Manifest, TensorInfo, Version
 from chunkstore.restore import ChunkedReader
 from chunkstore.stores.base import ChunkStore
+from chunkstore.tensor_index import DTYPE_BITS
 
 _NUMPY = {
     "F64": np.float64,
     "F32": np.float32,
     "F16": np.float16,
+    "C64": np.complex64,
     "I64": np.int64,
     "I32": np.int32,
     "I16": np.int16,
@@ -30,38 +32,66 @@ _NUMPY = {
     "U16": np.uint16,
     "U8": np.uint8,
     "BOOL": np.bool_,
-    "F8_E4M3": np.uint8,
-    "F8_E5M2": np.uint8,
 }
-_TORCH = {"BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+#: Dtypes numpy has no type for, by their torch name (None: torch has none either).
+_CODES = {
+    "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz",
+    "F8_E5M2FNUZ": "float8_e5m2fnuz",
+    "F8_E8M0": "float8_e8m0fnu",
+    "F4": "float4_e2m1fn_x2",  # two values per byte, as safetensors packs them
+    "F6_E2M3": None,
+    "F6_E3M2": None,
+}
+#: Dtypes whose arrays (as :func:`to_array` gives them) hold the values themselves.
+_NUMBERS = {*_NUMPY, "BF16"}
 
 
 def to_array(raw: bytes, tensor: TensorInfo) -> np.ndarray:
-    """A numpy array of a tensor's bytes. bfloat16 becomes float32 (exactly: its top half);
-    8-bit floats stay raw uint8 codes, since numpy has no such types."""
+    """A numpy array of a tensor's bytes. bfloat16 becomes float32 (exactly: its top half).
+    Dtypes numpy has no type for stay raw uint8 codes: one per element for 8-bit floats; for
+    the packed 4- and 6-bit floats, the bytes of each last-axis row (see :func:`packed_shape`)."""
     if tensor.dtype == "BF16":
         bits = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16
         return bits.view(np.float32).reshape(tensor.shape)
+    if tensor.dtype in _CODES:
+        return np.frombuffer(raw, np.uint8).reshape(packed_shape(tensor))
     return np.frombuffer(raw, dtype=np.dtype(_NUMPY[tensor.dtype]).newbyteorder("<")).reshape(
         tensor.shape
     )
 
 
+def packed_shape(tensor: TensorInfo) -> tuple[int, ...]:
+    """The shape of a tensor's bytes: its own, with the last axis counted in bytes for dtypes
+    packed below a byte (flat when a row is not whole bytes)."""
+    bits = DTYPE_BITS[tensor.dtype]
+    if bits >= 8:
+        return tensor.shape
+    if tensor.shape and tensor.shape[-1] * bits % 8 == 0:
+        return (*tensor.shape[:-1], tensor.shape[-1] * bits // 8)
+    return (tensor.end - tensor.begin,)
+
+
 def to_torch(raw: bytes, tensor: TensorInfo) -> Any:
-    """A torch tensor of a tensor's bytes, in its own dtype (bfloat16 included)."""
+    """A torch tensor of a tensor's bytes, in its own dtype where torch has it (bfloat16 and
+    8-bit floats included), else as :func:`to_array` gives it."""
     try:
         import torch
     except ImportError:
         raise InvalidInput("framework='pt' needs torch, which is not installed") from None
 
     buf = bytearray(raw)  # writable, so torch does not warn and the tensor owns its memory
-    if tensor.dtype in _TORCH:
+    if tensor.dtype in _CODES:
         flat = (
             torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8)
         )
-        return flat.view(getattr(torch, _TORCH[tensor.dtype])).reshape(tensor.shape)
-    array = np.frombuffer(buf, dtype=np.dtype(_NUMPY[tensor.dtype]).newbyteorder("<"))
-    return torch.from_numpy(array.reshape(tensor.shape))
+        torch_dtype = getattr(torch, _CODES[tensor.dtype] or "", None)
+        if torch_dtype is None:
+            return flat.reshape(packed_shape(tensor))
+        return flat.view(torch_dtype).reshape(packed_shape(tensor))
+    return torch.from_numpy(to_array(buf, tensor))
 
 
 class LazyTensors(Mapping):
@@ -109,7 +139,7 @@ class TensorChange:
     old: TensorInfo
     new: TensorInfo
     differing_bytes: int | None = None  # exact count, with stats
-    relative_l2: float | None = None  # ||new - old|| / ||old||, with stats
+    relative_l2: float | None = None  # ||new - old|| / ||old||, with stats, for numbers
 
     def to_json(self) -> dict:
         out: dict[str, Any] = {"name": self.name, "bytes_changed": self.bytes_changed}
@@ -158,8 +188,10 @@ def diff_file(
     """Compare the tensors of two versions of one safetensors file.
 
     A tensor is unchanged when the chunks covering it are the same, at the same relative
-    offsets; no bytes are fetched for it. With ``stats``, changed tensors are fetched from both
-    versions to count differing bytes and the relative L2 norm of the change.
+    offsets; no bytes are fetched for it. Small tensors share chunks, so one may count as
+    changed because a neighbour did. With ``stats``, the tensors whose chunks changed are
+    fetched from both versions to count their differing bytes (those with none count as
+    unchanged after all) and the relative L2 norm of the change.
     """
     result = TensorDiff(path)
     before = {t.name: t for t in old.tensors}
@@ -184,7 +216,10 @@ def diff_file(
         change = TensorChange(name, changed, a, b)
         if stats and same_layout:
             change.differing_bytes, change.relative_l2 = _compare(old_reader, new_reader, a, b)
-        if change.bytes_changed or change.differing_bytes or not same_layout:
+            differs = change.differing_bytes > 0  # exact: shared chunks may have changed around it
+        else:
+            differs = change.bytes_changed > 0 or not same_layout
+        if differs:
             result.changed.append(change)
         else:
             result.unchanged += 1  # same bytes, cut differently
@@ -193,15 +228,18 @@ def diff_file(
 
 def _compare(
     old_reader: ChunkedReader, new_reader: ChunkedReader, a: TensorInfo, b: TensorInfo
-) -> tuple[int, float]:
+) -> tuple[int, float | None]:
     old_reader.seek(a.begin)
     new_reader.seek(b.begin)
     raw_a, raw_b = old_reader.read(a.end - a.begin), new_reader.read(b.end - b.begin)
     differing = int(
         np.count_nonzero(np.frombuffer(raw_a, np.uint8) != np.frombuffer(raw_b, np.uint8))
     )
-    x = to_array(raw_a, a).astype(np.float64).ravel()
-    y = to_array(raw_b, b).astype(np.float64).ravel()
+    if a.dtype not in _NUMBERS:
+        return differing, None  # 8-, 6- and 4-bit float codes: no norm to take
+    as_type = np.complex128 if a.dtype == "C64" else np.float64
+    x = to_array(raw_a, a).astype(as_type).ravel()
+    y = to_array(raw_b, b).astype(as_type).ravel()
     norm = float(np.linalg.norm(x))
     delta = float(np.linalg.norm(y - x))
     return differing, (delta / norm if norm else (0.0 if delta == 0 else float("inf")))

@@ -132,3 +132,36 @@ def test_header_change_insert_and_reorder_store_little(repo: Repository, tmp_pat
     assert _new_bytes(repo, tmp_path, "v3", inserted) < 0.5 * MB + 0.01 * total
     reordered = {n: base[n] for n in reversed(names)}
     assert _new_bytes(repo, tmp_path, "v4", reordered) < 0.01 * total
+
+
+@pytest.mark.parametrize(
+    ("dtype", "shape", "nbytes", "element_size"),
+    [
+        ("F4", [3, 4], 6, 1),  # two values per byte
+        ("F6_E2M3", [8], 6, 1),  # four values in three bytes
+        ("F6_E3M2", [4], 3, 1),
+        ("F8_E8M0", [5], 5, 1),
+        ("F8_E4M3FNUZ", [5], 5, 1),
+        ("F8_E5M2FNUZ", [5], 5, 1),
+        ("C64", [2, 3], 48, 4),  # complex64: pairs of fp32, split into fp32 planes
+        ("F64", [3], 24, 8),
+    ],
+)
+def test_every_dtype_of_the_format_is_understood(dtype, shape, nbytes, element_size):
+    data = _file(
+        {"t": {"dtype": dtype, "shape": shape, "data_offsets": [0, nbytes]}}, b"\7" * nbytes
+    )
+    index = read_index(data, len(data))
+    assert index is not None
+    (tensor,) = index.tensors
+    assert (tensor.dtype, tensor.end - tensor.begin) == (dtype, nbytes)
+    assert index.element_size(tensor) == element_size
+
+
+@pytest.mark.parametrize(("dtype", "shape"), [("F4", [3]), ("F6_E2M3", [2]), ("F6_E3M2", [5])])
+def test_packed_dtypes_must_fill_whole_bytes(dtype, shape):
+    for nbytes in (1, 2, 3, 4):
+        data = _file(
+            {"t": {"dtype": dtype, "shape": shape, "data_offsets": [0, nbytes]}}, b"\0" * 4
+        )
+        assert read_index(data, len(data)) is None

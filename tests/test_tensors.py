@@ -146,3 +146,53 @@ def _open(path):
     from chunkstore.connect import connect
 
     return connect(str(path))
+
+
+def _newer_dtypes(rng: np.random.Generator, scale_codes: np.ndarray, freqs: np.ndarray) -> dict:
+    """Weights as recent quantized checkpoints store them: bf16, 8-bit scales, packed 4-bit
+    floats, and complex64 rotary frequencies."""
+    return {
+        "w.bf16": ("BF16", (256, 256), weights(rng, 256 * 256, "bf16")),
+        "w.scales": ("F8_E8M0", (256,), scale_codes),
+        "w.fp4": ("F4", (64, 128), rng.integers(0, 256, 64 * 64, dtype=np.uint8)),
+        "freqs": ("C64", (64, 32), freqs),
+    }
+
+
+def test_newer_dtypes_keep_the_tensor_index_load_and_diff(repo, tmp_path):
+    rng = np.random.default_rng(3)
+    codes = rng.integers(100, 140, 256, dtype=np.uint8)
+    freqs = (rng.standard_normal(2048) + 1j * rng.standard_normal(2048)).astype(np.complex64)
+    v1 = _newer_dtypes(rng, codes, freqs)
+    (tmp_path / "v1").mkdir()
+    write_safetensors(tmp_path / "v1" / "m.safetensors", v1)
+    version = repo.push(tmp_path / "v1", repo="q", tags=["v1"]).version
+    index = {t.name: t for t in repo.manifest(version.files[0]).tensors}
+    assert {name: t.dtype for name, t in index.items()} == {
+        "w.bf16": "BF16",
+        "w.scales": "F8_E8M0",
+        "w.fp4": "F4",
+        "freqs": "C64",
+    }
+    loaded = repo.load_tensors("q@v1", ["w.scales", "w.fp4", "freqs"])
+    assert loaded["w.scales"].dtype == np.uint8 and np.array_equal(loaded["w.scales"], codes)
+    fp4 = loaded["w.fp4"]  # packed: each row's 128 values in 64 bytes
+    assert fp4.shape == (64, 64) and np.array_equal(fp4.ravel(), v1["w.fp4"][2])
+    assert loaded["freqs"].dtype == np.complex64 and loaded["freqs"].shape == (64, 32)
+    assert np.array_equal(loaded["freqs"].ravel(), freqs)
+
+    new_codes, new_freqs = codes.copy(), freqs.copy()
+    new_codes[:10] += 1
+    new_freqs[:100] *= np.complex64(1 + 0.01j)
+    v2 = {**v1, "w.scales": ("F8_E8M0", (256,), new_codes), "freqs": ("C64", (64, 32), new_freqs)}
+    (tmp_path / "v2").mkdir()
+    write_safetensors(tmp_path / "v2" / "m.safetensors", v2)
+    repo.push(tmp_path / "v2", repo="q", tags=["v2"])
+    (d,) = repo.tensor_diff("q@v1", "q@v2", stats=True)
+    changed = {c.name: c for c in d.changed}
+    assert set(changed) == {"w.scales", "freqs"} and d.unchanged == 2
+    assert changed["w.scales"].differing_bytes == 10
+    assert changed["w.scales"].relative_l2 is None  # exponent codes, not values
+    old, new = freqs.astype(np.complex128), new_freqs.astype(np.complex128)
+    exact = np.linalg.norm(new - old) / np.linalg.norm(old)
+    assert changed["freqs"].relative_l2 == pytest.approx(exact, rel=1e-9)
