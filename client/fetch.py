@@ -7,6 +7,12 @@ parallel too) and hands it over through a bounded queue, which bounds the bytes 
 given a ``deliver`` callback, calls it itself (:meth:`Fetch.run`): nothing then funnels through
 the reader's thread. Messages are read without copying blobs (:mod:`.wire`).
 
+A node whose streams have all ended takes over the back half of what each stream still running
+elsewhere has left of the ids it also owns (at least ``MIN_HANDOFF`` of them), so a slower
+node, or one that started late, does not leave the others idle at the end of a read: the
+stream that gave them up ends once the ids it kept have arrived. Whichever stream brings an id
+first delivers it; the other skips it undecoded.
+
 Ids that a stream did not deliver (the node failed, lacked them, or sent bytes that do not match
 their id) go to their next owner. A stream that delivers nothing for ``stall_timeout`` while the
 reader waits is cancelled and counts as failed that way, so a hung node costs seconds, not a
@@ -38,6 +44,9 @@ from .rpc import NodeCallError, NodeClient, RpcPolicy
 #: Blob bytes assumed per requested chunk when setting a GetChunks deadline (the chunker's max).
 DEADLINE_BYTES_PER_CHUNK = 256 << 10
 _POLL = 0.1  # seconds between checks for an abandoned fetch while the queue is full
+#: The fewest ids an idle node takes over from a running stream (~1 MiB of chunks): below that,
+#: the stream they come from finishes them sooner than a new one starts.
+MIN_HANDOFF = 16
 
 Owners = Callable[[Sequence[bytes]], Sequence[Sequence[NodeClient]]]
 #: The code of an id a stream did not get to: another id it asked for was absent (NOT_FOUND
@@ -51,13 +60,19 @@ Deliver = Callable[[bytes, codec.RawBuffer], None]
 
 @dataclass(eq=False)
 class _Stream:
-    """One GetChunks call: its node, the ids asked for, and when it last made progress."""
+    """One GetChunks call: its node, the ids asked for, the ones it is still to bring (not yet
+    received, nor handed to another node), and when it last made progress."""
 
     node: NodeClient
     ids: list[bytes]
     last: float = field(default_factory=time.monotonic)
     call: grpc.Future | None = None
     stalled: bool = False
+    keep: set[bytes] = field(init=False)
+    gave_up_ids: bool = False  # some of its ids were handed to another node
+
+    def __post_init__(self) -> None:
+        self.keep = set(self.ids)
 
     def abandon(self) -> None:
         """Cancel the call; it then reports its undelivered ids as failed (retryable)."""
@@ -143,6 +158,8 @@ class Fetch:
                 if kind == "crash":
                     raise payload
                 self._running.discard(stream)
+                if not payload and not any(s.node is stream.node for s in self._running):
+                    self._hand_off(stream.node)
                 retry: dict[NodeClient, list[bytes]] = {}
                 delay: Counter[NodeClient] = Counter()
                 for cid, failure in payload.items():
@@ -193,6 +210,26 @@ class Fetch:
             self._first[cid] = node.id
             plan.setdefault(node, []).append(cid)
         return plan
+
+    def _hand_off(self, node: NodeClient) -> None:
+        """Give idle ``node`` the back half of each running stream's remaining ids it owns."""
+        for stream in list(self._running):
+            if stream.node is node or stream.stalled:
+                continue
+            with self._claim_lock:
+                left = [
+                    cid
+                    for cid in stream.ids
+                    if cid in stream.keep and cid in self._remaining and node in self._owners[cid]
+                ]
+                if len(left) < 2 * MIN_HANDOFF:
+                    continue
+                taken = left[len(left) // 2 :]
+                stream.keep.difference_update(taken)
+                stream.gave_up_ids = True
+            for cid in taken:
+                self._tries_of(cid)[node.id] += 1
+            self._start(node, taken, 0.0)
 
     def _tries_of(self, cid: bytes) -> Counter[str]:
         """How often ``cid`` was asked of each node."""
@@ -271,7 +308,7 @@ class Fetch:
 
     def _receive(self, stream: _Stream) -> dict[bytes, NodeCallError]:
         node = stream.node
-        wanted = set(stream.ids)
+        wanted = stream.keep
         failures: dict[bytes, NodeCallError] = {}
         try:
             nbytes = len(stream.ids) * DEADLINE_BYTES_PER_CHUNK
@@ -288,6 +325,9 @@ class Fetch:
                 elif out and not self._post(("chunks", stream, out)):
                     return {}
                 stream.last = time.monotonic()
+                if not wanted and stream.gave_up_ids:  # the rest is another node's now
+                    call.cancel()
+                    break
             node.record(None)
             rest = NodeCallError(node.spec, grpc.StatusCode.NOT_FOUND, "not in its reply")
         except wire.WireError as e:  # the node answered, with bytes that are no ChunkBatch
@@ -306,12 +346,13 @@ class Fetch:
                 )
             else:
                 rest = NodeCallError.from_rpc(node.spec, exc)
-                absent = _named(rest, wanted)
+                absent = _named(rest, set(stream.ids))
                 if absent is not None:
                     # The node lacks one chunk, which ended the stream; the ones after it are
                     # not known to be absent there (during a move a node holds some of them).
-                    failures[absent] = rest
-                    wanted.discard(absent)
+                    if absent in wanted:  # else it was handed to another node
+                        failures[absent] = rest
+                        wanted.discard(absent)
                     rest = NodeCallError(node.spec, _UNSENT, f"{_UNSENT_DETAIL}{absent.hex()}")
             node.record(rest)
         failures.update(dict.fromkeys(wanted, rest))
@@ -338,9 +379,11 @@ class Fetch:
         ``failures``. Raises WireError if ``message`` is not a ChunkBatch."""
         out = []
         for cid, blob in wire.read_chunk_batch(message):
-            if cid not in wanted:
-                continue
-            wanted.discard(cid)
+            with self._claim_lock:
+                kept = cid in wanted
+                wanted.discard(cid)
+                if not kept and cid not in self._remaining:
+                    continue  # not asked for, or handed off and brought by the other node
             if not self._verify:
                 out.append((cid, bytes(blob)))
                 continue
@@ -369,8 +412,8 @@ class Fetch:
         return False
 
 
-def _named(failure: NodeCallError, wanted: set[bytes]) -> bytes | None:
-    """The id among ``wanted`` that a NOT_FOUND ``failure`` names as absent, if any."""
+def _named(failure: NodeCallError, asked: set[bytes]) -> bytes | None:
+    """The id among ``asked`` that a NOT_FOUND ``failure`` names as absent, if any."""
     if failure.code != grpc.StatusCode.NOT_FOUND:
         return None
     for word in failure.detail.split():
@@ -379,6 +422,6 @@ def _named(failure: NodeCallError, wanted: set[bytes]) -> bytes | None:
                 cid = bytes.fromhex(word)
             except ValueError:
                 continue
-            if cid in wanted:
+            if cid in asked:
                 return cid
     return None

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import time
 from collections import Counter
+
+import grpc
 
 from chunkstore import codec, ids
 from chunkstore.client import wire
@@ -82,3 +85,78 @@ def test_unhealthy_owners_are_asked_only_when_no_owner_is_healthy():
     # Both owners of the rest are unhealthy: they share those ids, least loaded first.
     assert sorted([*sick.asked, *also_sick.asked]) == sorted(keys[60:])
     assert abs(len(sick.asked) - len(also_sick.asked)) <= 1
+
+
+class _Call:
+    """A GetChunks stream of a stand-in: ``batch`` chunks per message, ``pause`` seconds before
+    each; cancelling ends it."""
+
+    def __init__(self, messages: list[bytes], pause: float) -> None:
+        self._messages = iter(messages)
+        self._pause = pause
+        self.cancelled = False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> bytes:
+        time.sleep(self._pause)
+        if self.cancelled:
+            raise StopIteration
+        return next(self._messages)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class PacedNode(StandInNode):
+    """A stand-in that sends ``batch`` chunks per message, ``pause`` seconds apart; counts what
+    it sent, and fails every call after its first ``calls`` ones."""
+
+    def __init__(self, node_id, blobs, pause: float, batch: int = 4, calls: int = 1 << 30):
+        super().__init__(node_id, blobs)
+        self.pause, self.batch, self.calls = pause, batch, calls
+        self.sent: list[bytes] = []
+
+    def get_encoded(self, request, timeout=None):
+        self.asked.extend(request.ids)
+        self.calls -= 1
+        if self.calls < 0:
+            raise grpc.RpcError("this node is gone")
+        ids_ = list(request.ids)
+        groups = [ids_[i : i + self.batch] for i in range(0, len(ids_), self.batch)]
+        node = self
+
+        class Counting(_Call):
+            def __next__(self) -> bytes:
+                message = super().__next__()
+                node.sent.extend(cid for cid, _ in wire.read_chunk_batch(message))
+                return message
+
+        return Counting(
+            [wire.chunk_batch([(c, self._blobs[c]) for c in g]) for g in groups], self.pause
+        )
+
+
+def test_an_idle_owner_takes_over_the_tail_of_a_slow_stream():
+    blobs = _chunks(400)
+    fast, slow = PacedNode("fast", blobs, pause=0.0005), PacedNode("slow", blobs, pause=0.01)
+    keys = list(blobs)
+    got = _read(keys, {cid: (slow, fast) for cid in keys})
+    assert got == {cid: codec.decode(blob) for cid, blob in blobs.items()}
+    # Each was given half; the fast one then took over most of the slow one's half, which
+    # stopped early instead of sending all it was first asked for.
+    assert len(slow.asked) == 200 and len(fast.asked) > 300
+    assert len(slow.sent) < 150
+
+
+def test_ids_handed_to_a_node_that_fails_are_read_from_their_other_owner():
+    blobs = _chunks(400)
+    # The fast node answers its first call, then is gone: the ids handed to it go back.
+    fast = PacedNode("fast", blobs, pause=0.0005, calls=1)
+    slow = PacedNode("slow", blobs, pause=0.002)
+    keys = list(blobs)
+    got = _read(keys, {cid: (slow, fast) for cid in keys})
+    assert got == {cid: codec.decode(blob) for cid, blob in blobs.items()}
+    assert len(fast.asked) > 200  # it was handed some
+    assert set(slow.sent) | set(fast.sent) == set(keys)
