@@ -127,7 +127,7 @@ class Fetch:
         self._others: Sequence[NodeClient] | None = None
         self._deliver = deliver
         self._remaining = set(self._copies)  # ids not delivered yet
-        self._claim_lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _remaining and every stream's keep
 
     def run(self) -> None:
         """Fetch every id, handing each to ``deliver`` on the stream threads."""
@@ -177,7 +177,7 @@ class Fetch:
 
     def _claim(self, cid: bytes) -> bool:
         """Whether ``cid`` is still to be delivered; from now on it is not."""
-        with self._claim_lock:
+        with self._lock:
             if cid in self._remaining:
                 self._remaining.discard(cid)
                 return True
@@ -216,7 +216,7 @@ class Fetch:
         for stream in list(self._running):
             if stream.node is node or stream.stalled:
                 continue
-            with self._claim_lock:
+            with self._lock:
                 left = [
                     cid
                     for cid in stream.ids
@@ -350,12 +350,15 @@ class Fetch:
                 if absent is not None:
                     # The node lacks one chunk, which ended the stream; the ones after it are
                     # not known to be absent there (during a move a node holds some of them).
-                    if absent in wanted:  # else it was handed to another node
-                        failures[absent] = rest
+                    with self._lock:
+                        kept = absent in wanted  # else it was handed to another node
                         wanted.discard(absent)
+                    if kept:
+                        failures[absent] = rest
                     rest = NodeCallError(node.spec, _UNSENT, f"{_UNSENT_DETAIL}{absent.hex()}")
             node.record(rest)
-        failures.update(dict.fromkeys(wanted, rest))
+        with self._lock:  # the reader may be handing some of them off meanwhile
+            failures.update(dict.fromkeys(wanted, rest))
         return failures
 
     def _hand_over(self, stream: _Stream, chunks: list[tuple[bytes, bytes]]) -> None:
@@ -379,7 +382,7 @@ class Fetch:
         ``failures``. Raises WireError if ``message`` is not a ChunkBatch."""
         out = []
         for cid, blob in wire.read_chunk_batch(message):
-            with self._claim_lock:
+            with self._lock:
                 kept = cid in wanted
                 wanted.discard(cid)
                 if not kept and cid not in self._remaining:
