@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import textwrap
 import time
@@ -565,13 +566,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Only a push makes a new embedded store: reading a mistyped path must not create one.
         create = args.command == "push"
         with connect(args.store, token=args.token, create=create) as repo:
-            return args.func(repo, args)
+            code = args.func(repo, args)
+        sys.stdout.flush()  # a reader gone meanwhile shows here, not at exit
+        return code
     except ChunkstoreError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; no partial version was made visible", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of our output went away (`| head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush
+        return 128 + signal.SIGPIPE
     except OSError as exc:
         print(
             f"{PROG}: error: {exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""),

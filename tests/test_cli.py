@@ -152,6 +152,24 @@ def test_bad_input_is_one_line_and_nonzero(two_versions, capsys, argv, needle, e
     assert json.loads(capsys.readouterr().out) == before
 
 
+def test_output_into_a_closed_pipe_stops_quietly(two_versions, env_store):
+    """``chunkstore log | head -1``: once the reader has gone, no error and no traceback."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before anything is written
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "chunkstore.client.cli", "log", "llama-ft", "--json"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "CHUNKSTORE_STORE": str(env_store)},
+        )
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 128 + signal.SIGPIPE
+    assert proc.stderr == ""
+
+
 def test_pull_into_non_empty_dir_needs_force(two_versions, tmp_path, capsys):
     write(tmp_path / "busy" / "x", b"x")
     code, _, err = run(capsys, "pull", "llama-ft", str(tmp_path / "busy"))
