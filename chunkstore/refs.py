@@ -1,4 +1,6 @@
-"""Refs name versions: ``NAME`` (latest), ``NAME@TAG``, ``NAME@ID-PREFIX`` (>= 6 hex digits)."""
+"""Refs name versions: ``NAME`` (latest), ``NAME@TAG``, ``NAME@ID-PREFIX`` (>= 6 hex digits),
+any of them followed by ``~N``: the version N pushes before it (its first parent, N times;
+``~`` alone is ``~1``)."""
 
 from __future__ import annotations
 
@@ -11,22 +13,28 @@ from chunkstore.stores.base import MetaStore
 
 MIN_PREFIX = 6
 _HEX = re.compile(r"[0-9a-f]+")
+_BACK = re.compile(r"~(\d*)$")
 
 
 @dataclass(frozen=True)
 class Ref:
     repo: str
     selector: str | None  # tag or id prefix; None means the latest version
+    back: int = 0  # how many versions before the one the selector names
 
     @classmethod
     def parse(cls, text: str) -> Ref:
-        repo, sep, selector = text.partition("@")
+        back = _BACK.search(text)
+        name = text[: back.start()] if back else text
+        repo, sep, selector = name.partition("@")
         if sep and not selector:
             raise InvalidInput(f"invalid ref {text!r}: nothing after '@'")
-        return cls(check_repo_name(repo), selector or None)
+        steps = int(back.group(1) or 1) if back else 0
+        return cls(check_repo_name(repo), selector or None, steps)
 
     def __str__(self) -> str:
-        return f"{self.repo}@{self.selector}" if self.selector else self.repo
+        name = f"{self.repo}@{self.selector}" if self.selector else self.repo
+        return f"{name}~{self.back}" if self.back else name
 
 
 def load_versions(meta: MetaStore, repo: str) -> list[Version]:
@@ -48,6 +56,23 @@ def resolve(meta: MetaStore, ref: Ref | str) -> Version:
     versions = load_versions(meta, ref.repo)
     if not versions:
         raise NotFound(f"unknown repo {ref.repo!r}")
+    version = _select(ref, versions)
+    by_id = {v.id: v for v in versions}
+    for _ in range(ref.back):
+        if not version.parents:
+            raise NotFound(f"{ref} does not exist: no version came before {version.ref}")
+        parent = by_id.get(version.parents[0])
+        if parent is None:
+            raise NotFound(
+                f"{ref} does not exist: {version.ref}'s parent "
+                f"{version.parents[0].hex()[:8]} was removed"
+            )
+        version = parent
+    return version
+
+
+def _select(ref: Ref, versions: list[Version]) -> Version:
+    """The version ``ref`` names before its ``~N``, among ``versions`` (newest first)."""
     if ref.selector is None:
         return versions[0]
     for v in versions:

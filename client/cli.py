@@ -234,6 +234,9 @@ def _tensor_diff(repo: Repository, args: argparse.Namespace) -> int:
             extra = ""
             if c.old.dtype != c.new.dtype or c.old.shape != c.new.shape:
                 extra += f", {c.old.dtype}{list(c.old.shape)} -> {c.new.dtype}{list(c.new.shape)}"
+            if c.differing_bytes is not None:
+                plural = "s" if c.differing_bytes != 1 else ""
+                extra += f", {c.differing_bytes:,} differing byte{plural}"
             if c.relative_l2 is not None:
                 extra += f", relative L2 change {c.relative_l2:.3g}"
             print(f"  M  {c.name}  ({human_bytes(c.bytes_changed)} changed{extra})")
@@ -386,6 +389,9 @@ def build_parser(server_commands: bool = True) -> argparse.ArgumentParser:
               chunkstore log llama-ft
               chunkstore diff llama-ft@v1 llama-ft
               chunkstore pull llama-ft@v1 ./restored
+
+            refs: NAME (the latest version), NAME@TAG, NAME@ID-PREFIX (6+ hex digits);
+            any of them + ~N is the version N pushes before it (llama-ft~ : the one before)
             """),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -443,7 +449,7 @@ def build_parser(server_commands: bool = True) -> argparse.ArgumentParser:
         "recreate a version's files under a directory",
         "chunkstore pull llama-ft@v1 ./restored",
     )
-    p.add_argument("ref", help="NAME, NAME@TAG or NAME@ID-PREFIX")
+    p.add_argument("ref", help="NAME, NAME@TAG or NAME@ID-PREFIX, each with an optional ~N")
     p.add_argument("dest", help="directory to write into (must be empty unless --force)")
     p.add_argument("--force", action="store_true", help="write into a non-empty directory")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
@@ -470,7 +476,7 @@ def build_parser(server_commands: bool = True) -> argparse.ArgumentParser:
         cmd_diff,
         "compare two versions: files, params, metrics, tensors",
         "chunkstore diff llama-ft@v1 llama-ft@v2\n"
-        "chunkstore diff llama-ft@v1 llama-ft@v2 --tensors --stats",
+        "chunkstore diff llama-ft~ llama-ft --tensors --stats   # what the last push changed",
     )
     p.add_argument("old")
     p.add_argument("new")

@@ -101,6 +101,10 @@ def test_diff_json_shape(two_versions, capsys):
     assert d["modified"][0]["path"] == "config.json" and d["added"] == [] and d["removed"] == []
     assert d["metrics"] == {"loss": {"old": 2.31, "new": 2.05}}
     assert d["params"] == {"lr": {"old": "3e-4", "new": None}}
+    # ~ names the version before: the same diff as by tags
+    assert run(capsys, "diff", "llama-ft~", "llama-ft", "--json")[1] == out
+    code, _, err = run(capsys, "diff", "llama-ft~2", "llama-ft")
+    assert code != 0 and "llama-ft~2 does not exist" in err and "\n" not in err.strip()
 
 
 def test_stats_json_and_ls(two_versions, capsys):

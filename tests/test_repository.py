@@ -91,6 +91,26 @@ def test_refs_tags_prefixes_and_errors(repo, ckpt):
         repo.resolve("bad name@v1")
 
 
+def test_refs_back_n_versions(repo, ckpt):
+    pushed = []
+    for i in range(3):
+        write(ckpt / "config.json", f'{{"step": {i}}}'.encode())
+        pushed.append(repo.push(ckpt, repo="m", tags=[f"s{i}"]).version)
+    assert repo.resolve("m~").id == pushed[1].id
+    assert repo.resolve("m~1").id == pushed[1].id
+    assert repo.resolve("m~2").id == pushed[0].id
+    assert repo.resolve("m~0").id == pushed[2].id
+    assert repo.resolve("m@s1~1").id == pushed[0].id
+    assert repo.resolve(f"m@{pushed[2].id.hex()[:8]}~2").id == pushed[0].id
+    with pytest.raises(NotFound, match="no version came before"):
+        repo.resolve("m~3")
+    with pytest.raises(InvalidInput):
+        repo.resolve("m~x")
+    repo.rm(f"m@{pushed[1].short_id}")
+    with pytest.raises(NotFound, match="was removed"):
+        repo.resolve("m@s2~1")
+
+
 def test_ambiguous_prefix(repo, tmp_path):
     made = {}
     i = 0
