@@ -410,24 +410,27 @@ class Repository:
         dest: str | os.PathLike,
         force: bool = False,
         progress: Progress | None = None,
+        files: Sequence[str] | None = None,
     ) -> Version:
         """Recreate the tree of ``ref`` under ``dest``; every byte is verified on the way.
 
         ``dest`` must not exist or be an empty directory, unless ``force`` (files of the
-        version then replace files of the same name).
+        version then replace files of the same name). With ``files`` (see
+        :func:`select_files`), only the files they match are written.
         """
         version = self.resolve(ref)
+        entries = version.files if files is None else select_files(version, files)
         dest = Path(dest)
         if dest.exists() and not dest.is_dir():
             raise InvalidInput(f"destination {dest} exists and is not a directory")
         if dest.is_dir() and any(dest.iterdir()) and not force:
             raise InvalidInput(f"destination {dest} is not empty (use --force to write into it)")
         plan = []
-        for entry in version.files:
+        for entry in entries:
             rel = normalise_path(entry.path)
             plan.append((dest.joinpath(*rel.split("/")), entry, self.manifest(entry)))
         progress = progress or NoProgress()
-        progress.start(version.size, f"pull {version.ref}")
+        progress.start(sum(entry.size for entry in entries), f"pull {version.ref}")
         try:
             for target, entry, manifest in plan:
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -747,3 +750,18 @@ def _check_metrics(metrics: dict[str, float]) -> dict[str, float]:
             raise InvalidInput(f"invalid metric {key}={value!r}: must be finite")
         out[key] = number
     return out
+
+
+def select_files(version: Version, patterns: Sequence[str]) -> list[FileEntry]:
+    """The files of ``version`` that any of ``patterns`` names: a glob over the whole path
+    (``*.json``, ``model-0000[12]-*``) or a directory (``tokenizer`` for all under it).
+    NotFound if a pattern names no file, so a typo never passes for an empty selection."""
+
+    def names(pattern: str, path: str) -> bool:
+        folder = pattern.rstrip("/")
+        return fnmatchcase(path, pattern) or (bool(folder) and path.startswith(folder + "/"))
+
+    for pattern in patterns:
+        if not any(names(pattern, entry.path) for entry in version.files):
+            raise NotFound(f"no file of {version.ref} matches {pattern!r}")
+    return [e for e in version.files if any(names(p, e.path) for p in patterns)]

@@ -16,7 +16,7 @@ from chunkstore.connect import ENV_STORE, connect
 from chunkstore.errors import ChunkstoreError, InvalidInput
 from chunkstore.model import Version
 from chunkstore.progress import for_terminal, human_bytes
-from chunkstore.repository import DEFAULT_GC_GRACE, Diff, Repository
+from chunkstore.repository import DEFAULT_GC_GRACE, Diff, Repository, select_files
 
 PROG = "chunkstore"
 
@@ -92,15 +92,31 @@ def cmd_push(repo: Repository, args: argparse.Namespace) -> int:
 
 def cmd_pull(repo: Repository, args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    v = repo.pull(args.ref, args.dest, force=args.force, progress=for_terminal(args.quiet))
+    v = repo.pull(
+        args.ref,
+        args.dest,
+        force=args.force,
+        progress=for_terminal(args.quiet),
+        files=args.file or None,
+    )
     elapsed = time.perf_counter() - started
+    pulled = select_files(v, args.file) if args.file else v.files
+    size = sum(f.size for f in pulled)
     if args.json:
-        _emit_json({**v.to_json(), "dest": args.dest, "seconds": elapsed})
+        _emit_json(
+            {
+                **v.to_json(),
+                "dest": args.dest,
+                "pulled": [f.path for f in pulled],
+                "seconds": elapsed,
+            }
+        )
     elif not args.quiet:
-        rate = human_bytes(v.size / elapsed) if elapsed > 0 else "-"
+        rate = human_bytes(size / elapsed) if elapsed > 0 else "-"
+        of = f" of {len(v.files)}" if args.file else ""
         print(
-            f"pulled {v.ref} to {args.dest}: {len(v.files)} files, "
-            f"{human_bytes(v.size)} ({rate}/s), verified"
+            f"pulled {v.ref} to {args.dest}: {len(pulled)}{of} files, "
+            f"{human_bytes(size)} ({rate}/s), verified"
         )
     return 0
 
@@ -447,11 +463,19 @@ def build_parser(server_commands: bool = True) -> argparse.ArgumentParser:
         "pull",
         cmd_pull,
         "recreate a version's files under a directory",
-        "chunkstore pull llama-ft@v1 ./restored",
+        "chunkstore pull llama-ft@v1 ./restored\n"
+        "chunkstore pull llama-ft ./serve --file '*.json' --file tokenizer   # just these",
     )
     p.add_argument("ref", help="NAME, NAME@TAG or NAME@ID-PREFIX, each with an optional ~N")
     p.add_argument("dest", help="directory to write into (must be empty unless --force)")
     p.add_argument("--force", action="store_true", help="write into a non-empty directory")
+    p.add_argument(
+        "--file",
+        action="append",
+        metavar="PATTERN",
+        help="only the files this glob over the path, or directory, names (repeatable; "
+        "a pattern that names no file is an error)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
 
     p = _add(sub, "log", cmd_log, "list a repo's versions, newest first", "chunkstore log llama-ft")

@@ -156,6 +156,16 @@ def test_bad_input_is_one_line_and_nonzero(two_versions, capsys, argv, needle, e
     assert json.loads(capsys.readouterr().out) == before
 
 
+def test_pull_selected_files(two_versions, tmp_path, capsys):
+    code, out, _ = run(capsys, "pull", "llama-ft", str(tmp_path / "o"), "--file", "*.json")
+    assert code == 0 and "1 of 2 files" in out
+    assert tree_bytes(tmp_path / "o") == {"config.json": b'{"a": 1}'}
+    code, out, _ = run(capsys, "pull", "llama-ft", str(tmp_path / "j"), "--file", "m*", "--json")
+    assert code == 0 and json.loads(out)["pulled"] == ["model.bin"]
+    code, _, err = run(capsys, "pull", "llama-ft", str(tmp_path / "x"), "--file", "*.yaml")
+    assert code != 0 and "matches '*.yaml'" in err and not (tmp_path / "x").exists()
+
+
 def test_output_into_a_closed_pipe_stops_quietly(two_versions, env_store):
     """``chunkstore log | head -1``: once the reader has gone, no error and no traceback."""
     read_end, write_end = os.pipe()

@@ -208,6 +208,20 @@ def test_inputs_trace_lineage(repo, ckpt, tmp_path):
     assert [(d, v.id) for d, v in lineage] == [(1, base.id), (2, data.id)]
 
 
+def test_pull_only_the_files_patterns_name(repo, ckpt, tmp_path):
+    repo.push(ckpt, repo="m")
+    repo.pull("m", tmp_path / "a", files=["*.json", "sub"])
+    assert tree_bytes(tmp_path / "a") == {
+        "config.json": (ckpt / "config.json").read_bytes(),
+        "sub/optim.bin": (ckpt / "sub" / "optim.bin").read_bytes(),
+    }
+    repo.pull("m", tmp_path / "b", files=["sub/", "model.b?n"])
+    assert sorted(tree_bytes(tmp_path / "b")) == ["model.bin", "sub/optim.bin"]
+    with pytest.raises(NotFound, match="no file of m@.* matches 'config.yaml'"):
+        repo.pull("m", tmp_path / "c", files=["*.json", "config.yaml"])
+    assert not (tmp_path / "c").exists()  # nothing written for a selection with a typo
+
+
 def test_pull_refuses_non_empty_destination(repo, ckpt, tmp_path):
     repo.push(ckpt, repo="m")
     dest = write(tmp_path / "out" / "keep.txt", b"mine").parent
