@@ -151,7 +151,7 @@ def table(results: Results, size: int) -> str:
             f">= {target}x {'ok' if ratio >= target else 'MISSED'}",
             f"{emb['rss'] / 2**20:.0f} / {clu['rss'] / 2**20:.0f}",
         ))  # fmt: skip
-    return _aligned(rows)
+    return aligned(rows)
 
 
 def cpu_table(results: Results) -> str:
@@ -167,10 +167,11 @@ def cpu_table(results: Results) -> str:
             f"{clu['cpu']:.2f} / {clu['nodes']:.2f}",
             f"{emb['seconds'] / spread:.2f}x",
         ))  # fmt: skip
-    return _aligned(rows)
+    return aligned(rows)
 
 
-def _aligned(rows: list[tuple[str, ...]]) -> str:
+def aligned(rows: list[tuple[str, ...]]) -> str:
+    """Rows of cells as text columns, each as wide as its widest cell."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join(
         "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()

@@ -414,9 +414,10 @@ class Repository:
     ) -> Version:
         """Recreate the tree of ``ref`` under ``dest``; every byte is verified on the way.
 
-        ``dest`` must not exist or be an empty directory, unless ``force`` (files of the
-        version then replace files of the same name). With ``files`` (see
-        :func:`select_files`), only the files they match are written.
+        ``dest`` must not exist or be an empty directory, unless ``force``: files of the
+        version then replace files of the same name, and the chunks such a file already holds
+        are copied from it instead of fetched (see :mod:`chunkstore.reuse`). With ``files``
+        (see :func:`select_files`), only the files they match are written.
         """
         version = self.resolve(ref)
         entries = version.files if files is None else select_files(version, files)
@@ -436,7 +437,10 @@ class Repository:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 if target.is_dir():
                     raise InvalidInput(f"cannot write {target}: a directory is in the way")
-                restore_file(self.store, manifest, target, progress, mode=entry.mode or 0o644)
+                old = target if target.is_file() else None  # a file being replaced: reuse it
+                restore_file(
+                    self.store, manifest, target, progress, mode=entry.mode or 0o644, reuse=old
+                )
         finally:
             progress.finish()
         return version

@@ -17,6 +17,7 @@ from chunkstore.delta import fetch_size, read_chunks, read_chunks_into
 from chunkstore.filespace import reserve
 from chunkstore.model import DeltaRef, Manifest
 from chunkstore.progress import NoProgress, Progress
+from chunkstore.reuse import reuse_chunks
 from chunkstore.stores.base import ChunkStore
 
 MiB = 1 << 20
@@ -29,14 +30,17 @@ def restore_file(
     progress: Progress | None = None,
     window_bytes: int = 256 * MiB,
     mode: int = 0o644,
+    reuse: Path | None = None,
 ) -> None:
     """Write the file described by ``manifest`` to ``dest``, every chunk verified.
 
     The bytes go to a temporary file beside ``dest`` that is renamed into place only once
     complete, so ``dest`` never holds a partial file; its blocks are reserved first, so a file
-    that cannot fit fails before anything is fetched. Chunks are fetched a window at a time
-    (memory stays bounded: a window counts the delta and base bytes a chunk needs) and each
-    is written at every offset where the file holds it.
+    that cannot fit fails before anything is fetched. With ``reuse`` (an older copy of the
+    file, typically ``dest`` itself), the chunks it holds are copied from it instead of
+    fetched (see :mod:`chunkstore.reuse`). Chunks are fetched a window at a time (memory
+    stays bounded: a window counts the delta and base bytes a chunk needs) and each is
+    written at every offset where the file holds it.
     """
     progress = progress or NoProgress()
     tmp = dest.with_name(f".{dest.name}.chunkstore-partial")
@@ -58,6 +62,9 @@ def restore_file(
                 os.pwrite(fd, raw, offset)
             progress.advance(len(raw) * len(offsets[cid]))
 
+        if reuse is not None:
+            found = reuse_chunks(manifest, reuse, write)
+            order = [(cid, length) for cid, length in order if cid not in found]
         # Chunks are written on the decoding threads: nothing funnels through this one.
         if refs:
             for window in _windows(order, offsets, refs, window_bytes):

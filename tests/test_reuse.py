@@ -1,0 +1,153 @@
+"""A pull over an older copy of a file copies the chunks it holds instead of fetching them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import random_bytes, write
+
+from chunkstore.repository import Repository
+from chunkstore.synthetic import weights, write_safetensors
+
+MB = 1 << 20
+
+
+def count_fetches(repo: Repository) -> list[bytes]:
+    """Record every chunk id the repository's store is asked for from now on."""
+    asked: list[bytes] = []
+    store = repo.store
+    real_read_into, real_with_blobs = store.read_into, store.with_blobs
+
+    def read_into(chunk_ids, consume, workers=2):
+        asked.extend(chunk_ids)
+        return real_read_into(chunk_ids, consume, workers=workers)
+
+    def with_blobs(chunk_ids, fn):
+        asked.extend(chunk_ids)
+        return real_with_blobs(chunk_ids, fn)
+
+    store.read_into, store.with_blobs = read_into, with_blobs
+    return asked
+
+
+def model(seed: int, names: list[str]) -> dict:
+    rng = np.random.default_rng(seed)
+    return {n: ("BF16", (512, 512), weights(rng, 512 * 512, "bf16")) for n in names}
+
+
+@pytest.fixture
+def two_checkpoints(repo: Repository, tmp_path):
+    """v1, and v2 with one tensor retrained, one added and a longer header (metadata), so every
+    unchanged tensor sits at another offset."""
+    names = [f"layers.{i}.w" for i in range(6)]
+    v1 = model(0, names)
+    (tmp_path / "v1").mkdir()
+    write_safetensors(tmp_path / "v1" / "model.safetensors", v1)
+    v2 = {**v1, "layers.2.w": model(1, ["layers.2.w"])["layers.2.w"]}
+    v2 = {"embed.w": model(2, ["embed.w"])["embed.w"], **v2}
+    (tmp_path / "v2").mkdir()
+    write_safetensors(tmp_path / "v2" / "model.safetensors", v2, {"step": "2000" * 20})
+    repo.push(tmp_path / "v1", repo="m", tags=["v1"], delta=False)
+    repo.push(tmp_path / "v2", repo="m", tags=["v2"], delta=False)
+    return tmp_path / "v1", tmp_path / "v2"
+
+
+def test_pull_over_the_previous_version_fetches_only_what_changed(repo, two_checkpoints, tmp_path):
+    v1, v2 = two_checkpoints
+    repo.pull("m@v1", tmp_path / "out")
+    asked = count_fetches(repo)
+    repo.pull("m@v2", tmp_path / "out", force=True)
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (
+        v2 / "model.safetensors"
+    ).read_bytes()
+    manifest = repo.manifest(repo.resolve("m@v2").files[0])
+    changed = {t.name for t in manifest.tensors} - {
+        "layers.0.w",
+        "layers.1.w",
+        "layers.3.w",
+        "layers.4.w",
+        "layers.5.w",
+    }
+    assert changed == {"embed.w", "layers.2.w"}
+    fetched_bytes = sum(n for cid, n in manifest.chunks if cid in set(asked))
+    # the header, the new tensor and the retrained one (512 KiB each), not the five unchanged
+    assert 1 * MB <= fetched_bytes < 1.2 * MB
+
+
+def test_pull_over_an_identical_file_fetches_nothing(repo, two_checkpoints, tmp_path):
+    repo.pull("m@v2", tmp_path / "out")
+    asked = count_fetches(repo)
+    repo.pull("m@v2", tmp_path / "out", force=True)
+    assert asked == []
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (
+        two_checkpoints[1] / "model.safetensors"
+    ).read_bytes()
+
+
+@pytest.mark.parametrize(
+    "old",
+    [
+        b"",  # empty
+        b"\xff" * 100,  # shorter, not safetensors
+        random_bytes(3 * MB, seed=9),  # as long, other bytes
+    ],
+    ids=["empty", "short", "other-bytes"],
+)
+def test_a_file_that_holds_nothing_useful_is_replaced_correctly(
+    repo, two_checkpoints, tmp_path, old
+):
+    write(tmp_path / "out" / "model.safetensors", old)
+    repo.pull("m@v2", tmp_path / "out", force=True)
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (
+        two_checkpoints[1] / "model.safetensors"
+    ).read_bytes()
+
+
+def test_a_corrupted_old_copy_is_never_trusted(repo, two_checkpoints, tmp_path):
+    repo.pull("m@v2", tmp_path / "out")
+    path = tmp_path / "out" / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    for at in range(10_000, len(data), 300_000):  # a flipped bit in many chunks
+        data[at] ^= 1
+    path.write_bytes(bytes(data))
+    asked = count_fetches(repo)
+    repo.pull("m@v2", tmp_path / "out", force=True)
+    assert path.read_bytes() == (two_checkpoints[1] / "model.safetensors").read_bytes()
+    assert len(asked) > 0  # the damaged chunks came from the store
+
+
+def test_plain_files_reuse_the_unchanged_runs(repo, tmp_path):
+    data = bytearray(random_bytes(8 * MB, seed=4))
+    write(tmp_path / "a" / "w.bin", bytes(data))
+    repo.push(tmp_path / "a", repo="p")
+    data[6 * MB : 6 * MB + 10] = b"0123456789"  # one chunk changes in place
+    write(tmp_path / "b" / "w.bin", bytes(data))
+    repo.push(tmp_path / "b", repo="p")
+    repo.pull("p~1", tmp_path / "out")
+    asked = count_fetches(repo)
+    repo.pull("p", tmp_path / "out", force=True)
+    assert (tmp_path / "out" / "w.bin").read_bytes() == bytes(data)
+    manifest = repo.manifest(repo.resolve("p").files[0])
+    assert sum(n for cid, n in manifest.chunks if cid in set(asked)) < 300 * 1024
+
+
+def test_pull_over_with_deltas(repo, tmp_path):
+    names = [f"layers.{i}.w" for i in range(4)]
+    v1 = model(0, names)
+    rng = np.random.default_rng(7)
+    v2 = dict(v1)
+    dtype, shape, flat = v1["layers.1.w"]
+    nudged = (flat.view(np.uint16) ^ rng.integers(0, 2, flat.size, dtype=np.uint16)).view(
+        flat.dtype
+    )
+    v2["layers.1.w"] = (dtype, shape, nudged)
+    for name, content in (("v1", v1), ("v2", v2)):
+        (tmp_path / name).mkdir()
+        write_safetensors(tmp_path / name / "model.safetensors", content)
+        repo.push(tmp_path / name, repo="d", tags=[name])
+    assert repo.manifest(repo.resolve("d@v2").files[0]).deltas  # layers.1.w is delta-coded
+    repo.pull("d@v1", tmp_path / "out")
+    repo.pull("d@v2", tmp_path / "out", force=True)
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (
+        tmp_path / "v2" / "model.safetensors"
+    ).read_bytes()
