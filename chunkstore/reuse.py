@@ -9,7 +9,9 @@ never trusted: its bytes are read once, and written only if they hash to the chu
 Chunks are tried by group: the chunks of one tensor, or a run of :data:`GROUP_CHUNKS` chunks
 of other bytes. The rest of a group is tried only if its first chunk matched, so an old file
 that changed everywhere (every weight nudged by a training step) costs one chunk's read and
-hash per group.
+hash per group. Outside tensors a group's first chunk is looked for at its own offset, then
+as far from the old file's end as from the new one's: where bytes were inserted or removed
+near the start (a longer header, in any format), everything after them is found there.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ from chunkstore.tensor_index import MAX_HEADER, read_index
 #: Chunks of bytes outside tensors that stand or fall with the first of them.
 GROUP_CHUNKS = 16
 
-#: ``(chunk id, offset in the new file, length, offset in the old file)``
-Guess = tuple[bytes, int, int, int]
+#: ``(chunk id, length, offsets in the old file to look at)``
+Guess = tuple[bytes, int, tuple[int, ...]]
 
 
 def reuse_chunks(
@@ -50,28 +52,42 @@ def reuse_chunks(
         size = os.fstat(fd).st_size
         found: set[bytes] = set()
 
-        def try_group(group: list[Guess]) -> None:
-            for i, (cid, _, length, at) in enumerate(group):
-                if cid in found:
-                    continue
-                data = os.pread(fd, length, at) if at + length <= size else b""
-                if len(data) != length or ids.chunk_id(data) != cid:
-                    if i == 0:
-                        return  # this group changed: do not read the rest
-                    continue
+        def read(cid: bytes, length: int, at: int) -> bytes | None:
+            """The old file's ``length`` bytes at ``at``, if they are chunk ``cid``."""
+            data = os.pread(fd, length, at) if at >= 0 and at + length <= size else b""
+            return data if len(data) == length and ids.chunk_id(data) == cid else None
+
+        def keep(cid: bytes, data: bytes | None) -> None:
+            if data is not None and cid not in found:
                 found.add(cid)
                 write(cid, data)
 
-        for_each(try_group, _groups(manifest, _tensor_starts(fd, size)), workers, "reuse")
+        def try_group(group: list[Guess]) -> None:
+            (cid, length, places), rest = group[0], group[1:]
+            for place, at in enumerate(places):  # where the first chunk is, the rest are
+                data = read(cid, length, at)
+                if data is not None:
+                    keep(cid, data)
+                    for other, n, others_places in rest:
+                        if other not in found:
+                            keep(other, read(other, n, others_places[place]))
+                    return
+
+        groups = _groups(manifest, _tensor_starts(fd, size), size - manifest.size)
+        for_each(try_group, groups, workers, "reuse")
         return found
     finally:
         os.close(fd)
 
 
-def _groups(manifest: Manifest, old_starts: dict[str, tuple[int, int]]) -> Iterator[list[Guess]]:
-    """The manifest's chunks with where the old file would hold them, grouped: one group per
-    tensor the old file also has (same name and size), runs of GROUP_CHUNKS chunks elsewhere.
-    Chunks of tensors whose old copy differs in size are not tried."""
+def _groups(
+    manifest: Manifest, old_starts: dict[str, tuple[int, int]], growth: int
+) -> Iterator[list[Guess]]:
+    """The manifest's chunks with where the old file may hold them, grouped: one group per
+    tensor the old file also has (same name and size), runs of GROUP_CHUNKS chunks elsewhere,
+    looked for at their offset and ``growth`` (old size - new size) bytes further. Chunks of
+    tensors whose old copy differs in size are not tried."""
+    elsewhere = lambda pos: (pos, pos + growth) if growth else (pos,)  # noqa: E731
     tensors = sorted(manifest.tensors, key=lambda t: t.begin)
     begins = [t.begin for t in tensors]
     run: list[Guess] = []
@@ -82,7 +98,7 @@ def _groups(manifest: Manifest, old_starts: dict[str, tuple[int, int]]) -> Itera
         k = bisect_right(begins, pos) - 1
         tensor = tensors[k] if k >= 0 and pos + length <= tensors[k].end else None
         if tensor is None:
-            run.append((cid, pos, length, pos))
+            run.append((cid, length, elsewhere(pos)))
             if len(run) == GROUP_CHUNKS:
                 yield run
                 run = []
@@ -93,7 +109,7 @@ def _groups(manifest: Manifest, old_starts: dict[str, tuple[int, int]]) -> Itera
                 group = []
             group_tensor = tensor.name
             if old is not None and old[1] == tensor.end - tensor.begin:
-                group.append((cid, pos, length, old[0] + pos - tensor.begin))
+                group.append((cid, length, (old[0] + pos - tensor.begin,)))
         pos += length
     if group:
         yield group
