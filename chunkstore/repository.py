@@ -43,7 +43,7 @@ from chunkstore.model import (
 )
 from chunkstore.progress import NoProgress, Progress
 from chunkstore.refs import Ref, load_versions, resolve
-from chunkstore.restore import ChunkedReader, restore_file
+from chunkstore.restore import PARTIAL, ChunkedReader, restore_file
 from chunkstore.staging import DEFAULT_STAGE_TTL, Stage, live_stage_manifests
 from chunkstore.stores.base import Store
 from chunkstore.tensor_index import read_index
@@ -418,6 +418,10 @@ class Repository:
         version then replace files of the same name, and the chunks such a file already holds
         are copied from it instead of fetched (see :mod:`chunkstore.reuse`). With ``files``
         (see :func:`select_files`), only the files they match are written.
+
+        An interrupted pull resumes: the files it completed are in place, what it wrote of
+        the next one is kept beside it, and the same pull run again with ``force`` copies both
+        instead of fetching them again.
         """
         version = self.resolve(ref)
         entries = version.files if files is None else select_files(version, files)
@@ -425,6 +429,10 @@ class Repository:
         if dest.exists() and not dest.is_dir():
             raise InvalidInput(f"destination {dest} exists and is not a directory")
         if dest.is_dir() and any(dest.iterdir()) and not force:
+            if _holds_partials(dest):
+                raise InvalidInput(
+                    f"destination {dest} holds an interrupted pull (use --force to resume it)"
+                )
             raise InvalidInput(f"destination {dest} is not empty (use --force to write into it)")
         plan = []
         for entry in entries:
@@ -754,6 +762,11 @@ def _check_metrics(metrics: dict[str, float]) -> dict[str, float]:
             raise InvalidInput(f"invalid metric {key}={value!r}: must be finite")
         out[key] = number
     return out
+
+
+def _holds_partials(folder: Path) -> bool:
+    """Whether an interrupted pull left files under ``folder`` to resume from."""
+    return next(folder.rglob(f".*{PARTIAL}"), None) is not None
 
 
 def select_files(version: Version, patterns: Sequence[str]) -> list[FileEntry]:

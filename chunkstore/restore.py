@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from chunkstore.delta import fetch_size, read_chunks, read_chunks_into
+from chunkstore.errors import StoreUnavailable
 from chunkstore.filespace import reserve
 from chunkstore.model import DeltaRef, Manifest
 from chunkstore.progress import NoProgress, Progress
@@ -21,6 +22,15 @@ from chunkstore.reuse import reuse_chunks
 from chunkstore.stores.base import ChunkStore
 
 MiB = 1 << 20
+
+
+#: Suffix of the file a pull writes until it is complete, kept if the pull is interrupted.
+PARTIAL = ".chunkstore-partial"
+
+
+def partial_path(dest: Path) -> Path:
+    """Where a pull writes ``dest`` until it is complete: a hidden file beside it."""
+    return dest.with_name(f".{dest.name}{PARTIAL}")
 
 
 def restore_file(
@@ -34,17 +44,25 @@ def restore_file(
 ) -> None:
     """Write the file described by ``manifest`` to ``dest``, every chunk verified.
 
-    The bytes go to a temporary file beside ``dest`` that is renamed into place only once
-    complete, so ``dest`` never holds a partial file; its blocks are reserved first, so a file
-    that cannot fit fails before anything is fetched. With ``reuse`` (an older copy of the
-    file, typically ``dest`` itself), the chunks it holds are copied from it instead of
-    fetched (see :mod:`chunkstore.reuse`). Chunks are fetched a window at a time (memory
-    stays bounded: a window counts the delta and base bytes a chunk needs) and each is
-    written at every offset where the file holds it.
+    The bytes go to a partial file beside ``dest`` (:func:`partial_path`) that is renamed into
+    place only once complete, so ``dest`` never holds a partial file; its blocks are reserved
+    first, so a file that cannot fit fails before anything is fetched. Chunks are copied
+    instead of fetched from what the file's last interrupted pull wrote and from ``reuse``
+    (an older copy of the file, typically ``dest`` itself): see :mod:`chunkstore.reuse`.
+    Chunks are fetched a window at a time (memory stays bounded: a window counts the delta and
+    base bytes a chunk needs) and each is written at every offset where the file holds it.
+
+    A pull interrupted (Ctrl-C) or cut off from the store (StoreUnavailable) keeps its partial
+    file for the next one; one that fails otherwise (a damaged chunk, a full disk) removes it.
     """
     progress = progress or NoProgress()
-    tmp = dest.with_name(f".{dest.name}.chunkstore-partial")
+    tmp = partial_path(dest)
+    earlier = tmp.with_name(tmp.name + "-earlier")
+    if tmp.is_file() and not tmp.is_symlink():
+        os.replace(tmp, earlier)
+    sources = [source for source in (earlier, reuse) if source is not None and source.is_file()]
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    wrote = False
     try:
         reserve(fd, manifest.size, dest)
         refs = manifest.delta_refs()
@@ -58,12 +76,14 @@ def restore_file(
             pos += length
 
         def write(cid: bytes, raw: bytes) -> None:
+            nonlocal wrote
             for offset in offsets[cid]:
                 os.pwrite(fd, raw, offset)
+            wrote = True
             progress.advance(len(raw) * len(offsets[cid]))
 
-        if reuse is not None:
-            found = reuse_chunks(manifest, reuse, write)
+        for source in sources:
+            found = reuse_chunks(manifest, source, write, wanted={cid for cid, _ in order})
             order = [(cid, length) for cid, length in order if cid not in found]
         # Chunks are written on the decoding threads: nothing funnels through this one.
         if refs:
@@ -72,10 +92,13 @@ def restore_file(
         else:  # one pass; the store bounds what is in flight
             store.read_into([cid for cid, _ in order], write)
         os.fchmod(fd, mode & 0o777)
-    except BaseException:
+    except BaseException as exc:
         os.close(fd)
-        tmp.unlink(missing_ok=True)
+        if not (wrote and isinstance(exc, KeyboardInterrupt | StoreUnavailable)):
+            tmp.unlink(missing_ok=True)
         raise
+    finally:
+        earlier.unlink(missing_ok=True)
     os.close(fd)
     os.replace(tmp, dest)
 

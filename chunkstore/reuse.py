@@ -39,11 +39,13 @@ def reuse_chunks(
     old: Path,
     write: Callable[[bytes, bytes], None],
     workers: int = 2,
+    wanted: set[bytes] | None = None,
 ) -> set[bytes]:
-    """Hand ``write(id, raw)`` every chunk of ``manifest`` that the file ``old`` holds where
-    this file has it (or, in a tensor ``old`` also has, as far from the tensor's start),
-    checked against its id; return the ids handed over. ``write`` is called from ``workers``
-    threads at once. An unreadable ``old`` reuses nothing."""
+    """Hand ``write(id, raw)`` every chunk of ``manifest`` (of those in ``wanted``, if given)
+    that the file ``old`` holds where this file has it (or, in a tensor ``old`` also has, as
+    far from the tensor's start), checked against its id; return the ids handed over.
+    ``write`` is called from ``workers`` threads at once. An unreadable ``old`` reuses
+    nothing."""
     try:
         fd = os.open(old, os.O_RDONLY)
     except OSError:
@@ -74,7 +76,9 @@ def reuse_chunks(
                     return
 
         groups = _groups(manifest, _tensor_starts(fd, size), size - manifest.size)
-        for_each(try_group, groups, workers, "reuse")
+        if wanted is not None:
+            groups = ([g for g in group if g[0] in wanted] for group in groups)
+        for_each(try_group, (group for group in groups if group), workers, "reuse")
         return found
     finally:
         os.close(fd)

@@ -603,7 +603,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; no partial version was made visible", file=sys.stderr)
+        if args.command == "pull":
+            print(f"{PROG}: interrupted; run it again with --force to resume", file=sys.stderr)
+        else:
+            print(f"{PROG}: interrupted; no partial version was made visible", file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader of our output went away (`| head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush

@@ -15,6 +15,7 @@ from conftest import failing_fallocate, random_bytes, tree_bytes, write
 
 from chunkstore import filespace
 from chunkstore.client.cli import main
+from chunkstore.stores.lmdb_store import LmdbStore
 
 MB = 1 << 20
 
@@ -266,6 +267,28 @@ def test_ctrl_c_mid_push_leaves_nothing_visible_and_next_push_reuses(env_store, 
     again = cli("push", str(tmp_path / "big"), "--repo", "m", "--json", env=env)
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["new_raw_bytes"] < len(data)
+
+
+def test_ctrl_c_mid_pull_keeps_what_was_written_for_the_next_pull(
+    two_versions, tmp_path, capsys, monkeypatch
+):
+    real_read_into = LmdbStore.read_into
+
+    def interrupted(self, chunk_ids, consume, workers=2):  # in model.bin, half way
+        if len(chunk_ids) == 1:  # config.json
+            return real_read_into(self, chunk_ids, consume, workers=workers)
+        real_read_into(self, chunk_ids[: len(chunk_ids) // 2], consume, workers=workers)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patched:
+        patched.setattr(LmdbStore, "read_into", interrupted)
+        code, _, err = run(capsys, "pull", "llama-ft", str(tmp_path / "o"))
+    assert code == 130 and "run it again with --force to resume" in err
+    code, _, err = run(capsys, "pull", "llama-ft", str(tmp_path / "o"))
+    assert code == 2 and "holds an interrupted pull (use --force to resume it)" in err
+    assert run(capsys, "pull", "llama-ft", str(tmp_path / "o"), "--force")[0] == 0
+    ckpt, _ = two_versions
+    assert tree_bytes(tmp_path / "o") == tree_bytes(ckpt)
 
 
 def test_help_has_examples():

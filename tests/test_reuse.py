@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import random_bytes, write
+from conftest import random_bytes, tree_bytes, write
 
+from chunkstore.errors import CorruptChunk, InvalidInput, StoreUnavailable
 from chunkstore.repository import Repository
 from chunkstore.synthetic import weights, write_safetensors
 
@@ -169,3 +170,58 @@ def test_bytes_inserted_near_the_start_of_a_plain_file(repo, tmp_path):
         manifest = repo.manifest(repo.resolve(ref).files[0])
         # the first run of 16 chunks holds the change; the rest is found further on
         assert sum(n for cid, n in manifest.chunks if cid in set(asked)) < 1.5 * MB
+
+
+def _cut_off_after(repo: Repository, share: float, files_whole: int) -> None:
+    """Make the store deliver ``files_whole`` files, then ``share`` of the next one's chunks,
+    then become unreachable."""
+    store = repo.store
+    real_read_into = type(store).read_into
+    calls = []
+
+    def read_into(chunk_ids, consume, workers=2):
+        calls.append(chunk_ids)
+        if len(calls) <= files_whole:
+            return real_read_into(store, chunk_ids, consume, workers=workers)
+        real_read_into(store, chunk_ids[: int(len(chunk_ids) * share)], consume, workers=workers)
+        raise StoreUnavailable("node n1: unavailable: connection refused")
+
+    store.read_into = read_into
+
+
+def test_an_interrupted_pull_resumes_where_it_stopped(repo, tmp_path):
+    data = random_bytes(8 * MB, seed=6)
+    write(tmp_path / "a" / "w.bin", data)
+    write(tmp_path / "a" / "b.bin", data[:MB])
+    repo.push(tmp_path / "a", repo="p", delta=False)
+    _cut_off_after(repo, 0.6, files_whole=1)  # b.bin whole, then part of w.bin
+    with pytest.raises(StoreUnavailable):
+        repo.pull("p", tmp_path / "out")
+    partial = tmp_path / "out" / ".w.bin.chunkstore-partial"
+    assert partial.exists() and not (tmp_path / "out" / "w.bin").exists()
+    assert (tmp_path / "out" / "b.bin").read_bytes() == data[:MB]
+    del repo.store.read_into
+    with pytest.raises(InvalidInput, match="interrupted pull .* --force to resume"):
+        repo.pull("p", tmp_path / "out")
+    asked = count_fetches(repo)
+    repo.pull("p", tmp_path / "out", force=True)
+    assert tree_bytes(tmp_path / "out") == {"b.bin": data[:MB], "w.bin": data}  # no partial
+    manifest = repo.manifest(repo.resolve("p").file("w.bin"))
+    fetched = sum(n for cid, n in manifest.chunks if cid in set(asked))
+    assert 0 < fetched < 0.5 * len(data)  # only what the first pull had not written
+
+
+def test_a_pull_that_fails_for_good_leaves_no_partial_file(repo, tmp_path):
+    write(tmp_path / "a" / "w.bin", random_bytes(2 * MB, seed=7))
+    repo.push(tmp_path / "a", repo="p")
+    store = repo.store
+    real_read_into = type(store).read_into
+
+    def damaged(chunk_ids, consume, workers=2):
+        real_read_into(store, chunk_ids[:5], consume, workers=workers)
+        raise CorruptChunk(chunk_ids[5])
+
+    store.read_into = damaged
+    with pytest.raises(CorruptChunk):
+        repo.pull("p", tmp_path / "out")
+    assert list((tmp_path / "out").iterdir()) == []
