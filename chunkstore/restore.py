@@ -61,7 +61,7 @@ def restore_file(
     if tmp.is_file() and not tmp.is_symlink():
         os.replace(tmp, earlier)
     sources = [source for source in (earlier, reuse) if source is not None and source.is_file()]
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     wrote = False
     try:
         reserve(fd, manifest.size, dest)

@@ -225,3 +225,15 @@ def test_a_pull_that_fails_for_good_leaves_no_partial_file(repo, tmp_path):
     with pytest.raises(CorruptChunk):
         repo.pull("p", tmp_path / "out")
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_symlink_in_place_of_the_partial_file_is_not_followed(repo, tmp_path):
+    write(tmp_path / "a" / "w.bin", random_bytes(MB, seed=8))
+    repo.push(tmp_path / "a", repo="p")
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep me")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / ".w.bin.chunkstore-partial").symlink_to(victim)
+    with pytest.raises(OSError):
+        repo.pull("p", tmp_path / "out", force=True)
+    assert victim.read_bytes() == b"keep me"
