@@ -91,8 +91,8 @@ def _groups(
     tensor the old file also has (same name and size), runs of GROUP_CHUNKS chunks elsewhere,
     looked for at their offset and ``growth`` (old size - new size) bytes further. Chunks of
     tensors whose old copy differs in size are not tried."""
-    elsewhere = lambda pos: (pos, pos + growth) if growth else (pos,)  # noqa: E731
-    tensors = sorted(manifest.tensors, key=lambda t: t.begin)
+    places = (0, growth) if growth else (0,)
+    tensors = sorted(manifest.tensors, key=lambda t: (t.begin, t.end))  # empty ones first
     begins = [t.begin for t in tensors]
     run: list[Guess] = []
     group: list[Guess] = []
@@ -102,7 +102,7 @@ def _groups(
         k = bisect_right(begins, pos) - 1
         tensor = tensors[k] if k >= 0 and pos + length <= tensors[k].end else None
         if tensor is None:
-            run.append((cid, length, elsewhere(pos)))
+            run.append((cid, length, tuple(pos + shift for shift in places)))
             if len(run) == GROUP_CHUNKS:
                 yield run
                 run = []
