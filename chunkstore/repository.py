@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from chunkstore import codec, ids
 from chunkstore.chunking import Chunker, ChunkerParams, MappedFile
@@ -43,7 +43,7 @@ from chunkstore.model import (
 )
 from chunkstore.progress import NoProgress, Progress
 from chunkstore.refs import Ref, load_versions, resolve
-from chunkstore.restore import PARTIAL, ChunkedReader, restore_file
+from chunkstore.restore import PARTIAL, ChunkedReader, restore_file, stream_file
 from chunkstore.staging import DEFAULT_STAGE_TTL, Stage, live_stage_manifests
 from chunkstore.stores.base import Store
 from chunkstore.tensor_index import read_index
@@ -452,6 +452,13 @@ class Repository:
         finally:
             progress.finish()
         return version
+
+    def write_file(self, ref: str, path: str, out: BinaryIO) -> FileEntry:
+        """Write one file of a version to ``out`` (a binary stream), in order, every chunk
+        verified: for streaming a whole file, several times faster than reading :meth:`open`."""
+        entry = self.resolve(ref).file(normalise_path(path))
+        stream_file(self.store, self.manifest(entry), out)
+        return entry
 
     def open(self, ref: str, path: str) -> ChunkedReader:
         """A seekable, read-only file object over one file of a version."""

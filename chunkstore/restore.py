@@ -12,6 +12,7 @@ from bisect import bisect_right
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from chunkstore.delta import fetch_size, read_chunks, read_chunks_into
 from chunkstore.errors import StoreUnavailable
@@ -101,6 +102,43 @@ def restore_file(
         earlier.unlink(missing_ok=True)
     os.close(fd)
     os.replace(tmp, dest)
+
+
+def stream_file(
+    store: ChunkStore,
+    manifest: Manifest,
+    out: BinaryIO,
+    window_bytes: int = 32 * MiB,
+    write_bytes: int = MiB,
+) -> None:
+    """Write the file described by ``manifest`` to ``out`` in order, every chunk verified.
+
+    Chunks are fetched ``window_bytes`` of the file at a time, as a pull fetches them (on
+    several threads, deltas rebuilt), placed in one reused buffer, and written in pieces of
+    ``write_bytes``: a 16 MiB write into a file's page cache took 4-5x the time of the same
+    bytes in 1 MiB writes here.
+    """
+    refs = manifest.delta_refs()
+    longest = max((length for _, length in manifest.chunks), default=0)
+    view = memoryview(bytearray(window_bytes + longest))
+    chunks = manifest.chunks
+    i = 0
+    while i < len(chunks):
+        where: dict[bytes, list[int]] = defaultdict(list)  # chunk -> offsets in the window
+        used = 0
+        while i < len(chunks) and used < window_bytes:
+            cid, length = chunks[i]
+            where[cid].append(used)
+            used += length
+            i += 1
+
+        def place(cid: bytes, raw: bytes, where: dict[bytes, list[int]] = where) -> None:
+            for offset in where[cid]:
+                view[offset : offset + len(raw)] = raw
+
+        read_chunks_into(store, list(where), refs, place)
+        for start in range(0, used, write_bytes):
+            out.write(view[start : min(used, start + write_bytes)])
 
 
 def _windows(

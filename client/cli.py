@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 
 import chunkstore.client.process_setup  # noqa: F401  (before anything loads gRPC or numpy)
+from chunkstore.allocator import keep_freed_memory
 from chunkstore.connect import ENV_STORE, connect
 from chunkstore.errors import ChunkstoreError, InvalidInput
 from chunkstore.model import Version
@@ -135,6 +136,12 @@ def cmd_log(repo: Repository, args: argparse.Namespace) -> int:
             f"{v.short_id}  {_when(v)}  {human_bytes(v.size):>9}  "
             f"{human_bytes(v.new_bytes):>9} new  {v.message}{tags}{metrics}"
         )
+    return 0
+
+
+def cmd_cat(repo: Repository, args: argparse.Namespace) -> int:
+    keep_freed_memory()  # each window's chunks are freed before the next one's are decoded
+    repo.write_file(args.ref, args.path, sys.stdout.buffer)
     return 0
 
 
@@ -477,6 +484,16 @@ def build_parser(server_commands: bool = True) -> argparse.ArgumentParser:
         "a pattern that names no file is an error)",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+
+    p = _add(
+        sub,
+        "cat",
+        cmd_cat,
+        "write one file of a version to standard output, every chunk verified",
+        "chunkstore cat llama-ft config.json | jq .num_hidden_layers",
+    )
+    p.add_argument("ref", help="NAME, NAME@TAG or NAME@ID-PREFIX, each with an optional ~N")
+    p.add_argument("path", help="the file's path in the version, as `show` lists it")
 
     p = _add(sub, "log", cmd_log, "list a repo's versions, newest first", "chunkstore log llama-ft")
     p.add_argument("repo")

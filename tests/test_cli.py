@@ -167,6 +167,19 @@ def test_pull_selected_files(two_versions, tmp_path, capsys):
     assert code != 0 and "matches '*.yaml'" in err and not (tmp_path / "x").exists()
 
 
+def test_cat_writes_one_file_to_stdout(two_versions, env_store, tmp_path):
+    ckpt, _ = two_versions
+    env = {**os.environ, "CHUNKSTORE_STORE": str(env_store)}
+    out = subprocess.run(
+        [sys.executable, "-m", "chunkstore.client.cli", "cat", "llama-ft~", "model.bin"],
+        capture_output=True,
+        env=env,
+    )
+    assert out.returncode == 0 and out.stdout == (ckpt / "model.bin").read_bytes()
+    missing = cli("cat", "llama-ft", "nope.bin", env=env)
+    assert missing.returncode == 3 and "has no file 'nope.bin'" in missing.stderr
+
+
 def test_output_into_a_closed_pipe_stops_quietly(two_versions, env_store):
     """``chunkstore log | head -1``: once the reader has gone, no error and no traceback."""
     read_end, write_end = os.pipe()

@@ -6,6 +6,7 @@ import io
 import os
 import time
 
+import numpy as np
 import pytest
 from conftest import random_bytes, rss_file_kib, tree_bytes, write
 
@@ -21,6 +22,7 @@ from chunkstore.ingest import PipelineLimits
 from chunkstore.model import FileEntry, Manifest, encode_version
 from chunkstore.repository import Repository
 from chunkstore.stores.memory import MemoryStore
+from chunkstore.synthetic import weights, write_safetensors
 
 MB = 1 << 20
 
@@ -503,3 +505,21 @@ def test_push_drops_source_pages_its_encoders_read(tmp_path):
         before.append(rss_file_kib())
         repo.push(tmp_path / "v2", "m")
     assert peak[0] < 10 << 10  # KiB: ~6 MiB; ~14 MiB when only the cutting dropped pages
+
+
+def test_write_file_streams_a_delta_coded_file_in_order(repo, tmp_path):
+    names = [f"layers.{i}.w" for i in range(3)]
+    rng = np.random.default_rng(0)
+    v1 = {n: ("BF16", (512, 512), weights(rng, 512 * 512, "bf16")) for n in names}
+    dtype, shape, flat = v1["layers.0.w"]
+    nudged = (flat.view(np.uint16) ^ np.uint16(1)).view(flat.dtype)
+    v2 = {**v1, "layers.0.w": (dtype, shape, nudged)}
+    for name, content in (("v1", v1), ("v2", v2)):
+        (tmp_path / name).mkdir()
+        write_safetensors(tmp_path / name / "m.safetensors", content)
+        repo.push(tmp_path / name, repo="s", tags=[name])
+    assert repo.manifest(repo.resolve("s@v2").files[0]).deltas
+    out = io.BytesIO()
+    entry = repo.write_file("s@v2", "m.safetensors", out)
+    assert out.getvalue() == (tmp_path / "v2" / "m.safetensors").read_bytes()
+    assert entry.size == len(out.getvalue())
