@@ -1,7 +1,8 @@
-"""Rebuilding files from their manifests: whole files (pull) and random access (open).
+"""Rebuilding files from their manifests: whole files (pull), streams (cat) and random access
+(open).
 
-Chunks are read through :func:`chunkstore.delta.read_chunks`, which rebuilds delta-coded chunks
-from their delta and base chunks; every chunk is checked against its id either way.
+Chunks are read through :func:`chunkstore.delta.read_chunks_into`, which rebuilds delta-coded
+chunks from their delta and base chunks; every chunk is checked against its id either way.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from chunkstore.delta import fetch_size, read_chunks, read_chunks_into
+from chunkstore.delta import fetch_size, read_chunks_into
 from chunkstore.errors import StoreUnavailable
 from chunkstore.filespace import reserve
 from chunkstore.model import DeltaRef, Manifest
@@ -201,9 +202,13 @@ class ChunkedReader(io.RawIOBase):
         last = bisect_right(self._starts, end - 1) - 1
         needed = [i for i in range(first, last + 1) if i not in self._cache]
         if needed:
-            fetched = dict(
-                read_chunks(self._store, [self._manifest.chunks[i][0] for i in needed], self._refs)
-            )
+            fetched: dict[bytes, bytes] = {}
+
+            def keep(cid: bytes, raw: bytes) -> None:  # called from several threads
+                fetched[cid] = bytes(raw)
+
+            wanted = [self._manifest.chunks[i][0] for i in needed]
+            read_chunks_into(self._store, wanted, self._refs, keep)
             self._cache = {i: self._cache[i] for i in range(first, last + 1) if i in self._cache}
             for i in needed:
                 self._cache[i] = fetched[self._manifest.chunks[i][0]]

@@ -81,3 +81,25 @@ def failing_fallocate(code: int):
         return -1
 
     return fallocate
+
+
+def count_fetches(store) -> list[bytes]:
+    """Record every chunk id ``store`` is asked for from now on, by any of its read paths
+    (one read may pass an id through several of them: count distinct ids)."""
+    asked: list[bytes] = []
+    real_get, real_read_into, real_with_blobs = store.get, store.read_into, store.with_blobs
+
+    def get(chunk_ids):
+        asked.extend(chunk_ids)
+        return real_get(chunk_ids)
+
+    def read_into(chunk_ids, consume, workers=2):
+        asked.extend(chunk_ids)
+        return real_read_into(chunk_ids, consume, workers=workers)
+
+    def with_blobs(chunk_ids, fn):
+        asked.extend(chunk_ids)
+        return real_with_blobs(chunk_ids, fn)
+
+    store.get, store.read_into, store.with_blobs = get, read_into, with_blobs
+    return asked

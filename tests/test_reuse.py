@@ -4,31 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import random_bytes, tree_bytes, write
+from conftest import count_fetches, random_bytes, tree_bytes, write
 
 from chunkstore.errors import CorruptChunk, InvalidInput, StoreUnavailable
 from chunkstore.repository import Repository
 from chunkstore.synthetic import weights, write_safetensors
 
 MB = 1 << 20
-
-
-def count_fetches(repo: Repository) -> list[bytes]:
-    """Record every chunk id the repository's store is asked for from now on."""
-    asked: list[bytes] = []
-    store = repo.store
-    real_read_into, real_with_blobs = store.read_into, store.with_blobs
-
-    def read_into(chunk_ids, consume, workers=2):
-        asked.extend(chunk_ids)
-        return real_read_into(chunk_ids, consume, workers=workers)
-
-    def with_blobs(chunk_ids, fn):
-        asked.extend(chunk_ids)
-        return real_with_blobs(chunk_ids, fn)
-
-    store.read_into, store.with_blobs = read_into, with_blobs
-    return asked
 
 
 def model(seed: int, names: list[str]) -> dict:
@@ -56,7 +38,7 @@ def two_checkpoints(repo: Repository, tmp_path):
 def test_pull_over_the_previous_version_fetches_only_what_changed(repo, two_checkpoints, tmp_path):
     v1, v2 = two_checkpoints
     repo.pull("m@v1", tmp_path / "out")
-    asked = count_fetches(repo)
+    asked = count_fetches(repo.store)
     repo.pull("m@v2", tmp_path / "out", force=True)
     assert (tmp_path / "out" / "model.safetensors").read_bytes() == (
         v2 / "model.safetensors"
@@ -77,7 +59,7 @@ def test_pull_over_the_previous_version_fetches_only_what_changed(repo, two_chec
 
 def test_pull_over_an_identical_file_fetches_nothing(repo, two_checkpoints, tmp_path):
     repo.pull("m@v2", tmp_path / "out")
-    asked = count_fetches(repo)
+    asked = count_fetches(repo.store)
     repo.pull("m@v2", tmp_path / "out", force=True)
     assert asked == []
     assert (tmp_path / "out" / "model.safetensors").read_bytes() == (
@@ -111,7 +93,7 @@ def test_a_corrupted_old_copy_is_never_trusted(repo, two_checkpoints, tmp_path):
     for at in range(10_000, len(data), 300_000):  # a flipped bit in many chunks
         data[at] ^= 1
     path.write_bytes(bytes(data))
-    asked = count_fetches(repo)
+    asked = count_fetches(repo.store)
     repo.pull("m@v2", tmp_path / "out", force=True)
     assert path.read_bytes() == (two_checkpoints[1] / "model.safetensors").read_bytes()
     assert len(asked) > 0  # the damaged chunks came from the store
@@ -125,7 +107,7 @@ def test_plain_files_reuse_the_unchanged_runs(repo, tmp_path):
     write(tmp_path / "b" / "w.bin", bytes(data))
     repo.push(tmp_path / "b", repo="p")
     repo.pull("p~1", tmp_path / "out")
-    asked = count_fetches(repo)
+    asked = count_fetches(repo.store)
     repo.pull("p", tmp_path / "out", force=True)
     assert (tmp_path / "out" / "w.bin").read_bytes() == bytes(data)
     manifest = repo.manifest(repo.resolve("p").files[0])
@@ -163,7 +145,7 @@ def test_bytes_inserted_near_the_start_of_a_plain_file(repo, tmp_path):
     repo.push(tmp_path / "b", repo="p")
     for old, new in ((data, grown), (grown, data)):  # inserted, then removed again
         write(tmp_path / "out" / "w.bin", old)
-        asked = count_fetches(repo)
+        asked = count_fetches(repo.store)
         ref = "p" if new is grown else "p~1"
         repo.pull(ref, tmp_path / "out", force=True)
         assert (tmp_path / "out" / "w.bin").read_bytes() == new
@@ -203,7 +185,7 @@ def test_an_interrupted_pull_resumes_where_it_stopped(repo, tmp_path):
     del repo.store.read_into
     with pytest.raises(InvalidInput, match="interrupted pull .* --force to resume"):
         repo.pull("p", tmp_path / "out")
-    asked = count_fetches(repo)
+    asked = count_fetches(repo.store)
     repo.pull("p", tmp_path / "out", force=True)
     assert tree_bytes(tmp_path / "out") == {"b.bin": data[:MB], "w.bin": data}  # no partial
     manifest = repo.manifest(repo.resolve("p").file("w.bin"))
