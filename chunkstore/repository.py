@@ -128,6 +128,7 @@ class GcResult:
     spared_young: int
     deleted_manifests: int
     expired_stages: int
+    dry_run: bool = False  # counts what a real run would delete; nothing was
 
 
 @dataclass
@@ -671,17 +672,19 @@ class Repository:
         for cid, blob in blobs:
             yield cid, _check_blob(cid, blob)
 
-    def gc(self, grace_seconds: float = DEFAULT_GC_GRACE) -> GcResult:
+    def gc(self, grace_seconds: float = DEFAULT_GC_GRACE, dry_run: bool = False) -> GcResult:
         """Delete chunks and manifests no version references and nobody wanted lately.
 
         A chunk is spared while younger than ``grace_seconds`` (since it was stored or last
-        found by an existence check), so a push in flight never loses what it relies on.
+        found by an existence check), so a push in flight never loses what it relies on. With
+        ``dry_run`` nothing is deleted (expired stages included): the result counts what
+        would be.
         """
         if grace_seconds < 0 or math.isnan(grace_seconds):
             raise InvalidInput("grace period must be >= 0 seconds")
         started = time.time()
         versions = list(self._all_versions())
-        live_manifests, stages_dropped = live_stage_manifests(self.store)
+        live_manifests, stages_dropped = live_stage_manifests(self.store, drop=not dry_run)
         live_manifests.update(f.manifest_id for v in versions for f in v.files)
         live_chunks: set[bytes] = set()
         for mid in live_manifests:
@@ -697,14 +700,25 @@ class Repository:
                 continue
             doomed.append(info.id)
             doomed_bytes += info.stored_size
-        deleted = 0
-        for i in range(0, len(doomed), 4096):
-            deleted += self.store.delete(doomed[i : i + 4096], unwanted_since=cutoff)
         stale_manifests = [
             mid
             for mid, stored_at in self.store.scan_manifests()
             if mid not in live_manifests and stored_at < cutoff
         ]
+        if dry_run:
+            return GcResult(
+                len(versions),
+                len(live_chunks),
+                len(doomed),
+                doomed_bytes,
+                young,
+                len(stale_manifests),
+                stages_dropped,
+                dry_run=True,
+            )
+        deleted = 0
+        for i in range(0, len(doomed), 4096):
+            deleted += self.store.delete(doomed[i : i + 4096], unwanted_since=cutoff)
         deleted_manifests = self.store.delete_manifests(stale_manifests)
         return GcResult(
             versions=len(versions),

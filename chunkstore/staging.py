@@ -205,18 +205,20 @@ class Stage:
                 raise NotFound(f"stage {self.id}: some staged chunks are gone; add the files again")
 
 
-def live_stage_manifests(store: MetaStore) -> tuple[set[bytes], int]:
-    """The manifests of open stages' files (GC keeps them), after dropping expired stages.
+def live_stage_manifests(store: MetaStore, drop: bool = True) -> tuple[set[bytes], int]:
+    """The manifests of open stages' files (GC keeps them), after dropping expired stages
+    (with ``drop``; else they are only counted).
 
-    Returns ``(manifest ids, stages dropped)``.
+    Returns ``(manifest ids, stages expired)``.
     """
     live: set[bytes] = set()
     dropped = 0
     now = time.time_ns()
     for stage_id, data in store.list_stages():
         if stage_expired(model_pb2.Stage.FromString(data), now):
-            with contextlib.suppress(NotFound):
-                store.delete_stage(stage_id)
+            if drop:
+                with contextlib.suppress(NotFound):
+                    store.delete_stage(stage_id)
             dropped += 1
             continue
         for staged in store.stage_files(stage_id).values():

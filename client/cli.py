@@ -317,12 +317,13 @@ def cmd_rm(repo: Repository, args: argparse.Namespace) -> int:
 
 
 def cmd_gc(repo: Repository, args: argparse.Namespace) -> int:
-    r = repo.gc(args.grace)
+    r = repo.gc(args.grace, dry_run=args.dry_run)
     if args.json:
         _emit_json(r.__dict__)
     else:
+        done = "would be deleted (dry run: nothing was)" if r.dry_run else "deleted"
         print(
-            f"gc: {r.deleted_chunks} chunks deleted ({human_bytes(r.deleted_bytes)}), "
+            f"gc: {r.deleted_chunks} chunks {done} ({human_bytes(r.deleted_bytes)}), "
             f"{r.reachable_chunks} reachable from {r.versions} versions kept, "
             f"{r.spared_young} spared within the grace period"
         )
@@ -568,13 +569,22 @@ def build_parser(server_commands: bool = True) -> argparse.ArgumentParser:
     )
     p.add_argument("ref")
 
-    p = _add(sub, "gc", cmd_gc, "delete chunks no version references", "chunkstore gc --grace 3600")
+    p = _add(
+        sub,
+        "gc",
+        cmd_gc,
+        "delete chunks no version references",
+        "chunkstore gc --dry-run   # what would go, and how much space\nchunkstore gc --grace 3600",
+    )
     p.add_argument(
         "--grace",
         type=float,
         default=DEFAULT_GC_GRACE,
         metavar="SECONDS",
         help=f"spare chunks wanted within this many seconds (default {DEFAULT_GC_GRACE:.0f})",
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="count what would be deleted; delete nothing"
     )
 
     p = _add(

@@ -314,8 +314,15 @@ def test_rm_and_gc(repo, ckpt):
         repo.resolve("m@v1")  # its tag went with it
     young = repo.gc()  # default grace: nothing old enough yet
     assert young.deleted_chunks == 0 and young.spared_young > 0
+    dry = repo.gc(grace_seconds=0, dry_run=True)
+    assert dry.dry_run and dry.deleted_chunks > 0 and dry.deleted_manifests >= 1
+    assert repo.store.totals() == before  # a dry run deletes nothing
     result = repo.gc(grace_seconds=0)
-    assert result.deleted_chunks > 0 and result.deleted_manifests >= 1
+    assert (result.deleted_chunks, result.deleted_bytes, result.deleted_manifests) == (
+        dry.deleted_chunks,
+        dry.deleted_bytes,
+        dry.deleted_manifests,
+    )
     after = repo.store.totals()
     assert after.chunks == before.chunks - result.deleted_chunks
     assert repo.verify().ok

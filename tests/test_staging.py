@@ -113,8 +113,11 @@ def test_gc_keeps_open_stages_and_drops_expired_ones(repo: Repository, tmp_path)
     time.sleep(0.6)
     with pytest.raises(InvalidInput, match="expired"):
         doomed.commit()
+    dry = repo.gc(grace_seconds=0, dry_run=True)
+    assert dry.expired_stages == 1 and dry.deleted_chunks > 0
+    repo.open_stage(doomed.id)  # a dry run drops no stage either
     result = repo.gc(grace_seconds=0)
-    assert result.expired_stages == 1 and result.deleted_chunks > 0
+    assert result.expired_stages == 1 and result.deleted_chunks == dry.deleted_chunks
     with pytest.raises(NotFound):
         repo.open_stage(doomed.id)
     version = kept.commit()  # its chunks survived the sweep
