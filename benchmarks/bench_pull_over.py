@@ -9,7 +9,7 @@ second: into an empty directory ("fresh"), and with ``--force`` onto a directory
 first ("over"), where the chunks the old file holds are copied from it instead of fetched
 (:mod:`chunkstore.reuse`). Each pull runs in a subprocess of its own (peak RSS is its alone);
 fresh and over take turns, the fastest of ``--repeat`` counts. ``fetched`` is the raw size of
-the chunks asked of the store.
+the chunks that came from the store rather than the old files.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from bench_cluster import aligned, peak_rss, processes_cpu
 from precompile import compile_package
 
 from chunkstore.connect import connect
+from chunkstore.progress import Tally
 from chunkstore.server import local_cluster
 from chunkstore.synthetic import make_series
 
@@ -36,28 +37,13 @@ REPO = "bench"
 
 def run_pull(url: str, ref: str, dest: Path) -> dict[str, float]:
     """Pull ``ref`` into ``dest`` (with --force) in this process: seconds, CPU seconds, peak
-    RSS and the raw bytes of the chunks asked of the store."""
+    RSS and the raw bytes that came from the store."""
     with connect(url) as repo:
-        manifest = repo.manifest(repo.resolve(ref).files[0])
-        sizes = dict(manifest.chunks)
-        asked: list[bytes] = []
-        store = repo.store
-        real_read_into, real_with_blobs = store.read_into, store.with_blobs
-
-        def read_into(ids, consume, workers=2):
-            asked.extend(ids)
-            return real_read_into(ids, consume, workers=workers)
-
-        def with_blobs(ids, fn):
-            asked.extend(ids)
-            return real_with_blobs(ids, fn)
-
-        store.read_into, store.with_blobs = read_into, with_blobs
+        tally = Tally()
         start, cpu = time.perf_counter(), time.process_time()
-        repo.pull(ref, dest, force=True)
+        repo.pull(ref, dest, force=True, progress=tally)
         seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-    fetched = sum(sizes.get(cid, 0) for cid in set(asked))
-    return {"seconds": seconds, "cpu": cpu, "rss": peak_rss(), "fetched": fetched}
+    return {"seconds": seconds, "cpu": cpu, "rss": peak_rss(), "fetched": tally.new}
 
 
 def in_subprocess(url: str, ref: str, dest: Path) -> dict[str, float]:

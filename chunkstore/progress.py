@@ -16,7 +16,8 @@ class Progress(Protocol):
         """A unit of work of ``total`` bytes begins."""
 
     def advance(self, done: int, new: int = 0) -> None:
-        """``done`` more bytes were handled, ``new`` of which were not stored before."""
+        """``done`` more bytes were handled, ``new`` of which were not stored before (a push)
+        or came from the store rather than a local copy (a pull)."""
 
     def finish(self) -> None:
         """The unit of work ended (also on error)."""
@@ -44,8 +45,9 @@ class BarProgress:
 
     REDRAW_SECONDS = 0.1
 
-    def __init__(self, stream: TextIO | None = None) -> None:
+    def __init__(self, stream: TextIO | None = None, new_label: str = "new") -> None:
         self._stream = stream or sys.stderr
+        self._new_label = new_label
         self._total = self._done = self._new = 0
         self._label = ""
         self._started = self._drawn_at = 0.0
@@ -84,7 +86,7 @@ class BarProgress:
         left = (self._total - self._done) / speed if speed > 0 else None
         text = (
             f"{self._label} {share:4.0%} {human_bytes(self._done)}/{human_bytes(self._total)}"
-            f", {human_bytes(self._new)} new, {human_bytes(speed)}/s"
+            f", {human_bytes(self._new)} {self._new_label}, {human_bytes(speed)}/s"
             + (f", {left:.0f}s left" if left is not None else "")
         )
         width = shutil.get_terminal_size().columns
@@ -96,9 +98,31 @@ class BarProgress:
         self._stream.flush()
 
 
-def for_terminal(quiet: bool = False) -> Progress:
+def for_terminal(quiet: bool = False, new_label: str = "new") -> Progress:
     """A bar when stderr is a terminal and not ``quiet``, else nothing."""
-    return BarProgress() if (not quiet and sys.stderr.isatty()) else NoProgress()
+    return BarProgress(new_label=new_label) if (not quiet and sys.stderr.isatty()) else NoProgress()
+
+
+class Tally:
+    """Counts the bytes done and new of every unit of work, and passes everything on to
+    ``then``."""
+
+    def __init__(self, then: Progress | None = None) -> None:
+        self._then = then or NoProgress()
+        self.done = self.new = 0
+        self._lock = threading.Lock()
+
+    def start(self, total: int, label: str) -> None:
+        self._then.start(total, label)
+
+    def advance(self, done: int, new: int = 0) -> None:
+        with self._lock:
+            self.done += done
+            self.new += new
+        self._then.advance(done, new)
+
+    def finish(self) -> None:
+        self._then.finish()
 
 
 def human_bytes(n: float) -> str:

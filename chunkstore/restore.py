@@ -12,6 +12,7 @@ import os
 from bisect import bisect_right
 from collections import defaultdict
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import BinaryIO
 
@@ -77,15 +78,16 @@ def restore_file(
             offsets[cid].append(pos)
             pos += length
 
-        def write(cid: bytes, raw: bytes) -> None:
+        def write(cid: bytes, raw: bytes, fetched: bool = True) -> None:
             nonlocal wrote
             for offset in offsets[cid]:
                 os.pwrite(fd, raw, offset)
             wrote = True
-            progress.advance(len(raw) * len(offsets[cid]))
+            progress.advance(len(raw) * len(offsets[cid]), len(raw) if fetched else 0)
 
+        copy = partial(write, fetched=False)
         for source in sources:
-            found = reuse_chunks(manifest, source, write, wanted={cid for cid, _ in order})
+            found = reuse_chunks(manifest, source, copy, wanted={cid for cid, _ in order})
             order = [(cid, length) for cid, length in order if cid not in found]
         # Chunks are written on the decoding threads: nothing funnels through this one.
         if refs:

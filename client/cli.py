@@ -16,7 +16,7 @@ from chunkstore.allocator import keep_freed_memory
 from chunkstore.connect import ENV_STORE, connect
 from chunkstore.errors import ChunkstoreError, InvalidInput
 from chunkstore.model import Version
-from chunkstore.progress import for_terminal, human_bytes
+from chunkstore.progress import Tally, for_terminal, human_bytes
 from chunkstore.repository import DEFAULT_GC_GRACE, Diff, Repository, select_files
 
 PROG = "chunkstore"
@@ -93,13 +93,8 @@ def cmd_push(repo: Repository, args: argparse.Namespace) -> int:
 
 def cmd_pull(repo: Repository, args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    v = repo.pull(
-        args.ref,
-        args.dest,
-        force=args.force,
-        progress=for_terminal(args.quiet),
-        files=args.file or None,
-    )
+    tally = Tally(for_terminal(args.quiet, new_label="fetched"))
+    v = repo.pull(args.ref, args.dest, force=args.force, progress=tally, files=args.file or None)
     elapsed = time.perf_counter() - started
     pulled = select_files(v, args.file) if args.file else v.files
     size = sum(f.size for f in pulled)
@@ -109,15 +104,17 @@ def cmd_pull(repo: Repository, args: argparse.Namespace) -> int:
                 **v.to_json(),
                 "dest": args.dest,
                 "pulled": [f.path for f in pulled],
+                "fetched_bytes": tally.new,
                 "seconds": elapsed,
             }
         )
     elif not args.quiet:
         rate = human_bytes(size / elapsed) if elapsed > 0 else "-"
         of = f" of {len(v.files)}" if args.file else ""
+        fetched = f", {human_bytes(tally.new)} fetched" if tally.new < tally.done else ""
         print(
             f"pulled {v.ref} to {args.dest}: {len(pulled)}{of} files, "
-            f"{human_bytes(size)} ({rate}/s), verified"
+            f"{human_bytes(size)} ({rate}/s{fetched}), verified"
         )
     return 0
 

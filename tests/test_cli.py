@@ -180,6 +180,15 @@ def test_cat_writes_one_file_to_stdout(two_versions, env_store, tmp_path):
     assert missing.returncode == 3 and "has no file 'nope.bin'" in missing.stderr
 
 
+def test_pull_over_the_previous_version_reports_what_it_fetched(two_versions, tmp_path, capsys):
+    assert run(capsys, "pull", "llama-ft~", str(tmp_path / "o"))[0] == 0
+    code, out, _ = run(capsys, "pull", "llama-ft", str(tmp_path / "o"), "--force", "--json")
+    d = json.loads(out)
+    assert code == 0 and 0 < d["fetched_bytes"] < 1000  # config.json only; model.bin copied
+    code, out, _ = run(capsys, "pull", "llama-ft", str(tmp_path / "o"), "--force")
+    assert code == 0 and " 0 B fetched" in out  # everything was in place
+
+
 def test_output_into_a_closed_pipe_stops_quietly(two_versions, env_store):
     """``chunkstore log | head -1``: once the reader has gone, no error and no traceback."""
     read_end, write_end = os.pipe()
