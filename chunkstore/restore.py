@@ -98,7 +98,9 @@ def restore_file(
         os.fchmod(fd, mode & 0o777)
     except BaseException as exc:
         os.close(fd)
-        if not (wrote and isinstance(exc, KeyboardInterrupt | StoreUnavailable)):
+        if not wrote and earlier.exists():  # nothing done: leave the earlier pull's file as it was
+            os.replace(earlier, tmp)
+        elif not (wrote and isinstance(exc, KeyboardInterrupt | StoreUnavailable)):
             tmp.unlink(missing_ok=True)
         raise
     finally:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
+
 import numpy as np
 import pytest
-from conftest import count_fetches, random_bytes, tree_bytes, write
+from conftest import count_fetches, failing_fallocate, random_bytes, tree_bytes, write
 
+from chunkstore import filespace
 from chunkstore.errors import CorruptChunk, InvalidInput, StoreUnavailable
 from chunkstore.repository import Repository
 from chunkstore.synthetic import weights, write_safetensors
@@ -219,3 +222,24 @@ def test_a_symlink_in_place_of_the_partial_file_is_not_followed(repo, tmp_path):
     with pytest.raises(OSError):
         repo.pull("p", tmp_path / "out", force=True)
     assert victim.read_bytes() == b"keep me"
+
+
+def test_a_resume_that_fails_before_copying_leaves_the_partial_file_as_it_was(
+    repo, tmp_path, monkeypatch
+):
+    data = random_bytes(4 * MB, seed=9)
+    write(tmp_path / "a" / "w.bin", data)
+    repo.push(tmp_path / "a", repo="p", delta=False)
+    _cut_off_after(repo, 0.5, files_whole=0)
+    with pytest.raises(StoreUnavailable):
+        repo.pull("p", tmp_path / "out")
+    del repo.store.read_into
+    partial = tmp_path / "out" / ".w.bin.chunkstore-partial"
+    kept = partial.read_bytes()
+    monkeypatch.setattr(filespace, "_FALLOCATE", failing_fallocate(errno.ENOSPC))
+    with pytest.raises(OSError, match="No space left"):
+        repo.pull("p", tmp_path / "out", force=True)
+    assert partial.read_bytes() == kept  # the disk-full attempt changed nothing
+    monkeypatch.undo()
+    repo.pull("p", tmp_path / "out", force=True)
+    assert tree_bytes(tmp_path / "out") == {"w.bin": data}
