@@ -17,8 +17,8 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from chunkstore import codec, ids
-from chunkstore.chunking import Chunker, ChunkerParams, MappedFile
+from chunkstore import codec
+from chunkstore.chunking import ChunkerParams
 from chunkstore.delta import BaseTensors, base_length, read_chunks
 from chunkstore.errors import (
     ChunkNotFound,
@@ -26,7 +26,7 @@ from chunkstore.errors import (
     InvalidInput,
     NotFound,
 )
-from chunkstore.ingest import Ingester, IngestStats, PipelineLimits, plan_cuts
+from chunkstore.ingest import Ingester, IngestStats, PipelineLimits
 from chunkstore.model import (
     DeltaRef,
     FileEntry,
@@ -44,9 +44,9 @@ from chunkstore.model import (
 from chunkstore.progress import NoProgress, Progress
 from chunkstore.refs import Ref, load_versions, resolve
 from chunkstore.restore import PARTIAL, ChunkedReader, restore_file, stream_file
+from chunkstore.reuse import holds
 from chunkstore.staging import DEFAULT_STAGE_TTL, Stage, live_stage_manifests
 from chunkstore.stores.base import Store
-from chunkstore.tensor_index import read_index
 from chunkstore.tensors import LazyTensors, TensorDiff, diff_file, tensor_files
 from chunkstore.tree import list_tree
 
@@ -495,14 +495,14 @@ class Repository:
     def status(self, path: str | os.PathLike, repo: str) -> Diff:
         """How the files at ``path`` differ from the latest version of ``repo``.
 
-        Files whose size matches are cut and hashed (nothing is stored) to compare digests.
+        A file whose size matches is read where the version has each of its chunks, and is
+        unchanged if every chunk's bytes hash to its id (see :func:`~chunkstore.reuse.holds`);
+        the first chunk that differs ends the reading.
         """
         latest = self.log(repo)[0]
         stored = {f.path: f for f in latest.files}
         result = Diff(old=latest.ref, new=str(path))
         local = dict(list_tree(Path(path)))
-        chunker = Chunker(self.chunker)
-        base = None  # a push cuts tensors at the latest version's chunk boundaries
         for name in sorted(stored.keys() | local.keys()):
             entry, file = stored.get(name), local.get(name)
             if entry is None:
@@ -512,10 +512,7 @@ class Repository:
                 result.removed.append(FileChange(name, entry.size, None, 0))
             else:
                 size = file.stat().st_size
-                if size == entry.size and base is None:
-                    base = self.delta_bases(repo, bases=[latest])
-                same = size == entry.size and _digest_of(chunker, file, base, name) == entry.digest
-                if same:
+                if size == entry.size and holds(self.manifest(entry), file):
                     result.unchanged += 1
                 else:
                     result.modified.append(FileChange(name, entry.size, size, 0))
@@ -745,22 +742,6 @@ def _check_blob(cid: bytes, blob: bytes) -> str:
     except CorruptChunk:
         return "corrupt"
     return "ok"
-
-
-def _digest_of(
-    chunker: Chunker, path: Path, base: BaseTensors | None = None, name: str | None = None
-) -> bytes:
-    """The digest a push of ``path`` (as ``name``, deltas against ``base``) would record,
-    computed without storing anything."""
-    with MappedFile(path) as mapped:
-        view = mapped.view
-        index = read_index(view, mapped.size)
-        chunks = [
-            (ids.chunk_id(view[o : o + n]), n)
-            for o, n, _, _ in plan_cuts(chunker, view, index, base, name)
-        ]
-        del view
-    return ids.file_digest(chunks)
 
 
 def _check_params(params: dict[str, str]) -> dict[str, str]:

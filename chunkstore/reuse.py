@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 from bisect import bisect_right
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -133,3 +134,39 @@ def _tensor_starts(fd: int, size: int) -> dict[str, tuple[int, int]]:
     if index is None:
         return {}
     return {t.name: (t.begin, t.end - t.begin) for t in index.tensors}
+
+
+#: Chunks read and hashed per task when checking a whole file.
+_CHECK_CHUNKS = 64
+
+
+def holds(manifest: Manifest, path: Path, workers: int = 2) -> bool:
+    """Whether the file at ``path`` holds exactly the bytes ``manifest`` describes: its size,
+    and each chunk's bytes at its offset hashing to the chunk's id. The first chunk that
+    differs stops the reading, so a changed file costs less than a whole read."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        if os.fstat(fd).st_size != manifest.size:
+            return False
+        differs = threading.Event()
+        chunks = [
+            (cid, offset, length)
+            for (cid, length), offset in zip(manifest.chunks, manifest.offsets(), strict=True)
+        ]
+
+        def check(task: list[tuple[bytes, int, int]]) -> None:
+            for cid, offset, length in task:
+                if differs.is_set():
+                    return
+                data = os.pread(fd, length, offset)
+                if len(data) != length or ids.chunk_id(data) != cid:
+                    differs.set()
+
+        tasks = (chunks[i : i + _CHECK_CHUNKS] for i in range(0, len(chunks), _CHECK_CHUNKS))
+        for_each(check, tasks, workers, "check")
+        return not differs.is_set()
+    finally:
+        os.close(fd)

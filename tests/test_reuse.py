@@ -11,6 +11,7 @@ from conftest import count_fetches, failing_fallocate, random_bytes, tree_bytes,
 from chunkstore import filespace
 from chunkstore.errors import CorruptChunk, InvalidInput, StoreUnavailable
 from chunkstore.repository import Repository
+from chunkstore.reuse import holds
 from chunkstore.synthetic import weights, write_safetensors
 
 MB = 1 << 20
@@ -243,3 +244,17 @@ def test_a_resume_that_fails_before_copying_leaves_the_partial_file_as_it_was(
     monkeypatch.undo()
     repo.pull("p", tmp_path / "out", force=True)
     assert tree_bytes(tmp_path / "out") == {"w.bin": data}
+
+
+def test_holds_compares_a_file_with_a_manifest_chunk_by_chunk(repo, tmp_path):
+    data = bytearray(random_bytes(3 * MB, seed=10))
+    write(tmp_path / "a" / "w.bin", bytes(data))
+    manifest = repo.manifest(repo.push(tmp_path / "a", repo="p").version.files[0])
+    path = tmp_path / "a" / "w.bin"
+    assert holds(manifest, path)
+    data[-1] ^= 1  # the last byte
+    path.write_bytes(bytes(data))
+    assert not holds(manifest, path)
+    path.write_bytes(bytes(data[:-1]))  # one byte short
+    assert not holds(manifest, path)
+    assert not holds(manifest, tmp_path / "missing")
