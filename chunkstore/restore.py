@@ -21,7 +21,7 @@ from chunkstore.errors import StoreUnavailable
 from chunkstore.filespace import reserve
 from chunkstore.model import DeltaRef, Manifest
 from chunkstore.progress import NoProgress, Progress
-from chunkstore.reuse import reuse_chunks
+from chunkstore.reuse import in_place, reuse_chunks
 from chunkstore.stores.base import ChunkStore
 
 MiB = 1 << 20
@@ -51,32 +51,38 @@ def restore_file(
     place only once complete, so ``dest`` never holds a partial file; its blocks are reserved
     first, so a file that cannot fit fails before anything is fetched. Chunks are copied
     instead of fetched from what the file's last interrupted pull wrote and from ``reuse``
-    (an older copy of the file, typically ``dest`` itself): see :mod:`chunkstore.reuse`.
+    (an older copy of the file, typically ``dest`` itself), see :mod:`chunkstore.reuse`.
     Chunks are fetched a window at a time (memory stays bounded: a window counts the delta and
     base bytes a chunk needs) and each is written at every offset where the file holds it.
 
     A pull interrupted (Ctrl-C) or cut off from the store (StoreUnavailable) keeps its partial
-    file for the next one; one that fails otherwise (a damaged chunk, a full disk) removes it.
+    file, and the next pull of the same file continues in it, fetching only the chunks not yet
+    in place (a partial file of another size, from another version, is copied from instead). A
+    pull that fails otherwise (a damaged chunk, a full disk) removes what it wrote, and one that
+    wrote nothing leaves the partial file as it found it.
     """
     progress = progress or NoProgress()
     tmp = partial_path(dest)
     earlier = tmp.with_name(tmp.name + "-earlier")
-    if tmp.is_file() and not tmp.is_symlink():
+    offsets: dict[bytes, list[int]] = defaultdict(list)
+    order: list[tuple[bytes, int]] = []  # each chunk once, in file order
+    pos = 0
+    for cid, length in manifest.chunks:
+        if cid not in offsets:
+            order.append((cid, length))
+        offsets[cid].append(pos)
+        pos += length
+    regular = tmp.is_file() and not tmp.is_symlink()
+    resuming = regular and tmp.stat().st_size == manifest.size
+    if regular and not resuming:
         os.replace(tmp, earlier)
     sources = [source for source in (earlier, reuse) if source is not None and source.is_file()]
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    create = 0 if resuming else os.O_CREAT | os.O_TRUNC
+    fd = os.open(tmp, os.O_WRONLY | os.O_NOFOLLOW | create, 0o600)
     wrote = False
     try:
         reserve(fd, manifest.size, dest)
         refs = manifest.delta_refs()
-        offsets: dict[bytes, list[int]] = defaultdict(list)
-        order: list[tuple[bytes, int]] = []
-        pos = 0
-        for cid, length in manifest.chunks:
-            if cid not in offsets:
-                order.append((cid, length))
-            offsets[cid].append(pos)
-            pos += length
 
         def write(cid: bytes, raw: bytes, fetched: bool = True) -> None:
             nonlocal wrote
@@ -85,6 +91,10 @@ def restore_file(
             wrote = True
             progress.advance(len(raw) * len(offsets[cid]), len(raw) if fetched else 0)
 
+        if resuming:
+            done = in_place(tmp, order, offsets)
+            progress.advance(sum(n * len(offsets[cid]) for cid, n in order if cid in done))
+            order = [(cid, length) for cid, length in order if cid not in done]
         copy = partial(write, fetched=False)
         for source in sources:
             found = reuse_chunks(manifest, source, copy, wanted={cid for cid, _ in order})
@@ -98,9 +108,12 @@ def restore_file(
         os.fchmod(fd, mode & 0o777)
     except BaseException as exc:
         os.close(fd)
-        if not wrote and earlier.exists():  # nothing done: leave the earlier pull's file as it was
-            os.replace(earlier, tmp)
-        elif not (wrote and isinstance(exc, KeyboardInterrupt | StoreUnavailable)):
+        if not wrote:  # leave what an earlier pull left as it was
+            if earlier.exists():
+                os.replace(earlier, tmp)
+            elif not resuming:
+                tmp.unlink(missing_ok=True)
+        elif not isinstance(exc, KeyboardInterrupt | StoreUnavailable):
             tmp.unlink(missing_ok=True)
         raise
     finally:

@@ -20,7 +20,7 @@ import os
 import struct
 import threading
 from bisect import bisect_right
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from chunkstore import ids
@@ -138,6 +138,29 @@ def _tensor_starts(fd: int, size: int) -> dict[str, tuple[int, int]]:
 
 #: Chunks read and hashed per task when checking a whole file.
 _CHECK_CHUNKS = 64
+
+
+def in_place(
+    path: Path, chunks: Sequence[tuple[bytes, int]], offsets: Mapping[bytes, Sequence[int]]
+) -> set[bytes]:
+    """Ids of ``chunks`` (``(id, length)``) whose bytes the file at ``path`` holds at every one
+    of their ``offsets``: what an interrupted pull of the same file already wrote."""
+    present: set[bytes] = set()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+
+        def check(task: Sequence[tuple[bytes, int]]) -> None:
+            for cid, length in task:
+                if all(
+                    ids.chunk_id(os.pread(fd, length, offset)) == cid for offset in offsets[cid]
+                ):
+                    present.add(cid)
+
+        tasks = (chunks[i : i + _CHECK_CHUNKS] for i in range(0, len(chunks), _CHECK_CHUNKS))
+        for_each(check, tasks, 2, "check")
+    finally:
+        os.close(fd)
+    return present
 
 
 def holds(manifest: Manifest, path: Path, workers: int = 2) -> bool:

@@ -258,3 +258,20 @@ def test_holds_compares_a_file_with_a_manifest_chunk_by_chunk(repo, tmp_path):
     path.write_bytes(bytes(data[:-1]))  # one byte short
     assert not holds(manifest, path)
     assert not holds(manifest, tmp_path / "missing")
+
+
+def test_a_pull_interrupted_twice_loses_nothing_it_wrote(repo, tmp_path):
+    data = random_bytes(8 * MB, seed=11)
+    write(tmp_path / "a" / "w.bin", data)
+    repo.push(tmp_path / "a", repo="p", delta=False)
+    manifest = repo.manifest(repo.resolve("p").file("w.bin"))
+    for share in (0.5, 0.4):  # half, then 40 % of what was left
+        _cut_off_after(repo, share, files_whole=0)
+        with pytest.raises(StoreUnavailable):
+            repo.pull("p", tmp_path / "out", force=True)
+        del repo.store.read_into
+    asked = count_fetches(repo.store)
+    repo.pull("p", tmp_path / "out", force=True)
+    assert tree_bytes(tmp_path / "out") == {"w.bin": data}
+    fetched = sum(n for cid, n in manifest.chunks if cid in set(asked))
+    assert 0 < fetched < 0.35 * len(data)  # ~30 % was left after the two interrupted pulls
