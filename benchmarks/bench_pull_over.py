@@ -3,13 +3,20 @@ the same run, on the embedded store and on a local cluster.
 
     python benchmarks/bench_pull_over.py [--size-mb N] [--repeat N] [--nodes 3] [--no-cluster]
 
-Makes a bf16 safetensors series of two versions (the second rewrites ~10% of the tensors and
-bumps the step in the header, which moves every tensor), pushes both, then times pulls of the
-second: into an empty directory ("fresh"), and with ``--force`` onto a directory holding the
-first ("over"), where the chunks the old file holds are copied from it instead of fetched
-(:mod:`chunkstore.reuse`). Each pull runs in a subprocess of its own (peak RSS is its alone);
-fresh and over take turns, the fastest of ``--repeat`` counts. ``fetched`` is the raw size of
-the chunks that came from the store rather than the old files.
+Two bf16 safetensors series of two versions each:
+
+- **10% new**: the second version rewrites ~10% of the tensors and bumps the step in the
+  header, which moves every tensor;
+- **one step**: the second version is the first one optimizer step later (every weight
+  nudged), stored as deltas against the first.
+
+Both are pushed, then the second version is pulled into an empty directory ("fresh") and with
+``--force`` onto a directory holding the first ("over"), where the chunks the old file holds
+are copied from it, and a delta-coded chunk whose base it holds is rebuilt on those bytes with
+only its delta fetched (:mod:`chunkstore.reuse`). Each pull runs in a subprocess of its own
+(peak RSS is its alone); fresh and over take turns, the fastest of ``--repeat`` counts.
+``fetched`` is the raw size of the chunks that needed the store; for the one-step series the
+stored bytes those reads move are printed below the table.
 """
 
 from __future__ import annotations
@@ -24,15 +31,17 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 from bench_cluster import aligned, peak_rss, processes_cpu
 from precompile import compile_package
 
 from chunkstore.connect import connect
 from chunkstore.progress import Tally
 from chunkstore.server import local_cluster
-from chunkstore.synthetic import make_series
+from chunkstore.synthetic import make_series, optimizer_step, weights, write_safetensors
 
-REPO = "bench"
+MiB = 1 << 20
+TENSOR_MB = 8
 
 
 def run_pull(url: str, ref: str, dest: Path) -> dict[str, float]:
@@ -52,8 +61,11 @@ def in_subprocess(url: str, ref: str, dest: Path) -> dict[str, float]:
     return json.loads(out.splitlines()[-1])
 
 
-def measure(url: str, pids: list[int], work: Path, repeat: int) -> dict[str, dict[str, float]]:
-    """The fastest fresh and over pull of the second version (with the nodes' CPU seconds)."""
+def measure(
+    url: str, pids: list[int], work: Path, repeat: int, repo: str
+) -> dict[str, dict[str, float]]:
+    """The fastest fresh and over pull of ``repo``'s latest version (with the nodes' CPU
+    seconds)."""
     best: dict[str, dict[str, float]] = {}
     for _ in range(repeat):
         for kind in ("fresh", "over"):
@@ -61,12 +73,12 @@ def measure(url: str, pids: list[int], work: Path, repeat: int) -> dict[str, dic
             shutil.rmtree(dest, ignore_errors=True)
             if kind == "over":
                 subprocess.run(
-                    [sys.executable, __file__, "--child", url, f"{REPO}~1", str(dest)],
+                    [sys.executable, __file__, "--child", url, f"{repo}~1", str(dest)],
                     check=True,
                     capture_output=True,
                 )
             nodes = processes_cpu(pids)
-            run = in_subprocess(url, REPO, dest)
+            run = in_subprocess(url, repo, dest)
             run["nodes"] = processes_cpu(pids) - nodes
             if kind not in best or run["seconds"] < best[kind]["seconds"]:
                 best[kind] = {**run, "rss": max(run["rss"], best.get(kind, {}).get("rss", 0))}
@@ -74,16 +86,49 @@ def measure(url: str, pids: list[int], work: Path, repeat: int) -> dict[str, dic
     return best
 
 
-def push_series(url: str, versions: list[Path]) -> None:
+def push_series(url: str, series: dict[str, list[Path]]) -> None:
     with connect(url, create=True) as repo:
-        for version in versions:
-            repo.push(version, REPO, message=version.name)
+        for name, versions in series.items():
+            for version in versions:
+                repo.push(version, name, message=version.name)
 
 
-def table(results: dict[str, dict[str, dict[str, float]]], size: int) -> str:
+def one_step(out: Path, size_mb: float) -> list[Path]:
+    """v1: bf16 weights in 8 MiB tensors; v2: v1 one optimizer step later."""
+    rng = np.random.default_rng(1)
+    elems = TENSOR_MB * MiB // 2
+    v1 = {
+        f"layers.{i}.weight": ("BF16", (elems // 1024, 1024), weights(rng, elems, "bf16"))
+        for i in range(max(1, int(size_mb) // TENSOR_MB))
+    }
+    v2 = {
+        name: (d, shape, optimizer_step(rng, flat, "bf16")) for name, (d, shape, flat) in v1.items()
+    }
+    paths = []
+    for label, tensors in (("v1", v1), ("v2", v2)):
+        (out / label).mkdir(parents=True)
+        write_safetensors(out / label / "model.safetensors", tensors)
+        paths.append(out / label)
+    return paths
+
+
+def stored_reads(url: str, repo_name: str) -> tuple[int, int]:
+    """Stored bytes of the blobs a fresh pull of ``repo_name``'s latest version reads, and of
+    the ones a pull over the version its deltas were coded against reads (the deltas)."""
+    with connect(url) as repo:
+        manifest = repo.manifest(repo.resolve(repo_name).files[0])
+        refs = manifest.delta_refs()
+        sizes = dict((cid, len(blob)) for cid, blob in repo.store.get(manifest.stored_ids()))
+    deltas = {ref.delta for ref in refs.values()}
+    return sum(sizes.values()), sum(sizes[d] for d in deltas) + sum(
+        sizes[cid] for cid, _ in manifest.chunks if cid not in refs
+    )
+
+
+def table(results: dict[str, dict[str, dict[str, float]]], sizes: dict[str, int]) -> str:
     rows = [
         (
-            "store",
+            "series, store",
             "fresh MB/s",
             "over MB/s",
             "over x",
@@ -94,6 +139,7 @@ def table(results: dict[str, dict[str, dict[str, float]]], size: int) -> str:
     ]
     for store, runs in results.items():
         fresh, over = runs["fresh"], runs["over"]
+        size = sizes[store.split(",")[0]]
 
         def cpu(run: dict[str, float]) -> str:
             return f"{run['cpu']:.2f}" + (f" ({run['nodes']:.2f})" if run["nodes"] else "")
@@ -127,24 +173,37 @@ def main() -> None:
     compile_package()
     with tempfile.TemporaryDirectory(prefix="bench-pull-over-") as tmp:
         work = Path(tmp)
-        versions = make_series(work / "src", versions=2, size_mb=args.size_mb, dtype="bf16")
+        series = {
+            "10% new": make_series(work / "new", versions=2, size_mb=args.size_mb, dtype="bf16"),
+            "one step": one_step(work / "step", args.size_mb),
+        }
         os.sync()
-        size = (versions[1] / "model.safetensors").stat().st_size
-        print(f"{size / 1e6:.0f} MB bf16 safetensors, ~10% of tensors new; best of {args.repeat}")
+        sizes = {name: (v[1] / "model.safetensors").stat().st_size for name, v in series.items()}
+        print(f"bf16 safetensors, {args.size_mb:.0f} MiB per version; best of {args.repeat}")
+        names = {name: name.replace("% ", "-").replace(" ", "-") for name in series}
+        stores = {"embedded": (str(work / "embedded"), [])}
         results = {}
-        embedded = str(work / "embedded")
-        push_series(embedded, versions)
-        results["embedded"] = measure(embedded, [], work, args.repeat)
+        cluster_dir = work / "cluster"
         if not args.no_cluster:
-            cluster_dir = work / "cluster"
             url = local_cluster.cluster_up(cluster_dir, nodes=args.nodes, replicas=2)
-            try:
-                push_series(url, versions)
-                pids = list(local_cluster.running_nodes(cluster_dir).values())
-                results[f"cluster ({args.nodes} nodes)"] = measure(url, pids, work, args.repeat)
-            finally:
+            pids = list(local_cluster.running_nodes(cluster_dir).values())
+            stores[f"cluster ({args.nodes} nodes)"] = (url, pids)
+        try:
+            for url, _ in stores.values():
+                push_series(url, {names[n]: v for n, v in series.items()})
+            for name in series:
+                for store, (url, pids) in stores.items():
+                    found = measure(url, pids, work, args.repeat, names[name])
+                    results[f"{name}, {store}"] = found
+        finally:
+            if not args.no_cluster:
                 local_cluster.cluster_down(cluster_dir)
-        print(table(results, size))
+        print(table(results, sizes))
+        fresh, over = stored_reads(stores["embedded"][0], names["one step"])
+        print(
+            f"one step: the pull reads {fresh / 1e6:.0f} MB of stored blobs fresh, "
+            f"{over / 1e6:.0f} MB over v1 (its deltas only)"
+        )
 
 
 if __name__ == "__main__":

@@ -11,17 +11,17 @@ import io
 import os
 from bisect import bisect_right
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import BinaryIO
 
-from chunkstore.delta import fetch_size, read_chunks_into
+from chunkstore.delta import fetch_size, read_chunks_into, rebuild_on
 from chunkstore.errors import StoreUnavailable
 from chunkstore.filespace import reserve
 from chunkstore.model import DeltaRef, Manifest
 from chunkstore.progress import NoProgress, Progress
-from chunkstore.reuse import in_place, reuse_chunks
+from chunkstore.reuse import in_place, local_bases, reuse_chunks
 from chunkstore.stores.base import ChunkStore
 
 MiB = 1 << 20
@@ -98,6 +98,8 @@ def restore_file(
         copy = partial(write, fetched=False)
         for source in sources:
             found = reuse_chunks(manifest, source, copy, wanted={cid for cid, _ in order})
+            if store.remote:  # locally, the base blob reads faster than the file's bytes hash
+                found |= _rebuild_on_local_bases(store, manifest, refs, order, source, write)
             order = [(cid, length) for cid, length in order if cid not in found]
         # Chunks are written on the decoding threads: nothing funnels through this one.
         if refs:
@@ -120,6 +122,28 @@ def restore_file(
         earlier.unlink(missing_ok=True)
     os.close(fd)
     os.replace(tmp, dest)
+
+
+def _rebuild_on_local_bases(
+    store: ChunkStore,
+    manifest: Manifest,
+    refs: dict[bytes, DeltaRef],
+    order: list[tuple[bytes, int]],
+    source: Path,
+    write: Callable[[bytes, bytes], None],
+) -> set[bytes]:
+    """The delta-coded chunks of ``order`` whose base chunks ``source`` holds (it is the
+    version their deltas were coded against, say the base model a fine-tune was pushed
+    over), rebuilt from those bytes and only their deltas fetched; the ids written."""
+    same_dtype = {
+        cid: refs[cid].base for cid, _ in order if cid in refs and not refs[cid].transform
+    }
+    where = local_bases(manifest, source, same_dtype) if same_dtype else {}
+    if not where:
+        return set()
+    lengths = dict(order)
+    chunks = {cid: (lengths[cid], at) for cid, at in where.items()}
+    return rebuild_on(store, chunks, refs, source, write)
 
 
 def stream_file(

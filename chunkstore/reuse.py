@@ -47,40 +47,70 @@ def reuse_chunks(
     far from the tensor's start), checked against its id; return the ids handed over.
     ``write`` is called from ``workers`` threads at once. An unreadable ``old`` reuses
     nothing."""
+    found: set[bytes] = set()
+
+    def keep(cid: bytes, data: bytes, at: int) -> None:
+        if cid not in found:
+            found.add(cid)
+            write(cid, data)
+
+    expect = {cid: cid for cid, _ in manifest.chunks if wanted is None or cid in wanted}
+    _scan(manifest, old, expect, keep, workers)
+    return found
+
+
+def local_bases(
+    manifest: Manifest, old: Path, bases: Mapping[bytes, bytes], workers: int = 2
+) -> dict[bytes, int]:
+    """Where ``old`` holds the base chunks of delta-coded chunks: for each chunk of ``bases``
+    (chunk id -> id of its base, of the same dtype) whose base the old file holds where this
+    file has the chunk (the old file being the version the delta was coded against), the
+    offset of the base's bytes in ``old``."""
+    found: dict[bytes, int] = {}
+
+    def keep(cid: bytes, data: bytes, at: int) -> None:
+        found[cid] = at
+
+    _scan(manifest, old, bases, keep, workers)
+    return found
+
+
+def _scan(
+    manifest: Manifest,
+    old: Path,
+    expect: Mapping[bytes, bytes],
+    keep: Callable[[bytes, bytes, int], None],
+    workers: int,
+) -> None:
+    """Call ``keep(id, bytes, offset in old)`` for every chunk of ``expect`` (chunk id -> the
+    id its bytes in ``old`` should have) found where :func:`_groups` guesses."""
     try:
         fd = os.open(old, os.O_RDONLY)
     except OSError:
-        return set()
+        return
     try:
         size = os.fstat(fd).st_size
-        found: set[bytes] = set()
 
         def read(cid: bytes, length: int, at: int) -> bytes | None:
-            """The old file's ``length`` bytes at ``at``, if they are chunk ``cid``."""
+            """The old file's ``length`` bytes at ``at``, if they are what ``cid`` expects."""
             data = os.pread(fd, length, at) if at >= 0 and at + length <= size else b""
-            return data if len(data) == length and ids.chunk_id(data) == cid else None
-
-        def keep(cid: bytes, data: bytes | None) -> None:
-            if data is not None and cid not in found:
-                found.add(cid)
-                write(cid, data)
+            return data if len(data) == length and ids.chunk_id(data) == expect[cid] else None
 
         def try_group(group: list[Guess]) -> None:
             (cid, length, places), rest = group[0], group[1:]
             for place, at in enumerate(places):  # where the first chunk is, the rest are
                 data = read(cid, length, at)
                 if data is not None:
-                    keep(cid, data)
+                    keep(cid, data, at)
                     for other, n, others_places in rest:
-                        if other not in found:
-                            keep(other, read(other, n, others_places[place]))
+                        at = others_places[place]
+                        if (data := read(other, n, at)) is not None:
+                            keep(other, data, at)
                     return
 
         groups = _groups(manifest, _tensor_starts(fd, size), size - manifest.size)
-        if wanted is not None:
-            groups = ([g for g in group if g[0] in wanted] for group in groups)
-        for_each(try_group, (group for group in groups if group), workers, "reuse")
-        return found
+        wanted = ([g for g in group if g[0] in expect] for group in groups)
+        for_each(try_group, (group for group in wanted if group), workers, "reuse")
     finally:
         os.close(fd)
 

@@ -167,6 +167,8 @@ class ClusterStore(Store):
     ``map_refresh``: seconds between checks for a newer cluster map (see the module docstring).
     """
 
+    remote = True
+
     def __init__(
         self,
         cluster: ClusterMap,

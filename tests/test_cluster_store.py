@@ -14,10 +14,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import grpc
+import numpy as np
 import pytest
 import test_stores
 from cluster_fixtures import LocalCluster, cluster_fixture, free_port
-from conftest import random_bytes, write
+from conftest import count_fetches, random_bytes, write
 
 # The store protocol as every store keeps it, run here against a cluster (``store`` below).
 # Left out: test_put_of_existing_id_keeps_first_blob and test_read_verifies store blobs that do
@@ -56,7 +57,7 @@ from chunkstore.ingest import PipelineLimits
 from chunkstore.repository import Repository
 from chunkstore.stores import lmdb_store
 from chunkstore.stores.lmdb_store import LmdbStore
-from chunkstore.synthetic import make_series
+from chunkstore.synthetic import make_series, optimizer_step, weights, write_safetensors
 from chunkstore.v1 import store_pb2 as pb
 from chunkstore.v1 import store_pb2_grpc as pb_grpc
 
@@ -153,6 +154,30 @@ def test_versions_round_trip(request, cluster_name, series, tmp_path):
         with Repository(store) as repo, repo.open(f"rt@{series[0].name}", "model.safetensors") as f:
             f.seek(1000)
             assert f.read(5000) == (series[0] / "model.safetensors").read_bytes()[1000:6000]
+
+
+def test_deltas_round_trip_and_a_pull_over_their_base_fetches_only_the_deltas(cluster3, tmp_path):
+    rng = np.random.default_rng(4)
+    base = {
+        f"layers.{i}.w": ("BF16", (512, 512), weights(rng, 512 * 512, "bf16")) for i in range(4)
+    }
+    step = {n: (d, s, optimizer_step(rng, flat, "bf16")) for n, (d, s, flat) in base.items()}
+    for name, tensors in (("base", base), ("step", step)):
+        (tmp_path / name).mkdir()
+        write_safetensors(tmp_path / name / "m.safetensors", tensors)
+    with Repository(ClusterStore.connect(cluster3.url)) as repo:
+        repo.push(tmp_path / "base", repo="w")
+        repo.push(tmp_path / "step", repo="w")
+        refs = repo.manifest(repo.resolve("w").files[0]).delta_refs()
+        assert refs  # the step is stored as deltas against the base
+        repo.pull("w", tmp_path / "fresh")
+        repo.pull("w~", tmp_path / "over")
+        asked = count_fetches(repo.store)
+        repo.pull("w", tmp_path / "over", force=True)
+        for dest in ("fresh", "over"):
+            got = (tmp_path / dest / "m.safetensors").read_bytes()
+            assert got == (tmp_path / "step" / "m.safetensors").read_bytes()
+        assert not {ref.base for ref in refs.values()} & set(asked)
 
 
 @pytest.mark.parametrize("cluster_name", ["cluster3", "cluster4"])

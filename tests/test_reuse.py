@@ -275,3 +275,31 @@ def test_a_pull_interrupted_twice_loses_nothing_it_wrote(repo, tmp_path):
     assert tree_bytes(tmp_path / "out") == {"w.bin": data}
     fetched = sum(n for cid, n in manifest.chunks if cid in set(asked))
     assert 0 < fetched < 0.35 * len(data)  # ~30 % was left after the two interrupted pulls
+
+
+def test_over_the_version_its_deltas_were_coded_against_only_the_deltas_are_fetched(repo, tmp_path):
+    names = [f"layers.{i}.w" for i in range(4)]
+    base = model(0, names)
+    rng = np.random.default_rng(12)
+    tuned = {}
+    for name, (dtype, shape, flat) in base.items():  # every weight nudged, as one step does
+        bits = flat.view(np.uint16) ^ rng.integers(0, 4, flat.size, dtype=np.uint16)
+        tuned[name] = (dtype, shape, bits.view(flat.dtype))
+    for name, content in (("base", base), ("tuned", tuned)):
+        (tmp_path / name).mkdir()
+        write_safetensors(tmp_path / name / "m.safetensors", content)
+    repo.push(tmp_path / "base", repo="llama")
+    repo.push(tmp_path / "tuned", repo="ft", inputs=["llama"])  # deltas against the base model
+    manifest = repo.manifest(repo.resolve("ft").files[0])
+    refs = manifest.delta_refs()
+    assert len(refs) > 0.9 * len(manifest.chunks)
+    repo.pull("llama", tmp_path / "out")
+    repo.store.remote = True  # as a cluster is: bytes at hand beat bytes over the network
+    calls = count_fetches(repo.store)
+    repo.pull("ft", tmp_path / "out", force=True)
+    asked = set(calls)
+    assert (tmp_path / "out" / "m.safetensors").read_bytes() == (
+        tmp_path / "tuned" / "m.safetensors"
+    ).read_bytes()
+    assert {ref.delta for ref in refs.values()} <= asked
+    assert not {ref.base for ref in refs.values()} & asked  # the bases came from the old file

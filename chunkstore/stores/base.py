@@ -47,6 +47,11 @@ class ChunkTotals:
 class ChunkStore(ABC):
     """Content-addressed chunk storage."""
 
+    #: Whether reading a chunk moves it over a network (a cluster): reading and hashing bytes
+    #: found in local files is then cheaper than fetching them, and :meth:`with_blobs` costs a
+    #: round trip per call.
+    remote: bool = False
+
     @abstractmethod
     def missing(self, ids: Sequence[bytes]) -> set[bytes]:
         """Return the ids among ``ids`` that are not stored; mark the stored ones wanted now.
