@@ -12,6 +12,11 @@ that changed everywhere (every weight nudged by a training step) costs one chunk
 hash per group. Outside tensors a group's first chunk is looked for at its own offset, then
 as far from the old file's end as from the new one's: where bytes were inserted or removed
 near the start (a longer header, in any format), everything after them is found there.
+
+The same guesses find the base chunks of delta-coded chunks (:func:`local_bases`), when the
+old file is the version the deltas were coded against; and :func:`in_place` and
+:func:`holds` check a file against its own manifest (a pull resuming in its partial file,
+``status``).
 """
 
 from __future__ import annotations
