@@ -201,11 +201,9 @@ def in_place(
 def holds(manifest: Manifest, path: Path, workers: int = 2) -> bool:
     """Whether the file at ``path`` holds exactly the bytes ``manifest`` describes: its size,
     and each chunk's bytes at its offset hashing to the chunk's id. The first chunk that
-    differs stops the reading, so a changed file costs less than a whole read."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return False
+    differs stops the reading, so a changed file costs less than a whole read. Raises
+    OSError if the file cannot be read."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         if os.fstat(fd).st_size != manifest.size:
             return False

@@ -257,7 +257,8 @@ def test_holds_compares_a_file_with_a_manifest_chunk_by_chunk(repo, tmp_path):
     assert not holds(manifest, path)
     path.write_bytes(bytes(data[:-1]))  # one byte short
     assert not holds(manifest, path)
-    assert not holds(manifest, tmp_path / "missing")
+    with pytest.raises(FileNotFoundError):
+        holds(manifest, tmp_path / "missing")
 
 
 def test_a_pull_interrupted_twice_loses_nothing_it_wrote(repo, tmp_path):
