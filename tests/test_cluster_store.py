@@ -177,6 +177,7 @@ def test_deltas_round_trip_and_a_pull_over_their_base_fetches_only_the_deltas(cl
         for dest in ("fresh", "over"):
             got = (tmp_path / dest / "m.safetensors").read_bytes()
             assert got == (tmp_path / "step" / "m.safetensors").read_bytes()
+        assert {ref.delta for ref in refs.values()} <= set(asked)
         assert not {ref.base for ref in refs.values()} & set(asked)
 
 
