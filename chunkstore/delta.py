@@ -562,25 +562,24 @@ def rebuild_on(
                     done.add(cid)
 
     try:
-        with ThreadPoolExecutor(max(1, workers), thread_name_prefix="chunk-rebase") as pool:
-            pending: deque[Future] = deque()
-            batch: list[tuple[bytes, bytes]] = []
-            size = 0
-            for delta_id, blob in store.get(list(users)):
-                batch.append((delta_id, blob))
-                size += len(blob)
-                if size >= _BATCH_BYTES:
-                    pending.append(pool.submit(rebuild, batch))
-                    batch, size = [], 0
-                while len(pending) > 2 * workers:
-                    pending.popleft().result()
-            if batch:
-                pending.append(pool.submit(rebuild, batch))
-            while pending:
-                pending.popleft().result()
+        for_each(rebuild, _batches(store.get(list(users))), workers, "chunk-rebase")
     finally:
         os.close(fd)
     return done
+
+
+def _batches(blobs: Iterator[tuple[bytes, bytes]]) -> Iterator[list[tuple[bytes, bytes]]]:
+    """``(id, blob)`` pairs in lists of about ``_BATCH_BYTES`` of blobs: work for one thread."""
+    batch: list[tuple[bytes, bytes]] = []
+    size = 0
+    for cid, blob in blobs:
+        batch.append((cid, blob))
+        size += len(blob)
+        if size >= _BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
 
 
 def fetch_size(length: int, ref: DeltaRef | None) -> int:

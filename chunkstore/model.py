@@ -235,6 +235,20 @@ class Manifest:
             pos += length
         return out
 
+    def placements(self) -> tuple[list[tuple[bytes, int]], dict[bytes, list[int]]]:
+        """Each distinct chunk once as ``(id, length)``, in file order, and every offset at
+        which the file holds each."""
+        order: list[tuple[bytes, int]] = []
+        offsets: dict[bytes, list[int]] = {}
+        pos = 0
+        for cid, length in self.chunks:
+            if cid not in offsets:
+                order.append((cid, length))
+                offsets[cid] = []
+            offsets[cid].append(pos)
+            pos += length
+        return order, offsets
+
     def delta_refs(self) -> dict[bytes, DeltaRef]:
         """Chunk id -> how it is rebuilt, for every delta-coded chunk."""
         return {self.chunks[i][0]: ref for i, ref in self.deltas.items()}

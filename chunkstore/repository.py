@@ -421,8 +421,8 @@ class Repository:
         (see :func:`select_files`), only the files they match are written.
 
         An interrupted pull resumes: the files it completed are in place, what it wrote of
-        the next one is kept beside it, and the same pull run again with ``force`` copies both
-        instead of fetching them again.
+        the next one is kept beside it, and the same pull run again with ``force`` keeps both,
+        fetching only what is missing.
         """
         version = self.resolve(ref)
         entries = version.files if files is None else select_files(version, files)
@@ -703,20 +703,13 @@ class Repository:
             if mid not in live_manifests and stored_at < cutoff
         ]
         if dry_run:
-            return GcResult(
-                len(versions),
-                len(live_chunks),
-                len(doomed),
-                doomed_bytes,
-                young,
-                len(stale_manifests),
-                stages_dropped,
-                dry_run=True,
+            deleted, deleted_manifests = len(doomed), len(stale_manifests)
+        else:
+            deleted = sum(
+                self.store.delete(doomed[i : i + 4096], unwanted_since=cutoff)
+                for i in range(0, len(doomed), 4096)
             )
-        deleted = 0
-        for i in range(0, len(doomed), 4096):
-            deleted += self.store.delete(doomed[i : i + 4096], unwanted_since=cutoff)
-        deleted_manifests = self.store.delete_manifests(stale_manifests)
+            deleted_manifests = self.store.delete_manifests(stale_manifests)
         return GcResult(
             versions=len(versions),
             reachable_chunks=len(live_chunks),
@@ -725,6 +718,7 @@ class Repository:
             spared_young=young,
             deleted_manifests=deleted_manifests,
             expired_stages=stages_dropped,
+            dry_run=dry_run,
         )
 
     def _all_versions(self) -> Iterable[Version]:

@@ -64,14 +64,7 @@ def restore_file(
     progress = progress or NoProgress()
     tmp = partial_path(dest)
     earlier = tmp.with_name(tmp.name + "-earlier")
-    offsets: dict[bytes, list[int]] = defaultdict(list)
-    order: list[tuple[bytes, int]] = []  # each chunk once, in file order
-    pos = 0
-    for cid, length in manifest.chunks:
-        if cid not in offsets:
-            order.append((cid, length))
-        offsets[cid].append(pos)
-        pos += length
+    order, offsets = manifest.placements()
     regular = tmp.is_file() and not tmp.is_symlink()
     resuming = regular and tmp.stat().st_size == manifest.size
     if regular and not resuming:
@@ -95,12 +88,8 @@ def restore_file(
             done = in_place(tmp, order, offsets)
             progress.advance(sum(n * len(offsets[cid]) for cid, n in order if cid in done))
             order = [(cid, length) for cid, length in order if cid not in done]
-        copy = partial(write, fetched=False)
         for source in sources:
-            found = reuse_chunks(manifest, source, copy, wanted={cid for cid, _ in order})
-            if store.remote:  # locally, the base blob reads faster than the file's bytes hash
-                found |= _rebuild_on_local_bases(store, manifest, refs, order, source, write)
-            order = [(cid, length) for cid, length in order if cid not in found]
+            order = _take_from(source, store, manifest, refs, order, write)
         # Chunks are written on the decoding threads: nothing funnels through this one.
         if refs:
             for window in _windows(order, offsets, refs, window_bytes):
@@ -124,26 +113,30 @@ def restore_file(
     os.replace(tmp, dest)
 
 
-def _rebuild_on_local_bases(
+def _take_from(
+    source: Path,
     store: ChunkStore,
     manifest: Manifest,
     refs: dict[bytes, DeltaRef],
     order: list[tuple[bytes, int]],
-    source: Path,
-    write: Callable[[bytes, bytes], None],
-) -> set[bytes]:
-    """The delta-coded chunks of ``order`` whose base chunks ``source`` holds (it is the
-    version their deltas were coded against, say the base model a fine-tune was pushed
-    over), rebuilt from those bytes and only their deltas fetched; the ids written."""
+    write: Callable[..., None],
+) -> list[tuple[bytes, int]]:
+    """Write the chunks of ``order`` that the file ``source`` holds, copied; over a network,
+    also the delta-coded ones whose bases it holds (it is the version their deltas were coded
+    against, say the base model a fine-tune was pushed over), rebuilt on those bytes with
+    only their deltas fetched. Returns the chunks of ``order`` still to fetch."""
+    found = reuse_chunks(manifest, source, partial(write, fetched=False), {c for c, _ in order})
     same_dtype = {
-        cid: refs[cid].base for cid, _ in order if cid in refs and not refs[cid].transform
+        cid: refs[cid].base
+        for cid, _ in order
+        if cid in refs and not refs[cid].transform and cid not in found
     }
-    where = local_bases(manifest, source, same_dtype) if same_dtype else {}
-    if not where:
-        return set()
-    lengths = dict(order)
-    chunks = {cid: (lengths[cid], at) for cid, at in where.items()}
-    return rebuild_on(store, chunks, refs, source, write)
+    if store.remote and same_dtype:  # locally, a base blob decodes faster than bytes hash
+        lengths = dict(order)
+        where = local_bases(manifest, source, same_dtype)
+        chunks = {cid: (lengths[cid], at) for cid, at in where.items()}
+        found |= rebuild_on(store, chunks, refs, source, write) if chunks else set()
+    return [(cid, length) for cid, length in order if cid not in found]
 
 
 def stream_file(

@@ -44,8 +44,8 @@ def reuse_chunks(
     manifest: Manifest,
     old: Path,
     write: Callable[[bytes, bytes], None],
-    workers: int = 2,
     wanted: set[bytes] | None = None,
+    workers: int = 2,
 ) -> set[bytes]:
     """Hand ``write(id, raw)`` every chunk of ``manifest`` (of those in ``wanted``, if given)
     that the file ``old`` holds where this file has it (or, in a tensor ``old`` also has, as
@@ -97,9 +97,7 @@ def _scan(
         size = os.fstat(fd).st_size
 
         def read(cid: bytes, length: int, at: int) -> bytes | None:
-            """The old file's ``length`` bytes at ``at``, if they are what ``cid`` expects."""
-            data = os.pread(fd, length, at) if at >= 0 and at + length <= size else b""
-            return data if len(data) == length and ids.chunk_id(data) == expect[cid] else None
+            return _bytes_of(fd, size, expect[cid], length, at)
 
         def try_group(group: list[Guess]) -> None:
             (cid, length, places), rest = group[0], group[1:]
@@ -171,6 +169,13 @@ def _tensor_starts(fd: int, size: int) -> dict[str, tuple[int, int]]:
     return {t.name: (t.begin, t.end - t.begin) for t in index.tensors}
 
 
+def _bytes_of(fd: int, size: int, cid: bytes, length: int, at: int) -> bytes | None:
+    """The ``length`` bytes at ``at`` of the file open at ``fd`` (``size`` bytes long), if they
+    hash to ``cid``."""
+    data = os.pread(fd, length, at) if at >= 0 and at + length <= size else b""
+    return data if len(data) == length and ids.chunk_id(data) == cid else None
+
+
 #: Chunks read and hashed per task when checking a whole file.
 _CHECK_CHUNKS = 64
 
@@ -180,49 +185,45 @@ def in_place(
 ) -> set[bytes]:
     """Ids of ``chunks`` (``(id, length)``) whose bytes the file at ``path`` holds at every one
     of their ``offsets``: what an interrupted pull of the same file already wrote."""
+    return _in_place(path, chunks, offsets, stop_at_miss=False)[0]
+
+
+def holds(manifest: Manifest, path: Path) -> bool:
+    """Whether the file at ``path`` holds exactly the bytes ``manifest`` describes: its size,
+    and each chunk's bytes at its offsets hashing to the chunk's id. The first chunk that
+    differs stops the reading, so a changed file costs less than a whole read. Raises
+    OSError if the file cannot be read."""
+    if path.stat().st_size != manifest.size:
+        return False
+    chunks, offsets = manifest.placements()
+    return not _in_place(path, chunks, offsets, stop_at_miss=True)[1]
+
+
+def _in_place(
+    path: Path,
+    chunks: Sequence[tuple[bytes, int]],
+    offsets: Mapping[bytes, Sequence[int]],
+    stop_at_miss: bool,
+) -> tuple[set[bytes], bool]:
+    """The ids of ``chunks`` whose bytes ``path`` holds at all their ``offsets``, and whether
+    one did not (with ``stop_at_miss``, the reading ends at the first that does not)."""
     present: set[bytes] = set()
+    missed = threading.Event()
     fd = os.open(path, os.O_RDONLY)
     try:
+        size = os.fstat(fd).st_size
 
         def check(task: Sequence[tuple[bytes, int]]) -> None:
             for cid, length in task:
-                if all(
-                    ids.chunk_id(os.pread(fd, length, offset)) == cid for offset in offsets[cid]
-                ):
+                if stop_at_miss and missed.is_set():
+                    return
+                if all(_bytes_of(fd, size, cid, length, at) is not None for at in offsets[cid]):
                     present.add(cid)
+                else:
+                    missed.set()
 
         tasks = (chunks[i : i + _CHECK_CHUNKS] for i in range(0, len(chunks), _CHECK_CHUNKS))
         for_each(check, tasks, 2, "check")
     finally:
         os.close(fd)
-    return present
-
-
-def holds(manifest: Manifest, path: Path, workers: int = 2) -> bool:
-    """Whether the file at ``path`` holds exactly the bytes ``manifest`` describes: its size,
-    and each chunk's bytes at its offset hashing to the chunk's id. The first chunk that
-    differs stops the reading, so a changed file costs less than a whole read. Raises
-    OSError if the file cannot be read."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        if os.fstat(fd).st_size != manifest.size:
-            return False
-        differs = threading.Event()
-        chunks = [
-            (cid, offset, length)
-            for (cid, length), offset in zip(manifest.chunks, manifest.offsets(), strict=True)
-        ]
-
-        def check(task: list[tuple[bytes, int, int]]) -> None:
-            for cid, offset, length in task:
-                if differs.is_set():
-                    return
-                data = os.pread(fd, length, offset)
-                if len(data) != length or ids.chunk_id(data) != cid:
-                    differs.set()
-
-        tasks = (chunks[i : i + _CHECK_CHUNKS] for i in range(0, len(chunks), _CHECK_CHUNKS))
-        for_each(check, tasks, workers, "check")
-        return not differs.is_set()
-    finally:
-        os.close(fd)
+    return present, missed.is_set()
