@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from chunkstore.connect import connect, open_store
 from chunkstore.errors import ChunkstoreError
 from chunkstore.model import FileEntry, Manifest, Version
+from chunkstore.retention import KeepPolicy
 
 if TYPE_CHECKING:
     from chunkstore.repository import Diff, PushResult, Repository
@@ -25,6 +26,7 @@ __all__ = [
     "ChunkstoreError",
     "Diff",
     "FileEntry",
+    "KeepPolicy",
     "Manifest",
     "PushResult",
     "Repository",

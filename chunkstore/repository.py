@@ -1,4 +1,4 @@
-"""The repository layer: push, pull, log, show, diff, tag, rm, gc, verify, stats, status.
+"""The repository layer: push, pull, log, show, diff, tag, rm, prune, gc, verify, stats, status.
 
 Written once against the store protocol (:mod:`chunkstore.stores.base`), so it runs unchanged
 on the embedded store and on a cluster.
@@ -44,6 +44,7 @@ from chunkstore.model import (
 from chunkstore.progress import NoProgress, Progress
 from chunkstore.refs import Ref, load_versions, resolve
 from chunkstore.restore import PARTIAL, ChunkedReader, restore_file, stream_file
+from chunkstore.retention import KeepPolicy, plan
 from chunkstore.reuse import holds
 from chunkstore.staging import DEFAULT_STAGE_TTL, Stage, live_stage_manifests
 from chunkstore.stores.base import Store
@@ -129,6 +130,14 @@ class GcResult:
     deleted_manifests: int
     expired_stages: int
     dry_run: bool = False  # counts what a real run would delete; nothing was
+
+
+@dataclass
+class PruneResult:
+    repo: str
+    kept: list[tuple[Version, list[str]]]  # each kept version, newest first, with why
+    removed: list[Version]  # newest first
+    dry_run: bool = False  # lists what a real run would remove; nothing was
 
 
 @dataclass
@@ -362,6 +371,29 @@ class Repository:
         version = self.resolve(ref)
         self.store.delete_version(version.repo, version.id)
         return version
+
+    def prune(self, repo: str, policy: KeepPolicy, dry_run: bool = False) -> PruneResult:
+        """Remove the versions of ``repo`` that ``policy`` does not keep (see
+        :mod:`chunkstore.retention`: the newest, tagged versions and inputs of kept ones always
+        stay); their chunks go at the next ``gc``. With ``dry_run`` nothing is removed.
+
+        Each removal is one record deleted: an interrupted prune leaves every version either
+        whole or gone, and running it again finishes it.
+        """
+        if policy.empty:
+            raise InvalidInput(
+                "prune needs a keep rule (--keep-last, --keep-within, --keep-lowest or "
+                "--keep-highest); to remove one version use rm"
+            )
+        versions = self.log(repo)
+        others = [v for v in self._all_versions() if v.repo != repo]
+        decided = plan(versions, policy, others)
+        kept = [(v, why) for v, why in decided if why]
+        removed = [v for v, why in decided if not why]
+        if not dry_run:
+            for v in removed:
+                self.store.delete_version(v.repo, v.id)
+        return PruneResult(repo, kept, removed, dry_run)
 
     # -- reading -----------------------------------------------------------------------------
 

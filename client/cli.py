@@ -17,7 +17,9 @@ from chunkstore.connect import ENV_STORE, connect
 from chunkstore.errors import ChunkstoreError, InvalidInput
 from chunkstore.model import Version
 from chunkstore.progress import Tally, for_terminal, human_bytes
+from chunkstore.refs import Ref
 from chunkstore.repository import DEFAULT_GC_GRACE, Diff, Repository, select_files
+from chunkstore.retention import KeepPolicy, parse_best, parse_duration
 
 PROG = "chunkstore"
 
@@ -275,7 +277,7 @@ def cmd_status(repo: Repository, args: argparse.Namespace) -> int:
 
 def cmd_tag(repo: Repository, args: argparse.Namespace) -> int:
     if args.delete:
-        repo.untag(args.ref.partition("@")[0], args.tag)
+        repo.untag(Ref.parse(args.ref).repo, args.tag)
         print(f"deleted tag {args.tag}")
         return 0
     v = repo.tag(args.ref, args.tag)
@@ -311,6 +313,50 @@ def cmd_rm(repo: Repository, args: argparse.Namespace) -> int:
     v = repo.rm(args.ref)
     print(f"removed {v.ref}; run 'chunkstore gc' to reclaim its space")
     return 0
+
+
+def cmd_prune(repo: Repository, args: argparse.Namespace) -> int:
+    policy = KeepPolicy(
+        last=args.keep_last,
+        within=parse_duration(args.keep_within) if args.keep_within else None,
+        lowest=dict(parse_best(m, "keep-lowest") for m in args.keep_lowest),
+        highest=dict(parse_best(m, "keep-highest") for m in args.keep_highest),
+    )
+    r = repo.prune(args.repo, policy, dry_run=args.dry_run)
+    if args.json:
+        _emit_json(
+            {
+                "repo": r.repo,
+                "dry_run": r.dry_run,
+                "kept": [{**_brief(v), "reasons": why} for v, why in r.kept],
+                "removed": [_brief(v) for v in r.removed],
+            }
+        )
+        return 0
+    gone = {v.id for v in r.removed}
+    for v, why in sorted([*r.kept, *((v, []) for v in r.removed)], key=_newest_first):
+        action = "remove" if v.id in gone else "keep"
+        reasons = f"  ({', '.join(why)})" if why else ""
+        print(f"{action:6}  {v.short_id}  {_when(v)}  {v.message}{reasons}")
+    total = len(r.kept) + len(r.removed)
+    if r.dry_run:
+        print(f"{r.repo}: would remove {len(r.removed)} of {total} versions (dry run: nothing was)")
+    elif r.removed:
+        print(
+            f"{r.repo}: removed {len(r.removed)} of {total} versions; "
+            "run 'chunkstore gc' to reclaim their space"
+        )
+    else:
+        print(f"{r.repo}: every version is kept")
+    return 0
+
+
+def _brief(v: Version) -> dict:
+    return {"id": v.id.hex(), "created": v.created_ns / 1e9, "message": v.message}
+
+
+def _newest_first(item: tuple[Version, list[str]]) -> tuple[int, bytes]:
+    return (-item[0].created_ns, item[0].id)
 
 
 def cmd_gc(repo: Repository, args: argparse.Namespace) -> int:
@@ -565,6 +611,41 @@ def build_parser(server_commands: bool = True) -> argparse.ArgumentParser:
         json_flag=False,
     )
     p.add_argument("ref")
+
+    p = _add(
+        sub,
+        "prune",
+        cmd_prune,
+        "remove the versions of a repo that no keep rule keeps (space is reclaimed by gc)",
+        "chunkstore prune llama-ft --keep-last 5 --keep-lowest eval_loss=2 --dry-run\n"
+        "chunkstore prune llama-ft --keep-within 7d\n\n"
+        "The newest version, tagged versions and versions a kept one names as --input are\n"
+        "always kept; the chunks deltas of kept versions need stay through gc.",
+    )
+    p.add_argument("repo")
+    p.add_argument("--keep-last", type=int, default=0, metavar="N", help="the N newest versions")
+    p.add_argument(
+        "--keep-within",
+        metavar="DURATION",
+        help="versions made within DURATION of the newest (e.g. 36h, 7d, 2w)",
+    )
+    p.add_argument(
+        "--keep-lowest",
+        action="append",
+        default=[],
+        metavar="METRIC[=N]",
+        help="the N (default 1) versions with the lowest METRIC, e.g. eval_loss (repeatable)",
+    )
+    p.add_argument(
+        "--keep-highest",
+        action="append",
+        default=[],
+        metavar="METRIC[=N]",
+        help="the N (default 1) versions with the highest METRIC, e.g. accuracy (repeatable)",
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="list what would be removed; remove nothing"
+    )
 
     p = _add(
         sub,

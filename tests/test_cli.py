@@ -127,6 +127,9 @@ def test_pull_show_status_tag_rm_gc_verify(two_versions, tmp_path, capsys):
     code, out, _ = run(capsys, "status", str(ckpt), "--repo", "llama-ft", "--json")
     assert code == 0 and json.loads(out)["unchanged"] == 2
     assert run(capsys, "tag", "llama-ft@v1", "best")[0] == 0
+    assert run(capsys, "tag", "llama-ft~1", "first")[0] == 0  # any ref form names the version
+    code, out, _ = run(capsys, "tag", "-d", "llama-ft~1", "first")
+    assert (code, out) == (0, "deleted tag first\n")
     assert run(capsys, "rm", "llama-ft@v1")[0] == 0
     code, out, _ = run(capsys, "gc", "--grace", "0", "--json")
     assert code == 0 and json.loads(out)["deleted_chunks"] >= 1

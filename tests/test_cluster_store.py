@@ -55,6 +55,7 @@ from chunkstore.errors import (
 )
 from chunkstore.ingest import PipelineLimits
 from chunkstore.repository import Repository
+from chunkstore.retention import KeepPolicy
 from chunkstore.stores import lmdb_store
 from chunkstore.stores.lmdb_store import LmdbStore
 from chunkstore.synthetic import make_series, optimizer_step, weights, write_safetensors
@@ -203,12 +204,15 @@ def test_data_lives_on_its_owners(request, cluster_name, tmp_path):
         assert bool(versions) == (node in ring.owners(repo_key("placed")))
 
 
-def test_gc_removes_unreferenced_data_from_every_node(tmp_path, series):
+def test_prune_and_gc_remove_unreferenced_data_from_every_node(tmp_path, series):
     with LocalCluster(tmp_path / "c", nodes=3, replicas=2) as cluster:
         with Repository(ClusterStore.connect(cluster.url)) as repo:
             push_all(repo, series[:2])
-            old, new = repo_chunks(repo, f"model@{series[0].name}"), repo_chunks(repo, "model")
-            repo.rm(f"model@{series[0].name}")
+            first = repo.resolve(f"model@{series[0].name}")
+            old, new = repo_chunks(repo, first.ref), repo_chunks(repo, "model")
+            repo.untag("model", series[0].name)  # a tagged version is never pruned
+            first.tags.clear()
+            assert repo.prune("model", KeepPolicy(last=1)).removed == [first]
             result = repo.gc(grace_seconds=0)
             gone = set(old) - set(new)
             assert result.deleted_chunks == len(gone) > 0
