@@ -118,6 +118,11 @@ class Chunker:
                 start = end
 
 
+def _stamp(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_size, st.st_mtime_ns
+
+
 class MappedFile:
     """A read-only memory map of a file whose resident pages can be released as work advances.
 
@@ -128,13 +133,19 @@ class MappedFile:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.size = os.path.getsize(path)
+        self._file = open(path, "rb")  # noqa: SIM115  (kept open to notice writes: changed())
+        self._stamp = _stamp(self._file.fileno())
+        self.size = self._stamp[0]
         self._mm: mmap.mmap | None = None
         self._released = 0
         if self.size:
-            with open(path, "rb") as f:
-                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
             self._mm.madvise(mmap.MADV_SEQUENTIAL)
+
+    def changed(self) -> bool:
+        """Whether the file was written to (its size or modification time moved) since it was
+        mapped. Best effort: a write in the same clock tick as the mapping may go unseen."""
+        return _stamp(self._file.fileno()) != self._stamp
 
     @property
     def view(self) -> memoryview:
@@ -162,6 +173,7 @@ class MappedFile:
             with contextlib.suppress(BufferError):
                 self._mm.close()
             self._mm = None
+        self._file.close()
 
     def __enter__(self) -> MappedFile:
         return self

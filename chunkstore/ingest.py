@@ -6,6 +6,11 @@ the missing chunks are encoded on a thread pool and handed, in order, to a write
 stores them in large all-or-nothing batches. Memory is bounded by the window and the writer's
 queue, never by file size.
 
+A file may be written to while it is pushed. Each new chunk is copied out of the map and hashed
+again before it is encoded, so the store never holds a blob that does not match its id (the
+push fails instead), and a file whose size or modification time moved during the push fails
+it before anything is committed.
+
 With a base (:class:`~chunkstore.delta.BaseTensors`), a tensor the base also has is cut at the
 base tensor's chunk boundaries, and each of its chunks the store lacks may be stored as a delta
 against the paired base chunk (see :mod:`chunkstore.delta`): the existence check also asks for
@@ -78,7 +83,7 @@ class _Keyframe:
 
 #: What an encoding task gets per chunk: id, bytes, element size, and the keyframe to code a
 #: delta against, if any.
-_Task = tuple[bytes, memoryview, int | None, _Keyframe | None]
+_Task = tuple[bytes, bytes | memoryview, int | None, _Keyframe | None]
 
 
 def plan_cuts(
@@ -203,6 +208,9 @@ class Ingester:
             self._writer.join()
             if self._error is not None:
                 raise self._error
+            for mapped in self._maps:
+                if mapped.changed():
+                    raise _changed(mapped.path)
             gone = self.store.mark_wanted(list(self._present)) if self._present else set()
             if gone:
                 self._store_again(gone)
@@ -230,12 +238,9 @@ class Ingester:
             for (cid, length), offset in zip(manifest.chunks, manifest.offsets(), strict=True):
                 if cid not in need:
                     continue
-                data = view[offset : offset + length]
+                data = bytes(view[offset : offset + length])
                 if ids.chunk_id(data) != cid:
-                    raise ChunkstoreError(
-                        f"{mapped.path} changed while it was pushed; nothing was committed: "
-                        "push again once it is written"
-                    )
+                    raise _changed(mapped.path)
                 blob = codec.encode(data)  # chosen by sample: the rare path needs no index
                 batch.append((cid, blob))
                 raw_bytes += length
@@ -453,11 +458,28 @@ def _hash_all(datas: list[memoryview]) -> list[bytes]:
 def _encode_then_release(
     store: ChunkStore, group: list[_Task], mapped: MappedFile, begin: int, end: int
 ) -> list[Encoded]:
-    """Encode a group of chunks lying in ``[begin, end)`` of a file, then drop those pages."""
+    """Encode a group of chunks lying in ``[begin, end)`` of a file, then drop those pages.
+
+    Each chunk is first copied out of the map and hashed again: encoding reads only bytes known
+    to be the chunk's, so a file written to while it is pushed fails the push instead of
+    leaving in the store a blob that does not match its id.
+    """
     try:
-        return _encode_group(store, group)
+        settled = []
+        for cid, data, size, key in group:
+            own = bytes(data)
+            if ids.chunk_id(own) != cid:
+                raise _changed(mapped.path)
+            settled.append((cid, own, size, key))
+        return _encode_group(store, settled)
     finally:
         mapped.release(begin, end)
+
+
+def _changed(path: Path) -> ChunkstoreError:
+    return ChunkstoreError(
+        f"{path} changed while it was pushed; nothing was committed: push again once it is written"
+    )
 
 
 def _encode_group(store: ChunkStore, group: list[_Task]) -> list[Encoded]:

@@ -480,6 +480,43 @@ def test_push_of_a_file_changed_meanwhile_commits_nothing(lmdb_repo, ckpt):
     assert len(repo.log("m")) == versions
 
 
+def every_blob_matches_its_id(store) -> bool:
+    stored = [info.id for info in store.scan()]
+    return all(ids.chunk_id(codec.decode(blob)) == cid for cid, blob in store.get(stored))
+
+
+@pytest.mark.parametrize("edit", ["overwrite", "append"])
+def test_a_file_written_during_its_push_fails_it_and_stores_no_wrong_blob(
+    lmdb_repo, tmp_path, edit
+):
+    """The file is written to after its chunks were hashed and before they are encoded (in
+    place, as a training job rewriting a checkpoint; or at its end, as one still writing it):
+    the push fails, commits nothing, and every blob the store holds matches its id."""
+    repo = lmdb_repo
+    model = write(tmp_path / "ckpt" / "model.bin", random_bytes(4 * MB, seed=41))
+    store = repo.store
+    real = store.lacking
+
+    def lacking_then_edit(chunk_ids):
+        absent = real(chunk_ids)
+        with open(model, "r+b") as f:
+            if edit == "append":
+                f.seek(0, os.SEEK_END)
+            f.write(random_bytes(MB, seed=42))
+        return absent
+
+    store.lacking = lacking_then_edit
+    with pytest.raises(ChunkstoreError, match="model.bin changed while it was pushed"):
+        repo.push(tmp_path / "ckpt", repo="m")
+    assert repo.repos() == []
+    assert every_blob_matches_its_id(store)
+    store.lacking = real
+    result = repo.push(tmp_path / "ckpt", repo="m")  # once it is written, it pushes whole
+    repo.pull("m", tmp_path / "out")
+    assert tree_bytes(tmp_path / "out") == tree_bytes(tmp_path / "ckpt")
+    assert result.version.size == model.stat().st_size and every_blob_matches_its_id(store)
+
+
 def test_push_drops_source_pages_its_encoders_read(tmp_path):
     """A push that finds most of a file stored cuts far ahead of its encoders: the pages they
     read are dropped once encoded, not left mapped until the push ends."""
