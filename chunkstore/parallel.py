@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 def for_each(
@@ -16,15 +17,25 @@ def for_each(
     """Call ``fn(item)`` for every item on ``workers`` threads named ``name``-N, with at most
     ``queued`` items per thread waiting. The first exception is raised once the calls already
     running end; the items not started are dropped."""
+    for _ in imap(fn, items, workers, name, queued):
+        pass
+
+
+def imap(
+    fn: Callable[[T], R], items: Iterable[T], workers: int, name: str, queued: int = 4
+) -> Iterator[R]:
+    """``fn(item)`` of every item, in the items' order, computed as :func:`for_each` calls
+    them; at most ``queued`` results per thread wait to be taken. Abandoning the iterator
+    drops the items not started."""
     with ThreadPoolExecutor(max(1, workers), thread_name_prefix=name) as pool:
-        pending: deque[Future] = deque()
+        pending: deque[Future[R]] = deque()
         try:
             for item in items:
                 pending.append(pool.submit(fn, item))
                 while len(pending) > queued * workers:
-                    pending.popleft().result()
+                    yield pending.popleft().result()
             while pending:
-                pending.popleft().result()
+                yield pending.popleft().result()
         finally:
             for future in pending:
                 future.cancel()

@@ -41,6 +41,7 @@ from chunkstore.model import (
 from chunkstore.model import (
     check_repo_name as _check_repo_name,
 )
+from chunkstore.parallel import for_each, imap
 from chunkstore.progress import NoProgress, Progress
 from chunkstore.refs import Ref, load_versions, resolve
 from chunkstore.restore import PARTIAL, ChunkedReader, restore_file, stream_file
@@ -52,6 +53,10 @@ from chunkstore.tensors import LazyTensors, TensorDiff, diff_file, tensor_files
 from chunkstore.tree import list_tree
 
 DEFAULT_GC_GRACE = 6 * 3600.0
+#: From a remote store, where each call costs a round trip more than its bytes: manifests
+#: read or written at once, and files of at most SMALL_FILE_BYTES pulled at once.
+REMOTE_CALLS_AT_ONCE = 8
+SMALL_FILE_BYTES = 4 << 20
 _VERIFY_BATCH = 256
 
 
@@ -250,11 +255,18 @@ class Repository:
                 ingester.close()
                 progress.finish()
             entries = []
+            records = []
             for name, local, manifest in manifests:
                 manifest_id, data = manifest.encode()
-                self.store.put_manifest(manifest_id, data)
+                records.append((manifest_id, data))
                 mode = local.stat().st_mode & 0o777
                 entries.append(FileEntry(name, manifest.size, manifest.digest, manifest_id, mode))
+            for_each(
+                lambda record: self.store.put_manifest(*record),
+                records,
+                self._calls_at_once,
+                "manifest-put",
+            )
         return entries, stats
 
     def delta_bases(
@@ -271,7 +283,7 @@ class Repository:
             bases = [*inputs, *([latest] if latest else [])]
         versions = []
         for version in {(v.repo, v.id): v for v in bases}.values():
-            versions.append({f.path: self.manifest(f) for f in version.files})
+            versions.append(self._manifests_by_path(version))
         base = BaseTensors(versions)
         return base if base else None
 
@@ -435,7 +447,29 @@ class Repository:
         return out
 
     def manifest(self, entry: FileEntry) -> Manifest:
-        return Manifest.decode(entry.manifest_id, self.store.get_manifest(entry.manifest_id))
+        return self._manifest(entry.manifest_id)
+
+    def _manifest(self, manifest_id: bytes) -> Manifest:
+        return Manifest.decode(manifest_id, self.store.get_manifest(manifest_id))
+
+    def _manifests(self, entries: Iterable[FileEntry]) -> Iterator[Manifest]:
+        """The manifests of ``entries``, in order; from a remote store several at a time."""
+        return self._manifests_by_id(entry.manifest_id for entry in entries)
+
+    def _manifests_by_path(self, version: Version) -> dict[str, Manifest]:
+        paths = [f.path for f in version.files]
+        return dict(zip(paths, self._manifests(version.files), strict=True))
+
+    def _manifests_by_id(self, manifest_ids: Iterable[bytes]) -> Iterator[Manifest]:
+        if self._calls_at_once == 1:
+            return map(self._manifest, manifest_ids)
+        return imap(self._manifest, manifest_ids, self._calls_at_once, "manifest-get")
+
+    @property
+    def _calls_at_once(self) -> int:
+        """Manifest reads and writes, or small files pulled, at once: on a remote store each
+        costs a round trip more than its bytes."""
+        return REMOTE_CALLS_AT_ONCE if self.store.remote else 1
 
     def pull(
         self,
@@ -468,20 +502,33 @@ class Repository:
                 )
             raise InvalidInput(f"destination {dest} is not empty (use --force to write into it)")
         plan = []
-        for entry in entries:
+        for entry, manifest in zip(entries, self._manifests(entries), strict=True):
             rel = normalise_path(entry.path)
-            plan.append((dest.joinpath(*rel.split("/")), entry, self.manifest(entry)))
+            plan.append((dest.joinpath(*rel.split("/")), entry, manifest))
         progress = progress or NoProgress()
         progress.start(sum(entry.size for entry in entries), f"pull {version.ref}")
+
+        def restore(item: tuple[Path, FileEntry, Manifest]) -> None:
+            target, entry, manifest = item
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if target.is_dir():
+                raise InvalidInput(f"cannot write {target}: a directory is in the way")
+            old = target if target.is_file() else None  # a file being replaced: reuse it
+            restore_file(
+                self.store, manifest, target, progress, mode=entry.mode or 0o644, reuse=old
+            )
+
+        # Small files cost a round trip each more than their bytes: a remote store gets several
+        # at once. Large ones are read one at a time, each from every node in parallel.
+        at_once = self._calls_at_once
         try:
-            for target, entry, manifest in plan:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                if target.is_dir():
-                    raise InvalidInput(f"cannot write {target}: a directory is in the way")
-                old = target if target.is_file() else None  # a file being replaced: reuse it
-                restore_file(
-                    self.store, manifest, target, progress, mode=entry.mode or 0o644, reuse=old
+            if at_once > 1:
+                for_each(
+                    restore, [i for i in plan if i[1].size <= SMALL_FILE_BYTES], at_once, "pull"
                 )
+                plan = [item for item in plan if item[1].size > SMALL_FILE_BYTES]
+            for item in plan:
+                restore(item)
         finally:
             progress.finish()
         return version
@@ -570,7 +617,7 @@ class Repository:
         """
         patterns = [names] if isinstance(names, str) else list(names)
         version = self.resolve(ref)
-        manifests = {f.path: self.manifest(f) for f in version.files}
+        manifests = self._manifests_by_path(version)
         out: dict[str, Any] = {}
         for path in tensor_files(version, manifests, file):
             lazy = LazyTensors(self.store, manifests[path], path, framework)
@@ -587,8 +634,7 @@ class Repository:
     ) -> list[TensorDiff]:
         """Tensor-level differences between the safetensors files two versions share."""
         a, b = self.resolve(ref_a), self.resolve(ref_b)
-        old = {f.path: self.manifest(f) for f in a.files}
-        new = {f.path: self.manifest(f) for f in b.files}
+        old, new = self._manifests_by_path(a), self._manifests_by_path(b)
         paths = tensor_files(b, new, file)
         return [
             diff_file(self.store, path, old[path], new[path], stats)
@@ -627,17 +673,15 @@ class Repository:
         versions = [self.resolve(ref)] if ref else list(self._all_versions())
         chunk_ids: dict[bytes, int] = {}
         rebuilt: dict[bytes, tuple[DeltaRef, int]] = {}
-        for v in versions:
-            for entry in v.files:
-                manifest = self.manifest(entry)
-                for i, (cid, length) in enumerate(manifest.chunks):
-                    delta = manifest.deltas.get(i)
-                    if delta is None:
-                        chunk_ids[cid] = length
-                        continue
-                    rebuilt.setdefault(cid, (delta, length))
-                    chunk_ids.setdefault(delta.delta, length)
-                    chunk_ids.setdefault(delta.base, base_length(length, delta.transform))
+        for manifest in self._manifests(entry for v in versions for entry in v.files):
+            for i, (cid, length) in enumerate(manifest.chunks):
+                delta = manifest.deltas.get(i)
+                if delta is None:
+                    chunk_ids[cid] = length
+                    continue
+                rebuilt.setdefault(cid, (delta, length))
+                chunk_ids.setdefault(delta.delta, length)
+                chunk_ids.setdefault(delta.base, base_length(length, delta.transform))
         progress = progress or NoProgress()
         progress.start(sum(chunk_ids.values()) + sum(n for _, n in rebuilt.values()), "verify")
         result = VerifyResult()
@@ -716,8 +760,7 @@ class Repository:
         live_manifests, stages_dropped = live_stage_manifests(self.store, drop=not dry_run)
         live_manifests.update(f.manifest_id for v in versions for f in v.files)
         live_chunks: set[bytes] = set()
-        for mid in live_manifests:
-            manifest = Manifest.decode(mid, self.store.get_manifest(mid))
+        for manifest in self._manifests_by_id(live_manifests):
             live_chunks.update(manifest.stored_ids())
         cutoff = started - grace_seconds
         doomed, doomed_bytes, young = [], 0, 0

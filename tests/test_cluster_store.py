@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import test_stores
 from cluster_fixtures import LocalCluster, cluster_fixture, free_port
-from conftest import count_fetches, random_bytes, write
+from conftest import count_fetches, random_bytes, tree_bytes, write
 
 # The store protocol as every store keeps it, run here against a cluster (``store`` below).
 # Left out: test_put_of_existing_id_keeps_first_blob and test_read_verifies store blobs that do
@@ -155,6 +155,28 @@ def test_versions_round_trip(request, cluster_name, series, tmp_path):
         with Repository(store) as repo, repo.open(f"rt@{series[0].name}", "model.safetensors") as f:
             f.seek(1000)
             assert f.read(5000) == (series[0] / "model.safetensors").read_bytes()[1000:6000]
+
+
+def test_a_tree_of_many_small_files_round_trips_and_a_lost_chunk_fails_its_pull(cluster3, tmp_path):
+    """Small files are pulled several at once and manifests read and written several at once:
+    every file arrives whole, and a chunk lost from every owner fails the pull naming it,
+    leaving no partial file behind."""
+    tree = tmp_path / "tree"
+    for i in range(40):
+        write(tree / f"d{i % 3}" / f"f{i:02}.bin", random_bytes(3000 + 997 * i, seed=i))
+    write(tree / "big.bin", random_bytes(6 << 20, seed=99))  # pulled on its own
+    with Repository(ClusterStore.connect(cluster3.url)) as repo:
+        version = repo.push(tree, "many").version
+        assert len(version.files) == 41
+        repo.pull("many", tmp_path / "out")
+        assert tree_bytes(tmp_path / "out") == tree_bytes(tree)
+        lost = repo.manifest(version.file("d1/f19.bin")).chunks[0][0]
+        assert repo.store.delete([lost]) == 1
+        with pytest.raises(ChunkNotFound) as info:
+            repo.pull("many", tmp_path / "again")
+        assert info.value.chunk_id == lost
+        assert not [p for p in (tmp_path / "again").rglob("*") if "partial" in p.name]
+        assert not (tmp_path / "again" / "d1" / "f19.bin").exists()
 
 
 def test_deltas_round_trip_and_a_pull_over_their_base_fetches_only_the_deltas(cluster3, tmp_path):
