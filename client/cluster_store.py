@@ -57,7 +57,9 @@ from chunkstore.cluster_map import ClusterMap, ClusterMapError, NodeSpec, map_fr
 from chunkstore.stores.base import ChunkInfo, ChunkTotals, Store
 from chunkstore.v1 import store_pb2 as pb
 
+from . import manifest_parts
 from .fetch import Fetch
+from .manifest_parts import send_manifest
 from .push import put_chunks
 from .quorum import Replies, call_each, first_answer, remove_all, write_all
 from .rpc import (
@@ -605,25 +607,29 @@ class ClusterStore(Store):
     # manifests
 
     def put_manifest(self, manifest_id: bytes, data: bytes) -> None:
-        record = pb.ManifestRecord(id=manifest_id, data=data)
+        """One message for most manifests; in pieces past ``ONE_MESSAGE_BYTES`` (see
+        :mod:`.manifest_parts`)."""
         self._under_newest_map(
             lambda: write_all(
                 self._pool,
                 self._owners(manifest_id),
-                lambda n: n.meta.PutManifest(record, timeout=self.policy.deadline(len(data))),
+                lambda n: send_manifest(n, manifest_id, data, self.policy.deadline(len(data))),
                 self._quorum,
                 f"store manifest {manifest_id.hex()}",
             )
         )
 
     def get_manifest(self, manifest_id: bytes) -> bytes:
+        """Read in pieces, whatever its size: a large one fits no single message."""
         request = pb.ChunkIds(ids=[manifest_id])
-        reply = self._read_anywhere(
+        _, data = self._read_anywhere(
             manifest_id,
-            lambda n: n.meta.GetManifest(request, timeout=self.policy.deadline(stream=True)),
+            lambda n: manifest_parts.joined(
+                n.meta.GetManifestParts(request, timeout=self.policy.deadline(stream=True))
+            ),
             f"read manifest {manifest_id.hex()}",
         )
-        return reply.data
+        return data
 
     def has_manifests(self, manifest_ids: Sequence[bytes]) -> set[bytes]:
         """The manifests that at least ``write_quorum`` of their owners hold."""

@@ -65,6 +65,8 @@ METHOD_SCOPES: dict[str, Scope] = {
     "ChunkService/Totals": Scope.READ,
     "MetaService/PutManifest": Scope.WRITE,
     "MetaService/GetManifest": Scope.READ,
+    "MetaService/PutManifestParts": Scope.WRITE,
+    "MetaService/GetManifestParts": Scope.READ,
     "MetaService/HasManifests": Scope.READ,
     "MetaService/ScanManifests": Scope.READ,
     "MetaService/DeleteManifests": Scope.ADMIN,

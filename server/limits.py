@@ -17,9 +17,12 @@ import grpc
 from .metrics import NodeMetrics
 
 MiB = 1 << 20
-#: Largest manifest record: ~40 bytes per chunk, so about 600 000 chunks (a ~40 GB file at
-#: 64 KiB per chunk). Below the 32 MiB message limit, so the refusal says what was too large.
+#: Largest manifest record in one message: ~40 bytes per chunk, so about 600 000 chunks (a
+#: ~40 GB file at 64 KiB per chunk). Below the 32 MiB message limit, so the refusal says what
+#: was too large. Larger manifests come in pieces (MAX_PARTED_MANIFEST_BYTES).
 MAX_MANIFEST_BYTES = 24 * MiB
+#: Largest manifest sent in pieces (PutManifestParts): a file of ~1.6 TB in 64 KiB chunks.
+MAX_PARTED_MANIFEST_BYTES = 1024 * MiB
 #: Largest version record (its file list, params, metrics, message).
 MAX_VERSION_BYTES = 16 * MiB
 

@@ -11,11 +11,13 @@ from collections.abc import Iterator
 import grpc
 
 from chunkstore import errors
+from chunkstore.client import manifest_parts
 from chunkstore.stores.base import MetaStore
 from chunkstore.v1 import store_pb2 as pb
 from chunkstore.v1 import store_pb2_grpc as pb_grpc
 
 from .chunk_service import chunk_ids
+from .limits import MAX_PARTED_MANIFEST_BYTES
 
 SCAN_BATCH = 4096  # ManifestInfo per ScanManifests message
 STAGE_ID_SIZE = 16
@@ -39,6 +41,25 @@ class MetaServicer(pb_grpc.MetaServiceServicer):
             raise errors.InvalidInput(f"GetManifest takes exactly one id, got {len(request.ids)}")
         (manifest_id,) = chunk_ids(request.ids)
         return pb.ManifestRecord(id=manifest_id, data=self._store.get_manifest(manifest_id))
+
+    def PutManifestParts(
+        self, request_iterator: Iterator[pb.ManifestPart], context: grpc.ServicerContext
+    ) -> pb.Empty:
+        try:
+            manifest_id, data = manifest_parts.joined(request_iterator, MAX_PARTED_MANIFEST_BYTES)
+        except manifest_parts.TooLarge as e:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        (manifest_id,) = chunk_ids([manifest_id])
+        self._store.put_manifest(manifest_id, data)
+        return _EMPTY
+
+    def GetManifestParts(
+        self, request: pb.ChunkIds, context: grpc.ServicerContext
+    ) -> Iterator[pb.ManifestPart]:
+        if len(request.ids) != 1:
+            raise errors.InvalidInput(f"GetManifestParts takes one id, got {len(request.ids)}")
+        (manifest_id,) = chunk_ids(request.ids)
+        yield from manifest_parts.pieces(manifest_id, self._store.get_manifest(manifest_id))
 
     def HasManifests(self, request: pb.ChunkIds, context: grpc.ServicerContext) -> pb.ChunkIds:
         wanted = chunk_ids(request.ids)

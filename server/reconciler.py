@@ -35,12 +35,14 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
+from functools import partial
 from typing import Any
 
 import grpc
 
 from chunkstore import errors
 from chunkstore.client.cluster_store import repo_key, stage_key
+from chunkstore.client.manifest_parts import send_manifest
 from chunkstore.client.rpc import REFUSED, NodeCallError, NodeClient
 from chunkstore.client.wire import put_chunks_batch
 from chunkstore.cluster_map import ClusterMap, ClusterMapError, map_digest, map_from_proto, newer
@@ -652,12 +654,12 @@ class Reconciler(NodeWorker):
                 client = self._client(cluster, peer)
                 for mid in mids:
                     try:
-                        record = pb.ManifestRecord(id=mid, data=self._store.get_manifest(mid))
+                        data = self._store.get_manifest(mid)
                     except errors.NotFound:
                         continue
                     try:
-                        timeout = policy.deadline(len(record.data))
-                        self._call(client, "meta", "PutManifest", record, timeout)
+                        timeout = policy.deadline(len(data))
+                        client.run(partial(send_manifest, client, mid, data, timeout))
                     except NodeCallError as e:
                         log.warning("node %s: copying manifest: %s", me, e)
                         break

@@ -54,6 +54,7 @@ from chunkstore.errors import (
     StoreUnavailable,
 )
 from chunkstore.ingest import PipelineLimits
+from chunkstore.model import Manifest
 from chunkstore.repository import Repository
 from chunkstore.retention import KeepPolicy
 from chunkstore.stores import lmdb_store
@@ -177,6 +178,22 @@ def test_a_tree_of_many_small_files_round_trips_and_a_lost_chunk_fails_its_pull(
         assert info.value.chunk_id == lost
         assert not [p for p in (tmp_path / "again").rglob("*") if "partial" in p.name]
         assert not (tmp_path / "again" / "d1" / "f19.bin").exists()
+
+
+def test_a_manifest_too_large_for_one_message_round_trips(cluster3):
+    """A file of ~60 GB in 64 KiB chunks has a manifest of ~36 MiB, past the 32 MiB a message
+    carries: it is stored and read in pieces, and decodes whole."""
+    rng = np.random.default_rng(5)
+    count = 900_000
+    chunk_ids = rng.integers(0, 256, (count, 32), dtype=np.uint8)
+    chunks = [(row.tobytes(), 65536 + i % 4096) for i, row in enumerate(chunk_ids)]
+    manifest = Manifest(sum(n for _, n in chunks), chunks, [])
+    manifest_id, data = manifest.encode()
+    assert len(data) > 32 << 20
+    with ClusterStore.connect(cluster3.url) as store:
+        store.put_manifest(manifest_id, data)
+        assert manifest_id in store.has_manifests([manifest_id])
+        assert Manifest.decode(manifest_id, store.get_manifest(manifest_id)).chunks == chunks
 
 
 def test_deltas_round_trip_and_a_pull_over_their_base_fetches_only_the_deltas(cluster3, tmp_path):

@@ -9,6 +9,7 @@ import filecmp
 import json
 from pathlib import Path
 
+import grpc
 import pytest
 from cluster_checks import (
     FAST,
@@ -22,9 +23,13 @@ from cluster_checks import (
 )
 from cluster_fixtures import LocalCluster
 
+from chunkstore import ids
+from chunkstore.client import manifest_parts
 from chunkstore.client.cluster_store import ClusterStore
 from chunkstore.repository import Repository
 from chunkstore.synthetic import make_series
+from chunkstore.v1 import store_pb2 as pb
+from chunkstore.v1 import store_pb2_grpc as pb_grpc
 
 #: No periodic passes within a test: only the start-up pass and `cluster repair`.
 ON_DEMAND = ["--reconcile-interval", "3600", "--map-refresh", "0.5"]
@@ -55,6 +60,14 @@ def test_a_node_replaced_empty_gets_everything_back_on_repair(tmp_path, series, 
             push(repo, series)
             repo.tag(f"m@{series[0].name}", "best")
             assert placement_gaps(cluster.map, addresses, repo, "m", exact=True) == []
+            # a manifest too large for one message (a file of ~60 GB), that n2 owns
+            big = bytes(range(256)) * (36 << 12)
+            big_id = next(
+                mid
+                for mid in (ids.record_id(big + bytes([i])) for i in range(64))
+                if "n2" in {n.id for n in cluster.map.owners(mid)}
+            )
+            repo.store.put_manifest(big_id, big)
         held = node_status(addresses["n2"]).chunks
         assert held > 0
 
@@ -74,6 +87,11 @@ def test_a_node_replaced_empty_gets_everything_back_on_repair(tmp_path, series, 
         assert sum(n["under_replicated_found"] for n in by_node.values()) >= held
         assert all(n["under_replicated"] == 0 and n["misplaced"] == 0 for n in by_node.values())
         assert node_status(addresses["n2"]).chunks == held
+        with grpc.insecure_channel(addresses["n2"]) as channel:  # copied to n2, in pieces
+            parts = pb_grpc.MetaServiceStub(channel).GetManifestParts(
+                pb.ChunkIds(ids=[big_id]), timeout=30
+            )
+            assert manifest_parts.joined(parts) == (big_id, big)
 
         with Repository(ClusterStore.connect(cluster.url)) as repo:
             assert placement_gaps(cluster.map, addresses, repo, "m", exact=True) == []

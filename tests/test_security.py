@@ -30,6 +30,7 @@ from test_node import assert_one_error_line, run_node
 
 import chunkstore
 from chunkstore import ids
+from chunkstore.client import manifest_parts
 from chunkstore.client.cli import main as cli_main
 from chunkstore.client.cluster_store import ClusterStore
 from chunkstore.client.rpc import (
@@ -518,14 +519,21 @@ def test_oversize_requests_are_resource_exhausted_and_store_nothing(auth_cluster
             meta.GetManifest(pb.ChunkIds(ids=[manifest_id]), timeout=5)
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
 
+    # The client sends a manifest too large for one message in pieces, and reads it back so.
+    big = random_bytes(40 * MiB, seed=3)
     store = ClusterStore.connect(
         auth_cluster.url, RpcPolicy(credentials=Credentials(token=TOKENS["write"]))
     )
     try:
-        with pytest.raises(InvalidInput, match="manifest too large"):
-            store.put_manifest(manifest_id, b"m" * (MAX_MANIFEST_BYTES + 1))
+        store.put_manifest(manifest_id, big)
+        assert store.get_manifest(manifest_id) == big
     finally:
         store.close()
+    with channel_with(auth_cluster, TOKENS["read"]) as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            parts = manifest_parts.pieces(ids.record_id(b"other"), b"m" * 100)
+            pb_grpc.MetaServiceStub(channel).PutManifestParts(iter(parts), timeout=5)
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
 def test_refusals_and_size_limits_map_to_their_errors():

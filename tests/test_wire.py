@@ -1,4 +1,5 @@
-"""The hand-written chunk messages (chunkstore.client.wire) against protobuf's own encoding."""
+"""The hand-written chunk messages (chunkstore.client.wire) against protobuf's own encoding,
+and manifests sent in pieces (chunkstore.client.manifest_parts)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import os
 
 import pytest
 
-from chunkstore.client import wire
+from chunkstore.client import manifest_parts, wire
+from chunkstore.errors import InvalidInput
 from chunkstore.v1 import store_pb2 as pb
 
 PAIRS = [(os.urandom(32), b"\0" * 5), (os.urandom(32), os.urandom(70_000)), (os.urandom(32), b"")]
@@ -70,3 +72,33 @@ def test_unknown_fields_are_skipped_and_field_order_does_not_matter():
 def test_malformed_messages_raise_wire_error(data):
     with pytest.raises(wire.WireError):
         wire.read_put_chunks_batch(data)
+
+
+# manifests in pieces
+
+
+def test_a_manifest_in_pieces_joins_back_whole():
+    data = bytes(range(256)) * (20_000)  # ~5 MB: three pieces
+    parts = manifest_parts.pieces(b"i" * 32, data)
+    assert len(parts) == 3 and parts[0].id == b"i" * 32 and not parts[1].id
+    assert manifest_parts.joined(parts) == (b"i" * 32, data)
+    assert manifest_parts.joined(manifest_parts.pieces(b"e" * 32, b"")) == (b"e" * 32, b"")
+
+
+@pytest.mark.parametrize(
+    "parts, message",
+    [
+        ([], "at least one part"),
+        ([pb.ManifestPart(data=b"x")], "first part, and only it"),
+        ([pb.ManifestPart(id=b"i", data=b"x"), pb.ManifestPart(id=b"j")], "first part, and only"),
+    ],
+)
+def test_malformed_manifest_parts_are_refused(parts, message):
+    with pytest.raises(InvalidInput, match=message):
+        manifest_parts.joined(parts)
+
+
+def test_manifest_parts_past_the_limit_are_refused():
+    parts = manifest_parts.pieces(b"i" * 32, b"x" * (5 << 20))
+    with pytest.raises(manifest_parts.TooLarge, match="manifest too large: over 4194304 bytes"):
+        manifest_parts.joined(iter(parts), limit=4 << 20)

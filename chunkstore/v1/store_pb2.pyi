@@ -124,6 +124,14 @@ class ManifestRecord(_message.Message):
     data: bytes
     def __init__(self, id: _Optional[bytes] = ..., data: _Optional[bytes] = ...) -> None: ...
 
+class ManifestPart(_message.Message):
+    __slots__ = ("id", "data")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    id: bytes
+    data: bytes
+    def __init__(self, id: _Optional[bytes] = ..., data: _Optional[bytes] = ...) -> None: ...
+
 class ManifestInfo(_message.Message):
     __slots__ = ("id", "stored_at")
     ID_FIELD_NUMBER: _ClassVar[int]

@@ -480,6 +480,16 @@ class MetaServiceStub:
                 request_serializer=chunkstore_dot_v1_dot_store__pb2.ChunkIds.SerializeToString,
                 response_deserializer=chunkstore_dot_v1_dot_store__pb2.ManifestRecord.FromString,
                 _registered_method=True)
+        self.PutManifestParts = channel.stream_unary(
+                '/chunkstore.v1.MetaService/PutManifestParts',
+                request_serializer=chunkstore_dot_v1_dot_store__pb2.ManifestPart.SerializeToString,
+                response_deserializer=chunkstore_dot_v1_dot_store__pb2.Empty.FromString,
+                _registered_method=True)
+        self.GetManifestParts = channel.unary_stream(
+                '/chunkstore.v1.MetaService/GetManifestParts',
+                request_serializer=chunkstore_dot_v1_dot_store__pb2.ChunkIds.SerializeToString,
+                response_deserializer=chunkstore_dot_v1_dot_store__pb2.ManifestPart.FromString,
+                _registered_method=True)
         self.HasManifests = channel.unary_unary(
                 '/chunkstore.v1.MetaService/HasManifests',
                 request_serializer=chunkstore_dot_v1_dot_store__pb2.ChunkIds.SerializeToString,
@@ -578,6 +588,20 @@ class MetaServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetManifest(self, request, context):
+        """exactly one id
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PutManifestParts(self, request_iterator, context):
+        """The same for manifests of any size (up to the node's limit), in pieces of a few MiB.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetManifestParts(self, request, context):
         """exactly one id
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -699,6 +723,16 @@ def add_MetaServiceServicer_to_server(servicer, server):
                     servicer.GetManifest,
                     request_deserializer=chunkstore_dot_v1_dot_store__pb2.ChunkIds.FromString,
                     response_serializer=chunkstore_dot_v1_dot_store__pb2.ManifestRecord.SerializeToString,
+            ),
+            'PutManifestParts': grpc.stream_unary_rpc_method_handler(
+                    servicer.PutManifestParts,
+                    request_deserializer=chunkstore_dot_v1_dot_store__pb2.ManifestPart.FromString,
+                    response_serializer=chunkstore_dot_v1_dot_store__pb2.Empty.SerializeToString,
+            ),
+            'GetManifestParts': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetManifestParts,
+                    request_deserializer=chunkstore_dot_v1_dot_store__pb2.ChunkIds.FromString,
+                    response_serializer=chunkstore_dot_v1_dot_store__pb2.ManifestPart.SerializeToString,
             ),
             'HasManifests': grpc.unary_unary_rpc_method_handler(
                     servicer.HasManifests,
@@ -841,6 +875,60 @@ class MetaService:
             '/chunkstore.v1.MetaService/GetManifest',
             chunkstore_dot_v1_dot_store__pb2.ChunkIds.SerializeToString,
             chunkstore_dot_v1_dot_store__pb2.ManifestRecord.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutManifestParts(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/chunkstore.v1.MetaService/PutManifestParts',
+            chunkstore_dot_v1_dot_store__pb2.ManifestPart.SerializeToString,
+            chunkstore_dot_v1_dot_store__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetManifestParts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/chunkstore.v1.MetaService/GetManifestParts',
+            chunkstore_dot_v1_dot_store__pb2.ChunkIds.SerializeToString,
+            chunkstore_dot_v1_dot_store__pb2.ManifestPart.FromString,
             options,
             channel_credentials,
             insecure,
