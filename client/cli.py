@@ -277,11 +277,18 @@ def cmd_status(repo: Repository, args: argparse.Namespace) -> int:
 
 def cmd_tag(repo: Repository, args: argparse.Namespace) -> int:
     if args.delete:
-        repo.untag(Ref.parse(args.ref).repo, args.tag)
-        print(f"deleted tag {args.tag}")
+        name = Ref.parse(args.ref).repo
+        repo.untag(name, args.tag)
+        if args.json:
+            _emit_json({"repo": name, "tag": args.tag, "deleted": True})
+        else:
+            print(f"deleted tag {args.tag}")
         return 0
     v = repo.tag(args.ref, args.tag)
-    print(f"tagged {v.ref} as {v.repo}@{args.tag}")
+    if args.json:
+        _emit_json({"repo": v.repo, "tag": args.tag, "id": v.id.hex(), "deleted": False})
+    else:
+        print(f"tagged {v.ref} as {v.repo}@{args.tag}")
     return 0
 
 
@@ -311,7 +318,10 @@ def cmd_ls(repo: Repository, args: argparse.Namespace) -> int:
 
 def cmd_rm(repo: Repository, args: argparse.Namespace) -> int:
     v = repo.rm(args.ref)
-    print(f"removed {v.ref}; run 'chunkstore gc' to reclaim its space")
+    if args.json:
+        _emit_json({"repo": v.repo, "removed": v.id.hex(), "tags": v.tags})
+    else:
+        print(f"removed {v.ref}; run 'chunkstore gc' to reclaim its space")
     return 0
 
 
@@ -423,7 +433,7 @@ def cmd_stats(repo: Repository, args: argparse.Namespace) -> int:
 Command = Callable[[Repository, argparse.Namespace], int]
 
 
-def _add(sub, name: str, func: Command, help: str, example: str, json_flag: bool = True):
+def _add(sub, name: str, func: Command, help: str, example: str):
     p = sub.add_parser(
         name,
         help=help,
@@ -440,9 +450,8 @@ def _add(sub, name: str, func: Command, help: str, example: str, json_flag: bool
         "--token",
         help="token for a cluster whose nodes require one (default: $CHUNKSTORE_TOKEN)",
     )
-    if json_flag:
-        p.add_argument("--json", action="store_true", help="print machine-readable JSON")
-    p.set_defaults(func=func, json=False)
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.set_defaults(func=func)
     return p
 
 
@@ -594,7 +603,6 @@ def build_parser(server_commands: bool = True) -> argparse.ArgumentParser:
         cmd_tag,
         "point a tag at a version (moves it if it exists)",
         "chunkstore tag llama-ft@3f2a9c1e best",
-        json_flag=False,
     )
     p.add_argument("ref")
     p.add_argument("tag")
@@ -608,7 +616,6 @@ def build_parser(server_commands: bool = True) -> argparse.ArgumentParser:
         cmd_rm,
         "remove a version (space is reclaimed by gc)",
         "chunkstore rm llama-ft@3f2a9c1e",
-        json_flag=False,
     )
     p.add_argument("ref")
 

@@ -130,7 +130,24 @@ def test_pull_show_status_tag_rm_gc_verify(two_versions, tmp_path, capsys):
     assert run(capsys, "tag", "llama-ft~1", "first")[0] == 0  # any ref form names the version
     code, out, _ = run(capsys, "tag", "-d", "llama-ft~1", "first")
     assert (code, out) == (0, "deleted tag first\n")
-    assert run(capsys, "rm", "llama-ft@v1")[0] == 0
+    code, out, _ = run(capsys, "tag", "llama-ft~1", "first", "--json")
+    v1 = json.loads(out)
+    assert code == 0 and v1 == {
+        "repo": "llama-ft",
+        "tag": "first",
+        "id": v1["id"],
+        "deleted": False,
+    }
+    code, out, _ = run(capsys, "tag", "-d", "llama-ft", "first", "--json")
+    assert json.loads(out) == {"repo": "llama-ft", "tag": "first", "deleted": True}
+    code, out, err = run(capsys, "tag", "-d", "llama-ft", "first", "--json")
+    assert (code, out) == (3, "") and "tag 'first' is not in repo 'llama-ft'" in err
+    code, out, _ = run(capsys, "rm", "llama-ft@v1", "--json")
+    assert code == 0 and json.loads(out) == {
+        "repo": "llama-ft",
+        "removed": v1["id"],
+        "tags": ["best", "v1"],
+    }
     code, out, _ = run(capsys, "gc", "--grace", "0", "--json")
     assert code == 0 and json.loads(out)["deleted_chunks"] >= 1
     code, out, _ = run(capsys, "verify")
