@@ -86,6 +86,25 @@ class _Keyframe:
 _Task = tuple[bytes, bytes | memoryview, int | None, _Keyframe | None]
 
 
+def local_manifest(
+    path: Path,
+    params: ChunkerParams,
+    base: BaseTensors | None = None,
+    name: str | None = None,
+) -> Manifest:
+    """The manifest a push of the file at ``path`` would make (cut the same way, against the
+    same ``base``), with nothing stored: its chunks are hashed, not encoded."""
+    chunker = Chunker(params)
+    with MappedFile(path) as mapped:
+        view = mapped.view
+        index = read_index(view, mapped.size)
+        chunks = [
+            (ids.chunk_id(view[offset : offset + length]), length)
+            for offset, length, _, _ in plan_cuts(chunker, view, index, base, name)
+        ]
+        return Manifest(mapped.size, chunks, index.tensors if index else [])
+
+
 def plan_cuts(
     chunker: Chunker,
     view: memoryview,

@@ -26,7 +26,7 @@ from chunkstore.errors import (
     InvalidInput,
     NotFound,
 )
-from chunkstore.ingest import Ingester, IngestStats, PipelineLimits
+from chunkstore.ingest import Ingester, IngestStats, PipelineLimits, local_manifest
 from chunkstore.model import (
     DeltaRef,
     FileEntry,
@@ -596,6 +596,37 @@ class Repository:
                 else:
                     result.modified.append(FileChange(name, entry.size, size, 0))
         return result
+
+    def status_tensors(
+        self, path: str | os.PathLike, repo: str, stats: bool = False
+    ) -> list[TensorDiff]:
+        """Tensor-level differences between the safetensors files at ``path`` and those of the
+        same names in the latest version of ``repo`` (see :meth:`tensor_diff`); nothing is
+        stored. A local file is cut as a push would cut it against that version and hashed;
+        one that :meth:`status` finds unchanged is not read at all."""
+        latest = self.log(repo)[0]
+        stored = self._manifests_by_path(latest)
+        local = dict(list_tree(Path(path)))
+        base = BaseTensors([stored])
+        out = []
+        for name in sorted(stored.keys() & local.keys()):
+            manifest, file = stored[name], local[name]
+            if not manifest.tensors:
+                continue
+            if file.stat().st_size == manifest.size and holds(manifest, file):
+                out.append(TensorDiff(name, unchanged=len(manifest.tensors)))
+                continue
+            mine = local_manifest(file, self.chunker, base, name)
+            if not mine.tensors:  # no longer a safetensors file: every tensor went
+                out.append(TensorDiff(name, removed=sorted(t.name for t in manifest.tensors)))
+                continue
+            with open(file, "rb") as f:
+                out.append(diff_file(self.store, name, manifest, mine, stats, new_bytes=f))
+        if not out:
+            raise InvalidInput(
+                f"{path} and {latest.ref} have no safetensors file of the same name in common"
+            )
+        return out
 
     def open_safetensors(self, ref: str, path: str, framework: str = "np") -> LazyTensors:
         """A lazy mapping name -> tensor over one stored safetensors file."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -183,7 +183,12 @@ def _chunk_spans(manifest: Manifest, tensor: TensorInfo) -> list[tuple[int, byte
 
 
 def diff_file(
-    store: ChunkStore, path: str, old: Manifest, new: Manifest, stats: bool = False
+    store: ChunkStore,
+    path: str,
+    old: Manifest,
+    new: Manifest,
+    stats: bool = False,
+    new_bytes: BinaryIO | None = None,
 ) -> TensorDiff:
     """Compare the tensors of two versions of one safetensors file.
 
@@ -191,7 +196,8 @@ def diff_file(
     offsets; no bytes are fetched for it. Small tensors share chunks, so one may count as
     changed because a neighbour did. With ``stats``, the tensors whose chunks changed are
     fetched from both versions to count their differing bytes (those with none count as
-    unchanged after all) and the relative L2 norm of the change.
+    unchanged after all) and the relative L2 norm of the change. ``new_bytes`` is where the
+    new version's bytes are read instead of the store (a local file).
     """
     result = TensorDiff(path)
     before = {t.name: t for t in old.tensors}
@@ -199,7 +205,7 @@ def diff_file(
     result.added = sorted(after.keys() - before.keys())
     result.removed = sorted(before.keys() - after.keys())
     old_reader = ChunkedReader(store, old) if stats else None
-    new_reader = ChunkedReader(store, new) if stats else None
+    new_reader = (new_bytes or ChunkedReader(store, new)) if stats else None
     old_ids = {cid for cid, _ in old.chunks}
     for name in sorted(before.keys() & after.keys()):
         a, b = before[name], after[name]
@@ -227,7 +233,7 @@ def diff_file(
 
 
 def _compare(
-    old_reader: ChunkedReader, new_reader: ChunkedReader, a: TensorInfo, b: TensorInfo
+    old_reader: BinaryIO, new_reader: BinaryIO, a: TensorInfo, b: TensorInfo
 ) -> tuple[int, float | None]:
     old_reader.seek(a.begin)
     new_reader.seek(b.begin)

@@ -235,7 +235,11 @@ def cmd_diff(repo: Repository, args: argparse.Namespace) -> int:
 
 def _tensor_diff(repo: Repository, args: argparse.Namespace) -> int:
     diffs = repo.tensor_diff(args.old, args.new, file=args.file, stats=args.stats)
-    if args.json:
+    return _report_tensor_diffs(diffs, args.json)
+
+
+def _report_tensor_diffs(diffs: list, as_json: bool) -> int:
+    if as_json:
         _emit_json(
             {
                 "added": [n for d in diffs for n in d.added],
@@ -270,6 +274,10 @@ def _tensor_diff(repo: Repository, args: argparse.Namespace) -> int:
 
 
 def cmd_status(repo: Repository, args: argparse.Namespace) -> int:
+    if args.tensors or args.stats:
+        return _report_tensor_diffs(
+            repo.status_tensors(args.path, args.repo, args.stats), args.json
+        )
     d = repo.status(args.path, args.repo)
     _emit_json(d.to_json()) if args.json else _print_diff(d)
     return 0
@@ -592,10 +600,21 @@ def build_parser(server_commands: bool = True) -> argparse.ArgumentParser:
         "status",
         cmd_status,
         "compare local files with a repo's latest version",
-        "chunkstore status ./ckpt-3000 --repo llama-ft",
+        "chunkstore status ./ckpt-3000 --repo llama-ft\n"
+        "chunkstore status ./ckpt-3000 --repo llama-ft --tensors --stats  # what training changed",
     )
     p.add_argument("path")
     p.add_argument("--repo", required=True)
+    p.add_argument(
+        "--tensors",
+        action="store_true",
+        help="compare the tensors of safetensors files instead of whole files",
+    )
+    p.add_argument(
+        "--stats",
+        action="store_true",
+        help="with --tensors: read changed tensors, count differing bytes and the relative L2",
+    )
 
     p = _add(
         sub,

@@ -136,6 +136,74 @@ def test_tensor_diff_cli(env_store, tmp_path, capsys):
     assert code == 3 and "no file" in err
 
 
+def _write_v2(tmp_path, tensors) -> None:
+    """The local file a training job would write next: v1 with layers.2.w nudged, layers.5.w
+    gone and head.w new (as :func:`_push_v2`, without pushing it)."""
+    v2 = dict(tensors)
+    dtype, shape, flat = v2["layers.2.w"]
+    nudged = flat.copy()
+    nudged[:1000] += np.float32(0.001)
+    v2["layers.2.w"] = (dtype, shape, nudged)
+    del v2["layers.5.w"]
+    v2["head.w"] = ("F32", (256, 128), weights(np.random.default_rng(5), 256 * 128, "fp32"))
+    write_safetensors(tmp_path / "v1" / "model.safetensors", v2)
+
+
+@pytest.mark.parametrize("delta", [True, False])
+def test_status_tensors_tells_what_a_push_would_change_and_stores_nothing(repo, tmp_path, delta):
+    tensors = model()
+    (tmp_path / "v1").mkdir()
+    write_safetensors(tmp_path / "v1" / "model.safetensors", tensors)
+    (tmp_path / "v1" / "notes.txt").write_text("hi")
+    repo.push(tmp_path / "v1", repo="m")
+    if delta:  # the latest version is stored as deltas against its parent
+        tensors = {
+            k: (d, s, f + np.float32(1e-4) if d == "F32" else f) for k, (d, s, f) in tensors.items()
+        }
+        write_safetensors(tmp_path / "v1" / "model.safetensors", tensors)
+        assert repo.push(tmp_path / "v1", repo="m").stats.delta_chunks > 0
+    asked = count_fetches(repo.store)
+    (same,) = repo.status_tensors(tmp_path / "v1", "m", stats=True)
+    assert (same.added, same.removed, same.changed, same.unchanged) == ([], [], [], 8)
+    assert asked == []  # an unchanged file is checked against the ids, no chunk is read
+
+    _write_v2(tmp_path, tensors)
+    before = repo.store.totals()
+    (local,) = repo.status_tensors(tmp_path / "v1", "m", stats=True)
+    assert repo.store.totals() == before  # nothing stored
+    assert local.added == ["head.w"] and local.removed == ["layers.5.w"]
+    assert [c.name for c in local.changed] == ["layers.2.w"] and local.unchanged == 6
+    repo.push(tmp_path / "v1", repo="m")
+    (pushed,) = repo.tensor_diff("m~", "m", stats=True)
+    assert local.to_json() == pushed.to_json()  # what status said is what the push did
+
+
+def test_status_tensors_cli_and_its_errors(env_store, tmp_path, capsys):
+    tensors = model(n=3)
+    (tmp_path / "v1").mkdir()
+    write_safetensors(tmp_path / "v1" / "model.safetensors", tensors)
+    assert run(capsys, "push", str(tmp_path / "v1"), "--repo", "m")[0] == 0
+    _write_v2(tmp_path, {**tensors, "layers.5.w": tensors["layers.0.w"]})
+    code, out, _ = run(capsys, "status", str(tmp_path / "v1"), "--repo", "m", "--tensors")
+    assert code == 0 and "M  layers.2.w" in out and "A  head.w" in out and "  D  " not in out
+    code, out, _ = run(
+        capsys, "status", str(tmp_path / "v1"), "--repo", "m", "--tensors", "--stats", "--json"
+    )
+    d = json.loads(out)
+    assert code == 0 and d["changed"][0]["differing_bytes"] > 0 and d["unchanged"] == 4
+
+    (tmp_path / "v1" / "model.safetensors").write_bytes(b"not a safetensors file any more")
+    code, out, _ = run(capsys, "status", str(tmp_path / "v1"), "--repo", "m", "--tensors")
+    assert code == 0 and out.count("  D  ") == 5  # every tensor went
+    (tmp_path / "v1" / "model.safetensors").rename(tmp_path / "v1" / "other.safetensors")
+    code, out, err = run(capsys, "status", str(tmp_path / "v1"), "--repo", "m", "--tensors")
+    assert (code, out) == (2, "") and "no safetensors file of the same name in common" in err
+    code, _, err = run(capsys, "status", str(tmp_path / "nope"), "--repo", "m", "--tensors")
+    assert code == 3 and "no such file or directory" in err
+    code, _, err = run(capsys, "status", str(tmp_path / "v1"), "--repo", "x", "--tensors")
+    assert code == 3 and "unknown repo" in err
+
+
 def _open(path):
     from chunkstore.connect import connect
 
