@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets everything up, then runs the main job on the embedded store: generates a series of
-# checkpoints, pushes them as versions, shows log, diff and stats, pulls one back and checks it.
+# checkpoints, pushes them as versions, shows status, log, diff and stats, pulls one back and
+# checks it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -21,6 +22,7 @@ run chunkstore push demo-data/ckpts/step-1000 --repo demo-model -m "step 1000" -
     --param lr=3e-4 --param batch=64 --metric loss=2.31
 run chunkstore push demo-data/ckpts/step-2000 --repo demo-model -m "step 2000" --tag v2 \
     --param lr=3e-4 --param batch=64 --metric loss=2.05
+run chunkstore status demo-data/ckpts/step-3000 --repo demo-model --tensors
 run chunkstore push demo-data/ckpts/step-3000 --repo demo-model -m "step 3000" --tag v3 \
     --param lr=1e-4 --param batch=64 --metric loss=1.97
 run chunkstore log demo-model
