@@ -25,9 +25,12 @@ def imap(
     fn: Callable[[T], R], items: Iterable[T], workers: int, name: str, queued: int = 4
 ) -> Iterator[R]:
     """``fn(item)`` of every item, in the items' order, computed as :func:`for_each` calls
-    them; at most ``queued`` results per thread wait to be taken. Abandoning the iterator
-    drops the items not started."""
-    with ThreadPoolExecutor(max(1, workers), thread_name_prefix=name) as pool:
+    them (on the calling thread for one worker); at most ``queued`` results per thread wait
+    to be taken. Abandoning the iterator drops the items not started."""
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix=name) as pool:
         pending: deque[Future[R]] = deque()
         try:
             for item in items:

@@ -461,8 +461,6 @@ class Repository:
         return dict(zip(paths, self._manifests(version.files), strict=True))
 
     def _manifests_by_id(self, manifest_ids: Iterable[bytes]) -> Iterator[Manifest]:
-        if self._calls_at_once == 1:
-            return map(self._manifest, manifest_ids)
         return imap(self._manifest, manifest_ids, self._calls_at_once, "manifest-get")
 
     @property
@@ -520,15 +518,12 @@ class Repository:
 
         # Small files cost a round trip each more than their bytes: a remote store gets several
         # at once. Large ones are read one at a time, each from every node in parallel.
-        at_once = self._calls_at_once
+        small = [item for item in plan if item[1].size <= SMALL_FILE_BYTES]
         try:
-            if at_once > 1:
-                for_each(
-                    restore, [i for i in plan if i[1].size <= SMALL_FILE_BYTES], at_once, "pull"
-                )
-                plan = [item for item in plan if item[1].size > SMALL_FILE_BYTES]
+            for_each(restore, small, self._calls_at_once, "pull")
             for item in plan:
-                restore(item)
+                if item[1].size > SMALL_FILE_BYTES:
+                    restore(item)
         finally:
             progress.finish()
         return version
