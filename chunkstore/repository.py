@@ -44,7 +44,7 @@ from chunkstore.model import (
 from chunkstore.parallel import for_each, imap
 from chunkstore.progress import NoProgress, Progress
 from chunkstore.refs import Ref, load_versions, resolve
-from chunkstore.restore import PARTIAL, ChunkedReader, restore_file, stream_file
+from chunkstore.restore import PARTIAL, ChunkedReader, partial_path, restore_file, stream_file
 from chunkstore.retention import KeepPolicy, plan
 from chunkstore.reuse import holds
 from chunkstore.staging import DEFAULT_STAGE_TTL, Stage, live_stage_manifests
@@ -481,7 +481,8 @@ class Repository:
 
         ``dest`` must not exist or be an empty directory, unless ``force``: files of the
         version then replace files of the same name, and the chunks such a file already holds
-        are copied from it instead of fetched (see :mod:`chunkstore.reuse`). With ``files``
+        are copied from it instead of fetched (see :mod:`chunkstore.reuse`); one that already
+        holds all of this version's bytes (each chunk hashed at its offsets) is left in place. With ``files``
         (see :func:`select_files`), only the files they match are written.
 
         An interrupted pull resumes: the files it completed are in place, what it wrote of
@@ -512,6 +513,9 @@ class Repository:
             if target.is_dir():
                 raise InvalidInput(f"cannot write {target}: a directory is in the way")
             old = target if target.is_file() else None  # a file being replaced: reuse it
+            if old is not None and not old.is_symlink() and holds(manifest, old):
+                _settle_in_place(target, entry, progress)  # already this version's file
+                return
             restore_file(
                 self.store, manifest, target, progress, mode=entry.mode or 0o644, reuse=old
             )
@@ -859,6 +863,16 @@ def _check_metrics(metrics: dict[str, float]) -> dict[str, float]:
             raise InvalidInput(f"invalid metric {key}={value!r}: must be finite")
         out[key] = number
     return out
+
+
+def _settle_in_place(target: Path, entry: FileEntry, progress: Progress) -> None:
+    """Leave ``target``, found to hold ``entry``'s bytes, as a pull would have written it:
+    its mode set and no partial file of an earlier pull beside it. Nothing is fetched."""
+    mode = (entry.mode or 0o644) & 0o777
+    if target.stat().st_mode & 0o777 != mode:
+        os.chmod(target, mode)
+    partial_path(target).unlink(missing_ok=True)
+    progress.advance(entry.size, 0)
 
 
 def _holds_partials(folder: Path) -> bool:

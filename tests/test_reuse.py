@@ -61,14 +61,22 @@ def test_pull_over_the_previous_version_fetches_only_what_changed(repo, two_chec
     assert 1 * MB <= fetched_bytes < 1.2 * MB
 
 
-def test_pull_over_an_identical_file_fetches_nothing(repo, two_checkpoints, tmp_path):
+def test_pull_over_an_identical_file_fetches_nothing_and_leaves_it_in_place(
+    repo, two_checkpoints, tmp_path
+):
     repo.pull("m@v2", tmp_path / "out")
+    path = tmp_path / "out" / "model.safetensors"
+    path.chmod(0o600)
+    stale = write(tmp_path / "out" / ".model.safetensors.chunkstore-partial", b"from before")
+    before = path.stat()
     asked = count_fetches(repo.store)
     repo.pull("m@v2", tmp_path / "out", force=True)
     assert asked == []
-    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (
-        two_checkpoints[1] / "model.safetensors"
-    ).read_bytes()
+    assert path.read_bytes() == (two_checkpoints[1] / "model.safetensors").read_bytes()
+    after = path.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)  # not rewritten
+    assert after.st_mode & 0o777 == repo.resolve("m@v2").files[0].mode & 0o777
+    assert not stale.exists()
 
 
 @pytest.mark.parametrize(
