@@ -6,6 +6,7 @@ on the embedded store and on a cluster.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import math
 import os
@@ -20,6 +21,7 @@ from typing import Any, BinaryIO
 from chunkstore import codec
 from chunkstore.chunking import ChunkerParams
 from chunkstore.delta import BaseTensors, base_length, read_chunks
+from chunkstore.dirlock import locked
 from chunkstore.errors import (
     ChunkNotFound,
     CorruptChunk,
@@ -482,28 +484,53 @@ class Repository:
         ``dest`` must not exist or be an empty directory, unless ``force``: files of the
         version then replace files of the same name, and the chunks such a file already holds
         are copied from it instead of fetched (see :mod:`chunkstore.reuse`); one that already
-        holds all of this version's bytes (each chunk hashed at its offsets) is left in place. With ``files``
-        (see :func:`select_files`), only the files they match are written.
+        holds all of this version's bytes (each chunk hashed at its offsets) is left in place.
+        With ``files`` (see :func:`select_files`), only the files they match are written.
 
         An interrupted pull resumes: the files it completed are in place, what it wrote of
         the next one is kept beside it, and the same pull run again with ``force`` keeps both,
-        fetching only what is missing.
+        fetching only what is missing. Pulls into one ``dest`` take turns (see
+        :mod:`chunkstore.dirlock`): with ``force``, the ranks of a job pulling the same version
+        into one directory fetch it once, and the later ones find its files in place.
         """
         version = self.resolve(ref)
         entries = version.files if files is None else select_files(version, files)
         dest = Path(dest)
         if dest.exists() and not dest.is_dir():
             raise InvalidInput(f"destination {dest} exists and is not a directory")
-        if dest.is_dir() and any(dest.iterdir()) and not force:
-            if _holds_partials(dest):
-                raise InvalidInput(
-                    f"destination {dest} holds an interrupted pull (use --force to resume it)"
-                )
-            raise InvalidInput(f"destination {dest} is not empty (use --force to write into it)")
-        plan = []
-        for entry, manifest in zip(entries, self._manifests(entries), strict=True):
-            rel = normalise_path(entry.path)
-            plan.append((dest.joinpath(*rel.split("/")), entry, manifest))
+        targets = [dest.joinpath(*normalise_path(e.path).split("/")) for e in entries]
+        created = not dest.exists()
+        dest.mkdir(parents=True, exist_ok=True)
+        try:
+            with locked(dest):
+                if any(dest.iterdir()) and not force:
+                    if _holds_partials(dest):
+                        raise InvalidInput(
+                            f"destination {dest} holds an interrupted pull "
+                            "(use --force to resume it)"
+                        )
+                    raise InvalidInput(
+                        f"destination {dest} is not empty (use --force to write into it)"
+                    )
+                self._pull_into(version, entries, targets, progress)
+        except BaseException:
+            if created:  # a pull that wrote nothing leaves no directory behind
+                with contextlib.suppress(OSError):
+                    dest.rmdir()
+            raise
+        return version
+
+    def _pull_into(
+        self,
+        version: Version,
+        entries: Sequence[FileEntry],
+        targets: Sequence[Path],
+        progress: Progress | None,
+    ) -> None:
+        """Write each of ``entries`` of ``version`` to its target, in a destination the
+        caller holds locked."""
+        manifests = self._manifests(entries)
+        plan = list(zip(targets, entries, manifests, strict=True))
         progress = progress or NoProgress()
         progress.start(sum(entry.size for entry in entries), f"pull {version.ref}")
 
@@ -530,7 +557,6 @@ class Repository:
                     restore(item)
         finally:
             progress.finish()
-        return version
 
     def write_file(self, ref: str, path: str, out: BinaryIO) -> FileEntry:
         """Write one file of a version to ``out`` (a binary stream), in order, every chunk

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import errno
+import subprocess
+import sys
+import threading
+import time
 
 import numpy as np
 import pytest
 from conftest import count_fetches, failing_fallocate, random_bytes, tree_bytes, write
 
 from chunkstore import filespace
+from chunkstore.dirlock import locked
 from chunkstore.errors import CorruptChunk, InvalidInput, StoreUnavailable
 from chunkstore.repository import Repository
 from chunkstore.reuse import holds
@@ -218,7 +223,7 @@ def test_a_pull_that_fails_for_good_leaves_no_partial_file(repo, tmp_path):
     store.read_into = damaged
     with pytest.raises(CorruptChunk):
         repo.pull("p", tmp_path / "out")
-    assert list((tmp_path / "out").iterdir()) == []
+    assert not (tmp_path / "out").exists()  # it made the directory, and leaves none behind
 
 
 def test_a_symlink_in_place_of_the_partial_file_is_not_followed(repo, tmp_path):
@@ -312,3 +317,57 @@ def test_over_the_version_its_deltas_were_coded_against_only_the_deltas_are_fetc
     ).read_bytes()
     assert {ref.delta for ref in refs.values()} <= asked
     assert not {ref.base for ref in refs.values()} & asked  # the bases came from the old file
+
+
+# pulls into one directory at once
+
+
+_RANK = """
+import sys, time
+from pathlib import Path
+from chunkstore.connect import connect
+from chunkstore.progress import Tally
+store, dest, go = sys.argv[1:]
+with connect(store) as repo:
+    while not Path(go).exists():  # every rank is loaded and waiting: they start together
+        time.sleep(0.001)
+    tally = Tally()
+    repo.pull("m", dest, force=True, progress=tally)
+    print(tally.new)
+"""
+
+
+def test_pulls_into_one_directory_at_once_take_turns_and_fetch_once(lmdb_repo, tmp_path):
+    """The ranks of a job each pull the same version into one local directory at the same
+    moment (with force): every one succeeds, the file is whole, and it is fetched once."""
+    write(tmp_path / "ckpt" / "model.bin", random_bytes(24 * MB, seed=3))
+    lmdb_repo.push(tmp_path / "ckpt", "m")
+    dest, go = tmp_path / "local-model", tmp_path / "go"
+    argv = [sys.executable, "-c", _RANK, str(tmp_path / "store"), str(dest), str(go)]
+    ranks = [subprocess.Popen(argv, stdout=subprocess.PIPE, text=True) for _ in range(3)]
+    try:
+        time.sleep(1.0)  # let them load
+        go.touch()
+        fetched = [int(rank.communicate(timeout=120)[0]) for rank in ranks]
+    finally:
+        for rank in ranks:
+            rank.kill()
+    assert [rank.returncode for rank in ranks] == [0, 0, 0]
+    assert tree_bytes(dest) == tree_bytes(tmp_path / "ckpt")
+    assert sorted(fetched) == [0, 0, 24 * MB]
+    assert [p.name for p in dest.iterdir()] == ["model.bin"]  # no partial file left
+
+
+def test_a_pull_waits_while_another_holds_the_directory(repo, two_checkpoints, tmp_path):
+    dest = tmp_path / "out"
+    dest.mkdir()
+    with locked(dest):
+        pull = threading.Thread(target=repo.pull, args=("m@v2", dest))
+        pull.start()
+        pull.join(0.3)
+        assert pull.is_alive() and not (dest / "model.safetensors").exists()
+    pull.join(60)
+    assert not pull.is_alive()
+    assert (dest / "model.safetensors").read_bytes() == (
+        two_checkpoints[1] / "model.safetensors"
+    ).read_bytes()
