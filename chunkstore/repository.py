@@ -46,13 +46,13 @@ from chunkstore.model import (
 from chunkstore.parallel import for_each, imap
 from chunkstore.progress import NoProgress, Progress
 from chunkstore.refs import Ref, load_versions, resolve
-from chunkstore.restore import PARTIAL, ChunkedReader, partial_path, restore_file, stream_file
+from chunkstore.restore import ChunkedReader, partial_path, restore_file, stream_file
 from chunkstore.retention import KeepPolicy, plan
 from chunkstore.reuse import holds
 from chunkstore.staging import DEFAULT_STAGE_TTL, Stage, live_stage_manifests
 from chunkstore.stores.base import Store
 from chunkstore.tensors import LazyTensors, TensorDiff, diff_file, tensor_files
-from chunkstore.tree import list_tree
+from chunkstore.tree import PARTIAL, list_tree
 
 DEFAULT_GC_GRACE = 6 * 3600.0
 #: From a remote store, where each call costs a round trip more than its bytes: manifests

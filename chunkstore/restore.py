@@ -23,12 +23,9 @@ from chunkstore.model import DeltaRef, Manifest
 from chunkstore.progress import NoProgress, Progress
 from chunkstore.reuse import in_place, local_bases, reuse_chunks
 from chunkstore.stores.base import ChunkStore
+from chunkstore.tree import EARLIER, PARTIAL
 
 MiB = 1 << 20
-
-
-#: Suffix of the file a pull writes until it is complete, kept if the pull is interrupted.
-PARTIAL = ".chunkstore-partial"
 
 
 def partial_path(dest: Path) -> Path:
@@ -63,7 +60,7 @@ def restore_file(
     """
     progress = progress or NoProgress()
     tmp = partial_path(dest)
-    earlier = tmp.with_name(tmp.name + "-earlier")
+    earlier = tmp.with_name(tmp.name + EARLIER)
     order, offsets = manifest.placements()
     regular = tmp.is_file() and not tmp.is_symlink()
     resuming = regular and tmp.stat().st_size == manifest.size

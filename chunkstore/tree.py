@@ -9,12 +9,23 @@ from pathlib import Path
 from chunkstore.errors import InvalidInput, NotFound
 from chunkstore.model import normalise_path
 
+#: Suffix of the hidden file a pull writes until it is complete, kept if the pull is
+#: interrupted; with EARLIER after it, such a file set aside while another is written.
+PARTIAL = ".chunkstore-partial"
+EARLIER = "-earlier"
+
+
+def is_partial(name: str) -> bool:
+    """Whether a file of this name is a pull's partial file, not a file of the user's."""
+    return name.startswith(".") and name.endswith((PARTIAL, PARTIAL + EARLIER))
+
 
 def list_tree(path: Path) -> list[tuple[str, Path]]:
     """The files a push of ``path`` stores, as (stored path, local path), sorted.
 
     A directory's regular files (recursively, following no directory symlinks) are stored under
-    their paths relative to it; a single file is stored under its base name.
+    their paths relative to it, leaving out the partial files of interrupted pulls; a single
+    file is stored under its base name.
     """
     if not path.exists():
         raise NotFound(f"no such file or directory: {path}")
@@ -26,6 +37,8 @@ def list_tree(path: Path) -> list[tuple[str, Path]]:
     for root, dirs, files in os.walk(path):
         dirs.sort()
         for name in sorted(files):
+            if is_partial(name):
+                continue
             local = Path(root, name)
             if stat.S_ISREG(local.stat().st_mode):
                 found.append((normalise_path(local.relative_to(path).as_posix()), local))

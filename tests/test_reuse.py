@@ -210,6 +210,24 @@ def test_an_interrupted_pull_resumes_where_it_stopped(repo, tmp_path):
     assert 0 < fetched < 0.5 * len(data)  # only what the first pull had not written
 
 
+def test_push_and_status_leave_out_the_partial_files_of_interrupted_pulls(repo, tmp_path):
+    data = random_bytes(4 * MB, seed=8)
+    write(tmp_path / "a" / "w.bin", data)
+    repo.push(tmp_path / "a", repo="p", delta=False)
+    _cut_off_after(repo, 0.5, files_whole=0)
+    with pytest.raises(StoreUnavailable):
+        repo.pull("p", tmp_path / "out")
+    del repo.store.read_into
+    write(tmp_path / "out" / "sub" / ".x.bin.chunkstore-partial-earlier", b"set aside")
+    write(tmp_path / "out" / "notes.txt", b"mine")
+    assert (tmp_path / "out" / ".w.bin.chunkstore-partial").exists()
+    status = repo.status(tmp_path / "out", "p")
+    assert [c.path for c in status.added] == ["notes.txt"]
+    assert [c.path for c in status.removed] == ["w.bin"]
+    version = repo.push(tmp_path / "out", repo="q").version
+    assert [f.path for f in version.files] == ["notes.txt"]
+
+
 def test_a_pull_that_fails_for_good_leaves_no_partial_file(repo, tmp_path):
     write(tmp_path / "a" / "w.bin", random_bytes(2 * MB, seed=7))
     repo.push(tmp_path / "a", repo="p")
