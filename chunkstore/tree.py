@@ -30,7 +30,7 @@ def list_tree(path: Path) -> list[tuple[str, Path]]:
     if not path.exists():
         raise NotFound(f"no such file or directory: {path}")
     if path.is_file():
-        return [(normalise_path(path.name), path)]
+        return [(_stored_path(path.name, path), path)]
     if not path.is_dir():
         raise InvalidInput(f"not a regular file or directory: {path}")
     found: list[tuple[str, Path]] = []
@@ -41,6 +41,14 @@ def list_tree(path: Path) -> list[tuple[str, Path]]:
                 continue
             local = Path(root, name)
             if stat.S_ISREG(local.stat().st_mode):
-                found.append((normalise_path(local.relative_to(path).as_posix()), local))
+                found.append((_stored_path(local.relative_to(path).as_posix(), local), local))
     found.sort()
     return found
+
+
+def _stored_path(relative: str, local: Path) -> str:
+    """``relative`` as a stored path; a clear error for the one thing a local name may hold
+    that a stored path may not (paths are stored '/'-separated, never with a backslash)."""
+    if "\\" in relative:
+        raise InvalidInput(f"cannot push {local}: a path with a backslash cannot be stored")
+    return normalise_path(relative)

@@ -560,3 +560,17 @@ def test_write_file_streams_a_delta_coded_file_in_order(repo, tmp_path):
     entry = repo.write_file("s@v2", "m.safetensors", out)
     assert out.getvalue() == (tmp_path / "v2" / "m.safetensors").read_bytes()
     assert entry.size == len(out.getvalue())
+
+
+def test_local_names_push_as_they_are_and_a_backslash_is_refused_by_name(repo, tmp_path):
+    names = ["a\nb.bin", "dir with space/q r.txt", "é.bin"]
+    for i, name in enumerate(names):
+        write(tmp_path / "src" / name, bytes([i]) * 10)
+    version = repo.push(tmp_path / "src", repo="m").version
+    assert [f.path for f in version.files] == sorted(names)
+    repo.pull("m", tmp_path / "out")
+    assert tree_bytes(tmp_path / "out") == tree_bytes(tmp_path / "src")
+    write(tmp_path / "src" / "back\\slash", b"x")
+    with pytest.raises(InvalidInput, match=r"cannot push .*back\\slash: a path with a backslash"):
+        repo.push(tmp_path / "src", repo="m")
+    assert len(repo.log("m")) == 1
