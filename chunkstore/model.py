@@ -40,11 +40,12 @@ def normalise_path(path: str) -> str:
     A stored path is relative, '/'-separated, and never climbs out of the tree it names:
     absolute paths, '..' components, empty names and NUL bytes are refused.
     """
-    if not path or "\0" in path or "\\" in path or path.startswith("/"):
-        raise InvalidInput(f"unsafe path in manifest: {path!r}")
-    parts = path.split("/")
-    if any(p in ("..", ".", "") for p in parts):
-        raise InvalidInput(f"unsafe path in manifest: {path!r}")
+    unsafe = not path or "\0" in path or "\\" in path or path.startswith("/")
+    if unsafe or any(p in ("..", ".", "") for p in path.split("/")):
+        raise InvalidInput(
+            f"unsafe path {path!r}: a stored path is relative and '/'-separated, with no "
+            "'..', '.' or empty part, backslash or NUL"
+        )
     return path
 
 
