@@ -118,8 +118,7 @@ class Chunker:
                 start = end
 
 
-def _stamp(fd: int) -> tuple[int, int]:
-    st = os.fstat(fd)
+def _stamp(st: os.stat_result) -> tuple[int, int]:
     return st.st_size, st.st_mtime_ns
 
 
@@ -133,19 +132,23 @@ class MappedFile:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._file = open(path, "rb")  # noqa: SIM115  (kept open to notice writes: changed())
-        self._stamp = _stamp(self._file.fileno())
-        self.size = self._stamp[0]
         self._mm: mmap.mmap | None = None
         self._released = 0
-        if self.size:
-            self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
-            self._mm.madvise(mmap.MADV_SEQUENTIAL)
+        with open(path, "rb") as f:
+            self._stamp = _stamp(os.fstat(f.fileno()))
+            self.size = self._stamp[0]
+            if self.size:
+                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                self._mm.madvise(mmap.MADV_SEQUENTIAL)
 
     def changed(self) -> bool:
-        """Whether the file was written to (its size or modification time moved) since it was
-        mapped. Best effort: a write in the same clock tick as the mapping may go unseen."""
-        return _stamp(self._file.fileno()) != self._stamp
+        """Whether the file at ``path`` differs in size or modification time from the one
+        mapped (also after :meth:`close`). Best effort: a write in the same clock tick as the
+        mapping may go unseen."""
+        try:
+            return _stamp(os.stat(self.path)) != self._stamp
+        except FileNotFoundError:
+            return True
 
     @property
     def view(self) -> memoryview:
@@ -169,11 +172,10 @@ class MappedFile:
 
     def close(self) -> None:
         if self._mm is not None:
-            # Views still alive keep the map; it is freed when they are.
+            # Views still alive keep the map (and its file open); both go when they do.
             with contextlib.suppress(BufferError):
                 self._mm.close()
             self._mm = None
-        self._file.close()
 
     def __enter__(self) -> MappedFile:
         return self

@@ -208,6 +208,9 @@ class Ingester:
         chunks = [chunk for window in windows for chunk in window.result()]
         manifest = Manifest(mapped.size, chunks, index.tensors if index else [])
         self._manifests.append(manifest)
+        # Checked: the encoders' views keep what they still read mapped. A push of thousands
+        # of files holds open only the few in flight, not one descriptor per file.
+        mapped.close()
         return manifest
 
     def finish(self) -> IngestStats:
@@ -253,21 +256,24 @@ class Ingester:
         batch: list[tuple[bytes, bytes]] = []
         raw_bytes = batch_bytes = 0
         for mapped, manifest in zip(self._maps, self._manifests, strict=True):
-            view = mapped.view
-            for (cid, length), offset in zip(manifest.chunks, manifest.offsets(), strict=True):
-                if cid not in need:
-                    continue
-                data = bytes(view[offset : offset + length])
-                if ids.chunk_id(data) != cid:
-                    raise _changed(mapped.path)
-                blob = codec.encode(data)  # chosen by sample: the rare path needs no index
-                batch.append((cid, blob))
-                raw_bytes += length
-                batch_bytes += len(blob)
-                need.discard(cid)
-                if batch_bytes >= self.limits.batch_bytes:
-                    self._store_batch(batch, raw_bytes)
-                    batch, raw_bytes, batch_bytes = [], 0, 0
+            if not need.intersection(cid for cid, _ in manifest.chunks):
+                continue
+            with MappedFile(mapped.path) as again:
+                view = again.view
+                for (cid, length), offset in zip(manifest.chunks, manifest.offsets(), strict=True):
+                    if cid not in need:
+                        continue
+                    data = bytes(view[offset : offset + length])
+                    if ids.chunk_id(data) != cid:
+                        raise _changed(mapped.path)
+                    blob = codec.encode(data)  # chosen by sample: the rare path needs no index
+                    batch.append((cid, blob))
+                    raw_bytes += length
+                    batch_bytes += len(blob)
+                    need.discard(cid)
+                    if batch_bytes >= self.limits.batch_bytes:
+                        self._store_batch(batch, raw_bytes)
+                        batch, raw_bytes, batch_bytes = [], 0, 0
         if batch:
             self._store_batch(batch, raw_bytes)
 

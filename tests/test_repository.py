@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import resource
 import time
 
 import numpy as np
@@ -574,3 +575,19 @@ def test_local_names_push_as_they_are_and_a_backslash_is_refused_by_name(repo, t
     with pytest.raises(InvalidInput, match=r"cannot push .*back\\slash: a path with a backslash"):
         repo.push(tmp_path / "src", repo="m")
     assert len(repo.log("m")) == 1
+
+
+def test_a_push_of_more_files_than_open_descriptors_allowed(lmdb_repo, tmp_path):
+    """Each file's map is let go once its chunks are checked: a push of 600 files works with
+    a limit of 200 open descriptors (before, every file stayed open until the push ended)."""
+    for i in range(600):
+        write(tmp_path / "src" / f"rank-{i:03}.bin", random_bytes(2000, seed=i))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (200, hard))
+    try:
+        version = lmdb_repo.push(tmp_path / "src", repo="many").version
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert len(version.files) == 600
+    lmdb_repo.pull("many", tmp_path / "out")
+    assert tree_bytes(tmp_path / "out") == tree_bytes(tmp_path / "src")
