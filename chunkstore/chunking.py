@@ -118,8 +118,8 @@ class Chunker:
                 start = end
 
 
-def _stamp(st: os.stat_result) -> tuple[int, int]:
-    return st.st_size, st.st_mtime_ns
+def _stamp(st: os.stat_result) -> tuple[int, int, int, int]:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 class MappedFile:
@@ -136,19 +136,21 @@ class MappedFile:
         self._released = 0
         with open(path, "rb") as f:
             self._stamp = _stamp(os.fstat(f.fileno()))
-            self.size = self._stamp[0]
+            self.size = self._stamp[2]
             if self.size:
                 self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
                 self._mm.madvise(mmap.MADV_SEQUENTIAL)
 
     def changed(self) -> bool:
-        """Whether the file at ``path`` differs in size or modification time from the one
-        mapped (also after :meth:`close`). Best effort: a write in the same clock tick as the
-        mapping may go unseen."""
+        """Whether the file mapped was written to since: it is still at ``path`` and its size
+        or modification time moved (also after :meth:`close`). A file removed or replaced by
+        another (an atomic save) is not: what was read is what it held. Best effort: a write
+        in the same clock tick as the mapping may go unseen."""
         try:
-            return _stamp(os.stat(self.path)) != self._stamp
+            now = _stamp(os.stat(self.path))
         except FileNotFoundError:
-            return True
+            return False
+        return now[:2] == self._stamp[:2] and now != self._stamp
 
     @property
     def view(self) -> memoryview:

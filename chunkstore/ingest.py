@@ -9,7 +9,8 @@ queue, never by file size.
 A file may be written to while it is pushed. Each new chunk is copied out of the map and hashed
 again before it is encoded, so the store never holds a blob that does not match its id (the
 push fails instead), and a file whose size or modification time moved during the push fails
-it before anything is committed.
+it before anything is committed. A file removed, or replaced by another (an atomic save),
+while it is pushed is stored as it was read.
 
 With a base (:class:`~chunkstore.delta.BaseTensors`), a tensor the base also has is cut at the
 base tensor's chunk boundaries, and each of its chunks the store lacks may be stored as a delta
@@ -258,7 +259,11 @@ class Ingester:
         for mapped, manifest in zip(self._maps, self._manifests, strict=True):
             if not need.intersection(cid for cid, _ in manifest.chunks):
                 continue
-            with MappedFile(mapped.path) as again:
+            try:
+                again = MappedFile(mapped.path)
+            except FileNotFoundError:
+                raise _changed(mapped.path) from None
+            with again:
                 view = again.view
                 for (cid, length), offset in zip(manifest.chunks, manifest.offsets(), strict=True):
                     if cid not in need:

@@ -249,8 +249,10 @@ class Repository:
         with self.store.writing():
             ingester = Ingester(self.store, self.chunker, self.limits, progress, base)
             try:
+                # A file's mode is read with it: it may be gone by the end (see ingest).
                 manifests = [
-                    (name, local, ingester.ingest_file(local, name)) for name, local in tree
+                    (name, local.stat().st_mode & 0o777, ingester.ingest_file(local, name))
+                    for name, local in tree
                 ]
                 stats = ingester.finish()
             finally:
@@ -258,10 +260,9 @@ class Repository:
                 progress.finish()
             entries = []
             records = []
-            for name, local, manifest in manifests:
+            for name, mode, manifest in manifests:
                 manifest_id, data = manifest.encode()
                 records.append((manifest_id, data))
-                mode = local.stat().st_mode & 0o777
                 entries.append(FileEntry(name, manifest.size, manifest.digest, manifest_id, mode))
             for_each(
                 lambda record: self.store.put_manifest(*record),

@@ -518,6 +518,35 @@ def test_a_file_written_during_its_push_fails_it_and_stores_no_wrong_blob(
     assert result.version.size == model.stat().st_size and every_blob_matches_its_id(store)
 
 
+@pytest.mark.parametrize("how", ["removed", "replaced"])
+def test_a_file_removed_or_replaced_during_its_push_is_stored_as_it_was_read(
+    lmdb_repo, tmp_path, how
+):
+    """A trainer that deletes old checkpoints, or saves by writing a new file and renaming it
+    over the old one, leaves the file the push mapped as it was: the push stores that."""
+    repo = lmdb_repo
+    original = random_bytes(4 * MB, seed=43)
+    model = write(tmp_path / "ckpt" / "model.bin", original)
+    store = repo.store
+    real = store.lacking
+
+    def lacking_then_swap(chunk_ids):
+        absent = real(chunk_ids)
+        if model.exists():
+            if how == "removed":
+                model.unlink()
+            else:
+                write(tmp_path / "new.bin", random_bytes(4 * MB, seed=44)).replace(model)
+        return absent
+
+    store.lacking = lacking_then_swap
+    version = repo.push(tmp_path / "ckpt", repo="m").version
+    store.lacking = real
+    repo.pull("m", tmp_path / "out")
+    assert (tmp_path / "out" / "model.bin").read_bytes() == original
+    assert version.files[0].size == len(original) and every_blob_matches_its_id(store)
+
+
 def test_push_drops_source_pages_its_encoders_read(tmp_path):
     """A push that finds most of a file stored cuts far ahead of its encoders: the pages they
     read are dropped once encoded, not left mapped until the push ends."""
