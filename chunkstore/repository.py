@@ -537,7 +537,12 @@ class Repository:
 
         def restore(item: tuple[Path, FileEntry, Manifest]) -> None:
             target, entry, manifest = item
-            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+            except (FileExistsError, NotADirectoryError):
+                raise InvalidInput(
+                    f"cannot write {target}: a file is in the way of its directory"
+                ) from None
             if target.is_dir():
                 raise InvalidInput(f"cannot write {target}: a directory is in the way")
             old = target if target.is_file() else None  # a file being replaced: reuse it

@@ -389,3 +389,18 @@ def test_a_pull_waits_while_another_holds_the_directory(repo, two_checkpoints, t
     assert (dest / "model.safetensors").read_bytes() == (
         two_checkpoints[1] / "model.safetensors"
     ).read_bytes()
+
+
+def test_pull_over_a_tree_of_another_shape_says_what_is_in_the_way(repo, tmp_path):
+    write(tmp_path / "v1" / "a" / "b.txt", b"one")
+    write(tmp_path / "v2" / "a", b"two")
+    repo.push(tmp_path / "v1", repo="t", tags=["v1"])
+    repo.push(tmp_path / "v2", repo="t", tags=["v2"])
+    repo.pull("t@v1", tmp_path / "out1")
+    with pytest.raises(InvalidInput, match="out1/a: a directory is in the way"):
+        repo.pull("t@v2", tmp_path / "out1", force=True)
+    assert tree_bytes(tmp_path / "out1") == {"a/b.txt": b"one"}
+    repo.pull("t@v2", tmp_path / "out2")
+    with pytest.raises(InvalidInput, match="out2/a/b.txt: a file is in the way of its directory"):
+        repo.pull("t@v1", tmp_path / "out2", force=True)
+    assert tree_bytes(tmp_path / "out2") == {"a": b"two"}
