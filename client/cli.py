@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -226,6 +227,9 @@ def _print_diff(d: Diff) -> None:
 
 
 def cmd_diff(repo: Repository, args: argparse.Namespace) -> int:
+    if args.new is None:  # one ref: what that version changed
+        ref = Ref.parse(args.old)
+        args.old, args.new = str(dataclasses.replace(ref, back=ref.back + 1)), args.old
     if args.tensors or args.stats:
         return _tensor_diff(repo, args)
     d = repo.diff(args.old, args.new)
@@ -578,10 +582,12 @@ def build_parser(server_commands: bool = True) -> argparse.ArgumentParser:
         cmd_diff,
         "compare two versions: files, params, metrics, tensors",
         "chunkstore diff llama-ft@v1 llama-ft@v2\n"
-        "chunkstore diff llama-ft~ llama-ft --tensors --stats   # what the last push changed",
+        "chunkstore diff llama-ft --tensors --stats   # what the last push changed",
     )
-    p.add_argument("old")
-    p.add_argument("new")
+    p.add_argument("old", metavar="REF_A")
+    p.add_argument(
+        "new", metavar="REF_B", nargs="?", help="default: REF_A, compared with the version before"
+    )
     p.add_argument(
         "--tensors",
         action="store_true",

@@ -106,6 +106,11 @@ def test_diff_json_shape(two_versions, capsys):
     assert run(capsys, "diff", "llama-ft~", "llama-ft", "--json")[1] == out
     code, _, err = run(capsys, "diff", "llama-ft~2", "llama-ft")
     assert code != 0 and "llama-ft~2 does not exist" in err and "\n" not in err.strip()
+    # one ref: what that version changed against the one before
+    assert run(capsys, "diff", "llama-ft", "--json")[1] == out
+    assert run(capsys, "diff", "llama-ft@v2", "--json")[1] == out
+    code, _, err = run(capsys, "diff", "llama-ft~1")
+    assert code == 3 and "llama-ft~2 does not exist" in err
 
 
 def test_stats_json_and_ls(two_versions, capsys):
