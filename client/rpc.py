@@ -28,6 +28,7 @@ import grpc.experimental
 
 from chunkstore import errors
 from chunkstore.cluster_map import NodeSpec
+from chunkstore.forks import OpenedIn
 from chunkstore.v1 import store_pb2 as pb
 from chunkstore.v1 import store_pb2_grpc as pb_grpc
 
@@ -327,6 +328,7 @@ class NodeClient:
         self._closed = False
         self._failed: NodeCallError | None = None
         self._probing = False
+        self._opened_in = OpenedIn(f"the client of node {spec.id}")
 
     @property
     def id(self) -> str:
@@ -359,6 +361,7 @@ class NodeClient:
         return self._open().get_encoded
 
     def _open(self) -> _Stubs:
+        self._opened_in.check()
         stubs = self._stubs
         if stubs is None:
             with self._lock:

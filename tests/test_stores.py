@@ -18,6 +18,7 @@ from conftest import rss_file_kib
 from chunkstore import ids
 from chunkstore.errors import (
     ChunkNotFound,
+    ChunkstoreError,
     CorruptChunk,
     InvalidInput,
     NotFound,
@@ -621,3 +622,41 @@ def test_lmdb_writing_survives_map_growth_nested_and_from_threads(tmp_path):
             assert store.map_usage()[1] > 1 << 20  # the map grew while the snapshot was held
         assert dict(store.get([cid for cid, _ in written])) == dict(written)
         store.put(chunks(4, seed=500))  # and writes go on after it
+
+
+# fork
+
+
+def _in_child(fn) -> int:
+    """Run ``fn`` in a forked child; its exit status (0 when ``fn`` returns True)."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            code = 0 if fn() else 1
+        finally:
+            os._exit(code)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def _says_reopen(call) -> bool:
+    try:
+        call()
+    except ChunkstoreError as e:
+        return "which this one was forked from: use it there, or open it" in str(e)
+    return False
+
+
+def test_a_store_used_after_fork_says_to_open_it_again(tmp_path):
+    from chunkstore.client.rpc import NodeClient, RpcPolicy
+    from chunkstore.cluster_map import NodeSpec
+
+    with LmdbStore(tmp_path / "s") as store:
+        store.put(chunks(3))
+        client = NodeClient(NodeSpec("n1", "127.0.0.1:1"), RpcPolicy())
+        assert _in_child(lambda: _says_reopen(lambda: store.totals())) == 0
+        assert _in_child(lambda: _says_reopen(lambda: store.put(chunks(1, seed=9)))) == 0
+        assert _in_child(lambda: _says_reopen(lambda: client.chunks)) == 0
+        assert store.totals().chunks == 3  # the parent's store is untouched and still works
+        store.put(chunks(1, seed=9))
+        assert store.totals().chunks == 4

@@ -35,6 +35,7 @@ from typing import TypeVar
 import lmdb
 
 from chunkstore import errors
+from chunkstore.forks import OpenedIn
 from chunkstore.stores.base import ChunkInfo, ChunkTotals, Store
 from chunkstore.stores.resident import FaultBudget, drop_resident, mapped_ranges
 
@@ -133,6 +134,7 @@ class LmdbStore(Store):
         self.path = Path(path)
         self.location = str(self.path)
         self._readonly = readonly
+        self._opened_in = OpenedIn(f"the store at {self.location}")
         self._write_lock = threading.RLock()  # held by the writer, taken again to resize
         self._gate = _Gate()
         self._env = self._open_env(create and not readonly, map_size)
@@ -217,6 +219,7 @@ class LmdbStore(Store):
 
         With ``buffers``, values are views into the map that are valid only inside ``fn``.
         """
+        self._opened_in.check()
         while True:
             with self._gate.shared():
                 try:
@@ -231,6 +234,7 @@ class LmdbStore(Store):
 
         A full map is doubled and ``fn`` run again from the start; a full disk raises StoreFull.
         """
+        self._opened_in.check()
         if self._readonly:
             raise errors.StoreUnavailable(f"store at {self.location} is open read-only")
         with self._write_lock:
