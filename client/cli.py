@@ -467,6 +467,20 @@ def _add(sub, name: str, func: Command, help: str, example: str):
     return p
 
 
+def _add_tensor_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--tensors",
+        action="store_true",
+        help="compare the tensors of safetensors files instead of whole files",
+    )
+    p.add_argument(
+        "--stats",
+        action="store_true",
+        help="with --tensors: read the changed tensors, count differing bytes and the relative "
+        "L2 norm of each change",
+    )
+
+
 def build_parser(server_commands: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -588,17 +602,7 @@ def build_parser(server_commands: bool = True) -> argparse.ArgumentParser:
     p.add_argument(
         "new", metavar="REF_B", nargs="?", help="default: REF_A, compared with the version before"
     )
-    p.add_argument(
-        "--tensors",
-        action="store_true",
-        help="compare the tensors of safetensors files instead of whole files",
-    )
-    p.add_argument(
-        "--stats",
-        action="store_true",
-        help="with --tensors: fetch changed tensors, count differing bytes and the relative "
-        "L2 norm of each change",
-    )
+    _add_tensor_flags(p)
     p.add_argument("--file", help="with --tensors: only this file of the versions")
 
     p = _add(
@@ -611,16 +615,7 @@ def build_parser(server_commands: bool = True) -> argparse.ArgumentParser:
     )
     p.add_argument("path")
     p.add_argument("--repo", required=True)
-    p.add_argument(
-        "--tensors",
-        action="store_true",
-        help="compare the tensors of safetensors files instead of whole files",
-    )
-    p.add_argument(
-        "--stats",
-        action="store_true",
-        help="with --tensors: read changed tensors, count differing bytes and the relative L2",
-    )
+    _add_tensor_flags(p)
 
     p = _add(
         sub,

@@ -210,14 +210,20 @@ def test_an_interrupted_pull_resumes_where_it_stopped(repo, tmp_path):
     assert 0 < fetched < 0.5 * len(data)  # only what the first pull had not written
 
 
-def test_push_and_status_leave_out_the_partial_files_of_interrupted_pulls(repo, tmp_path):
-    data = random_bytes(4 * MB, seed=8)
+def _half_pulled(repo: Repository, tmp_path, seed: int) -> bytes:
+    """Push a 4 MB file, pull it into ``out`` cut off half way; the file's bytes."""
+    data = random_bytes(4 * MB, seed=seed)
     write(tmp_path / "a" / "w.bin", data)
     repo.push(tmp_path / "a", repo="p", delta=False)
     _cut_off_after(repo, 0.5, files_whole=0)
     with pytest.raises(StoreUnavailable):
         repo.pull("p", tmp_path / "out")
     del repo.store.read_into
+    return data
+
+
+def test_push_and_status_leave_out_the_partial_files_of_interrupted_pulls(repo, tmp_path):
+    _half_pulled(repo, tmp_path, seed=8)
     write(tmp_path / "out" / "sub" / ".x.bin.chunkstore-partial-earlier", b"set aside")
     write(tmp_path / "out" / "notes.txt", b"mine")
     assert (tmp_path / "out" / ".w.bin.chunkstore-partial").exists()
@@ -259,13 +265,7 @@ def test_a_symlink_in_place_of_the_partial_file_is_not_followed(repo, tmp_path):
 def test_a_resume_that_fails_before_copying_leaves_the_partial_file_as_it_was(
     repo, tmp_path, monkeypatch
 ):
-    data = random_bytes(4 * MB, seed=9)
-    write(tmp_path / "a" / "w.bin", data)
-    repo.push(tmp_path / "a", repo="p", delta=False)
-    _cut_off_after(repo, 0.5, files_whole=0)
-    with pytest.raises(StoreUnavailable):
-        repo.pull("p", tmp_path / "out")
-    del repo.store.read_into
+    data = _half_pulled(repo, tmp_path, seed=9)
     partial = tmp_path / "out" / ".w.bin.chunkstore-partial"
     kept = partial.read_bytes()
     monkeypatch.setattr(filespace, "_FALLOCATE", failing_fallocate(errno.ENOSPC))
