@@ -7,9 +7,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from chunkstore import ids
 from chunkstore.errors import AmbiguousRef, InvalidInput, NotFound
 from chunkstore.model import Version, check_repo_name, decode_version
 from chunkstore.stores.base import MetaStore
+from chunkstore.v1 import model_pb2
 
 MIN_PREFIX = 6
 _HEX = re.compile(r"[0-9a-f]+")
@@ -39,39 +41,73 @@ class Ref:
 
 def load_versions(meta: MetaStore, repo: str) -> list[Version]:
     """Every version of ``repo`` with its tags, newest first."""
-    by_version: dict[bytes, list[str]] = {}
-    for tag, vid in meta.tags(repo).items():
-        by_version.setdefault(vid, []).append(tag)
-    versions = [
-        decode_version(vid, data, by_version.get(vid)) for vid, data in meta.list_versions(repo)
-    ]
-    versions.sort(key=lambda v: (v.created_ns, v.id), reverse=True)
-    return versions
+    return [head.version() for head in _heads(meta, repo)]
+
+
+def latest(meta: MetaStore, repo: str) -> Version | None:
+    """The newest version of ``repo``, or None if it has none."""
+    heads = _heads(meta, repo)
+    return heads[0].version() if heads else None
 
 
 def resolve(meta: MetaStore, ref: Ref | str) -> Version:
-    """The version a ref names; NotFound or AmbiguousRef with a clear reason otherwise."""
+    """The version a ref names; NotFound or AmbiguousRef with a clear reason otherwise.
+
+    Only the version named is decoded whole: choosing reads each record's time and parents.
+    """
     if isinstance(ref, str):
         ref = Ref.parse(ref)
-    versions = load_versions(meta, ref.repo)
-    if not versions:
+    heads = _heads(meta, ref.repo)
+    if not heads:
         raise NotFound(f"unknown repo {ref.repo!r}")
-    version = _select(ref, versions)
-    by_id = {v.id: v for v in versions}
+    head = _select(ref, heads)
+    by_id = {h.id: h for h in heads}
     for _ in range(ref.back):
-        if not version.parents:
-            raise NotFound(f"{ref} does not exist: no version came before {version.ref}")
-        parent = by_id.get(version.parents[0])
+        named = f"{ref.repo}@{head.short_id}"
+        if not head.parents:
+            raise NotFound(f"{ref} does not exist: no version came before {named}")
+        parent = by_id.get(head.parents[0])
         if parent is None:
             raise NotFound(
-                f"{ref} does not exist: {version.ref}'s parent "
-                f"{version.parents[0].hex()[:8]} was removed"
+                f"{ref} does not exist: {named}'s parent {head.parents[0].hex()[:8]} was removed"
             )
-        version = parent
-    return version
+        head = parent
+    return head.version()
 
 
-def _select(ref: Ref, versions: list[Version]) -> Version:
+@dataclass(frozen=True)
+class _Head:
+    """A version record read only as far as choosing among versions needs (decoding every
+    file entry of every version cost 0.6 s for a repo of 10 000 versions of 20 files)."""
+
+    id: bytes
+    created_ns: int
+    parents: list[bytes]
+    tags: list[str]
+    data: bytes
+
+    @property
+    def short_id(self) -> str:
+        return ids.short(self.id)
+
+    def version(self) -> Version:
+        return decode_version(self.id, self.data, self.tags)
+
+
+def _heads(meta: MetaStore, repo: str) -> list[_Head]:
+    """The versions of ``repo`` with their tags, newest first."""
+    by_version: dict[bytes, list[str]] = {}
+    for tag, vid in meta.tags(repo).items():
+        by_version.setdefault(vid, []).append(tag)
+    heads = []
+    for vid, data in meta.list_versions(repo):
+        msg = model_pb2.Version.FromString(data)
+        heads.append(_Head(vid, msg.created_ns, list(msg.parents), by_version.get(vid, []), data))
+    heads.sort(key=lambda h: (h.created_ns, h.id), reverse=True)
+    return heads
+
+
+def _select(ref: Ref, versions: list[_Head]) -> _Head:
     """The version ``ref`` names before its ``~N``, among ``versions`` (newest first)."""
     if ref.selector is None:
         return versions[0]

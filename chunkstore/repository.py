@@ -45,7 +45,7 @@ from chunkstore.model import (
 )
 from chunkstore.parallel import for_each, imap
 from chunkstore.progress import NoProgress, Progress
-from chunkstore.refs import Ref, load_versions, resolve
+from chunkstore.refs import Ref, latest, load_versions, resolve
 from chunkstore.restore import ChunkedReader, partial_path, restore_file, stream_file
 from chunkstore.retention import KeepPolicy, plan
 from chunkstore.reuse import holds
@@ -863,8 +863,7 @@ class Repository:
             yield from load_versions(self.store, name)
 
     def _latest(self, repo: str) -> Version | None:
-        versions = load_versions(self.store, repo)
-        return versions[0] if versions else None
+        return latest(self.store, repo)
 
 
 def _check_blob(cid: bytes, blob: bytes) -> str:

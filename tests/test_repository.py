@@ -112,6 +112,27 @@ def test_refs_back_n_versions(repo, ckpt):
     repo.rm(f"m@{pushed[1].short_id}")
     with pytest.raises(NotFound, match="was removed"):
         repo.resolve("m@s2~1")
+    assert repo.resolve("m").tags == ["s2"] and repo.resolve("m").files == pushed[2].files
+
+
+def test_a_tampered_version_record_is_refused_when_it_is_the_one_named(repo, ckpt):
+    first = repo.push(ckpt, repo="m", tags=["good"]).version
+    _, record = encode_version(
+        repo="m",
+        parents=[first.id],
+        created_ns=first.created_ns + 1,
+        author="x",
+        message="tampered",
+        files=first.files,
+        params={},
+        metrics={},
+        inputs=[],
+        new_bytes=0,
+    )
+    repo.store.put_version("m", b"\x01" * 32, record)  # stored under an id it does not hash to
+    with pytest.raises(InvalidInput, match="does not match its id"):
+        repo.resolve("m")  # the newest
+    assert repo.resolve("m@good").id == first.id  # the others still resolve
 
 
 def test_ambiguous_prefix(repo, tmp_path):
