@@ -39,9 +39,9 @@ class Ref:
         return f"{name}~{self.back}" if self.back else name
 
 
-def load_versions(meta: MetaStore, repo: str) -> list[Version]:
-    """Every version of ``repo`` with its tags, newest first."""
-    return [head.version() for head in _heads(meta, repo)]
+def load_versions(meta: MetaStore, repo: str, limit: int | None = None) -> list[Version]:
+    """Every version of ``repo`` with its tags, newest first (the newest ``limit``)."""
+    return [head.version() for head in _heads(meta, repo)[:limit]]
 
 
 def latest(meta: MetaStore, repo: str) -> Version | None:

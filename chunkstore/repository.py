@@ -415,9 +415,11 @@ class Repository:
     def resolve(self, ref: str | Ref) -> Version:
         return resolve(self.store, ref)
 
-    def log(self, repo: str) -> list[Version]:
-        """Versions of ``repo``, newest first."""
-        versions = load_versions(self.store, _check_repo_name(repo))
+    def log(self, repo: str, limit: int | None = None) -> list[Version]:
+        """Versions of ``repo``, newest first; the newest ``limit`` of them if given."""
+        if limit is not None and limit < 1:
+            raise InvalidInput(f"a log limit must be at least 1, not {limit}")
+        versions = load_versions(self.store, _check_repo_name(repo), limit)
         if not versions:
             raise NotFound(f"unknown repo {repo!r}")
         return versions

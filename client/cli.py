@@ -123,7 +123,7 @@ def cmd_pull(repo: Repository, args: argparse.Namespace) -> int:
 
 
 def cmd_log(repo: Repository, args: argparse.Namespace) -> int:
-    versions = repo.log(args.repo)[: args.limit or None]
+    versions = repo.log(args.repo, args.limit or None)
     if args.json:
         _emit_json([v.to_json() for v in versions])
         return 0
