@@ -46,8 +46,13 @@ def load_versions(meta: MetaStore, repo: str, limit: int | None = None) -> list[
 
 def latest(meta: MetaStore, repo: str) -> Version | None:
     """The newest version of ``repo``, or None if it has none."""
+    return newest_and_count(meta, repo)[0]
+
+
+def newest_and_count(meta: MetaStore, repo: str) -> tuple[Version | None, int]:
+    """The newest version of ``repo`` (None if it has none) and how many versions it has."""
     heads = _heads(meta, repo)
-    return heads[0].version() if heads else None
+    return (heads[0].version() if heads else None), len(heads)
 
 
 def resolve(meta: MetaStore, ref: Ref | str) -> Version:

@@ -45,7 +45,7 @@ from chunkstore.model import (
 )
 from chunkstore.parallel import for_each, imap
 from chunkstore.progress import NoProgress, Progress
-from chunkstore.refs import Ref, latest, load_versions, resolve
+from chunkstore.refs import Ref, latest, load_versions, newest_and_count, resolve
 from chunkstore.restore import ChunkedReader, partial_path, restore_file, stream_file
 from chunkstore.retention import KeepPolicy, plan
 from chunkstore.reuse import holds
@@ -427,9 +427,9 @@ class Repository:
     def repos(self) -> list[RepoSummary]:
         out = []
         for name in self.store.list_repos():
-            versions = load_versions(self.store, name)
-            if versions:
-                out.append(RepoSummary(name, len(versions), versions[0]))
+            newest, count = newest_and_count(self.store, name)
+            if newest is not None:
+                out.append(RepoSummary(name, count, newest))
         return out
 
     def lineage(self, ref: str, depth: int = 8) -> list[tuple[int, Version | VersionLink]]:
