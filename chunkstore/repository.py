@@ -46,7 +46,7 @@ from chunkstore.model import (
 from chunkstore.parallel import for_each, imap
 from chunkstore.progress import NoProgress, Progress
 from chunkstore.refs import Ref, latest, load_versions, newest_and_count, resolve
-from chunkstore.restore import ChunkedReader, partial_path, restore_file, stream_file
+from chunkstore.restore import ChunkedReader, restore_file, stream_file
 from chunkstore.retention import KeepPolicy, plan
 from chunkstore.reuse import holds
 from chunkstore.staging import DEFAULT_STAGE_TTL, Stage, live_stage_manifests
@@ -548,9 +548,6 @@ class Repository:
             if target.is_dir():
                 raise InvalidInput(f"cannot write {target}: a directory is in the way")
             old = target if target.is_file() else None  # a file being replaced: reuse it
-            if old is not None and not old.is_symlink() and holds(manifest, old):
-                _settle_in_place(target, entry, progress)  # already this version's file
-                return
             restore_file(
                 self.store, manifest, target, progress, mode=entry.mode or 0o644, reuse=old
             )
@@ -611,7 +608,7 @@ class Repository:
         unchanged if every chunk's bytes hash to its id (see :func:`~chunkstore.reuse.holds`);
         the first chunk that differs ends the reading.
         """
-        latest = self.log(repo)[0]
+        latest = self._newest(repo)
         stored = {f.path: f for f in latest.files}
         result = Diff(old=latest.ref, new=str(path))
         local = dict(list_tree(Path(path)))
@@ -637,7 +634,7 @@ class Repository:
         same names in the latest version of ``repo`` (see :meth:`tensor_diff`); nothing is
         stored. A local file is cut as a push would cut it against that version and hashed;
         one that :meth:`status` finds unchanged is not read at all."""
-        latest = self.log(repo)[0]
+        latest = self._newest(repo)
         stored = self._manifests_by_path(latest)
         local = dict(list_tree(Path(path)))
         base = BaseTensors([stored])
@@ -867,6 +864,13 @@ class Repository:
     def _latest(self, repo: str) -> Version | None:
         return latest(self.store, repo)
 
+    def _newest(self, repo: str) -> Version:
+        """The latest version of ``repo``, decoding no other; NotFound for an unknown repo."""
+        version = latest(self.store, _check_repo_name(repo))
+        if version is None:
+            raise NotFound(f"unknown repo {repo!r}")
+        return version
+
 
 def _check_blob(cid: bytes, blob: bytes) -> str:
     try:
@@ -896,16 +900,6 @@ def _check_metrics(metrics: dict[str, float]) -> dict[str, float]:
             raise InvalidInput(f"invalid metric {key}={value!r}: must be finite")
         out[key] = number
     return out
-
-
-def _settle_in_place(target: Path, entry: FileEntry, progress: Progress) -> None:
-    """Leave ``target``, found to hold ``entry``'s bytes, as a pull would have written it:
-    its mode set and no partial file of an earlier pull beside it. Nothing is fetched."""
-    mode = (entry.mode or 0o644) & 0o777
-    if target.stat().st_mode & 0o777 != mode:
-        os.chmod(target, mode)
-    partial_path(target).unlink(missing_ok=True)
-    progress.advance(entry.size, 0)
 
 
 def _holds_partials(folder: Path) -> bool:

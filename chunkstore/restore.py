@@ -21,7 +21,7 @@ from chunkstore.errors import StoreUnavailable
 from chunkstore.filespace import reserve
 from chunkstore.model import DeltaRef, Manifest
 from chunkstore.progress import NoProgress, Progress
-from chunkstore.reuse import in_place, local_bases, reuse_chunks
+from chunkstore.reuse import holds, in_place, local_bases, reuse_chunks
 from chunkstore.stores.base import ChunkStore
 from chunkstore.tree import EARLIER, PARTIAL
 
@@ -57,9 +57,19 @@ def restore_file(
     in place (a partial file of another size, from another version, is copied from instead). A
     pull that fails otherwise (a damaged chunk, a full disk) removes what it wrote, and one that
     wrote nothing leaves the partial file as it found it.
+
+    A ``dest`` that already holds the file's bytes (each chunk hashed at its offsets, stopping
+    at the first that differs) is left in place: its mode set, a partial file of an earlier
+    pull beside it removed, nothing fetched or written.
     """
     progress = progress or NoProgress()
     tmp = partial_path(dest)
+    if dest.is_file() and not dest.is_symlink() and holds(manifest, dest):
+        if dest.stat().st_mode & 0o777 != mode & 0o777:
+            os.chmod(dest, mode & 0o777)
+        tmp.unlink(missing_ok=True)
+        progress.advance(manifest.size, 0)
+        return
     earlier = tmp.with_name(tmp.name + EARLIER)
     order, offsets = manifest.placements()
     regular = tmp.is_file() and not tmp.is_symlink()

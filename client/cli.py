@@ -21,6 +21,7 @@ from chunkstore.progress import Tally, for_terminal, human_bytes
 from chunkstore.refs import Ref
 from chunkstore.repository import DEFAULT_GC_GRACE, Diff, Repository, select_files
 from chunkstore.retention import KeepPolicy, parse_best, parse_duration
+from chunkstore.tensors import TensorDiff
 
 PROG = "chunkstore"
 
@@ -242,7 +243,7 @@ def _tensor_diff(repo: Repository, args: argparse.Namespace) -> int:
     return _report_tensor_diffs(diffs, args.json)
 
 
-def _report_tensor_diffs(diffs: list, as_json: bool) -> int:
+def _report_tensor_diffs(diffs: list[TensorDiff], as_json: bool) -> int:
     if as_json:
         _emit_json(
             {

@@ -534,6 +534,26 @@ def test_oversize_requests_are_resource_exhausted_and_store_nothing(auth_cluster
             parts = manifest_parts.pieces(ids.record_id(b"other"), b"m" * 100)
             pb_grpc.MetaServiceStub(channel).PutManifestParts(iter(parts), timeout=5)
         assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    # Malformed piece streams and requests are refused, and store nothing.
+    other = ids.record_id(b"malformed")
+    with channel_with(auth_cluster, TOKENS["write"]) as channel:
+        meta = pb_grpc.MetaServiceStub(channel)
+        bad_streams = [
+            ([pb.ManifestPart(data=b"no id")], "first part, and only it"),
+            ([pb.ManifestPart(id=other, data=b"a"), pb.ManifestPart(id=other)], "only it"),
+            ([pb.ManifestPart(id=b"short", data=b"a")], "32"),
+        ]
+        for parts, needle in bad_streams:
+            with pytest.raises(grpc.RpcError) as info:
+                meta.PutManifestParts(iter(parts), timeout=5)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert needle in info.value.details()
+        with pytest.raises(grpc.RpcError) as info:
+            list(meta.GetManifestParts(pb.ChunkIds(ids=[other, manifest_id]), timeout=5))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.RpcError) as info:
+            list(meta.GetManifestParts(pb.ChunkIds(ids=[other]), timeout=5))
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 def test_refusals_and_size_limits_map_to_their_errors():
