@@ -36,10 +36,11 @@ from chunkstore import codec, ids
 from chunkstore.chunking import Chunker, ChunkerParams, MappedFile, file_regions
 from chunkstore.delta import BaseChunk, BaseTensors, Encoded, base_length, encode_chunk
 from chunkstore.errors import ChunkstoreError
+from chunkstore.file_index import read_index
 from chunkstore.model import DeltaRef, Manifest
 from chunkstore.progress import NoProgress, Progress
 from chunkstore.stores.base import ChunkStore
-from chunkstore.tensor_index import TensorIndex, read_index
+from chunkstore.tensor_index import TensorIndex
 
 MiB = 1 << 20
 

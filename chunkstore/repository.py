@@ -647,14 +647,15 @@ class Repository:
                 out.append(TensorDiff(name, unchanged=len(manifest.tensors)))
                 continue
             mine = local_manifest(file, self.chunker, base, name)
-            if not mine.tensors:  # no longer a safetensors file: every tensor went
+            if not mine.tensors:  # no longer has a tensor index: every tensor went
                 out.append(TensorDiff(name, removed=sorted(t.name for t in manifest.tensors)))
                 continue
             with open(file, "rb") as f:
                 out.append(diff_file(self.store, name, manifest, mine, stats, new_bytes=f))
         if not out:
             raise InvalidInput(
-                f"{path} and {latest.ref} have no safetensors file of the same name in common"
+                f"{path} and {latest.ref} have no safetensors or torch.save file of the same name"
+                " in common"
             )
         return out
 

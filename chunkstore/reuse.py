@@ -21,17 +21,17 @@ old file is the version the deltas were coded against; and :func:`in_place` and
 
 from __future__ import annotations
 
+import mmap
 import os
-import struct
 import threading
 from bisect import bisect_right
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from chunkstore import ids
+from chunkstore.file_index import read_index
 from chunkstore.model import Manifest
 from chunkstore.parallel import for_each
-from chunkstore.tensor_index import MAX_HEADER, read_index
 
 #: Chunks of bytes outside tensors that stand or fall with the first of them.
 GROUP_CHUNKS = 16
@@ -156,17 +156,13 @@ def _groups(
 
 
 def _tensor_starts(fd: int, size: int) -> dict[str, tuple[int, int]]:
-    """Name -> (start, byte length) of each tensor of the old file, if it is safetensors."""
-    prefix = os.pread(fd, 8, 0)
-    if len(prefix) < 8:
+    """Name -> (start, byte length) of each tensor of the old file, if it has a tensor index
+    (safetensors, or a PyTorch checkpoint)."""
+    if size == 0:
         return {}
-    (length,) = struct.unpack("<Q", prefix)
-    if length > min(MAX_HEADER, size):
-        return {}
-    index = read_index(prefix + os.pread(fd, length, 8), size)
-    if index is None:
-        return {}
-    return {t.name: (t.begin, t.end - t.begin) for t in index.tensors}
+    with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as mapped, memoryview(mapped) as view:
+        index = read_index(view, size)
+        return {t.name: (t.begin, t.end - t.begin) for t in index.tensors} if index else {}
 
 
 def _bytes_of(fd: int, size: int, cid: bytes, length: int, at: int) -> bytes | None:

@@ -1,4 +1,5 @@
-"""Synthetic checkpoint series (safetensors, bf16 or fp32) for the demo, tests and benchmarks.
+"""Synthetic checkpoint series (safetensors, bf16 or fp32) for the demo, tests and benchmarks,
+and PyTorch checkpoints written without torch.
 
 Weights are normally distributed like trained ones; each next version rewrites a share of the
 tensors, as fine-tuning a few layers does, and keeps the rest byte-identical.
@@ -7,10 +8,14 @@ tensors, as fine-tuning a few layers does, and keeps the rest byte-identical.
 from __future__ import annotations
 
 import json
+import pickle
 import struct
+import zipfile
 from pathlib import Path
 
 import numpy as np
+
+from chunkstore.torch_index import STORAGE_DTYPES
 
 DTYPES = {"bf16": ("BF16", 2), "fp32": ("F32", 4), "fp16": ("F16", 2)}
 
@@ -51,6 +56,57 @@ def write_safetensors(
         f.write(encoded)
         for _, _, data in tensors.values():
             f.write(data.tobytes())
+
+
+_STORAGE_TYPES = {dtype: name for name, dtype in STORAGE_DTYPES.items()}
+
+
+def write_torch_checkpoint(
+    path: Path, tensors: dict[str, tuple[str, tuple[int, ...], np.ndarray]]
+) -> None:
+    """Write ``name -> (safetensors dtype, shape, flat array)`` as ``torch.save`` writes a
+    state dict: a zip of ``archive/data.pkl`` (an OrderedDict of ``_rebuild_tensor_v2`` calls
+    on persistent storages) and each storage's bytes as ``archive/data/KEY``, stored."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        archive.writestr("archive/data.pkl", _state_dict_pickle(tensors))
+        archive.writestr("archive/byteorder", "little")
+        for key, (_, _, data) in enumerate(tensors.values()):
+            with archive.open(f"archive/data/{key}", "w", force_zip64=True) as member:
+                member.write(memoryview(np.ascontiguousarray(data)).cast("B"))
+        archive.writestr("archive/version", "3\n")
+
+
+def _state_dict_pickle(tensors: dict[str, tuple[str, tuple[int, ...], np.ndarray]]) -> bytes:
+    """The pickle (protocol 2) of a state dict of ``tensors``, storage keys 0, 1, ..."""
+    ordered_dict = _global("collections", "OrderedDict") + b")R"  # OrderedDict()
+    out = [b"\x80\x02", ordered_dict, b"("]
+    for key, (name, (dtype, shape, data)) in enumerate(tensors.items()):
+        strides = [int(np.prod(shape[i + 1 :])) for i in range(len(shape))]
+        storage = b"".join(
+            [b"(", _text("storage"), _global("torch", _STORAGE_TYPES[dtype]), _text(str(key))]
+            + [_text("cpu"), _int(data.size), b"tQ"]  # a tuple, as a persistent id
+        )
+        args = [storage, _int(0), _ints(shape), _ints(strides), b"\x89", ordered_dict]
+        out += [_text(name), _global("torch._utils", "_rebuild_tensor_v2"), b"(", *args, b"tR"]
+    out.append(b"u.")  # SETITEMS, STOP
+    return b"".join(out)
+
+
+def _global(module: str, name: str) -> bytes:
+    return f"c{module}\n{name}\n".encode()
+
+
+def _text(value: str) -> bytes:
+    encoded = value.encode()
+    return b"X" + struct.pack("<I", len(encoded)) + encoded
+
+
+def _int(value: int) -> bytes:
+    return pickle.dumps(value, protocol=2)[2:-1]  # the opcode alone: ints are not memoized
+
+
+def _ints(values: tuple[int, ...] | list[int]) -> bytes:
+    return b"(" + b"".join(_int(v) for v in values) + b"t"
 
 
 def make_series(

@@ -62,7 +62,7 @@ def element_size(dtype: str) -> int:
     return _NUMBER_SIZE.get(dtype, max(1, DTYPE_BITS[dtype] // 8))
 
 
-def read_index(data: bytes | memoryview, file_size: int) -> TensorIndex | None:
+def read_safetensors_index(data: bytes | memoryview, file_size: int) -> TensorIndex | None:
     """The tensor index of a safetensors file whose first bytes are ``data``, or None.
 
     ``data`` must hold at least the whole header (the caller passes the mapped file).

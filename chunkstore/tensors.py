@@ -265,9 +265,11 @@ def tensor_files(
         if file not in manifests:
             raise NotFound(f"{version.ref} has no file {file!r}")
         if not manifests[file].tensors:
-            raise InvalidInput(f"{version.ref}:{file} is not a safetensors file")
+            raise InvalidInput(
+                f"{version.ref}:{file} has no tensor index (not a safetensors or torch.save file)"
+            )
         return [file]
     paths = [p for p, m in manifests.items() if m.tensors]
     if not paths:
-        raise InvalidInput(f"{version.ref} holds no safetensors file")
+        raise InvalidInput(f"{version.ref} holds no safetensors or torch.save file")
     return paths

@@ -472,7 +472,7 @@ def _add_tensor_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--tensors",
         action="store_true",
-        help="compare the tensors of safetensors files instead of whole files",
+        help="compare the tensors of safetensors and torch.save files instead of whole files",
     )
     p.add_argument(
         "--stats",
@@ -588,7 +588,9 @@ def build_parser(server_commands: bool = True) -> argparse.ArgumentParser:
     )
     p.add_argument("ref")
     p.add_argument(
-        "--tensors", action="store_true", help="list the tensor index of each safetensors file"
+        "--tensors",
+        action="store_true",
+        help="list the tensor index of each safetensors or torch.save file",
     )
 
     p = _add(

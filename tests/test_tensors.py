@@ -59,7 +59,7 @@ def test_load_tensors_by_name_and_glob(repo, pushed):
 def test_load_tensors_errors(repo, pushed):
     with pytest.raises(NotFound, match="no tensor"):
         repo.load_tensors("m", ["layers.1.w", "nope*"])
-    with pytest.raises(InvalidInput, match="not a safetensors"):
+    with pytest.raises(InvalidInput, match="no tensor index"):
         repo.load_tensors("m", "x", file="notes.txt")
     with pytest.raises(NotFound, match="no file"):
         repo.load_tensors("m", "x", file="other.safetensors")
@@ -197,7 +197,8 @@ def test_status_tensors_cli_and_its_errors(env_store, tmp_path, capsys):
     assert code == 0 and out.count("  D  ") == 5  # every tensor went
     (tmp_path / "v1" / "model.safetensors").rename(tmp_path / "v1" / "other.safetensors")
     code, out, err = run(capsys, "status", str(tmp_path / "v1"), "--repo", "m", "--tensors")
-    assert (code, out) == (2, "") and "no safetensors file of the same name in common" in err
+    assert (code, out) == (2, "")
+    assert "no safetensors or torch.save file of the same name in common" in err
     code, _, err = run(capsys, "status", str(tmp_path / "nope"), "--repo", "m", "--tensors")
     assert code == 3 and "no such file or directory" in err
     code, _, err = run(capsys, "status", str(tmp_path / "v1"), "--repo", "x", "--tensors")

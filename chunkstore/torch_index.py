@@ -1,0 +1,297 @@
+"""The tensor index of a PyTorch checkpoint (``torch.save``'s zip format), read without torch
+and without running anything the checkpoint's pickle names.
+
+``torch.save`` writes a zip archive (members stored, not compressed) holding ``PREFIX/data.pkl``
+(a pickle of the saved object, with each tensor storage as a persistent id
+``('storage', torch.<Type>Storage, key, location, numel)``) and each storage's bytes as the
+member ``PREFIX/data/KEY``. The pickle is read by an unpickler that resolves every global to an
+inert stand-in: ``torch._utils._rebuild_tensor_v2`` and ``_rebuild_parameter`` record which
+storage a tensor views with which shape, anything else becomes an opaque record that is only
+walked for names. No module is imported and no callable of the checkpoint runs.
+
+Each storage becomes one entry of the index, over its member's bytes: named by the path of the
+tensor that views all of it (``state.0.exp_avg``, ``model.layers.3.weight``: dictionary keys
+and sequence positions joined by dots) with that tensor's shape, or by its member name
+(``PREFIX/data/KEY``, one dimension) when no tensor views it whole. Storage keys and tensor
+paths are stable across the checkpoints of one training run, so the entries of successive
+checkpoints pair up for deltas and diffs as safetensors tensors do. Anything that does not
+parse cleanly is not a checkpoint we understand: :func:`read_torch_index` returns None and the
+file is handled as plain bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import pickle
+import struct
+import zipfile
+from dataclasses import dataclass
+
+from chunkstore.model import TensorInfo
+from chunkstore.tensor_index import DTYPE_BITS, TensorIndex
+
+#: torch's storage type names -> safetensors dtype names.
+STORAGE_DTYPES = {
+    "FloatStorage": "F32",
+    "DoubleStorage": "F64",
+    "HalfStorage": "F16",
+    "BFloat16Storage": "BF16",
+    "LongStorage": "I64",
+    "IntStorage": "I32",
+    "ShortStorage": "I16",
+    "CharStorage": "I8",
+    "ByteStorage": "U8",
+    "BoolStorage": "BOOL",
+    "ComplexFloatStorage": "C64",
+    "Float8_e4m3fnStorage": "F8_E4M3",
+    "Float8_e5m2Storage": "F8_E5M2",
+    "Float8_e4m3fnuzStorage": "F8_E4M3FNUZ",
+    "Float8_e5m2fnuzStorage": "F8_E5M2FNUZ",
+    "UInt16Storage": "U16",
+    "UInt32Storage": "U32",
+    "UInt64Storage": "U64",
+}
+_REBUILD_TENSOR = {("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_tensor")}
+_REBUILD_PARAMETER = {
+    ("torch._utils", "_rebuild_parameter"),
+    ("torch._utils", "_rebuild_parameter_with_state"),
+}
+MAX_PICKLE = 256 << 20  # a data.pkl beyond this is not read (it holds names, not tensor bytes)
+_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature ... file name length, extra field length
+_LOCAL_SIGNATURE = b"PK\x03\x04"
+
+
+def read_torch_index(data: bytes | memoryview, file_size: int) -> TensorIndex | None:
+    """The tensor index of a ``torch.save`` checkpoint whose bytes are ``data`` (the whole
+    file), or None."""
+    if file_size < 4 or bytes(data[:4]) != _LOCAL_SIGNATURE or len(data) != file_size:
+        return None
+    try:
+        return _read(memoryview(data))
+    except Exception:  # noqa: BLE001 - whatever a damaged zip or pickle raises, it is bytes
+        return None
+
+
+def _read(view: memoryview) -> TensorIndex | None:
+    with zipfile.ZipFile(_ViewFile(view)) as archive:
+        members = {info.filename: info for info in archive.infolist()}
+        pickles = [name for name in members if name.endswith("/data.pkl") and name.count("/") == 1]
+        if len(pickles) != 1:
+            return None
+        prefix = pickles[0][: -len("data.pkl")]
+        order = members.get(prefix + "byteorder")
+        if order is not None and _member_bytes(view, order) != b"little":
+            return None  # written on a big-endian machine: not bytes we can plane or diff
+        pkl = members[pickles[0]]
+        if pkl.file_size > MAX_PICKLE:
+            return None
+        storages, tensors = _unpickle(_member_bytes(view, pkl))
+    entries = []
+    for key, (dtype, numel) in storages.items():
+        info = members.get(f"{prefix}data/{key}")
+        if info is None or dtype not in DTYPE_BITS or info.compress_type != zipfile.ZIP_STORED:
+            return None
+        bits = numel * DTYPE_BITS[dtype]
+        if bits % 8 or info.file_size != bits // 8:
+            return None
+        begin = _data_start(view, info)
+        name, shape = tensors.get(key, (f"{prefix}data/{key}", (numel,)))
+        entries.append(TensorInfo(name, dtype, shape, begin, begin + info.file_size))
+    if not entries:
+        return None
+    entries.sort(key=lambda t: (t.begin, t.end))
+    for before, after in zip(entries, entries[1:], strict=False):
+        if after.begin < before.end:
+            return None
+    if len({t.name for t in entries}) != len(entries):
+        return None
+    return TensorIndex(entries[0].begin, entries)
+
+
+def _member_bytes(view: memoryview, info: zipfile.ZipInfo) -> bytes:
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise ValueError(f"{info.filename} is compressed")
+    begin = _data_start(view, info)
+    return bytes(view[begin : begin + info.file_size])
+
+
+def _data_start(view: memoryview, info: zipfile.ZipInfo) -> int:
+    """Where a member's bytes start: after its local header, whose extra field (torch pads the
+    data to 64 bytes with it) may differ from the central directory's."""
+    signature, name_length, extra_length = _LOCAL_HEADER.unpack_from(view, info.header_offset)
+    if signature != _LOCAL_SIGNATURE:
+        raise ValueError(f"{info.filename}: no local header at {info.header_offset}")
+    begin = info.header_offset + _LOCAL_HEADER.size + name_length + extra_length
+    if begin + info.file_size > len(view):
+        raise ValueError(f"{info.filename} runs past the end of the file")
+    return begin
+
+
+class _ViewFile(io.RawIOBase):
+    """A read-only, seekable file over a buffer, without copying it (for ``zipfile``)."""
+
+    def __init__(self, view: memoryview) -> None:
+        self._view = view
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        if base + offset < 0:
+            raise ValueError("negative seek position")
+        self._pos = base + offset
+        return self._pos
+
+    def readinto(self, buffer) -> int:  # type: ignore[override]
+        chunk = self._view[self._pos : self._pos + len(buffer)]
+        buffer[: len(chunk)] = chunk
+        self._pos += len(chunk)
+        return len(chunk)
+
+
+# -- the pickle ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Storage:
+    key: str
+    dtype: str
+    numel: int
+
+
+@dataclass(frozen=True)
+class _Tensor:
+    storage: _Storage
+    offset: int
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+
+    def views_all(self) -> bool:
+        """Whether the tensor is its storage's elements in row-major order, all of them."""
+        if self.offset != 0 or math.prod(self.shape) != self.storage.numel:
+            return False
+        expected = 1
+        for size, stride in zip(reversed(self.shape), reversed(self.stride), strict=True):
+            if size != 1 and stride != expected:
+                return False
+            expected *= size
+        return True
+
+
+class _Opaque:
+    """Any object the pickle builds other than a tensor: its arguments, state and items, kept
+    only to be walked for the tensors (and names) inside. Subclassed per global it names."""
+
+    args: tuple = ()
+    state: object = None
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        self.args = args + tuple(kwargs.values())
+
+    def __setstate__(self, state: object) -> None:
+        self.state = state
+
+    def __setitem__(self, key: object, value: object) -> None:
+        self.__dict__.setdefault("items", {})[key] = value
+
+    def append(self, value: object) -> None:
+        items = self.__dict__.setdefault("items", {})
+        items[len(items)] = value
+
+    def extend(self, values: object) -> None:
+        for value in values:  # type: ignore[attr-defined]
+            self.append(value)
+
+    def children(self) -> list[tuple[object, object]]:
+        return [*enumerate(self.args), ("", self.state), *self.__dict__.get("items", {}).items()]
+
+
+class _Dict(dict):
+    """An OrderedDict of the pickle (a state dict), which may carry attributes."""
+
+
+class _StorageType:
+    def __init__(self, name: str) -> None:
+        self.dtype = STORAGE_DTYPES.get(name)
+
+
+def _rebuild_tensor(storage: object, offset: object, shape: object, stride: object, *_: object):
+    if not isinstance(storage, _Storage):
+        return _Opaque((storage, offset, shape, stride))
+    return _Tensor(storage, int(offset), tuple(map(int, shape)), tuple(map(int, stride)))  # type: ignore[arg-type]
+
+
+def _rebuild_parameter(data: object, *_: object) -> object:
+    return data
+
+
+class _Unpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) in _REBUILD_TENSOR:
+            return _rebuild_tensor
+        if (module, name) in _REBUILD_PARAMETER:
+            return _rebuild_parameter
+        if module == "torch" and name.endswith("Storage"):
+            return _StorageType(name)
+        if (module, name) == ("collections", "OrderedDict"):
+            return _Dict
+        return type(name, (_Opaque,), {})
+
+    def persistent_load(self, pid: object) -> _Storage:
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise pickle.UnpicklingError(f"unexpected persistent id {pid!r:.80}")
+        _, storage_type, key, _location, numel = pid
+        dtype = storage_type.dtype if isinstance(storage_type, _StorageType) else None
+        if dtype is None or not isinstance(numel, int) or numel < 0:
+            raise pickle.UnpicklingError(f"unsupported storage {pid!r:.80}")
+        return _Storage(str(key), dtype, numel)
+
+
+def _unpickle(data: bytes) -> tuple[dict[str, tuple[str, int]], dict[str, tuple[str, tuple]]]:
+    """Storage key -> (dtype, numel) of every storage the pickle names, and storage key ->
+    (path, shape) of the first tensor found that views all of a storage."""
+    storages: dict[str, tuple[str, int]] = {}
+    named: dict[str, tuple[str, tuple]] = {}
+    root = _Unpickler(io.BytesIO(data)).load()
+    seen: set[int] = set()
+    stack: list[tuple[str, object]] = [("", root)]
+    while stack:
+        path, obj = stack.pop()
+        if isinstance(obj, _Storage):
+            storages.setdefault(obj.key, (obj.dtype, obj.numel))
+            continue
+        if isinstance(obj, _Tensor):
+            storage = obj.storage
+            if storages.setdefault(storage.key, (storage.dtype, storage.numel)) != (
+                storage.dtype,
+                storage.numel,
+            ):
+                raise ValueError(f"storage {storage.key} is named with two types or sizes")
+            if storage.key not in named and obj.views_all() and path:
+                named[storage.key] = (path, obj.shape)
+            continue
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        children: list[tuple[object, object]]
+        if isinstance(obj, dict):
+            children = list(obj.items())
+        elif isinstance(obj, list | tuple):
+            children = list(enumerate(obj))
+        elif isinstance(obj, _Opaque):
+            children = obj.children()
+        else:
+            continue
+        for key, child in reversed(children):  # popped in order: the first path wins
+            step = str(key) if isinstance(key, str | int) else ""
+            stack.append((f"{path}.{step}" if path and step else path or step, child))
+    return storages, named
