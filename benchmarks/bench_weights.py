@@ -380,7 +380,7 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def print_table(results: list[Result]) -> None:
     head = (
-        f"{'series':<12} {'method':<12} {'stored/raw':>10} {'enc MB/s':>9} {'dec MB/s':>9} "
+        f"{'series':<17} {'method':<12} {'stored/raw':>10} {'enc MB/s':>9} {'dec MB/s':>9} "
         f"{'push MB/s':>10} {'pull MB/s':>10} {'pull x':>7} {'RSS (anon) push/pull':>21}  "
         "1-tensor load: fetched of file"
     )
@@ -395,7 +395,7 @@ def print_table(results: list[Result]) -> None:
                     f"{row.rss_pull[0] / MB:.0f} ({row.rss_pull[1] / MB:.0f})"
                 )
             print(
-                f"{r.series if i == 0 else '':<12} {row.method:<12} {row.stored:>10.3f} "
+                f"{r.series if i == 0 else '':<17} {row.method:<12} {row.stored:>10.3f} "
                 f"{_fmt(row.enc, '.0f'):>9} {_fmt(row.dec, '.0f'):>9} "
                 f"{_fmt(row.push, '.0f'):>10} {_fmt(row.pull, '.0f'):>10} "
                 f"{_fmt(row.pull_x, '.2f'):>7} {rss:>21}  {row.load}"
