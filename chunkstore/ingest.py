@@ -1,10 +1,11 @@
 """The push pipeline: cut files into chunks, find the ones the store lacks, encode and store them.
 
 Per file: memory-map -> cut (FastCDC) on the calling thread -> per window of chunks, ids
-(BLAKE3) on the hashing threads while the next window is cut, then one batched existence check;
-the missing chunks are encoded on a thread pool and handed, in order, to a writer thread that
-stores them in large all-or-nothing batches. Memory is bounded by the window and the writer's
-queue, never by file size.
+(BLAKE3) on the hashing threads while the next window is cut, then one batched existence check
+(windows waiting together, such as those of many small files, share one); the missing chunks
+are encoded on a thread pool and handed, in order, to a writer thread that stores them in large
+all-or-nothing batches. Memory is bounded by the window and the writer's queue, never by file
+size.
 
 A file may be written to while it is pushed. Each new chunk is copied out of the map and hashed
 again before it is encoded, so the store never holds a blob that does not match its id (the
@@ -12,7 +13,8 @@ push fails instead), and a file whose size or modification time moved during the
 it before anything is committed. A file removed, or replaced by another (an atomic save),
 while it is pushed is stored as it was read.
 
-With a base (:class:`~chunkstore.delta.BaseTensors`), a tensor the base also has is cut at the
+With a base (:class:`~chunkstore.delta.BaseTensors`, read once a file with tensors comes up), a
+tensor the base also has is cut at the
 base tensor's chunk boundaries, and each of its chunks the store lacks may be stored as a delta
 against the paired base chunk (see :mod:`chunkstore.delta`): the existence check also asks for
 the keyframes. Each encoding task reads the keyframes of its chunks in one call, decodes one only
@@ -26,10 +28,10 @@ from __future__ import annotations
 import queue
 import threading
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from functools import partial
+from dataclasses import dataclass, field
+from functools import cached_property, partial
 from pathlib import Path
 
 from chunkstore import codec, ids
@@ -71,6 +73,23 @@ _DONE = object()
 _Pending = tuple[bytes, memoryview, int | None, BaseChunk | None, int]
 #: A cut of a file: offset, length, element size, base chunk (see :func:`plan_cuts`).
 _Cut = tuple[int, int, int | None, BaseChunk | None]
+
+
+#: Files whose windows may be hashed but not yet checked: each holds its file open.
+FILES_IN_FLIGHT = 64
+
+
+@dataclass
+class _Window:
+    """Cuts of one file, hashed on the hashing threads, waiting for an existence check; the
+    checker checks all waiting windows with one call and sets each one's ``result``."""
+
+    mapped: MappedFile
+    cuts: list[_Cut]
+    datas: list[memoryview]
+    hashes: list[Future[list[bytes]]]
+    size: int  # raw bytes
+    result: Future[list[tuple[bytes, int]]] = field(default_factory=Future)
 
 
 @dataclass(frozen=True)
@@ -151,18 +170,18 @@ class Ingester:
         params: ChunkerParams = ChunkerParams(),
         limits: PipelineLimits = PipelineLimits(),
         progress: Progress | None = None,
-        base: BaseTensors | None = None,
+        base: Callable[[], BaseTensors | None] | None = None,
     ) -> None:
         self.store = store
         self.limits = limits
         self.stats = IngestStats()
         self._chunker = Chunker(params)
         self._progress = progress or NoProgress()
-        self._base = base
+        self._load_base = base
         self._known: set[bytes] = set()  # stored already, or queued for storing in this push
         self._present: set[bytes] = set()  # relied on as stored, confirmed by finish()
         # Stored for the base versions, which reference them: relied on without asking.
-        self._assumed: set[bytes] = base.stored_ids() if base else set()
+        self._assumed: set[bytes] = set()
         self._delta_of: dict[bytes, DeltaRef] = {}  # chunks of this push rebuilt from deltas
         self._delta_tried: dict[bytes, str] = {}  # chunk queued with a base -> base tensor
         self._delta_outcomes: dict[str, list[int]] = {}  # base tensor -> [paid, missed]
@@ -172,33 +191,40 @@ class Ingester:
         # Existence checks run on their own thread, overlapping the next window's hashing.
         self._checker = ThreadPoolExecutor(1, thread_name_prefix="chunk-check")
         self._hasher = ThreadPoolExecutor(limits.workers, thread_name_prefix="chunk-hash")
-        self._checks: deque[Future] = deque()
+        self._checks: deque[_Window] = deque()  # not yet known to be checked, in order
+        self._unchecked: list[_Window] = []  # handed to the checker, not yet taken by it
+        self._unchecked_lock = threading.Lock()
+        self._files: list[tuple[int, list[_Window], TensorIndex | None]] = []
         self._queue: queue.Queue = queue.Queue(maxsize=limits.queued_groups)
         self._error: BaseException | None = None
         self._maps: list[MappedFile] = []
         self._writer = threading.Thread(target=self._write_loop, name="chunk-writer", daemon=True)
         self._writer.start()
 
-    def ingest_file(self, path: Path, name: str | None = None) -> Manifest:
-        """Chunk one file and queue its new chunks for storing; return its manifest.
+    def ingest_file(self, path: Path, name: str | None = None) -> None:
+        """Chunk one file and queue its chunks to be checked, and its new ones stored; its
+        manifest is in :attr:`manifests` once :meth:`finish` returns.
 
-        A safetensors file is cut along its tensors (:func:`~chunkstore.chunking.file_regions`)
-        and its tensor index kept in the manifest; any other file, or a malformed one, is cut
-        as plain bytes. ``name`` (the stored path) picks base tensors of the same file first.
-        The manifest's deltas are filled in by :meth:`finish`.
+        A file with a tensor index (safetensors, or a torch.save checkpoint) is cut along its
+        tensors (:func:`~chunkstore.chunking.file_regions`) and its index kept in the
+        manifest; any other file, or a malformed one, is cut as plain bytes. ``name`` (the
+        stored path) picks base tensors of the same file first. The calling thread goes on to
+        the next file while this one's chunks are checked: the checks of many small files
+        are asked in a few calls, not one each.
         """
         mapped = MappedFile(path)
         self._maps.append(mapped)
         view = mapped.view
         index = read_index(view, mapped.size)
-        windows: list[Future[list[tuple[bytes, int]]]] = []
+        windows: list[_Window] = []
         cuts: list[_Cut] = []
         cut_bytes = 0
         # Bytes still to be read by checks and encoders: pages before them can be dropped.
         in_flight = 3 * self.limits.window_bytes + self.limits.group_bytes * (
             self.limits.queued_groups + 2
         )
-        for cut in plan_cuts(self._chunker, view, index, self._base, name):
+        base = self._base if index is not None else None
+        for cut in plan_cuts(self._chunker, view, index, base, name):
             cuts.append(cut)
             cut_bytes += cut[1]
             if cut_bytes >= self.limits.window_bytes:
@@ -207,13 +233,26 @@ class Ingester:
                 cuts, cut_bytes = [], 0
         if cuts:
             windows.append(self._identify(mapped, cuts))
-        chunks = [chunk for window in windows for chunk in window.result()]
-        manifest = Manifest(mapped.size, chunks, index.tensors if index else [])
-        self._manifests.append(manifest)
-        # Checked: the encoders' views keep what they still read mapped. A push of thousands
-        # of files holds open only the few in flight, not one descriptor per file.
-        mapped.close()
-        return manifest
+        # Once checked, the encoders' views keep what they still read mapped: a push of
+        # thousands of files holds open only the few in flight, not one descriptor per file.
+        if windows:
+            windows[-1].result.add_done_callback(lambda _: mapped.close())
+        else:
+            mapped.close()  # an empty file
+        self._files.append((mapped.size, windows, index))
+
+    @property
+    def manifests(self) -> list[Manifest]:
+        """The manifests of the ingested files, in order (complete after :meth:`finish`)."""
+        return self._manifests
+
+    @cached_property
+    def _base(self) -> BaseTensors | None:
+        """The base versions' tensors, read when the first file with tensors needs them."""
+        base = self._load_base() if self._load_base is not None else None
+        if base:
+            self._assumed.update(base.stored_ids())
+        return base
 
     def finish(self) -> IngestStats:
         """Wait until every queued chunk is durable; raise what the writer met, if anything.
@@ -227,7 +266,10 @@ class Ingester:
         """
         try:
             while self._checks:
-                self._checks.popleft().result()
+                self._checks.popleft().result.result()
+            for size, windows, index in self._files:
+                chunks = [chunk for window in windows for chunk in window.result.result()]
+                self._manifests.append(Manifest(size, chunks, index.tensors if index else []))
             self._put_queue(_DONE)
             self._writer.join()
             if self._error is not None:
@@ -298,69 +340,106 @@ class Ingester:
             mapped.close()
         self._maps.clear()
 
-    def _identify(self, mapped: MappedFile, cuts: list[_Cut]) -> Future[list[tuple[bytes, int]]]:
+    def _identify(self, mapped: MappedFile, cuts: list[_Cut]) -> _Window:
         """Queue a window of cuts to be hashed (on the hashing threads: BLAKE3 releases the
-        GIL) and then checked; the future gives its chunks' ``(id, length)``.
+        GIL) and then checked; its ``result`` gives its chunks' ``(id, length)``.
 
-        The calling thread goes on cutting the next window meanwhile. At most three windows
-        are in flight: the caller waits for the oldest beyond that.
+        The calling thread goes on cutting meanwhile. In flight are at most three windows'
+        bytes, and the windows of at most FILES_IN_FLIGHT files: the caller waits for the
+        oldest beyond that.
         """
         self._raise_writer_error()
         view = mapped.view
         datas = [view[offset : offset + length] for offset, length, _, _ in cuts]
         step = -(-len(datas) // self.limits.workers) or 1
-        parts = [
+        hashes = [
             self._hasher.submit(_hash_all, datas[i : i + step]) for i in range(0, len(datas), step)
         ]
-        window = self._checker.submit(self._check_hashed, mapped, parts, datas, cuts)
+        window = _Window(mapped, cuts, datas, hashes, sum(cut[1] for cut in cuts))
+        with self._unchecked_lock:
+            self._unchecked.append(window)
+        self._checker.submit(self._check_waiting)
         self._checks.append(window)
-        while len(self._checks) > 2:
-            self._checks.popleft().result()
+        while self._checks and (
+            len(self._checks) > FILES_IN_FLIGHT
+            or sum(w.size for w in self._checks) > 3 * self.limits.window_bytes
+        ):
+            self._checks.popleft().result.result()
+        while self._checks and self._checks[0].result.done():
+            self._checks.popleft()
         return window
 
-    def _check_hashed(
-        self,
-        mapped: MappedFile,
-        parts: list[Future[list[bytes]]],
-        datas: list[memoryview],
-        cuts: list[_Cut],
-    ) -> list[tuple[bytes, int]]:
-        """Check a hashed window, then drop its pages: the encoders fault back in those of
-        its new chunks, so a window of stored chunks costs no memory once checked."""
-        chunk_ids = [cid for part in parts for cid in part.result()]
-        self._check(
-            mapped,
-            [
-                (cid, data, element_size, base, offset)
-                for cid, data, (offset, _, element_size, base) in zip(
-                    chunk_ids, datas, cuts, strict=True
-                )
-            ],
-        )
-        mapped.release(cuts[0][0], cuts[-1][0] + cuts[-1][1])
-        return [(cid, len(data)) for cid, data in zip(chunk_ids, datas, strict=True)]
+    def _check_waiting(self) -> None:
+        """Check every window handed over and not yet taken, with one existence check."""
+        with self._unchecked_lock:
+            windows, self._unchecked = self._unchecked, []
+        if not windows:
+            return  # taken by the call before
+        try:
+            results = self._check(windows)
+        except BaseException as e:
+            for window in windows:
+                window.result.set_exception(e)
+            return
+        for window, result in zip(windows, results, strict=True):
+            window.result.set_result(result)
 
-    def _check(self, mapped: MappedFile, window: list[_Pending]) -> None:
-        """Ask the store which chunks of the window it lacks and queue those for encoding;
-        each encoding task drops the pages of its chunks when done.
+    def _check(self, windows: list[_Window]) -> list[list[tuple[bytes, int]]]:
+        """Ask the store, in one call, which chunks of the (hashed) windows it lacks and queue
+        those for encoding; each encoding task drops the pages of its chunks when done, and a
+        window's pages are dropped once it is checked (the encoders fault back in those of
+        its new chunks), so a window of stored chunks costs no memory once checked. Returns
+        each window's ``(id, length)`` of its chunks.
 
         Chunks paired with a base chunk also get their keyframe asked for (and so marked
         wanted by :meth:`finish`); a lacking chunk whose keyframe is stored is queued with it,
         and the encoder decides whether a delta pays. A lacking chunk equal to a delta-coded
         base chunk reuses that chunk's delta.
         """
-        scanned = sum(len(item[1]) for item in window)
-        self.stats.scanned_bytes += scanned
-        self.stats.chunks += len(window)
-        fresh: dict[bytes, _Pending] = {}
-        for item in window:
-            if item[0] not in self._known and item[0] not in fresh:
-                fresh[item[0]] = item
-        wanted = dict.fromkeys([*fresh, *(s for item in fresh.values() for s in _base_ids(item))])
+        items: list[list[_Pending]] = []
+        fresh: list[dict[bytes, _Pending]] = []
+        taken: set[bytes] = set()  # fresh in an earlier window of this call
+        for window in windows:
+            chunk_ids = [cid for part in window.hashes for cid in part.result()]
+            items.append(
+                [
+                    (cid, data, element_size, base, offset)
+                    for cid, data, (offset, _, element_size, base) in zip(
+                        chunk_ids, window.datas, window.cuts, strict=True
+                    )
+                ]
+            )
+            new = {}
+            for item in items[-1]:
+                if item[0] not in self._known and item[0] not in taken:
+                    new[item[0]] = item
+                    taken.add(item[0])
+            fresh.append(new)
+        wanted = dict.fromkeys(
+            [*taken, *(s for new in fresh for item in new.values() for s in _base_ids(item))]
+        )
         ask = [sid for sid in wanted if sid not in self._present and sid not in self._assumed]
         lacking = self.store.lacking(ask) if ask else set()
         self._present.update(sid for sid in wanted if sid not in lacking)
-        self._known.update(fresh)
+        self._known.update(taken)
+        for window, window_items, new in zip(windows, items, fresh, strict=True):
+            self._queue_new(window.mapped, window_items, new, lacking)
+            cuts = window.cuts
+            window.mapped.release(cuts[0][0], cuts[-1][0] + cuts[-1][1])
+            window.datas = window.hashes = []  # views of the map: closing it waits for them
+        return [[(item[0], len(item[1])) for item in window_items] for window_items in items]
+
+    def _queue_new(
+        self,
+        mapped: MappedFile,
+        window: list[_Pending],
+        fresh: dict[bytes, _Pending],
+        lacking: set[bytes],
+    ) -> None:
+        """Queue for encoding the chunks of one checked window that the store lacks."""
+        scanned = sum(len(item[1]) for item in window)
+        self.stats.scanned_bytes += scanned
+        self.stats.chunks += len(window)
         new_bytes = 0
         group: list[_Task] = []
         group_bytes = group_begin = 0

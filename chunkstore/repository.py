@@ -12,9 +12,10 @@ import math
 import os
 import socket
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
+from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -228,7 +229,7 @@ class Repository:
         tree = list_tree(Path(path))
         if not tree:
             raise InvalidInput(f"nothing to push: {path} holds no files")
-        base = self.delta_bases(repo, sources, bases) if delta else None
+        base = partial(self.delta_bases, repo, sources, bases) if delta else None
         entries, stats = self.store_tree(tree, f"push {repo}", progress, base)
         version = self.commit_version(
             repo, entries, message, params, metrics, links, author, tags, stats.new_stored_bytes
@@ -240,21 +241,28 @@ class Repository:
         tree: list[tuple[str, Path]],
         label: str,
         progress: Progress | None = None,
-        base: BaseTensors | None = None,
+        base: Callable[[], BaseTensors | None] | None = None,
     ) -> tuple[list[FileEntry], IngestStats]:
         """Store the chunks and manifests of ``(stored path, local path)`` pairs durably,
-        coding deltas against ``base`` where they pay."""
+        coding deltas against the tensors ``base`` gives where they pay (it is called once a
+        file with tensors comes up: a tree of plain files reads no base manifest)."""
         progress = progress or NoProgress()
         progress.start(sum(local.stat().st_size for _, local in tree), label)
         with self.store.writing():
             ingester = Ingester(self.store, self.chunker, self.limits, progress, base)
             try:
-                # A file's mode is read with it: it may be gone by the end (see ingest).
-                manifests = [
-                    (name, local.stat().st_mode & 0o777, ingester.ingest_file(local, name))
-                    for name, local in tree
-                ]
+                modes = []
+                for name, local in tree:
+                    # A file's mode is read with it: it may be gone by the end (see ingest).
+                    modes.append(local.stat().st_mode & 0o777)
+                    ingester.ingest_file(local, name)
                 stats = ingester.finish()
+                manifests = [
+                    (name, mode, manifest)
+                    for (name, _), mode, manifest in zip(
+                        tree, modes, ingester.manifests, strict=True
+                    )
+                ]
             finally:
                 ingester.close()
                 progress.finish()

@@ -12,6 +12,7 @@ import contextlib
 import os
 import secrets
 import time
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -136,7 +137,7 @@ class Stage:
         for link in self.record.inputs:  # deltas against the inputs that are still there
             with contextlib.suppress(NotFound):
                 inputs.append(repository.resolve(f"{link.repo}@{link.id.hex()}"))
-        base = repository.delta_bases(self.repo, inputs)
+        base = partial(repository.delta_bases, self.repo, inputs)
         entries, stats = repository.store_tree(tree, f"stage {self.repo}", progress, base)
         share = stats.new_stored_bytes // len(entries)
         for entry in entries:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cluster_fixtures import LocalCluster
-from conftest import tree_bytes
+from conftest import random_bytes, tree_bytes, write
 from test_cli import run
 
 from chunkstore import codec, delta, ids, ingest
@@ -333,6 +333,24 @@ def test_push_asks_the_store_only_about_chunks_its_base_does_not_hold(repo: Repo
     assert asked and not set(asked) & base_ids
     assert len(asked) <= result.stats.new_chunks + 2  # the rewritten tensor, the header
     assert_pulls(repo, "m", p2, tmp_path / "out")
+
+
+def test_a_push_of_plain_files_reads_no_base_manifest(repo: Repository, tmp_path):
+    tree = tmp_path / "logs"
+    for i in range(5):
+        write(tree / f"rank{i}.log", random_bytes(40_000, seed=i))
+    repo.push(tree, "m")
+    write(tree / "rank0.log", random_bytes(40_000, seed=9))
+    read: list[bytes] = []
+    real = repo.store.get_manifest
+    repo.store.get_manifest = lambda manifest_id: read.append(manifest_id) or real(manifest_id)
+    repo.push(tree, "m")
+    assert read == []
+    # A file with tensors among them reads the base's manifests, once.
+    save(tree, "ckpt", model(seed=53, n=1))
+    repo.push(tree, "m")
+    assert len(read) == len(repo.resolve("m~").files)
+    assert_pulls(repo, "m", tree, tmp_path / "out")
 
 
 def test_push_stores_again_base_chunks_lost_from_the_store(repo: Repository, tmp_path):

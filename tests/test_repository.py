@@ -627,6 +627,27 @@ def test_local_names_push_as_they_are_and_a_backslash_is_refused_by_name(repo, t
     assert len(repo.log("m")) == 1
 
 
+def test_the_checks_of_many_small_files_share_calls(repo, tmp_path):
+    """On a store where each existence check is a round trip, a push of many small files asks
+    about the windows that wait together in one call, not one call per file."""
+    for i in range(200):
+        write(tmp_path / "src" / f"rank-{i:03}.bin", random_bytes(3000, seed=i))
+    calls = []
+    real = repo.store.lacking
+
+    def slow_lacking(chunk_ids):
+        calls.append(len(chunk_ids))
+        time.sleep(0.005)
+        return real(chunk_ids)
+
+    repo.store.lacking = slow_lacking
+    version = repo.push(tmp_path / "src", repo="many").version
+    assert sum(calls) == 200 and len(calls) < 50
+    assert len(version.files) == 200
+    repo.pull("many", tmp_path / "out")
+    assert tree_bytes(tmp_path / "out") == tree_bytes(tmp_path / "src")
+
+
 def test_a_push_of_more_files_than_open_descriptors_allowed(lmdb_repo, tmp_path):
     """Each file's map is let go once its chunks are checked: a push of 600 files works with
     a limit of 200 open descriptors (before, every file stayed open until the push ended)."""
