@@ -272,12 +272,7 @@ class Repository:
                 manifest_id, data = manifest.encode()
                 records.append((manifest_id, data))
                 entries.append(FileEntry(name, manifest.size, manifest.digest, manifest_id, mode))
-            for_each(
-                lambda record: self.store.put_manifest(*record),
-                records,
-                self._calls_at_once,
-                "manifest-put",
-            )
+            self.store.put_manifests(records)
         return entries, stats
 
     def delta_bases(

@@ -7,7 +7,6 @@ chunks from their delta and base chunks; every chunk is checked against its id e
 
 from __future__ import annotations
 
-import io
 import os
 from bisect import bisect_right
 from collections import defaultdict
@@ -22,6 +21,7 @@ from chunkstore.filespace import reserve
 from chunkstore.model import DeltaRef, Manifest
 from chunkstore.progress import NoProgress, Progress
 from chunkstore.reuse import holds, in_place, local_bases, reuse_chunks
+from chunkstore.seekable import SeekableReader
 from chunkstore.stores.base import ChunkStore
 from chunkstore.tree import EARLIER, PARTIAL
 
@@ -202,37 +202,20 @@ def _windows(
         yield window
 
 
-class ChunkedReader(io.RawIOBase):
+class ChunkedReader(SeekableReader):
     """A read-only, seekable file over a stored manifest; reads fetch only the chunks they need.
 
     The most recently used chunks are kept, so small sequential reads cost one fetch per chunk.
     """
 
     def __init__(self, store: ChunkStore, manifest: Manifest, name: str = "") -> None:
-        super().__init__()
+        super().__init__(manifest.size)
         self._store = store
         self._manifest = manifest
         self._starts = manifest.offsets()
         self._refs = manifest.delta_refs()
-        self._pos = 0
         self._cache: dict[int, bytes] = {}
         self.name = name
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._manifest.size}[whence]
-        if base + offset < 0:
-            raise ValueError("negative seek position")
-        self._pos = base + offset
-        return self._pos
 
     def readinto(self, buffer) -> int:  # type: ignore[override]
         out = memoryview(buffer).cast("B")

@@ -29,6 +29,7 @@ import zipfile
 from dataclasses import dataclass
 
 from chunkstore.model import TensorInfo
+from chunkstore.seekable import SeekableReader
 from chunkstore.tensor_index import DTYPE_BITS, TensorIndex
 
 #: torch's storage type names -> safetensors dtype names.
@@ -128,28 +129,12 @@ def _data_start(view: memoryview, info: zipfile.ZipInfo) -> int:
     return begin
 
 
-class _ViewFile(io.RawIOBase):
+class _ViewFile(SeekableReader):
     """A read-only, seekable file over a buffer, without copying it (for ``zipfile``)."""
 
     def __init__(self, view: memoryview) -> None:
+        super().__init__(len(view))
         self._view = view
-        self._pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
-        if base + offset < 0:
-            raise ValueError("negative seek position")
-        self._pos = base + offset
-        return self._pos
 
     def readinto(self, buffer) -> int:  # type: ignore[override]
         chunk = self._view[self._pos : self._pos + len(buffer)]

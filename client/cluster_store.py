@@ -59,9 +59,9 @@ from chunkstore.v1 import store_pb2 as pb
 
 from . import manifest_parts
 from .fetch import Fetch
-from .manifest_parts import send_manifest
+from .manifest_parts import ONE_MESSAGE_BYTES, send_manifest
 from .push import put_chunks
-from .quorum import Replies, call_each, first_answer, remove_all, write_all
+from .quorum import Replies, call_each, first_answer, remove_all, write_all, write_many
 from .rpc import (
     DEFAULT_POLICY,
     REFUSED,
@@ -619,6 +619,32 @@ class ClusterStore(Store):
             )
         )
 
+    def put_manifests(self, records: Sequence[tuple[bytes, bytes]]) -> None:
+        """Each node gets the manifests it owns in a few PutManifests messages (up to
+        ``ONE_MESSAGE_BYTES`` each), all nodes at once: a push of many small files costs a
+        call per node, not one per file and owner. A manifest too large to share a message
+        goes on its own (:meth:`put_manifest`)."""
+        data_of = dict(records)
+        large = [mid for mid, data in data_of.items() if len(data) > ONE_MESSAGE_BYTES]
+        for manifest_id in large:
+            self.put_manifest(manifest_id, data_of.pop(manifest_id))
+        if data_of:
+            self._under_newest_map(partial(self._put_small_manifests, data_of))
+
+    def _put_small_manifests(self, data_of: dict[bytes, bytes]) -> None:
+        def send(node: NodeClient, manifest_ids: list[bytes]) -> None:
+            for batch in _batches_of(manifest_ids, data_of, ONE_MESSAGE_BYTES):
+                message = pb.ManifestRecords(
+                    records=[pb.ManifestRecord(id=mid, data=data_of[mid]) for mid in batch]
+                )
+                size = sum(len(data_of[mid]) for mid in batch)
+                node.meta.PutManifests(message, timeout=self.policy.deadline(size))
+
+        owners = dict(zip(data_of, self._owners_many(list(data_of)), strict=True))
+        write_many(
+            self._pool, owners, send, self._quorum, lambda mid: f"store manifest {mid.hex()}"
+        )
+
     def get_manifest(self, manifest_id: bytes) -> bytes:
         """Read in pieces, whatever its size: a large one fits no single message."""
         request = pb.ChunkIds(ids=[manifest_id])
@@ -861,3 +887,19 @@ def _removal(
         return removed
 
     return run
+
+
+def _batches_of(
+    keys: list[bytes], data_of: dict[bytes, bytes], limit: int
+) -> Iterator[list[bytes]]:
+    """``keys`` in consecutive lists whose data add up to at most ``limit`` bytes each."""
+    batch: list[bytes] = []
+    size = 0
+    for key in keys:
+        if batch and size + len(data_of[key]) > limit:
+            yield batch
+            batch, size = [], 0
+        batch.append(key)
+        size += len(data_of[key])
+    if batch:
+        yield batch

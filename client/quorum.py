@@ -6,7 +6,8 @@ hung node slows an operation down by about its own duration, not by a whole dead
 
 Three patterns cover every replicated record (manifest, version, tag):
 
-- :func:`write_all`: the write goes to every owner; it succeeds once ``quorum`` of them answered.
+- :func:`write_all`: the write goes to every owner; it succeeds once ``quorum`` of them answered
+  (:func:`write_many`: the same for many records at once, one call per node).
 - :func:`remove_all`: the same for a removal, where an owner that lacks the record (NOT_FOUND)
   counts as done; NotFound only when no owner had it.
 - :func:`first_answer`: a read tries the owners one by one until one answers; NOT_FOUND from one
@@ -29,6 +30,7 @@ from chunkstore import errors
 from .rpc import NodeCallError, NodeClient, to_error
 
 T = TypeVar("T")
+K = TypeVar("K")
 
 
 @dataclass
@@ -125,6 +127,28 @@ def write_all(
     )
     if len(replies.ok) < quorum:
         raise _short_of_quorum(what, len(replies.ok), replies, len(owners), quorum)
+
+
+def write_many(
+    pool: Executor,
+    owners: Mapping[K, Sequence[NodeClient]],
+    call: Callable[[NodeClient, list[K]], object],
+    quorum: int,
+    what: Callable[[K], str],
+) -> None:
+    """Write many records at once: ``call(node, keys)`` once per node, with the keys it owns
+    (``owners``: key -> its owners), all nodes in parallel. Raises unless every key's write
+    reached ``quorum`` of its owners; the error names the first key short of it (``what``)
+    and every failed node."""
+    keys_of: dict[NodeClient, list[K]] = {}
+    for key, nodes in owners.items():
+        for node in nodes:
+            keys_of.setdefault(node, []).append(key)
+    replies = call_each(pool, {node: partial(call, node, keys) for node, keys in keys_of.items()})
+    for key, nodes in owners.items():
+        answered = sum(node.id in replies.ok for node in nodes)
+        if answered < quorum:
+            raise _short_of_quorum(what(key), answered, replies, len(nodes), quorum)
 
 
 def remove_all(

@@ -64,6 +64,7 @@ METHOD_SCOPES: dict[str, Scope] = {
     "ChunkService/ScanChunks": Scope.READ,
     "ChunkService/Totals": Scope.READ,
     "MetaService/PutManifest": Scope.WRITE,
+    "MetaService/PutManifests": Scope.WRITE,
     "MetaService/GetManifest": Scope.READ,
     "MetaService/PutManifestParts": Scope.WRITE,
     "MetaService/GetManifestParts": Scope.READ,

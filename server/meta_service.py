@@ -36,6 +36,13 @@ class MetaServicer(pb_grpc.MetaServiceServicer):
         self._store.put_manifest(manifest_id, request.data)
         return _EMPTY
 
+    def PutManifests(self, request: pb.ManifestRecords, context: grpc.ServicerContext) -> pb.Empty:
+        manifest_ids = chunk_ids([record.id for record in request.records])
+        self._store.put_manifests(
+            [(mid, record.data) for mid, record in zip(manifest_ids, request.records, strict=True)]
+        )
+        return _EMPTY
+
     def GetManifest(self, request: pb.ChunkIds, context: grpc.ServicerContext) -> pb.ManifestRecord:
         if len(request.ids) != 1:
             raise errors.InvalidInput(f"GetManifest takes exactly one id, got {len(request.ids)}")

@@ -34,6 +34,7 @@ from test_stores import (  # noqa: F401
     test_list_repos,
     test_put_get_scan_totals,
     test_put_is_all_or_nothing,
+    test_put_manifests_stores_each_and_refreshes_stored_at,
     test_put_refreshes_wanted_at_of_existing,
     test_tags,
     test_versions,
@@ -42,7 +43,7 @@ from test_stores import (  # noqa: F401
 from chunkstore import ids
 from chunkstore.client.cli import main as cli_main
 from chunkstore.client.cluster_store import ClusterStore, repo_key
-from chunkstore.client.rpc import NodeCallError, RpcPolicy, to_error
+from chunkstore.client.rpc import NodeCallError, NodeClient, RpcPolicy, to_error
 from chunkstore.client.wire import put_chunks_batch
 from chunkstore.cluster_map import ClusterMap, NodeSpec
 from chunkstore.errors import (
@@ -583,3 +584,46 @@ def test_an_error_in_consume_ends_read_into(store):
     with pytest.raises(OSError, match="No space left"):
         store.read_into([cid for cid, _ in pairs], consume)
     assert 1 <= len(calls) <= 3  # each stream stops at its first failure
+
+
+def test_a_push_puts_its_manifests_in_a_call_per_node_and_needs_their_quorum(tmp_path, monkeypatch):
+    records = [(ids.record_id(b"%d" % i), b"manifest %d" % i) for i in range(200)]
+    calls: list[str] = []
+    real_meta = NodeClient.meta
+    monkeypatch.setattr(
+        NodeClient, "meta", property(lambda node: _Counting(real_meta.fget(node), node.id, calls))
+    )
+    with (
+        LocalCluster(tmp_path / "c", nodes=3, replicas=3, write_quorum=2) as cluster,
+        ClusterStore.connect(cluster.url) as store,
+    ):
+        store.put_manifests(records)
+        assert sorted(calls) == ["PutManifests n1", "PutManifests n2", "PutManifests n3"]
+        assert store.has_manifests([m for m, _ in records]) == {m for m, _ in records}
+
+        cluster.kill("n3")  # every manifest still reaches 2 of its 3 owners
+        more = [(ids.record_id(b"more %d" % i), b"more") for i in range(50)]
+        store.put_manifests(more)
+        assert all(store.get_manifest(mid) == data for mid, data in more)
+
+        cluster.kill("n2")
+        with pytest.raises(StoreUnavailable) as info:
+            store.put_manifests([(ids.record_id(b"late"), b"late")])
+        message = str(info.value)
+        assert "n2" in message and "n3" in message and "write quorum is 2" in message
+
+
+class _Counting:
+    """A node's metadata stub that records each call's method and node."""
+
+    def __init__(self, stub, node_id: str, calls: list[str]) -> None:
+        self._stub, self._node_id, self._calls = stub, node_id, calls
+
+    def __getattr__(self, name: str):
+        method = getattr(self._stub, name)
+
+        def call(*args, **kwargs):
+            self._calls.append(f"{name} {self._node_id}")
+            return method(*args, **kwargs)
+
+        return call

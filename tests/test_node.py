@@ -379,6 +379,22 @@ def test_manifests_versions_and_tags(meta_api):
     assert deleted.deleted == 1
 
 
+def test_put_manifests_stores_all_or_nothing(meta_api):
+    records = [pb.ManifestRecord(id=os.urandom(32), data=b"m%d" % i) for i in range(50)]
+    bad = [*records[:10], pb.ManifestRecord(id=b"short", data=b"x"), *records[10:]]
+    with pytest.raises(grpc.RpcError) as info:
+        meta_api.PutManifests(pb.ManifestRecords(records=bad), timeout=5)
+    assert (
+        info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "id #10" in info.value.details()
+    )
+    every = pb.ChunkIds(ids=[r.id for r in records])
+    assert list(meta_api.HasManifests(every, timeout=5).ids) == []
+    meta_api.PutManifests(pb.ManifestRecords(records=records), timeout=5)
+    assert list(meta_api.HasManifests(every, timeout=5).ids) == [r.id for r in records]
+    assert meta_api.GetManifest(pb.ChunkIds(ids=[records[7].id]), timeout=5).data == b"m7"
+    meta_api.DeleteManifests(every, timeout=5)
+
+
 def test_stages_round_trip_and_a_stage_file_needs_its_stage(meta_api):
     sid = b"\7" * 16
     meta_api.PutStage(pb.StageRecord(id=sid, data=b"record"))

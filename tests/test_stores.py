@@ -242,6 +242,21 @@ def test_manifests(store: Store):
     assert store.delete_manifests([b"m1"]) == 0
 
 
+def test_put_manifests_stores_each_and_refreshes_stored_at(store: Store):
+    records = [(ids.record_id(b"%d" % i), b"manifest %d" % i * (i + 1)) for i in range(300)]
+    old = records[0][0]
+    store.put_manifest(old, records[0][1])
+    ((_, first),) = store.scan_manifests()
+    time.sleep(0.01)
+    store.put_manifests(records)
+    assert store.has_manifests([mid for mid, _ in records]) == {mid for mid, _ in records}
+    assert all(store.get_manifest(mid) == data for mid, data in records)
+    stored_at = dict(store.scan_manifests())
+    assert stored_at[old] > first and len(stored_at) == 300
+    store.put_manifests([])
+    assert store.delete_manifests([mid for mid, _ in records]) == 300
+
+
 def test_put_manifest_again_keeps_data_and_refreshes_stored_at(store: Store):
     started = time.time()
     store.put_manifest(b"m", b"one")

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from conftest import count_fetches, tree_bytes
 from test_cli import run
+from test_delta import stepped
 
 from chunkstore.file_index import read_index
 from chunkstore.repository import Repository
@@ -24,7 +25,6 @@ from chunkstore.stores.memory import MemoryStore
 from chunkstore.synthetic import (
     bf16_from_f32,
     f32_from_bf16,
-    optimizer_step,
     weights,
     write_torch_checkpoint,
 )
@@ -162,14 +162,6 @@ def checkpoint(seed: int = 0, kb: int = 256) -> dict:
     out["model.norm"] = ("BF16", (64,), weights(rng, 64, "bf16"))
     out["step"] = ("I64", (), np.array(1000, np.int64))
     return out
-
-
-def stepped(tensors: dict, seed: int) -> dict:
-    rng = np.random.default_rng(seed)
-    return {
-        k: (d, s, optimizer_step(rng, f, "bf16") if d == "BF16" else f)
-        for k, (d, s, f) in tensors.items()
-    }
 
 
 def save(root: Path, name: str, tensors: dict) -> Path:

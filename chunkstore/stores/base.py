@@ -179,6 +179,12 @@ class MetaStore(ABC):
     def put_manifest(self, manifest_id: bytes, data: bytes) -> None:
         """Store a file manifest durably (idempotent); its stored_at becomes now."""
 
+    def put_manifests(self, records: Sequence[tuple[bytes, bytes]]) -> None:
+        """:meth:`put_manifest` of each ``(id, data)``: a push's manifests, in as few
+        durable writes as the store allows."""
+        for manifest_id, data in records:
+            self.put_manifest(manifest_id, data)
+
     @abstractmethod
     def get_manifest(self, manifest_id: bytes) -> bytes:
         """Return a stored manifest; raise NotFound if absent."""

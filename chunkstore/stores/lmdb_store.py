@@ -519,11 +519,16 @@ class LmdbStore(Store):
 
     def put_manifest(self, manifest_id: bytes, data: bytes) -> None:
         """Store a manifest (an existing one keeps its data) and set its stored_at to now."""
+        self.put_manifests([(manifest_id, data)])
+
+    def put_manifests(self, records: Sequence[tuple[bytes, bytes]]) -> None:
+        """Store manifests as :meth:`put_manifest` does, all in one transaction."""
         stamp = _stamp()
 
         def write(txn: lmdb.Transaction) -> None:
-            txn.put(manifest_id, data, db=self._manifests, overwrite=False)
-            txn.put(manifest_id, stamp, db=self._manifest_meta)
+            for manifest_id, data in records:
+                txn.put(manifest_id, data, db=self._manifests, overwrite=False)
+                txn.put(manifest_id, stamp, db=self._manifest_meta)
 
         self._write(write)
 

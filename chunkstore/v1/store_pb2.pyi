@@ -124,6 +124,12 @@ class ManifestRecord(_message.Message):
     data: bytes
     def __init__(self, id: _Optional[bytes] = ..., data: _Optional[bytes] = ...) -> None: ...
 
+class ManifestRecords(_message.Message):
+    __slots__ = ("records",)
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    records: _containers.RepeatedCompositeFieldContainer[ManifestRecord]
+    def __init__(self, records: _Optional[_Iterable[_Union[ManifestRecord, _Mapping]]] = ...) -> None: ...
+
 class ManifestPart(_message.Message):
     __slots__ = ("id", "data")
     ID_FIELD_NUMBER: _ClassVar[int]

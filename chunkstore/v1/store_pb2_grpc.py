@@ -475,6 +475,11 @@ class MetaServiceStub:
                 request_serializer=chunkstore_dot_v1_dot_store__pb2.ManifestRecord.SerializeToString,
                 response_deserializer=chunkstore_dot_v1_dot_store__pb2.Empty.FromString,
                 _registered_method=True)
+        self.PutManifests = channel.unary_unary(
+                '/chunkstore.v1.MetaService/PutManifests',
+                request_serializer=chunkstore_dot_v1_dot_store__pb2.ManifestRecords.SerializeToString,
+                response_deserializer=chunkstore_dot_v1_dot_store__pb2.Empty.FromString,
+                _registered_method=True)
         self.GetManifest = channel.unary_unary(
                 '/chunkstore.v1.MetaService/GetManifest',
                 request_serializer=chunkstore_dot_v1_dot_store__pb2.ChunkIds.SerializeToString,
@@ -583,6 +588,13 @@ class MetaServiceServicer:
 
     def PutManifest(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PutManifests(self, request, context):
+        """a push's many small manifests at once
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -719,6 +731,11 @@ def add_MetaServiceServicer_to_server(servicer, server):
                     request_deserializer=chunkstore_dot_v1_dot_store__pb2.ManifestRecord.FromString,
                     response_serializer=chunkstore_dot_v1_dot_store__pb2.Empty.SerializeToString,
             ),
+            'PutManifests': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutManifests,
+                    request_deserializer=chunkstore_dot_v1_dot_store__pb2.ManifestRecords.FromString,
+                    response_serializer=chunkstore_dot_v1_dot_store__pb2.Empty.SerializeToString,
+            ),
             'GetManifest': grpc.unary_unary_rpc_method_handler(
                     servicer.GetManifest,
                     request_deserializer=chunkstore_dot_v1_dot_store__pb2.ChunkIds.FromString,
@@ -847,6 +864,33 @@ class MetaService:
             target,
             '/chunkstore.v1.MetaService/PutManifest',
             chunkstore_dot_v1_dot_store__pb2.ManifestRecord.SerializeToString,
+            chunkstore_dot_v1_dot_store__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutManifests(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chunkstore.v1.MetaService/PutManifests',
+            chunkstore_dot_v1_dot_store__pb2.ManifestRecords.SerializeToString,
             chunkstore_dot_v1_dot_store__pb2.Empty.FromString,
             options,
             channel_credentials,
