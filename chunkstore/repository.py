@@ -47,7 +47,13 @@ from chunkstore.model import (
 from chunkstore.parallel import for_each, imap
 from chunkstore.progress import NoProgress, Progress
 from chunkstore.refs import Ref, latest, load_versions, newest_and_count, resolve
-from chunkstore.restore import ChunkedReader, restore_file, stream_file
+from chunkstore.restore import (
+    ChunkedReader,
+    partial_path,
+    restore_file,
+    restore_new_files,
+    stream_file,
+)
 from chunkstore.retention import KeepPolicy, plan
 from chunkstore.reuse import holds
 from chunkstore.staging import DEFAULT_STAGE_TTL, Stage, live_stage_manifests
@@ -60,6 +66,10 @@ DEFAULT_GC_GRACE = 6 * 3600.0
 #: read or written at once, and files of at most SMALL_FILE_BYTES pulled at once.
 REMOTE_CALLS_AT_ONCE = 8
 SMALL_FILE_BYTES = 4 << 20
+#: Small files new to a pull's destination are fetched in batches of this many bytes or files
+#: at most (each file open while its batch is read).
+SMALL_BATCH_BYTES = 64 << 20
+SMALL_BATCH_FILES = 128
 _VERIFY_BATCH = 256
 
 
@@ -542,12 +552,7 @@ class Repository:
 
         def restore(item: tuple[Path, FileEntry, Manifest]) -> None:
             target, entry, manifest = item
-            try:
-                target.parent.mkdir(parents=True, exist_ok=True)
-            except (FileExistsError, NotADirectoryError):
-                raise InvalidInput(
-                    f"cannot write {target}: a file is in the way of its directory"
-                ) from None
+            _make_parent(target)
             if target.is_dir():
                 raise InvalidInput(f"cannot write {target}: a directory is in the way")
             old = target if target.is_file() else None  # a file being replaced: reuse it
@@ -555,11 +560,20 @@ class Repository:
                 self.store, manifest, target, progress, mode=entry.mode or 0o644, reuse=old
             )
 
-        # Small files cost a round trip each more than their bytes: a remote store gets several
-        # at once. Large ones are read one at a time, each from every node in parallel.
+        # Small files cost a round trip each more than their bytes. Those new to the
+        # destination are fetched in batches, one read each; the others several at once from
+        # a remote store. Large ones are read one at a time, each from every node in parallel.
         small = [item for item in plan if item[1].size <= SMALL_FILE_BYTES]
+        new = [item for item in small if _new_plain_file(*item)]
+        others = [item for item in small if not _new_plain_file(*item)]
         try:
-            for_each(restore, small, self._calls_at_once, "pull")
+            for batch in _batches(new, SMALL_BATCH_BYTES, SMALL_BATCH_FILES):
+                for target, _, _ in batch:
+                    _make_parent(target)
+                restore_new_files(
+                    self.store, [(m, t, e.mode or 0o644) for t, e, m in batch], progress
+                )
+            for_each(restore, others, self._calls_at_once, "pull")
             for item in plan:
                 if item[1].size > SMALL_FILE_BYTES:
                     restore(item)
@@ -904,6 +918,39 @@ def _check_metrics(metrics: dict[str, float]) -> dict[str, float]:
             raise InvalidInput(f"invalid metric {key}={value!r}: must be finite")
         out[key] = number
     return out
+
+
+def _new_plain_file(target: Path, entry: FileEntry, manifest: Manifest) -> bool:
+    """Whether a file can be pulled along with others in one read: nothing is at its place
+    yet (no file, link or partial file of an earlier pull) and none of its chunks is rebuilt
+    from a delta."""
+    return not (manifest.deltas or os.path.lexists(target) or os.path.lexists(partial_path(target)))
+
+
+def _make_parent(target: Path) -> None:
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise InvalidInput(
+            f"cannot write {target}: a file is in the way of its directory"
+        ) from None
+
+
+def _batches(
+    items: list[tuple[Path, FileEntry, Manifest]], max_bytes: int, max_items: int
+) -> Iterator[list[tuple[Path, FileEntry, Manifest]]]:
+    """Consecutive ``(target, entry, manifest)`` items in lists of at most ``max_items``
+    whose entries' sizes add up to at most ``max_bytes`` (or a single larger one)."""
+    batch: list[tuple[Path, FileEntry, Manifest]] = []
+    size = 0
+    for item in items:
+        if batch and (len(batch) == max_items or size + item[1].size > max_bytes):
+            yield batch
+            batch, size = [], 0
+        batch.append(item)
+        size += item[1].size
+    if batch:
+        yield batch
 
 
 def _holds_partials(folder: Path) -> bool:

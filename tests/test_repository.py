@@ -648,6 +648,23 @@ def test_the_checks_of_many_small_files_share_calls(repo, tmp_path):
     assert tree_bytes(tmp_path / "out") == tree_bytes(tmp_path / "src")
 
 
+def test_a_pull_of_many_small_files_reads_them_in_a_few_calls(repo, tmp_path):
+    for i in range(300):
+        write(tmp_path / "src" / f"d{i % 7}" / f"rank-{i:03}.bin", random_bytes(3000 + i, seed=i))
+    (tmp_path / "src" / "d0" / "rank-000.bin").chmod(0o600)
+    repo.push(tmp_path / "src", repo="many")
+    calls = []
+    real = repo.store.read_into
+    repo.store.read_into = lambda ids, consume, workers=2: (
+        calls.append(len(ids)) or real(ids, consume, workers=workers)
+    )
+    repo.pull("many", tmp_path / "out")
+    assert tree_bytes(tmp_path / "out") == tree_bytes(tmp_path / "src")
+    assert (tmp_path / "out" / "d0" / "rank-000.bin").stat().st_mode & 0o777 == 0o600
+    assert len(calls) <= 3 and sum(calls) == 300
+    assert not [p for p in (tmp_path / "out").rglob("*") if "partial" in p.name]
+
+
 def test_a_push_of_more_files_than_open_descriptors_allowed(lmdb_repo, tmp_path):
     """Each file's map is let go once its chunks are checked: a push of 600 files works with
     a limit of 200 open descriptors (before, every file stayed open until the push ended)."""
