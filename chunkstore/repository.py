@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import getpass
+import itertools
 import math
 import os
 import socket
@@ -44,7 +45,7 @@ from chunkstore.model import (
 from chunkstore.model import (
     check_repo_name as _check_repo_name,
 )
-from chunkstore.parallel import for_each, imap
+from chunkstore.parallel import for_each
 from chunkstore.progress import NoProgress, Progress
 from chunkstore.refs import Ref, latest, load_versions, newest_and_count, resolve
 from chunkstore.restore import (
@@ -62,10 +63,12 @@ from chunkstore.tensors import LazyTensors, TensorDiff, diff_file, tensor_files
 from chunkstore.tree import PARTIAL, list_tree
 
 DEFAULT_GC_GRACE = 6 * 3600.0
-#: From a remote store, where each call costs a round trip more than its bytes: manifests
-#: read or written at once, and files of at most SMALL_FILE_BYTES pulled at once.
+#: From a remote store, where each call costs a round trip more than its bytes: files of at
+#: most SMALL_FILE_BYTES pulled at once (those not fetched in batches).
 REMOTE_CALLS_AT_ONCE = 8
 SMALL_FILE_BYTES = 4 << 20
+#: Manifests read in one call (one per node on a cluster).
+MANIFESTS_AT_ONCE = 256
 #: Small files new to a pull's destination are fetched in batches of this many bytes or files
 #: at most (each file open while its batch is read).
 SMALL_BATCH_BYTES = 64 << 20
@@ -479,12 +482,16 @@ class Repository:
         return dict(zip(paths, self._manifests(version.files), strict=True))
 
     def _manifests_by_id(self, manifest_ids: Iterable[bytes]) -> Iterator[Manifest]:
-        return imap(self._manifest, manifest_ids, self._calls_at_once, "manifest-get")
+        """The manifests, in order, read MANIFESTS_AT_ONCE at a time."""
+        ids_iter = iter(manifest_ids)
+        while batch := list(itertools.islice(ids_iter, MANIFESTS_AT_ONCE)):
+            for manifest_id, data in zip(batch, self.store.get_manifests(batch), strict=True):
+                yield Manifest.decode(manifest_id, data)
 
     @property
     def _calls_at_once(self) -> int:
-        """Manifest reads and writes, or small files pulled, at once: on a remote store each
-        costs a round trip more than its bytes."""
+        """Small files pulled at once: on a remote store each costs a round trip more than its
+        bytes."""
         return REMOTE_CALLS_AT_ONCE if self.store.remote else 1
 
     def pull(

@@ -657,6 +657,33 @@ class ClusterStore(Store):
         )
         return data
 
+    def get_manifests(self, manifest_ids: Sequence[bytes]) -> list[bytes]:
+        """One GetManifests call per node, all nodes at once, each id asked of one of its
+        owners (a healthy one first); what a node left out (absent there, past its reply's
+        size, or the node failed) is read as :meth:`get_manifest` reads it, failing over."""
+        distinct = list(dict.fromkeys(manifest_ids))
+        if not distinct:
+            return []
+        asked: dict[NodeClient, list[bytes]] = {}
+        for mid, owners in zip(distinct, self._owners_many(distinct), strict=True):
+            node = min(owners, key=lambda n: not n.healthy)  # the first healthy owner
+            asked.setdefault(node, []).append(mid)
+
+        def ask(node: NodeClient, mids: list[bytes]) -> list[pb.ManifestRecord]:
+            reply = node.meta.GetManifests(
+                pb.ChunkIds(ids=mids), timeout=self.policy.deadline(ONE_MESSAGE_BYTES)
+            )
+            return list(reply.records)
+
+        replies = call_each(self._pool, {n: partial(ask, n, m) for n, m in asked.items()})
+        found = {
+            record.id: record.data
+            for records in replies.ok.values()
+            for record in records
+            if record.id in distinct
+        }
+        return [found[mid] if mid in found else self.get_manifest(mid) for mid in manifest_ids]
+
     def has_manifests(self, manifest_ids: Sequence[bytes]) -> set[bytes]:
         """The manifests that at least ``write_quorum`` of their owners hold."""
         distinct = list(dict.fromkeys(manifest_ids))

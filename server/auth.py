@@ -65,6 +65,7 @@ METHOD_SCOPES: dict[str, Scope] = {
     "ChunkService/Totals": Scope.READ,
     "MetaService/PutManifest": Scope.WRITE,
     "MetaService/PutManifests": Scope.WRITE,
+    "MetaService/GetManifests": Scope.READ,
     "MetaService/GetManifest": Scope.READ,
     "MetaService/PutManifestParts": Scope.WRITE,
     "MetaService/GetManifestParts": Scope.READ,

@@ -23,6 +23,8 @@ MiB = 1 << 20
 MAX_MANIFEST_BYTES = 24 * MiB
 #: Largest manifest sent in pieces (PutManifestParts): a file of ~1.6 TB in 64 KiB chunks.
 MAX_PARTED_MANIFEST_BYTES = 1024 * MiB
+#: Manifest bytes a GetManifests reply carries at most (the rest are read one by one).
+MANIFESTS_REPLY_BYTES = 16 * MiB
 #: Largest version record (its file list, params, metrics, message).
 MAX_VERSION_BYTES = 16 * MiB
 

@@ -17,7 +17,7 @@ from chunkstore.v1 import store_pb2 as pb
 from chunkstore.v1 import store_pb2_grpc as pb_grpc
 
 from .chunk_service import chunk_ids
-from .limits import MAX_PARTED_MANIFEST_BYTES
+from .limits import MANIFESTS_REPLY_BYTES, MAX_PARTED_MANIFEST_BYTES
 
 SCAN_BATCH = 4096  # ManifestInfo per ScanManifests message
 STAGE_ID_SIZE = 16
@@ -48,6 +48,21 @@ class MetaServicer(pb_grpc.MetaServiceServicer):
             raise errors.InvalidInput(f"GetManifest takes exactly one id, got {len(request.ids)}")
         (manifest_id,) = chunk_ids(request.ids)
         return pb.ManifestRecord(id=manifest_id, data=self._store.get_manifest(manifest_id))
+
+    def GetManifests(
+        self, request: pb.ChunkIds, context: grpc.ServicerContext
+    ) -> pb.ManifestRecords:
+        records, size = [], 0
+        for manifest_id in chunk_ids(request.ids):
+            try:
+                data = self._store.get_manifest(manifest_id)
+            except errors.NotFound:
+                continue
+            size += len(data)
+            if size > MANIFESTS_REPLY_BYTES:
+                break
+            records.append(pb.ManifestRecord(id=manifest_id, data=data))
+        return pb.ManifestRecords(records=records)
 
     def PutManifestParts(
         self, request_iterator: Iterator[pb.ManifestPart], context: grpc.ServicerContext

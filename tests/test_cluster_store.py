@@ -30,6 +30,7 @@ from test_stores import (  # noqa: F401
     test_delete,
     test_delete_version_removes_its_tags,
     test_empty_store,
+    test_get_manifests_in_order_and_an_absent_one_is_not_found,
     test_get_of_absent_id_raises,
     test_list_repos,
     test_put_get_scan_totals,
@@ -601,10 +602,15 @@ def test_a_push_puts_its_manifests_in_a_call_per_node_and_needs_their_quorum(tmp
         assert sorted(calls) == ["PutManifests n1", "PutManifests n2", "PutManifests n3"]
         assert store.has_manifests([m for m, _ in records]) == {m for m, _ in records}
 
+        calls.clear()
+        assert store.get_manifests([m for m, _ in records]) == [d for _, d in records]
+        assert sorted(calls) == ["GetManifests n1", "GetManifests n2", "GetManifests n3"]
+
         cluster.kill("n3")  # every manifest still reaches 2 of its 3 owners
         more = [(ids.record_id(b"more %d" % i), b"more") for i in range(50)]
         store.put_manifests(more)
-        assert all(store.get_manifest(mid) == data for mid, data in more)
+        everything = [*records, *more]  # n3's share is read from the other owners
+        assert store.get_manifests([m for m, _ in everything]) == [d for _, d in everything]
 
         cluster.kill("n2")
         with pytest.raises(StoreUnavailable) as info:

@@ -342,8 +342,8 @@ def test_a_push_of_plain_files_reads_no_base_manifest(repo: Repository, tmp_path
     repo.push(tree, "m")
     write(tree / "rank0.log", random_bytes(40_000, seed=9))
     read: list[bytes] = []
-    real = repo.store.get_manifest
-    repo.store.get_manifest = lambda manifest_id: read.append(manifest_id) or real(manifest_id)
+    real = repo.store.get_manifests
+    repo.store.get_manifests = lambda manifest_ids: read.extend(manifest_ids) or real(manifest_ids)
     repo.push(tree, "m")
     assert read == []
     # A file with tensors among them reads the base's manifests, once.

@@ -395,6 +395,20 @@ def test_put_manifests_stores_all_or_nothing(meta_api):
     meta_api.DeleteManifests(every, timeout=5)
 
 
+def test_get_manifests_leaves_out_the_absent_and_what_is_past_its_size(meta_api):
+    small, absent, big1, big2 = (os.urandom(32) for _ in range(4))
+    meta_api.PutManifest(pb.ManifestRecord(id=small, data=b"small"), timeout=5)
+    for mid in (big1, big2):
+        meta_api.PutManifest(pb.ManifestRecord(id=mid, data=os.urandom(9 << 20)), timeout=30)
+    reply = meta_api.GetManifests(pb.ChunkIds(ids=[absent, small, big1, big2]), timeout=30)
+    assert [r.id for r in reply.records] == [small, big1]  # big2 would pass 16 MiB
+    assert reply.records[0].data == b"small"
+    with pytest.raises(grpc.RpcError) as info:
+        meta_api.GetManifests(pb.ChunkIds(ids=[b"short"]), timeout=5)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    meta_api.DeleteManifests(pb.ChunkIds(ids=[small, big1, big2]), timeout=5)
+
+
 def test_stages_round_trip_and_a_stage_file_needs_its_stage(meta_api):
     sid = b"\7" * 16
     meta_api.PutStage(pb.StageRecord(id=sid, data=b"record"))

@@ -257,6 +257,18 @@ def test_put_manifests_stores_each_and_refreshes_stored_at(store: Store):
     assert store.delete_manifests([mid for mid, _ in records]) == 300
 
 
+def test_get_manifests_in_order_and_an_absent_one_is_not_found(store: Store):
+    records = [(ids.record_id(b"g%d" % i), b"manifest %d" % i) for i in range(300)]
+    store.put_manifests(records)
+    wanted = [mid for mid, _ in reversed(records)] + [records[5][0]]
+    assert store.get_manifests(wanted) == [data for _, data in reversed(records)] + [records[5][1]]
+    assert store.get_manifests([]) == []
+    absent = ids.record_id(b"absent")
+    with pytest.raises(NotFound, match=absent.hex()):
+        store.get_manifests([records[0][0], absent])
+    assert store.delete_manifests([mid for mid, _ in records]) == 300
+
+
 def test_put_manifest_again_keeps_data_and_refreshes_stored_at(store: Store):
     started = time.time()
     store.put_manifest(b"m", b"one")

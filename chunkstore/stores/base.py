@@ -189,6 +189,10 @@ class MetaStore(ABC):
     def get_manifest(self, manifest_id: bytes) -> bytes:
         """Return a stored manifest; raise NotFound if absent."""
 
+    def get_manifests(self, manifest_ids: Sequence[bytes]) -> list[bytes]:
+        """:meth:`get_manifest` of each id, in order, in as few reads as the store allows."""
+        return [self.get_manifest(manifest_id) for manifest_id in manifest_ids]
+
     @abstractmethod
     def has_manifests(self, manifest_ids: Sequence[bytes]) -> set[bytes]:
         """Return the ids among ``manifest_ids`` that are stored."""

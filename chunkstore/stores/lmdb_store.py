@@ -533,10 +533,16 @@ class LmdbStore(Store):
         self._write(write)
 
     def get_manifest(self, manifest_id: bytes) -> bytes:
-        data = self._read(lambda txn: txn.get(manifest_id, db=self._manifests))
-        if data is None:
-            raise errors.NotFound(f"manifest {manifest_id.hex()} is not in the store")
+        (data,) = self.get_manifests([manifest_id])
         return data
+
+    def get_manifests(self, manifest_ids: Sequence[bytes]) -> list[bytes]:
+        """As :meth:`get_manifest` for each id, in one transaction."""
+        found = self._read(lambda txn: [txn.get(mid, db=self._manifests) for mid in manifest_ids])
+        for manifest_id, data in zip(manifest_ids, found, strict=True):
+            if data is None:
+                raise errors.NotFound(f"manifest {manifest_id.hex()} is not in the store")
+        return found
 
     def has_manifests(self, manifest_ids: Sequence[bytes]) -> set[bytes]:
         return set(self._read(partial(_present, self._manifests, manifest_ids)))

@@ -485,6 +485,11 @@ class MetaServiceStub:
                 request_serializer=chunkstore_dot_v1_dot_store__pb2.ChunkIds.SerializeToString,
                 response_deserializer=chunkstore_dot_v1_dot_store__pb2.ManifestRecord.FromString,
                 _registered_method=True)
+        self.GetManifests = channel.unary_unary(
+                '/chunkstore.v1.MetaService/GetManifests',
+                request_serializer=chunkstore_dot_v1_dot_store__pb2.ChunkIds.SerializeToString,
+                response_deserializer=chunkstore_dot_v1_dot_store__pb2.ManifestRecords.FromString,
+                _registered_method=True)
         self.PutManifestParts = channel.stream_unary(
                 '/chunkstore.v1.MetaService/PutManifestParts',
                 request_serializer=chunkstore_dot_v1_dot_store__pb2.ManifestPart.SerializeToString,
@@ -601,6 +606,14 @@ class MetaServiceServicer:
 
     def GetManifest(self, request, context):
         """exactly one id
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetManifests(self, request, context):
+        """The manifests held among the ids, in their order, up to 16 MiB of them: those absent,
+        or past that, are left out (a client reads them one by one).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -740,6 +753,11 @@ def add_MetaServiceServicer_to_server(servicer, server):
                     servicer.GetManifest,
                     request_deserializer=chunkstore_dot_v1_dot_store__pb2.ChunkIds.FromString,
                     response_serializer=chunkstore_dot_v1_dot_store__pb2.ManifestRecord.SerializeToString,
+            ),
+            'GetManifests': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetManifests,
+                    request_deserializer=chunkstore_dot_v1_dot_store__pb2.ChunkIds.FromString,
+                    response_serializer=chunkstore_dot_v1_dot_store__pb2.ManifestRecords.SerializeToString,
             ),
             'PutManifestParts': grpc.stream_unary_rpc_method_handler(
                     servicer.PutManifestParts,
@@ -919,6 +937,33 @@ class MetaService:
             '/chunkstore.v1.MetaService/GetManifest',
             chunkstore_dot_v1_dot_store__pb2.ChunkIds.SerializeToString,
             chunkstore_dot_v1_dot_store__pb2.ManifestRecord.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetManifests(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chunkstore.v1.MetaService/GetManifests',
+            chunkstore_dot_v1_dot_store__pb2.ChunkIds.SerializeToString,
+            chunkstore_dot_v1_dot_store__pb2.ManifestRecords.FromString,
             options,
             channel_credentials,
             insecure,
