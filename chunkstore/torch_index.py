@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from chunkstore.model import TensorInfo
 from chunkstore.seekable import SeekableReader
 from chunkstore.tensor_index import DTYPE_BITS, TensorIndex
+from chunkstore.tensor_index import element_size as element_bytes
 
 #: torch's storage type names -> safetensors dtype names.
 STORAGE_DTYPES = {
@@ -52,6 +53,29 @@ STORAGE_DTYPES = {
     "UInt16Storage": "U16",
     "UInt32Storage": "U32",
     "UInt64Storage": "U64",
+}
+#: torch's dtype names (``torch.float8_e4m3fn``...) -> safetensors dtype names: a tensor of a
+#: dtype without a storage type of its own is saved over untyped (byte) storage, with its dtype.
+TORCH_DTYPES = {
+    "float32": "F32",
+    "float64": "F64",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "int64": "I64",
+    "int32": "I32",
+    "int16": "I16",
+    "int8": "I8",
+    "uint8": "U8",
+    "bool": "BOOL",
+    "complex64": "C64",
+    "float8_e4m3fn": "F8_E4M3",
+    "float8_e5m2": "F8_E5M2",
+    "float8_e4m3fnuz": "F8_E4M3FNUZ",
+    "float8_e5m2fnuz": "F8_E5M2FNUZ",
+    "float8_e8m0fnu": "F8_E8M0",
+    "uint16": "U16",
+    "uint32": "U32",
+    "uint64": "U64",
 }
 _REBUILD_TENSOR = {("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_tensor")}
 _REBUILD_PARAMETER = {
@@ -205,8 +229,13 @@ class _Dict(dict):
 
 
 class _StorageType:
-    def __init__(self, name: str) -> None:
-        self.dtype = STORAGE_DTYPES.get(name)
+    def __init__(self, dtype: str | None) -> None:
+        self.dtype = dtype
+
+
+@dataclass(frozen=True)
+class _DType:
+    name: str  # the safetensors name of a torch dtype the pickle names
 
 
 def _rebuild_tensor(storage: object, offset: object, shape: object, stride: object, *_: object):
@@ -215,18 +244,46 @@ def _rebuild_tensor(storage: object, offset: object, shape: object, stride: obje
     return _Tensor(storage, int(offset), tuple(map(int, shape)), tuple(map(int, stride)))  # type: ignore[arg-type]
 
 
+def _rebuild_tensor_v3(
+    storage: object, offset: object, shape: object, stride: object, _grad, _hooks, dtype, *_
+) -> object:
+    """A tensor of a dtype saved over untyped storage: the storage is its bytes."""
+    if not (isinstance(storage, _Storage) and storage.dtype == "U8" and isinstance(dtype, _DType)):
+        return _Opaque((storage, offset, shape, stride, dtype))  # a dtype not understood: bytes
+    size = element_bytes(dtype.name)
+    if storage.numel % size:
+        raise ValueError(f"storage {storage.key} is not a whole number of {dtype.name}")
+    typed = _Storage(storage.key, dtype.name, storage.numel // size)
+    return _rebuild_tensor(typed, offset, shape, stride)
+
+
 def _rebuild_parameter(data: object, *_: object) -> object:
     return data
+
+
+def _rebuild_from_type(func: object, _type: object, args: object, _state: object) -> object:
+    """A tensor of a subclass: the tensor it wraps."""
+    if func in (_rebuild_tensor, _rebuild_tensor_v3, _rebuild_parameter):
+        return func(*args)  # type: ignore[operator]
+    return _Opaque((func, args))
 
 
 class _Unpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> object:
         if (module, name) in _REBUILD_TENSOR:
             return _rebuild_tensor
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v3"):
+            return _rebuild_tensor_v3
         if (module, name) in _REBUILD_PARAMETER:
             return _rebuild_parameter
+        if (module, name) == ("torch._tensor", "_rebuild_from_type_v2"):
+            return _rebuild_from_type
+        if (module, name) == ("torch.storage", "UntypedStorage"):
+            return _StorageType("U8")
         if module == "torch" and name.endswith("Storage"):
-            return _StorageType(name)
+            return _StorageType(STORAGE_DTYPES.get(name))
+        if module == "torch" and name in TORCH_DTYPES:
+            return _DType(TORCH_DTYPES[name])
         if (module, name) == ("collections", "OrderedDict"):
             return _Dict
         return type(name, (_Opaque,), {})

@@ -2,8 +2,9 @@
 torch and without running its pickle, and its tensors get byte planes, deltas, diffs and
 partial loads as safetensors tensors do.
 
-The files under ``data/torch`` were written by torch 2.13 (``torch.save``); their values are
-small integers, so the bytes each tensor must hold are known here without torch.
+The files under ``data/torch`` were written by torch 2.13 (``torch.save``; ``legacy.pt`` with
+``_use_new_zipfile_serialization=False``); their values are small integers, so the bytes each
+tensor must hold are known here without torch.
 """
 
 from __future__ import annotations
@@ -76,6 +77,18 @@ def test_an_optimizer_state_is_indexed_by_parameter_and_moment():
         "state.1.exp_avg": ("F32", (2,)),
         "state.1.exp_avg_sq": ("F32", (2,)),
     }
+
+
+def test_new_dtypes_saved_over_untyped_storage_and_subclasses_are_indexed():
+    data = (DATA / "new_dtypes.pt").read_bytes()
+    tensors = {name: (t.dtype, t.shape, data[t.begin : t.end]) for name, t in by_name(data).items()}
+    assert tensors == {
+        "f8": ("F8_E4M3", (6,), bytes([0, 56, 64, 68, 72, 74])),  # 0..5 in float8_e4m3fn
+        "u16": ("U16", (4,), np.array([0, 1, 2, 65535], "<u2").tobytes()),
+        "w": ("F32", (3,), np.arange(3, dtype=np.float32).tobytes()),
+    }
+    data = (DATA / "subclass.pt").read_bytes()  # a torch.Tensor subclass of a __main__ class
+    assert {n: (t.dtype, t.shape) for n, t in by_name(data).items()} == {"sub": ("F32", (3,))}
 
 
 def test_a_storage_no_tensor_views_whole_is_named_by_its_member():
@@ -230,7 +243,9 @@ def test_cli_shows_and_diffs_the_tensors_of_a_torch_checkpoint(env_store, tmp_pa
     assert code == 0 and "model.layers.2.w" in out and "BF16" in out
 
 
-@pytest.mark.parametrize("name", ["mixed.pt", "optimizer.pt", "legacy.pt"])
+@pytest.mark.parametrize(
+    "name", ["mixed.pt", "optimizer.pt", "legacy.pt", "new_dtypes.pt", "subclass.pt"]
+)
 def test_read_index_takes_torch_checkpoints(name):
     data = (DATA / name).read_bytes()
     assert read_index(data, len(data)) == index_of(data)
