@@ -44,6 +44,19 @@ def load_versions(meta: MetaStore, repo: str, limit: int | None = None) -> list[
     return [head.version() for head in _heads(meta, repo)[:limit]]
 
 
+def users_of(meta: MetaStore, repo: str) -> list[Version]:
+    """The versions of other repos that name a version of ``repo`` as an input. The others are
+    only parsed, not decoded: this reads every version record in the store."""
+    out = []
+    for name in meta.list_repos():
+        if name == repo:
+            continue
+        for vid, data in meta.list_versions(name):
+            if any(link.repo == repo for link in model_pb2.Version.FromString(data).inputs):
+                out.append(decode_version(vid, data, []))
+    return out
+
+
 def latest(meta: MetaStore, repo: str) -> Version | None:
     """The newest version of ``repo``, or None if it has none."""
     return newest_and_count(meta, repo)[0]

@@ -47,7 +47,7 @@ from chunkstore.model import (
 )
 from chunkstore.parallel import for_each
 from chunkstore.progress import NoProgress, Progress
-from chunkstore.refs import Ref, latest, load_versions, newest_and_count, resolve
+from chunkstore.refs import Ref, latest, load_versions, newest_and_count, resolve, users_of
 from chunkstore.restore import (
     ChunkedReader,
     partial_path,
@@ -417,8 +417,7 @@ class Repository:
                 "--keep-highest); to remove one version use rm"
             )
         versions = self.log(repo)
-        others = [v for v in self._all_versions() if v.repo != repo]
-        decided = plan(versions, policy, others)
+        decided = plan(versions, policy, users_of(self.store, repo))
         kept = [(v, why) for v, why in decided if why]
         removed = [v for v, why in decided if not why]
         if not dry_run:

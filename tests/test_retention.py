@@ -11,7 +11,7 @@ from conftest import random_bytes, write
 from test_cli import run
 from test_delta import assert_pulls, model, save, stepped
 
-from chunkstore import ids
+from chunkstore import ids, refs
 from chunkstore.errors import InvalidInput, NotFound
 from chunkstore.model import Version, VersionLink
 from chunkstore.repository import Repository
@@ -168,15 +168,25 @@ def test_a_pruned_delta_base_leaves_its_deltas_whole(repo: Repository, tmp_path)
     assert repo.verify().ok
 
 
-def test_prune_keeps_the_input_of_another_repos_version(repo: Repository, tmp_path):
+def test_prune_keeps_the_input_of_another_repos_version(repo: Repository, tmp_path, monkeypatch):
     base = push_series(repo, tmp_path, 3)
     write(tmp_path / "ft" / "model.bin", random_bytes(1024, seed=9))
     repo.push(tmp_path / "ft", "ft", inputs=[base[0].ref])
+    for i in range(3):  # versions of a repo that names no version of m
+        write(tmp_path / "other" / "x.bin", random_bytes(512, seed=20 + i))
+        repo.push(tmp_path / "other", "other")
+    decoded = []
+    real = refs.decode_version
+    monkeypatch.setattr(
+        refs, "decode_version", lambda vid, *a: decoded.append(vid) or real(vid, *a)
+    )
     result = repo.prune("m", KeepPolicy(last=1))
     assert [v.id for v in result.removed] == [base[1].id]
     assert dict((v.id, why) for v, why in result.kept)[base[0].id] == [
         f"input of {repo.log('ft')[0].ref}"
     ]
+    # Of the other repos' versions only the one naming m as an input was decoded.
+    assert not set(decoded) & {v.id for v in repo.log("other")}
 
 
 # -- the command line ---------------------------------------------------------------------------
