@@ -90,12 +90,23 @@ _LOCAL_SIGNATURE = b"PK\x03\x04"
 def read_torch_index(data: bytes | memoryview, file_size: int) -> TensorIndex | None:
     """The tensor index of a ``torch.save`` checkpoint whose bytes are ``data`` (the whole
     file), or None."""
-    if file_size < 4 or bytes(data[:4]) != _LOCAL_SIGNATURE or len(data) != file_size:
+    if len(data) != file_size or not _starts_with_a_pickle(data):
         return None
     try:
         return _read(memoryview(data))
     except Exception:  # noqa: BLE001 - whatever a damaged zip or pickle raises, it is bytes
         return None
+
+
+def _starts_with_a_pickle(data: bytes | memoryview) -> bool:
+    """Whether the file's first zip member is ``PREFIX/data.pkl``, as torch.save writes it: a
+    cheap test that spares other zip files (a dataset of many members, an ``.npz``) a reading
+    of their whole directory."""
+    if len(data) < _LOCAL_HEADER.size:
+        return False
+    signature, name_length, _ = _LOCAL_HEADER.unpack_from(data, 0)
+    name = bytes(data[_LOCAL_HEADER.size : _LOCAL_HEADER.size + name_length])
+    return signature == _LOCAL_SIGNATURE and name.endswith(b"/data.pkl") and name.count(b"/") == 1
 
 
 def _read(view: memoryview) -> TensorIndex | None:
