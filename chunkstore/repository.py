@@ -569,9 +569,10 @@ class Repository:
         # Small files cost a round trip each more than their bytes. Those new to the
         # destination are fetched in batches, one read each; the others several at once from
         # a remote store. Large ones are read one at a time, each from every node in parallel.
-        small = [item for item in plan if item[1].size <= SMALL_FILE_BYTES]
-        new = [item for item in small if _new_plain_file(*item)]
-        others = [item for item in small if not _new_plain_file(*item)]
+        new, others = [], []
+        for item in plan:
+            if item[1].size <= SMALL_FILE_BYTES:
+                (new if _new_plain_file(*item) else others).append(item)
         try:
             for batch in _batches(new, SMALL_BATCH_BYTES, SMALL_BATCH_FILES):
                 for target, _, _ in batch:
