@@ -60,6 +60,7 @@ from chunkstore.reuse import holds
 from chunkstore.staging import DEFAULT_STAGE_TTL, Stage, live_stage_manifests
 from chunkstore.stores.base import Store
 from chunkstore.tensors import LazyTensors, TensorDiff, diff_file, tensor_files
+from chunkstore.transfer import CopyResult, copy_version
 from chunkstore.tree import PARTIAL, list_tree
 
 DEFAULT_GC_GRACE = 6 * 3600.0
@@ -424,6 +425,18 @@ class Repository:
             for v in removed:
                 self.store.delete_version(v.repo, v.id)
         return PruneResult(repo, kept, removed, dry_run)
+
+    def copy(
+        self,
+        ref: str,
+        dest: Repository,
+        history: bool = True,
+        progress: Progress | None = None,
+    ) -> CopyResult:
+        """Copy the version ``ref`` names into ``dest`` (another store), with the ancestors
+        ``dest`` lacks unless ``history`` is False, and their tags; see
+        :mod:`chunkstore.transfer`. Copying again copies nothing."""
+        return copy_version(self.store, dest.store, ref, history, progress)
 
     # -- reading -----------------------------------------------------------------------------
 

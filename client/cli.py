@@ -329,6 +329,31 @@ def cmd_ls(repo: Repository, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_copy(repo: Repository, args: argparse.Namespace) -> int:
+    repo.resolve(args.ref)  # a bad ref fails before the destination is opened (or made)
+    with connect(args.to, token=args.token) as dest:
+        progress = for_terminal(args.quiet, new_label="copied")
+        result = repo.copy(args.ref, dest, history=not args.only, progress=progress)
+    if args.json:
+        _emit_json({**result.to_json(), "to": args.to})
+        return 0
+    if not args.quiet:
+        copied = len(result.copied)
+        line = (
+            f"copied {copied} version{'s' if copied != 1 else ''} of {result.repo} to {args.to}: "
+            f"{human_bytes(result.stored_bytes)} in {result.chunks:,} chunks"
+        )
+        if result.present:
+            line += f"; {result.present} already there"
+        if result.tags:
+            line += f"; tags {', '.join(result.tags)}"
+        print(line)
+        if result.kept_tags:
+            kept = ", ".join(result.kept_tags)
+            print(f"left as they were there: tags {kept} (on other versions)")
+    return 0
+
+
 def cmd_rm(repo: Repository, args: argparse.Namespace) -> int:
     v = repo.rm(args.ref)
     if args.json:
@@ -632,6 +657,19 @@ def build_parser(server_commands: bool = True) -> argparse.ArgumentParser:
     p.add_argument("-d", "--delete", action="store_true", help="delete the tag instead")
 
     _add(sub, "ls", cmd_ls, "list repos", "chunkstore ls --json")
+
+    p = _add(
+        sub,
+        "copy",
+        cmd_copy,
+        "copy a version and its history to another store (only what it lacks), with their tags",
+        "chunkstore copy llama-ft@v3 --to grpc://cluster-1:7400    # share a local version\n"
+        "chunkstore copy llama-ft --store grpc://cluster-1:7400 --to ./offline --only",
+    )
+    p.add_argument("ref")
+    p.add_argument("--to", required=True, help="the destination store: a path or a URL")
+    p.add_argument("--only", action="store_true", help="this version alone, not its ancestors")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     p = _add(
         sub,
