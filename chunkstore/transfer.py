@@ -12,7 +12,9 @@ version, which is left as it is. Inputs of other repos (a base model) are not co
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from chunkstore import codec
@@ -23,6 +25,8 @@ from chunkstore.stores.base import Store
 
 #: Blob bytes read from the source and written to the destination at once.
 BATCH_BYTES = 16 << 20
+#: Batches being written at once, while the next is read.
+PUTS_AT_ONCE = 2
 
 
 @dataclass
@@ -132,16 +136,36 @@ def _copy_chunks(
     share: float,
 ) -> None:
     """Copy blobs as they are (no re-encoding), each checked against its id first unless the
-    destination checks what it receives itself (a cluster's nodes do)."""
-    for batch in _batches(source.get(ids), BATCH_BYTES):
+    destination checks what it receives itself (a cluster's nodes do). Reading the next
+    batch overlaps writing the ones before (PUTS_AT_ONCE at a time)."""
+
+    def put(batch: list[tuple[bytes, bytes]]) -> None:
         if not dest.remote:
             for cid, blob in batch:
                 codec.verified_buffer(cid, blob)  # raises CorruptChunk naming it
-        size = sum(len(blob) for _, blob in batch)
         dest.put(batch)
+
+    pending: deque[tuple[Future, list[tuple[bytes, bytes]]]] = deque()
+
+    def settle(batch_future: tuple[Future, list[tuple[bytes, bytes]]]) -> None:
+        future, batch = batch_future
+        future.result()
+        size = sum(len(blob) for _, blob in batch)
         result.chunks += len(batch)
         result.stored_bytes += size
         progress.advance(round(share * len(batch)), size)
+
+    with ThreadPoolExecutor(PUTS_AT_ONCE, thread_name_prefix="copy-put") as pool:
+        try:
+            for batch in _batches(source.get(ids), BATCH_BYTES):
+                pending.append((pool.submit(put, batch), batch))
+                while len(pending) > PUTS_AT_ONCE:
+                    settle(pending.popleft())
+            while pending:
+                settle(pending.popleft())
+        finally:
+            for future, _ in pending:
+                future.cancel()
 
 
 def _batches(
