@@ -38,6 +38,7 @@ import numpy as np
 
 from chunkstore import codec, ids
 from chunkstore.allocator import keep_freed_memory
+from chunkstore.batching import by_size
 from chunkstore.errors import CorruptChunk
 from chunkstore.model import DeltaRef, Manifest, TensorInfo
 from chunkstore.parallel import for_each
@@ -562,24 +563,11 @@ def rebuild_on(
                     done.add(cid)
 
     try:
-        for_each(rebuild, _batches(store.get(list(users))), workers, "chunk-rebase")
+        batches = by_size(store.get(list(users)), lambda pair: len(pair[1]), _BATCH_BYTES)
+        for_each(rebuild, batches, workers, "chunk-rebase")
     finally:
         os.close(fd)
     return done
-
-
-def _batches(blobs: Iterator[tuple[bytes, bytes]]) -> Iterator[list[tuple[bytes, bytes]]]:
-    """``(id, blob)`` pairs in lists of about ``_BATCH_BYTES`` of blobs: work for one thread."""
-    batch: list[tuple[bytes, bytes]] = []
-    size = 0
-    for cid, blob in blobs:
-        batch.append((cid, blob))
-        size += len(blob)
-        if size >= _BATCH_BYTES:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
 
 
 def fetch_size(length: int, ref: DeltaRef | None) -> int:

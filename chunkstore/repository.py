@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from chunkstore import codec
+from chunkstore.batching import by_size
 from chunkstore.chunking import ChunkerParams
 from chunkstore.delta import BaseTensors, base_length, read_chunks
 from chunkstore.dirlock import locked
@@ -587,7 +588,9 @@ class Repository:
             if item[1].size <= SMALL_FILE_BYTES:
                 (new if _new_plain_file(*item) else others).append(item)
         try:
-            for batch in _batches(new, SMALL_BATCH_BYTES, SMALL_BATCH_FILES):
+            for batch in by_size(
+                new, lambda item: item[1].size, SMALL_BATCH_BYTES, SMALL_BATCH_FILES
+            ):
                 for target, _, _ in batch:
                     _make_parent(target)
                 restore_new_files(
@@ -954,23 +957,6 @@ def _make_parent(target: Path) -> None:
         raise InvalidInput(
             f"cannot write {target}: a file is in the way of its directory"
         ) from None
-
-
-def _batches(
-    items: list[tuple[Path, FileEntry, Manifest]], max_bytes: int, max_items: int
-) -> Iterator[list[tuple[Path, FileEntry, Manifest]]]:
-    """Consecutive ``(target, entry, manifest)`` items in lists of at most ``max_items``
-    whose entries' sizes add up to at most ``max_bytes`` (or a single larger one)."""
-    batch: list[tuple[Path, FileEntry, Manifest]] = []
-    size = 0
-    for item in items:
-        if batch and (len(batch) == max_items or size + item[1].size > max_bytes):
-            yield batch
-            batch, size = [], 0
-        batch.append(item)
-        size += item[1].size
-    if batch:
-        yield batch
 
 
 def _holds_partials(folder: Path) -> bool:

@@ -13,11 +13,12 @@ version, which is left as it is. Inputs of other repos (a base model) are not co
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from chunkstore import codec
+from chunkstore.batching import by_size
 from chunkstore.model import Manifest, Version
 from chunkstore.progress import NoProgress, Progress
 from chunkstore.refs import load_versions, resolve
@@ -157,7 +158,8 @@ def _copy_chunks(
 
     with ThreadPoolExecutor(PUTS_AT_ONCE, thread_name_prefix="copy-put") as pool:
         try:
-            for batch in _batches(source.get(ids), BATCH_BYTES):
+            blobs = ((cid, bytes(blob)) for cid, blob in source.get(ids))
+            for batch in by_size(blobs, lambda pair: len(pair[1]), BATCH_BYTES):
                 pending.append((pool.submit(put, batch), batch))
                 while len(pending) > PUTS_AT_ONCE:
                     settle(pending.popleft())
@@ -166,18 +168,3 @@ def _copy_chunks(
         finally:
             for future, _ in pending:
                 future.cancel()
-
-
-def _batches(
-    blobs: Iterable[tuple[bytes, bytes]], limit: int
-) -> Iterator[list[tuple[bytes, bytes]]]:
-    batch: list[tuple[bytes, bytes]] = []
-    size = 0
-    for cid, blob in blobs:
-        batch.append((cid, bytes(blob)))
-        size += len(blob)
-        if size >= limit:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch

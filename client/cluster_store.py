@@ -53,6 +53,7 @@ import grpc
 
 from chunkstore import codec, errors, ids
 from chunkstore.allocator import keep_freed_memory
+from chunkstore.batching import by_size
 from chunkstore.cluster_map import ClusterMap, ClusterMapError, NodeSpec, map_from_proto, newer
 from chunkstore.stores.base import ChunkInfo, ChunkTotals, Store
 from chunkstore.v1 import store_pb2 as pb
@@ -633,7 +634,7 @@ class ClusterStore(Store):
 
     def _put_small_manifests(self, data_of: dict[bytes, bytes]) -> None:
         def send(node: NodeClient, manifest_ids: list[bytes]) -> None:
-            for batch in _batches_of(manifest_ids, data_of, ONE_MESSAGE_BYTES):
+            for batch in by_size(manifest_ids, lambda mid: len(data_of[mid]), ONE_MESSAGE_BYTES):
                 message = pb.ManifestRecords(
                     records=[pb.ManifestRecord(id=mid, data=data_of[mid]) for mid in batch]
                 )
@@ -914,19 +915,3 @@ def _removal(
         return removed
 
     return run
-
-
-def _batches_of(
-    keys: list[bytes], data_of: dict[bytes, bytes], limit: int
-) -> Iterator[list[bytes]]:
-    """``keys`` in consecutive lists whose data add up to at most ``limit`` bytes each."""
-    batch: list[bytes] = []
-    size = 0
-    for key in keys:
-        if batch and size + len(data_of[key]) > limit:
-            yield batch
-            batch, size = [], 0
-        batch.append(key)
-        size += len(data_of[key])
-    if batch:
-        yield batch
