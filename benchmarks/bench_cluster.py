@@ -1,8 +1,10 @@
 """The cluster client against the embedded store, measured in the same run.
 
     python benchmarks/bench_cluster.py [--size-mb N] [--nodes 3] [--replicas 2] [--rounds 2]
+    python benchmarks/bench_cluster.py --files 500     # many small files instead
 
-Makes a bf16 safetensors series of two versions (the second rewrites ~10% of the tensors),
+Makes a bf16 safetensors series of two versions (the second rewrites ~10% of the tensors), or
+with ``--files N`` two trees of N files of 20-200 KB (the second rewrites ~10% of them),
 starts a local cluster (node processes on loopback ports, as ``chunkstore cluster up`` does)
 and, for each store, times three phases: the first push, the push of the second version (~10%
 new) and a pull of it. Each phase runs in a subprocess of its own, so the peak RSS reported is
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import resource
 import shutil
 import subprocess
@@ -39,6 +42,22 @@ from chunkstore.synthetic import make_series
 REPO = "bench"
 #: Phase, and the least cluster/embedded throughput ratio aimed for.
 PHASES = (("first push", 0.5), ("push, ~10% new", 0.8), ("pull", 0.6))
+
+
+def small_file_trees(out: Path, files: int) -> list[Path]:
+    """Two trees of ``files`` random files of 20-200 KB in a few folders (a checkpoint saved
+    per rank and per shard); the second rewrites ~10% of them."""
+    rng = random.Random(7)
+    trees = [out / "v1", out / "v2"]
+    for i in range(files):
+        data = rng.randbytes(rng.randrange(20_000, 200_000))
+        for tree in trees:
+            if tree.name == "v2" and i % 10 == 0:
+                data = rng.randbytes(len(data))
+            path = tree / f"part-{i % 8}" / f"rank-{i:05}.bin"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+    return trees
 
 
 def run_phase(phase: str, url: str, source: Path, dest: Path) -> dict[str, float]:
@@ -186,6 +205,9 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2, help="rounds on new stores")
     parser.add_argument("--pulls", type=int, default=2, help="pulls per store and round")
+    parser.add_argument(
+        "--files", type=int, help="versions of this many small files instead of one large one"
+    )
     parser.add_argument("--phase", choices=("push", "pull"), help=argparse.SUPPRESS)
     parser.add_argument("args", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -197,11 +219,16 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench-cluster-") as tmp:
         work = Path(tmp)
-        versions = make_series(work / "src", versions=2, size_mb=args.size_mb, dtype="bf16")
+        if args.files:
+            versions = small_file_trees(work / "src", args.files)
+            what = f"{args.files} files"
+        else:
+            versions = make_series(work / "src", versions=2, size_mb=args.size_mb, dtype="bf16")
+            what = "bf16 safetensors"
         os.sync()  # no writeback of the series behind the stores' synced commits
-        size = (versions[1] / "model.safetensors").stat().st_size
+        size = sum(f.stat().st_size for f in versions[1].rglob("*") if f.is_file())
         print(
-            f"{size / 1e6:.0f} MB bf16 safetensors per version; cluster of {args.nodes} nodes, "
+            f"{size / 1e6:.0f} MB of {what} per version; cluster of {args.nodes} nodes, "
             f"{args.replicas} replicas, on {local_cluster.HOST}",
             flush=True,
         )
