@@ -1,4 +1,4 @@
-"""Push and pull of a checkpoint series on the embedded store, against cp, borg and restic.
+"""Push and pull of a checkpoint series on the embedded store, against cp, borg, restic and DVC.
 
     python benchmarks/bench_push_pull.py [--size-mb N] [--dtype bf16|fp32|both] [--repeat N]
                                          [--keep DIR] [--json PATH]
@@ -31,7 +31,8 @@ Tools: ``chunkstore`` (CLI, embedded LMDB store in a temp dir via ``CHUNKSTORE_S
 ``cp -r`` (push = copy into a repo directory, then fsync the copies, since the stores sync their
 writes; pull = copy back); ``borg`` (``init --encryption none``; ``create --files-cache disabled``
 with ``--compression lz4`` and, in a second repository, ``zstd,3``; ``extract``) and ``restic``
-(``init``, ``backup --force``, ``restore``) when installed, otherwise skipped with a note. No tool
+(``init``, ``backup --force``, ``restore``) and ``dvc`` (see :class:`Dvc`) when installed,
+otherwise skipped with a note. No tool
 uses a cache of file metadata to skip reading: each reads every byte it stores, as a new
 checkpoint file would require anyway. With ``--repeat N`` every tool runs N times, the tools
 taking turns, and each figure is the best of the N (the largest peak RSS).
@@ -396,6 +397,53 @@ class Restic(Tool):
         return stats["total_size"]
 
 
+class Dvc(Tool):
+    """DVC with a local remote, as an ML engineer versions a checkpoint directory with it: the
+    version is copied into the workspace untimed (training writes it there), then ``dvc add``
+    (MD5 of every file, a copy into DVC's cache) and ``dvc push`` (a copy to the remote) are
+    timed; each version's ``.dvc`` file is kept, as git would keep it. A pull is ``dvc pull``
+    of that ``.dvc`` file into a new workspace with an empty cache."""
+
+    name = "dvc"
+
+    def __init__(self, work: Path) -> None:
+        super().__init__(work)
+        self.workspace = work / "workspace"
+        self.repo = work / "remote"  # what is stored: the remote
+        self.env.update(DVC_NO_ANALYTICS="1", DVC_SITE_CACHE_DIR=str(work / "site-cache"))
+
+    def setup(self) -> None:
+        self.repo.mkdir(parents=True)
+        self._init(self.workspace)
+
+    def _init(self, workspace: Path) -> None:
+        workspace.mkdir(parents=True)
+        output(["dvc", "init", "--no-scm", "-q"], self.env, cwd=workspace)
+        output(["dvc", "remote", "add", "-d", "store", self.repo], self.env, cwd=workspace)
+
+    def push(self, source: Path, label: str) -> Run:
+        checkpoint = self.workspace / "ckpt"
+        shutil.rmtree(checkpoint, ignore_errors=True)
+        shutil.copytree(source, checkpoint)
+        add = measured(["dvc", "add", "-q", "ckpt"], self.env, cwd=self.workspace)
+        push = measured(["dvc", "push", "-q", "ckpt.dvc"], self.env, cwd=self.workspace)
+        shutil.copy(self.workspace / "ckpt.dvc", self.work / f"{label}.dvc")
+        return Run(
+            add.seconds + push.seconds,
+            add.cpu + push.cpu,
+            max(add.rss, push.rss),
+            max(add.anon_rss, push.anon_rss),
+        )
+
+    def pull(self, label: str, dest: Path) -> Run:
+        workspace = self.work / "pull-workspace"
+        self._init(workspace)
+        shutil.copy(self.work / f"{label}.dvc", workspace / "ckpt.dvc")
+        run = measured(["dvc", "pull", "-q", "ckpt.dvc"], self.env, cwd=workspace)
+        (workspace / "ckpt").rename(dest)
+        return run
+
+
 #: Column order of the table: (column name, factory, executable it needs or None).
 TOOLS: list[tuple[str, Callable[[Path], Tool], str | None]] = [
     ("chunkstore", Chunkstore, None),
@@ -403,6 +451,7 @@ TOOLS: list[tuple[str, Callable[[Path], Tool], str | None]] = [
     ("borg lz4", lambda work: Borg(work, "lz4"), "borg"),
     ("borg zstd", lambda work: Borg(work, "zstd,3"), "borg"),
     ("restic", Restic, "restic"),
+    ("dvc", Dvc, "dvc"),
 ]
 
 

@@ -387,8 +387,8 @@ class Ingester:
     def _check(self, windows: list[_Window]) -> list[list[tuple[bytes, int]]]:
         """Ask the store, in one call, which chunks of the (hashed) windows it lacks and queue
         those for encoding; each encoding task drops the pages of its chunks when done, and a
-        window's pages are dropped once it is checked (the encoders fault back in those of
-        its new chunks), so a window of stored chunks costs no memory once checked. Returns
+        window's pages are dropped once it is hashed (the encoders fault back in those of
+        its new chunks), so a window of stored chunks costs no memory once hashed. Returns
         each window's ``(id, length)`` of its chunks.
 
         Chunks paired with a base chunk also get their keyframe asked for (and so marked
@@ -401,6 +401,9 @@ class Ingester:
         taken: set[bytes] = set()  # fresh in an earlier window of this call
         for window in windows:
             chunk_ids = [cid for part in window.hashes for cid in part.result()]
+            # Hashed: its pages can go now, before the windows hashed after it are waited for.
+            cuts = window.cuts
+            window.mapped.release(cuts[0][0], cuts[-1][0] + cuts[-1][1])
             items.append(
                 [
                     (cid, data, element_size, base, offset)
@@ -424,8 +427,6 @@ class Ingester:
         self._known.update(taken)
         for window, window_items, new in zip(windows, items, fresh, strict=True):
             self._queue_new(window.mapped, window_items, new, lacking)
-            cuts = window.cuts
-            window.mapped.release(cuts[0][0], cuts[-1][0] + cuts[-1][1])
             window.datas = window.hashes = []  # views of the map: closing it waits for them
         return [[(item[0], len(item[1])) for item in window_items] for window_items in items]
 
