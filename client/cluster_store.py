@@ -623,8 +623,9 @@ class ClusterStore(Store):
     def put_manifests(self, records: Sequence[tuple[bytes, bytes]]) -> None:
         """Each node gets the manifests it owns in a few PutManifests messages (up to
         ``ONE_MESSAGE_BYTES`` each), all nodes at once: a push of many small files costs a
-        call per node, not one per file and owner. A manifest too large to share a message
-        goes on its own (:meth:`put_manifest`)."""
+        call per node, not one per file and owner (a node without that call, of an earlier
+        release, gets them one by one). A manifest too large to share a message goes on its
+        own (:meth:`put_manifest`)."""
         data_of = dict(records)
         large = [mid for mid, data in data_of.items() if len(data) > ONE_MESSAGE_BYTES]
         for manifest_id in large:
@@ -639,7 +640,14 @@ class ClusterStore(Store):
                     records=[pb.ManifestRecord(id=mid, data=data_of[mid]) for mid in batch]
                 )
                 size = sum(len(data_of[mid]) for mid in batch)
-                node.meta.PutManifests(message, timeout=self.policy.deadline(size))
+                try:
+                    node.meta.PutManifests(message, timeout=self.policy.deadline(size))
+                except grpc.RpcError as e:
+                    if e.code() != grpc.StatusCode.UNIMPLEMENTED:
+                        raise
+                    for mid in batch:  # a node of an earlier release: one at a time
+                        timeout = self.policy.deadline(len(data_of[mid]))
+                        send_manifest(node, mid, data_of[mid], timeout)
 
         owners = dict(zip(data_of, self._owners_many(list(data_of)), strict=True))
         write_many(

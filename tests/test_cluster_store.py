@@ -619,6 +619,41 @@ def test_a_push_puts_its_manifests_in_a_call_per_node_and_needs_their_quorum(tmp
         assert "n2" in message and "n3" in message and "write quorum is 2" in message
 
 
+def test_nodes_without_the_batched_manifest_calls_get_them_one_by_one(cluster3, monkeypatch):
+    """A client talking to nodes of an earlier release, which answer UNIMPLEMENTED."""
+    real_meta = NodeClient.meta
+    monkeypatch.setattr(NodeClient, "meta", property(lambda n: _Older(real_meta.fget(n))))
+    records = [(ids.record_id(b"older %d" % i), b"manifest %d" % i) for i in range(40)]
+    with ClusterStore.connect(cluster3.url) as store:
+        store.put_manifests(records)
+        assert store.get_manifests([m for m, _ in records]) == [d for _, d in records]
+        store.delete_manifests([m for m, _ in records])
+
+
+class _Unimplemented(grpc.RpcError):
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNIMPLEMENTED
+
+    def details(self) -> str:
+        return "Method not found!"
+
+
+class _Older:
+    """A node's metadata stub as a node of an earlier release answers: no batched calls."""
+
+    def __init__(self, stub) -> None:
+        self._stub = stub
+
+    def __getattr__(self, name: str):
+        if name in ("PutManifests", "GetManifests"):
+
+            def unimplemented(*args, **kwargs):
+                raise _Unimplemented()
+
+            return unimplemented
+        return getattr(self._stub, name)
+
+
 class _Counting:
     """A node's metadata stub that records each call's method and node."""
 
