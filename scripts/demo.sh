@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets everything up, then runs the main job on the embedded store: generates a series of
 # checkpoints, pushes them as versions, shows status, log, diff and stats, pulls one back and
-# checks it.
+# checks it, and copies the versions to a second store.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -32,5 +32,9 @@ run chunkstore stats
 run chunkstore pull demo-model@v1 demo-data/restored
 run chunkstore verify
 cmp demo-data/ckpts/step-1000/model.safetensors demo-data/restored/model.safetensors
+# Another store (a team's cluster, say) gets v2 with its history, then only what v3 adds.
+run chunkstore copy demo-model@v2 --to demo-data/shared
+run chunkstore copy demo-model --to demo-data/shared
+run chunkstore log demo-model --store demo-data/shared
 echo
 echo "demo-model@v1 pulled back byte-identical; the store is in demo-data/store"
