@@ -331,7 +331,7 @@ def cmd_ls(repo: Repository, args: argparse.Namespace) -> int:
 
 def cmd_copy(repo: Repository, args: argparse.Namespace) -> int:
     repo.resolve(args.ref)  # a bad ref fails before the destination is opened (or made)
-    with connect(args.to, token=args.token) as dest:
+    with connect(args.to, token=args.to_token or args.token) as dest:
         progress = for_terminal(args.quiet, new_label="copied")
         result = repo.copy(args.ref, dest, history=not args.only, progress=progress)
     if args.json:
@@ -668,6 +668,9 @@ def build_parser(server_commands: bool = True) -> argparse.ArgumentParser:
     )
     p.add_argument("ref")
     p.add_argument("--to", required=True, help="the destination store: a path or a URL")
+    p.add_argument(
+        "--to-token", help="token for the destination's nodes (default: as for the source)"
+    )
     p.add_argument("--only", action="store_true", help="this version alone, not its ancestors")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 

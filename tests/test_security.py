@@ -596,3 +596,25 @@ def test_cluster_up_passes_tls_and_tokens_to_its_nodes(tmp_path, pki, monkeypatc
         assert json.loads(capsys.readouterr().out)["nodes"][0]["healthy"]
     finally:
         local_cluster.cluster_down(d)
+
+
+def test_copy_to_a_cluster_that_requires_a_token(auth_cluster, tmp_path, capsys, monkeypatch):
+    """The destination's token is its own (``--to-token``): a read token is refused there, and
+    nothing is copied; a write token copies."""
+    source = tmp_path / "local"
+    monkeypatch.setenv("CHUNKSTORE_STORE", str(source))
+    write(tmp_path / "ckpt" / "w.bin", random_bytes(200_000, seed=31))
+    assert cli_main(["push", str(tmp_path / "ckpt"), "--repo", "copied", "-q"]) == 0
+    url = auth_cluster.url
+    code = cli_main(["copy", "copied", "--to", url, "--to-token", TOKENS["read"], "-q"])
+    err = capsys.readouterr().err
+    assert code != 0 and "has scope read, PutChunks needs write" in err
+    with ClusterStore.connect(url, RpcPolicy(credentials=Credentials(token=TOKENS["read"]))) as r:
+        assert r.list_versions("copied") == []
+    code = cli_main(["copy", "copied", "--to", url, "--to-token", TOKENS["write"], "-q"])
+    assert code == 0, capsys.readouterr().err
+    reader = ClusterStore.connect(url, RpcPolicy(credentials=Credentials(token=TOKENS["read"])))
+    try:
+        assert [vid for vid, _ in reader.list_versions("copied")]
+    finally:
+        reader.close()
