@@ -50,7 +50,7 @@ class Region:
 def file_regions(index: TensorIndex | None, size: int, min_size: int) -> list[Region]:
     """Split a file into the regions to cut independently.
 
-    Plain files are one region. A safetensors file gets its header, each tensor of at least
+    Plain files are one region. A file with tensors gets its header, each tensor of at least
     ``min_size`` bytes, and each run of smaller tensors as regions of their own, so a changed
     header or an inserted, removed or reordered tensor leaves every other tensor's chunks as
     they were.

@@ -212,7 +212,8 @@ class DeltaRef:
 
 @dataclass(frozen=True)
 class Manifest:
-    """The content of one file: its chunks in order and, for safetensors, its tensor index.
+    """The content of one file: its chunks in order and, for a file with tensors (safetensors,
+    torch.save), its tensor index.
 
     ``chunks`` holds every chunk's (id, length), whether it is stored under its id or rebuilt
     from a delta; ``deltas`` maps the index of each delta-coded chunk to how it is rebuilt. The

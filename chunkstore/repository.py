@@ -225,11 +225,11 @@ class Repository:
         are set) only after every chunk and manifest it references is durable; an interrupted
         push leaves no version behind, and the next push reuses what was stored.
 
-        Tensors of safetensors files that a base version also has are stored as deltas against
-        it where that is clearly smaller (see :mod:`chunkstore.delta`). The base of a tensor is
-        the first of ``inputs`` that has it (a fine-tune's base model), else the repo's latest
-        version; ``delta_base`` names the one base instead; ``delta=False`` stores every chunk
-        on its own.
+        Tensors (of safetensors and torch.save files) that a base version also has are stored
+        as deltas against it where that is clearly smaller (see :mod:`chunkstore.delta`). The
+        base of a tensor is the first of ``inputs`` that has it (a fine-tune's base model), else
+        the repo's latest version; ``delta_base`` names the one base instead; ``delta=False``
+        stores every chunk on its own.
         """
         _check_repo_name(repo)
         for tag in tags:
@@ -481,10 +481,7 @@ class Repository:
         return out
 
     def manifest(self, entry: FileEntry) -> Manifest:
-        return self._manifest(entry.manifest_id)
-
-    def _manifest(self, manifest_id: bytes) -> Manifest:
-        return Manifest.decode(manifest_id, self.store.get_manifest(manifest_id))
+        return Manifest.decode(entry.manifest_id, self.store.get_manifest(entry.manifest_id))
 
     def _manifests(self, entries: Iterable[FileEntry]) -> Iterator[Manifest]:
         """The manifests of ``entries``, in order; from a remote store several at a time."""
@@ -670,10 +667,11 @@ class Repository:
     def status_tensors(
         self, path: str | os.PathLike, repo: str, stats: bool = False
     ) -> list[TensorDiff]:
-        """Tensor-level differences between the safetensors files at ``path`` and those of the
-        same names in the latest version of ``repo`` (see :meth:`tensor_diff`); nothing is
-        stored. A local file is cut as a push would cut it against that version and hashed;
-        one that :meth:`status` finds unchanged is not read at all."""
+        """Tensor-level differences between the files with tensors (safetensors, torch.save) at
+        ``path`` and those of the same names in the latest version of ``repo`` (see
+        :meth:`tensor_diff`); nothing is stored. A local file is cut as a push would cut it
+        against that version and hashed; one that :meth:`status` finds unchanged is not read
+        at all."""
         latest = self._newest(repo)
         stored = self._manifests_by_path(latest)
         local = dict(list_tree(Path(path)))
@@ -700,7 +698,7 @@ class Repository:
         return out
 
     def open_safetensors(self, ref: str, path: str, framework: str = "np") -> LazyTensors:
-        """A lazy mapping name -> tensor over one stored safetensors file."""
+        """A lazy mapping name -> tensor over one stored safetensors (or torch.save) file."""
         version = self.resolve(ref)
         entry = version.file(normalise_path(path))
         manifest = self.manifest(entry)
@@ -715,7 +713,7 @@ class Repository:
         framework: str = "np",
     ) -> dict[str, Any]:
         """Load the tensors whose names match ``names`` (names or glob patterns), fetching only
-        the chunks they cover. Searches every safetensors file of the version unless ``file``.
+        the chunks they cover. Searches every file with tensors of the version unless ``file``.
         """
         patterns = [names] if isinstance(names, str) else list(names)
         version = self.resolve(ref)
@@ -734,7 +732,7 @@ class Repository:
     def tensor_diff(
         self, ref_a: str, ref_b: str, file: str | None = None, stats: bool = False
     ) -> list[TensorDiff]:
-        """Tensor-level differences between the safetensors files two versions share."""
+        """Tensor-level differences between the files with tensors two versions share."""
         a, b = self.resolve(ref_a), self.resolve(ref_b)
         old, new = self._manifests_by_path(a), self._manifests_by_path(b)
         paths = tensor_files(b, new, file)

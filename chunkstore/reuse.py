@@ -2,7 +2,7 @@
 
 A pull over an older copy of a file (``pull --force`` onto a previous checkpoint) copies each
 chunk that the old file holds where this version has it, instead of fetching and decoding it:
-whole files that are already right, and in safetensors files every tensor whose bytes did not
+whole files that are already right, and in files with tensors every tensor whose bytes did not
 change, wherever a different header moved it. A chunk's place in the old file is a guess,
 never trusted: its bytes are read once, and written only if they hash to the chunk's id.
 

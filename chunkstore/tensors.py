@@ -1,4 +1,5 @@
-"""Tensors of stored safetensors files: partial loads, lazy mappings and tensor-level diffs.
+"""Tensors of stored safetensors and torch.save files: partial loads, lazy mappings and
+tensor-level diffs.
 
 Every read goes through :class:`~chunkstore.restore.ChunkedReader`, so loading one tensor of a
 multi-GB file fetches only the chunks that hold that tensor's bytes.
@@ -96,7 +97,7 @@ def to_torch(raw: bytes, tensor: TensorInfo) -> Any:
 
 
 class LazyTensors(Mapping):
-    """A read-only mapping name -> tensor over one stored safetensors file; each lookup fetches
+    """A read-only mapping name -> tensor over one stored file with tensors; each lookup fetches
     only that tensor's chunks."""
 
     def __init__(
@@ -195,7 +196,7 @@ def diff_file(
     stats: bool = False,
     new_bytes: BinaryIO | None = None,
 ) -> TensorDiff:
-    """Compare the tensors of two versions of one safetensors file.
+    """Compare the tensors of two versions of one file with tensors.
 
     A tensor is unchanged when the chunks covering it are the same, at the same relative
     offsets; no bytes are fetched for it. Small tensors share chunks, so one may count as

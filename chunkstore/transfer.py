@@ -12,14 +12,13 @@ version, which is left as it is. Inputs of other repos (a base model) are not co
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from chunkstore import codec
 from chunkstore.batching import by_size
 from chunkstore.model import Manifest, Version
+from chunkstore.parallel import imap
 from chunkstore.progress import NoProgress, Progress
 from chunkstore.refs import load_versions, resolve
 from chunkstore.stores.base import Store
@@ -140,31 +139,16 @@ def _copy_chunks(
     destination checks what it receives itself (a cluster's nodes do). Reading the next
     batch overlaps writing the ones before (PUTS_AT_ONCE at a time)."""
 
-    def put(batch: list[tuple[bytes, bytes]]) -> None:
+    def put(batch: list[tuple[bytes, bytes]]) -> tuple[int, int]:
         if not dest.remote:
             for cid, blob in batch:
                 codec.verified_buffer(cid, blob)  # raises CorruptChunk naming it
         dest.put(batch)
+        return len(batch), sum(len(blob) for _, blob in batch)
 
-    pending: deque[tuple[Future, list[tuple[bytes, bytes]]]] = deque()
-
-    def settle(batch_future: tuple[Future, list[tuple[bytes, bytes]]]) -> None:
-        future, batch = batch_future
-        future.result()
-        size = sum(len(blob) for _, blob in batch)
-        result.chunks += len(batch)
+    blobs = ((cid, bytes(blob)) for cid, blob in source.get(ids))
+    batches = by_size(blobs, lambda pair: len(pair[1]), BATCH_BYTES)
+    for chunks, size in imap(put, batches, PUTS_AT_ONCE, "copy-put", queued=1):
+        result.chunks += chunks
         result.stored_bytes += size
-        progress.advance(round(share * len(batch)), size)
-
-    with ThreadPoolExecutor(PUTS_AT_ONCE, thread_name_prefix="copy-put") as pool:
-        try:
-            blobs = ((cid, bytes(blob)) for cid, blob in source.get(ids))
-            for batch in by_size(blobs, lambda pair: len(pair[1]), BATCH_BYTES):
-                pending.append((pool.submit(put, batch), batch))
-                while len(pending) > PUTS_AT_ONCE:
-                    settle(pending.popleft())
-            while pending:
-                settle(pending.popleft())
-        finally:
-            for future, _ in pending:
-                future.cancel()
+        progress.advance(round(share * chunks), size)

@@ -8,13 +8,13 @@ import json
 from pathlib import Path
 
 import pytest
-from cluster_fixtures import cluster_fixture
+from cluster_fixtures import cluster_fixture, free_port
 from conftest import random_bytes, tree_bytes, write
 from test_cli import run
 from test_delta import model, save, stepped
 
 from chunkstore.client.cluster_store import ClusterStore
-from chunkstore.errors import CorruptChunk, NotFound
+from chunkstore.errors import CorruptChunk, NotFound, StoreUnavailable
 from chunkstore.repository import Repository
 from chunkstore.stores.lmdb_store import LmdbStore
 from chunkstore.stores.memory import MemoryStore
@@ -155,3 +155,7 @@ def test_copy_command(env_store, tmp_path, capsys):
     assert tree_bytes(tmp_path / "out") == tree_bytes(tmp_path / "ckpt")
     code, out, err = run(capsys, "copy", "nope", "--to", str(tmp_path / "never"))
     assert code != 0 and "unknown repo 'nope'" in err and not (tmp_path / "never").exists()
+    dead = f"grpc://127.0.0.1:{free_port()}"
+    code, _, err = run(capsys, "copy", "m", "--to", dead)
+    assert code == StoreUnavailable.exit_code and dead.removeprefix("grpc://") in err
+    assert err.count("\n") == 1  # one line saying why, no traceback
