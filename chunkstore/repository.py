@@ -433,11 +433,13 @@ class Repository:
         dest: Repository,
         history: bool = True,
         progress: Progress | None = None,
+        inputs: bool = False,
     ) -> CopyResult:
         """Copy the version ``ref`` names into ``dest`` (another store), with the ancestors
-        ``dest`` lacks unless ``history`` is False, and their tags; see
+        ``dest`` lacks unless ``history`` is False, with ``inputs`` the versions of other repos
+        it was made from (a base model) likewise, and their tags; see
         :mod:`chunkstore.transfer`. Copying again copies nothing."""
-        return copy_version(self.store, dest.store, ref, history, progress)
+        return copy_version(self.store, dest.store, ref, history, progress, inputs)
 
     # -- reading -----------------------------------------------------------------------------
 

@@ -7,17 +7,22 @@ holds are marked wanted, as a push marks them, so a concurrent GC cannot take th
 manifests, then its version record, the same bytes under the same id. So a copy interrupted at
 any point leaves the destination with whole versions only, and running it again finishes it.
 Tags of the copied versions follow them, except a tag the destination already has on another
-version, which is left as it is. Inputs of other repos (a base model) are not copied.
+version, which is left as it is.
+
+Asked to, a copy also brings the versions of other repos a version was made from (its inputs: a
+base model, a data set), the inputs of those, and so on, each with its ancestors as above. A
+version is written after every version it names (parents and inputs) that is copied with it, so
+the destination never holds a lineage link whose target is still to come.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
+from graphlib import TopologicalSorter
 
 from chunkstore import codec
 from chunkstore.batching import by_size
-from chunkstore.model import Manifest, Version
+from chunkstore.model import Manifest, Version, VersionLink
 from chunkstore.parallel import imap
 from chunkstore.progress import NoProgress, Progress
 from chunkstore.refs import load_versions, resolve
@@ -38,9 +43,11 @@ class CopyResult:
     stored_bytes: int = 0  # their blob bytes
     tags: list[str] = field(default_factory=list)  # tags set on the destination
     kept_tags: list[str] = field(default_factory=list)  # left on another version there
+    inputs: list[CopyResult] = field(default_factory=list)  # other repos copied as inputs
+    missing_inputs: list[VersionLink] = field(default_factory=list)  # inputs the source lacks
 
     def to_json(self) -> dict:
-        return {
+        out = {
             "repo": self.repo,
             "copied": [v.id.hex() for v in self.copied],
             "present": self.present,
@@ -49,6 +56,10 @@ class CopyResult:
             "tags": self.tags,
             "kept_tags": self.kept_tags,
         }
+        if self.inputs or self.missing_inputs:
+            out["inputs"] = [r.to_json() for r in self.inputs]
+            out["missing_inputs"] = [str(link) for link in self.missing_inputs]
+        return out
 
 
 def copy_version(
@@ -57,51 +68,116 @@ def copy_version(
     ref: str,
     history: bool = True,
     progress: Progress | None = None,
+    inputs: bool = False,
 ) -> CopyResult:
     """Copy the version ``ref`` names from ``source`` to ``dest``, with its ancestors that
-    ``dest`` lacks unless ``history`` is False. Progress goes over the copied versions' bytes,
-    with the blob bytes copied as "new"; a blob that does not match its id stops the copy
-    (CorruptChunk) before anything that needs it is written."""
+    ``dest`` lacks unless ``history`` is False, and with ``inputs`` the versions of other
+    repos it was made from (see the module's docstring). Progress goes over the copied
+    versions' bytes, with the blob bytes copied as "new"; a blob that does not match its id
+    stops the copy (CorruptChunk) before anything that needs it is written. The result is the
+    named version's repo's, with one per other repo in ``inputs``."""
     version = resolve(source, ref)
-    repo = version.repo
-    chain = _ancestors(version, load_versions(source, repo)) if history else [version]
-    held = {vid for vid, _ in dest.list_versions(repo)}
-    todo = [v for v in reversed(chain) if v.id not in held]
-    result = CopyResult(repo, present=len(chain) - len(todo))
+    plan = _Plan(source, history, inputs)
+    order = plan.order(version)
+    results: dict[str, CopyResult] = {}
+    todo = []
+    for repo in dict.fromkeys(v.repo for v in order):
+        held = {vid for vid, _ in dest.list_versions(repo)}
+        mine = [v for v in order if v.repo == repo]
+        fresh = [v for v in mine if v.id not in held]
+        results[repo] = CopyResult(repo, present=len(mine) - len(fresh))
+        todo += [v.id for v in fresh]
+    todo_set = set(todo)
     progress = progress or NoProgress()
-    progress.start(sum(v.size for v in todo), f"copy {version.ref}")
+    progress.start(sum(v.size for v in order if v.id in todo_set), f"copy {version.ref}")
     try:
         with dest.writing():
-            for v in todo:
-                _copy_one(source, dest, v, result, progress)
-                result.copied.append(v)
+            for v in order:
+                if v.id in todo_set:
+                    _copy_one(source, dest, v, results[v.repo], progress)
+                    results[v.repo].copied.append(v)
     finally:
         progress.finish()
-    copied = {v.id for v in chain}
-    there = dest.tags(repo)
-    for tag, vid in sorted(source.tags(repo).items()):
+    for repo, result in results.items():
+        _copy_tags(source, dest, {v.id for v in order if v.repo == repo}, result)
+    main = results.pop(version.repo)
+    main.inputs = list(results.values())
+    main.missing_inputs = plan.missing
+    return main
+
+
+class _Plan:
+    """The versions a copy writes: the named one, its ancestors and, if asked, its inputs,
+    closed under the same rule; each repo's versions read from the source once."""
+
+    def __init__(self, source: Store, history: bool, inputs: bool) -> None:
+        self._source = source
+        self._history = history
+        self._inputs = inputs
+        self._repos: dict[str, dict[bytes, Version]] = {}
+        self.missing: list[VersionLink] = []
+
+    def _versions(self, repo: str) -> dict[bytes, Version]:
+        if repo not in self._repos:
+            self._repos[repo] = {v.id: v for v in load_versions(self._source, repo)}
+        return self._repos[repo]
+
+    def _named(self, version: Version) -> list[Version]:
+        """The versions ``version`` names that the copy brings along: its parents the source
+        holds (one removed there is history cut short) and, if asked, its inputs (one the
+        source lacks is reported in ``missing``)."""
+        out = []
+        if self._history:
+            siblings = self._versions(version.repo)
+            out += [siblings[p] for p in version.parents if p in siblings]
+        for link in version.inputs if self._inputs else ():
+            found = self._versions(link.repo).get(link.id)
+            if found is not None:
+                out.append(found)
+            elif link not in self.missing:
+                self.missing.append(link)
+        return out
+
+    def order(self, version: Version) -> list[Version]:
+        """Every version to copy, each after the ones it names (the oldest first of those
+        that are free to go)."""
+        deps: dict[bytes, list[bytes]] = {}
+        by_id = {version.id: version}
+        todo = [version]
+        while todo:
+            v = todo.pop()
+            named = self._named(v)
+            deps[v.id] = [w.id for w in named]
+            for w in named:
+                if w.id not in by_id:
+                    by_id[w.id] = w
+                    todo.append(w)
+        sorter = TopologicalSorter(deps)
+        sorter.prepare()
+        out: list[Version] = []
+        while sorter.is_active():
+            ready = sorted((by_id[vid] for vid in sorter.get_ready()), key=_age)
+            out += ready
+            sorter.done(*(v.id for v in ready))
+        return out
+
+
+def _age(version: Version) -> tuple[int, bytes]:
+    return version.created_ns, version.id
+
+
+def _copy_tags(source: Store, dest: Store, copied: set[bytes], result: CopyResult) -> None:
+    """Set on ``dest`` the tags of ``result.repo`` that name a ``copied`` version, except one
+    ``dest`` has on another version."""
+    there = dest.tags(result.repo)
+    for tag, vid in sorted(source.tags(result.repo).items()):
         if vid not in copied or there.get(tag) == vid:
             continue
         if tag in there:
             result.kept_tags.append(tag)
             continue
-        dest.set_tag(repo, tag, vid)
+        dest.set_tag(result.repo, tag, vid)
         result.tags.append(tag)
-    return result
-
-
-def _ancestors(version: Version, versions: Sequence[Version]) -> list[Version]:
-    """``version`` and every ancestor of it among ``versions`` (its repo's), newest first."""
-    by_id = {v.id: v for v in versions}
-    out, seen, todo = [], {version.id}, [version]
-    while todo:
-        v = todo.pop()
-        out.append(v)
-        for parent in v.parents:
-            if parent in by_id and parent not in seen:
-                seen.add(parent)
-                todo.append(by_id[parent])
-    return sorted(out, key=lambda v: (v.created_ns, v.id), reverse=True)
 
 
 def _copy_one(

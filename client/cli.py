@@ -22,6 +22,7 @@ from chunkstore.refs import Ref
 from chunkstore.repository import DEFAULT_GC_GRACE, Diff, Repository, select_files
 from chunkstore.retention import KeepPolicy, parse_best, parse_duration
 from chunkstore.tensors import TensorDiff
+from chunkstore.transfer import CopyResult
 
 PROG = "chunkstore"
 
@@ -333,25 +334,35 @@ def cmd_copy(repo: Repository, args: argparse.Namespace) -> int:
     repo.resolve(args.ref)  # a bad ref fails before the destination is opened (or made)
     with connect(args.to, token=args.to_token or args.token) as dest:
         progress = for_terminal(args.quiet, new_label="copied")
-        result = repo.copy(args.ref, dest, history=not args.only, progress=progress)
+        result = repo.copy(
+            args.ref, dest, history=not args.only, progress=progress, inputs=args.inputs
+        )
     if args.json:
         _emit_json({**result.to_json(), "to": args.to})
         return 0
     if not args.quiet:
-        copied = len(result.copied)
-        line = (
-            f"copied {copied} version{'s' if copied != 1 else ''} of {result.repo} to {args.to}: "
-            f"{human_bytes(result.stored_bytes)} in {result.chunks:,} chunks"
-        )
-        if result.present:
-            line += f"; {result.present} already there"
-        if result.tags:
-            line += f"; tags {', '.join(result.tags)}"
-        print(line)
-        if result.kept_tags:
-            kept = ", ".join(result.kept_tags)
-            print(f"left as they were there: tags {kept} (on other versions)")
+        for one in (*result.inputs, result):  # in the order they were copied
+            _print_copied(one, args.to)
+        if result.missing_inputs:
+            missing = ", ".join(str(link) for link in result.missing_inputs)
+            print(f"inputs not in the source, so not copied: {missing}")
     return 0
+
+
+def _print_copied(result: CopyResult, to: str) -> None:
+    copied = len(result.copied)
+    line = (
+        f"copied {copied} version{'s' if copied != 1 else ''} of {result.repo} to {to}: "
+        f"{human_bytes(result.stored_bytes)} in {result.chunks:,} chunks"
+    )
+    if result.present:
+        line += f"; {result.present} already there"
+    if result.tags:
+        line += f"; tags {', '.join(result.tags)}"
+    print(line)
+    if result.kept_tags:
+        kept = ", ".join(result.kept_tags)
+        print(f"left as they were there: tags {kept} of {result.repo} (on other versions)")
 
 
 def cmd_rm(repo: Repository, args: argparse.Namespace) -> int:
@@ -664,14 +675,21 @@ def build_parser(server_commands: bool = True) -> argparse.ArgumentParser:
         cmd_copy,
         "copy a version and its history to another store (only what it lacks), with their tags",
         "chunkstore copy llama-ft@v3 --to grpc://cluster-1:7400    # share a local version\n"
-        "chunkstore copy llama-ft --store grpc://cluster-1:7400 --to ./offline --only",
+        "chunkstore copy llama-ft --store grpc://cluster-1:7400 --to ./offline --only\n"
+        "chunkstore copy llama-ft --to grpc://cluster-1:7400 --inputs   # with its base model",
     )
-    p.add_argument("ref")
+    p.add_argument("ref", help="NAME, NAME@TAG or NAME@ID-PREFIX, each with an optional ~N")
     p.add_argument("--to", required=True, help="the destination store: a path or a URL")
     p.add_argument(
         "--to-token", help="token for the destination's nodes (default: as for the source)"
     )
     p.add_argument("--only", action="store_true", help="this version alone, not its ancestors")
+    p.add_argument(
+        "--inputs",
+        action="store_true",
+        help="also the versions it was made from (--input of its push: a base model, a data "
+        "set), theirs, and so on; each with its ancestors unless --only",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     p = _add(

@@ -1,6 +1,6 @@
 """Copying versions between stores: embedded to embedded, to and from a cluster, with history,
-tags and delta-coded chunks; copying again copies nothing; a failed copy leaves whole versions
-only."""
+tags, delta-coded chunks and inputs; copying again copies nothing; a failed copy leaves whole
+versions only."""
 
 from __future__ import annotations
 
@@ -127,6 +127,93 @@ def test_chunks_a_gc_took_during_the_copy_are_copied_again(repo: Repository, tmp
     assert_pulls(dest, [("m@v2", paths[1])], tmp_path)
 
 
+def lineage(repo: Repository, root: Path) -> dict[str, Path]:
+    """A data set "data" (v1); a base model "base" v1 and v2, v2 made from the data set; a
+    fine-tune "ft" of base v2, delta-coded against it. Their directories by ref."""
+    tensors = model(seed=70)
+    paths = {"data@v1": root / "data"}
+    write(paths["data@v1"] / "train.jsonl", random_bytes(50_000, seed=71))
+    repo.push(paths["data@v1"], "data", tags=["v1"])
+    paths["base@v1"] = save(root, "base1", tensors)
+    repo.push(paths["base@v1"], "base", tags=["v1"])
+    paths["base@v2"] = save(root, "base2", stepped(tensors, seed=72))
+    repo.push(paths["base@v2"], "base", tags=["v2"], inputs=["data@v1"])
+    paths["ft"] = save(root, "ft", stepped(stepped(tensors, seed=72), seed=73))
+    repo.push(paths["ft"], "ft", inputs=["base@v2"])
+    assert repo.manifest(repo.resolve("ft").file("model.safetensors")).deltas
+    return paths
+
+
+def names(repo: Repository) -> list[str]:
+    return sorted(r.name for r in repo.repos())
+
+
+def written_in_order(dest: Repository) -> list[tuple[str, bytes]]:
+    """Record the (repo, id) of every version record ``dest`` is given, in order."""
+    written: list[tuple[str, bytes]] = []
+    real_put = dest.store.put_version
+
+    def put_version(repo, vid, data):
+        written.append((repo, vid))
+        return real_put(repo, vid, data)
+
+    dest.store.put_version = put_version
+    return written
+
+
+def test_inputs_are_copied_first_with_their_own_history_and_inputs(repo: Repository, tmp_path):
+    paths = lineage(repo, tmp_path)
+    dest = Repository(MemoryStore())
+    alone = repo.copy("ft", dest)
+    assert names(dest) == ["ft"] and alone.inputs == [] and alone.missing_inputs == []
+    assert_pulls(dest, [("ft", paths["ft"])], tmp_path / "alone")  # its chunks came anyway
+
+    written = written_in_order(dest)
+    result = repo.copy("ft", dest, inputs=True)
+    assert (result.copied, result.present) == ([], 1)
+    assert {r.repo: len(r.copied) for r in result.inputs} == {"base": 2, "data": 1}
+    assert {r.repo: r.tags for r in result.inputs} == {"base": ["v1", "v2"], "data": ["v1"]}
+    assert sum(r.chunks for r in result.inputs) > 0
+    assert names(dest) == ["base", "data", "ft"]
+    position = {vid: i for i, (_, vid) in enumerate(written)}
+    for repo_name, vid in written:  # nothing is written before what it names
+        v = dest.store.get_version(repo_name, vid)
+        named = [*repo.resolve(f"{repo_name}@{vid.hex()}").parents]
+        named += [link.id for link in repo.resolve(f"{repo_name}@{vid.hex()}").inputs]
+        assert v is not None and all(position[n] < position[vid] for n in named if n in position)
+    assert [w[0] for w in written] == ["data", "base", "base"]  # oldest first, where free to
+    assert_pulls(dest, [(ref, path) for ref, path in paths.items()], tmp_path / "all")
+    assert dest.verify().ok
+    again = repo.copy("ft", dest, inputs=True)
+    assert [(r.repo, r.copied, r.present) for r in again.inputs] == [
+        ("data", [], 1),
+        ("base", [], 2),
+    ]
+
+
+def test_only_with_inputs_takes_the_named_versions_alone(repo: Repository, tmp_path):
+    paths = lineage(repo, tmp_path)
+    dest = Repository(MemoryStore())
+    result = repo.copy("ft", dest, history=False, inputs=True)
+    assert [(r.repo, [v.ref for v in r.copied]) for r in result.inputs] == [
+        ("data", [repo.resolve("data@v1").ref]),
+        ("base", [repo.resolve("base@v2").ref]),
+    ]
+    assert [v.ref for v in dest.log("base")] == [repo.resolve("base@v2").ref]
+    assert_pulls(dest, [("base@v2", paths["base@v2"]), ("ft", paths["ft"])], tmp_path / "out")
+
+
+def test_an_input_the_source_lost_is_reported_and_the_rest_copied(repo: Repository, tmp_path):
+    paths = lineage(repo, tmp_path)
+    lost = repo.resolve("data@v1")
+    repo.rm("data@v1")
+    dest = Repository(MemoryStore())
+    result = repo.copy("ft", dest, inputs=True)
+    assert [str(link) for link in result.missing_inputs] == [f"data@{lost.short_id}"]
+    assert [r.repo for r in result.inputs] == ["base"] and names(dest) == ["base", "ft"]
+    assert_pulls(dest, [("base@v2", paths["base@v2"]), ("ft", paths["ft"])], tmp_path / "out")
+
+
 def test_to_a_cluster_and_back(repo: Repository, cluster3, tmp_path):
     paths = three_steps(repo, tmp_path)
     with Repository(ClusterStore.connect(cluster3.url)) as shared:
@@ -155,6 +242,18 @@ def test_copy_command(env_store, tmp_path, capsys):
     assert tree_bytes(tmp_path / "out") == tree_bytes(tmp_path / "ckpt")
     code, out, err = run(capsys, "copy", "nope", "--to", str(tmp_path / "never"))
     assert code != 0 and "unknown repo 'nope'" in err and not (tmp_path / "never").exists()
+    write(tmp_path / "ft" / "w.bin", random_bytes(200_000, seed=4))
+    code, _, err = run(capsys, "push", str(tmp_path / "ft"), "--repo", "ft", "--input", "m@v1")
+    assert code == 0, err
+    code, out, err = run(capsys, "copy", "ft", "--to", str(tmp_path / "d2"), "--inputs")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith("copied 1 version of m to ") and "tags v1" in lines[0]
+    assert lines[1].startswith("copied 1 version of ft to ") and len(lines) == 2
+    code, out, err = run(capsys, "copy", "ft", "--to", str(tmp_path / "d2"), "--inputs", "--json")
+    report = json.loads(out)
+    assert code == 0 and report["present"] == 1 and report["missing_inputs"] == []
+    assert [(r["repo"], r["present"]) for r in report["inputs"]] == [("m", 1)]
     dead = f"grpc://127.0.0.1:{free_port()}"
     code, _, err = run(capsys, "copy", "m", "--to", dead)
     assert code == StoreUnavailable.exit_code and dead.removeprefix("grpc://") in err
