@@ -79,23 +79,20 @@ def copy_version(
     version = resolve(source, ref)
     plan = _Plan(source, history, inputs)
     order = plan.order(version)
-    results: dict[str, CopyResult] = {}
-    todo = []
-    for repo in dict.fromkeys(v.repo for v in order):
-        held = {vid for vid, _ in dest.list_versions(repo)}
-        mine = [v for v in order if v.repo == repo]
-        fresh = [v for v in mine if v.id not in held]
-        results[repo] = CopyResult(repo, present=len(mine) - len(fresh))
-        todo += [v.id for v in fresh]
-    todo_set = set(todo)
+    repos = list(dict.fromkeys(v.repo for v in order))
+    held = {repo: {vid for vid, _ in dest.list_versions(repo)} for repo in repos}
+    fresh = [v for v in order if v.id not in held[v.repo]]
+    results = {
+        repo: CopyResult(repo, present=sum(v.repo == repo and v.id in held[repo] for v in order))
+        for repo in repos
+    }
     progress = progress or NoProgress()
-    progress.start(sum(v.size for v in order if v.id in todo_set), f"copy {version.ref}")
+    progress.start(sum(v.size for v in fresh), f"copy {version.ref}")
     try:
         with dest.writing():
-            for v in order:
-                if v.id in todo_set:
-                    _copy_one(source, dest, v, results[v.repo], progress)
-                    results[v.repo].copied.append(v)
+            for v in fresh:
+                _copy_one(source, dest, v, results[v.repo], progress)
+                results[v.repo].copied.append(v)
     finally:
         progress.finish()
     for repo, result in results.items():
