@@ -300,8 +300,8 @@ class Repository:
         else of ``inputs`` (in order) then of the repo's latest version; None if there are
         none."""
         if bases is None:
-            latest = self._latest(repo)
-            bases = [*inputs, *([latest] if latest else [])]
+            newest = latest(self.store, repo)
+            bases = [*inputs, *([newest] if newest else [])]
         versions = []
         for version in {(v.repo, v.id): v for v in bases}.values():
             versions.append(self._manifests_by_path(version))
@@ -322,7 +322,7 @@ class Repository:
     ) -> Version:
         """Write a version record over durable files (the latest version is its parent), then
         its tags. Callers check the arguments first."""
-        parent = self._latest(repo)
+        parent = latest(self.store, repo)
         vid, record = encode_version(
             repo=repo,
             parents=[parent.id] if parent else [],
@@ -647,9 +647,9 @@ class Repository:
         unchanged if every chunk's bytes hash to its id (see :func:`~chunkstore.reuse.holds`);
         the first chunk that differs ends the reading.
         """
-        latest = self._newest(repo)
-        stored = {f.path: f for f in latest.files}
-        result = Diff(old=latest.ref, new=str(path))
+        newest = self._newest(repo)
+        stored = {f.path: f for f in newest.files}
+        result = Diff(old=newest.ref, new=str(path))
         local = dict(list_tree(Path(path)))
         for name in sorted(stored.keys() | local.keys()):
             entry, file = stored.get(name), local.get(name)
@@ -674,8 +674,8 @@ class Repository:
         :meth:`tensor_diff`); nothing is stored. A local file is cut as a push would cut it
         against that version and hashed; one that :meth:`status` finds unchanged is not read
         at all."""
-        latest = self._newest(repo)
-        stored = self._manifests_by_path(latest)
+        newest = self._newest(repo)
+        stored = self._manifests_by_path(newest)
         local = dict(list_tree(Path(path)))
         base = BaseTensors([stored])
         out = []
@@ -694,7 +694,7 @@ class Repository:
                 out.append(diff_file(self.store, name, manifest, mine, stats, new_bytes=f))
         if not out:
             raise InvalidInput(
-                f"{path} and {latest.ref} have no safetensors or torch.save file of the same name"
+                f"{path} and {newest.ref} have no safetensors or torch.save file of the same name"
                 " in common"
             )
         return out
@@ -901,9 +901,6 @@ class Repository:
     def _all_versions(self) -> Iterable[Version]:
         for name in self.store.list_repos():
             yield from load_versions(self.store, name)
-
-    def _latest(self, repo: str) -> Version | None:
-        return latest(self.store, repo)
 
     def _newest(self, repo: str) -> Version:
         """The latest version of ``repo``, decoding no other; NotFound for an unknown repo."""

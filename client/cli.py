@@ -25,6 +25,7 @@ from chunkstore.tensors import TensorDiff
 from chunkstore.transfer import CopyResult
 
 PROG = "chunkstore"
+REF_HELP = "NAME, NAME@TAG or NAME@ID-PREFIX, each with an optional ~N"
 
 
 def _key_value(text: str, kind: str) -> tuple[str, str]:
@@ -589,7 +590,7 @@ def build_parser(server_commands: bool = True) -> argparse.ArgumentParser:
         "chunkstore pull llama-ft@v1 ./restored\n"
         "chunkstore pull llama-ft ./serve --file '*.json' --file tokenizer   # just these",
     )
-    p.add_argument("ref", help="NAME, NAME@TAG or NAME@ID-PREFIX, each with an optional ~N")
+    p.add_argument("ref", help=REF_HELP)
     p.add_argument("dest", help="directory to write into (must be empty unless --force)")
     p.add_argument("--force", action="store_true", help="write into a non-empty directory")
     p.add_argument(
@@ -608,7 +609,7 @@ def build_parser(server_commands: bool = True) -> argparse.ArgumentParser:
         "write one file of a version to standard output, every chunk verified",
         "chunkstore cat llama-ft config.json | jq .num_hidden_layers",
     )
-    p.add_argument("ref", help="NAME, NAME@TAG or NAME@ID-PREFIX, each with an optional ~N")
+    p.add_argument("ref", help=REF_HELP)
     p.add_argument("path", help="the file's path in the version, as `show` lists it")
 
     p = _add(sub, "log", cmd_log, "list a repo's versions, newest first", "chunkstore log llama-ft")
@@ -622,7 +623,7 @@ def build_parser(server_commands: bool = True) -> argparse.ArgumentParser:
         "show one version: files, params, metrics, lineage",
         "chunkstore show llama-ft@v2 --tensors",
     )
-    p.add_argument("ref")
+    p.add_argument("ref", help=REF_HELP)
     p.add_argument(
         "--tensors",
         action="store_true",
@@ -663,7 +664,7 @@ def build_parser(server_commands: bool = True) -> argparse.ArgumentParser:
         "point a tag at a version (moves it if it exists)",
         "chunkstore tag llama-ft@3f2a9c1e best",
     )
-    p.add_argument("ref")
+    p.add_argument("ref", help=REF_HELP)
     p.add_argument("tag")
     p.add_argument("-d", "--delete", action="store_true", help="delete the tag instead")
 
@@ -678,7 +679,7 @@ def build_parser(server_commands: bool = True) -> argparse.ArgumentParser:
         "chunkstore copy llama-ft --store grpc://cluster-1:7400 --to ./offline --only\n"
         "chunkstore copy llama-ft --to grpc://cluster-1:7400 --inputs   # with its base model",
     )
-    p.add_argument("ref", help="NAME, NAME@TAG or NAME@ID-PREFIX, each with an optional ~N")
+    p.add_argument("ref", help=REF_HELP)
     p.add_argument("--to", required=True, help="the destination store: a path or a URL")
     p.add_argument(
         "--to-token", help="token for the destination's nodes (default: as for the source)"
@@ -699,7 +700,7 @@ def build_parser(server_commands: bool = True) -> argparse.ArgumentParser:
         "remove a version (space is reclaimed by gc)",
         "chunkstore rm llama-ft@3f2a9c1e",
     )
-    p.add_argument("ref")
+    p.add_argument("ref", help=REF_HELP)
 
     p = _add(
         sub,
@@ -761,7 +762,7 @@ def build_parser(server_commands: bool = True) -> argparse.ArgumentParser:
         "re-read and re-hash every chunk a version (or all) uses",
         "chunkstore verify llama-ft@v1",
     )
-    p.add_argument("ref", nargs="?")
+    p.add_argument("ref", nargs="?", help=f"{REF_HELP} (default: every version)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     _add(sub, "stats", cmd_stats, "sizes: logical, stored, saving", "chunkstore stats --json")
