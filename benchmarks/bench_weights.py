@@ -31,6 +31,9 @@ default) and one with ``delta=False`` (byte planes only). Columns, all for v2:
 - ``RSS (anon) push/pull``: peak resident MB of the push and pull processes (interpreter
   included), and in brackets the peak of its anonymous part (without the pages of the mapped
   source file and LMDB map, which the kernel can drop), sampled every 20 ms.
+- ``diff --stats`` (below the table): ``tensor_diff(v1, v2, stats=True)`` on the store with
+  deltas, which reads both versions whole to count differing bytes and take norms, in a fresh
+  process: its time against the pull of v2 alone, and its peak RSS.
 - ``1-tensor load``: bytes fetched from the store (encoded) to load one 8 MiB tensor of v2 with
   ``load_tensors``, against the file's size.
 
@@ -187,6 +190,15 @@ def _pull(store: Path, tag: str, dest: Path, conn) -> None:
         conn.send({"seconds": seconds, "size": version.size, **memory.peaks()})
 
 
+def _diff(store: Path, conn) -> None:
+    with Repository(LmdbStore(store)) as repo:
+        memory = _Memory()
+        started = time.perf_counter()
+        repo.tensor_diff("bench@v1", "bench@v2", stats=True)
+        seconds = time.perf_counter() - started
+        conn.send({"seconds": seconds, **memory.peaks()})
+
+
 def in_child(target, *args) -> dict:
     ctx = multiprocessing.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
@@ -324,6 +336,7 @@ class Result:
     size: int
     rows: list[Row] = field(default_factory=list)
     delta_chunks: int = 0
+    diff: dict = field(default_factory=dict)  # diff --tensors --stats of v1 and v2 (deltas)
 
 
 def run_series(kind: str, work: Path, size_mb: int, repeat: int) -> Result:
@@ -345,8 +358,9 @@ def run_series(kind: str, work: Path, size_mb: int, repeat: int) -> Result:
             shutil.rmtree(dest)
             if use_delta not in pulls or figures["seconds"] < pulls[use_delta]["seconds"]:
                 pulls[use_delta] = figures
+    diff = min((in_child(_diff, stores[True]) for _ in range(repeat)), key=lambda f: f["seconds"])
     size = pushes[True]["size"]
-    result = Result(kind, changed, size, delta_chunks=pushes[True]["delta_chunks"])
+    result = Result(kind, changed, size, delta_chunks=pushes[True]["delta_chunks"], diff=diff)
     with_deltas = codec_figures(stores[True], "v2", file_name(kind))
     planes = codec_figures(stores[False], "v2", file_name(kind))
     loads = {d: one_tensor_load(stores[d], "v2", file_name(kind)) for d in stores}
@@ -406,6 +420,14 @@ def print_table(results: list[Result]) -> None:
         extra = f"{r.changed:.0%} {what}, " if r.series != "bf16 export" else ""
         print(
             f"{r.series}: v2 {r.size / MB:.0f} MB, {extra}{r.delta_chunks} chunks stored as deltas"
+        )
+    print("\ndiff --tensors --stats of v1 and v2 (stored with deltas): both read whole")
+    for r in results:
+        seconds = r.diff["seconds"]
+        pull_seconds = r.size / MB / next(row.pull for row in r.rows if row.method == "deltas")
+        print(
+            f"  {r.series:<17} {seconds:.2f} s, {seconds / pull_seconds:.1f}x the pull of v2, "
+            f"peak RSS {r.diff['rss'] / MB:.0f} MB ({r.diff['anon'] / MB:.0f} anon)"
         )
 
 

@@ -15,6 +15,7 @@ from functools import partial
 from pathlib import Path
 from typing import BinaryIO
 
+from chunkstore.codec import RawBuffer
 from chunkstore.delta import fetch_size, read_chunks_into, rebuild_on
 from chunkstore.errors import StoreUnavailable
 from chunkstore.filespace import reserve
@@ -253,7 +254,9 @@ def _windows(
 class ChunkedReader(SeekableReader):
     """A read-only, seekable file over a stored manifest; reads fetch only the chunks they need.
 
-    The most recently used chunks are kept, so small sequential reads cost one fetch per chunk.
+    A read places the chunks it fetches straight into the caller's buffer; the chunks at
+    either end of it, which it may have read only part of, are kept, so small sequential
+    reads cost one fetch per chunk.
     """
 
     def __init__(self, store: ChunkStore, manifest: Manifest, name: str = "") -> None:
@@ -262,34 +265,40 @@ class ChunkedReader(SeekableReader):
         self._manifest = manifest
         self._starts = manifest.offsets()
         self._refs = manifest.delta_refs()
-        self._cache: dict[int, bytes] = {}
+        self._cache: dict[int, RawBuffer] = {}  # chunk index -> raw bytes
         self.name = name
 
     def readinto(self, buffer) -> int:  # type: ignore[override]
         out = memoryview(buffer).cast("B")
-        end = min(self._pos + len(out), self._manifest.size)
-        if end <= self._pos:
+        begin = self._pos
+        end = min(begin + len(out), self._manifest.size)
+        if end <= begin:
             return 0
-        first = bisect_right(self._starts, self._pos) - 1
+        first = bisect_right(self._starts, begin) - 1
         last = bisect_right(self._starts, end - 1) - 1
-        needed = [i for i in range(first, last + 1) if i not in self._cache]
-        if needed:
-            fetched: dict[bytes, bytes] = {}
-
-            def keep(cid: bytes, raw: bytes) -> None:  # called from several threads
-                fetched[cid] = bytes(raw)
-
-            wanted = [self._manifest.chunks[i][0] for i in needed]
-            read_chunks_into(self._store, wanted, self._refs, keep)
-            self._cache = {i: self._cache[i] for i in range(first, last + 1) if i in self._cache}
-            for i in needed:
-                self._cache[i] = fetched[self._manifest.chunks[i][0]]
-        written = 0
+        edges = {first, last}
+        kept = {i: self._cache[i] for i in edges if i in self._cache}
+        cached = list(kept)
+        missing: dict[bytes, list[int]] = defaultdict(list)  # chunk id -> its indexes
         for i in range(first, last + 1):
-            chunk = self._cache[i]
-            lo = max(self._pos, self._starts[i]) - self._starts[i]
-            hi = min(end, self._starts[i] + len(chunk)) - self._starts[i]
-            out[written : written + hi - lo] = chunk[lo:hi]
-            written += hi - lo
+            if i not in cached:
+                missing[self._manifest.chunks[i][0]].append(i)
+
+        def place(index: int, raw: RawBuffer) -> None:
+            start = self._starts[index]
+            lo, hi = max(begin, start), min(end, start + len(raw))
+            out[lo - begin : hi - begin] = memoryview(raw).cast("B")[lo - start : hi - start]
+
+        def fetched(cid: bytes, raw: RawBuffer) -> None:  # called from several threads
+            for index in missing[cid]:
+                place(index, raw)
+                if index in edges:
+                    kept[index] = bytes(raw)
+
+        if missing:
+            read_chunks_into(self._store, list(missing), self._refs, fetched)
+        for index in cached:
+            place(index, kept[index])
+        self._cache = kept
         self._pos = end
-        return written
+        return end - begin

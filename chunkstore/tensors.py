@@ -7,8 +7,10 @@ multi-GB file fetches only the chunks that hold that tensor's bytes.
 
 from __future__ import annotations
 
+import math
 from bisect import bisect_right
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
@@ -49,20 +51,27 @@ _CODES = {
 }
 #: Dtypes whose arrays (as :func:`to_array` gives them) hold the values themselves.
 _NUMBERS = {*_NUMPY, "BF16"}
+#: Bytes of each of two tensors that ``--stats`` compares at a time (whole elements of any
+#: dtype): its memory is a few times this, whatever the tensors' size.
+COMPARE_BLOCK_BYTES = 8 << 20
 
 
-def to_array(raw: bytes, tensor: TensorInfo) -> np.ndarray:
+def to_array(raw: bytes | bytearray, tensor: TensorInfo) -> np.ndarray:
     """A numpy array of a tensor's bytes. bfloat16 becomes float32 (exactly: its top half).
     Dtypes numpy has no type for stay raw uint8 codes: one per element for 8-bit floats; for
     the packed 4- and 6-bit floats, the bytes of each last-axis row (see :func:`packed_shape`)."""
-    if tensor.dtype == "BF16":
-        bits = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16
-        return bits.view(np.float32).reshape(tensor.shape)
-    if tensor.dtype in _CODES:
+    if tensor.dtype in _CODES and tensor.dtype != "BF16":
         return np.frombuffer(raw, np.uint8).reshape(packed_shape(tensor))
-    return np.frombuffer(raw, dtype=np.dtype(_NUMPY[tensor.dtype]).newbyteorder("<")).reshape(
-        tensor.shape
-    )
+    return _values(raw, tensor.dtype).reshape(tensor.shape)
+
+
+def _values(raw: bytes | memoryview, dtype: str) -> np.ndarray:
+    """The values of whole elements of a dtype in :data:`_NUMBERS`, flat."""
+    if dtype == "BF16":
+        bits = np.frombuffer(raw, dtype="<u2").astype(np.uint32)
+        bits <<= 16
+        return bits.view(np.float32)
+    return np.frombuffer(raw, dtype=np.dtype(_NUMPY[dtype]).newbyteorder("<"))
 
 
 def packed_shape(tensor: TensorInfo) -> tuple[int, ...]:
@@ -76,7 +85,7 @@ def packed_shape(tensor: TensorInfo) -> tuple[int, ...]:
     return (tensor.end - tensor.begin,)
 
 
-def to_torch(raw: bytes, tensor: TensorInfo) -> Any:
+def to_torch(raw: bytes | bytearray, tensor: TensorInfo) -> Any:
     """A torch tensor of a tensor's bytes, in its own dtype where torch has it (bfloat16 and
     8-bit floats included), else as :func:`to_array` gives it."""
     try:
@@ -84,7 +93,8 @@ def to_torch(raw: bytes, tensor: TensorInfo) -> Any:
     except ImportError:
         raise InvalidInput("framework='pt' needs torch, which is not installed") from None
 
-    buf = bytearray(raw)  # writable, so torch does not warn and the tensor owns its memory
+    # writable, so torch does not warn, and the tensor's own memory
+    buf = raw if isinstance(raw, bytearray) else bytearray(raw)
     if tensor.dtype in _CODES:
         flat = (
             torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8)
@@ -115,10 +125,14 @@ class LazyTensors(Mapping):
         except KeyError:
             raise NotFound(f"{self._reader.name} has no tensor {name!r}") from None
 
-    def raw(self, name: str) -> bytes:
+    def raw(self, name: str) -> bytearray:
+        """The bytes of tensor ``name``, in a buffer of their own (so arrays made on it are
+        writable)."""
         tensor = self.info(name)
         self._reader.seek(tensor.begin)
-        return self._reader.read(tensor.end - tensor.begin)
+        out = bytearray(tensor.end - tensor.begin)
+        _read_into(self._reader, memoryview(out))
+        return out
 
     def __getitem__(self, name: str) -> Any:
         convert = to_torch if self._framework == "pt" else to_array
@@ -210,8 +224,8 @@ def diff_file(
     after = {t.name: t for t in new.tensors}
     result.added = sorted(after.keys() - before.keys())
     result.removed = sorted(before.keys() - after.keys())
-    old_reader = ChunkedReader(store, old) if stats else None
-    new_reader = (new_bytes or ChunkedReader(store, new)) if stats else None
+    if stats:
+        compare = _Comparison(ChunkedReader(store, old), new_bytes or ChunkedReader(store, new))
     old_ids = {cid for cid, _ in old.chunks}
     old_starts, new_starts = old.offsets(), new.offsets()
     for name in sorted(before.keys() & after.keys()):
@@ -228,7 +242,7 @@ def diff_file(
         )
         change = TensorChange(name, changed, a, b)
         if stats and same_layout:
-            change.differing_bytes, change.relative_l2 = _compare(old_reader, new_reader, a, b)
+            change.differing_bytes, change.relative_l2 = compare(a, b)
             differs = change.differing_bytes > 0  # exact: shared chunks may have changed around it
         else:
             differs = change.bytes_changed > 0 or not same_layout
@@ -239,23 +253,122 @@ def diff_file(
     return result
 
 
-def _compare(
-    old_reader: BinaryIO, new_reader: BinaryIO, a: TensorInfo, b: TensorInfo
-) -> tuple[int, float | None]:
-    old_reader.seek(a.begin)
-    new_reader.seek(b.begin)
-    raw_a, raw_b = old_reader.read(a.end - a.begin), new_reader.read(b.end - b.begin)
-    differing = int(
-        np.count_nonzero(np.frombuffer(raw_a, np.uint8) != np.frombuffer(raw_b, np.uint8))
-    )
-    if a.dtype not in _NUMBERS:
-        return differing, None  # 8-, 6- and 4-bit float codes: no norm to take
-    as_type = np.complex128 if a.dtype == "C64" else np.float64
-    x = to_array(raw_a, a).astype(as_type).ravel()
-    y = to_array(raw_b, b).astype(as_type).ravel()
-    norm = float(np.linalg.norm(x))
-    delta = float(np.linalg.norm(y - x))
-    return differing, (delta / norm if norm else (0.0 if delta == 0 else float("inf")))
+class _Comparison:
+    """Compares tensors of two files, read :data:`COMPARE_BLOCK_BYTES` of each at a time into
+    the same buffers, so memory stays bounded whatever the tensors' size."""
+
+    def __init__(self, old: BinaryIO, new: BinaryIO) -> None:
+        self._readers = (old, new)
+        self._buffers: list[tuple[memoryview, ...]] = []  # two pairs, made when first needed
+
+    def __call__(self, a: TensorInfo, b: TensorInfo) -> tuple[int, float | None]:
+        """The bytes that differ between tensor ``a`` of the old file and ``b`` of the new
+        (one dtype and shape), and the relative L2 norm of the change (None for dtypes whose
+        bytes are codes, not values)."""
+        change = _Change(a.dtype)
+        for old, new in self._blocks(a, b):
+            change.add(old, new)
+        return change.differing, change.relative_l2()
+
+    def _blocks(self, a: TensorInfo, b: TensorInfo) -> Iterator[tuple[memoryview, ...]]:
+        """The bytes of ``a`` and ``b`` a block at a time. The next pair is read on another
+        thread while the caller works on this one; each pair is valid until the next is asked
+        for."""
+        size = a.end - a.begin
+        for reader, tensor in zip(self._readers, (a, b), strict=True):
+            reader.seek(tensor.begin)
+        if not self._buffers and size > 0:
+            self._buffers = [
+                tuple(memoryview(bytearray(COMPARE_BLOCK_BYTES)) for _ in range(2))
+                for _ in range(2)
+            ]
+
+        def read(k: int) -> tuple[memoryview, ...]:
+            start = k * COMPARE_BLOCK_BYTES
+            views = tuple(
+                view[: min(COMPARE_BLOCK_BYTES, size - start)] for view in self._buffers[k % 2]
+            )
+            for reader, view in zip(self._readers, views, strict=True):
+                _read_into(reader, view)
+            return views
+
+        count = -(-size // COMPARE_BLOCK_BYTES)
+        if count <= 1:
+            yield from map(read, range(count))
+            return
+        with ThreadPoolExecutor(1, thread_name_prefix="tensor-read") as pool:
+            pending = pool.submit(read, 0)
+            for k in range(count):
+                pair = pending.result()
+                if k + 1 < count:
+                    pending = pool.submit(read, k + 1)
+                yield pair
+
+
+def _read_into(reader: BinaryIO, view: memoryview) -> None:
+    """Fill ``view`` from ``reader``; a file that ends first (changed while being read) is an
+    error."""
+    done = 0
+    while done < len(view):
+        count = reader.readinto(view[done:])
+        if not count:
+            raise InvalidInput(
+                f"{getattr(reader, 'name', '') or 'a file'} ended before its tensors did"
+            )
+        done += count
+
+
+class _Change:
+    """The change between two tensors of one dtype, fed their bytes a block at a time: the
+    bytes that differ and, for dtypes in :data:`_NUMBERS`, the L2 norms of the old values and
+    of the change.
+
+    The arithmetic is in float64 (complex128 for C64), on pieces of :data:`PIECE` elements
+    that stay in the CPU's cache, ~3x faster than whole blocks; the pieces' norms combine
+    without overflow."""
+
+    PIECE = 1 << 16
+
+    def __init__(self, dtype: str) -> None:
+        self.dtype = dtype
+        self.values = dtype in _NUMBERS
+        self.itemsize = max(1, DTYPE_BITS[dtype] // 8)
+        self.step = self.PIECE * self.itemsize  # bytes per piece
+        as_type = np.complex128 if dtype == "C64" else np.float64
+        self._old, self._new = np.empty(self.PIECE, as_type), np.empty(self.PIECE, as_type)
+        self.differing = 0
+        self.norm = self.delta = 0.0
+
+    def add(self, old: memoryview, new: memoryview) -> None:
+        """Two blocks of whole elements, at the same place in each tensor."""
+        for start in range(0, len(old), self.step):
+            a, b = old[start : start + self.step], new[start : start + self.step]
+            self.differing += int(
+                np.count_nonzero(np.frombuffer(a, np.uint8) != np.frombuffer(b, np.uint8))
+            )
+            if self.values:
+                count = len(a) // self.itemsize
+                x, y = self._old[:count], self._new[:count]
+                np.copyto(x, _values(a, self.dtype))
+                np.copyto(y, _values(b, self.dtype))
+                self.norm = math.hypot(self.norm, _norm(x))
+                y -= x
+                self.delta = math.hypot(self.delta, _norm(y))
+
+    def relative_l2(self) -> float | None:
+        """||new - old|| / ||old||; None for 8-, 6- and 4-bit float codes (no values)."""
+        if not self.values:
+            return None
+        if self.norm:
+            return self.delta / self.norm
+        return 0.0 if self.delta == 0 else float("inf")
+
+
+def _norm(x: np.ndarray) -> float:
+    """The L2 norm of a float64 or complex128 array, summed by numpy itself: BLAS would start
+    its thread pool in a library caller's process, where it spins for as long again."""
+    flat = x.view(np.float64)
+    return math.sqrt(float(np.einsum("i,i->", flat, flat)))
 
 
 def tensor_files(

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import count_fetches, random_bytes, rss_file_kib, tree_bytes, write
 
-from chunkstore import codec, ids
+from chunkstore import codec, ids, restore
 from chunkstore.errors import (
     AmbiguousRef,
     ChunkstoreError,
@@ -369,6 +369,40 @@ def test_open_reads_ranges_and_fetches_only_needed_chunks(repo, tmp_path):
     assert len(set(fetched)) < 10
     with pytest.raises(NotFound):
         repo.open("m", "nope.bin")
+
+
+def test_open_reads_any_range_of_a_file_whose_chunks_repeat(repo, tmp_path, monkeypatch):
+    """Reads spanning many chunks, some of them the same chunk at several places, place each
+    where it belongs; small sequential reads fetch each chunk once."""
+    block = random_bytes(MB, seed=11)
+    data = block * 3 + random_bytes(MB // 2, seed=12) + block
+    write(tmp_path / "d" / "w.bin", data)
+    repo.push(tmp_path / "d", repo="m")
+    manifest = repo.manifest(repo.resolve("m").files[0])
+    ids_in_file = [cid for cid, _ in manifest.chunks]
+    assert len(set(ids_in_file)) < len(ids_in_file)  # the repeats are the same chunks
+    rng = np.random.default_rng(3)
+    with repo.open("m", "w.bin") as f:
+        for _ in range(40):
+            start = int(rng.integers(0, len(data)))
+            length = int(rng.integers(1, 3 * MB))
+            f.seek(start)
+            assert f.read(length) == data[start : start + length]
+        buffer = bytearray(len(data) + 10)
+        f.seek(0)
+        assert f.readinto(buffer) == len(data) and bytes(buffer[: len(data)]) == data
+    asked: list[bytes] = []
+    real = restore.read_chunks_into
+
+    def counting(store, chunk_ids, *args, **kwargs):
+        asked.extend(chunk_ids)
+        return real(store, chunk_ids, *args, **kwargs)
+
+    monkeypatch.setattr(restore, "read_chunks_into", counting)
+    with repo.open("m", "w.bin") as f:
+        pieces = iter(lambda: f.read(4096), b"")
+        assert b"".join(pieces) == data
+    assert asked == ids_in_file  # each chunk once, where it comes
 
 
 def test_status_compares_with_latest(repo, ckpt):

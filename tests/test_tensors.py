@@ -10,6 +10,7 @@ import pytest
 from conftest import count_fetches
 from test_cli import run
 
+from chunkstore import tensors as tensors_module
 from chunkstore.errors import InvalidInput, NotFound
 from chunkstore.repository import Repository
 from chunkstore.synthetic import weights, write_safetensors
@@ -51,6 +52,7 @@ def test_load_tensors_by_name_and_glob(repo, pushed):
     for name, array in got.items():
         np.testing.assert_array_equal(array, _expected(pushed[name]))
     assert got["embed.bf16"].dtype == np.float32 and got["step"].dtype == np.int64
+    assert all(array.flags.writeable for array in got.values())  # each in memory of its own
     assert set(repo.load_tensors("m", "layers.*", file="model.safetensors")) == {
         f"layers.{i}.w" for i in range(6)
     }
@@ -112,6 +114,57 @@ def test_tensor_diff(repo, pushed, tmp_path):
     exact = np.linalg.norm((new - old).astype(np.float64)) / np.linalg.norm(old.astype(np.float64))
     assert change.relative_l2 == pytest.approx(exact, rel=1e-9)
     assert 0 < change.differing_bytes <= 4000
+
+
+def test_tensor_diff_stats_read_a_block_at_a_time(repo, tmp_path, monkeypatch):
+    """Tensors larger than a block, of every kind of dtype, in blocks and pieces that do not
+    divide them: the same differing bytes and norms as the whole arrays give."""
+    monkeypatch.setattr(tensors_module, "COMPARE_BLOCK_BYTES", 4096)
+    monkeypatch.setattr(tensors_module._Change, "PIECE", 100)
+    rng = np.random.default_rng(9)
+    v1 = {
+        "f32": ("F32", (1000, 37), weights(rng, 37000, "fp32")),
+        "bf16": ("BF16", (3001,), weights(rng, 3001, "bf16")),
+        "f64": ("F64", (2049,), rng.standard_normal(2049)),
+        "c64": ("C64", (513,), (rng.standard_normal(513) + 1j).astype(np.complex64)),
+        "i8": ("I8", (10001,), rng.integers(-128, 128, 10001, dtype=np.int8)),
+        "codes": ("F8_E4M3", (7777,), rng.integers(0, 256, 7777, dtype=np.uint8)),
+    }
+    v2 = {}
+    for name, (dtype, shape, flat) in v1.items():
+        changed = flat.copy()
+        where = rng.choice(len(flat), len(flat) // 7, replace=False)
+        changed.view(np.uint8).reshape(len(flat), -1)[where, 0] ^= np.uint8(1)
+        v2[name] = (dtype, shape, changed)
+    for label, content in (("v1", v1), ("v2", v2)):
+        (tmp_path / label).mkdir()
+        write_safetensors(tmp_path / label / "m.safetensors", content)
+        repo.push(tmp_path / label, repo="b", tags=[label], delta=False)
+    (d,) = repo.tensor_diff("b@v1", "b@v2", stats=True)
+    changes = {c.name: c for c in d.changed}
+    assert set(changes) == set(v1)
+    for name, (dtype, _, old) in v1.items():
+        new = v2[name][2]
+        change = changes[name]
+        assert change.differing_bytes == np.count_nonzero(
+            old.view(np.uint8) != new.view(np.uint8)
+        ), name
+        if dtype == "F8_E4M3":
+            assert change.relative_l2 is None
+            continue
+        if dtype == "BF16":
+            old, new = (tensors_module.to_array(x.tobytes(), change.old) for x in (old, new))
+        wide = np.complex128 if dtype == "C64" else np.float64
+        x, y = old.astype(wide).ravel(), new.astype(wide).ravel()
+        exact = np.linalg.norm(y - x) / np.linalg.norm(x)
+        assert change.relative_l2 == pytest.approx(exact, rel=1e-9), name
+
+
+def test_a_local_file_that_ends_before_its_tensors_is_an_error(tmp_path):
+    path = tmp_path / "short.safetensors"
+    path.write_bytes(b"x" * 100)
+    with open(path, "rb") as f, pytest.raises(InvalidInput, match="short.safetensors ended"):
+        tensors_module._read_into(f, memoryview(bytearray(150)))
 
 
 def test_tensor_diff_cli(env_store, tmp_path, capsys):
