@@ -228,7 +228,9 @@ def diff_file(
         compare = _Comparison(ChunkedReader(store, old), new_bytes or ChunkedReader(store, new))
     old_ids = {cid for cid, _ in old.chunks}
     old_starts, new_starts = old.offsets(), new.offsets()
-    for name in sorted(before.keys() & after.keys()):
+    # in the new file's order, which reads both files front to back (by name they could take
+    # a chunk of 64 KiB for each small tensor)
+    for name in sorted(before.keys() & after.keys(), key=lambda name: after[name].begin):
         a, b = before[name], after[name]
         spans_a, spans_b = _chunk_spans(old, old_starts, a), _chunk_spans(new, new_starts, b)
         same_layout = a.dtype == b.dtype and a.shape == b.shape
@@ -250,6 +252,7 @@ def diff_file(
             result.changed.append(change)
         else:
             result.unchanged += 1  # same bytes, cut differently
+    result.changed.sort(key=lambda change: change.name)
     return result
 
 
