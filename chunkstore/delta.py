@@ -355,12 +355,10 @@ def read_chunks_into(
     (``consume`` must be thread-safe), so writing chunks out does not funnel through one. The
     bytes handed over are bytes-like and valid only during the call."""
     wanted = list(dict.fromkeys(chunk_ids))
-    if not any(cid in refs for cid in wanted):
-        store.read_into(wanted, consume, workers=workers)
-        return
-    if store.remote:  # one fetch from every node at once, not a round trip per task
-        for cid, raw in read_chunks(store, wanted, refs, workers):
-            consume(cid, raw)
+    if store.remote or not any(cid in refs for cid in wanted):
+        # on a cluster, one fetch from every node at once, not a round trip per task
+        for _ in _read_chunks(store, wanted, refs, workers, consume):
+            pass
         return
     keep_freed_memory(KEPT_BYTES, KEPT_BYTES)
     tasks = (wanted[i : i + CHUNKS_PER_TASK] for i in range(0, len(wanted), CHUNKS_PER_TASK))
@@ -418,11 +416,27 @@ def read_chunks(
     CorruptChunk naming the stored chunk that is missing or damaged, or CorruptChunk naming a
     rebuilt chunk whose bytes do not match its id.
     """
+    yield from _read_chunks(store, chunk_ids, refs, workers)
+
+
+def _read_chunks(
+    store: ChunkStore,
+    chunk_ids: Sequence[bytes],
+    refs: Mapping[bytes, DeltaRef],
+    workers: int,
+    consume: Callable[[bytes, codec.RawBuffer], None] | None = None,
+) -> Iterator[tuple[bytes, bytes]]:
+    """:func:`read_chunks`; given ``consume``, each chunk goes to it on the decoding threads
+    instead (as bytes-like, valid during the call) and nothing is yielded."""
     wanted = list(dict.fromkeys(chunk_ids))
     if not any(cid in refs for cid in wanted):
-        yield from store.read(wanted, workers=workers)
+        if consume is None:
+            yield from store.read(wanted, workers=workers)
+        else:
+            store.read_into(wanted, consume, workers=workers)
         return
     keep_freed_memory(KEPT_BYTES, KEPT_BYTES)
+    decode = partial(_decode_batch, store, consume=consume)
     plain: set[bytes] = set()
     fetch: dict[bytes, None] = {}
     waiting: dict[bytes, list[bytes]] = defaultdict(list)  # stored id -> chunks it rebuilds
@@ -462,12 +476,12 @@ def read_chunks(
                         if not users[part]:
                             del held[part]
             if batch_bytes >= _BATCH_BYTES:
-                pending.append(pool.submit(_decode_batch, store, batch))
+                pending.append(pool.submit(decode, batch))
                 batch, batch_bytes = [], 0
             while pending and (pending[0].done() or len(pending) > 2 * workers):
                 yield from pending.popleft().result()
         if batch:
-            pending.append(pool.submit(_decode_batch, store, batch))
+            pending.append(pool.submit(decode, batch))
         while pending:
             yield from pending.popleft().result()
 
@@ -475,18 +489,28 @@ def read_chunks(
 _BATCH_BYTES = 1 << 20  # blob bytes per decoding task
 
 
-def _decode_batch(store: ChunkStore, batch: list[tuple]) -> list[tuple[bytes, bytes]]:
-    """Decode plain chunks (verified) and rebuild delta-coded ones, in order."""
+def _decode_batch(
+    store: ChunkStore,
+    batch: list[tuple],
+    consume: Callable[[bytes, codec.RawBuffer], None] | None = None,
+) -> list[tuple[bytes, bytes]]:
+    """Decode plain chunks (verified) and rebuild delta-coded ones, in order; or hand each to
+    ``consume`` (without copying it into bytes) and return nothing."""
     coded = [chunk for chunk in batch if chunk[1] is not None]
     rebuilt = dict(zip([c[0] for c in coded], _rebuild_many(coded), strict=True))
     out = []
     for cid, ref, blob, _ in batch:
+        raw: codec.RawBuffer
         if ref is None:
-            out.append((cid, codec.decode_verified(cid, blob)))
+            raw = codec.verified_buffer(cid, blob)
         elif rebuilt[cid] is not None:
-            out.append((cid, rebuilt[cid].tobytes()))
+            raw = rebuilt[cid]
         else:
-            out.append((cid, _rebuild_verified(store, cid, ref)))
+            raw = _rebuild_verified(store, cid, ref)
+        if consume is not None:
+            consume(cid, raw)
+        else:
+            out.append((cid, raw if isinstance(raw, bytes) else bytes(raw)))
     return out
 
 

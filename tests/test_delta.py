@@ -4,6 +4,7 @@ prediction from them), rebuilt exactly on every read path, kept alive by GC, che
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -318,6 +319,35 @@ def _pushed_pair(repo: Repository, tmp_path: Path) -> tuple[Path, Manifest]:
     p2 = save(tmp_path, "v2", stepped(v1, 21))
     repo.push(p2, "m", tags=["v2"])
     return p2, the_manifest(repo, "m@v2")
+
+
+def test_a_remote_store_hands_rebuilt_chunks_over_on_the_decoding_threads(tmp_path):
+    """A store across the network is read in one fetch; the chunks go to ``consume`` on the
+    threads that rebuild them, each once, and an error there ends the read."""
+    store = MemoryStore()
+    store.remote = True
+    p2, manifest = _pushed_pair(Repository(store), tmp_path)
+    data = p2.joinpath("model.safetensors").read_bytes()
+    offsets = dict(zip([cid for cid, _ in manifest.chunks], manifest.offsets(), strict=False))
+    got: dict[bytes, bytes] = {}
+    threads = set()
+
+    def keep(cid: bytes, raw: codec.RawBuffer) -> None:
+        assert cid not in got
+        got[cid] = bytes(raw)
+        threads.add(threading.current_thread())
+
+    chunk_ids = [cid for cid, _ in manifest.chunks]
+    delta.read_chunks_into(store, chunk_ids, manifest.delta_refs(), keep)
+    assert got.keys() == set(chunk_ids)
+    assert all(data[offsets[cid] : offsets[cid] + len(raw)] == raw for cid, raw in got.items())
+    assert threading.current_thread() not in threads
+
+    def disk_full(cid: bytes, raw: codec.RawBuffer) -> None:
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        delta.read_chunks_into(store, chunk_ids, manifest.delta_refs(), disk_full)
 
 
 def test_push_asks_the_store_only_about_chunks_its_base_does_not_hold(repo: Repository, tmp_path):
