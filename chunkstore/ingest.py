@@ -126,6 +126,13 @@ def local_manifest(
         return Manifest(mapped.size, chunks, index.tensors if index else [])
 
 
+def has_tensor_index(path: Path) -> bool:
+    """Whether the file at ``path`` is a safetensors or torch.save file (its header read, not
+    the rest)."""
+    with MappedFile(path) as mapped:
+        return read_index(mapped.view, mapped.size) is not None
+
+
 def plan_cuts(
     chunker: Chunker,
     view: memoryview,

@@ -31,7 +31,13 @@ from chunkstore.errors import (
     InvalidInput,
     NotFound,
 )
-from chunkstore.ingest import Ingester, IngestStats, PipelineLimits, local_manifest
+from chunkstore.ingest import (
+    Ingester,
+    IngestStats,
+    PipelineLimits,
+    has_tensor_index,
+    local_manifest,
+)
 from chunkstore.model import (
     DeltaRef,
     FileEntry,
@@ -60,7 +66,8 @@ from chunkstore.retention import KeepPolicy, plan
 from chunkstore.reuse import holds
 from chunkstore.staging import DEFAULT_STAGE_TTL, Stage, live_stage_manifests
 from chunkstore.stores.base import Store
-from chunkstore.tensors import LazyTensors, TensorDiff, diff_file, tensor_files
+from chunkstore.tensor_diff import TensorDiff, diff_tensors
+from chunkstore.tensors import LazyTensors, tensor_files
 from chunkstore.transfer import CopyResult, copy_version
 from chunkstore.tree import PARTIAL, list_tree
 
@@ -670,34 +677,26 @@ class Repository:
         self, path: str | os.PathLike, repo: str, stats: bool = False
     ) -> list[TensorDiff]:
         """Tensor-level differences between the files with tensors (safetensors, torch.save) at
-        ``path`` and those of the same names in the latest version of ``repo`` (see
-        :meth:`tensor_diff`); nothing is stored. A local file is cut as a push would cut it
-        against that version and hashed; one that :meth:`status` finds unchanged is not read
-        at all."""
+        ``path`` and the repo's latest version (see :meth:`tensor_diff`); nothing is stored. A
+        local file is cut as a push would cut it against that version and hashed; one that
+        :meth:`status` finds unchanged is not read at all."""
         newest = self._newest(repo)
         stored = self._manifests_by_path(newest)
-        local = dict(list_tree(Path(path)))
         base = BaseTensors([stored])
-        out = []
-        for name in sorted(stored.keys() & local.keys()):
-            manifest, file = stored[name], local[name]
-            if not manifest.tensors:
+        mine: dict[str, Manifest] = {}
+        read: dict[str, Path] = {}
+        for name, file in list_tree(Path(path)):
+            manifest = stored.get(name)
+            if manifest is not None and manifest.tensors:
+                if file.stat().st_size == manifest.size and holds(manifest, file):
+                    mine[name] = manifest
+                    continue
+            elif not has_tensor_index(file):
                 continue
-            if file.stat().st_size == manifest.size and holds(manifest, file):
-                out.append(TensorDiff(name, unchanged=len(manifest.tensors)))
-                continue
-            mine = local_manifest(file, self.chunker, base, name)
-            if not mine.tensors:  # no longer has a tensor index: every tensor went
-                out.append(TensorDiff(name, removed=sorted(t.name for t in manifest.tensors)))
-                continue
-            with open(file, "rb") as f:
-                out.append(diff_file(self.store, name, manifest, mine, stats, new_bytes=f))
-        if not out:
-            raise InvalidInput(
-                f"{path} and {newest.ref} have no safetensors or torch.save file of the same name"
-                " in common"
-            )
-        return out
+            mine[name], read[name] = local_manifest(file, self.chunker, base, name), file
+        if not any(m.tensors for m in [*mine.values(), *stored.values()]):
+            raise InvalidInput(f"{path} and {newest.ref} hold no safetensors or torch.save file")
+        return diff_tensors(self.store, stored, mine, stats, local=read)
 
     def open_safetensors(self, ref: str, path: str, framework: str = "np") -> LazyTensors:
         """A lazy mapping name -> tensor over one stored safetensors (or torch.save) file."""
@@ -734,15 +733,15 @@ class Repository:
     def tensor_diff(
         self, ref_a: str, ref_b: str, file: str | None = None, stats: bool = False
     ) -> list[TensorDiff]:
-        """Tensor-level differences between the files with tensors two versions share."""
+        """Tensor-level differences between two versions: tensors matched by name across their
+        files (a checkpoint saved in other shards compares tensor by tensor), or only those of
+        ``file`` in each (see :mod:`chunkstore.tensor_diff`)."""
         a, b = self.resolve(ref_a), self.resolve(ref_b)
         old, new = self._manifests_by_path(a), self._manifests_by_path(b)
         paths = tensor_files(b, new, file)
-        return [
-            diff_file(self.store, path, old[path], new[path], stats)
-            for path in paths
-            if path in old
-        ]
+        if file is not None:
+            old = {file: old[file]} if file in old else {}
+        return diff_tensors(self.store, old, {path: new[path] for path in paths}, stats)
 
     def stats(self) -> dict:
         totals = self.store.totals()

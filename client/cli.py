@@ -21,7 +21,7 @@ from chunkstore.progress import Tally, for_terminal, human_bytes
 from chunkstore.refs import Ref
 from chunkstore.repository import DEFAULT_GC_GRACE, Diff, Repository, select_files
 from chunkstore.retention import KeepPolicy, parse_best, parse_duration
-from chunkstore.tensors import TensorDiff
+from chunkstore.tensor_diff import TensorDiff
 from chunkstore.transfer import CopyResult
 
 PROG = "chunkstore"
@@ -264,7 +264,7 @@ def _report_tensor_diffs(diffs: list[TensorDiff], as_json: bool) -> int:
         for name in d.removed:
             print(f"  D  {name}")
         for c in d.changed:
-            extra = ""
+            extra = f", was in {c.old_path}" if c.old_path is not None else ""
             if c.old.dtype != c.new.dtype or c.old.shape != c.new.shape:
                 extra += f", {c.old.dtype}{list(c.old.shape)} -> {c.new.dtype}{list(c.new.shape)}"
             if c.differing_bytes is not None:
@@ -273,11 +273,18 @@ def _report_tensor_diffs(diffs: list[TensorDiff], as_json: bool) -> int:
             if c.relative_l2 is not None:
                 extra += f", relative L2 change {c.relative_l2:.3g}"
             print(f"  M  {c.name}  ({human_bytes(c.bytes_changed)} changed{extra})")
-        print(
-            f"  {len(d.added)} added, {len(d.removed)} removed, {len(d.changed)} changed, "
-            f"{d.unchanged} unchanged"
-        )
+        print(f"  {_tensor_counts([d])}")
+    if len(diffs) > 1:
+        print(f"all files: {_tensor_counts(diffs)}")
     return 0
+
+
+def _tensor_counts(diffs: list[TensorDiff]) -> str:
+    added = sum(len(d.added) for d in diffs)
+    removed = sum(len(d.removed) for d in diffs)
+    changed = sum(len(d.changed) for d in diffs)
+    unchanged = sum(d.unchanged for d in diffs)
+    return f"{added} added, {removed} removed, {changed} changed, {unchanged} unchanged"
 
 
 def cmd_status(repo: Repository, args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ import pytest
 from conftest import count_fetches
 from test_cli import run
 
+from chunkstore import tensor_diff
 from chunkstore import tensors as tensors_module
 from chunkstore.errors import InvalidInput, NotFound
 from chunkstore.repository import Repository
@@ -119,8 +120,8 @@ def test_tensor_diff(repo, pushed, tmp_path):
 def test_tensor_diff_stats_read_a_block_at_a_time(repo, tmp_path, monkeypatch):
     """Tensors larger than a block, of every kind of dtype, in blocks and pieces that do not
     divide them: the same differing bytes and norms as the whole arrays give."""
-    monkeypatch.setattr(tensors_module, "COMPARE_BLOCK_BYTES", 4096)
-    monkeypatch.setattr(tensors_module._Change, "PIECE", 100)
+    monkeypatch.setattr(tensor_diff, "COMPARE_BLOCK_BYTES", 4096)
+    monkeypatch.setattr(tensor_diff._Change, "PIECE", 100)
     rng = np.random.default_rng(9)
     v1 = {
         "f32": ("F32", (1000, 37), weights(rng, 37000, "fp32")),
@@ -164,7 +165,7 @@ def test_a_local_file_that_ends_before_its_tensors_is_an_error(tmp_path):
     path = tmp_path / "short.safetensors"
     path.write_bytes(b"x" * 100)
     with open(path, "rb") as f, pytest.raises(InvalidInput, match="short.safetensors ended"):
-        tensors_module._read_into(f, memoryview(bytearray(150)))
+        tensor_diff._read_into(f, memoryview(bytearray(150)))
 
 
 def test_tensor_diff_cli(env_store, tmp_path, capsys):
@@ -231,6 +232,76 @@ def test_status_tensors_tells_what_a_push_would_change_and_stores_nothing(repo, 
     assert local.to_json() == pushed.to_json()  # what status said is what the push did
 
 
+def test_tensor_diff_matches_tensors_across_shards(repo, tmp_path):
+    """A checkpoint saved in other shards compares tensor by tensor: each tensor with the one
+    of its name wherever it was, a removed one under the file it was in."""
+    v1 = model(n=4)
+    extra = {"extra.w": v1.pop("layers.3.w")}
+    (tmp_path / "v1").mkdir()
+    write_safetensors(tmp_path / "v1" / "model.safetensors", v1)
+    write_safetensors(tmp_path / "v1" / "extra.safetensors", extra)
+    repo.push(tmp_path / "v1", repo="s", tags=["v1"])
+    rng = np.random.default_rng(4)
+    nudged = v1["layers.1.w"][2].copy()
+    nudged[:100] += np.float32(0.01)
+    v2 = {**v1, "layers.1.w": ("F32", v1["layers.1.w"][1], nudged)}
+    del v2["step"]
+    v2["head.w"] = ("F32", (64, 64), weights(rng, 64 * 64, "fp32"))
+    names = list(v2)
+    (tmp_path / "v2").mkdir()
+    write_safetensors(tmp_path / "v2" / "part-1.safetensors", {n: v2[n] for n in names[:2]})
+    write_safetensors(tmp_path / "v2" / "part-2.safetensors", {n: v2[n] for n in names[2:]})
+    repo.push(tmp_path / "v2", repo="s", tags=["v2"])
+
+    diffs = {d.path: d for d in repo.tensor_diff("s@v1", "s@v2", stats=True)}
+    assert set(diffs) == {
+        "extra.safetensors",
+        "model.safetensors",
+        "part-1.safetensors",
+        "part-2.safetensors",
+    }
+    assert diffs["extra.safetensors"].removed == ["extra.w"]
+    assert diffs["model.safetensors"].removed == ["step"]
+    assert (
+        sum(len(d.added) for d in diffs.values()) == 1
+        and "head.w" in diffs["part-2.safetensors"].added
+    )
+    changed = [c for d in diffs.values() for c in d.changed]
+    assert [c.name for c in changed] == ["layers.1.w"]
+    assert changed[0].old_path == "model.safetensors" and changed[0].differing_bytes > 0
+    old = v1["layers.1.w"][2].astype(np.float64)
+    exact = np.linalg.norm(nudged.astype(np.float64) - old) / np.linalg.norm(old)
+    assert changed[0].relative_l2 == pytest.approx(exact, rel=1e-9)
+    assert sum(d.unchanged for d in diffs.values()) == len(v2) - 2  # all but layers.1 and head
+
+    (only,) = repo.tensor_diff("s@v1", "s@v2", file="part-1.safetensors")
+    assert only.path == "part-1.safetensors" and not only.changed and not only.unchanged
+    assert sorted(only.added) == sorted(names[:2])  # part-1 is new in v2
+
+    local = {d.path: d for d in repo.status_tensors(tmp_path / "v2", "s", stats=True)}
+    assert local.keys() == {"part-1.safetensors", "part-2.safetensors"}  # v2's files
+    assert all(not d.changed and not d.added for d in local.values())  # v2 is the latest
+    # resharded again locally (layers.1.w moves to part-2), and layers.2.w nudged
+    stepped = v2["layers.2.w"][2].copy()
+    stepped[-10:] -= np.float32(0.01)
+    write_safetensors(tmp_path / "v2" / "part-1.safetensors", {"layers.0.w": v2["layers.0.w"]})
+    write_safetensors(
+        tmp_path / "v2" / "part-2.safetensors",
+        {
+            "layers.1.w": v2["layers.1.w"],
+            "layers.2.w": ("F32", v2["layers.2.w"][1], stepped),
+            "embed.bf16": v2["embed.bf16"],
+            "head.w": v2["head.w"],
+        },
+    )
+    local = {d.path: d for d in repo.status_tensors(tmp_path / "v2", "s")}
+    assert [(c.name, c.old_path) for c in local["part-2.safetensors"].changed] == [
+        ("layers.2.w", None)
+    ]
+    assert local["part-2.safetensors"].unchanged == 3 and local["part-1.safetensors"].unchanged == 1
+    assert not any(d.added or d.removed for d in local.values())
+
+
 def test_status_tensors_cli_and_its_errors(env_store, tmp_path, capsys):
     tensors = model(n=3)
     (tmp_path / "v1").mkdir()
@@ -248,10 +319,14 @@ def test_status_tensors_cli_and_its_errors(env_store, tmp_path, capsys):
     (tmp_path / "v1" / "model.safetensors").write_bytes(b"not a safetensors file any more")
     code, out, _ = run(capsys, "status", str(tmp_path / "v1"), "--repo", "m", "--tensors")
     assert code == 0 and out.count("  D  ") == 5  # every tensor went
-    (tmp_path / "v1" / "model.safetensors").rename(tmp_path / "v1" / "other.safetensors")
-    code, out, err = run(capsys, "status", str(tmp_path / "v1"), "--repo", "m", "--tensors")
-    assert (code, out) == (2, "")
-    assert "no safetensors or torch.save file of the same name in common" in err
+    (tmp_path / "v1" / "model.safetensors").rename(tmp_path / "v1" / "notes.txt")
+    code, out, _ = run(capsys, "status", str(tmp_path / "v1"), "--repo", "m", "--tensors")
+    assert code == 0 and out.count("  D  ") == 5  # the file went, and its tensors with it
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "notes.txt").write_text("no tensors here")
+    assert run(capsys, "push", str(tmp_path / "plain"), "--repo", "p")[0] == 0
+    code, out, err = run(capsys, "status", str(tmp_path / "v1"), "--repo", "p", "--tensors")
+    assert (code, out) == (2, "") and "hold no safetensors or torch.save file" in err
     code, _, err = run(capsys, "status", str(tmp_path / "nope"), "--repo", "m", "--tensors")
     assert code == 3 and "no such file or directory" in err
     code, _, err = run(capsys, "status", str(tmp_path / "v1"), "--repo", "x", "--tensors")
@@ -318,7 +393,7 @@ def test_chunk_spans_are_the_chunks_overlapping_each_tensor():
     """Found by bisection, they are what a scan over every chunk finds, for tensors starting
     and ending anywhere (inside chunks, on their edges, empty)."""
     from chunkstore.model import Manifest, TensorInfo
-    from chunkstore.tensors import _chunk_spans
+    from chunkstore.tensor_diff import _chunk_spans
 
     rng = np.random.default_rng(12)
     lengths = rng.integers(1, 50, 300).tolist()
