@@ -265,7 +265,7 @@ class ChunkedReader(SeekableReader):
         self._manifest = manifest
         self._starts = manifest.offsets()
         self._refs = manifest.delta_refs()
-        self._cache: dict[int, RawBuffer] = {}  # chunk index -> raw bytes
+        self._cache: dict[int, bytes] = {}  # chunk index -> raw bytes
         self.name = name
 
     def readinto(self, buffer) -> int:  # type: ignore[override]
