@@ -542,6 +542,13 @@ def build_parser(server_commands: bool = True) -> argparse.ArgumentParser:
             """),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    # also before the command, as in `chunkstore --store grpc://HOST:PORT log llama-ft`
+    parser.add_argument(
+        "--store", dest="global_store", metavar="STORE", help="as each command's --store"
+    )
+    parser.add_argument(
+        "--token", dest="global_token", metavar="TOKEN", help="as each command's --token"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = _add(
@@ -792,6 +799,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(server_commands=any(a in SERVER_COMMANDS for a in argv))
     args = parser.parse_args(argv)
     args.quiet = getattr(args, "quiet", False)
+    if getattr(args, "store", None) is None:
+        args.store = args.global_store
+    if getattr(args, "token", None) is None:
+        args.token = args.global_token
     if getattr(args, "run", None):  # node and cluster commands manage their own resources
         return args.run(args)
     try:

@@ -393,6 +393,18 @@ def test_reading_a_store_that_does_not_exist_creates_nothing(tmp_path):
     assert not (tmp_path / "typo").exists()
 
 
+def test_store_may_be_given_before_the_command(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("CHUNKSTORE_STORE", raising=False)
+    write(tmp_path / "ckpt" / "w.bin", random_bytes(100_000, seed=1))
+    first, second = str(tmp_path / "one"), str(tmp_path / "two")
+    assert run(capsys, "--store", first, "push", str(tmp_path / "ckpt"), "--repo", "m")[0] == 0
+    code, out, _ = run(capsys, "--store", first, "ls", "--json")
+    assert code == 0 and [r["name"] for r in json.loads(out)] == ["m"]
+    # the command's own --store wins
+    code, _, err = run(capsys, "--store", first, "log", "m", "--store", second)
+    assert code == 6 and "no store there" in err
+
+
 def _python(code: str, env: dict[str, str]) -> str:
     out = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
