@@ -96,14 +96,14 @@ def diff_tensors(
     with ExitStack() as files:
         compare = _Comparison(store, old) if stats else None
         for path in sorted(p for p, m in new.items() if m.tensors):
+            reader: BinaryIO | None = None
             if compare is not None:
                 reader = (
                     files.enter_context(open(local[path], "rb"))
                     if path in local
                     else ChunkedReader(store, new[path])
                 )
-                compare.new_file(reader)
-            diffs[path] = _diff_file(path, before, new[path], compare)
+            diffs[path] = _diff_file(path, before, new[path], compare, reader)
     present = {t.name for manifest in new.values() for t in manifest.tensors}
     for path, tensors in before.tensors.items():
         removed = sorted(name for name in tensors if name not in present)
@@ -138,7 +138,15 @@ class _OldTree:
         return self._starts[path]
 
 
-def _diff_file(path: str, old: _OldTree, new: Manifest, compare: _Comparison | None) -> TensorDiff:
+def _diff_file(
+    path: str,
+    old: _OldTree,
+    new: Manifest,
+    compare: _Comparison | None,
+    new_bytes: BinaryIO | None,
+) -> TensorDiff:
+    """The diff of new file ``path``; with stats, ``compare`` reads tensors whose chunks
+    changed from the old tree and from ``new_bytes`` (the new file's bytes)."""
     result = TensorDiff(path)
     after = {t.name: t for t in new.tensors}
     new_starts = new.offsets()
@@ -166,8 +174,8 @@ def _diff_file(path: str, old: _OldTree, new: Manifest, compare: _Comparison | N
             if cid not in old.ids
         )
         change = TensorChange(b.name, changed, a, b, old_path=where if where != path else None)
-        if compare is not None and same_layout:
-            change.differing_bytes, change.relative_l2 = compare(where, a, b)
+        if compare is not None and new_bytes is not None and same_layout:
+            change.differing_bytes, change.relative_l2 = compare(where, a, new_bytes, b)
             differs = change.differing_bytes > 0  # exact: shared chunks may have changed around it
         else:
             differs = change.bytes_changed > 0 or not same_layout
@@ -196,30 +204,26 @@ def _chunk_spans(
 
 
 class _Comparison:
-    """Compares tensors of the old tree's stored files with those of the new file being
-    diffed, read :data:`COMPARE_BLOCK_BYTES` of each at a time into the same buffers, so
-    memory stays bounded whatever the tensors' size."""
+    """Compares tensors of the old tree's stored files with those of new files, read
+    :data:`COMPARE_BLOCK_BYTES` of each at a time into the same buffers, so memory stays
+    bounded whatever the tensors' size."""
 
     def __init__(self, store: ChunkStore, old: Mapping[str, Manifest]) -> None:
         self._store = store
         self._old = old
         self._old_readers: dict[str, ChunkedReader] = {}
-        self._new: BinaryIO | None = None
         self._buffers: list[tuple[memoryview, ...]] = []  # two pairs, made when first needed
 
-    def new_file(self, reader: BinaryIO) -> None:
-        """Compare with the tensors of this file from now on."""
-        self._new = reader
-
-    def __call__(self, old_path: str, a: TensorInfo, b: TensorInfo) -> tuple[int, float | None]:
+    def __call__(
+        self, old_path: str, a: TensorInfo, new_bytes: BinaryIO, b: TensorInfo
+    ) -> tuple[int, float | None]:
         """The bytes that differ between tensor ``a`` of old file ``old_path`` and ``b`` of
-        the new file (one dtype and shape), and the relative L2 norm of the change (None for
-        dtypes whose bytes are codes, not values)."""
+        the new file read from ``new_bytes`` (one dtype and shape), and the relative L2 norm of
+        the change (None for dtypes whose bytes are codes, not values)."""
         if old_path not in self._old_readers:
             self._old_readers[old_path] = ChunkedReader(self._store, self._old[old_path])
-        assert self._new is not None, "new_file() names the file to compare with"
         change = _Change(a.dtype)
-        for old, new in self._blocks((self._old_readers[old_path], self._new), a, b):
+        for old, new in self._blocks((self._old_readers[old_path], new_bytes), a, b):
             change.add(old, new)
         return change.differing, change.relative_l2()
 
