@@ -194,9 +194,10 @@ def _diff(store: Path, conn) -> None:
     with Repository(LmdbStore(store)) as repo:
         memory = _Memory()
         started = time.perf_counter()
-        repo.tensor_diff("bench@v1", "bench@v2", stats=True)
+        diffs = repo.tensor_diff("bench@v1", "bench@v2", stats=True)
         seconds = time.perf_counter() - started
-        conn.send({"seconds": seconds, **memory.peaks()})
+        read = sum(c.differing_bytes is not None for d in diffs for c in d.changed)
+        conn.send({"seconds": seconds, "read": read, **memory.peaks()})
 
 
 def in_child(target, *args) -> dict:
@@ -421,12 +422,16 @@ def print_table(results: list[Result]) -> None:
         print(
             f"{r.series}: v2 {r.size / MB:.0f} MB, {extra}{r.delta_chunks} chunks stored as deltas"
         )
-    print("\ndiff --tensors --stats of v1 and v2 (stored with deltas): both read whole")
+    print("\ndiff --tensors --stats of v1 and v2 (stored with deltas): tensors of one dtype read")
     for r in results:
+        if not r.diff["read"]:
+            print(f"  {r.series:<17} {r.diff['seconds']:.2f} s, no tensor of one dtype in both")
+            continue
         seconds = r.diff["seconds"]
         pull_seconds = r.size / MB / next(row.pull for row in r.rows if row.method == "deltas")
         print(
-            f"  {r.series:<17} {seconds:.2f} s, {seconds / pull_seconds:.1f}x the pull of v2, "
+            f"  {r.series:<17} {seconds:.2f} s for {r.diff['read']} tensors, "
+            f"{seconds / pull_seconds:.1f}x the pull of v2, "
             f"peak RSS {r.diff['rss'] / MB:.0f} MB ({r.diff['anon'] / MB:.0f} anon)"
         )
 
