@@ -355,8 +355,10 @@ def read_chunks_into(
     (``consume`` must be thread-safe), so writing chunks out does not funnel through one. The
     bytes handed over are bytes-like and valid only during the call."""
     wanted = list(dict.fromkeys(chunk_ids))
-    if store.remote or not any(cid in refs for cid in wanted):
-        # on a cluster, one fetch from every node at once, not a round trip per task
+    if not any(cid in refs for cid in wanted):
+        store.read_into(wanted, consume, workers=workers)
+        return
+    if store.remote:  # one fetch from every node at once, not a round trip per task
         for _ in _read_chunks(store, wanted, refs, workers, consume):
             pass
         return
@@ -416,25 +418,23 @@ def read_chunks(
     CorruptChunk naming the stored chunk that is missing or damaged, or CorruptChunk naming a
     rebuilt chunk whose bytes do not match its id.
     """
-    yield from _read_chunks(store, chunk_ids, refs, workers)
+    wanted = list(dict.fromkeys(chunk_ids))
+    if not any(cid in refs for cid in wanted):
+        yield from store.read(wanted, workers=workers)
+        return
+    yield from _read_chunks(store, wanted, refs, workers)
 
 
 def _read_chunks(
     store: ChunkStore,
-    chunk_ids: Sequence[bytes],
+    wanted: Sequence[bytes],
     refs: Mapping[bytes, DeltaRef],
     workers: int,
     consume: Callable[[bytes, codec.RawBuffer], None] | None = None,
 ) -> Iterator[tuple[bytes, bytes]]:
-    """:func:`read_chunks`; given ``consume``, each chunk goes to it on the decoding threads
-    instead (as bytes-like, valid during the call) and nothing is yielded."""
-    wanted = list(dict.fromkeys(chunk_ids))
-    if not any(cid in refs for cid in wanted):
-        if consume is None:
-            yield from store.read(wanted, workers=workers)
-        else:
-            store.read_into(wanted, consume, workers=workers)
-        return
+    """:func:`read_chunks` of distinct ids some of which are delta-coded; given ``consume``,
+    each chunk goes to it on the decoding threads instead (as bytes-like, valid during the
+    call) and nothing is yielded."""
     keep_freed_memory(KEPT_BYTES, KEPT_BYTES)
     decode = partial(_decode_batch, store, consume=consume)
     plain: set[bytes] = set()

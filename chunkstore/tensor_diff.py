@@ -93,9 +93,9 @@ def diff_tensors(
     before = _OldTree(old)
     local = local or {}
     diffs: dict[str, TensorDiff] = {}
-    with ExitStack() as files:
-        compare = _Comparison(store, old) if stats else None
-        for path in sorted(p for p, m in new.items() if m.tensors):
+    compare = _Comparison(store, old) if stats else None
+    for path in sorted(p for p, m in new.items() if m.tensors):
+        with ExitStack() as files:  # a local file is open while its tensors are compared
             reader: BinaryIO | None = None
             if compare is not None:
                 reader = (
@@ -222,7 +222,7 @@ class _Comparison:
         the change (None for dtypes whose bytes are codes, not values)."""
         if old_path not in self._old_readers:
             self._old_readers[old_path] = ChunkedReader(self._store, self._old[old_path])
-        change = _Change(a.dtype)
+        change = _Change(a.dtype, a.end - a.begin)
         for old, new in self._blocks((self._old_readers[old_path], new_bytes), a, b):
             change.add(old, new)
         return change.differing, change.relative_l2()
@@ -288,13 +288,15 @@ class _Change:
 
     PIECE = 1 << 16
 
-    def __init__(self, dtype: str) -> None:
+    def __init__(self, dtype: str, size: int) -> None:
+        """For tensors of ``size`` bytes."""
         self.dtype = dtype
         self.values = dtype in VALUE_DTYPES
         self.itemsize = max(1, DTYPE_BITS[dtype] // 8)
         self.step = self.PIECE * self.itemsize  # bytes per piece
         as_type = np.complex128 if dtype == "C64" else np.float64
-        self._old, self._new = np.empty(self.PIECE, as_type), np.empty(self.PIECE, as_type)
+        piece = min(self.PIECE, size // self.itemsize) if self.values else 0
+        self._old, self._new = np.empty(piece, as_type), np.empty(piece, as_type)
         self.differing = 0
         self.norm = self.delta = 0.0
 
