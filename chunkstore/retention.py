@@ -67,7 +67,12 @@ def plan(
 ) -> list[tuple[Version, list[str]]]:
     """Each of ``versions`` (one repo's, newest first) with the reasons it is kept; an empty
     list means it goes. ``others`` are versions of other repos, kept whatever happens here,
-    whose inputs are kept too."""
+    whose inputs are kept too.
+
+    Raises InvalidInput if a metric rule names a metric no version records (a misspelt
+    metric would otherwise keep nothing by it).
+    """
+    _check_metrics(versions, [*policy.lowest, *policy.highest])
     reasons: dict[bytes, list[str]] = {v.id: [] for v in versions}
     if versions:
         reasons[versions[0].id].append("newest")
@@ -89,6 +94,17 @@ def plan(
             reasons[v.id].append("tagged " + ", ".join(v.tags))
     _keep_inputs(versions, reasons, others)
     return [(v, reasons[v.id]) for v in versions]
+
+
+def _check_metrics(versions: Sequence[Version], metrics: Iterable[str]) -> None:
+    recorded = {name for v in versions for name in v.metrics}
+    unknown = sorted(set(metrics) - recorded)
+    if unknown:
+        known = ", ".join(sorted(recorded)) or "none"
+        raise InvalidInput(
+            f"no version records the metric {', '.join(map(repr, unknown))} "
+            f"(metrics recorded: {known})"
+        )
 
 
 def _best(versions: Sequence[Version], metric: str, count: int, highest: bool) -> list[Version]:

@@ -76,6 +76,14 @@ def test_keep_lowest_and_highest_rank_by_metric_and_skip_versions_without_it():
     assert "step 1" not in kept(plan(versions, KeepPolicy(lowest={"loss": 2})))
 
 
+def test_a_metric_no_version_records_is_refused():
+    versions = series(3, metrics={1: {"loss": 1.0}, 2: {"loss": 2.0}})
+    with pytest.raises(InvalidInput, match=r"metric 'Loss' \(metrics recorded: loss\)"):
+        plan(versions, KeepPolicy(lowest={"Loss": 1}))
+    with pytest.raises(InvalidInput, match="'acc'.*recorded: none"):
+        plan(series(2), KeepPolicy(last=1, highest={"acc": 1}))
+
+
 def test_newest_tagged_and_inputs_are_always_kept():
     versions = series(4, tags={2: ["release"]})
     # a version of another repo was made from version 1
@@ -227,6 +235,8 @@ def test_prune_command(env_store, tmp_path, capsys):
         (["--keep-lowest", "loss=0"], "invalid --keep-lowest 'loss=0'"),
         (["--keep-highest", "=2"], "invalid --keep-highest '=2'"),
         (["--keep-last", "-2"], "--keep-last must be >= 0"),
+        (["--keep-lowest", "Loss"], "no version records the metric 'Loss'"),
+        (["--keep-lowest", "loss", "--dry-run"], "no version records the metric 'loss'"),
     ],
 )
 def test_prune_command_refuses_bad_rules(env_store, tmp_path, capsys, args, message):
