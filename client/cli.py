@@ -126,7 +126,7 @@ def cmd_pull(repo: Repository, args: argparse.Namespace) -> int:
 
 
 def cmd_log(repo: Repository, args: argparse.Namespace) -> int:
-    versions = repo.log(args.repo, args.limit or None)
+    versions = repo.log(args.repo, args.limit)
     if args.json:
         _emit_json([v.to_json() for v in versions])
         return 0
@@ -628,7 +628,7 @@ def build_parser(server_commands: bool = True) -> argparse.ArgumentParser:
 
     p = _add(sub, "log", cmd_log, "list a repo's versions, newest first", "chunkstore log llama-ft")
     p.add_argument("repo")
-    p.add_argument("-n", "--limit", type=int, default=0, help="show at most N versions")
+    p.add_argument("-n", "--limit", type=int, default=None, help="show at most N versions (N >= 1)")
 
     p = _add(
         sub,

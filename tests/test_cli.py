@@ -95,8 +95,9 @@ def test_log_json_shape(two_versions, capsys):
     assert code == 0 and "step 2000" in out.splitlines()[0] and "[v1]" in out.splitlines()[1]
     code, out, _ = run(capsys, "log", "llama-ft", "-n", "1", "--json")
     assert code == 0 and [v["message"] for v in json.loads(out)] == ["step 2000"]
-    code, out, err = run(capsys, "log", "llama-ft", "-n", "-1")
-    assert (code, out) == (2, "") and "a log limit must be at least 1" in err
+    for limit in ("-1", "0"):
+        code, out, err = run(capsys, "log", "llama-ft", "-n", limit)
+        assert (code, out) == (2, "") and f"a log limit must be at least 1, not {limit}" in err
 
 
 def test_diff_json_shape(two_versions, capsys):
