@@ -33,6 +33,12 @@ class CorruptChunk(ChunkstoreError):
         super().__init__(f"chunk {chunk_id.hex()} is corrupt: {reason}")
 
 
+class CorruptStore(ChunkstoreError):
+    """A store whose own files are damaged: cut short, or holding pages that cannot be read."""
+
+    exit_code = 4
+
+
 class ChunkNotFound(NotFound):
     """A chunk id that no store holds."""
 

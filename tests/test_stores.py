@@ -13,13 +13,14 @@ from pathlib import Path
 
 import lmdb
 import pytest
-from conftest import rss_file_kib
+from conftest import random_bytes, rss_file_kib
 
 from chunkstore import ids
 from chunkstore.errors import (
     ChunkNotFound,
     ChunkstoreError,
     CorruptChunk,
+    CorruptStore,
     InvalidInput,
     NotFound,
     StoreFull,
@@ -486,8 +487,38 @@ def test_lmdb_refuses_what_is_not_a_store(tmp_path):
         LmdbStore(tmp_path / "other")
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "data.mdb").write_bytes(b"\0" * 8192)
-    with pytest.raises(StoreUnavailable, match="cannot open store at .*junk"):
+    with pytest.raises(CorruptStore, match="store at .*junk is damaged: .* not an LMDB file"):
         LmdbStore(tmp_path / "junk")
+
+
+def damaged_copies(tmp_path: Path) -> dict[str, Path]:
+    """Copies of a store holding a few chunks: cut short, emptied, and with pages
+    overwritten by noise."""
+    with LmdbStore(tmp_path / "good") as store:
+        store.put(chunks(40, size=32 * KB))
+    data = (tmp_path / "good" / "data.mdb").read_bytes()
+    pages = {"short": data[: len(data) // 3], "empty": b"", "noise": bytearray(data)}
+    pages["noise"][2 * 4096 :] = random_bytes(len(data) - 2 * 4096, seed=9)  # all but the headers
+    out = {}
+    for name, content in pages.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "data.mdb").write_bytes(bytes(content))
+        out[name] = tmp_path / name
+    return out
+
+
+def test_a_damaged_store_is_reported_not_read_or_rewritten(tmp_path):
+    copies = damaged_copies(tmp_path)
+    reasons = {"short": "was cut short", "empty": "is empty", "noise": "cannot read"}
+    for name, path in copies.items():
+        before = (path / "data.mdb").read_bytes()
+        for readonly in (False, True):
+            with (
+                pytest.raises(CorruptStore, match=f"is damaged: .*{reasons[name]}"),
+                LmdbStore(path, readonly=readonly) as store,
+            ):
+                list(store.scan())
+        assert (path / "data.mdb").read_bytes() == before  # nothing was written over it
 
 
 def test_lmdb_one_open_per_process(tmp_path):

@@ -161,7 +161,11 @@ class LmdbStore(Store):
         self._writing = 0  # writing() contexts open
 
     def _open_env(self, create: bool, map_size: int) -> lmdb.Environment:
-        if not (self.path / "data.mdb").exists():
+        data = self.path / "data.mdb"
+        if data.is_file() and data.stat().st_size == 0:
+            # LMDB would take an empty file for a new store and write one over it.
+            raise self._damaged("its data.mdb is empty")
+        if not data.exists():
             if self.path.is_dir() and any(self.path.iterdir()):
                 raise self._unavailable("the directory is not empty and holds no store")
             if not create:
@@ -181,12 +185,39 @@ class LmdbStore(Store):
                 metasync=True,
                 lock=True,
             )
+        except lmdb.InvalidError:
+            raise self._damaged("its data.mdb is not an LMDB file") from None
         except (OSError, lmdb.Error) as e:
             raise self._unavailable(_reason(e)) from None
+        try:
+            self._check_length(env)
+        except BaseException:
+            env.close()
+            raise
         env.reader_check()
         return env
 
+    def _check_length(self, env: lmdb.Environment) -> None:
+        """Refuse a data file shorter than the pages its header says are in use: reading
+        one of the missing pages through the map would kill the process (SIGBUS)."""
+        needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+        size = (self.path / "data.mdb").stat().st_size
+        if size < needed:
+            raise self._damaged(f"its data.mdb was cut short ({size} of {needed} bytes)")
+
+    def _damaged(self, reason: str) -> errors.CorruptStore:
+        return errors.CorruptStore(
+            f"store at {self.location} is damaged: {reason}; restore it from a copy "
+            "(chunkstore copy, or a backup of the directory)"
+        )
+
     def _open_dbs(self) -> list[lmdb._Database]:
+        try:
+            return self._create_or_open_dbs()
+        except lmdb.CorruptedError:
+            raise self._damaged("LMDB found a page it cannot read") from None
+
+    def _create_or_open_dbs(self) -> list[lmdb._Database]:
         if self._env.stat()["entries"] == 0 and not self._readonly:  # a new, empty environment
             with self._env.begin(write=True) as txn:
                 dbs = [self._env.open_db(name, txn=txn) for name in _DBS]
@@ -227,6 +258,8 @@ class LmdbStore(Store):
                         return fn(txn)
                 except lmdb.MapResizedError:
                     pass
+                except (lmdb.CorruptedError, lmdb.PageNotFoundError):
+                    raise self._damaged("LMDB found a page it cannot read") from None
             self._set_map_size(0)  # another process grew the map: adopt its size
 
     def _write(self, fn: Callable[[lmdb.Transaction], T]) -> T:
@@ -245,6 +278,8 @@ class LmdbStore(Store):
                     self._set_map_size(2 * self._env.info()["map_size"])
                 except lmdb.MapResizedError:
                     self._set_map_size(0)
+                except (lmdb.CorruptedError, lmdb.PageNotFoundError):
+                    raise self._damaged("LMDB found a page it cannot read") from None
                 except (lmdb.Error, OSError) as e:
                     if not self._disk_full(e):
                         raise
