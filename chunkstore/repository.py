@@ -54,7 +54,15 @@ from chunkstore.model import (
 )
 from chunkstore.parallel import for_each
 from chunkstore.progress import NoProgress, Progress
-from chunkstore.refs import Ref, latest, load_versions, newest_and_count, resolve, users_of
+from chunkstore.refs import (
+    MIN_PREFIX,
+    Ref,
+    latest,
+    load_versions,
+    newest_and_count,
+    resolve,
+    users_of,
+)
 from chunkstore.restore import (
     ChunkedReader,
     partial_path,
@@ -397,11 +405,28 @@ class Repository:
         return self.open_stage(stage_id).add(path, as_path, progress)
 
     def tag(self, ref: str, tag: str) -> Version:
-        """Point ``tag`` at the version ``ref`` names (moving it if it exists)."""
+        """Point ``tag`` at the version ``ref`` names (moving it if it exists).
+
+        A tag that reads as the id prefix of another version of the repo is refused: refs
+        look up tags first, so it would hide that version.
+        """
         check_tag_name(tag)
         version = self.resolve(ref)
+        prefix = tag.lower()
+        if len(prefix) >= MIN_PREFIX and all(c in "0123456789abcdef" for c in prefix):
+            for other in self.log(version.repo):
+                if other.id != version.id and other.id.hex().startswith(prefix):
+                    raise InvalidInput(
+                        f"tag {tag!r} would hide {other.ref}, whose id starts with it: "
+                        "choose another name"
+                    )
         self.store.set_tag(version.repo, tag, version.id)
         return self.resolve(f"{version.repo}@{version.short_id}")
+
+    def tagged(self, repo: str, tag: str) -> bytes | None:
+        """The id of the version ``tag`` of ``repo`` points at, or None if there is no such
+        tag."""
+        return self.store.tags(_check_repo_name(repo)).get(check_tag_name(tag))
 
     def untag(self, repo: str, tag: str) -> None:
         self.store.delete_tag(_check_repo_name(repo), check_tag_name(tag))

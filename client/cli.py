@@ -13,9 +13,10 @@ import time
 from collections.abc import Callable, Sequence
 
 import chunkstore.client.process_setup  # noqa: F401  (before anything loads gRPC or numpy)
+from chunkstore import ids
 from chunkstore.allocator import keep_freed_memory
 from chunkstore.connect import ENV_STORE, connect
-from chunkstore.errors import ChunkstoreError, InvalidInput
+from chunkstore.errors import ChunkstoreError, InvalidInput, NotFound
 from chunkstore.model import Version
 from chunkstore.progress import Tally, for_terminal, human_bytes
 from chunkstore.refs import Ref
@@ -298,17 +299,38 @@ def cmd_status(repo: Repository, args: argparse.Namespace) -> int:
 
 
 def cmd_tag(repo: Repository, args: argparse.Namespace) -> int:
+    ref = Ref.parse(args.ref)
+    before = repo.tagged(ref.repo, args.tag)
     if args.delete:
-        name = Ref.parse(args.ref).repo
-        repo.untag(name, args.tag)
+        if before is None:
+            raise NotFound(f"tag {args.tag!r} is not in repo {ref.repo!r}")
+        if ref.selector is not None or ref.back:  # a version was named: the tag must be on it
+            named = repo.resolve(args.ref)
+            if named.id != before:
+                raise InvalidInput(
+                    f"tag {args.tag} is on {ref.repo}@{ids.short(before)}, not on {named.ref}: "
+                    "nothing was deleted"
+                )
+        repo.untag(ref.repo, args.tag)
         if args.json:
-            _emit_json({"repo": name, "tag": args.tag, "deleted": True})
+            _emit_json({"repo": ref.repo, "tag": args.tag, "deleted": True})
         else:
-            print(f"deleted tag {args.tag}")
+            print(f"deleted tag {args.tag} (was on {ref.repo}@{ids.short(before)})")
         return 0
     v = repo.tag(args.ref, args.tag)
+    moved = before is not None and before != v.id
     if args.json:
-        _emit_json({"repo": v.repo, "tag": args.tag, "id": v.id.hex(), "deleted": False})
+        _emit_json(
+            {
+                "repo": v.repo,
+                "tag": args.tag,
+                "id": v.id.hex(),
+                "deleted": False,
+                "moved_from": before.hex() if moved else None,
+            }
+        )
+    elif moved:
+        print(f"moved tag {v.repo}@{args.tag} from {ids.short(before)} to {v.ref}")
     else:
         print(f"tagged {v.ref} as {v.repo}@{args.tag}")
     return 0

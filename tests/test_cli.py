@@ -138,8 +138,15 @@ def test_pull_show_status_tag_rm_gc_verify(two_versions, tmp_path, capsys):
     assert code == 0 and json.loads(out)["unchanged"] == 2
     assert run(capsys, "tag", "llama-ft@v1", "best")[0] == 0
     assert run(capsys, "tag", "llama-ft~1", "first")[0] == 0  # any ref form names the version
-    code, out, _ = run(capsys, "tag", "-d", "llama-ft~1", "first")
-    assert (code, out) == (0, "deleted tag first\n")
+    v1_short = json.loads(run(capsys, "show", "llama-ft@v1", "--json")[1])["id"][:8]
+    code, out, _ = run(capsys, "tag", "-d", "llama-ft", "first")  # a bare name: any of its tags
+    assert (code, out) == (0, f"deleted tag first (was on llama-ft@{v1_short})\n")
+    assert run(capsys, "tag", "llama-ft~1", "first")[0] == 0
+    code, out, err = run(capsys, "tag", "-d", "llama-ft@v2", "first")
+    assert (code, out) == (2, "") and f"tag first is on llama-ft@{v1_short}, not on" in err
+    code, out, err = run(capsys, "tag", "-d", "llama-ft@nosuch", "first")
+    assert (code, out) == (3, "")
+    assert run(capsys, "tag", "-d", "llama-ft@v1", "first")[0] == 0
     code, out, _ = run(capsys, "tag", "llama-ft~1", "first", "--json")
     v1 = json.loads(out)
     assert code == 0 and v1 == {
@@ -147,7 +154,15 @@ def test_pull_show_status_tag_rm_gc_verify(two_versions, tmp_path, capsys):
         "tag": "first",
         "id": v1["id"],
         "deleted": False,
+        "moved_from": None,
     }
+    code, out, _ = run(capsys, "tag", "llama-ft", "first")
+    assert out.startswith(f"moved tag llama-ft@first from {v1_short} to llama-ft@")
+    assert run(capsys, "tag", "llama-ft~1", "first")[0] == 0
+    v2_id = json.loads(run(capsys, "show", "llama-ft@v2", "--json")[1])["id"]
+    code, out, err = run(capsys, "tag", "llama-ft@v1", v2_id[:9])  # reads as v2's id
+    assert (code, out) == (2, "") and "would hide llama-ft@" in err
+    assert run(capsys, "show", f"llama-ft@{v2_id[:9]}", "--json")[1].count(v2_id) == 1
     code, out, _ = run(capsys, "tag", "-d", "llama-ft", "first", "--json")
     assert json.loads(out) == {"repo": "llama-ft", "tag": "first", "deleted": True}
     code, out, err = run(capsys, "tag", "-d", "llama-ft", "first", "--json")
