@@ -28,6 +28,8 @@ class Ref:
     def parse(cls, text: str) -> Ref:
         back = _BACK.search(text)
         name = text[: back.start()] if back else text
+        if "~" in name:
+            raise InvalidInput(f"invalid ref {text!r}: '~' is followed by a number of versions")
         repo, sep, selector = name.partition("@")
         if sep and not selector:
             raise InvalidInput(f"invalid ref {text!r}: nothing after '@'")
@@ -79,18 +81,22 @@ def resolve(meta: MetaStore, ref: Ref | str) -> Version:
     if not heads:
         raise NotFound(f"unknown repo {ref.repo!r}")
     head = _select(ref, heads)
-    by_id = {h.id: h for h in heads}
     for _ in range(ref.back):
-        named = f"{ref.repo}@{head.short_id}"
-        if not head.parents:
-            raise NotFound(f"{ref} does not exist: no version came before {named}")
-        parent = by_id.get(head.parents[0])
-        if parent is None:
-            raise NotFound(
-                f"{ref} does not exist: {named}'s parent {head.parents[0].hex()[:8]} was removed"
-            )
-        head = parent
+        head = _before(ref, head, heads)
     return head.version()
+
+
+def _before(ref: Ref, head: _Head, heads: list[_Head]) -> _Head:
+    """The version ``head`` was pushed on (its first parent); if that one was removed (rm,
+    prune), the newest version made before ``head``."""
+    if head.parents:
+        for h in heads:
+            if h.id == head.parents[0]:
+                return h
+        for h in heads:
+            if (h.created_ns, h.id) < (head.created_ns, head.id):
+                return h
+    raise NotFound(f"{ref} does not exist: no version came before {ref.repo}@{head.short_id}")
 
 
 @dataclass(frozen=True)

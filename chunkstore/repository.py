@@ -7,6 +7,7 @@ on the embedded store and on a cluster.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import getpass
 import itertools
 import math
@@ -123,7 +124,7 @@ class FileChange:
 
 @dataclass
 class Diff:
-    old: str
+    old: str | None  # None: compared with nothing (a repo's first version)
     new: str
     added: list[FileChange] = field(default_factory=list)
     removed: list[FileChange] = field(default_factory=list)
@@ -647,9 +648,16 @@ class Repository:
         entry = version.file(normalise_path(path))
         return ChunkedReader(self.store, self.manifest(entry), name=entry.path)
 
-    def diff(self, ref_a: str, ref_b: str) -> Diff:
-        a, b = self.resolve(ref_a), self.resolve(ref_b)
-        result = Diff(old=a.ref, new=b.ref)
+    def diff(self, ref_a: str | None, ref_b: str) -> Diff:
+        """How version ``ref_b`` differs from ``ref_a``; from nothing (every file added) if
+        ``ref_a`` is None."""
+        b = self.resolve(ref_b)
+        a = (
+            self.resolve(ref_a)
+            if ref_a is not None
+            else dataclasses.replace(b, files=[], params={}, metrics={})
+        )
+        result = Diff(old=a.ref if ref_a is not None else None, new=b.ref)
         old = {f.path: f for f in a.files}
         new = {f.path: f for f in b.files}
         for path in sorted(old.keys() | new.keys()):

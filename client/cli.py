@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import signal
@@ -232,9 +231,18 @@ def _print_diff(d: Diff) -> None:
 
 def cmd_diff(repo: Repository, args: argparse.Namespace) -> int:
     if args.new is None:  # one ref: what that version changed
-        ref = Ref.parse(args.old)
-        args.old, args.new = str(dataclasses.replace(ref, back=ref.back + 1)), args.old
+        version = repo.resolve(args.old)
+        args.new = version.ref
+        try:
+            args.old = repo.resolve(f"{version.ref}~1").ref
+        except NotFound:  # the repo's first version: everything in it is added
+            args.old = None
     if args.tensors or args.stats:
+        if args.old is None:
+            raise InvalidInput(
+                f"{args.new} is the first version of its repo: no version before it to "
+                "compare its tensors with (show --tensors lists them)"
+            )
         return _tensor_diff(repo, args)
     d = repo.diff(args.old, args.new)
     _emit_json(d.to_json()) if args.json else _print_diff(d)

@@ -114,8 +114,13 @@ def test_diff_json_shape(two_versions, capsys):
     # one ref: what that version changed against the one before
     assert run(capsys, "diff", "llama-ft", "--json")[1] == out
     assert run(capsys, "diff", "llama-ft@v2", "--json")[1] == out
-    code, _, err = run(capsys, "diff", "llama-ft~1")
-    assert code == 3 and "llama-ft~2 does not exist" in err
+    # the first version: everything in it is added
+    code, out, _ = run(capsys, "diff", "llama-ft~1", "--json")
+    first = json.loads(out)
+    assert code == 0 and first["old"] is None and first["new"].startswith("llama-ft@")
+    assert sorted(f["path"] for f in first["added"]) == ["config.json", "model.bin"]
+    code, out, err = run(capsys, "diff", "llama-ft~1", "--tensors")
+    assert (code, out) == (2, "") and "is the first version of its repo" in err
 
 
 def test_stats_json_and_ls(two_versions, capsys):

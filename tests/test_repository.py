@@ -109,9 +109,12 @@ def test_refs_back_n_versions(repo, ckpt):
         repo.resolve("m~3")
     with pytest.raises(InvalidInput):
         repo.resolve("m~x")
-    repo.rm(f"m@{pushed[1].short_id}")
-    with pytest.raises(NotFound, match="was removed"):
-        repo.resolve("m@s2~1")
+    with pytest.raises(InvalidInput, match="'~' is followed by a number"):
+        repo.resolve("m~abc")
+    repo.rm(f"m@{pushed[1].short_id}")  # a removed version is stepped over
+    assert repo.resolve("m@s2~1").id == pushed[0].id
+    with pytest.raises(NotFound, match="no version came before"):
+        repo.resolve("m~2")
     assert repo.resolve("m").tags == ["s2"] and repo.resolve("m").files == pushed[2].files
 
 
