@@ -471,7 +471,13 @@ def cmd_gc(repo: Repository, args: argparse.Namespace) -> int:
 
 
 def cmd_verify(repo: Repository, args: argparse.Namespace) -> int:
+    if args.repair and repo.store.remote:
+        raise InvalidInput(
+            "a cluster's nodes replace a corrupt copy from another replica themselves; "
+            f"to restore missing replicas use {PROG} cluster repair"
+        )
     r = repo.verify(args.ref, progress=for_terminal(args.quiet))
+    dropped = repo.store.delete(r.corrupt) if args.repair and r.corrupt else 0
     if args.json:
         _emit_json(
             {
@@ -481,6 +487,7 @@ def cmd_verify(repo: Repository, args: argparse.Namespace) -> int:
                 "deltas": r.deltas,
                 "corrupt": [c.hex() for c in r.corrupt],
                 "missing": [c.hex() for c in r.missing],
+                "removed": dropped,
             }
         )
     else:
@@ -491,6 +498,11 @@ def cmd_verify(repo: Repository, args: argparse.Namespace) -> int:
         if r.ok:
             rebuilt = f", {r.deltas} rebuilt from deltas" if r.deltas else ""
             print(f"verified {r.chunks} chunks ({human_bytes(r.bytes)}){rebuilt}: all intact")
+    if dropped and not args.json:
+        print(
+            f"removed {dropped} corrupt chunks: push the files that held them again to store "
+            "them anew (until then the versions that use them cannot be pulled)"
+        )
     if not r.ok:
         print(
             f"{PROG}: error: {len(r.corrupt)} corrupt and {len(r.missing)} missing chunks",
@@ -807,6 +819,12 @@ def build_parser(server_commands: bool = True) -> argparse.ArgumentParser:
         "chunkstore verify llama-ft@v1",
     )
     p.add_argument("ref", nargs="?", help=f"{REF_HELP} (default: every version)")
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="remove the corrupt chunks found, so that pushing their files again stores them "
+        "anew (embedded store)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     _add(sub, "stats", cmd_stats, "sizes: logical, stored, saving", "chunkstore stats --json")

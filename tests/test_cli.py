@@ -302,6 +302,41 @@ def test_corrupt_chunk_fails_pull_and_verify(env_store, tmp_path):
     assert verify.returncode == 4 and info.id.hex() in verify.stderr
 
 
+def test_verify_repair_drops_corrupt_chunks_and_a_push_stores_them_anew(
+    env_store, tmp_path, capsys
+):
+    from test_delta import model, save, stepped
+
+    from chunkstore import codec
+    from chunkstore.connect import connect
+
+    v1 = model(seed=1)
+    dirs = [save(tmp_path, "v1", v1), save(tmp_path, "v2", stepped(v1, seed=2))]
+    for d in dirs:
+        assert run(capsys, "push", str(d), "--repo", "m", "-q")[0] == 0
+    with connect(str(env_store)) as repo:
+        manifest = repo.manifest(repo.resolve("m").file("model.safetensors"))
+        assert manifest.deltas  # v2 is stored as deltas against v1
+        victims = [next(iter(manifest.deltas.values())).delta, manifest.chunks[0][0]]
+        for cid in victims:
+            raw = codec.decode(dict(repo.store.get([cid]))[cid])
+            repo.store.delete([cid])
+            repo.store.put([(cid, codec.encode(b"X" + raw[1:]))])
+    code, out, err = run(capsys, "verify", "--repair", "--json")
+    report = json.loads(out)
+    assert code == 4 and report["removed"] == 2
+    assert set(report["corrupt"]) >= {cid.hex() for cid in victims}
+    code, out, err = run(capsys, "verify")
+    assert code == 4 and all(f"missing chunk {cid.hex()}" in err for cid in victims)
+    for d in dirs:
+        assert run(capsys, "push", str(d), "--repo", "m", "-q")[0] == 0
+    code, out, _ = run(capsys, "verify")
+    assert code == 0 and "all intact" in out
+    assert run(capsys, "pull", "m", str(tmp_path / "out"), "-q")[0] == 0
+    out_bytes = (tmp_path / "out" / "model.safetensors").read_bytes()
+    assert out_bytes == (dirs[1] / "model.safetensors").read_bytes()
+
+
 def test_ctrl_c_mid_push_leaves_nothing_visible_and_next_push_reuses(env_store, tmp_path):
     data = random_bytes(300 * MB, seed=5)
     write(tmp_path / "big" / "w.bin", data)
