@@ -229,7 +229,17 @@ def stream_file(
 
         read_chunks_into(store, list(where), refs, place)
         for start in range(0, used, write_bytes):
-            out.write(view[start : min(used, start + write_bytes)])
+            _write_all(out, view[start : min(used, start + write_bytes)])
+
+
+def _write_all(out: BinaryIO, data: memoryview) -> None:
+    """Write all of ``data``: a buffered stream may write less and say so (a pipe whose reader
+    left writes part, and only the next write fails with EPIPE)."""
+    while len(data):
+        written = out.write(data)
+        if not written:
+            raise OSError(f"could not write to {getattr(out, 'name', 'the output')}")
+        data = data[written:]
 
 
 def _windows(

@@ -650,6 +650,31 @@ def test_write_file_streams_a_delta_coded_file_in_order(repo, tmp_path):
     assert entry.size == len(out.getvalue())
 
 
+class ShortWrites(io.BytesIO):
+    """A stream that takes at most 1000 bytes a call and says so, as a pipe may; then, like
+    a pipe whose reader left, fails once it has taken ``limit`` bytes."""
+
+    def __init__(self, limit: int | None = None) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def write(self, data) -> int:
+        if self.limit is not None and self.tell() >= self.limit:
+            raise BrokenPipeError(32, "Broken pipe")
+        return super().write(memoryview(data)[:1000])
+
+
+def test_write_file_writes_everything_to_a_stream_that_takes_part(repo, tmp_path):
+    content = random_bytes(300_000, seed=3)
+    write(tmp_path / "d" / "w.bin", content)
+    repo.push(tmp_path / "d", repo="m")
+    out = ShortWrites()
+    repo.write_file("m", "w.bin", out)
+    assert out.getvalue() == content
+    with pytest.raises(BrokenPipeError):  # a reader gone is an error, not a silent end
+        repo.write_file("m", "w.bin", ShortWrites(limit=5000))
+
+
 def test_local_names_push_as_they_are_and_a_backslash_is_refused_by_name(repo, tmp_path):
     names = ["a\nb.bin", "dir with space/q r.txt", "é.bin"]
     for i, name in enumerate(names):
