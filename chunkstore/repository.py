@@ -111,7 +111,9 @@ class FileChange:
     path: str
     old_size: int | None = None
     new_size: int | None = None
-    changed_bytes: int = 0  # bytes of the new file in chunks the old one lacks
+    # bytes of the new file in chunks the old one lacks; None where not counted (status reads
+    # a local file only up to its first changed chunk)
+    changed_bytes: int | None = 0
 
     def to_json(self) -> dict:
         return {
@@ -703,7 +705,7 @@ class Repository:
                 if size == entry.size and holds(self.manifest(entry), file):
                     result.unchanged += 1
                 else:
-                    result.modified.append(FileChange(name, entry.size, size, 0))
+                    result.modified.append(FileChange(name, entry.size, size, None))
         return result
 
     def status_tensors(

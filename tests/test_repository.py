@@ -418,6 +418,8 @@ def test_status_compares_with_latest(repo, ckpt):
     assert [c.path for c in s.removed] == ["empty"]
     assert [c.path for c in s.added] == ["extra"]
     assert s.unchanged == 2
+    # a local file is read only up to its first changed chunk: its changed bytes are not known
+    assert s.to_json()["modified"][0]["changed_bytes"] is None
 
 
 def test_stats(repo, ckpt):
