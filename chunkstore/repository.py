@@ -350,7 +350,7 @@ class Repository:
             files=entries,
             params=params,
             metrics=metrics,
-            inputs=links,
+            inputs=list(dict.fromkeys(links)),  # a version named twice is recorded once
             new_bytes=new_bytes,
         )
         self.store.put_version(repo, vid, record)

@@ -36,18 +36,29 @@ def _key_value(text: str, kind: str) -> tuple[str, str]:
 
 
 def _parse_params(items: Sequence[str]) -> dict[str, str]:
-    return dict(_key_value(item, "param") for item in items)
+    out: dict[str, str] = {}
+    for item in items:
+        key, value = _key_value(item, "param")
+        _once(out, key, "param")
+        out[key] = value
+    return out
 
 
 def _parse_metrics(items: Sequence[str]) -> dict[str, float]:
-    out = {}
+    out: dict[str, float] = {}
     for item in items:
         key, value = _key_value(item, "metric")
+        _once(out, key, "metric")
         try:
             out[key] = float(value)
         except ValueError:
             raise InvalidInput(f"invalid --metric {item!r}: {value!r} is not a number") from None
     return out
+
+
+def _once(seen: dict, key: str, kind: str) -> None:
+    if key in seen:
+        raise InvalidInput(f"--{kind} {key} is given twice")
 
 
 def _when(version: Version) -> str:

@@ -190,6 +190,12 @@ def test_pull_show_status_tag_rm_gc_verify(two_versions, tmp_path, capsys):
         (["push", "/no/such/dir", "--repo", "m"], "no such file", 3),
         (["push", ".", "--repo", "m", "--param", "noequals"], "--param", 2),
         (["push", ".", "--repo", "m", "--metric", "loss=low"], "not a number", 2),
+        (
+            ["push", ".", "--repo", "m", "--param", "lr=1", "--param", "lr=2"],
+            "lr is given twice",
+            2,
+        ),
+        (["push", ".", "--repo", "m", "--metric", "a=1", "--metric", "a=1"], "a is given twice", 2),
         (["log", "unknown-repo"], "unknown repo", 3),
         (["pull", "llama-ft@nosuchtag", "out"], "no tag", 3),
         (["pull", "llama-ft@abc", "out"], "no tag", 2),

@@ -229,8 +229,8 @@ def test_inputs_trace_lineage(repo, ckpt, tmp_path):
     data = repo.push(tmp_path / "data", repo="datasets/web", message="web crawl").version
     base = repo.push(ckpt, repo="base", message="pretrained", inputs=["datasets/web"]).version
     write(ckpt / "config.json", b"{}")
-    ft = repo.push(ckpt, repo="ft", message="tuned", inputs=[base.ref]).version
-    assert [(link.repo, link.id) for link in ft.inputs] == [("base", base.id)]
+    ft = repo.push(ckpt, repo="ft", message="tuned", inputs=[base.ref, "base"]).version
+    assert [(link.repo, link.id) for link in ft.inputs] == [("base", base.id)]  # named once
     lineage = repo.lineage("ft")
     assert [(d, v.id) for d, v in lineage] == [(1, base.id), (2, data.id)]
 
