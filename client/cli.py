@@ -61,6 +61,10 @@ def _once(seen: dict, key: str, kind: str) -> None:
         raise InvalidInput(f"--{kind} {key} is given twice")
 
 
+def _files(count: int) -> str:
+    return "file" if count == 1 else "files"
+
+
 def _when(version: Version) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(version.created_ns / 1e9))
 
@@ -130,7 +134,7 @@ def cmd_pull(repo: Repository, args: argparse.Namespace) -> int:
         of = f" of {len(v.files)}" if args.file else ""
         fetched = f", {human_bytes(tally.new)} fetched" if tally.new < tally.done else ""
         print(
-            f"pulled {v.ref} to {args.dest}: {len(pulled)}{of} files, "
+            f"pulled {v.ref} to {args.dest}: {len(pulled)}{of} {_files(len(v.files))}, "
             f"{human_bytes(size)} ({rate}/s{fetched}), verified"
         )
     return 0
@@ -200,7 +204,7 @@ def cmd_show(repo: Repository, args: argparse.Namespace) -> int:
     if v.parents:
         print(f"parent   {', '.join(p.hex()[:8] for p in v.parents)}")
     print(
-        f"size     {human_bytes(v.size)} in {len(v.files)} files, "
+        f"size     {human_bytes(v.size)} in {len(v.files)} {_files(len(v.files))}, "
         f"{human_bytes(v.new_bytes)} newly stored"
     )
     print(f"message  {v.message}")
