@@ -10,6 +10,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import chunkstore.client.process_setup  # noqa: F401  (before anything loads gRPC or numpy)
 from chunkstore import ids
@@ -385,6 +386,8 @@ def cmd_ls(repo: Repository, args: argparse.Namespace) -> int:
 
 def cmd_copy(repo: Repository, args: argparse.Namespace) -> int:
     repo.resolve(args.ref)  # a bad ref fails before the destination is opened (or made)
+    if _same_store(repo, args.to):
+        raise InvalidInput(f"--to names the store {args.ref} is already in")
     with connect(args.to, token=args.to_token or args.token) as dest:
         progress = for_terminal(args.quiet, new_label="copied")
         result = repo.copy(
@@ -400,6 +403,14 @@ def cmd_copy(repo: Repository, args: argparse.Namespace) -> int:
             missing = ", ".join(str(link) for link in result.missing_inputs)
             print(f"inputs not in the source, so not copied: {missing}")
     return 0
+
+
+def _same_store(repo: Repository, url: str) -> bool:
+    """Whether ``url`` names the embedded store ``repo`` has open."""
+    if repo.store.remote or "://" in url.removeprefix("file://"):
+        return False
+    here = Path(repo.store.location).resolve()
+    return Path(url.removeprefix("file://")).expanduser().resolve() == here
 
 
 def _print_copied(result: CopyResult, to: str) -> None:

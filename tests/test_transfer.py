@@ -240,6 +240,8 @@ def test_copy_command(env_store, tmp_path, capsys):
     code, _, err = run(capsys, "pull", "m@v1", str(tmp_path / "out"), "--store", str(dest), "-q")
     assert code == 0, err
     assert tree_bytes(tmp_path / "out") == tree_bytes(tmp_path / "ckpt")
+    code, out, err = run(capsys, "copy", "m", "--to", f"{env_store}/.")
+    assert (code, out) == (2, "") and "--to names the store m is already in" in err
     code, out, err = run(capsys, "copy", "nope", "--to", str(tmp_path / "never"))
     assert code != 0 and "unknown repo 'nope'" in err and not (tmp_path / "never").exists()
     write(tmp_path / "ft" / "w.bin", random_bytes(200_000, seed=4))
