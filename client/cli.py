@@ -62,6 +62,12 @@ def _once(seen: dict, key: str, kind: str) -> None:
         raise InvalidInput(f"--{kind} {key} is given twice")
 
 
+def _summary(version: Version) -> str:
+    """A version's message on one line: its first line, with '...' if there is more."""
+    first, _, rest = version.message.strip().partition("\n")
+    return first + (" ..." if rest.strip() else "")
+
+
 def _files(count: int) -> str:
     return "file" if count == 1 else "files"
 
@@ -153,7 +159,7 @@ def cmd_log(repo: Repository, args: argparse.Namespace) -> int:
         )
         print(
             f"{v.short_id}  {_when(v)}  {human_bytes(v.size):>9}  "
-            f"{human_bytes(v.new_bytes):>9} new  {v.message}{tags}{metrics}"
+            f"{human_bytes(v.new_bytes):>9} stored  {_summary(v)}{tags}{metrics}"
         )
     return 0
 
@@ -208,13 +214,13 @@ def cmd_show(repo: Repository, args: argparse.Namespace) -> int:
         f"size     {human_bytes(v.size)} in {len(v.files)} {_files(len(v.files))}, "
         f"{human_bytes(v.new_bytes)} newly stored"
     )
-    print(f"message  {v.message}")
+    print("message  " + v.message.replace("\n", "\n         "))
     for k, x in sorted(v.params.items()):
         print(f"param    {k} = {x}")
     for k, x in sorted(v.metrics.items()):
         print(f"metric   {k} = {x:g}")
     for depth, x in lineage:
-        label = f"{x.ref}  {x.message}" if isinstance(x, Version) else f"{x} (not found)"
+        label = f"{x.ref}  {_summary(x)}" if isinstance(x, Version) else f"{x} (not found)"
         print(f"input    {'  ' * (depth - 1)}{label}")
     print("files")
     for f in v.files:
@@ -460,7 +466,7 @@ def cmd_prune(repo: Repository, args: argparse.Namespace) -> int:
     for v, why in sorted([*r.kept, *((v, []) for v in r.removed)], key=_newest_first):
         action = "remove" if v.id in gone else "keep"
         reasons = f"  ({', '.join(why)})" if why else ""
-        print(f"{action:6}  {v.short_id}  {_when(v)}  {v.message}{reasons}")
+        print(f"{action:6}  {v.short_id}  {_when(v)}  {_summary(v)}{reasons}")
     total = len(r.kept) + len(r.removed)
     if r.dry_run:
         print(f"{r.repo}: would remove {len(r.removed)} of {total} versions (dry run: nothing was)")

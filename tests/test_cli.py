@@ -100,6 +100,18 @@ def test_log_json_shape(two_versions, capsys):
         assert (code, out) == (2, "") and f"a log limit must be at least 1, not {limit}" in err
 
 
+def test_log_shows_a_message_of_several_lines_on_one(env_store, tmp_path, capsys):
+    write(tmp_path / "d" / "a.txt", b"a")
+    code, _, err = run(
+        capsys, "push", str(tmp_path / "d"), "--repo", "m", "-m", "fix\n\nlong story"
+    )
+    assert code == 0, err
+    code, out, _ = run(capsys, "log", "m")
+    assert code == 0 and len(out.splitlines()) == 1 and out.rstrip().endswith("stored  fix ...")
+    code, out, _ = run(capsys, "log", "m", "--json")
+    assert json.loads(out)[0]["message"] == "fix\n\nlong story"  # kept whole
+
+
 def test_diff_json_shape(two_versions, capsys):
     code, out, _ = run(capsys, "diff", "llama-ft@v1", "llama-ft@v2", "--json")
     d = json.loads(out)
