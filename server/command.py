@@ -20,6 +20,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+from chunkstore.client.cluster_store import parse_url
 from chunkstore.client.rpc import Credentials
 from chunkstore.cluster_map import load_cluster_file
 from chunkstore.connect import store_url
@@ -181,7 +182,7 @@ def _status(args: argparse.Namespace) -> int:
             raise InvalidInput(
                 f"{url!r} is not a cluster: give --store grpc://HOST:PORT,... or --dir DIR"
             )
-        target = [a for a in url.partition("://")[2].split(",") if a]
+        target = parse_url(url)
         tls = scheme == "grpcs"
     credentials = Credentials.from_env(tls=tls, token=args.token)
     status = local_cluster.cluster_status(target, timeout=args.timeout, credentials=credentials)

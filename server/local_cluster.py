@@ -387,7 +387,7 @@ def cluster_status(
     ``"under_replicated"``, ``"chunks_copied"``, ``"chunks_dropped"``. An unreachable or
     unhealthy node has ``healthy`` false, those values None and ``error`` saying why;
     ``share`` is its fraction of the ring (shares sum to 1). ``"departed"`` lists, in the
-    same form without ``share``, the nodes that recent map changes removed and that still
+    same form (``share`` 0), the nodes that recent map changes removed and that still
     answer (they hand their data over before they may be stopped). The cluster is
     ``rebalancing`` while a reachable node has not learned the map yet, has not finished a
     pass under it, or its last pass left keys below their replica count or on a node that does
@@ -425,8 +425,8 @@ def cluster_status(
             answers = pool.map(lambda a: _probe(a, timeout, credentials), gone.values())
             for (node_id, address), probe in zip(gone.items(), answers, strict=True):
                 probe.pop("departed")
-                if probe["healthy"]:
-                    departed.append({"id": node_id, "address": address, **probe})
+                if probe["healthy"]:  # out of the map: no share of the ring
+                    departed.append({"id": node_id, "address": address, **probe, "share": 0.0})
     rebalancing = any(
         p["rebalancing"] or p["epoch"] != cluster.epoch for p in probes if p["healthy"]
     ) or any(d["rebalancing"] or d["chunks"] for d in departed)

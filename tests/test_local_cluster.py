@@ -114,6 +114,10 @@ def test_status_needs_a_cluster_url(capsys, tmp_path: Path):
     code, _, err = cluster_cli(capsys, "status", "--store", str(tmp_path / "embedded"))
     assert code == 2
     assert "is not a cluster" in err
+    for url in ("grpc://127.0.0.1:abc", "grpc://127.0.0.1:1,", "grpcs://:7400"):
+        code, _, err = cluster_cli(capsys, "status", "--store", url)
+        assert code == 2, err
+        assert "invalid cluster URL" in err and len(err.strip().splitlines()) == 1
 
 
 def test_local_cluster_kill_stop_start(tmp_path: Path):

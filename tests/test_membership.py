@@ -148,6 +148,9 @@ def test_a_removed_node_is_drained_then_can_stop(tmp_path, series, capsys):
         # and drops each chunk once every owner holds it.
         settled = wait_settled(rest.values(), 2)
         assert [(d["id"], d["chunks"]) for d in settled["departed"]] == [("n2", 0)]
+        # in the same form as the nodes of the map, with no share of the ring
+        assert set(settled["departed"][0]) == set(settled["nodes"][0])
+        assert settled["departed"][0]["share"] == 0.0
         assert node_status(addresses["n2"]).in_map is False
         code, out, _ = cli(capsys, "cluster", "status", "--store", cluster.url)
         assert code == 0 and "drained: may stop" in out and "in sync" in out.splitlines()[0]
