@@ -340,6 +340,24 @@ class ClusterStore(Store):
                 groups.setdefault(node, []).append(key)
         return groups
 
+    def check_may_collect(self) -> None:
+        """Ask every node for an admin-only call that changes nothing (deleting no
+        manifests): PermissionDenied if a node refuses the token, StoreUnavailable naming the
+        nodes that do not answer (GC needs every node anyway)."""
+        request = pb.ChunkIds(ids=[])
+        replies = call_each(
+            self._pool,
+            {
+                n: partial(n.meta.DeleteManifests, request, timeout=self.policy.timeout)
+                for n in self._map_nodes()
+            },
+        )
+        if replies.failed:
+            refused = any(f.code in REFUSED for f in replies.failed)
+            raise to_error(
+                "gc needs an admin token" if refused else "gc needs every node", replies.failed
+            )
+
     def _every_node(self, call: Callable[[NodeClient], T], what: str) -> dict[str, T]:
         """``call`` on every node; raise naming the nodes that failed, if any did."""
         replies = call_each(self._pool, {n: partial(call, n) for n in self._map_nodes()})

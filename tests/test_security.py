@@ -373,10 +373,13 @@ def test_write_token_pushes_but_only_admin_collects_garbage(auth_cluster, tmp_pa
     assert cli_main(["rm", "gc-test", *write_args]) == 0
     capsys.readouterr()
 
-    assert cli_main(["gc", "--grace", "0", *write_args]) == PermissionDenied.exit_code
-    line = one_line(capsys.readouterr().err)
-    assert "permission denied: token 'writer' has scope write" in line
-    assert "needs admin" in line
+    # Refused before any work, whether or not there is something to delete, dry run or not.
+    for extra in (["--dry-run"], ["--dry-run", "--grace", "1e9"], ["--grace", "1e9"], []):
+        assert cli_main(["gc", "--grace", "0", *extra, *write_args]) == PermissionDenied.exit_code
+        line = one_line(capsys.readouterr().err)
+        assert line.startswith("chunkstore: error: gc needs an admin token: node n")
+        assert "permission denied: token 'writer' has scope write" in line
+        assert "needs admin" in line and "quorum" not in line
 
     assert (
         cli_main(["gc", "--grace", "0", "--json", "--store", url, "--token", TOKENS["admin"]]) == 0
