@@ -409,6 +409,24 @@ def test_cluster_status_sends_the_token(auth_cluster, capsys):
     assert [n["healthy"] for n in status["nodes"]] == [True, True]
 
 
+def test_membership_changes_need_an_admin_token(auth_cluster, capsys):
+    epoch = local_cluster.fetch_map(
+        [auth_cluster.address("n1")], credentials=Credentials(token=TOKENS["read"])
+    ).epoch
+    argv = ["cluster", "add-node", "n9", "127.0.0.1:1", "--force", "--store", auth_cluster.url]
+    assert cli_main([*argv, "--token", TOKENS["write"]]) == PermissionDenied.exit_code
+    out, err = capsys.readouterr()
+    line = one_line(err)
+    assert out == "" and "added" not in line
+    assert line.startswith("chunkstore cluster add-node: error: cannot add n9: ")
+    assert "membership changes need an admin token" in line
+    assert "permission denied: token 'writer' has scope write, PublishMap needs admin" in line
+    served = local_cluster.fetch_map(
+        [auth_cluster.address("n1")], credentials=Credentials(token=TOKENS["read"])
+    )
+    assert served.epoch == epoch
+
+
 def test_peer_credentials_reach_other_nodes(auth_cluster, tmp_path, pki):
     """What server code uses to call its peers: NodeClient with the node's peer policy."""
     token_file = tmp_path / "peer-token"
