@@ -72,7 +72,9 @@ def add_cluster_parser(subparsers: Any) -> argparse.ArgumentParser:
         "up",
         help="start a local cluster on loopback ports and print its store URL",
         description="Start N node processes (detached) with their data, logs and pids in DIR; "
-        "print the store URL once all serve. If DIR holds a cluster already, restart it.",
+        "print the store URL once all serve. If DIR holds a cluster already, start those of "
+        "its nodes (in the current map) that do not run. If a new cluster fails to start, "
+        "nothing of it is left in DIR.",
     )
     up.add_argument("--dir", required=True, help="cluster directory")
     up.add_argument(
@@ -94,7 +96,8 @@ def add_cluster_parser(subparsers: Any) -> argparse.ArgumentParser:
     security = up.add_argument_group(
         "security",
         "passed to every node (see chunkstore node --help) and kept for restarts; "
-        "TLS nodes are probed with $CHUNKSTORE_TLS_CA (and _CERT, _KEY)",
+        "TLS nodes are probed with $CHUNKSTORE_TLS_CA (and _CERT, _KEY); with --tokens, "
+        "nodes call each other with the file's first admin token unless --peer-token-file",
     )
     for flag in _NODE_FILE_FLAGS:
         security.add_argument(flag, metavar="FILE")
@@ -139,7 +142,7 @@ def run_cluster(args: argparse.Namespace) -> int:
         return exc.exit_code
 
 
-_NODE_FILE_FLAGS = ("--tls-cert", "--tls-key", "--tls-client-ca", "--tokens")
+_NODE_FILE_FLAGS = ("--tls-cert", "--tls-key", "--tls-client-ca", "--tokens", "--peer-token-file")
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -148,7 +151,7 @@ def _up(args: argparse.Namespace) -> int:
         value = getattr(args, flag[2:].replace("-", "_"))
         if value is not None:
             extra += [flag, str(Path(value).resolve())]
-    url = local_cluster.cluster_up(
+    up = local_cluster.cluster_up(
         args.dir,
         args.nodes,
         args.replicas,
@@ -156,7 +159,18 @@ def _up(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         extra_args=extra or None,
     )
-    print(url, flush=True)
+    print(up.url, flush=True)
+    if up.running:
+        running = ", ".join(up.running)
+        if up.started:
+            print(f"started {', '.join(up.started)} ({running} already run)", file=sys.stderr)
+        else:
+            print(f"nothing to start: {running} already run", file=sys.stderr)
+    if up.removed:
+        print(
+            f"not started: {', '.join(up.removed)} (no longer in the cluster map)",
+            file=sys.stderr,
+        )
     print(
         f"nodes serve in the background (logs in {args.dir}); stop them with: "
         f"chunkstore cluster down --dir {args.dir}",

@@ -619,6 +619,37 @@ def test_cluster_up_passes_tls_and_tokens_to_its_nodes(tmp_path, pki, monkeypatc
         local_cluster.cluster_down(d)
 
 
+def test_cluster_up_with_tokens_gives_its_nodes_an_admin_peer_token(tmp_path, capsys):
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text(tokens_toml())
+    d = tmp_path / "cluster"
+    up = ["cluster", "up", "--dir", str(d), "--nodes", "3", "--replicas", "2"]
+    try:
+        assert cli_main([*up, "--tokens", str(tokens)]) == 0  # no $CHUNKSTORE_TOKEN
+        url = capsys.readouterr().out.strip()
+        peer_token = d / local_cluster.PEER_TOKEN_FILE
+        assert peer_token.read_text().strip() == TOKENS["admin"]
+        assert peer_token.stat().st_mode & 0o777 == 0o600
+        assert TOKENS["admin"] not in " ".join(local_cluster.node_args(d))
+        src = make_tree(tmp_path / "data", seed=7)
+        push = ["push", str(src), "--repo", "peers", "-q", "--store", url]
+        assert cli_main([*push, "--token", TOKENS["write"]]) == 0
+        repair = ["cluster", "repair", "--store", url, "--json", "--token", TOKENS["admin"]]
+        assert cli_main(repair) == 0, capsys.readouterr()
+        report = json.loads(capsys.readouterr().out)
+        assert all(n["ok"] and n["under_replicated"] == 0 for n in report["nodes"])
+        logs = "".join((d / f"n{i}.log").read_text() for i in (1, 2, 3))
+        assert "peer refuses" not in logs and TOKENS["admin"] not in logs
+    finally:
+        local_cluster.cluster_down(d)
+
+    # A tokens file without an admin token cannot serve as the nodes' peer token.
+    tokens.write_text(f'[[tokens]]\ntoken = "{TOKENS["write"]}"\nscope = "write"\n')
+    assert cli_main([*up, "--dir", str(tmp_path / "c2"), "--tokens", str(tokens)]) == 2
+    assert "no admin token" in one_line(capsys.readouterr().err)
+    assert not (tmp_path / "c2").exists()
+
+
 def test_copy_to_a_cluster_that_requires_a_token(auth_cluster, tmp_path, capsys, monkeypatch):
     """The destination's token is its own (``--to-token``): a read token is refused there, and
     nothing is copied; a write token copies."""
