@@ -337,6 +337,7 @@ def repair(url: str, policy: RpcPolicy, timeout: float) -> dict[str, Any]:
         finally:
             client.close()
         report = {f.name: getattr(reply, f.name) for f in pb.ReconcileReport.DESCRIPTOR.fields}
+        report["peers_refused"] = list(reply.peers_refused)
         return {"id": spec.id, "ok": True, "error": None, **report}
 
     with ThreadPoolExecutor(max(1, min(32, len(cluster.nodes)))) as pool:
@@ -356,6 +357,13 @@ def run_repair(args: argparse.Namespace) -> int:
             if not n["ok"]:
                 print(f"{n['id']}: failed: {n['error']}")
                 continue
+            if n["peers_refused"]:
+                print(
+                    f"{n['id']}: peer authentication failed: {', '.join(n['peers_refused'])} "
+                    "refused its calls, so what they hold is unknown (give every node an admin "
+                    "token to call its peers with: chunkstore node --peer-token-file)"
+                )
+                continue
             print(
                 f"{n['id']}: copied {n['chunks_copied']} chunks ({human_bytes(n['bytes_copied'])})"
                 f" and {n['records_copied']} records, dropped {n['chunks_dropped']} chunks and "
@@ -364,11 +372,14 @@ def run_repair(args: argparse.Namespace) -> int:
                 f"({n['seconds']:.1f} s)"
             )
     failed = [n["id"] for n in nodes if not n["ok"]]
-    short = sum(n.get("under_replicated", 0) for n in nodes if n["ok"])
-    if failed or short:
+    refused = [n["id"] for n in nodes if n["ok"] and n["peers_refused"]]
+    short = sum(n["under_replicated"] for n in nodes if n["ok"] and not n["peers_refused"])
+    if failed or refused or short:
         why = []
         if failed:
             why.append(f"nodes {', '.join(failed)} did not finish a pass")
+        if refused:
+            why.append(f"peer authentication failed on {', '.join(refused)}")
         if short:
             why.append(f"{short} keys remain below their replica count")
         print(f"chunkstore cluster repair: {'; '.join(why)}", file=sys.stderr)

@@ -115,7 +115,8 @@ def add_cluster_parser(subparsers: Any) -> argparse.ArgumentParser:
     status = sub.add_parser(
         "status",
         help="show every node of a cluster: health, chunks, bytes, ring share",
-        description="Show every node in the cluster map. Exit code 1 if any node is unhealthy.",
+        description="Show every node in the cluster map. Exit code 1 if any node is unhealthy "
+        "(degraded) or peers refuse a node's calls (peer authentication failed).",
     )
     where = status.add_mutually_exclusive_group()
     where.add_argument(
@@ -205,7 +206,7 @@ def _status(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
     else:
         print(local_cluster.format_status(status))
-    return 0 if all(n["healthy"] for n in status["nodes"]) else 1
+    return 1 if status["state"] in ("degraded", "peer authentication failed") else 0
 
 
 _ACTIONS = {"up": _up, "down": _down, "status": _status, **admin.ACTIONS}

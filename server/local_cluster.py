@@ -535,9 +535,13 @@ def cluster_status(
     ``"rebalancing"``, ``"pass_running"``, ``"pass_progress"``, ``"misplaced"``,
     ``"under_replicated"``, ``"chunks_copied"``, ``"chunks_dropped"``. An unreachable or
     unhealthy node has ``healthy`` false, those values None and ``error`` saying why;
-    ``share`` is its fraction of the ring (shares sum to 1). ``"departed"`` lists, in the
-    same form (``share`` 0), the nodes that recent map changes removed and that still
-    answer (they hand their data over before they may be stopped). The cluster is
+    ``share`` is its fraction of the ring (shares sum to 1), ``peers_refused`` the peers that
+    refused its calls in its last pass (a peer token problem), ``checked`` whether every other
+    healthy node compared keys with it since it started (None if it does not answer).
+    ``"state"`` sums it up: ``degraded`` (a node does not serve), ``peer authentication
+    failed``, ``rebalancing``, ``not yet checked`` or ``in sync``. ``"departed"`` lists, in
+    the same form (``share`` 0, ``checked`` None), the nodes that recent map changes removed
+    and that still answer (they hand their data over before they may be stopped). The cluster is
     ``rebalancing`` while a reachable node has not learned the map yet, has not finished a
     pass under it, or its last pass left keys below their replica count or on a node that does
     not own them, or while a removed node that answers still holds chunks.
@@ -575,21 +579,60 @@ def cluster_status(
             for (node_id, address), probe in zip(gone.items(), answers, strict=True):
                 probe.pop("departed")
                 if probe["healthy"]:  # out of the map: no share of the ring
-                    departed.append({"id": node_id, "address": address, **probe, "share": 0.0})
+                    departed.append(
+                        {"id": node_id, "address": address, **probe, "share": 0.0, "checked": None}
+                    )
     rebalancing = any(
         p["rebalancing"] or p["epoch"] != cluster.epoch for p in probes if p["healthy"]
     ) or any(d["rebalancing"] or d["chunks"] for d in departed)
+    nodes = [
+        {"id": n.id, "address": n.address, **probe, "share": ring.share(n.id)}
+        for n, probe in zip(cluster.nodes, probes, strict=True)
+    ]
+    for node in nodes:
+        node["checked"] = _checked(node, nodes)
+    for node in (*nodes, *departed):
+        del node["incarnation"], node["checked_by_peer"]
     return {
         "epoch": cluster.epoch,
+        "state": _cluster_state(nodes, rebalancing),
         "rebalancing": rebalancing,
         "replicas": cluster.replicas,
         "write_quorum": cluster.write_quorum,
-        "nodes": [
-            {"id": n.id, "address": n.address, **probe, "share": ring.share(n.id)}
-            for n, probe in zip(cluster.nodes, probes, strict=True)
-        ],
+        "nodes": nodes,
         "departed": departed,
     }
+
+
+def _checked(node: dict[str, Any], nodes: Sequence[dict[str, Any]]) -> bool | None:
+    """Whether every other healthy node's last complete pass compared keys with this run of
+    ``node`` (None if it does not answer). A node restarted (replaced by an empty one, say)
+    after a peer's pass is not checked until that peer's next pass: until then the peer's
+    report, "in sync" perhaps, is about the node that was there before. A peer whose pass did
+    not reach the node counted its keys as under-replicated instead."""
+    if not node["healthy"]:
+        return None
+    mine = node["incarnation"]
+    return all(
+        other["checked_by_peer"].get(node["id"], mine) == mine
+        for other in nodes
+        if other is not node and other["healthy"]
+    )
+
+
+def _cluster_state(nodes: Sequence[dict[str, Any]], rebalancing: bool) -> str:
+    """The cluster in a few words: ``degraded`` while a node of the map does not serve, then
+    ``peer authentication failed``, ``rebalancing``, ``not yet checked`` (a node started since
+    a peer's last pass), else ``in sync``."""
+    if not all(n["healthy"] for n in nodes):
+        return "degraded"
+    if any(n["peers_refused"] for n in nodes):
+        return "peer authentication failed"
+    if rebalancing:
+        return "rebalancing"
+    if not all(n["checked"] for n in nodes):
+        return "not yet checked"
+    return "in sync"
 
 
 def _probe(address: str, timeout: float, credentials: Credentials | None) -> dict[str, Any]:
@@ -606,6 +649,9 @@ def _probe(address: str, timeout: float, credentials: Credentials | None) -> dic
                 "bytes": None,
                 "error": e.code().name,
                 **dict.fromkeys(_RECONCILER_FIELDS),
+                "peers_refused": [],
+                "incarnation": None,
+                "checked_by_peer": {},
                 "departed": [],
             }
     serving = check.status == health_pb2.HealthCheckResponse.SERVING
@@ -615,6 +661,10 @@ def _probe(address: str, timeout: float, credentials: Credentials | None) -> dic
         "bytes": status.stored_bytes,
         "error": None if serving else _SERVING_STATUS.Name(check.status),
         **{name: getattr(status, name) for name in _RECONCILER_FIELDS},
+        "peers_refused": list(status.peers_refused),
+        # 0: a node of an earlier release, which does not say; taken as checked
+        "incarnation": status.incarnation,
+        "checked_by_peer": dict(status.checked),
         "departed": [(n.id, n.address) for n in status.departed],
     }
 
@@ -638,6 +688,8 @@ def _state(node: dict[str, Any], epoch: int) -> str:
         return "-"
     if node["epoch"] != epoch:
         return f"on map epoch {node['epoch']}"
+    if node["peers_refused"]:
+        return f"peer authentication failed ({', '.join(node['peers_refused'])} refuse it)"
     parts = []
     if node["pass_running"]:
         parts.append(f"pass {node['pass_progress']:.0%}")
@@ -647,7 +699,9 @@ def _state(node: dict[str, Any], epoch: int) -> str:
         parts.append(f"{node['under_replicated']} under-replicated")
     if parts:
         return ", ".join(parts)
-    return "rebalancing" if node["rebalancing"] else "in sync"
+    if node["rebalancing"]:
+        return "rebalancing"
+    return "in sync" if node["checked"] is not False else "not yet checked"
 
 
 def format_status(status: dict[str, Any]) -> str:
@@ -682,7 +736,7 @@ def format_status(status: dict[str, Any]) -> str:
     lines = [
         f"cluster epoch {status['epoch']}: {healthy} of {len(nodes)} nodes healthy, "
         f"replicas {status['replicas']}, write quorum {status['write_quorum']}, "
-        + ("rebalancing" if status["rebalancing"] else "in sync")
+        + status["state"]
     ]
     lines += [
         "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()

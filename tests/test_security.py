@@ -156,11 +156,14 @@ def mtls_cluster(tmp_path_factory, pki):
 
 @pytest.fixture(scope="module")
 def auth_cluster(tmp_path_factory):
-    """Two plaintext nodes that require tokens."""
+    """Two plaintext nodes that require tokens, and call each other with the admin token."""
     directory = tmp_path_factory.mktemp("auth")
     tokens = directory / "tokens.toml"
     tokens.write_text(tokens_toml())
-    with LocalCluster(directory, 2, 2, node_args=["--tokens", str(tokens)]) as c:
+    peer_token = directory / "peer-token"
+    peer_token.write_text(TOKENS["admin"])
+    args = ["--tokens", str(tokens), "--peer-token-file", str(peer_token)]
+    with LocalCluster(directory, 2, 2, node_args=args) as c:
         yield c
 
 
@@ -638,6 +641,7 @@ def test_cluster_up_with_tokens_gives_its_nodes_an_admin_peer_token(tmp_path, ca
         assert cli_main(repair) == 0, capsys.readouterr()
         report = json.loads(capsys.readouterr().out)
         assert all(n["ok"] and n["under_replicated"] == 0 for n in report["nodes"])
+        assert all(n["peers_refused"] == [] for n in report["nodes"])
         logs = "".join((d / f"n{i}.log").read_text() for i in (1, 2, 3))
         assert "peer refuses" not in logs and TOKENS["admin"] not in logs
     finally:
@@ -648,6 +652,37 @@ def test_cluster_up_with_tokens_gives_its_nodes_an_admin_peer_token(tmp_path, ca
     assert cli_main([*up, "--dir", str(tmp_path / "c2"), "--tokens", str(tokens)]) == 2
     assert "no admin token" in one_line(capsys.readouterr().err)
     assert not (tmp_path / "c2").exists()
+
+
+def test_peers_that_refuse_a_node_are_reported_not_counted_as_under_replication(
+    tmp_path, capsys
+):
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text(tokens_toml())
+    # No peer token and no $CHUNKSTORE_TOKEN: the nodes refuse each other.
+    with LocalCluster(tmp_path / "c", 3, 2, node_args=["--tokens", str(tokens)]) as cluster:
+        src = make_tree(tmp_path / "data", seed=8)
+        push = ["push", str(src), "--repo", "r", "-q", "--store", cluster.url]
+        assert cli_main([*push, "--token", TOKENS["write"]]) == 0
+        repair = ["cluster", "repair", "--store", cluster.url, "--token", TOKENS["admin"]]
+        assert cli_main([*repair, "--json"]) == 1
+        report = json.loads(capsys.readouterr().out)
+        assert {n["id"]: n["peers_refused"] for n in report["nodes"]} == {
+            "n1": ["n2", "n3"],
+            "n2": ["n1", "n3"],
+            "n3": ["n1", "n2"],
+        }
+        assert cli_main(repair) == 1
+        out, err = capsys.readouterr()
+        assert out.count("peer authentication failed") == 3 and "below replica" not in out
+        assert "peer authentication failed on n1, n2, n3" in err and "below" not in err
+
+        status = ["cluster", "status", "--store", cluster.url, "--token", TOKENS["read"]]
+        assert cli_main(status) == 1
+        out = capsys.readouterr().out
+        assert out.splitlines()[0].endswith("peer authentication failed")
+        assert "under-replicated" not in out and "in sync" not in out
+        assert "n1  " in out and "(n2, n3 refuse it)" in out
 
 
 def test_copy_to_a_cluster_that_requires_a_token(auth_cluster, tmp_path, capsys, monkeypatch):
