@@ -141,7 +141,7 @@ def run_rounds(args: argparse.Namespace, versions: list[Path], work: Path) -> Re
     results: Results = {}
     for round_ in range(args.rounds):
         cluster_dir, embedded = work / f"cluster-{round_}", work / f"embedded-{round_}"
-        url = local_cluster.cluster_up(cluster_dir, nodes=args.nodes, replicas=args.replicas)
+        url = local_cluster.cluster_up(cluster_dir, nodes=args.nodes, replicas=args.replicas).url
         try:
             pids = list(local_cluster.running_nodes(cluster_dir).values())
             stores = {"embedded": (str(embedded), []), "cluster": (url, pids)}

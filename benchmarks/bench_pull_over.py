@@ -185,7 +185,7 @@ def main() -> None:
         results = {}
         cluster_dir = work / "cluster"
         if not args.no_cluster:
-            url = local_cluster.cluster_up(cluster_dir, nodes=args.nodes, replicas=2)
+            url = local_cluster.cluster_up(cluster_dir, nodes=args.nodes, replicas=2).url
             pids = list(local_cluster.running_nodes(cluster_dir).values())
             stores[f"cluster ({args.nodes} nodes)"] = (url, pids)
         try:

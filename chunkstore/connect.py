@@ -9,14 +9,20 @@ certificate in ``$CHUNKSTORE_TLS_CERT`` and ``$CHUNKSTORE_TLS_KEY`` if set.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from chunkstore.errors import InvalidInput
 
 if TYPE_CHECKING:  # imported where used: importing chunkstore stays light
     from chunkstore.repository import Repository
     from chunkstore.stores.base import Store
 
 ENV_STORE = "CHUNKSTORE_STORE"
+#: The schemes a store URL may have; anything else before ``://`` is an error, never a path.
+SCHEMES = ("grpc", "grpcs", "memory", "file")
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
 def default_store_path() -> Path:
@@ -30,11 +36,22 @@ def store_url(url: str | None = None) -> str:
     return url or os.environ.get(ENV_STORE) or str(default_store_path())
 
 
+def check_scheme(url: str) -> None:
+    """Raise InvalidInput if ``url`` has a ``SCHEME://`` prefix chunkstore does not know
+    (``grcp://HOST:PORT`` must not be taken for a directory and created)."""
+    match = _SCHEME.match(url)
+    if match and match.group(1) not in SCHEMES:
+        raise InvalidInput(
+            f"unknown store scheme {match.group(1)!r} (use grpc://HOST:PORT or a directory)"
+        )
+
+
 def open_store(url: str | None = None, *, token: str | None = None, create: bool = True) -> Store:
     """Open the store a URL names (see :func:`store_url` for the default); a cluster's nodes
     get ``token`` (default ``$CHUNKSTORE_TOKEN``). Without ``create``, an embedded store that
     does not exist yet is an error instead of being made."""
     url = store_url(url)
+    check_scheme(url)
     if url.startswith("memory://"):
         from chunkstore.stores.memory import MemoryStore
 

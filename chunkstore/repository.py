@@ -891,6 +891,7 @@ class Repository:
         """
         if grace_seconds < 0 or math.isnan(grace_seconds):
             raise InvalidInput("grace period must be >= 0 seconds")
+        self.store.check_may_collect()  # a dry run too: it would fail for real otherwise
         started = time.time()
         versions = list(self._all_versions())
         live_manifests, stages_dropped = live_stage_manifests(self.store, drop=not dry_run)

@@ -19,7 +19,8 @@ Replication rules, for every kind of record:
   down during a removal brings the record back when it returns.
 - Whole-store views (:meth:`scan`, :meth:`scan_manifests`, :meth:`totals`) need every node
   and raise StoreUnavailable naming the ones that did not answer: a partial view would let GC
-  or ``stats`` act on a wrong picture. :meth:`list_repos` merges the nodes that answer.
+  or ``stats`` act on a wrong picture. :meth:`list_repos` merges the nodes that answer,
+  and needs all but ``replicas - 1`` of them (so that every repo has an owner among them).
 
 Membership changes: the client asks a node for the cluster map again every ``map_refresh``
 seconds (in the background) and at once when every owner of a record lacks it or a write
@@ -338,6 +339,24 @@ class ClusterStore(Store):
             for node in owners:
                 groups.setdefault(node, []).append(key)
         return groups
+
+    def check_may_collect(self) -> None:
+        """Ask every node for an admin-only call that changes nothing (deleting no
+        manifests): PermissionDenied if a node refuses the token, StoreUnavailable naming the
+        nodes that do not answer (GC needs every node anyway)."""
+        request = pb.ChunkIds(ids=[])
+        replies = call_each(
+            self._pool,
+            {
+                n: partial(n.meta.DeleteManifests, request, timeout=self.policy.timeout)
+                for n in self._map_nodes()
+            },
+        )
+        if replies.failed:
+            refused = any(f.code in REFUSED for f in replies.failed)
+            raise to_error(
+                "gc needs an admin token" if refused else "gc needs every node", replies.failed
+            )
 
     def _every_node(self, call: Callable[[NodeClient], T], what: str) -> dict[str, T]:
         """``call`` on every node; raise naming the nodes that failed, if any did."""
@@ -772,7 +791,9 @@ class ClusterStore(Store):
         )
 
     def list_repos(self) -> list[str]:
-        """Repos any reachable node holds versions of; StoreUnavailable if none answers."""
+        """Repos the reachable nodes hold versions of. Raises (StoreUnavailable, naming the
+        nodes that did not answer) unless all but ``replicas - 1`` nodes answered: fewer might
+        miss every owner of a repo, and an incomplete list would pass for the whole."""
         # Once all but replicas - 1 nodes answered, every repo has an owner among them.
         nodes = self._map_nodes()
         enough = len(nodes) - self.cluster.replicas + 1
@@ -781,8 +802,12 @@ class ClusterStore(Store):
             {n: partial(self._repo_names, n) for n in nodes},
             lambda r: len(r.ok) >= enough,
         )
-        if not replies.ok:
-            raise to_error("list repos", replies.failed)
+        if len(replies.ok) < enough:
+            raise to_error(
+                f"list repos: {len(replies.ok)} of {len(nodes)} nodes answered, {enough} needed "
+                "to see every repo",
+                replies.failed,
+            )
         return sorted({name for reply in replies.ok.values() for name in reply.repos})
 
     def _repo_names(self, node: NodeClient) -> pb.RepoNames:

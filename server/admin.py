@@ -20,8 +20,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from chunkstore.client.cluster_store import TLS_SCHEME, parse_url
-from chunkstore.client.rpc import Credentials, NodeCallError, NodeClient, RpcPolicy, to_error
+from chunkstore.client.rpc import (
+    REFUSED,
+    Credentials,
+    NodeCallError,
+    NodeClient,
+    RpcPolicy,
+    to_error,
+)
 from chunkstore.cluster_map import (
     ClusterMap,
     ClusterMapError,
@@ -61,7 +71,9 @@ def add_admin_parsers(sub: Any) -> None:
         help="add a node to a cluster's map; data moves to it in the background",
         description="Publish a map with node ID at ADDRESS added (epoch + 1) to every node. "
         "Start the node first (chunkstore node --id ID --listen ADDRESS --data DIR --join "
-        "grpc://SEED); it owns nothing until this publishes the map.",
+        "grpc://SEED); it owns nothing until this publishes the map. A node that does not "
+        "answer the health check at ADDRESS is refused unless --force. Needs an admin token "
+        "if the nodes require tokens.",
         epilog="example:\n  chunkstore cluster add-node n4 10.0.0.4:7400 --store grpc://10.0.0.1:7400",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -69,6 +81,11 @@ def add_admin_parsers(sub: Any) -> None:
     add.add_argument("address", metavar="ADDRESS", help="HOST:PORT the node serves on")
     add.add_argument(
         "--weight", type=float, default=1.0, help="relative share of the data (default 1)"
+    )
+    add.add_argument(
+        "--force",
+        action="store_true",
+        help="add the node even if nothing answers at ADDRESS (by default it must serve)",
     )
     _connection_args(add, 10.0, "per-node timeout")
 
@@ -155,7 +172,7 @@ class Published:
     cluster: ClusterMap
     accepted: list[str]
     refused: dict[str, int]  # node id -> its (newer) epoch
-    failed: dict[str, str]  # node id -> why
+    failed: dict[str, NodeCallError]  # node id -> why
 
 
 def publish(cluster: ClusterMap, targets: list[NodeSpec], policy: RpcPolicy) -> Published:
@@ -168,7 +185,7 @@ def publish(cluster: ClusterMap, targets: list[NodeSpec], policy: RpcPolicy) -> 
         try:
             reply = _ask(client, lambda c: c.cluster.PublishMap(request, timeout=policy.timeout))
         except NodeCallError as e:
-            result.failed[spec.id] = f"{e.code.name.lower()}: {e.detail}"
+            result.failed[spec.id] = e
             return
         finally:
             client.close()
@@ -183,11 +200,17 @@ def publish(cluster: ClusterMap, targets: list[NodeSpec], policy: RpcPolicy) -> 
 
 
 def change_membership(
-    url: str, policy: RpcPolicy, change: Callable[[ClusterMap], ClusterMap]
+    url: str,
+    policy: RpcPolicy,
+    change: Callable[[ClusterMap], ClusterMap],
+    check: Callable[[ClusterMap], None] | None = None,
 ) -> Published:
-    """Publish ``change(newest map)`` to the nodes of both maps."""
+    """Publish ``change(newest map)`` to the nodes of both maps; ``check``, if given, sees the
+    new map first and may refuse it by raising."""
     current = newest_map(url, policy)
     following = change(current)
+    if check is not None:
+        check(following)
     targets = {n.id: n for n in current.nodes}
     targets.update((n.id, n) for n in following.nodes)
     return publish(following, list(targets.values()), policy)
@@ -220,43 +243,84 @@ def without_node(cluster: ClusterMap, node_id: str) -> ClusterMap:
         raise InvalidInput(f"cannot remove node {node_id!r}: {e}") from None
 
 
-def _report_published(done: Published, what: str) -> int:
+_DONE = {"add": "added", "remove": "removed"}
+
+
+def _report_published(done: Published, action: str, node_id: str) -> int:
+    """Print how the nodes took the map published to ``action`` (add, remove) ``node_id``;
+    raise if none took it: PermissionDenied if nodes refused the token."""
     cluster = done.cluster
     total = len(done.accepted) + len(done.refused) + len(done.failed)
-    for node_id, why in sorted(done.failed.items()):
+    denied = [f for f in done.failed.values() if f.code in REFUSED]
+    if denied and not done.accepted:
+        raise to_error(f"cannot {action} {node_id}: membership changes need an admin token", denied)
+    for failed_id, why in sorted(done.failed.items()):
+        after = (
+            "it refuses this token"
+            if why.code in REFUSED
+            else "it learns it from its peers once it is back"
+        )
         print(
-            f"warning: node {node_id} did not take the map ({why}); it learns it from its "
-            "peers once it is back",
+            f"warning: node {failed_id} did not take the map "
+            f"({why.code.name.lower()}: {why.detail}); {after}",
             file=sys.stderr,
         )
     if done.refused:
         nodes = ", ".join(f"{n} (epoch {e})" for n, e in sorted(done.refused.items()))
         raise ChunkstoreError(
-            f"{what}: nodes hold a newer map: {nodes}; the membership changed meanwhile, "
-            "check 'chunkstore cluster status' and try again"
+            f"cannot {action} {node_id}: nodes hold a newer map: {nodes}; the membership "
+            "changed meanwhile, check 'chunkstore cluster status' and try again"
         )
     if not done.accepted:
-        raise StoreUnavailable(f"{what}: no node took the map")
+        raise StoreUnavailable(f"cannot {action} {node_id}: no node took the map")
     print(
-        f"{what}: cluster map epoch {cluster.epoch} ({', '.join(n.id for n in cluster.nodes)}) "
-        f"taken by {len(done.accepted)} of {total} nodes; data moves in the background, "
-        "see 'chunkstore cluster status'"
+        f"{_DONE[action]} {node_id}: cluster map epoch "
+        f"{cluster.epoch} ({', '.join(n.id for n in cluster.nodes)}) taken by "
+        f"{len(done.accepted)} of {total} nodes; data moves in the background, see "
+        "'chunkstore cluster status'"
     )
     return 0
 
 
+def check_serving(node_id: str, address: str, policy: RpcPolicy, seed: str) -> None:
+    """Raise StoreUnavailable unless the node at ``address`` answers SERVING on the gRPC
+    health check (which needs no token), saying how to start it."""
+    credentials = policy.credentials or Credentials()
+    why = ""
+    with credentials.channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=min(policy.timeout, 5.0)
+            )
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                return
+            why = f"it answers {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}"
+        except grpc.RpcError as e:
+            why = f"{e.code().name.lower()}: {e.details()}"
+    raise StoreUnavailable(
+        f"cannot add {node_id}: no node serves at {address} ({why}); start it first "
+        f"(chunkstore node --id {node_id} --listen {address} --data DIR --join {seed}), "
+        "or pass --force to add it anyway"
+    )
+
+
 def run_add_node(args: argparse.Namespace) -> int:
     url, policy = _policy(args)
+
+    def check(_: ClusterMap) -> None:
+        if not args.force:
+            check_serving(args.node_id, args.address, policy, url)
+
     done = change_membership(
-        url, policy, lambda m: with_node(m, args.node_id, args.address, args.weight)
+        url, policy, lambda m: with_node(m, args.node_id, args.address, args.weight), check
     )
-    return _report_published(done, f"added {args.node_id}")
+    return _report_published(done, "add", args.node_id)
 
 
 def run_remove_node(args: argparse.Namespace) -> int:
     url, policy = _policy(args)
     done = change_membership(url, policy, lambda m: without_node(m, args.node_id))
-    return _report_published(done, f"removed {args.node_id}")
+    return _report_published(done, "remove", args.node_id)
 
 
 def repair(url: str, policy: RpcPolicy, timeout: float) -> dict[str, Any]:
@@ -273,6 +337,7 @@ def repair(url: str, policy: RpcPolicy, timeout: float) -> dict[str, Any]:
         finally:
             client.close()
         report = {f.name: getattr(reply, f.name) for f in pb.ReconcileReport.DESCRIPTOR.fields}
+        report["peers_refused"] = list(reply.peers_refused)
         return {"id": spec.id, "ok": True, "error": None, **report}
 
     with ThreadPoolExecutor(max(1, min(32, len(cluster.nodes)))) as pool:
@@ -292,6 +357,13 @@ def run_repair(args: argparse.Namespace) -> int:
             if not n["ok"]:
                 print(f"{n['id']}: failed: {n['error']}")
                 continue
+            if n["peers_refused"]:
+                print(
+                    f"{n['id']}: peer authentication failed: {', '.join(n['peers_refused'])} "
+                    "refused its calls, so what they hold is unknown (give every node an admin "
+                    "token to call its peers with: chunkstore node --peer-token-file)"
+                )
+                continue
             print(
                 f"{n['id']}: copied {n['chunks_copied']} chunks ({human_bytes(n['bytes_copied'])})"
                 f" and {n['records_copied']} records, dropped {n['chunks_dropped']} chunks and "
@@ -300,11 +372,14 @@ def run_repair(args: argparse.Namespace) -> int:
                 f"({n['seconds']:.1f} s)"
             )
     failed = [n["id"] for n in nodes if not n["ok"]]
-    short = sum(n.get("under_replicated", 0) for n in nodes if n["ok"])
-    if failed or short:
+    refused = [n["id"] for n in nodes if n["ok"] and n["peers_refused"]]
+    short = sum(n["under_replicated"] for n in nodes if n["ok"] and not n["peers_refused"])
+    if failed or refused or short:
         why = []
         if failed:
             why.append(f"nodes {', '.join(failed)} did not finish a pass")
+        if refused:
+            why.append(f"peer authentication failed on {', '.join(refused)}")
         if short:
             why.append(f"{short} keys remain below their replica count")
         print(f"chunkstore cluster repair: {'; '.join(why)}", file=sys.stderr)

@@ -58,7 +58,12 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
         )
         if self._reconciler is not None:
             for name, value in self._reconciler.status().items():
-                setattr(status, name, value)
+                if isinstance(value, list):
+                    getattr(status, name).extend(value)
+                elif isinstance(value, dict):
+                    getattr(status, name).update(value)
+                else:
+                    setattr(status, name, value)
         return status
 
     def PublishMap(

@@ -20,6 +20,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+from chunkstore.client.cluster_store import parse_url
 from chunkstore.client.rpc import Credentials
 from chunkstore.cluster_map import load_cluster_file
 from chunkstore.connect import store_url
@@ -71,7 +72,9 @@ def add_cluster_parser(subparsers: Any) -> argparse.ArgumentParser:
         "up",
         help="start a local cluster on loopback ports and print its store URL",
         description="Start N node processes (detached) with their data, logs and pids in DIR; "
-        "print the store URL once all serve. If DIR holds a cluster already, restart it.",
+        "print the store URL once all serve. If DIR holds a cluster already, start those of "
+        "its nodes (in the current map) that do not run. If a new cluster fails to start, "
+        "nothing of it is left in DIR.",
     )
     up.add_argument("--dir", required=True, help="cluster directory")
     up.add_argument(
@@ -93,7 +96,8 @@ def add_cluster_parser(subparsers: Any) -> argparse.ArgumentParser:
     security = up.add_argument_group(
         "security",
         "passed to every node (see chunkstore node --help) and kept for restarts; "
-        "TLS nodes are probed with $CHUNKSTORE_TLS_CA (and _CERT, _KEY)",
+        "TLS nodes are probed with $CHUNKSTORE_TLS_CA (and _CERT, _KEY); with --tokens, "
+        "nodes call each other with the file's first admin token unless --peer-token-file",
     )
     for flag in _NODE_FILE_FLAGS:
         security.add_argument(flag, metavar="FILE")
@@ -111,7 +115,8 @@ def add_cluster_parser(subparsers: Any) -> argparse.ArgumentParser:
     status = sub.add_parser(
         "status",
         help="show every node of a cluster: health, chunks, bytes, ring share",
-        description="Show every node in the cluster map. Exit code 1 if any node is unhealthy.",
+        description="Show every node in the cluster map. Exit code 1 if any node is unhealthy "
+        "(degraded) or peers refuse a node's calls (peer authentication failed).",
     )
     where = status.add_mutually_exclusive_group()
     where.add_argument(
@@ -138,7 +143,7 @@ def run_cluster(args: argparse.Namespace) -> int:
         return exc.exit_code
 
 
-_NODE_FILE_FLAGS = ("--tls-cert", "--tls-key", "--tls-client-ca", "--tokens")
+_NODE_FILE_FLAGS = ("--tls-cert", "--tls-key", "--tls-client-ca", "--tokens", "--peer-token-file")
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -147,7 +152,7 @@ def _up(args: argparse.Namespace) -> int:
         value = getattr(args, flag[2:].replace("-", "_"))
         if value is not None:
             extra += [flag, str(Path(value).resolve())]
-    url = local_cluster.cluster_up(
+    up = local_cluster.cluster_up(
         args.dir,
         args.nodes,
         args.replicas,
@@ -155,7 +160,18 @@ def _up(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         extra_args=extra or None,
     )
-    print(url, flush=True)
+    print(up.url, flush=True)
+    if up.running:
+        running = ", ".join(up.running)
+        if up.started:
+            print(f"started {', '.join(up.started)} ({running} already run)", file=sys.stderr)
+        else:
+            print(f"nothing to start: {running} already run", file=sys.stderr)
+    if up.removed:
+        print(
+            f"not started: {', '.join(up.removed)} (no longer in the cluster map)",
+            file=sys.stderr,
+        )
     print(
         f"nodes serve in the background (logs in {args.dir}); stop them with: "
         f"chunkstore cluster down --dir {args.dir}",
@@ -181,7 +197,7 @@ def _status(args: argparse.Namespace) -> int:
             raise InvalidInput(
                 f"{url!r} is not a cluster: give --store grpc://HOST:PORT,... or --dir DIR"
             )
-        target = [a for a in url.partition("://")[2].split(",") if a]
+        target = parse_url(url)
         tls = scheme == "grpcs"
     credentials = Credentials.from_env(tls=tls, token=args.token)
     status = local_cluster.cluster_status(target, timeout=args.timeout, credentials=credentials)
@@ -190,7 +206,7 @@ def _status(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
     else:
         print(local_cluster.format_status(status))
-    return 0 if all(n["healthy"] for n in status["nodes"]) else 1
+    return 1 if status["state"] in ("degraded", "peer authentication failed") else 0
 
 
 _ACTIONS = {"up": _up, "down": _down, "status": _status, **admin.ACTIONS}

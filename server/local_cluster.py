@@ -8,15 +8,17 @@ A cluster directory holds::
     <id>.metrics   its metrics port
     <id>.pid       its process id, while it runs
     node-args      options every node starts with, one per line (TLS, tokens), if any
+    peer-token     the admin token nodes call each other with, if they require tokens
 
-``cluster_up`` makes (or restarts) such a cluster and waits until every node answers SERVING on
-the standard gRPC health check; ``cluster_down`` stops it; ``cluster_status`` asks any cluster's
-nodes how they are.
+``cluster_up`` makes such a cluster, or starts those of its nodes that do not run, and waits
+until each answers SERVING on the standard gRPC health check; ``cluster_down`` stops it;
+``cluster_status`` asks any cluster's nodes how they are.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -25,6 +27,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,15 +35,26 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from chunkstore.client.rpc import Credentials
-from chunkstore.cluster_map import ClusterMap, load_cluster_file, map_from_proto
+from chunkstore.cluster_map import (
+    ClusterMap,
+    NodeSpec,
+    load_cluster_file,
+    map_from_proto,
+    newer,
+)
 from chunkstore.errors import ChunkstoreError, InvalidInput
 from chunkstore.progress import human_bytes
+from chunkstore.tomlfile import load_toml
 from chunkstore.v1 import store_pb2 as pb
 from chunkstore.v1 import store_pb2_grpc as pb_grpc
+
+from .auth import load_node_security
+from .membership import load_persisted
 
 HOST = "127.0.0.1"
 MAP_FILE = "cluster.toml"
 NODE_ARGS_FILE = "node-args"
+PEER_TOKEN_FILE = "peer-token"
 DEFAULT_NODES = 3
 NODE_MODULE = "chunkstore.server.node"
 LOG_TAIL_LINES = 20
@@ -219,6 +233,17 @@ def stop_processes(processes: Sequence[subprocess.Popen], timeout: float = 15.0)
             p.wait()
 
 
+@dataclass
+class Up:
+    """What :func:`cluster_up` did: the store URL, the nodes it started, those that already
+    ran, and those of the directory it left stopped because the map no longer has them."""
+
+    url: str
+    started: list[str]
+    running: list[str]
+    removed: list[str]
+
+
 def cluster_up(
     directory: str | Path,
     nodes: int | None = None,
@@ -226,35 +251,160 @@ def cluster_up(
     write_quorum: int | None = None,
     timeout: float = 30.0,
     extra_args: Sequence[str] | None = None,
-) -> str:
-    """Start the cluster in ``directory`` and return its store URL once every node serves.
+) -> Up:
+    """Start the cluster in ``directory``; return once every node it started serves.
 
-    Without a ``cluster.toml`` there, a new cluster of ``nodes`` (default 3) is made; with one,
-    its nodes are restarted with their data (any of ``nodes``, ``replicas``, ``write_quorum``
-    given must match it). Nodes run detached. If one fails to start, all are stopped and
-    LocalClusterError says why, with the tail of its log. ``extra_args`` (TLS and tokens
-    options of ``chunkstore node``), if given, replace those the nodes start with, now and on
-    later restarts; nodes serving TLS are probed with :meth:`Credentials.from_env`.
+    Without a ``cluster.toml`` there, a new cluster of ``nodes`` (default 3) is made; if it
+    fails to start, everything made for it is removed again. With one, the nodes of the newest
+    map (the cluster file's, or a newer one a node of the directory stored after membership
+    changes) whose data is in ``directory`` and that do not run are started with their data;
+    nodes that run are left alone, and nodes the map no longer has are not started. Any of
+    ``nodes``, ``replicas``, ``write_quorum`` given must match that map. Nodes run detached.
+    If one fails to start, those just started are stopped and LocalClusterError says why,
+    with the tail of its log.
+
+    ``extra_args`` (TLS and tokens options of ``chunkstore node``), if given, replace those
+    the nodes start with, now and on later restarts (InvalidInput if they differ from those
+    of nodes that run). With ``--tokens`` and no ``--peer-token-file``, the nodes call each
+    other with the file's first admin token, copied to ``peer-token``. Nodes serving TLS are
+    probed with :meth:`Credentials.from_env`.
     """
     d = Path(directory)
-    if (d / MAP_FILE).exists():
-        cluster = load_cluster_file(d / MAP_FILE)
-        _check_matches(d, cluster, nodes, replicas, write_quorum)
-        running = list(running_nodes(d))
-        if running:
-            raise LocalClusterError(
-                f"{d}: nodes {', '.join(running)} already run; stop them with cluster down first"
-            )
-    else:
-        cluster = create(d, nodes or DEFAULT_NODES, replicas, write_quorum)
+    if nodes is not None and nodes < 1:
+        raise InvalidInput(f"a cluster needs at least 1 node (asked for {nodes})")
     if extra_args is not None:
-        set_node_args(d, extra_args)
-    tls = uses_tls(d)
-    credentials = Credentials.from_env(tls=tls)
-    processes = {n.id: start_node(d, n.id, detached=True) for n in cluster.nodes}
+        check_node_args(extra_args)
+    if not (d / MAP_FILE).exists():
+        return _create_and_start(d, nodes, replicas, write_quorum, timeout, extra_args)
+    cluster = current_map(d)
+    _check_matches(d, cluster, nodes, replicas, write_quorum)
+    running = running_nodes(d)
+    if extra_args is not None and running and list(extra_args) != _given_args(d):
+        raise InvalidInput(
+            f"{d}: nodes {', '.join(running)} run with other options; stop them with "
+            "cluster down first"
+        )
+    if extra_args is not None:
+        _set_security_args(d, extra_args)
+    local = [n for n in cluster.nodes if (d / f"{n.id}.metrics").exists()]
+    in_map = {n.id for n in cluster.nodes}
+    removed = sorted(p.stem for p in d.glob("*.metrics") if p.stem not in in_map)
+    to_start = [n for n in local if n.id not in running]
+    _start_all(d, to_start, timeout)
+    return Up(
+        store_url(cluster, uses_tls(d)),
+        [n.id for n in to_start],
+        [n.id for n in local if n.id in running],
+        [node_id for node_id in removed if node_id not in running],
+    )
+
+
+def current_map(directory: str | Path) -> ClusterMap:
+    """The newest map of the cluster in ``directory``: its cluster file's, or a newer one
+    that a node stored in its data directory after a membership change."""
+    d = Path(directory)
+    best = load_cluster_file(d / MAP_FILE)
+    for metrics in sorted(d.glob("*.metrics")):
+        stored = load_persisted(d / metrics.stem)
+        if stored is not None and newer(stored, best):
+            best = stored
+    return best
+
+
+def check_node_args(args: Sequence[str]) -> None:
+    """Raise InvalidInput, in one line, if the TLS and tokens options ``args`` (``--tls-cert
+    FILE`` ...) name files a node would refuse at start."""
+    given = dict(zip(args[::2], args[1::2], strict=True))
+    load_node_security(
+        tls_cert=given.get("--tls-cert"),
+        tls_key=given.get("--tls-key"),
+        tls_client_ca=given.get("--tls-client-ca"),
+        tokens_file=given.get("--tokens"),
+        peer_token_file=given.get("--peer-token-file"),
+    )
+    if "--tokens" in given and "--peer-token-file" not in given:
+        admin_token(given["--tokens"])
+
+
+def admin_token(tokens_file: str | Path) -> str:
+    """The first admin token of a (valid) tokens file; InvalidInput if it has none."""
+    rows = load_toml(tokens_file, "tokens file").get("tokens", [])
+    for row in rows:
+        if row.get("scope") == "admin":
+            return row["token"]
+    raise InvalidInput(
+        f"{tokens_file}: no admin token, which the nodes need to call each other (repair, "
+        "rebalancing); add one or give --peer-token-file"
+    )
+
+
+def _given_args(d: Path) -> list[str]:
+    """The node options as given to cluster up: without the peer token it derived."""
+    args = node_args(d)
+    derived = ["--peer-token-file", str(d / PEER_TOKEN_FILE)]
+    for i in range(len(args) - 1):
+        if args[i : i + 2] == derived:
+            return args[:i] + args[i + 2 :]
+    return args
+
+
+def _set_security_args(d: Path, args: Sequence[str]) -> None:
+    """Make the nodes of ``d`` start with ``args`` from now on, plus, with ``--tokens`` and
+    no ``--peer-token-file``, the tokens file's admin token for their calls to each other."""
+    args = list(args)
+    peer_token = d / PEER_TOKEN_FILE
+    if "--tokens" in args and "--peer-token-file" not in args:
+        token = admin_token(args[args.index("--tokens") + 1])
+        peer_token.touch(mode=0o600)
+        peer_token.write_text(token + "\n")
+        args += ["--peer-token-file", str(peer_token)]
+    else:
+        peer_token.unlink(missing_ok=True)
+    set_node_args(d, args)
+
+
+def _create_and_start(
+    d: Path,
+    nodes: int | None,
+    replicas: int | None,
+    write_quorum: int | None,
+    timeout: float,
+    extra_args: Sequence[str] | None,
+) -> Up:
+    """Make a new cluster in ``d`` and start it; on any failure, remove what was made."""
+    made_dir = not d.exists()
+    cluster = create(d, DEFAULT_NODES if nodes is None else nodes, replicas, write_quorum)
+    try:
+        if extra_args is not None:
+            _set_security_args(d, extra_args)
+        _start_all(d, list(cluster.nodes), timeout)
+    except BaseException:
+        _remove_cluster_files(d, cluster, made_dir)
+        raise
+    return Up(store_url(cluster, uses_tls(d)), [n.id for n in cluster.nodes], [], [])
+
+
+def _remove_cluster_files(d: Path, cluster: ClusterMap, made_dir: bool) -> None:
+    """Remove what :func:`create` and a first start wrote into ``d`` (and ``d`` if made)."""
+    if made_dir:
+        shutil.rmtree(d, ignore_errors=True)
+        return
+    for name in (MAP_FILE, NODE_ARGS_FILE, PEER_TOKEN_FILE):
+        (d / name).unlink(missing_ok=True)
+    for n in cluster.nodes:
+        for suffix in (".metrics", ".log", ".pid"):
+            (d / f"{n.id}{suffix}").unlink(missing_ok=True)
+        shutil.rmtree(d / n.id, ignore_errors=True)
+
+
+def _start_all(d: Path, nodes: Sequence[NodeSpec], timeout: float) -> None:
+    """Start ``nodes`` of the cluster in ``d`` and wait until each serves; if one does not,
+    stop them all and raise."""
+    credentials = Credentials.from_env(tls=uses_tls(d))
+    processes = {n.id: start_node(d, n.id, detached=True) for n in nodes}
     deadline = time.monotonic() + timeout
     try:
-        for n in cluster.nodes:
+        for n in nodes:
             wait_serving(
                 d, n.id, n.address, processes[n.id], deadline - time.monotonic(), credentials
             )
@@ -263,7 +413,6 @@ def cluster_up(
         for node_id in processes:
             (d / f"{node_id}.pid").unlink(missing_ok=True)
         raise
-    return store_url(cluster, tls)
 
 
 def _check_matches(
@@ -386,9 +535,13 @@ def cluster_status(
     ``"rebalancing"``, ``"pass_running"``, ``"pass_progress"``, ``"misplaced"``,
     ``"under_replicated"``, ``"chunks_copied"``, ``"chunks_dropped"``. An unreachable or
     unhealthy node has ``healthy`` false, those values None and ``error`` saying why;
-    ``share`` is its fraction of the ring (shares sum to 1). ``"departed"`` lists, in the
-    same form without ``share``, the nodes that recent map changes removed and that still
-    answer (they hand their data over before they may be stopped). The cluster is
+    ``share`` is its fraction of the ring (shares sum to 1), ``peers_refused`` the peers that
+    refused its calls in its last pass (a peer token problem), ``checked`` whether every other
+    healthy node compared keys with it since it started (None if it does not answer).
+    ``"state"`` sums it up: ``degraded`` (a node does not serve), ``peer authentication
+    failed``, ``rebalancing``, ``not yet checked`` or ``in sync``. ``"departed"`` lists, in
+    the same form (``share`` 0, ``checked`` None), the nodes that recent map changes removed
+    and that still answer (they hand their data over before they may be stopped). The cluster is
     ``rebalancing`` while a reachable node has not learned the map yet, has not finished a
     pass under it, or its last pass left keys below their replica count or on a node that does
     not own them, or while a removed node that answers still holds chunks.
@@ -425,22 +578,61 @@ def cluster_status(
             answers = pool.map(lambda a: _probe(a, timeout, credentials), gone.values())
             for (node_id, address), probe in zip(gone.items(), answers, strict=True):
                 probe.pop("departed")
-                if probe["healthy"]:
-                    departed.append({"id": node_id, "address": address, **probe})
+                if probe["healthy"]:  # out of the map: no share of the ring
+                    departed.append(
+                        {"id": node_id, "address": address, **probe, "share": 0.0, "checked": None}
+                    )
     rebalancing = any(
         p["rebalancing"] or p["epoch"] != cluster.epoch for p in probes if p["healthy"]
     ) or any(d["rebalancing"] or d["chunks"] for d in departed)
+    nodes = [
+        {"id": n.id, "address": n.address, **probe, "share": ring.share(n.id)}
+        for n, probe in zip(cluster.nodes, probes, strict=True)
+    ]
+    for node in nodes:
+        node["checked"] = _checked(node, nodes)
+    for node in (*nodes, *departed):
+        del node["incarnation"], node["checked_by_peer"]
     return {
         "epoch": cluster.epoch,
+        "state": _cluster_state(nodes, rebalancing),
         "rebalancing": rebalancing,
         "replicas": cluster.replicas,
         "write_quorum": cluster.write_quorum,
-        "nodes": [
-            {"id": n.id, "address": n.address, **probe, "share": ring.share(n.id)}
-            for n, probe in zip(cluster.nodes, probes, strict=True)
-        ],
+        "nodes": nodes,
         "departed": departed,
     }
+
+
+def _checked(node: dict[str, Any], nodes: Sequence[dict[str, Any]]) -> bool | None:
+    """Whether every other healthy node's last complete pass compared keys with this run of
+    ``node`` (None if it does not answer). A node restarted (replaced by an empty one, say)
+    after a peer's pass is not checked until that peer's next pass: until then the peer's
+    report, "in sync" perhaps, is about the node that was there before. A peer whose pass did
+    not reach the node counted its keys as under-replicated instead."""
+    if not node["healthy"]:
+        return None
+    mine = node["incarnation"]
+    return all(
+        other["checked_by_peer"].get(node["id"], mine) == mine
+        for other in nodes
+        if other is not node and other["healthy"]
+    )
+
+
+def _cluster_state(nodes: Sequence[dict[str, Any]], rebalancing: bool) -> str:
+    """The cluster in a few words: ``degraded`` while a node of the map does not serve, then
+    ``peer authentication failed``, ``rebalancing``, ``not yet checked`` (a node started since
+    a peer's last pass), else ``in sync``."""
+    if not all(n["healthy"] for n in nodes):
+        return "degraded"
+    if any(n["peers_refused"] for n in nodes):
+        return "peer authentication failed"
+    if rebalancing:
+        return "rebalancing"
+    if not all(n["checked"] for n in nodes):
+        return "not yet checked"
+    return "in sync"
 
 
 def _probe(address: str, timeout: float, credentials: Credentials | None) -> dict[str, Any]:
@@ -457,6 +649,9 @@ def _probe(address: str, timeout: float, credentials: Credentials | None) -> dic
                 "bytes": None,
                 "error": e.code().name,
                 **dict.fromkeys(_RECONCILER_FIELDS),
+                "peers_refused": [],
+                "incarnation": None,
+                "checked_by_peer": {},
                 "departed": [],
             }
     serving = check.status == health_pb2.HealthCheckResponse.SERVING
@@ -466,6 +661,10 @@ def _probe(address: str, timeout: float, credentials: Credentials | None) -> dic
         "bytes": status.stored_bytes,
         "error": None if serving else _SERVING_STATUS.Name(check.status),
         **{name: getattr(status, name) for name in _RECONCILER_FIELDS},
+        "peers_refused": list(status.peers_refused),
+        # 0: a node of an earlier release, which does not say; taken as checked
+        "incarnation": status.incarnation,
+        "checked_by_peer": dict(status.checked),
         "departed": [(n.id, n.address) for n in status.departed],
     }
 
@@ -489,6 +688,8 @@ def _state(node: dict[str, Any], epoch: int) -> str:
         return "-"
     if node["epoch"] != epoch:
         return f"on map epoch {node['epoch']}"
+    if node["peers_refused"]:
+        return f"peer authentication failed ({', '.join(node['peers_refused'])} refuse it)"
     parts = []
     if node["pass_running"]:
         parts.append(f"pass {node['pass_progress']:.0%}")
@@ -498,7 +699,9 @@ def _state(node: dict[str, Any], epoch: int) -> str:
         parts.append(f"{node['under_replicated']} under-replicated")
     if parts:
         return ", ".join(parts)
-    return "rebalancing" if node["rebalancing"] else "in sync"
+    if node["rebalancing"]:
+        return "rebalancing"
+    return "in sync" if node["checked"] is not False else "not yet checked"
 
 
 def format_status(status: dict[str, Any]) -> str:
@@ -533,7 +736,7 @@ def format_status(status: dict[str, Any]) -> str:
     lines = [
         f"cluster epoch {status['epoch']}: {healthy} of {len(nodes)} nodes healthy, "
         f"replicas {status['replicas']}, write quorum {status['write_quorum']}, "
-        + ("rebalancing" if status["rebalancing"] else "in sync")
+        + status["state"]
     ]
     lines += [
         "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()

@@ -29,12 +29,13 @@ back from that owner, as the cluster client documents.
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from typing import Any
 
@@ -85,6 +86,7 @@ class Report:
     ranges_skipped: int = 0
     seconds: float = 0.0
     complete: bool = False
+    peers_refused: list[str] = field(default_factory=list)
 
     @property
     def under_replicated(self) -> int:
@@ -104,6 +106,7 @@ class Report:
             ranges_skipped=self.ranges_skipped,
             seconds=self.seconds,
             complete=self.complete,
+            peers_refused=self.peers_refused,
         )
 
     @classmethod
@@ -199,6 +202,11 @@ class Reconciler(NodeWorker):
         self._progress = 1.0
         self._totals = Counter[str]()
         self._down: set[str] = set()  # peers that failed during the running pass
+        self._refused: set[str] = set()  # peers that refused this node's calls in it
+        self._seen: dict[str, int] = {}  # peer id -> its incarnation, found by the probe
+        self._checked: dict[str, int] = {}  # the same, of the last complete pass
+        #: New at every start, so that peers tell this node from an earlier run of it.
+        self.incarnation = secrets.randbits(63) + 1
         self._holder.subscribe(lambda cluster: self.wake())
         self._metrics.cluster_epoch.set(self._holder.epoch)
 
@@ -251,6 +259,9 @@ class Reconciler(NodeWorker):
             "chunks_dropped": self._totals["chunks_dropped"],
             "bytes_copied": self._totals["bytes_copied"],
             "passes": self._done,
+            "peers_refused": list(last.peers_refused) if last else [],
+            "incarnation": self.incarnation,
+            "checked": dict(self._checked),
         }
 
     def _loop(self) -> None:
@@ -278,6 +289,9 @@ class Reconciler(NodeWorker):
             with self._cond:
                 if complete:
                     self._done, self._last = number, report
+                    self._checked = {
+                        p: i for p, i in self._seen.items() if p not in self._down | self._refused
+                    }
                 elif not self._stop.is_set():
                     self._wanted = True  # the map changed or the pass failed: again
                 self._cond.notify_all()
@@ -361,6 +375,7 @@ class Reconciler(NodeWorker):
             report.seconds = time.monotonic() - started
             return report
         report.complete = True
+        report.peers_refused = sorted(self._refused)
         report.seconds = time.monotonic() - started
         self._state.put(_STATE, {"map": digest, "position": 0})
         return report
@@ -370,6 +385,8 @@ class Reconciler(NodeWorker):
         peer that does not answer is left out of this pass), and adopt a newer map that one
         of them serves (which ends the pass: _Aborted)."""
         self._down = set()
+        self._refused = set()
+        self._seen = {}
         clients = self._peers.others(cluster)
         if not clients:
             return
@@ -379,14 +396,17 @@ class Reconciler(NodeWorker):
                 reply = client.cluster.GetClusterMap(
                     pb.Empty(), timeout=PROBE_TIMEOUT, wait_for_ready=True
                 )
+                status = client.cluster.GetNodeStatus(pb.Empty(), timeout=PROBE_TIMEOUT)
             except grpc.RpcError as exc:
                 failure = NodeCallError.from_rpc(client.spec, exc)
                 client.record(failure)
                 self._down.add(client.id)
                 if failure.code in REFUSED:  # a wrong or missing peer token: say so
+                    self._refused.add(client.id)
                     log.warning("node %s: peer refuses this node: %s", self.node_id, failure)
                 return None
             client.record(None)
+            self._seen[client.id] = status.incarnation
             return reply
 
         with ThreadPoolExecutor(min(16, len(clients)), thread_name_prefix="probe") as pool:
@@ -417,7 +437,14 @@ class Reconciler(NodeWorker):
         def call() -> Any:
             return getattr(getattr(client, service), method)(request, timeout=timeout)
 
-        return client.run(call)
+        try:
+            return client.run(call)
+        except NodeCallError as e:
+            # A refusal is a peer token short of what repair needs (RangeDigests is skipped
+            # where a node of an earlier release refuses it; the ids are asked one by one).
+            if e.code in REFUSED and method != "RangeDigests":
+                self._refused.add(client.id)
+            raise
 
     # chunks
 
@@ -604,6 +631,8 @@ class Reconciler(NodeWorker):
             client.record(failure)
             if failure.retryable:
                 self._down.add(client.id)
+            if failure.code in REFUSED:
+                self._refused.add(client.id)
             if not self._stop.is_set():
                 log.warning("node %s: copying chunks: %s", self.node_id, failure)
         return acked

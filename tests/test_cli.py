@@ -467,6 +467,23 @@ def test_reading_a_store_that_does_not_exist_creates_nothing(tmp_path):
     assert not (tmp_path / "typo").exists()
 
 
+def test_an_unknown_url_scheme_is_refused_and_creates_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path / "ckpt" / "w.bin", random_bytes(10_000, seed=1))
+    # the schemes chunkstore knows work
+    assert run(capsys, "push", "ckpt", "--repo", "m", "--store", f"file://{tmp_path}/s")[0] == 0
+    assert run(capsys, "ls", "--store", "memory://")[0] == 0
+    for argv in (
+        ["push", "ckpt", "--repo", "m", "--store", "grcp://cluster-1:7400"],
+        ["ls", "--store", "grcp://127.0.0.1:33151"],
+        ["copy", "m", "--store", "s", "--to", "s3://bucket/x"],
+    ):
+        code, _, err = run(capsys, *argv)
+        assert code == 2, err
+        assert "unknown store scheme" in err and "use grpc://HOST:PORT or a directory" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "s"]
+
+
 def test_store_may_be_given_before_the_command(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("CHUNKSTORE_STORE", raising=False)
     write(tmp_path / "ckpt" / "w.bin", random_bytes(100_000, seed=1))

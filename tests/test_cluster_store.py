@@ -7,6 +7,7 @@ Clusters come from ``cluster_fixtures``; every process they start is stopped at 
 from __future__ import annotations
 
 import filecmp
+import json
 import signal
 import threading
 import time
@@ -296,6 +297,25 @@ def test_reads_survive_two_dead_owners_and_a_dead_seed(tmp_path, series):
             assert filecmp.cmp(original, tmp_path / first / original.name, shallow=False)
             assert [v.message for v in repo.log("model")] == [series[1].name, first]
             assert_pulls_identical(repo, series[1:2], tmp_path / "out")
+
+
+def test_ls_needs_all_but_replicas_minus_one_nodes(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("CHUNKSTORE_TOKEN", raising=False)
+    with LocalCluster(tmp_path / "c", nodes=3, replicas=2, write_quorum=1) as cluster:
+        with Repository(ClusterStore.connect(cluster.url)) as repo:
+            for i in range(6):  # repos spread over every pair of owners
+                write(tmp_path / f"r{i}" / "x.bin", random_bytes(1000, seed=i))
+                repo.push(tmp_path / f"r{i}", f"repo-{i}")
+        names = [f"repo-{i}" for i in range(6)]
+        cluster.kill("n1")  # every repo still has an owner among n2, n3
+        assert cli_main(["ls", "--json", "--store", cluster.url]) == 0
+        assert [r["name"] for r in json.loads(capsys.readouterr().out)] == names
+        cluster.kill("n2")  # repos owned by n1 and n2 alone are out of sight
+        code = cli_main(["ls", "--json", "--store", cluster.url])
+        out, err = capsys.readouterr()
+        assert code == 6 and out == ""
+        assert "list repos: 1 of 3 nodes answered, 2 needed" in err
+        assert "n1" in err and "n2" in err and len(err.strip().splitlines()) == 1
 
 
 def test_a_hung_node_costs_seconds_not_deadlines(tmp_path, series):

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
+from cluster_checks import cli
 from cluster_fixtures import LocalCluster
 
 from chunkstore.cluster_map import load_cluster_file
@@ -26,6 +30,14 @@ def cluster_cli(capsys, *argv: str) -> tuple[int, str, str]:
 
 def node_gone(pid: int) -> bool:
     return not Path(f"/proc/{pid}").exists()
+
+
+def wait_stopped(d: Path, node_id: str, timeout: float = 10.0) -> None:
+    """Wait until node ``node_id`` of the cluster in ``d`` no longer runs (reaping it)."""
+    deadline = time.monotonic() + timeout
+    while node_id in local_cluster.running_nodes(d) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert node_id not in local_cluster.running_nodes(d), f"{node_id} still runs"
 
 
 def test_up_status_down(tmp_path: Path, capsys):
@@ -54,9 +66,10 @@ def test_up_status_down(tmp_path: Path, capsys):
         assert "3 of 3 nodes healthy" in out
         assert out.count("serving") == 3
 
-        code, _, err = cluster_cli(capsys, "up", "--dir", str(d))
-        assert code == 1
-        assert "already run" in err and len(err.strip().splitlines()) == 1
+        code, out, err = cluster_cli(capsys, "up", "--dir", str(d))
+        assert code == 0 and out.strip() == url
+        assert "nothing to start: n1, n2, n3 already run" in err
+        assert {n.id: int((d / f"{n.id}.pid").read_text()) for n in cluster.nodes} == pids
     finally:
         code, out, _ = cluster_cli(capsys, "down", "--dir", str(d))
     assert code == 0
@@ -72,19 +85,98 @@ def test_up_status_down(tmp_path: Path, capsys):
 
 def test_up_again_restarts_the_same_cluster_with_its_data(tmp_path: Path):
     d = tmp_path / "cluster"
-    url = local_cluster.cluster_up(d, nodes=2, replicas=2)
+    url = local_cluster.cluster_up(d, nodes=2, replicas=2).url
     try:
         marker = d / "n1" / "data.mdb"
         assert marker.exists()
         assert sorted(local_cluster.running_nodes(d)) == ["n1", "n2"]
         local_cluster.cluster_down(d)
         assert local_cluster.running_nodes(d) == {}
-        assert local_cluster.cluster_up(d) == url
+        assert local_cluster.cluster_up(d).url == url
         assert sorted(local_cluster.running_nodes(d)) == ["n1", "n2"]
         status = local_cluster.cluster_status(load_cluster_file(d / "cluster.toml"))
         assert [n["healthy"] for n in status["nodes"]] == [True, True]
         with pytest.raises(InvalidInput, match=r"nodes 2 \(asked 3\)"):
             local_cluster.cluster_up(d, nodes=3)
+    finally:
+        local_cluster.cluster_down(d)
+
+
+def test_up_starts_only_the_nodes_that_do_not_run(tmp_path: Path, capsys):
+    d = tmp_path / "cluster"
+    code, out, err = cluster_cli(capsys, "up", "--nodes", "3", "--dir", str(d))
+    try:
+        assert code == 0, err
+        url = out.strip()
+        pids = local_cluster.running_nodes(d)
+        os.kill(pids["n1"], signal.SIGKILL)
+        wait_stopped(d, "n1")
+        code, out, err = cluster_cli(capsys, "up", "--dir", str(d))
+        assert code == 0, err
+        assert out.strip() == url
+        assert "started n1 (n2, n3 already run)" in err
+        again = local_cluster.running_nodes(d)
+        assert again["n2"] == pids["n2"] and again["n3"] == pids["n3"]
+        assert again["n1"] != pids["n1"]
+        status = local_cluster.cluster_status(load_cluster_file(d / "cluster.toml"))
+        assert all(n["healthy"] for n in status["nodes"])
+    finally:
+        cluster_cli(capsys, "down", "--dir", str(d))
+
+
+def test_up_restarts_the_nodes_of_the_current_map_only(tmp_path: Path, capsys):
+    d = tmp_path / "cluster"
+    url = local_cluster.cluster_up(d, nodes=3, replicas=2).url
+    try:
+        code, _, err = cli(capsys, "cluster", "remove-node", "n3", "--store", url)
+        assert code == 0, err
+        served = local_cluster.current_map(d)
+        assert served.epoch == 2 and [n.id for n in served.nodes] == ["n1", "n2"]
+        local_cluster.cluster_down(d)  # n3 stopped with the others, as if done draining
+        up = local_cluster.cluster_up(d)
+        assert (up.started, up.running, up.removed) == (["n1", "n2"], [], ["n3"])
+        assert sorted(local_cluster.running_nodes(d)) == ["n1", "n2"]
+        assert up.url == local_cluster.store_url(served)
+        code, _, err = cluster_cli(capsys, "up", "--dir", str(d))
+        assert code == 0 and "not started: n3 (no longer in the cluster map)" in err
+        with pytest.raises(InvalidInput, match=r"nodes 2 \(asked 3\)"):
+            local_cluster.cluster_up(d, nodes=3)
+    finally:
+        local_cluster.cluster_down(d)
+
+
+@pytest.mark.parametrize("nodes", ["0", "-1"])
+def test_up_needs_at_least_one_node(tmp_path: Path, capsys, nodes: str):
+    d = tmp_path / "cluster"
+    code, out, err = cluster_cli(capsys, "up", "--nodes", nodes, "--dir", str(d))
+    assert code == 2 and out == ""
+    assert f"a cluster needs at least 1 node (asked for {nodes})" in err
+    assert not d.exists()
+
+
+def test_a_failed_first_start_leaves_nothing_behind(tmp_path: Path, capsys):
+    bad_tokens = tmp_path / "tokens.toml"
+    bad_tokens.write_text('[[tokens]]\ntoken = "abc"\nscope = "root"\n')
+    d = tmp_path / "cluster"
+    code, out, err = cluster_cli(capsys, "up", "--dir", str(d), "--tokens", str(bad_tokens))
+    assert code == 2 and out == "" and "unknown scope 'root'" in err
+    assert not d.exists()
+
+    # Nodes that do not serve in time: stopped, and what was made for them removed; a
+    # directory that was there before stays, with what it held.
+    d.mkdir()
+    (d / "notes.txt").write_text("mine")
+    code, _, err = cluster_cli(capsys, "up", "--dir", str(d), "--timeout", "0")
+    assert code == 1 and "did not answer SERVING" in err
+    assert [p.name for p in d.iterdir()] == ["notes.txt"]
+    code, _, err = cluster_cli(capsys, "up", "--dir", str(tmp_path / "new"), "--timeout", "0")
+    assert code == 1 and not (tmp_path / "new").exists()
+
+    # A retry starts a new cluster, without the options of the failed one.
+    code, out, err = cluster_cli(capsys, "up", "--dir", str(d), "--nodes", "1")
+    try:
+        assert code == 0, err
+        assert local_cluster.node_args(d) == []
     finally:
         local_cluster.cluster_down(d)
 
@@ -114,6 +206,10 @@ def test_status_needs_a_cluster_url(capsys, tmp_path: Path):
     code, _, err = cluster_cli(capsys, "status", "--store", str(tmp_path / "embedded"))
     assert code == 2
     assert "is not a cluster" in err
+    for url in ("grpc://127.0.0.1:abc", "grpc://127.0.0.1:1,", "grpcs://:7400"):
+        code, _, err = cluster_cli(capsys, "status", "--store", url)
+        assert code == 2, err
+        assert "invalid cluster URL" in err and len(err.strip().splitlines()) == 1
 
 
 def test_local_cluster_kill_stop_start(tmp_path: Path):

@@ -148,6 +148,9 @@ def test_a_removed_node_is_drained_then_can_stop(tmp_path, series, capsys):
         # and drops each chunk once every owner holds it.
         settled = wait_settled(rest.values(), 2)
         assert [(d["id"], d["chunks"]) for d in settled["departed"]] == [("n2", 0)]
+        # in the same form as the nodes of the map, with no share of the ring
+        assert set(settled["departed"][0]) == set(settled["nodes"][0])
+        assert settled["departed"][0]["share"] == 0.0
         assert node_status(addresses["n2"]).in_map is False
         code, out, _ = cli(capsys, "cluster", "status", "--store", cluster.url)
         assert code == 0 and "drained: may stop" in out and "in sync" in out.splitlines()[0]
@@ -183,10 +186,18 @@ def test_maps_survive_restarts_and_spread_between_nodes(tmp_path, capsys):
         cluster.start("n1")
         assert served_map(cluster.address("n1")) == epoch2
 
+        # A node that does not serve is refused unless --force, and nothing changes.
+        dead = f"127.0.0.1:{free_port()}"
+        code, out, err = cli(capsys, "cluster", "add-node", "n5", dead, "--store", cluster.url)
+        assert code == 6 and out == ""
+        assert f"cannot add n5: no node serves at {dead}" in err and "--force" in err
+        assert len(err.strip().splitlines()) == 1
+        assert served_map(cluster.address("n1")).epoch == 2
+
         # A change made while n3 is down reaches it from its peers once it is back.
         cluster.stop("n3")
         code, _, err = cli(
-            capsys, "cluster", "add-node", "n5", "127.0.0.1:1", "--weight", "0.5",
+            capsys, "cluster", "add-node", "n5", dead, "--weight", "0.5", "--force",
             "--store", cluster.url,
         )  # fmt: skip
         assert code == 0, err

@@ -70,11 +70,31 @@ def test_a_node_replaced_empty_gets_everything_back_on_repair(tmp_path, series, 
             repo.store.put_manifest(big_id, big)
         held = node_status(addresses["n2"]).chunks
         assert held > 0
+        wait_settled(list(addresses.values()), 1)
+        code, out, _ = cli(capsys, "cluster", "status", "--store", cluster.url)
+        assert code == 0 and out.splitlines()[0].endswith("in sync")
 
         cluster.stop("n2")
+        # No pass has run since, but a node that does not serve is never "in sync".
+        code, out, _ = cli(capsys, "cluster", "status", "--store", cluster.url)
+        assert code == 1
+        assert "3 of 4 nodes healthy" in out and out.splitlines()[0].endswith("degraded")
         wipe(cluster.node_data("n2"))
         cluster.start("n2")  # empty, and with its original cluster file
         assert node_status(addresses["n2"]).chunks == 0
+        wait_until(lambda: node_status(addresses["n2"]).passes, 30, "n2's start-up pass")
+        # Its peers' last passes compared keys with the n2 that was there before.
+        code, out, _ = cli(capsys, "cluster", "status", "--store", cluster.url, "--json")
+        assert code == 0
+        report = json.loads(out)
+        assert report["state"] == "not yet checked"
+        assert [n["checked"] for n in report["nodes"]] == [True, False, True, True]
+        code, out, _ = cli(capsys, "cluster", "status", "--store", cluster.url)
+        assert out.splitlines()[0].endswith("not yet checked")
+        assert [line.split()[0] for line in out.splitlines() if "not yet checked" in line] == [
+            "cluster",
+            "n2",
+        ]
 
         code, out, err = cli(capsys, "cluster", "repair", "--store", cluster.url, "--json")
         assert code == 0, out + err
@@ -87,6 +107,8 @@ def test_a_node_replaced_empty_gets_everything_back_on_repair(tmp_path, series, 
         assert sum(n["under_replicated_found"] for n in by_node.values()) >= held
         assert all(n["under_replicated"] == 0 and n["misplaced"] == 0 for n in by_node.values())
         assert node_status(addresses["n2"]).chunks == held
+        report = json.loads(cli(capsys, "cluster", "status", "--store", cluster.url, "--json")[1])
+        assert report["state"] == "in sync" and all(n["checked"] for n in report["nodes"])
         with grpc.insecure_channel(addresses["n2"]) as channel:  # copied to n2, in pieces
             parts = pb_grpc.MetaServiceStub(channel).GetManifestParts(
                 pb.ChunkIds(ids=[big_id]), timeout=30

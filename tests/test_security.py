@@ -156,11 +156,14 @@ def mtls_cluster(tmp_path_factory, pki):
 
 @pytest.fixture(scope="module")
 def auth_cluster(tmp_path_factory):
-    """Two plaintext nodes that require tokens."""
+    """Two plaintext nodes that require tokens, and call each other with the admin token."""
     directory = tmp_path_factory.mktemp("auth")
     tokens = directory / "tokens.toml"
     tokens.write_text(tokens_toml())
-    with LocalCluster(directory, 2, 2, node_args=["--tokens", str(tokens)]) as c:
+    peer_token = directory / "peer-token"
+    peer_token.write_text(TOKENS["admin"])
+    args = ["--tokens", str(tokens), "--peer-token-file", str(peer_token)]
+    with LocalCluster(directory, 2, 2, node_args=args) as c:
         yield c
 
 
@@ -373,10 +376,13 @@ def test_write_token_pushes_but_only_admin_collects_garbage(auth_cluster, tmp_pa
     assert cli_main(["rm", "gc-test", *write_args]) == 0
     capsys.readouterr()
 
-    assert cli_main(["gc", "--grace", "0", *write_args]) == PermissionDenied.exit_code
-    line = one_line(capsys.readouterr().err)
-    assert "permission denied: token 'writer' has scope write" in line
-    assert "needs admin" in line
+    # Refused before any work, whether or not there is something to delete, dry run or not.
+    for extra in (["--dry-run"], ["--dry-run", "--grace", "1e9"], ["--grace", "1e9"], []):
+        assert cli_main(["gc", "--grace", "0", *extra, *write_args]) == PermissionDenied.exit_code
+        line = one_line(capsys.readouterr().err)
+        assert line.startswith("chunkstore: error: gc needs an admin token: node n")
+        assert "permission denied: token 'writer' has scope write" in line
+        assert "needs admin" in line and "quorum" not in line
 
     assert (
         cli_main(["gc", "--grace", "0", "--json", "--store", url, "--token", TOKENS["admin"]]) == 0
@@ -404,6 +410,24 @@ def test_cluster_status_sends_the_token(auth_cluster, capsys):
     assert cli_main([*argv, "--token", TOKENS["read"]]) == 0
     status = json.loads(capsys.readouterr().out)
     assert [n["healthy"] for n in status["nodes"]] == [True, True]
+
+
+def test_membership_changes_need_an_admin_token(auth_cluster, capsys):
+    epoch = local_cluster.fetch_map(
+        [auth_cluster.address("n1")], credentials=Credentials(token=TOKENS["read"])
+    ).epoch
+    argv = ["cluster", "add-node", "n9", "127.0.0.1:1", "--force", "--store", auth_cluster.url]
+    assert cli_main([*argv, "--token", TOKENS["write"]]) == PermissionDenied.exit_code
+    out, err = capsys.readouterr()
+    line = one_line(err)
+    assert out == "" and "added" not in line
+    assert line.startswith("chunkstore cluster add-node: error: cannot add n9: ")
+    assert "membership changes need an admin token" in line
+    assert "permission denied: token 'writer' has scope write, PublishMap needs admin" in line
+    served = local_cluster.fetch_map(
+        [auth_cluster.address("n1")], credentials=Credentials(token=TOKENS["read"])
+    )
+    assert served.epoch == epoch
 
 
 def test_peer_credentials_reach_other_nodes(auth_cluster, tmp_path, pki):
@@ -596,6 +620,69 @@ def test_cluster_up_passes_tls_and_tokens_to_its_nodes(tmp_path, pki, monkeypatc
         assert json.loads(capsys.readouterr().out)["nodes"][0]["healthy"]
     finally:
         local_cluster.cluster_down(d)
+
+
+def test_cluster_up_with_tokens_gives_its_nodes_an_admin_peer_token(tmp_path, capsys):
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text(tokens_toml())
+    d = tmp_path / "cluster"
+    up = ["cluster", "up", "--dir", str(d), "--nodes", "3", "--replicas", "2"]
+    try:
+        assert cli_main([*up, "--tokens", str(tokens)]) == 0  # no $CHUNKSTORE_TOKEN
+        url = capsys.readouterr().out.strip()
+        peer_token = d / local_cluster.PEER_TOKEN_FILE
+        assert peer_token.read_text().strip() == TOKENS["admin"]
+        assert peer_token.stat().st_mode & 0o777 == 0o600
+        assert TOKENS["admin"] not in " ".join(local_cluster.node_args(d))
+        src = make_tree(tmp_path / "data", seed=7)
+        push = ["push", str(src), "--repo", "peers", "-q", "--store", url]
+        assert cli_main([*push, "--token", TOKENS["write"]]) == 0
+        repair = ["cluster", "repair", "--store", url, "--json", "--token", TOKENS["admin"]]
+        assert cli_main(repair) == 0, capsys.readouterr()
+        report = json.loads(capsys.readouterr().out)
+        assert all(n["ok"] and n["under_replicated"] == 0 for n in report["nodes"])
+        assert all(n["peers_refused"] == [] for n in report["nodes"])
+        logs = "".join((d / f"n{i}.log").read_text() for i in (1, 2, 3))
+        assert "peer refuses" not in logs and TOKENS["admin"] not in logs
+    finally:
+        local_cluster.cluster_down(d)
+
+    # A tokens file without an admin token cannot serve as the nodes' peer token.
+    tokens.write_text(f'[[tokens]]\ntoken = "{TOKENS["write"]}"\nscope = "write"\n')
+    assert cli_main([*up, "--dir", str(tmp_path / "c2"), "--tokens", str(tokens)]) == 2
+    assert "no admin token" in one_line(capsys.readouterr().err)
+    assert not (tmp_path / "c2").exists()
+
+
+def test_peers_that_refuse_a_node_are_reported_not_counted_as_under_replication(
+    tmp_path, capsys
+):
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text(tokens_toml())
+    # No peer token and no $CHUNKSTORE_TOKEN: the nodes refuse each other.
+    with LocalCluster(tmp_path / "c", 3, 2, node_args=["--tokens", str(tokens)]) as cluster:
+        src = make_tree(tmp_path / "data", seed=8)
+        push = ["push", str(src), "--repo", "r", "-q", "--store", cluster.url]
+        assert cli_main([*push, "--token", TOKENS["write"]]) == 0
+        repair = ["cluster", "repair", "--store", cluster.url, "--token", TOKENS["admin"]]
+        assert cli_main([*repair, "--json"]) == 1
+        report = json.loads(capsys.readouterr().out)
+        assert {n["id"]: n["peers_refused"] for n in report["nodes"]} == {
+            "n1": ["n2", "n3"],
+            "n2": ["n1", "n3"],
+            "n3": ["n1", "n2"],
+        }
+        assert cli_main(repair) == 1
+        out, err = capsys.readouterr()
+        assert out.count("peer authentication failed") == 3 and "below replica" not in out
+        assert "peer authentication failed on n1, n2, n3" in err and "below" not in err
+
+        status = ["cluster", "status", "--store", cluster.url, "--token", TOKENS["read"]]
+        assert cli_main(status) == 1
+        out = capsys.readouterr().out
+        assert out.splitlines()[0].endswith("peer authentication failed")
+        assert "under-replicated" not in out and "in sync" not in out
+        assert "n1  " in out and "(n2, n3 refuse it)" in out
 
 
 def test_copy_to_a_cluster_that_requires_a_token(auth_cluster, tmp_path, capsys, monkeypatch):

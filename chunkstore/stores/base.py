@@ -270,6 +270,10 @@ class Store(ChunkStore, MetaStore):
     #: Human-readable location, shown in errors and ``stats``.
     location: str = ""
 
+    def check_may_collect(self) -> None:  # noqa: B027 - optional hook
+        """Raise PermissionDenied unless this caller may delete chunks and manifests (what GC
+        does), before GC does any work. A local store lets whoever opens it."""
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release files, connections and threads."""
 

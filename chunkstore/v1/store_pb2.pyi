@@ -263,7 +263,14 @@ class ClusterMap(_message.Message):
     def __init__(self, epoch: _Optional[int] = ..., replicas: _Optional[int] = ..., write_quorum: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ...) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("id", "epoch", "chunks", "stored_bytes", "map_used_bytes", "map_size_bytes", "data_dir", "in_map", "rebalancing", "pass_running", "pass_progress", "pass_epoch", "misplaced", "under_replicated", "chunks_copied", "chunks_dropped", "bytes_copied", "passes", "departed")
+    __slots__ = ("id", "epoch", "chunks", "stored_bytes", "map_used_bytes", "map_size_bytes", "data_dir", "in_map", "rebalancing", "pass_running", "pass_progress", "pass_epoch", "misplaced", "under_replicated", "chunks_copied", "chunks_dropped", "bytes_copied", "passes", "departed", "peers_refused", "incarnation", "checked")
+    class CheckedEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
@@ -283,6 +290,9 @@ class NodeStatus(_message.Message):
     BYTES_COPIED_FIELD_NUMBER: _ClassVar[int]
     PASSES_FIELD_NUMBER: _ClassVar[int]
     DEPARTED_FIELD_NUMBER: _ClassVar[int]
+    PEERS_REFUSED_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    CHECKED_FIELD_NUMBER: _ClassVar[int]
     id: str
     epoch: int
     chunks: int
@@ -302,7 +312,10 @@ class NodeStatus(_message.Message):
     bytes_copied: int
     passes: int
     departed: _containers.RepeatedCompositeFieldContainer[NodeInfo]
-    def __init__(self, id: _Optional[str] = ..., epoch: _Optional[int] = ..., chunks: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., map_used_bytes: _Optional[int] = ..., map_size_bytes: _Optional[int] = ..., data_dir: _Optional[str] = ..., in_map: _Optional[bool] = ..., rebalancing: _Optional[bool] = ..., pass_running: _Optional[bool] = ..., pass_progress: _Optional[float] = ..., pass_epoch: _Optional[int] = ..., misplaced: _Optional[int] = ..., under_replicated: _Optional[int] = ..., chunks_copied: _Optional[int] = ..., chunks_dropped: _Optional[int] = ..., bytes_copied: _Optional[int] = ..., passes: _Optional[int] = ..., departed: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ...) -> None: ...
+    peers_refused: _containers.RepeatedScalarFieldContainer[str]
+    incarnation: int
+    checked: _containers.ScalarMap[str, int]
+    def __init__(self, id: _Optional[str] = ..., epoch: _Optional[int] = ..., chunks: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., map_used_bytes: _Optional[int] = ..., map_size_bytes: _Optional[int] = ..., data_dir: _Optional[str] = ..., in_map: _Optional[bool] = ..., rebalancing: _Optional[bool] = ..., pass_running: _Optional[bool] = ..., pass_progress: _Optional[float] = ..., pass_epoch: _Optional[int] = ..., misplaced: _Optional[int] = ..., under_replicated: _Optional[int] = ..., chunks_copied: _Optional[int] = ..., chunks_dropped: _Optional[int] = ..., bytes_copied: _Optional[int] = ..., passes: _Optional[int] = ..., departed: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ..., peers_refused: _Optional[_Iterable[str]] = ..., incarnation: _Optional[int] = ..., checked: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class PublishMapReply(_message.Message):
     __slots__ = ("epoch", "accepted")
@@ -313,7 +326,7 @@ class PublishMapReply(_message.Message):
     def __init__(self, epoch: _Optional[int] = ..., accepted: _Optional[bool] = ...) -> None: ...
 
 class ReconcileReport(_message.Message):
-    __slots__ = ("epoch", "chunks_copied", "bytes_copied", "chunks_dropped", "records_copied", "records_dropped", "under_replicated", "misplaced", "under_replicated_found", "ranges_skipped", "seconds", "complete")
+    __slots__ = ("epoch", "chunks_copied", "bytes_copied", "chunks_dropped", "records_copied", "records_dropped", "under_replicated", "misplaced", "under_replicated_found", "ranges_skipped", "seconds", "complete", "peers_refused")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_COPIED_FIELD_NUMBER: _ClassVar[int]
     BYTES_COPIED_FIELD_NUMBER: _ClassVar[int]
@@ -326,6 +339,7 @@ class ReconcileReport(_message.Message):
     RANGES_SKIPPED_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    PEERS_REFUSED_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     chunks_copied: int
     bytes_copied: int
@@ -338,4 +352,5 @@ class ReconcileReport(_message.Message):
     ranges_skipped: int
     seconds: float
     complete: bool
-    def __init__(self, epoch: _Optional[int] = ..., chunks_copied: _Optional[int] = ..., bytes_copied: _Optional[int] = ..., chunks_dropped: _Optional[int] = ..., records_copied: _Optional[int] = ..., records_dropped: _Optional[int] = ..., under_replicated: _Optional[int] = ..., misplaced: _Optional[int] = ..., under_replicated_found: _Optional[int] = ..., ranges_skipped: _Optional[int] = ..., seconds: _Optional[float] = ..., complete: _Optional[bool] = ...) -> None: ...
+    peers_refused: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, epoch: _Optional[int] = ..., chunks_copied: _Optional[int] = ..., bytes_copied: _Optional[int] = ..., chunks_dropped: _Optional[int] = ..., records_copied: _Optional[int] = ..., records_dropped: _Optional[int] = ..., under_replicated: _Optional[int] = ..., misplaced: _Optional[int] = ..., under_replicated_found: _Optional[int] = ..., ranges_skipped: _Optional[int] = ..., seconds: _Optional[float] = ..., complete: _Optional[bool] = ..., peers_refused: _Optional[_Iterable[str]] = ...) -> None: ...
