@@ -112,9 +112,10 @@ def cmd_push(repo: Repository, args: argparse.Namespace) -> int:
     elif not args.quiet:
         tags = f" [{', '.join(v.tags)}]" if v.tags else ""
         deltas = f" ({human_bytes(s.delta_raw_bytes)} as deltas)" if s.delta_chunks else ""
+        dedup = f" ({result.dedup_ratio:.0%} deduplicated)" if s.scanned_bytes else ""
         print(
-            f"pushed {v.ref}{tags}: {human_bytes(v.size)}, {human_bytes(s.new_raw_bytes)} new "
-            f"({result.dedup_ratio:.0%} deduplicated), {human_bytes(v.new_bytes)} stored{deltas}"
+            f"pushed {v.ref}{tags}: {human_bytes(v.size)}, {human_bytes(s.new_raw_bytes)} new"
+            f"{dedup}, {human_bytes(v.new_bytes)} stored{deltas}"
         )
     return 0
 
