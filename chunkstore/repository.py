@@ -66,6 +66,7 @@ from chunkstore.retention import KeepPolicy, plan
 from chunkstore.reuse import holds
 from chunkstore.staging import DEFAULT_STAGE_TTL, Stage, live_stage_manifests
 from chunkstore.stores.base import Store
+from chunkstore.targets import check_targets
 from chunkstore.tensor_diff import TensorDiff, diff_tensors
 from chunkstore.tensors import LazyTensors, tensor_files
 from chunkstore.transfer import CopyResult, copy_version
@@ -562,6 +563,7 @@ class Repository:
                     raise InvalidInput(
                         f"destination {dest} is not empty (use --force to write into it)"
                     )
+                check_targets(dest, targets)
                 self._pull_into(version, entries, targets, progress)
         except BaseException:
             if created:  # a pull that wrote nothing leaves no directory behind

@@ -750,6 +750,23 @@ def test_an_empty_path_is_refused_not_taken_for_the_current_directory(
     assert len(repo.log("m")) == 1
 
 
+def test_pull_force_checks_every_target_before_writing_any(repo, ckpt, tmp_path):
+    repo.push(ckpt, repo="m")
+    dest = tmp_path / "out"
+    (dest / "sub" / "optim.bin").mkdir(parents=True)  # pulled last: the largest file is 3 MB
+    with pytest.raises(InvalidInput, match="optim.bin: a directory is in the way"):
+        repo.pull("m", dest, force=True)
+    assert tree_bytes(dest) == {}
+    (dest / "sub" / "optim.bin").rmdir()
+    (dest / "sub").rmdir()
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (dest / "sub").symlink_to(victim, target_is_directory=True)
+    with pytest.raises(InvalidInput, match=f"{dest / 'sub'} is a symlink"):
+        repo.pull("m", dest, force=True)
+    assert os.listdir(victim) == [] and sorted(os.listdir(dest)) == ["sub"]
+
+
 def test_the_checks_of_many_small_files_share_calls(repo, tmp_path):
     """On a store where each existence check is a round trip, a push of many small files asks
     about the windows that wait together in one call, not one call per file."""
