@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pyfastcdc
 
+from chunkstore import lease
 from chunkstore.errors import InvalidInput
 from chunkstore.tensor_index import TensorIndex
 
@@ -128,24 +129,37 @@ class MappedFile:
     Pages of a file mapping count towards the process's resident memory; ``release_before``
     drops the ones already processed so that memory stays bounded by the in-flight window, not
     by the file's size. Dropped pages are re-read from the page cache if touched again.
+
+    Where it can, the map is guarded by a read lease (see :mod:`chunkstore.lease`): a file
+    truncated or opened for writing meanwhile then reads as zeros from then on, and is
+    :meth:`changed`, instead of killing the process with SIGBUS.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._mm: mmap.mmap | None = None
+        self._lease: lease.Lease | None = None
         self._released = 0
-        with open(path, "rb") as f:
-            self._stamp = _stamp(os.fstat(f.fileno()))
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            self._stamp = _stamp(os.fstat(fd))
             self.size = self._stamp[2]
             if self.size:
-                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                self._mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
                 self._mm.madvise(mmap.MADV_SEQUENTIAL)
+                self._lease = lease.guard(fd, self._mm)
+        finally:
+            if self._lease is None:
+                os.close(fd)
 
     def changed(self) -> bool:
-        """Whether the file mapped was written to since: it is still at ``path`` and its size
-        or modification time moved (also after :meth:`close`). A file removed or replaced by
-        another (an atomic save) is not: what was read is what it held. Best effort: a write
-        in the same clock tick as the mapping may go unseen."""
+        """Whether the file mapped was written to since: a writer broke its lease, or it is
+        still at ``path`` and its size or modification time moved (also after :meth:`close`).
+        A file removed or replaced by another (an atomic save) is not: what was read is what
+        it held. Best effort without a lease: a write in the same clock tick as the mapping
+        may go unseen."""
+        if self._lease is not None and self._lease.broken:
+            return True
         try:
             now = _stamp(os.stat(self.path))
         except FileNotFoundError:
@@ -173,11 +187,13 @@ class MappedFile:
             self._mm.madvise(mmap.MADV_DONTNEED, start, stop - start)
 
     def close(self) -> None:
-        if self._mm is not None:
+        if self._lease is not None:
+            self._lease.close()  # a map still viewed stays, guarded, until a later close
+        elif self._mm is not None:
             # Views still alive keep the map (and its file open); both go when they do.
             with contextlib.suppress(BufferError):
                 self._mm.close()
-            self._mm = None
+        self._mm = None
 
     def __enter__(self) -> MappedFile:
         return self

@@ -60,6 +60,7 @@ class StoreUnavailable(ChunkstoreError):
 
 
 class PermissionDenied(ChunkstoreError):
-    """The store refused the caller: no token, an unknown one, or one whose scope is too low."""
+    """The store refused the caller (no token, an unknown one, or one whose scope is too low),
+    or a local directory or file cannot be read."""
 
     exit_code = 7

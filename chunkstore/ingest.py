@@ -10,8 +10,9 @@ size.
 A file may be written to while it is pushed. Each new chunk is copied out of the map and hashed
 again before it is encoded, so the store never holds a blob that does not match its id (the
 push fails instead), and a file whose size or modification time moved during the push fails
-it before anything is committed. A file removed, or replaced by another (an atomic save),
-while it is pushed is stored as it was read.
+it before anything is committed; so does one truncated or opened for writing while a lease
+guards its map (see :mod:`chunkstore.lease`), instead of SIGBUS. A file removed, or replaced by
+another (an atomic save), while it is pushed is stored as it was read.
 
 With a base (:class:`~chunkstore.delta.BaseTensors`, read once a file with tensors comes up), a
 tensor the base also has is cut at the
@@ -343,6 +344,9 @@ class Ingester:
             self._queue.put(_DONE)
             self._writer.join()
         self._pool.shutdown(wait=True, cancel_futures=True)
+        # The windows view the maps: dropped first, so that closing a map unmaps it now.
+        self._files.clear()
+        self._checks.clear()
         for mapped in self._maps:
             mapped.close()
         self._maps.clear()

@@ -75,10 +75,11 @@ from chunkstore.retention import KeepPolicy, plan
 from chunkstore.reuse import holds
 from chunkstore.staging import DEFAULT_STAGE_TTL, Stage, live_stage_manifests
 from chunkstore.stores.base import Store
+from chunkstore.targets import check_targets
 from chunkstore.tensor_diff import TensorDiff, diff_tensors
 from chunkstore.tensors import LazyTensors, tensor_files
 from chunkstore.transfer import CopyResult, copy_version
-from chunkstore.tree import PARTIAL, list_tree
+from chunkstore.tree import PARTIAL, LocalTree, Skipped, list_tree, local_path
 
 DEFAULT_GC_GRACE = 6 * 3600.0
 #: From a remote store, where each call costs a round trip more than its bytes: files of at
@@ -98,6 +99,7 @@ _VERIFY_BATCH = 256
 class PushResult:
     version: Version
     stats: IngestStats
+    skipped: list[Skipped] = field(default_factory=list)  # local paths left out, and why
 
     @property
     def dedup_ratio(self) -> float:
@@ -134,6 +136,7 @@ class Diff:
     unchanged: int = 0
     params: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)
     metrics: dict[str, tuple[float | None, float | None]] = field(default_factory=dict)
+    skipped: list[Skipped] = field(default_factory=list)  # local paths a push would leave out
 
     def to_json(self) -> dict:
         return {
@@ -145,6 +148,7 @@ class Diff:
             "unchanged": self.unchanged,
             "params": {k: {"old": a, "new": b} for k, (a, b) in self.params.items()},
             "metrics": {k: {"old": a, "new": b} for k, (a, b) in self.metrics.items()},
+            "skipped": [s.to_json() for s in self.skipped],
         }
 
 
@@ -259,15 +263,20 @@ class Repository:
         if delta_base is not None and not delta:
             raise InvalidInput("--delta-base and --no-delta contradict each other")
         bases = [self.resolve(delta_base)] if delta_base is not None else None
-        tree = list_tree(Path(path))
-        if not tree:
+        tree = self.local_tree(path)
+        if not tree.files:
             raise InvalidInput(f"nothing to push: {path} holds no files")
         base = partial(self.delta_bases, repo, sources, bases) if delta else None
-        entries, stats = self.store_tree(tree, f"push {repo}", progress, base)
+        entries, stats = self.store_tree(tree.files, f"push {repo}", progress, base)
         version = self.commit_version(
             repo, entries, message, params, metrics, links, author, tags, stats.new_stored_bytes
         )
-        return PushResult(version, stats)
+        return PushResult(version, stats, tree.skipped)
+
+    def local_tree(self, path: str | os.PathLike) -> LocalTree:
+        """What a push of ``path`` stores and leaves out (see :func:`~chunkstore.tree.list_tree`);
+        the store's own directory, if it lies under ``path``, is left out."""
+        return list_tree(local_path(path), self.store.directory)
 
     def store_tree(
         self,
@@ -565,7 +574,7 @@ class Repository:
         """
         version = self.resolve(ref)
         entries = version.files if files is None else select_files(version, files)
-        dest = Path(dest)
+        dest = local_path(dest)
         if dest.exists() and not dest.is_dir():
             raise InvalidInput(f"destination {dest} exists and is not a directory")
         targets = [dest.joinpath(*normalise_path(e.path).split("/")) for e in entries]
@@ -582,6 +591,7 @@ class Repository:
                     raise InvalidInput(
                         f"destination {dest} is not empty (use --force to write into it)"
                     )
+                check_targets(dest, targets)
                 self._pull_into(version, entries, targets, progress)
         except BaseException:
             if created:  # a pull that wrote nothing leaves no directory behind
@@ -692,7 +702,9 @@ class Repository:
         newest = self._newest(repo)
         stored = {f.path: f for f in newest.files}
         result = Diff(old=newest.ref, new=str(path))
-        local = dict(list_tree(Path(path)))
+        tree = self.local_tree(path)
+        result.skipped = tree.skipped
+        local = dict(tree.files)
         for name in sorted(stored.keys() | local.keys()):
             entry, file = stored.get(name), local.get(name)
             if entry is None:
@@ -720,7 +732,7 @@ class Repository:
         base = BaseTensors([stored])
         mine: dict[str, Manifest] = {}
         read: dict[str, Path] = {}
-        for name, file in list_tree(Path(path)):
+        for name, file in self.local_tree(path).files:
             manifest = stored.get(name)
             if manifest is not None and manifest.tensors:
                 if file.stat().st_size == manifest.size and holds(manifest, file):

@@ -12,15 +12,15 @@ import contextlib
 import os
 import secrets
 import time
+import warnings
 from functools import partial
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from chunkstore.errors import InvalidInput, NotFound
 from chunkstore.model import FileEntry, Version, VersionLink, normalise_path
 from chunkstore.progress import Progress
 from chunkstore.stores.base import MetaStore
-from chunkstore.tree import list_tree
+from chunkstore.tree import local_path
 from chunkstore.v1 import model_pb2
 
 if TYPE_CHECKING:
@@ -120,15 +120,21 @@ class Stage:
         """Upload a file (stored as ``as_path``, default its base name) or a directory (its
         files under ``as_path/``, default at the top) into the stage.
 
-        Returns the entries added. A path staged twice keeps the last upload.
+        Returns the entries added. A path staged twice keeps the last upload. What a push
+        would leave out of the directory (see :func:`~chunkstore.tree.list_tree`) is left out
+        here too, with a :class:`UserWarning` for each.
         """
         self._check_open()
-        tree = list_tree(Path(path))
+        local = local_path(path)
+        found = self._repository.local_tree(local)
+        for skipped in found.skipped:
+            warnings.warn(f"{skipped.path} not staged: {skipped.reason}", stacklevel=2)
+        tree = found.files
         if not tree:
             raise InvalidInput(f"nothing to stage: {path} holds no files")
         if as_path is not None:
             prefix = normalise_path(as_path)
-            if Path(path).is_file():
+            if local.is_file():
                 tree = [(prefix, tree[0][1])]
             else:
                 tree = [(f"{prefix}/{name}", local) for name, local in tree]

@@ -24,6 +24,7 @@ from chunkstore.repository import DEFAULT_GC_GRACE, Diff, Repository, select_fil
 from chunkstore.retention import KeepPolicy, parse_best, parse_duration
 from chunkstore.tensor_diff import TensorDiff
 from chunkstore.transfer import CopyResult
+from chunkstore.tree import Skipped
 
 PROG = "chunkstore"
 REF_HELP = "NAME, NAME@TAG or NAME@ID-PREFIX, each with an optional ~N"
@@ -98,6 +99,7 @@ def cmd_push(repo: Repository, args: argparse.Namespace) -> int:
         delta=not args.no_delta,
     )
     v, s = result.version, result.stats
+    _warn_skipped(result.skipped)
     if args.json:
         _emit_json(
             {
@@ -107,6 +109,7 @@ def cmd_push(repo: Repository, args: argparse.Namespace) -> int:
                 "dedup_ratio": result.dedup_ratio,
                 "delta_chunks": s.delta_chunks,
                 "delta_raw_bytes": s.delta_raw_bytes,
+                "skipped": [skipped.to_json() for skipped in result.skipped],
             }
         )
     elif not args.quiet:
@@ -118,6 +121,13 @@ def cmd_push(repo: Repository, args: argparse.Namespace) -> int:
             f"{dedup}, {human_bytes(v.new_bytes)} stored{deltas}"
         )
     return 0
+
+
+def _warn_skipped(skipped: Sequence[Skipped]) -> None:
+    """One line on stderr per local path a push leaves out (with ``-q`` and ``--json`` too:
+    nothing is left out silently)."""
+    for item in skipped:
+        print(f"{PROG}: warning: {item.path} not pushed: {item.reason}", file=sys.stderr)
 
 
 def cmd_pull(repo: Repository, args: argparse.Namespace) -> int:
@@ -325,6 +335,7 @@ def cmd_status(repo: Repository, args: argparse.Namespace) -> int:
             repo.status_tensors(args.path, args.repo, args.stats), args.json
         )
     d = repo.status(args.path, args.repo)
+    _warn_skipped(d.skipped)
     _emit_json(d.to_json()) if args.json else _print_diff(d)
     return 0
 

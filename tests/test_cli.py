@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -522,3 +523,63 @@ def test_package_exports_load_on_first_use():
         )
         == "Repository Diff"
     )
+
+
+def test_push_warns_of_each_path_it_leaves_out_and_lists_it_in_json(env_store, tmp_path, capsys):
+    src = write(tmp_path / "d1" / "a.txt", b"a").parent
+    (src / "dangling").symlink_to(tmp_path / "nowhere")
+    (src / "empty").mkdir()
+    code, out, err = run(capsys, "push", str(src), "--repo", "d1", "-q", "--json")
+    assert code == 0
+    assert json.loads(out)["skipped"] == [
+        {"path": str(src / "dangling"), "reason": "dangling symlink: its target does not exist"},
+        {
+            "path": str(src / "empty"),
+            "reason": "empty directory: directories are not stored, only the files in them",
+        },
+    ]
+    assert err.splitlines() == [
+        f"chunkstore: warning: {src / 'dangling'} not pushed: dangling symlink: its target does "
+        "not exist",
+        f"chunkstore: warning: {src / 'empty'} not pushed: empty directory: directories are not "
+        "stored, only the files in them",
+    ]
+    code, _, err = run(capsys, "status", str(src), "--repo", "d1")
+    assert code == 0 and err.count("warning") == 2
+
+
+@pytest.mark.parametrize("argv", [["push", "", "--repo", "x"], ["pull", "llama-ft", "", "--force"]])
+def test_an_empty_path_argument_is_bad_input(two_versions, tmp_path, monkeypatch, capsys, argv):
+    monkeypatch.chdir(tmp_path)
+    before = sorted(os.listdir(tmp_path))
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and "may not be empty" in err
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv to drop capabilities")
+def test_an_unreadable_directory_fails_the_push_with_exit_7(env_store, tmp_path):
+    src = write(tmp_path / "d1" / "a.txt", b"a").parent
+    write(src / "locked" / "b.txt", b"b")
+    (src / "locked").chmod(0)
+    try:
+        done = subprocess.run(
+            [
+                "setpriv",
+                "--bounding-set=-dac_override,-dac_read_search",
+                sys.executable,
+                "-m",
+                "chunkstore.client.cli",
+                "push",
+                str(src),
+                "--repo",
+                "d1",
+            ],
+            capture_output=True,
+            text=True,
+        )
+    finally:
+        (src / "locked").chmod(0o755)
+    assert done.returncode == 7, done.stderr
+    assert f"cannot read {src / 'locked'}: permission denied" in done.stderr
+    assert cli("ls", "--json").stdout.strip() == "[]"

@@ -18,10 +18,12 @@ from chunkstore.errors import (
     CorruptChunk,
     InvalidInput,
     NotFound,
+    PermissionDenied,
 )
 from chunkstore.ingest import PipelineLimits
 from chunkstore.model import FileEntry, Manifest, encode_version
 from chunkstore.repository import Repository
+from chunkstore.stores.lmdb_store import LmdbStore
 from chunkstore.stores.memory import MemoryStore
 from chunkstore.synthetic import weights, write_safetensors
 
@@ -689,6 +691,110 @@ def test_local_names_push_as_they_are_and_a_backslash_is_refused_by_name(repo, t
     with pytest.raises(InvalidInput, match=r"cannot push .*back\\slash: a path with a backslash"):
         repo.push(tmp_path / "src", repo="m")
     assert len(repo.log("m")) == 1
+
+
+def test_a_name_that_is_not_utf8_is_refused_by_name_before_anything_is_stored(repo, ckpt):
+    repo.push(ckpt, repo="m")
+    chunks = repo.store.totals().chunks
+    write(ckpt / "big.bin", random_bytes(2 * MB, seed=7))
+    with open(os.fsencode(ckpt / "sub") + b"/bad\xff\xfename.bin", "wb") as f:
+        f.write(b"x")
+    for call in (lambda: repo.push(ckpt, repo="m"), lambda: repo.status(ckpt, "m")):
+        with pytest.raises(InvalidInput, match=r"sub/bad\\xff\\xfename\.bin: its name is not"):
+            call()
+    assert len(repo.log("m")) == 1
+    assert repo.store.totals().chunks == chunks  # refused before big.bin was read
+
+
+def test_what_a_push_leaves_out_is_reported_never_silent(repo, ckpt, tmp_path):
+    target = write(tmp_path / "elsewhere" / "t.bin", b"through a link")
+    (ckpt / "to_file").symlink_to(target)
+    (ckpt / "dangling").symlink_to(tmp_path / "nowhere")
+    (ckpt / "to_dir").symlink_to(ckpt / "sub", target_is_directory=True)
+    (ckpt / "hollow" / "inner").mkdir(parents=True)
+    os.mkfifo(ckpt / "pipe")
+    result = repo.push(ckpt, repo="m")
+    assert {f.path for f in result.version.files} == {*tree_bytes(ckpt)} - {"to_dir/optim.bin"}
+    assert {(s.path, s.reason.split(":")[0]) for s in result.skipped} == {
+        (str(ckpt / "dangling"), "dangling symlink"),
+        (str(ckpt / "to_dir"), "symlink to a directory"),
+        (str(ckpt / "hollow" / "inner"), "empty directory"),
+        (str(ckpt / "pipe"), "not a regular file"),
+    }
+    repo.pull("m", tmp_path / "out")
+    assert (tmp_path / "out" / "to_file").read_bytes() == b"through a link"
+    assert repo.status(ckpt, "m").skipped == result.skipped
+
+
+def test_an_unreadable_directory_fails_the_push_by_name(repo, ckpt, monkeypatch):
+    repo.push(ckpt, repo="m")
+    chunks = repo.store.totals().chunks
+    write(ckpt / "new.bin", random_bytes(MB, seed=9))
+    real = os.scandir
+    locked = ckpt / "sub"
+
+    def scandir(path="."):
+        if os.fspath(path) == os.fspath(locked):  # as for a directory mode 000, run as a user
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    for call in (lambda: repo.push(ckpt, repo="m"), lambda: repo.status(ckpt, "m")):
+        with pytest.raises(PermissionDenied, match=f"cannot read {locked}: permission denied"):
+            call()
+    assert len(repo.log("m")) == 1
+    assert repo.store.totals().chunks == chunks
+
+
+def test_a_push_leaves_out_the_store_it_writes_to(tmp_path):
+    write(tmp_path / "selfp" / "f.bin", b"mine")
+    with LmdbStore(tmp_path / "selfp" / ".store") as store:
+        repo = Repository(store)
+        result = repo.push(tmp_path / "selfp", repo="s")
+        assert [f.path for f in result.version.files] == ["f.bin"]
+        assert [(s.path, s.reason) for s in result.skipped] == [
+            (str(tmp_path / "selfp" / ".store"), "the store's own directory")
+        ]
+        with pytest.raises(InvalidInput, match="it is the store's own directory"):
+            repo.push(tmp_path / "selfp" / ".store", repo="s")
+        assert len(repo.log("s")) == 1
+
+
+def test_an_empty_path_is_refused_not_taken_for_the_current_directory(
+    repo, ckpt, tmp_path, monkeypatch
+):
+    repo.push(ckpt, repo="m")
+    cwd = write(tmp_path / "cwd" / "new.bin", b"not pushed").parent
+    monkeypatch.chdir(cwd)
+    calls = [
+        lambda: repo.push("", repo="m"),
+        lambda: repo.pull("m", "", force=True),
+        lambda: repo.status("", "m"),
+        lambda: repo.status_tensors("", "m"),
+        lambda: repo.stage("m").add(""),
+    ]
+    for call in calls:
+        with pytest.raises(InvalidInput, match="may not be empty"):
+            call()
+    assert tree_bytes(cwd) == {"new.bin": b"not pushed"}
+    assert len(repo.log("m")) == 1
+
+
+def test_pull_force_checks_every_target_before_writing_any(repo, ckpt, tmp_path):
+    repo.push(ckpt, repo="m")
+    dest = tmp_path / "out"
+    (dest / "sub" / "optim.bin").mkdir(parents=True)  # pulled last: the largest file is 3 MB
+    with pytest.raises(InvalidInput, match="optim.bin: a directory is in the way"):
+        repo.pull("m", dest, force=True)
+    assert tree_bytes(dest) == {}
+    (dest / "sub" / "optim.bin").rmdir()
+    (dest / "sub").rmdir()
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (dest / "sub").symlink_to(victim, target_is_directory=True)
+    with pytest.raises(InvalidInput, match=f"{dest / 'sub'} is a symlink"):
+        repo.pull("m", dest, force=True)
+    assert os.listdir(victim) == [] and sorted(os.listdir(dest)) == ["sub"]
 
 
 def test_the_checks_of_many_small_files_share_calls(repo, tmp_path):

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 from chunkstore import codec
@@ -269,6 +270,8 @@ class Store(ChunkStore, MetaStore):
 
     #: Human-readable location, shown in errors and ``stats``.
     location: str = ""
+    #: The local directory holding the store's files, if it has one: a push leaves it out.
+    directory: Path | None = None
 
     def check_may_collect(self) -> None:  # noqa: B027 - optional hook
         """Raise PermissionDenied unless this caller may delete chunks and manifests (what GC

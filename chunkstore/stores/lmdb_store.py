@@ -133,6 +133,7 @@ class LmdbStore(Store):
     ) -> None:
         self.path = Path(path)
         self.location = str(self.path)
+        self.directory = self.path
         self._readonly = readonly
         self._opened_in = OpenedIn(f"the store at {self.location}")
         self._write_lock = threading.RLock()  # held by the writer, taken again to resize
