@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from test_cli import run
 from chunkstore import tensor_diff
 from chunkstore import tensors as tensors_module
 from chunkstore.errors import InvalidInput, NotFound
+from chunkstore.jsonout import emit_json
 from chunkstore.repository import Repository
 from chunkstore.synthetic import weights, write_safetensors
 
@@ -188,6 +191,42 @@ def test_tensor_diff_cli(env_store, tmp_path, capsys):
     assert code == 0 and "head.w" in names
     code, _, err = run(capsys, "diff", "m@v1", "m@v2", "--tensors", "--file", "x.bin")
     assert code == 3 and "no file" in err
+
+
+def test_undefined_relative_l2_is_null_in_json_and_said_in_text(env_store, tmp_path, capsys):
+    """A tensor holding NaN has no relative L2 change; an all-zero one that changes has an
+    infinite one. JSON cannot spell either: strict JSON says null, text says which, and numpy
+    warns of nothing."""
+    for label, values in (
+        ("v1", ([np.nan, 1.0], [0.0] * 1000)),
+        ("v2", ([1.0, 1.0], [1.0] * 1000)),
+    ):
+        (tmp_path / label).mkdir()
+        x, z = (np.array(v, dtype=np.float32) for v in values)
+        write_safetensors(
+            tmp_path / label / "m.safetensors", {"x": ("F32", (2,), x), "z": ("F32", (1000,), z)}
+        )
+        assert run(capsys, "push", str(tmp_path / label), "--repo", "m")[0] == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        code, out, err = run(capsys, "diff", "m~", "m", "--tensors", "--stats", "--json")
+        d = json.loads(out, parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))
+        assert code == 0 and err == ""
+        assert {c["name"]: c["relative_l2"] for c in d["changed"]} == {"x": None, "z": None}
+        code, out, err = run(capsys, "diff", "m~", "m", "--tensors", "--stats")
+        assert code == 0 and err == ""
+        assert "relative L2 change n/a (NaN or infinite values)" in out
+        assert "relative L2 change inf (the old tensor is all zeros)" in out
+    with _open(env_store) as repo:
+        (d,) = repo.tensor_diff("m~", "m", stats=True)
+    changes = {c.name: c.relative_l2 for c in d.changed}
+    assert np.isnan(changes["x"]) and changes["z"] == np.inf
+
+
+def test_json_output_never_holds_nan_or_infinity():
+    out = io.StringIO()
+    emit_json({"a": [1.5, float("nan")], "b": {"c": float("-inf")}, "d": (float("inf"), 2)}, out)
+    assert json.loads(out.getvalue()) == {"a": [1.5, None], "b": {"c": None}, "d": [None, 2]}
 
 
 def _write_v2(tmp_path, tensors) -> None:
