@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from chunkstore.errors import InvalidInput, NotFound
+from chunkstore.errors import InvalidInput, NotFound, TensorNotFound
 from chunkstore.model import Manifest, TensorInfo, Version
 from chunkstore.restore import ChunkedReader
 from chunkstore.stores.base import ChunkStore
@@ -113,10 +113,11 @@ class LazyTensors(Mapping):
         self._framework = framework
 
     def info(self, name: str) -> TensorInfo:
+        """The index entry of tensor ``name``; TensorNotFound (a KeyError) if none."""
         try:
             return self._tensors[name]
         except KeyError:
-            raise NotFound(f"{self._reader.name} has no tensor {name!r}") from None
+            raise TensorNotFound(f"{self._reader.name} has no tensor {name!r}") from None
 
     def raw(self, name: str) -> bytearray:
         """The bytes of tensor ``name``, in a buffer of their own (so arrays made on it are

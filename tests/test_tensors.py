@@ -91,6 +91,16 @@ def test_one_tensor_load_moves_only_its_chunks(repo, pushed):
     assert fetched < manifest.size / 5
 
 
+def test_lazy_tensors_is_a_mapping_of_its_names(repo, pushed):
+    lazy = repo.open_safetensors("m", "model.safetensors")
+    assert lazy.get("nope") is None and lazy.get("nope", "default") == "default"
+    np.testing.assert_array_equal(lazy.get("step"), _expected(pushed["step"]))
+    with pytest.raises(KeyError) as missing:
+        lazy["nope"]
+    assert isinstance(missing.value, NotFound)  # the CLI reports it as "not found"
+    assert str(missing.value) == "model.safetensors has no tensor 'nope'"
+
+
 def _push_v2(repo, tmp_path, tensors):
     v2 = dict(tensors)
     rng = np.random.default_rng(5)
