@@ -715,19 +715,42 @@ class Repository:
     ) -> dict[str, Any]:
         """Load the tensors whose names match ``names`` (names or glob patterns), fetching only
         the chunks they cover. Searches every file with tensors of the version unless ``file``.
+
+        A pattern that is a tensor's exact name means that tensor alone (``blocks[0].w`` is not
+        read as a glob). NotFound if a pattern matches nothing; InvalidInput, before anything
+        is fetched, if a matched name is in several files (pass ``file``).
         """
         patterns = [names] if isinstance(names, str) else list(names)
         version = self.resolve(ref)
         manifests = self._manifests_by_path(version)
-        out: dict[str, Any] = {}
-        for path in tensor_files(version, manifests, file):
-            lazy = LazyTensors(self.store, manifests[path], path, framework)
-            for name in lazy:
-                if any(fnmatchcase(name, p) for p in patterns):
-                    out[name] = lazy[name]
+        paths = tensor_files(version, manifests, file)
+        holders: dict[str, list[str]] = {}  # name -> the files that have it, in path order
+        for path in paths:
+            for tensor in manifests[path].tensors:
+                holders.setdefault(tensor.name, []).append(path)
+        wanted: dict[str, None] = {}
         for pattern in patterns:
-            if not any(fnmatchcase(name, pattern) for name in out):
+            matched = (
+                [pattern]
+                if pattern in holders
+                else [name for name in holders if fnmatchcase(name, pattern)]
+            )
+            if not matched:
                 raise NotFound(f"no tensor of {version.ref} matches {pattern!r}")
+            wanted.update(dict.fromkeys(matched))
+        shared = [name for name in wanted if len(holders[name]) > 1]
+        if shared:
+            more = f" (and {len(shared) - 1} more such tensors)" if len(shared) > 1 else ""
+            raise InvalidInput(
+                f"tensor {shared[0]!r} is in {len(holders[shared[0]])} files of {version.ref}: "
+                f"{', '.join(holders[shared[0]])}{more}; pass file= to load from one of them"
+            )
+        out: dict[str, Any] = {}
+        for path in paths:  # each file front to back
+            chosen = [t.name for t in manifests[path].tensors if t.name in wanted]
+            if chosen:
+                lazy = LazyTensors(self.store, manifests[path], path, framework)
+                out.update((name, lazy[name]) for name in chosen)
         return out
 
     def tensor_diff(

@@ -62,6 +62,42 @@ def test_load_tensors_by_name_and_glob(repo, pushed):
     }
 
 
+def test_an_exact_name_is_not_read_as_a_glob(repo, tmp_path):
+    ones, zeros = np.ones(4, np.float32), np.zeros(4, np.float32)
+    (tmp_path / "v").mkdir()
+    write_safetensors(
+        tmp_path / "v" / "m.safetensors",
+        {"blocks[0].w": ("F32", (4,), ones), "blocks0.w": ("F32", (4,), zeros)},
+    )
+    repo.push(tmp_path / "v", repo="g")
+    got = repo.load_tensors("g", ["blocks[0].w"])
+    assert list(got) == ["blocks[0].w"] and got["blocks[0].w"].tolist() == [1.0] * 4
+    assert list(repo.load_tensors("g", "blocks[0].*")) == ["blocks0.w"]  # a glob stays one
+
+
+def test_a_name_in_several_files_needs_file(repo, tmp_path):
+    (tmp_path / "v").mkdir()
+    for rank in range(2):
+        state = {"exp_avg": ("F32", (3,), np.full(3, rank, np.float32))}
+        write_safetensors(tmp_path / "v" / f"optim-{rank}.safetensors", state)
+    write_safetensors(
+        tmp_path / "v" / "w.safetensors", {"w": ("F32", (2,), np.ones(2, np.float32))}
+    )
+    repo.push(tmp_path / "v", repo="o")
+    asked = count_fetches(repo.store)
+    for names in ("exp_avg", ["w", "exp*"]):
+        with pytest.raises(InvalidInput) as error:
+            repo.load_tensors("o", names)
+        assert str(error.value) == (
+            f"tensor 'exp_avg' is in 2 files of {repo.resolve('o').ref}: optim-0.safetensors, "
+            "optim-1.safetensors; pass file= to load from one of them"
+        )
+    assert asked == []  # refused before fetching anything
+    got = repo.load_tensors("o", "exp_avg", file="optim-1.safetensors")
+    assert got["exp_avg"].tolist() == [1.0] * 3
+    assert list(repo.load_tensors("o", "w")) == ["w"]  # names in one file load as before
+
+
 def test_load_tensors_errors(repo, pushed):
     with pytest.raises(NotFound, match="no tensor"):
         repo.load_tensors("m", ["layers.1.w", "nope*"])
