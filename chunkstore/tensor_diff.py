@@ -285,9 +285,9 @@ class _Change:
     bytes that differ and, for dtypes in :data:`VALUE_DTYPES`, the L2 norms of the old values
     and of the change.
 
-    The arithmetic is in float64 (complex128 for C64), on pieces of :data:`PIECE` elements
-    that stay in the CPU's cache, ~3x faster than whole blocks; the pieces' norms combine
-    without overflow."""
+    The arithmetic is in float64 (complex128 for complex dtypes), on pieces of :data:`PIECE`
+    elements that stay in the CPU's cache, ~3x faster than whole blocks; the pieces' norms
+    combine without overflow."""
 
     PIECE = 1 << 16
 
@@ -297,7 +297,7 @@ class _Change:
         self.values = dtype in VALUE_DTYPES
         self.itemsize = max(1, DTYPE_BITS[dtype] // 8)
         self.step = self.PIECE * self.itemsize  # bytes per piece
-        as_type = np.complex128 if dtype == "C64" else np.float64
+        as_type = np.complex128 if dtype in ("C64", "C128") else np.float64
         piece = min(self.PIECE, size // self.itemsize) if self.values else 0
         self._old, self._new = np.empty(piece, as_type), np.empty(piece, as_type)
         self.differing = 0

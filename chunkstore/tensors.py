@@ -23,6 +23,7 @@ _NUMPY = {
     "F32": np.float32,
     "F16": np.float16,
     "C64": np.complex64,
+    "C128": np.complex128,
     "I64": np.int64,
     "I32": np.int32,
     "I16": np.int16,
