@@ -668,6 +668,20 @@ class LmdbStore(Store):
 
         self._write(remove)
 
+    def claim_stage(self, stage_id: bytes) -> tuple[bytes, dict[str, bytes]]:
+        def claim(txn: lmdb.Transaction) -> tuple[bytes, dict[str, bytes]]:
+            record = txn.get(stage_id, db=self._stages)
+            if record is None:
+                raise errors.NotFound(f"stage {stage_id.hex()} not found")
+            rows = _with_prefix(self._stage_files, stage_id + b"\0", txn)
+            files = {path.decode(): data for path, data in rows}
+            txn.delete(stage_id, db=self._stages)
+            for path, _ in rows:
+                txn.delete(stage_id + b"\0" + path, db=self._stage_files)
+            return record, files
+
+        return self._write(claim)
+
     def list_stages(self) -> list[tuple[bytes, bytes]]:
         return self._read(
             lambda txn: [(bytes(k), bytes(v)) for k, v in txn.cursor(db=self._stages)]
