@@ -67,7 +67,7 @@ from chunkstore.reuse import holds
 from chunkstore.staging import DEFAULT_STAGE_TTL, Stage, live_stage_manifests
 from chunkstore.stores.base import Store
 from chunkstore.tensor_diff import TensorDiff, diff_tensors
-from chunkstore.tensors import LazyTensors, tensor_files
+from chunkstore.tensors import NO_INDEX, LazyTensors, tensor_files
 from chunkstore.transfer import CopyResult, copy_version
 from chunkstore.tree import PARTIAL, list_tree
 
@@ -761,10 +761,16 @@ class Repository:
         ``file`` in each (see :mod:`chunkstore.tensor_diff`)."""
         a, b = self.resolve(ref_a), self.resolve(ref_b)
         old, new = self._manifests_by_path(a), self._manifests_by_path(b)
-        paths = tensor_files(b, new, file)
         if file is not None:
+            if file not in old and file not in new:
+                raise NotFound(f"{a.ref} and {b.ref} have no file {file!r}")
             old = {file: old[file]} if file in old else {}
-        return diff_tensors(self.store, old, {path: new[path] for path in paths}, stats)
+            new = {file: new[file]} if file in new else {}
+        # a side without tensors (the file went, or no longer parses) has none to compare
+        if not any(m.tensors for m in [*old.values(), *new.values()]):
+            what = f"{file} has no tensor index in either" if file else "no file has a tensor index"
+            raise InvalidInput(f"{a.ref} and {b.ref}: {what} ({NO_INDEX})")
+        return diff_tensors(self.store, old, new, stats)
 
     def stats(self) -> dict:
         totals = self.store.totals()

@@ -143,6 +143,13 @@ class LazyTensors(Mapping):
         return len(self._tensors)
 
 
+#: Why a file has no tensor index.
+NO_INDEX = (
+    "not a safetensors or zip-format torch.save file: legacy torch.save files and files that "
+    "do not parse are stored as plain bytes"
+)
+
+
 def tensor_files(
     version: Version, manifests: Mapping[str, Manifest], file: str | None
 ) -> list[str]:
@@ -151,9 +158,7 @@ def tensor_files(
         if file not in manifests:
             raise NotFound(f"{version.ref} has no file {file!r}")
         if not manifests[file].tensors:
-            raise InvalidInput(
-                f"{version.ref}:{file} has no tensor index (not a safetensors or torch.save file)"
-            )
+            raise InvalidInput(f"{version.ref}:{file} has no tensor index ({NO_INDEX})")
         return [file]
     paths = [p for p, m in manifests.items() if m.tensors]
     if not paths:

@@ -239,6 +239,34 @@ def test_tensor_diff_cli(env_store, tmp_path, capsys):
     assert code == 3 and "no file" in err
 
 
+def test_a_side_without_tensors_has_none_either_way(repo, tmp_path):
+    """The new version's file no longer parses: its tensors were removed, as the reverse diff
+    says they were added; only when neither side has a tensor index is it an error."""
+    (tmp_path / "good").mkdir()
+    write_safetensors(
+        tmp_path / "good" / "m.safetensors", {"w": ("F32", (4,), np.ones(4, np.float32))}
+    )
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "m.safetensors").write_bytes(b"no longer a safetensors file")
+    repo.push(tmp_path / "good", repo="m", tags=["good"])
+    repo.push(tmp_path / "bad", repo="m", tags=["bad"])
+    for file in (None, "m.safetensors"):
+        (forward,) = repo.tensor_diff("m@good", "m@bad", file=file)
+        (reverse,) = repo.tensor_diff("m@bad", "m@good", file=file)
+        assert (forward.removed, forward.added, reverse.added, reverse.removed) == (
+            ["w"],
+            [],
+            ["w"],
+            [],
+        )
+    with pytest.raises(InvalidInput, match="zip-format torch.save file: legacy torch.save"):
+        repo.tensor_diff("m@bad", "m@bad", file="m.safetensors")
+    with pytest.raises(InvalidInput, match="no file has a tensor index"):
+        repo.tensor_diff("m@bad", "m@bad")
+    with pytest.raises(NotFound, match="have no file 'x.bin'"):
+        repo.tensor_diff("m@good", "m@bad", file="x.bin")
+
+
 def test_undefined_relative_l2_is_null_in_json_and_said_in_text(env_store, tmp_path, capsys):
     """A tensor holding NaN has no relative L2 change; an all-zero one that changes has an
     infinite one. JSON cannot spell either: strict JSON says null, text says which, and numpy
