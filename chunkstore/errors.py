@@ -19,6 +19,13 @@ class NotFound(ChunkstoreError):
     exit_code = 3
 
 
+class TensorNotFound(NotFound, KeyError):
+    """A tensor name a file's index lacks; a KeyError too, as a missing key of a mapping."""
+
+    def __str__(self) -> str:  # KeyError's would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
 class AmbiguousRef(InvalidInput):
     """An id prefix that matches more than one version."""
 

@@ -77,7 +77,7 @@ from chunkstore.staging import DEFAULT_STAGE_TTL, Stage, live_stage_manifests
 from chunkstore.stores.base import Store
 from chunkstore.targets import check_targets
 from chunkstore.tensor_diff import TensorDiff, diff_tensors
-from chunkstore.tensors import LazyTensors, tensor_files
+from chunkstore.tensors import NO_INDEX, LazyTensors, tensor_files
 from chunkstore.transfer import CopyResult, copy_version
 from chunkstore.tree import PARTIAL, LocalTree, Skipped, list_tree, local_path
 
@@ -762,19 +762,42 @@ class Repository:
     ) -> dict[str, Any]:
         """Load the tensors whose names match ``names`` (names or glob patterns), fetching only
         the chunks they cover. Searches every file with tensors of the version unless ``file``.
+
+        A pattern that is a tensor's exact name means that tensor alone (``blocks[0].w`` is not
+        read as a glob). NotFound if a pattern matches nothing; InvalidInput, before anything
+        is fetched, if a matched name is in several files (pass ``file``).
         """
         patterns = [names] if isinstance(names, str) else list(names)
         version = self.resolve(ref)
         manifests = self._manifests_by_path(version)
-        out: dict[str, Any] = {}
-        for path in tensor_files(version, manifests, file):
-            lazy = LazyTensors(self.store, manifests[path], path, framework)
-            for name in lazy:
-                if any(fnmatchcase(name, p) for p in patterns):
-                    out[name] = lazy[name]
+        paths = tensor_files(version, manifests, file)
+        holders: dict[str, list[str]] = {}  # name -> the files that have it, in path order
+        for path in paths:
+            for tensor in manifests[path].tensors:
+                holders.setdefault(tensor.name, []).append(path)
+        wanted: dict[str, None] = {}
         for pattern in patterns:
-            if not any(fnmatchcase(name, pattern) for name in out):
+            matched = (
+                [pattern]
+                if pattern in holders
+                else [name for name in holders if fnmatchcase(name, pattern)]
+            )
+            if not matched:
                 raise NotFound(f"no tensor of {version.ref} matches {pattern!r}")
+            wanted.update(dict.fromkeys(matched))
+        shared = [name for name in wanted if len(holders[name]) > 1]
+        if shared:
+            more = f" (and {len(shared) - 1} more such tensors)" if len(shared) > 1 else ""
+            raise InvalidInput(
+                f"tensor {shared[0]!r} is in {len(holders[shared[0]])} files of {version.ref}: "
+                f"{', '.join(holders[shared[0]])}{more}; pass file= to load from one of them"
+            )
+        out: dict[str, Any] = {}
+        for path in paths:  # each file front to back
+            chosen = [t.name for t in manifests[path].tensors if t.name in wanted]
+            if chosen:
+                lazy = LazyTensors(self.store, manifests[path], path, framework)
+                out.update((name, lazy[name]) for name in chosen)
         return out
 
     def tensor_diff(
@@ -785,10 +808,16 @@ class Repository:
         ``file`` in each (see :mod:`chunkstore.tensor_diff`)."""
         a, b = self.resolve(ref_a), self.resolve(ref_b)
         old, new = self._manifests_by_path(a), self._manifests_by_path(b)
-        paths = tensor_files(b, new, file)
         if file is not None:
+            if file not in old and file not in new:
+                raise NotFound(f"{a.ref} and {b.ref} have no file {file!r}")
             old = {file: old[file]} if file in old else {}
-        return diff_tensors(self.store, old, {path: new[path] for path in paths}, stats)
+            new = {file: new[file]} if file in new else {}
+        # a side without tensors (the file went, or no longer parses) has none to compare
+        if not any(m.tensors for m in [*old.values(), *new.values()]):
+            what = f"{file} has no tensor index in either" if file else "no file has a tensor index"
+            raise InvalidInput(f"{a.ref} and {b.ref}: {what} ({NO_INDEX})")
+        return diff_tensors(self.store, old, new, stats)
 
     def stats(self) -> dict:
         totals = self.store.totals()

@@ -13,6 +13,7 @@ import os
 import secrets
 import time
 import warnings
+from collections.abc import Collection
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -102,12 +103,15 @@ class Stage:
             raise NotFound(f"no stage {stage_id} (committed, aborted or expired)") from None
         return cls(repository, raw, model_pb2.Stage.FromString(data))
 
+    def _gone(self) -> NotFound:
+        return NotFound(f"no stage {self.id} (committed, aborted or expired)")
+
     def _check_open(self) -> None:
         """Raise unless the stage still exists and has not expired."""
         try:
             self._repository.store.get_stage(self._raw_id)
         except NotFound:
-            raise NotFound(f"no stage {self.id} (committed, aborted or expired)") from None
+            raise self._gone() from None
         if stage_expired(self.record):
             raise InvalidInput(f"stage {self.id} has expired")
 
@@ -164,39 +168,98 @@ class Stage:
 
     def files(self) -> list[tuple[FileEntry, int]]:
         """The staged files with the new bytes each upload stored, sorted by path."""
-        out = []
-        for path, data in sorted(self._repository.store.stage_files(self._raw_id).items()):
-            staged = model_pb2.StagedFile.FromString(data)
-            e = staged.entry
-            out.append((FileEntry(path, e.size, e.digest, e.manifest_id, e.mode), staged.new_bytes))
-        return out
+        return _decoded(self._repository.store.stage_files(self._raw_id))
 
-    def commit(self) -> Version:
-        """Make the stage one version of its repo, atomically; the stage is gone after."""
+    def commit(self, expect: int | Collection[str] | None = None) -> Version:
+        """Make the stage one version of its repo, atomically; the stage is gone after.
+
+        ``expect`` refuses a partial checkpoint (a rank that died before its upload): the
+        number of files the stage must hold, or their paths. Of processes committing one
+        stage at once, one makes the version and the others get NotFound. A commit that fails
+        leaves nothing visible and, unless another process committed it, the stage as it was.
+        """
         self._check_open()
-        staged = self.files()
-        if not staged:
-            raise InvalidInput(f"stage {self.id} has no files")
+        store = self._repository.store
+        raw = store.stage_files(self._raw_id)
+        staged = _decoded(raw)
+        self._check_complete([entry.path for entry, _ in staged], expect)
         entries = [entry for entry, _ in staged]
         self._check_durable(entries)
+        try:
+            record, claimed = store.claim_stage(self._raw_id)
+        except NotFound:
+            raise NotFound(
+                f"stage {self.id} was committed, aborted or expired meanwhile (by another "
+                "process?); nothing was committed here"
+            ) from None
+        if claimed != raw:  # a file was staged while this commit checked the others
+            self._restore(record, claimed)
+            raise InvalidInput(
+                f"stage {self.id} changed while it was being committed; nothing was committed, "
+                "commit again"
+            )
         r = self.record
-        version = self._repository.commit_version(
-            r.repo,
-            entries,
-            r.message,
-            dict(r.params),
-            dict(r.metrics),
-            [VersionLink(i.repo, i.id) for i in r.inputs],
-            r.author,
-            list(r.tags),
-            sum(new for _, new in staged),
-        )
-        self._repository.store.delete_stage(self._raw_id)
+        try:
+            version = self._repository.commit_version(
+                r.repo,
+                entries,
+                r.message,
+                dict(r.params),
+                dict(r.metrics),
+                [VersionLink(i.repo, i.id) for i in r.inputs],
+                r.author,
+                [],
+                sum(new for _, new in staged),
+            )
+        except BaseException:
+            self._restore(record, claimed)
+            raise
+        for tag in r.tags:  # after the version is written: a failure here keeps the stage gone
+            store.set_tag(r.repo, tag, version.id)
+        version.tags = list(r.tags)
         return version
 
     def abort(self) -> None:
         """Drop the stage; what its files uploaded is left to GC."""
-        self._repository.store.delete_stage(self._raw_id)
+        try:
+            self._repository.store.delete_stage(self._raw_id)
+        except NotFound:
+            raise self._gone() from None
+
+    def _check_complete(self, paths: list[str], expect: int | Collection[str] | None) -> None:
+        if not paths:
+            raise InvalidInput(f"stage {self.id} has no files")
+        if expect is None:
+            return
+        if isinstance(expect, str) or (isinstance(expect, int) and expect < 1):
+            raise InvalidInput(
+                f"invalid expect={expect!r}: give the number of files (>= 1) or their paths"
+            )
+        if isinstance(expect, int):
+            if len(paths) != expect:
+                off = expect - len(paths)
+                how = f"{off} missing" if off > 0 else f"{-off} more than expected"
+                raise InvalidInput(
+                    f"stage {self.id} holds {len(paths)} files, {expect} expected: {how} "
+                    f"(staged: {_listed(paths)}); nothing was committed"
+                )
+            return
+        wanted = {normalise_path(p) for p in expect}
+        missing, extra = sorted(wanted - set(paths)), sorted(set(paths) - wanted)
+        if missing or extra:
+            problems = [f"{len(missing)} missing: {_listed(missing)}"] if missing else []
+            problems += [f"{len(extra)} not expected: {_listed(extra)}"] if extra else []
+            raise InvalidInput(
+                f"stage {self.id} holds {len(paths)} of {len(wanted)} expected files "
+                f"({'; '.join(problems)}); nothing was committed"
+            )
+
+    def _restore(self, record: bytes, files: dict[str, bytes]) -> None:
+        """Put a claimed stage back as it was, so it can be committed again."""
+        store = self._repository.store
+        store.put_stage(self._raw_id, record)
+        for path, data in files.items():
+            store.put_stage_file(self._raw_id, path, data)
 
     def _check_durable(self, entries: list[FileEntry]) -> None:
         """Every manifest and chunk the entries need is stored (and marked wanted now)."""
@@ -210,6 +273,21 @@ class Stage:
         for i in range(0, len(chunk_ids), 8192):
             if store.missing(chunk_ids[i : i + 8192]):
                 raise NotFound(f"stage {self.id}: some staged chunks are gone; add the files again")
+
+
+def _decoded(files: dict[str, bytes]) -> list[tuple[FileEntry, int]]:
+    """Staged file records (path -> record) as entries with their new bytes, by path."""
+    out = []
+    for path, data in sorted(files.items()):
+        staged = model_pb2.StagedFile.FromString(data)
+        e = staged.entry
+        out.append((FileEntry(path, e.size, e.digest, e.manifest_id, e.mode), staged.new_bytes))
+    return out
+
+
+def _listed(paths: list[str], limit: int = 8) -> str:
+    more = f" and {len(paths) - limit} more" if len(paths) > limit else ""
+    return ", ".join(paths[:limit]) + more
 
 
 def live_stage_manifests(store: MetaStore, drop: bool = True) -> tuple[set[bytes], int]:

@@ -42,7 +42,9 @@ class TensorChange:
     old: TensorInfo
     new: TensorInfo
     differing_bytes: int | None = None  # exact count, with stats
-    relative_l2: float | None = None  # ||new - old|| / ||old||, with stats, for numbers
+    #: ||new - old|| / ||old||, with stats, for numbers: inf when the old tensor is all zeros
+    #: and the new one is not, nan when either holds NaN or infinite values (null in JSON)
+    relative_l2: float | None = None
     old_path: str | None = None  # the old file, if not the one of the same path
 
     def to_json(self) -> dict:
@@ -54,7 +56,8 @@ class TensorChange:
             out["new"] = {"dtype": self.new.dtype, "shape": list(self.new.shape)}
         if self.differing_bytes is not None:
             out["differing_bytes"] = self.differing_bytes
-            out["relative_l2"] = self.relative_l2
+            finite = self.relative_l2 is not None and math.isfinite(self.relative_l2)
+            out["relative_l2"] = self.relative_l2 if finite else None
         return out
 
 
@@ -282,9 +285,9 @@ class _Change:
     bytes that differ and, for dtypes in :data:`VALUE_DTYPES`, the L2 norms of the old values
     and of the change.
 
-    The arithmetic is in float64 (complex128 for C64), on pieces of :data:`PIECE` elements
-    that stay in the CPU's cache, ~3x faster than whole blocks; the pieces' norms combine
-    without overflow."""
+    The arithmetic is in float64 (complex128 for complex dtypes), on pieces of :data:`PIECE`
+    elements that stay in the CPU's cache, ~3x faster than whole blocks; the pieces' norms
+    combine without overflow."""
 
     PIECE = 1 << 16
 
@@ -294,7 +297,7 @@ class _Change:
         self.values = dtype in VALUE_DTYPES
         self.itemsize = max(1, DTYPE_BITS[dtype] // 8)
         self.step = self.PIECE * self.itemsize  # bytes per piece
-        as_type = np.complex128 if dtype == "C64" else np.float64
+        as_type = np.complex128 if dtype in ("C64", "C128") else np.float64
         piece = min(self.PIECE, size // self.itemsize) if self.values else 0
         self._old, self._new = np.empty(piece, as_type), np.empty(piece, as_type)
         self.differing = 0
@@ -312,17 +315,23 @@ class _Change:
                 x, y = self._old[:count], self._new[:count]
                 np.copyto(x, flat_values(a, self.dtype))
                 np.copyto(y, flat_values(b, self.dtype))
-                self.norm = math.hypot(self.norm, _norm(x))
-                y -= x
-                self.delta = math.hypot(self.delta, _norm(y))
+                # NaN and infinite values make the norms nan or inf (see relative_l2), quietly
+                with np.errstate(invalid="ignore", over="ignore"):
+                    self.norm = math.hypot(self.norm, _norm(x))
+                    y -= x
+                    self.delta = math.hypot(self.delta, _norm(y))
 
     def relative_l2(self) -> float | None:
-        """||new - old|| / ||old||; None for 8-, 6- and 4-bit float codes (no values)."""
+        """||new - old|| / ||old||: inf when the old values are all zeros and the new are not,
+        nan when a tensor holds NaN or infinite values (or squares past float64's range); None
+        for 8-, 6- and 4-bit float codes (no values)."""
         if not self.values:
             return None
+        if not (math.isfinite(self.norm) and math.isfinite(self.delta)):
+            return math.nan
         if self.norm:
             return self.delta / self.norm
-        return 0.0 if self.delta == 0 else float("inf")
+        return 0.0 if self.delta == 0 else math.inf
 
 
 def _norm(x: np.ndarray) -> float:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from chunkstore.model import TensorInfo
 
 #: Bits per element of each dtype the safetensors format defines (as of safetensors 0.8).
-DTYPE_BITS = {
+SAFETENSORS_DTYPE_BITS = {
     "F4": 4,
     "F6_E2M3": 6,
     "F6_E3M2": 6,
@@ -41,9 +41,12 @@ DTYPE_BITS = {
     "F64": 64,
     "C64": 64,
 }
+#: Bits per element of every dtype a tensor index may hold: safetensors' and complex128, which
+#: only torch.save checkpoints hold.
+DTYPE_BITS = {**SAFETENSORS_DTYPE_BITS, "C128": 128}
 #: Bytes of the numbers a dtype's elements are made of, where that is not the element's size:
-#: a complex64 is two fp32 values.
-_NUMBER_SIZE = {"C64": 4}
+#: a complex64 is two fp32 values, a complex128 two fp64 values.
+_NUMBER_SIZE = {"C64": 4, "C128": 8}
 MAX_HEADER = 100 << 20  # the safetensors format's own limit
 
 
@@ -98,7 +101,9 @@ def _tensor(name: str, spec: object, header_end: int, file_size: int) -> TensorI
     if not isinstance(spec, dict):
         return None
     dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
-    if dtype not in DTYPE_BITS or not isinstance(shape, list) or not isinstance(offsets, list):
+    if dtype not in SAFETENSORS_DTYPE_BITS or not isinstance(shape, list):
+        return None
+    if not isinstance(offsets, list):
         return None
     if not all(isinstance(d, int) and d >= 0 for d in shape):
         return None

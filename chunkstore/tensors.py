@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from chunkstore.errors import InvalidInput, NotFound
+from chunkstore.errors import InvalidInput, NotFound, TensorNotFound
 from chunkstore.model import Manifest, TensorInfo, Version
 from chunkstore.restore import ChunkedReader
 from chunkstore.stores.base import ChunkStore
@@ -23,6 +23,7 @@ _NUMPY = {
     "F32": np.float32,
     "F16": np.float16,
     "C64": np.complex64,
+    "C128": np.complex128,
     "I64": np.int64,
     "I32": np.int32,
     "I16": np.int16,
@@ -113,10 +114,11 @@ class LazyTensors(Mapping):
         self._framework = framework
 
     def info(self, name: str) -> TensorInfo:
+        """The index entry of tensor ``name``; TensorNotFound (a KeyError) if none."""
         try:
             return self._tensors[name]
         except KeyError:
-            raise NotFound(f"{self._reader.name} has no tensor {name!r}") from None
+            raise TensorNotFound(f"{self._reader.name} has no tensor {name!r}") from None
 
     def raw(self, name: str) -> bytearray:
         """The bytes of tensor ``name``, in a buffer of their own (so arrays made on it are
@@ -141,6 +143,13 @@ class LazyTensors(Mapping):
         return len(self._tensors)
 
 
+#: Why a file has no tensor index.
+NO_INDEX = (
+    "not a safetensors or zip-format torch.save file: legacy torch.save files and files that "
+    "do not parse are stored as plain bytes"
+)
+
+
 def tensor_files(
     version: Version, manifests: Mapping[str, Manifest], file: str | None
 ) -> list[str]:
@@ -149,9 +158,7 @@ def tensor_files(
         if file not in manifests:
             raise NotFound(f"{version.ref} has no file {file!r}")
         if not manifests[file].tensors:
-            raise InvalidInput(
-                f"{version.ref}:{file} has no tensor index (not a safetensors or torch.save file)"
-            )
+            raise InvalidInput(f"{version.ref}:{file} has no tensor index ({NO_INDEX})")
         return [file]
     paths = [p for p, m in manifests.items() if m.tensors]
     if not paths:

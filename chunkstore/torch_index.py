@@ -9,12 +9,17 @@ inert stand-in: ``torch._utils._rebuild_tensor_v2`` and ``_rebuild_parameter`` r
 storage a tensor views with which shape, anything else becomes an opaque record that is only
 walked for names. No module is imported and no callable of the checkpoint runs.
 
-Each storage becomes one entry of the index, over its member's bytes: named by the path of the
-tensor that views all of it (``state.0.exp_avg``, ``model.layers.3.weight``: dictionary keys
-and sequence positions joined by dots) with that tensor's shape, or by its member name
-(``PREFIX/data/KEY``, one dimension) when no tensor views it whole. Storage keys and tensor
-paths are stable across the checkpoints of one training run, so the entries of successive
-checkpoints pair up for deltas and diffs as safetensors tensors do. Anything that does not
+Each storage of a plain element type becomes one entry of the index, over its member's bytes:
+named by the path of the tensor that views all of it (``state.0.exp_avg``,
+``model.layers.3.weight``: dictionary keys and sequence positions joined by dots) with that
+tensor's shape; when no tensor views it whole (a transposed or partial view), by the path of
+the first tensor that views it and ``.storage`` (``model.proj_T.storage``), else ``data/KEY``,
+with one dimension. No name holds the archive's prefix (the stem of the file's name when it was
+saved), so ``step-3.pt`` and ``step-6.pt`` pair up. Storages whose names collide (``{"a.b": x,
+"a": {"b": y}}``) are named ``data/KEY``. Storage keys and tensor paths are stable across the
+checkpoints of one training run, so the entries of successive checkpoints pair up for deltas
+and diffs as safetensors tensors do. A storage without a plain element type (quantized,
+complex32) is left out of the index, its bytes stored as plain bytes. Anything that does not
 parse cleanly is not a checkpoint we understand: :func:`read_torch_index` returns None and the
 file is handled as plain bytes.
 """
@@ -26,7 +31,8 @@ import math
 import pickle
 import struct
 import zipfile
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, replace
 
 from chunkstore.model import TensorInfo
 from chunkstore.seekable import SeekableReader
@@ -46,6 +52,7 @@ STORAGE_DTYPES = {
     "ByteStorage": "U8",
     "BoolStorage": "BOOL",
     "ComplexFloatStorage": "C64",
+    "ComplexDoubleStorage": "C128",
     "Float8_e4m3fnStorage": "F8_E4M3",
     "Float8_e5m2Storage": "F8_E5M2",
     "Float8_e4m3fnuzStorage": "F8_E4M3FNUZ",
@@ -68,6 +75,7 @@ TORCH_DTYPES = {
     "uint8": "U8",
     "bool": "BOOL",
     "complex64": "C64",
+    "complex128": "C128",
     "float8_e4m3fn": "F8_E4M3",
     "float8_e5m2": "F8_E5M2",
     "float8_e4m3fnuz": "F8_E4M3FNUZ",
@@ -122,8 +130,8 @@ def _read(view: memoryview) -> TensorIndex | None:
         pkl = members[pickles[0]]
         if pkl.file_size > MAX_PICKLE:
             return None
-        storages, tensors = _unpickle(_member_bytes(view, pkl))
-    entries = []
+        storages, tensors, viewers = _unpickle(_member_bytes(view, pkl))
+    entries = {}
     for key, (dtype, numel) in storages.items():
         info = members.get(f"{prefix}data/{key}")
         if info is None or dtype not in DTYPE_BITS or info.compress_type != zipfile.ZIP_STORED:
@@ -132,17 +140,37 @@ def _read(view: memoryview) -> TensorIndex | None:
         if bits % 8 or info.file_size != bits // 8:
             return None
         begin = _data_start(view, info)
-        name, shape = tensors.get(key, (f"{prefix}data/{key}", (numel,)))
-        entries.append(TensorInfo(name, dtype, shape, begin, begin + info.file_size))
-    if not entries:
+        if key in tensors:
+            name, shape = tensors[key]
+        else:
+            name, shape = (f"{viewers[key]}.storage" if key in viewers else f"data/{key}"), (numel,)
+        entries[key] = TensorInfo(name, dtype, shape, begin, begin + info.file_size)
+    index = _distinct_names(entries)
+    if not index:
         return None
-    entries.sort(key=lambda t: (t.begin, t.end))
-    for before, after in zip(entries, entries[1:], strict=False):
+    index.sort(key=lambda t: (t.begin, t.end))
+    for before, after in zip(index, index[1:], strict=False):
         if after.begin < before.end:
             return None
-    if len({t.name for t in entries}) != len(entries):
-        return None
-    return TensorIndex(entries[0].begin, entries)
+    return TensorIndex(index[0].begin, index)
+
+
+def _distinct_names(entries: dict[str, TensorInfo]) -> list[TensorInfo]:
+    """The entries (by storage key), each named once: storages whose names collide (``{"a.b":
+    x, "a": {"b": y}}`` both flatten to ``a.b``) are named ``data/KEY`` instead, with one
+    dimension, and any still colliding are left out (their bytes are stored as plain bytes)."""
+
+    def clashing(infos: dict[str, TensorInfo]) -> set[str]:
+        counts = Counter(t.name for t in infos.values())
+        return {key for key, t in infos.items() if counts[t.name] > 1}
+
+    renamed = dict(entries)
+    for key in clashing(entries):
+        t = entries[key]
+        numel = (t.end - t.begin) * 8 // DTYPE_BITS[t.dtype]
+        renamed[key] = replace(t, name=f"data/{key}", shape=(numel,))
+    left_out = clashing(renamed)
+    return [t for key, t in renamed.items() if key not in left_out]
 
 
 def _member_bytes(view: memoryview, info: zipfile.ZipInfo) -> bytes:
@@ -184,7 +212,7 @@ class _ViewFile(SeekableReader):
 @dataclass(frozen=True)
 class _Storage:
     key: str
-    dtype: str
+    dtype: str | None  # None: a storage type without a plain element type (quantized, ...)
     numel: int
 
 
@@ -250,7 +278,7 @@ class _DType:
 
 
 def _rebuild_tensor(storage: object, offset: object, shape: object, stride: object, *_: object):
-    if not isinstance(storage, _Storage):
+    if not (isinstance(storage, _Storage) and storage.dtype is not None):
         return _Opaque((storage, offset, shape, stride))
     return _Tensor(storage, int(offset), tuple(map(int, shape)), tuple(map(int, stride)))  # type: ignore[arg-type]
 
@@ -303,24 +331,29 @@ class _Unpickler(pickle.Unpickler):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
             raise pickle.UnpicklingError(f"unexpected persistent id {pid!r:.80}")
         _, storage_type, key, _location, numel = pid
+        if not isinstance(numel, int) or numel < 0:
+            raise pickle.UnpicklingError(f"storage of {numel!r:.80} elements in {pid!r:.80}")
         dtype = storage_type.dtype if isinstance(storage_type, _StorageType) else None
-        if dtype is None or not isinstance(numel, int) or numel < 0:
-            raise pickle.UnpicklingError(f"unsupported storage {pid!r:.80}")
-        return _Storage(str(key), dtype, numel)
+        return _Storage(str(key), dtype, numel)  # an untyped one is left out of the index
 
 
-def _unpickle(data: bytes) -> tuple[dict[str, tuple[str, int]], dict[str, tuple[str, tuple]]]:
-    """Storage key -> (dtype, numel) of every storage the pickle names, and storage key ->
-    (path, shape) of the first tensor found that views all of a storage."""
+def _unpickle(
+    data: bytes,
+) -> tuple[dict[str, tuple[str, int]], dict[str, tuple[str, tuple]], dict[str, str]]:
+    """Storage key -> (dtype, numel) of every storage of a plain element type the pickle
+    names; storage key -> (path, shape) of the first tensor found that views all of a storage;
+    and storage key -> path of the first tensor found that views any of it."""
     storages: dict[str, tuple[str, int]] = {}
     named: dict[str, tuple[str, tuple]] = {}
+    viewers: dict[str, str] = {}
     root = _Unpickler(io.BytesIO(data)).load()
     seen: set[int] = set()
     stack: list[tuple[str, object]] = [("", root)]
     while stack:
         path, obj = stack.pop()
         if isinstance(obj, _Storage):
-            storages.setdefault(obj.key, (obj.dtype, obj.numel))
+            if obj.dtype is not None:
+                storages.setdefault(obj.key, (obj.dtype, obj.numel))
             continue
         if isinstance(obj, _Tensor):
             storage = obj.storage
@@ -329,8 +362,10 @@ def _unpickle(data: bytes) -> tuple[dict[str, tuple[str, int]], dict[str, tuple[
                 storage.numel,
             ):
                 raise ValueError(f"storage {storage.key} is named with two types or sizes")
-            if storage.key not in named and obj.views_all() and path:
-                named[storage.key] = (path, obj.shape)
+            if path:
+                viewers.setdefault(storage.key, path)
+                if storage.key not in named and obj.views_all():
+                    named[storage.key] = (path, obj.shape)
             continue
         if id(obj) in seen:
             continue
@@ -347,4 +382,4 @@ def _unpickle(data: bytes) -> tuple[dict[str, tuple[str, int]], dict[str, tuple[
         for key, child in reversed(children):  # popped in order: the first path wins
             step = str(key) if isinstance(key, str | int) else ""
             stack.append((f"{path}.{step}" if path and step else path or step, child))
-    return storages, named
+    return storages, named, viewers

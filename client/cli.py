@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import os
 import signal
 import sys
@@ -17,6 +17,7 @@ from chunkstore import ids
 from chunkstore.allocator import keep_freed_memory
 from chunkstore.connect import ENV_STORE, connect
 from chunkstore.errors import ChunkstoreError, InvalidInput, NotFound
+from chunkstore.jsonout import emit_json
 from chunkstore.model import Version
 from chunkstore.progress import Tally, for_terminal, human_bytes
 from chunkstore.refs import Ref
@@ -78,8 +79,7 @@ def _when(version: Version) -> str:
 
 
 def _emit_json(value: object) -> None:
-    json.dump(value, sys.stdout, indent=2, sort_keys=False)
-    sys.stdout.write("\n")
+    emit_json(value, sys.stdout)
 
 
 # -- commands -----------------------------------------------------------------------------------
@@ -313,12 +313,20 @@ def _report_tensor_diffs(diffs: list[TensorDiff], as_json: bool) -> int:
                 plural = "s" if c.differing_bytes != 1 else ""
                 extra += f", {c.differing_bytes:,} differing byte{plural}"
             if c.relative_l2 is not None:
-                extra += f", relative L2 change {c.relative_l2:.3g}"
+                extra += f", relative L2 change {_relative_l2(c.relative_l2)}"
             print(f"  M  {c.name}  ({human_bytes(c.bytes_changed)} changed{extra})")
         print(f"  {_tensor_counts([d])}")
     if len(diffs) > 1:
         print(f"all files: {_tensor_counts(diffs)}")
     return 0
+
+
+def _relative_l2(value: float) -> str:
+    if math.isinf(value):
+        return "inf (the old tensor is all zeros)"
+    if math.isnan(value):
+        return "n/a (NaN or infinite values)"
+    return f"{value:.3g}"
 
 
 def _tensor_counts(diffs: list[TensorDiff]) -> str:

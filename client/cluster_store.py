@@ -916,6 +916,45 @@ class ClusterStore(Store):
             f"delete stage {stage_id.hex()}",
         )
 
+    def claim_stage(self, stage_id: bytes) -> tuple[bytes, dict[str, bytes]]:
+        """Read the stage and its files, then delete it from the owners holding it, one at a
+        time in ring order. A node deletes a record once, so the caller whose deletes succeed
+        on a majority of the owners claimed it, and two callers cannot both; one that finds it
+        already deleted on a node that holds it stops there (so with every owner up, the one
+        who deletes it first on the first owner wins). Anyone short of a majority gets
+        NotFound: with owners down, two callers may split the owners and both fail, leaving
+        no version and no stage (nothing is committed twice). A file added between the read
+        and the deletes is not in the claim."""
+        owners = self._owners(stage_key(stage_id))
+        key = pb.StageKey(id=stage_id)
+        records = call_each(
+            self._pool,
+            {
+                n: partial(lambda n: n.meta.GetStage(key, timeout=self.policy.timeout), n)
+                for n in owners
+            },
+        )
+        if not records.ok:
+            raise to_error(f"read stage {stage_id.hex()}", records.failed)
+        files = self.stage_files(stage_id)
+        deleted = 0
+        for node in owners:
+            if node.id not in records.ok:
+                continue
+            try:
+                node.run(lambda node=node: node.meta.DeleteStage(key, timeout=self.policy.timeout))
+            except NodeCallError as failure:
+                if failure.code == grpc.StatusCode.NOT_FOUND:
+                    break  # another caller deleted it here first
+                continue
+            deleted += 1
+        if deleted <= len(owners) // 2:
+            raise errors.NotFound(
+                f"stage {stage_id.hex()} not found: {deleted} of its {len(owners)} owners gave "
+                "it to this caller (another claimed it, or owners are down)"
+            )
+        return next(iter(records.ok.values())).data, files
+
     def list_stages(self) -> list[tuple[bytes, bytes]]:
         """Stages of every node (GC needs them all: it raises if a node does not answer)."""
         replies = self._every_node(

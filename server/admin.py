@@ -13,7 +13,6 @@ misses it learns it from its peers within seconds. The data then moves in the ba
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -42,6 +41,7 @@ from chunkstore.cluster_map import (
 )
 from chunkstore.connect import store_url
 from chunkstore.errors import ChunkstoreError, InvalidInput, StoreUnavailable
+from chunkstore.jsonout import emit_json
 from chunkstore.progress import human_bytes
 from chunkstore.v1 import store_pb2 as pb
 
@@ -350,8 +350,7 @@ def run_repair(args: argparse.Namespace) -> int:
     result = repair(url, replace(policy, timeout=min(args.timeout, 10.0)), args.timeout)
     nodes = result["nodes"]
     if args.json:
-        json.dump(result, sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        emit_json(result, sys.stdout)
     else:
         for n in nodes:
             if not n["ok"]:

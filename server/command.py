@@ -14,7 +14,6 @@ returns the exit code.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import textwrap
 from pathlib import Path
@@ -25,6 +24,7 @@ from chunkstore.client.rpc import Credentials
 from chunkstore.cluster_map import load_cluster_file
 from chunkstore.connect import store_url
 from chunkstore.errors import ChunkstoreError, InvalidInput
+from chunkstore.jsonout import emit_json
 
 from . import admin, local_cluster, node
 
@@ -202,8 +202,7 @@ def _status(args: argparse.Namespace) -> int:
     credentials = Credentials.from_env(tls=tls, token=args.token)
     status = local_cluster.cluster_status(target, timeout=args.timeout, credentials=credentials)
     if args.json:
-        json.dump(status, sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        emit_json(status, sys.stdout)
     else:
         print(local_cluster.format_status(status))
     return 1 if status["state"] in ("degraded", "peer authentication failed") else 0

@@ -735,8 +735,7 @@ def format_status(status: dict[str, Any]) -> str:
     healthy = sum(n["healthy"] for n in nodes)
     lines = [
         f"cluster epoch {status['epoch']}: {healthy} of {len(nodes)} nodes healthy, "
-        f"replicas {status['replicas']}, write quorum {status['write_quorum']}, "
-        + status["state"]
+        f"replicas {status['replicas']}, write quorum {status['write_quorum']}, " + status["state"]
     ]
     lines += [
         "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()

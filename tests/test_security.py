@@ -654,9 +654,7 @@ def test_cluster_up_with_tokens_gives_its_nodes_an_admin_peer_token(tmp_path, ca
     assert not (tmp_path / "c2").exists()
 
 
-def test_peers_that_refuse_a_node_are_reported_not_counted_as_under_replication(
-    tmp_path, capsys
-):
+def test_peers_that_refuse_a_node_are_reported_not_counted_as_under_replication(tmp_path, capsys):
     tokens = tmp_path / "tokens.toml"
     tokens.write_text(tokens_toml())
     # No peer token and no $CHUNKSTORE_TOKEN: the nodes refuse each other.

@@ -13,7 +13,7 @@ from cluster_fixtures import LocalCluster
 from conftest import random_bytes, tree_bytes, write
 
 from chunkstore.connect import connect
-from chunkstore.errors import InvalidInput, NotFound
+from chunkstore.errors import InvalidInput, NotFound, StoreFull
 from chunkstore.repository import Repository
 
 MB = 1 << 20
@@ -22,6 +22,17 @@ import sys, chunkstore
 store = chunkstore.connect(sys.argv[1])
 store.stage_add(sys.argv[2], sys.argv[3], as_path=sys.argv[4])
 store.close()
+"""
+RACE_SCRIPT = """
+import sys, time, chunkstore, chunkstore.errors
+store = chunkstore.connect(sys.argv[1])
+stage = store.open_stage(sys.argv[2])
+while time.time() < float(sys.argv[3]):
+    pass
+try:
+    print(stage.commit().id.hex())
+except chunkstore.errors.NotFound as e:
+    print("lost:", e)
 """
 
 
@@ -67,13 +78,112 @@ def check_four_ranks(url: str, tmp_path: Path) -> None:
             store.open_stage(stage.id)  # a committed stage is gone
 
 
+def check_racing_commits(url: str, tmp_path: Path, rounds: int = 3) -> None:
+    """Two processes commit one stage at the same moment: one version, one clear refusal."""
+    f = write(tmp_path / "race" / "shard.bin", random_bytes(MB, seed=7))
+    with connect(url) as store:
+        for i in range(rounds):
+            stage = store.stage("race", message=f"race {i}")
+            store.stage_add(stage.id, f)
+            start = str(time.time() + 2.0)  # both have connected by then
+            procs = [
+                subprocess.Popen(
+                    [sys.executable, "-c", RACE_SCRIPT, url, stage.id, start],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+                for _ in range(2)
+            ]
+            outs = sorted(p.communicate(timeout=120)[0].strip() for p in procs)
+            assert all(p.returncode == 0 for p in procs), outs
+            winner, loser = outs
+            assert loser.startswith(f"lost: no stage {stage.id}") or loser.startswith(
+                f"lost: stage {stage.id} was committed, aborted or expired meanwhile"
+            ), outs
+            assert [v.id.hex() for v in store.log("race")][0] == winner
+        assert [v.message for v in store.log("race")] == [
+            f"race {i}" for i in reversed(range(rounds))
+        ]
+
+
 def test_four_ranks_on_the_embedded_store(tmp_path):
     check_four_ranks(str(tmp_path / "store"), tmp_path)
+    check_racing_commits(str(tmp_path / "store"), tmp_path)
 
 
 def test_four_ranks_on_a_cluster(tmp_path):
     with LocalCluster(tmp_path / "cluster", nodes=3, replicas=2) as cluster:
         check_four_ranks(cluster.url, tmp_path)
+        check_racing_commits(cluster.url, tmp_path)
+
+
+def test_a_commit_that_loses_a_race_after_its_checks_commits_nothing(repo: Repository, tmp_path):
+    stage = repo.stage("m")
+    stage.add(write(tmp_path / "a.bin", random_bytes(MB)))
+    other = repo.open_stage(stage.id)  # another process's handle
+    checks = stage._check_durable
+    stage._check_durable = lambda entries: (checks(entries), other.commit())  # type: ignore[method-assign]
+    with pytest.raises(NotFound, match="committed, aborted or expired meanwhile"):
+        stage.commit()
+    assert len(repo.log("m")) == 1
+
+
+def test_a_file_staged_during_a_commit_makes_it_refuse_and_keep_the_stage(
+    repo: Repository, tmp_path
+):
+    stage = repo.stage("m")
+    stage.add(write(tmp_path / "a" / "a.bin", random_bytes(MB, seed=1)))
+    late = write(tmp_path / "b" / "b.bin", random_bytes(MB, seed=2))
+    checks = stage._check_durable
+    stage._check_durable = lambda entries: (checks(entries), repo.stage_add(stage.id, late))  # type: ignore[method-assign]
+    with pytest.raises(InvalidInput, match="changed while it was being committed"):
+        stage.commit()
+    assert repo.store.list_repos() == []
+    stage._check_durable = checks  # type: ignore[method-assign]
+    assert sorted(f.path for f in stage.commit().files) == ["a.bin", "b.bin"]
+
+
+def test_a_commit_whose_version_fails_keeps_the_stage(repo: Repository, tmp_path, monkeypatch):
+    stage = repo.stage("m", tags=["t"])
+    stage.add(write(tmp_path / "a.bin", random_bytes(MB)))
+
+    def fail(*args, **kwargs):
+        raise StoreFull("store is full")
+
+    with monkeypatch.context() as m:
+        m.setattr(repo, "commit_version", fail)
+        with pytest.raises(StoreFull):
+            stage.commit()
+    assert repo.store.list_repos() == [] and [e.path for e, _ in stage.files()] == ["a.bin"]
+    version = stage.commit()
+    assert version.tags == ["t"] and repo.resolve("m@t").id == version.id
+
+
+def test_commit_refuses_a_partial_checkpoint(repo: Repository, tmp_path):
+    stage = repo.stage("m")
+    for r in (0, 1, 3):  # rank 2 died
+        stage.add(write(tmp_path / f"s{r}.bin", random_bytes(MB, seed=r)), as_path=f"model-{r}.bin")
+    with pytest.raises(InvalidInput) as error:
+        stage.commit(expect=4)
+    assert str(error.value) == (
+        f"stage {stage.id} holds 3 files, 4 expected: 1 missing (staged: model-0.bin, "
+        "model-1.bin, model-3.bin); nothing was committed"
+    )
+    with pytest.raises(InvalidInput) as error:
+        stage.commit(expect=[f"model-{r}.bin" for r in range(4)])
+    assert str(error.value) == (
+        f"stage {stage.id} holds 3 of 4 expected files (1 missing: model-2.bin); "
+        "nothing was committed"
+    )
+    with pytest.raises(InvalidInput, match="not expected: model-3.bin"):
+        stage.commit(expect=["model-0.bin", "model-1.bin"])
+    for bad in (0, "model-0.bin"):
+        with pytest.raises(InvalidInput, match="invalid expect"):
+            stage.commit(expect=bad)  # type: ignore[arg-type]
+    assert repo.store.list_repos() == []  # nothing committed, the stage still open
+    stage.add(write(tmp_path / "s2.bin", random_bytes(MB, seed=2)), as_path="model-2.bin")
+    assert len(stage.commit(expect=4).files) == 4
 
 
 def test_abort_and_bad_ids(repo: Repository, tmp_path):
@@ -83,8 +193,10 @@ def test_abort_and_bad_ids(repo: Repository, tmp_path):
     stage.abort()
     with pytest.raises(NotFound):
         repo.stage_add(stage.id, f)
-    with pytest.raises(NotFound):
-        stage.commit()
+    for after in (stage.commit, stage.abort):
+        with pytest.raises(NotFound) as error:
+            after()
+        assert str(error.value) == f"no stage {stage.id} (committed, aborted or expired)"
     with pytest.raises(InvalidInput, match="invalid stage id"):
         repo.open_stage("xyz")
     with pytest.raises(InvalidInput, match="no files"):

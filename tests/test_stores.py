@@ -715,6 +715,8 @@ def test_a_store_used_after_fork_says_to_open_it_again(tmp_path):
         assert _in_child(lambda: _says_reopen(lambda: store.totals())) == 0
         assert _in_child(lambda: _says_reopen(lambda: store.put(chunks(1, seed=9)))) == 0
         assert _in_child(lambda: _says_reopen(lambda: client.chunks)) == 0
+        # opening it again in the child (chunkstore.connect() there) says the same
+        assert _in_child(lambda: _says_reopen(lambda: LmdbStore(tmp_path / "s"))) == 0
         assert store.totals().chunks == 3  # the parent's store is untouched and still works
         store.put(chunks(1, seed=9))
         assert store.totals().chunks == 4

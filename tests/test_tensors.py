@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from test_cli import run
 from chunkstore import tensor_diff
 from chunkstore import tensors as tensors_module
 from chunkstore.errors import InvalidInput, NotFound
+from chunkstore.jsonout import emit_json
 from chunkstore.repository import Repository
 from chunkstore.synthetic import weights, write_safetensors
 
@@ -59,6 +62,42 @@ def test_load_tensors_by_name_and_glob(repo, pushed):
     }
 
 
+def test_an_exact_name_is_not_read_as_a_glob(repo, tmp_path):
+    ones, zeros = np.ones(4, np.float32), np.zeros(4, np.float32)
+    (tmp_path / "v").mkdir()
+    write_safetensors(
+        tmp_path / "v" / "m.safetensors",
+        {"blocks[0].w": ("F32", (4,), ones), "blocks0.w": ("F32", (4,), zeros)},
+    )
+    repo.push(tmp_path / "v", repo="g")
+    got = repo.load_tensors("g", ["blocks[0].w"])
+    assert list(got) == ["blocks[0].w"] and got["blocks[0].w"].tolist() == [1.0] * 4
+    assert list(repo.load_tensors("g", "blocks[0].*")) == ["blocks0.w"]  # a glob stays one
+
+
+def test_a_name_in_several_files_needs_file(repo, tmp_path):
+    (tmp_path / "v").mkdir()
+    for rank in range(2):
+        state = {"exp_avg": ("F32", (3,), np.full(3, rank, np.float32))}
+        write_safetensors(tmp_path / "v" / f"optim-{rank}.safetensors", state)
+    write_safetensors(
+        tmp_path / "v" / "w.safetensors", {"w": ("F32", (2,), np.ones(2, np.float32))}
+    )
+    repo.push(tmp_path / "v", repo="o")
+    asked = count_fetches(repo.store)
+    for names in ("exp_avg", ["w", "exp*"]):
+        with pytest.raises(InvalidInput) as error:
+            repo.load_tensors("o", names)
+        assert str(error.value) == (
+            f"tensor 'exp_avg' is in 2 files of {repo.resolve('o').ref}: optim-0.safetensors, "
+            "optim-1.safetensors; pass file= to load from one of them"
+        )
+    assert asked == []  # refused before fetching anything
+    got = repo.load_tensors("o", "exp_avg", file="optim-1.safetensors")
+    assert got["exp_avg"].tolist() == [1.0] * 3
+    assert list(repo.load_tensors("o", "w")) == ["w"]  # names in one file load as before
+
+
 def test_load_tensors_errors(repo, pushed):
     with pytest.raises(NotFound, match="no tensor"):
         repo.load_tensors("m", ["layers.1.w", "nope*"])
@@ -86,6 +125,16 @@ def test_one_tensor_load_moves_only_its_chunks(repo, pushed):
     fetched = sum(n for cid, n in manifest.chunks if cid in set(asked))
     assert MB <= fetched <= MB + 2 * 256 * 1024  # one tensor's chunks (raw size), not the file
     assert fetched < manifest.size / 5
+
+
+def test_lazy_tensors_is_a_mapping_of_its_names(repo, pushed):
+    lazy = repo.open_safetensors("m", "model.safetensors")
+    assert lazy.get("nope") is None and lazy.get("nope", "default") == "default"
+    np.testing.assert_array_equal(lazy.get("step"), _expected(pushed["step"]))
+    with pytest.raises(KeyError) as missing:
+        lazy["nope"]
+    assert isinstance(missing.value, NotFound)  # the CLI reports it as "not found"
+    assert str(missing.value) == "model.safetensors has no tensor 'nope'"
 
 
 def _push_v2(repo, tmp_path, tensors):
@@ -188,6 +237,70 @@ def test_tensor_diff_cli(env_store, tmp_path, capsys):
     assert code == 0 and "head.w" in names
     code, _, err = run(capsys, "diff", "m@v1", "m@v2", "--tensors", "--file", "x.bin")
     assert code == 3 and "no file" in err
+
+
+def test_a_side_without_tensors_has_none_either_way(repo, tmp_path):
+    """The new version's file no longer parses: its tensors were removed, as the reverse diff
+    says they were added; only when neither side has a tensor index is it an error."""
+    (tmp_path / "good").mkdir()
+    write_safetensors(
+        tmp_path / "good" / "m.safetensors", {"w": ("F32", (4,), np.ones(4, np.float32))}
+    )
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "m.safetensors").write_bytes(b"no longer a safetensors file")
+    repo.push(tmp_path / "good", repo="m", tags=["good"])
+    repo.push(tmp_path / "bad", repo="m", tags=["bad"])
+    for file in (None, "m.safetensors"):
+        (forward,) = repo.tensor_diff("m@good", "m@bad", file=file)
+        (reverse,) = repo.tensor_diff("m@bad", "m@good", file=file)
+        assert (forward.removed, forward.added, reverse.added, reverse.removed) == (
+            ["w"],
+            [],
+            ["w"],
+            [],
+        )
+    with pytest.raises(InvalidInput, match="zip-format torch.save file: legacy torch.save"):
+        repo.tensor_diff("m@bad", "m@bad", file="m.safetensors")
+    with pytest.raises(InvalidInput, match="no file has a tensor index"):
+        repo.tensor_diff("m@bad", "m@bad")
+    with pytest.raises(NotFound, match="have no file 'x.bin'"):
+        repo.tensor_diff("m@good", "m@bad", file="x.bin")
+
+
+def test_undefined_relative_l2_is_null_in_json_and_said_in_text(env_store, tmp_path, capsys):
+    """A tensor holding NaN has no relative L2 change; an all-zero one that changes has an
+    infinite one. JSON cannot spell either: strict JSON says null, text says which, and numpy
+    warns of nothing."""
+    for label, values in (
+        ("v1", ([np.nan, 1.0], [0.0] * 1000)),
+        ("v2", ([1.0, 1.0], [1.0] * 1000)),
+    ):
+        (tmp_path / label).mkdir()
+        x, z = (np.array(v, dtype=np.float32) for v in values)
+        write_safetensors(
+            tmp_path / label / "m.safetensors", {"x": ("F32", (2,), x), "z": ("F32", (1000,), z)}
+        )
+        assert run(capsys, "push", str(tmp_path / label), "--repo", "m")[0] == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        code, out, err = run(capsys, "diff", "m~", "m", "--tensors", "--stats", "--json")
+        d = json.loads(out, parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))
+        assert code == 0 and err == ""
+        assert {c["name"]: c["relative_l2"] for c in d["changed"]} == {"x": None, "z": None}
+        code, out, err = run(capsys, "diff", "m~", "m", "--tensors", "--stats")
+        assert code == 0 and err == ""
+        assert "relative L2 change n/a (NaN or infinite values)" in out
+        assert "relative L2 change inf (the old tensor is all zeros)" in out
+    with _open(env_store) as repo:
+        (d,) = repo.tensor_diff("m~", "m", stats=True)
+    changes = {c.name: c.relative_l2 for c in d.changed}
+    assert np.isnan(changes["x"]) and changes["z"] == np.inf
+
+
+def test_json_output_never_holds_nan_or_infinity():
+    out = io.StringIO()
+    emit_json({"a": [1.5, float("nan")], "b": {"c": float("-inf")}, "d": (float("inf"), 2)}, out)
+    assert json.loads(out.getvalue()) == {"a": [1.5, None], "b": {"c": None}, "d": [None, 2]}
 
 
 def _write_v2(tmp_path, tensors) -> None:

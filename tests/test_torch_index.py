@@ -91,11 +91,58 @@ def test_new_dtypes_saved_over_untyped_storage_and_subclasses_are_indexed():
     assert {n: (t.dtype, t.shape) for n, t in by_name(data).items()} == {"sub": ("F32", (3,))}
 
 
-def test_a_storage_no_tensor_views_whole_is_named_by_its_member():
-    data = (DATA / "partial.pt").read_bytes()
+def test_a_storage_no_tensor_views_whole_is_named_by_the_tensor_viewing_it():
+    data = (DATA / "partial.pt").read_bytes()  # {"column": x[:, 1]}
     (t,) = index_of(data).tensors
-    assert (t.name, t.dtype, t.shape) == ("partial/data/0", "F32", (24,))
+    assert (t.name, t.dtype, t.shape) == ("column.storage", "F32", (24,))
     assert data[t.begin : t.end] == np.arange(24, dtype=np.float32).tobytes()
+
+
+def test_names_do_not_depend_on_the_archive_prefix(tmp_path):
+    """torch.save names the archive after the file's stem: step-3.pt and step-6.pt of one run
+    must still pair up, tensor by tensor."""
+    for name in ("partial.pt", "odd.pt"):
+        data = (DATA / name).read_bytes()
+        renamed = _with_prefix(data, "step-6/")
+        assert [t.name for t in index_of(renamed).tensors] == [
+            t.name for t in index_of(data).tensors
+        ]
+    repo = Repository(MemoryStore())
+    for step in (3, 6):
+        (tmp_path / f"step-{step}.pt").write_bytes(
+            _with_prefix((DATA / "odd.pt").read_bytes(), f"step-{step}/")
+        )
+        repo.push(tmp_path / f"step-{step}.pt", "r")
+    (d,) = repo.tensor_diff("r~", "r")
+    assert (d.path, d.added, d.removed) == ("step-6.pt", [], [])  # each paired with its own
+    # (tensors this small share chunks with the zip's headers, which name the archive)
+    odd = by_name((DATA / "odd.pt").read_bytes())
+    assert {c.name: c.old_path for c in d.changed} == dict.fromkeys(odd, "step-3.pt")
+    phase = repo.load_tensors("r", "phase")["phase"]
+    assert phase.dtype == np.complex128 and phase.tolist() == [0, 1, 2]
+
+
+def test_what_cannot_be_typed_or_named_once_is_left_out_not_the_whole_index():
+    """odd.pt: {"a.b": ones(2), "a": {"b": zeros(2)}, "phase": complex128 0..2, "q": a qint8
+    quantized tensor, "w": float32 0..2}. The two paths flattening to "a.b" are named by
+    their storages, complex128 is indexed, the quantized storage is left to plain bytes."""
+    data = (DATA / "odd.pt").read_bytes()
+    tensors = {name: (t.dtype, t.shape, data[t.begin : t.end]) for name, t in by_name(data).items()}
+    assert tensors == {
+        "data/0": ("F32", (2,), np.ones(2, np.float32).tobytes()),
+        "data/1": ("F32", (2,), np.zeros(2, np.float32).tobytes()),
+        "phase": ("C128", (3,), np.arange(3, dtype=np.complex128).tobytes()),
+        "w": ("F32", (3,), np.arange(3, dtype=np.float32).tobytes()),
+    }
+
+
+def _with_prefix(data: bytes, prefix: str) -> bytes:
+    """A copy of the checkpoint ``data`` with its archive's prefix replaced by ``prefix``."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(data)) as src, zipfile.ZipFile(out, "w") as dst:
+        for info in src.infolist():
+            dst.writestr(prefix + info.filename.partition("/")[2], src.read(info))
+    return out.getvalue()
 
 
 def test_the_synthetic_writer_matches_what_torch_writes(tmp_path):

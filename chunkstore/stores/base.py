@@ -253,6 +253,12 @@ class MetaStore(ABC):
         """Remove a stage and its files; NotFound if absent."""
 
     @abstractmethod
+    def claim_stage(self, stage_id: bytes) -> tuple[bytes, dict[str, bytes]]:
+        """Remove a stage and its files in one step, returning ``(record, files)`` as they
+        were: of callers claiming one stage at once, exactly one gets it, the others NotFound
+        (as they do if it is absent)."""
+
+    @abstractmethod
     def list_stages(self) -> list[tuple[bytes, bytes]]:
         """``(id, record)`` of every stage."""
 

@@ -22,6 +22,7 @@ write retried; only a full disk fails a write (:class:`~chunkstore.errors.StoreF
 from __future__ import annotations
 
 import errno
+import os
 import shutil
 import struct
 import threading
@@ -110,6 +111,11 @@ class _Gate:
                 self._cond.notify_all()
 
 
+#: The process that opened the environment at each path (LMDB opens one per path and process;
+#: a forked child inherits the parent's and cannot open it again).
+_OPEN_HERE: dict[str, OpenedIn] = {}
+
+
 class LmdbStore(Store):
     """A store in the LMDB environment in directory ``path``.
 
@@ -134,14 +140,17 @@ class LmdbStore(Store):
         self.path = Path(path)
         self.location = str(self.path)
         self.directory = self.path
+        self._key = os.path.realpath(self.path)  # of the environment, in _OPEN_HERE
         self._readonly = readonly
         self._opened_in = OpenedIn(f"the store at {self.location}")
         self._write_lock = threading.RLock()  # held by the writer, taken again to resize
         self._gate = _Gate()
         self._env = self._open_env(create and not readonly, map_size)
+        _OPEN_HERE[self._key] = self._opened_in
         try:
             dbs = self._open_dbs()
         except BaseException:
+            self._forget()
             self._env.close()
             raise
         (
@@ -189,6 +198,9 @@ class LmdbStore(Store):
         except lmdb.InvalidError:
             raise self._damaged("its data.mdb is not an LMDB file") from None
         except (OSError, lmdb.Error) as e:
+            opened = _OPEN_HERE.get(self._key)
+            if opened is not None:
+                opened.check()  # open in the process this one was forked from: say so
             raise self._unavailable(_reason(e)) from None
         try:
             self._check_length(env)
@@ -234,6 +246,10 @@ class LmdbStore(Store):
             raise self._unavailable(f"not a chunkstore store of format {FORMAT.decode()}")
         return dbs
 
+    def _forget(self) -> None:
+        if _OPEN_HERE.get(self._key) is self._opened_in:
+            del _OPEN_HERE[self._key]
+
     def _unavailable(self, reason: str) -> errors.StoreUnavailable:
         return errors.StoreUnavailable(f"cannot open store at {self.location}: {reason}")
 
@@ -242,6 +258,7 @@ class LmdbStore(Store):
             if self._pin is not None:
                 self._pin.abort()
                 self._pin = None
+            self._forget()
             self._env.close()
 
     # transactions
@@ -703,6 +720,20 @@ class LmdbStore(Store):
                 txn.delete(stage_id + b"\0" + path, db=self._stage_files)
 
         self._write(remove)
+
+    def claim_stage(self, stage_id: bytes) -> tuple[bytes, dict[str, bytes]]:
+        def claim(txn: lmdb.Transaction) -> tuple[bytes, dict[str, bytes]]:
+            record = txn.get(stage_id, db=self._stages)
+            if record is None:
+                raise errors.NotFound(f"stage {stage_id.hex()} not found")
+            rows = _with_prefix(self._stage_files, stage_id + b"\0", txn)
+            files = {path.decode(): data for path, data in rows}
+            txn.delete(stage_id, db=self._stages)
+            for path, _ in rows:
+                txn.delete(stage_id + b"\0" + path, db=self._stage_files)
+            return record, files
+
+        return self._write(claim)
 
     def list_stages(self) -> list[tuple[bytes, bytes]]:
         return self._read(

@@ -190,6 +190,13 @@ class MemoryStore(Store):
                 raise errors.NotFound(f"stage {stage_id.hex()} not found")
             self._stage_files.pop(stage_id, None)
 
+    def claim_stage(self, stage_id: bytes) -> tuple[bytes, dict[str, bytes]]:
+        with self._lock:
+            record = self._stages.pop(stage_id, None)
+            if record is None:
+                raise errors.NotFound(f"stage {stage_id.hex()} not found")
+            return record, self._stage_files.pop(stage_id, {})
+
     def list_stages(self) -> list[tuple[bytes, bytes]]:
         with self._lock:
             return list(self._stages.items())
