@@ -499,6 +499,14 @@ def damaged_copies(tmp_path: Path) -> dict[str, Path]:
     data = (tmp_path / "good" / "data.mdb").read_bytes()
     pages = {"short": data[: len(data) // 3], "empty": b"", "noise": bytearray(data)}
     pages["noise"][2 * 4096 :] = random_bytes(len(data) - 2 * 4096, seed=9)  # all but the headers
+    with (
+        lmdb.open(str(tmp_path / "good"), max_dbs=16, readonly=True, lock=False) as env,
+        env.begin() as txn,
+    ):
+        record = txn.get(b"chunks")  # the main database holds each named one's record
+    root = int.from_bytes(record[40:48], "little")  # the chunks database's root page
+    pages["index"] = bytearray(data)
+    pages["index"][root * 4096 : (root + 1) * 4096] = random_bytes(4096, seed=10)
     out = {}
     for name, content in pages.items():
         (tmp_path / name).mkdir()
@@ -509,7 +517,12 @@ def damaged_copies(tmp_path: Path) -> dict[str, Path]:
 
 def test_a_damaged_store_is_reported_not_read_or_rewritten(tmp_path):
     copies = damaged_copies(tmp_path)
-    reasons = {"short": "was cut short", "empty": "is empty", "noise": "cannot read"}
+    reasons = {
+        "short": "was cut short",
+        "empty": "is empty",
+        "noise": "cannot read",
+        "index": "cannot read",
+    }
     for name, path in copies.items():
         before = (path / "data.mdb").read_bytes()
         for readonly in (False, True):
@@ -518,6 +531,7 @@ def test_a_damaged_store_is_reported_not_read_or_rewritten(tmp_path):
                 LmdbStore(path, readonly=readonly) as store,
             ):
                 list(store.scan())
+                dict(store.get([cid for cid, _ in chunks(40, size=32 * KB)]))
         assert (path / "data.mdb").read_bytes() == before  # nothing was written over it
 
 

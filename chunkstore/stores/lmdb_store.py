@@ -227,7 +227,7 @@ class LmdbStore(Store):
     def _open_dbs(self) -> list[lmdb._Database]:
         try:
             return self._create_or_open_dbs()
-        except lmdb.CorruptedError:
+        except _DAMAGE:
             raise self._damaged("LMDB found a page it cannot read") from None
 
     def _create_or_open_dbs(self) -> list[lmdb._Database]:
@@ -276,7 +276,7 @@ class LmdbStore(Store):
                         return fn(txn)
                 except lmdb.MapResizedError:
                     pass
-                except (lmdb.CorruptedError, lmdb.PageNotFoundError):
+                except _DAMAGE:
                     raise self._damaged("LMDB found a page it cannot read") from None
             self._set_map_size(0)  # another process grew the map: adopt its size
 
@@ -296,7 +296,7 @@ class LmdbStore(Store):
                     self._set_map_size(2 * self._env.info()["map_size"])
                 except lmdb.MapResizedError:
                     self._set_map_size(0)
-                except (lmdb.CorruptedError, lmdb.PageNotFoundError):
+                except _DAMAGE:
                     raise self._damaged("LMDB found a page it cannot read") from None
                 except (lmdb.Error, OSError) as e:
                     if not self._disk_full(e):
@@ -820,6 +820,11 @@ def _touch(txn: lmdb.Transaction, chunk_meta: lmdb._Database, cid: bytes, now: f
 
 def _stamp() -> bytes:
     return _STAMP.pack(time.time())
+
+
+#: What LMDB raises on pages it cannot read: a page that is not what its parent says is
+#: CORRUPTED or PAGE_NOTFOUND, and the transaction that met it is then BAD_TXN.
+_DAMAGE = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.BadTxnError)
 
 
 def _reason(e: OSError | lmdb.Error) -> str:
