@@ -36,22 +36,26 @@ def store_url(url: str | None = None) -> str:
     return url or os.environ.get(ENV_STORE) or str(default_store_path())
 
 
-def check_scheme(url: str) -> None:
-    """Raise InvalidInput if ``url`` has a ``SCHEME://`` prefix chunkstore does not know
-    (``grcp://HOST:PORT`` must not be taken for a directory and created)."""
+def normal_scheme(url: str) -> str:
+    """``url`` with its ``SCHEME://`` prefix, if any, in lower case (schemes are
+    case-insensitive); InvalidInput if chunkstore does not know the scheme (``grcp://HOST:PORT``
+    must not be taken for a directory and created)."""
     match = _SCHEME.match(url)
-    if match and match.group(1) not in SCHEMES:
+    if not match:
+        return url
+    scheme = match.group(1).lower()
+    if scheme not in SCHEMES:
         raise InvalidInput(
             f"unknown store scheme {match.group(1)!r} (use grpc://HOST:PORT or a directory)"
         )
+    return scheme + url[len(match.group(1)) :]
 
 
 def open_store(url: str | None = None, *, token: str | None = None, create: bool = True) -> Store:
     """Open the store a URL names (see :func:`store_url` for the default); a cluster's nodes
     get ``token`` (default ``$CHUNKSTORE_TOKEN``). Without ``create``, an embedded store that
     does not exist yet is an error instead of being made."""
-    url = store_url(url)
-    check_scheme(url)
+    url = normal_scheme(store_url(url))
     if url.startswith("memory://"):
         from chunkstore.stores.memory import MemoryStore
 

@@ -474,6 +474,8 @@ def test_an_unknown_url_scheme_is_refused_and_creates_nothing(tmp_path, capsys, 
     # the schemes chunkstore knows work
     assert run(capsys, "push", "ckpt", "--repo", "m", "--store", f"file://{tmp_path}/s")[0] == 0
     assert run(capsys, "ls", "--store", "memory://")[0] == 0
+    code, out, _ = run(capsys, "ls", "--store", f"FILE://{tmp_path}/s", "--json")  # any case
+    assert code == 0 and [r["name"] for r in json.loads(out)] == ["m"]
     for argv in (
         ["push", "ckpt", "--repo", "m", "--store", "grcp://cluster-1:7400"],
         ["ls", "--store", "grcp://127.0.0.1:33151"],
