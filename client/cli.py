@@ -177,7 +177,13 @@ def cmd_log(repo: Repository, args: argparse.Namespace) -> int:
 
 def cmd_cat(repo: Repository, args: argparse.Namespace) -> int:
     keep_freed_memory()  # each window's chunks are freed before the next one's are decoded
-    repo.write_file(args.ref, args.path, sys.stdout.buffer)
+    try:
+        repo.write_file(args.ref, args.path, sys.stdout.buffer)
+    except BrokenPipeError:
+        raise
+    except OSError as exc:  # only writing can fail so: say where to
+        exc.filename = exc.filename or "standard output"
+        raise
     return 0
 
 

@@ -247,6 +247,16 @@ def test_cat_writes_one_file_to_stdout(two_versions, env_store, tmp_path):
     assert out.returncode == 0 and out.stdout == (ckpt / "model.bin").read_bytes()
     missing = cli("cat", "llama-ft", "nope.bin", env=env)
     assert missing.returncode == 3 and "has no file 'nope.bin'" in missing.stderr
+    with open("/dev/full", "wb") as full:  # a full disk behind stdout
+        failed = subprocess.run(
+            [sys.executable, "-m", "chunkstore.client.cli", "cat", "llama-ft", "model.bin"],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+    assert failed.returncode == 1
+    assert failed.stderr.strip() == "chunkstore: error: No space left on device: standard output"
 
 
 def test_pull_over_the_previous_version_reports_what_it_fetched(two_versions, tmp_path, capsys):
