@@ -68,8 +68,16 @@ def open_store(url: str | None = None, *, token: str | None = None, create: bool
         return ClusterStore.connect(url, RpcPolicy(credentials=credentials))
     from chunkstore.stores.lmdb_store import LmdbStore
 
-    path = url.removeprefix("file://")
-    return LmdbStore(Path(path).expanduser(), create=create)
+    return LmdbStore(store_directory(url), create=create)
+
+
+def store_directory(url: str) -> Path | None:
+    """The directory of the embedded store ``url`` names (a path or ``file://``), None for
+    other stores; InvalidInput for an unknown scheme (see :func:`normal_scheme`)."""
+    url = normal_scheme(url)
+    if _SCHEME.match(url) and not url.startswith("file://"):
+        return None
+    return Path(url.removeprefix("file://")).expanduser()
 
 
 def connect(url: str | None = None, *, token: str | None = None, create: bool = True) -> Repository:

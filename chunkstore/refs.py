@@ -41,6 +41,11 @@ class Ref:
         return f"{name}~{self.back}" if self.back else name
 
 
+def reads_as_id_prefix(text: str) -> bool:
+    """Whether ``text`` (a tag, say) would be taken for an id prefix if no tag had its name."""
+    return len(text) >= MIN_PREFIX and _HEX.fullmatch(text.lower()) is not None
+
+
 def load_versions(meta: MetaStore, repo: str, limit: int | None = None) -> list[Version]:
     """Every version of ``repo`` with its tags, newest first (the newest ``limit``)."""
     return [head.version() for head in _heads(meta, repo)[:limit]]

@@ -56,11 +56,11 @@ from chunkstore.model import (
 from chunkstore.parallel import for_each
 from chunkstore.progress import NoProgress, Progress
 from chunkstore.refs import (
-    MIN_PREFIX,
     Ref,
     latest,
     load_versions,
     newest_and_count,
+    reads_as_id_prefix,
     resolve,
     users_of,
 )
@@ -159,6 +159,7 @@ class VerifyResult:
     corrupt: list[bytes] = field(default_factory=list)
     missing: list[bytes] = field(default_factory=list)
     deltas: int = 0  # delta-coded chunks rebuilt and found to match their ids
+    removed: int = 0  # corrupt chunks removed (repair)
 
     @property
     def ok(self) -> bool:
@@ -424,10 +425,9 @@ class Repository:
         """
         check_tag_name(tag)
         version = self.resolve(ref)
-        prefix = tag.lower()
-        if len(prefix) >= MIN_PREFIX and all(c in "0123456789abcdef" for c in prefix):
+        if reads_as_id_prefix(tag):
             for other in self.log(version.repo):
-                if other.id != version.id and other.id.hex().startswith(prefix):
+                if other.id != version.id and other.id.hex().startswith(tag.lower()):
                     raise InvalidInput(
                         f"tag {tag!r} would hide {other.ref}, whose id starts with it: "
                         "choose another name"
@@ -840,13 +840,30 @@ class Repository:
 
     # -- integrity and space -----------------------------------------------------------------
 
-    def verify(self, ref: str | None = None, progress: Progress | None = None) -> VerifyResult:
+    def verify(
+        self, ref: str | None = None, progress: Progress | None = None, repair: bool = False
+    ) -> VerifyResult:
         """Re-read and re-hash every chunk reachable from ``ref`` (or from every version).
 
         Every stored chunk (plain chunks, and the delta and base of delta-coded ones) is
         checked against its id; then every delta-coded chunk whose parts are intact is rebuilt
         and checked against its own id. A chunk that fails is listed as corrupt or missing.
+
+        With ``repair`` (an embedded store only: a cluster's nodes replace a corrupt copy from
+        another replica themselves), the corrupt chunks are removed, so that pushing the files
+        that held them again stores them anew; a push otherwise finds them present.
         """
+        if repair and self.store.remote:
+            raise InvalidInput(
+                "a cluster's nodes replace a corrupt copy from another replica themselves; "
+                "to restore missing replicas use chunkstore cluster repair"
+            )
+        result = self._verify(ref, progress)
+        if repair and result.corrupt:
+            result.removed = self.store.delete(result.corrupt)
+        return result
+
+    def _verify(self, ref: str | None, progress: Progress | None) -> VerifyResult:
         versions = [self.resolve(ref)] if ref else list(self._all_versions())
         chunk_ids: dict[bytes, int] = {}
         rebuilt: dict[bytes, tuple[DeltaRef, int]] = {}

@@ -10,12 +10,11 @@ import sys
 import textwrap
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import chunkstore.client.process_setup  # noqa: F401  (before anything loads gRPC or numpy)
 from chunkstore import ids
 from chunkstore.allocator import keep_freed_memory
-from chunkstore.connect import ENV_STORE, connect
+from chunkstore.connect import ENV_STORE, connect, store_directory
 from chunkstore.errors import ChunkstoreError, InvalidInput, NotFound
 from chunkstore.jsonout import emit_json
 from chunkstore.model import Version
@@ -439,10 +438,8 @@ def cmd_copy(repo: Repository, args: argparse.Namespace) -> int:
 
 def _same_store(repo: Repository, url: str) -> bool:
     """Whether ``url`` names the embedded store ``repo`` has open."""
-    if repo.store.remote or "://" in url.removeprefix("file://"):
-        return False
-    here = Path(repo.store.location).resolve()
-    return Path(url.removeprefix("file://")).expanduser().resolve() == here
+    here, there = repo.store.directory, store_directory(url)
+    return here is not None and there is not None and here.resolve() == there.resolve()
 
 
 def _print_copied(result: CopyResult, to: str) -> None:
@@ -529,13 +526,7 @@ def cmd_gc(repo: Repository, args: argparse.Namespace) -> int:
 
 
 def cmd_verify(repo: Repository, args: argparse.Namespace) -> int:
-    if args.repair and repo.store.remote:
-        raise InvalidInput(
-            "a cluster's nodes replace a corrupt copy from another replica themselves; "
-            f"to restore missing replicas use {PROG} cluster repair"
-        )
-    r = repo.verify(args.ref, progress=for_terminal(args.quiet))
-    dropped = repo.store.delete(r.corrupt) if args.repair and r.corrupt else 0
+    r = repo.verify(args.ref, progress=for_terminal(args.quiet), repair=args.repair)
     if args.json:
         _emit_json(
             {
@@ -545,7 +536,7 @@ def cmd_verify(repo: Repository, args: argparse.Namespace) -> int:
                 "deltas": r.deltas,
                 "corrupt": [c.hex() for c in r.corrupt],
                 "missing": [c.hex() for c in r.missing],
-                "removed": dropped,
+                "removed": r.removed,
             }
         )
     else:
@@ -556,9 +547,9 @@ def cmd_verify(repo: Repository, args: argparse.Namespace) -> int:
         if r.ok:
             rebuilt = f", {r.deltas} rebuilt from deltas" if r.deltas else ""
             print(f"verified {r.chunks} chunks ({human_bytes(r.bytes)}){rebuilt}: all intact")
-    if dropped and not args.json:
+    if r.removed and not args.json:
         print(
-            f"removed {dropped} corrupt chunks: push the files that held them again to store "
+            f"removed {r.removed} corrupt chunks: push the files that held them again to store "
             "them anew (until then the versions that use them cannot be pulled)"
         )
     if not r.ok:

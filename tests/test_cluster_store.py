@@ -409,6 +409,9 @@ def test_corrupt_replica_is_read_from_another_owner(tmp_path):
                 list(repo.store.read([cid]))
             assert primary in str(info.value) and secondary in str(info.value)
             assert repo.verify().corrupt == [cid]
+            with pytest.raises(InvalidInput, match="nodes replace a corrupt copy"):
+                repo.verify(repair=True)  # nothing removed: another replica may heal it
+            assert dict(repo.store.get([cid]))[cid] == bad
 
 
 def test_absent_chunk_is_not_found_on_every_owner(cluster3):

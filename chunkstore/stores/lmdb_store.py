@@ -713,13 +713,7 @@ class LmdbStore(Store):
         return {path.decode(): data for path, data in rows}
 
     def delete_stage(self, stage_id: bytes) -> None:
-        def remove(txn: lmdb.Transaction) -> None:
-            if not txn.delete(stage_id, db=self._stages):
-                raise errors.NotFound(f"stage {stage_id.hex()} not found")
-            for path, _ in _with_prefix(self._stage_files, stage_id + b"\0", txn):
-                txn.delete(stage_id + b"\0" + path, db=self._stage_files)
-
-        self._write(remove)
+        self.claim_stage(stage_id)
 
     def claim_stage(self, stage_id: bytes) -> tuple[bytes, dict[str, bytes]]:
         def claim(txn: lmdb.Transaction) -> tuple[bytes, dict[str, bytes]]:

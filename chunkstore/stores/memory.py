@@ -185,10 +185,7 @@ class MemoryStore(Store):
             return dict(self._stage_files.get(stage_id, {}))
 
     def delete_stage(self, stage_id: bytes) -> None:
-        with self._lock:
-            if self._stages.pop(stage_id, None) is None:
-                raise errors.NotFound(f"stage {stage_id.hex()} not found")
-            self._stage_files.pop(stage_id, None)
+        self.claim_stage(stage_id)
 
     def claim_stage(self, stage_id: bytes) -> tuple[bytes, dict[str, bytes]]:
         with self._lock:
