@@ -721,18 +721,23 @@ class Repository:
         return result
 
     def status_tensors(
-        self, path: str | os.PathLike, repo: str, stats: bool = False
+        self,
+        path: str | os.PathLike,
+        repo: str,
+        stats: bool = False,
+        tree: LocalTree | None = None,
     ) -> list[TensorDiff]:
         """Tensor-level differences between the files with tensors (safetensors, torch.save) at
         ``path`` and the repo's latest version (see :meth:`tensor_diff`); nothing is stored. A
         local file is cut as a push would cut it against that version and hashed; one that
-        :meth:`status` finds unchanged is not read at all."""
+        :meth:`status` finds unchanged is not read at all. ``tree`` is :meth:`local_tree` of
+        ``path``, if the caller has listed it already (to report what it leaves out)."""
         newest = self._newest(repo)
         stored = self._manifests_by_path(newest)
         base = BaseTensors([stored])
         mine: dict[str, Manifest] = {}
         read: dict[str, Path] = {}
-        for name, file in self.local_tree(path).files:
+        for name, file in (tree or self.local_tree(path)).files:
             manifest = stored.get(name)
             if manifest is not None and manifest.tensors:
                 if file.stat().st_size == manifest.size and holds(manifest, file):

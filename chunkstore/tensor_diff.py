@@ -58,7 +58,20 @@ class TensorChange:
             out["differing_bytes"] = self.differing_bytes
             finite = self.relative_l2 is not None and math.isfinite(self.relative_l2)
             out["relative_l2"] = self.relative_l2 if finite else None
+            if not finite:
+                out["relative_l2_undefined"] = undefined_l2_reason(self.relative_l2)
         return out
+
+
+def undefined_l2_reason(value: float | None) -> str | None:
+    """Why a relative L2 change has no finite value (None if it has one)."""
+    if value is None:
+        return "no values: 8-, 6- or 4-bit float codes"
+    if math.isinf(value):
+        return "the old tensor is all zeros"
+    if math.isnan(value):
+        return "NaN or infinite values"
+    return None
 
 
 @dataclass

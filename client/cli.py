@@ -22,7 +22,7 @@ from chunkstore.progress import Tally, for_terminal, human_bytes
 from chunkstore.refs import Ref
 from chunkstore.repository import DEFAULT_GC_GRACE, Diff, Repository, select_files
 from chunkstore.retention import KeepPolicy, parse_best, parse_duration
-from chunkstore.tensor_diff import TensorDiff
+from chunkstore.tensor_diff import TensorDiff, undefined_l2_reason
 from chunkstore.transfer import CopyResult
 from chunkstore.tree import Skipped
 
@@ -292,17 +292,21 @@ def _tensor_diff(repo: Repository, args: argparse.Namespace) -> int:
     return _report_tensor_diffs(diffs, args.json)
 
 
-def _report_tensor_diffs(diffs: list[TensorDiff], as_json: bool) -> int:
+def _report_tensor_diffs(
+    diffs: list[TensorDiff], as_json: bool, skipped: Sequence[Skipped] | None = None
+) -> int:
+    """Print tensor diffs; ``skipped``: local paths left out (``status``), listed in JSON."""
     if as_json:
-        _emit_json(
-            {
-                "added": [n for d in diffs for n in d.added],
-                "removed": [n for d in diffs for n in d.removed],
-                "changed": [{"file": d.path, **c.to_json()} for d in diffs for c in d.changed],
-                "unchanged": sum(d.unchanged for d in diffs),
-                "files": [d.to_json() for d in diffs],
-            }
-        )
+        out = {
+            "added": [n for d in diffs for n in d.added],
+            "removed": [n for d in diffs for n in d.removed],
+            "changed": [{"file": d.path, **c.to_json()} for d in diffs for c in d.changed],
+            "unchanged": sum(d.unchanged for d in diffs),
+            "files": [d.to_json() for d in diffs],
+        }
+        if skipped is not None:
+            out["skipped"] = [item.to_json() for item in skipped]
+        _emit_json(out)
         return 0
     for d in diffs:
         print(f"{d.path}:")
@@ -327,11 +331,10 @@ def _report_tensor_diffs(diffs: list[TensorDiff], as_json: bool) -> int:
 
 
 def _relative_l2(value: float) -> str:
-    if math.isinf(value):
-        return "inf (the old tensor is all zeros)"
-    if math.isnan(value):
-        return "n/a (NaN or infinite values)"
-    return f"{value:.3g}"
+    reason = undefined_l2_reason(value)
+    if reason is None:
+        return f"{value:.3g}"
+    return f"{'inf' if math.isinf(value) else 'n/a'} ({reason})"
 
 
 def _tensor_counts(diffs: list[TensorDiff]) -> str:
@@ -344,9 +347,10 @@ def _tensor_counts(diffs: list[TensorDiff]) -> str:
 
 def cmd_status(repo: Repository, args: argparse.Namespace) -> int:
     if args.tensors or args.stats:
-        return _report_tensor_diffs(
-            repo.status_tensors(args.path, args.repo, args.stats), args.json
-        )
+        tree = repo.local_tree(args.path)
+        _warn_skipped(tree.skipped)
+        diffs = repo.status_tensors(args.path, args.repo, args.stats, tree=tree)
+        return _report_tensor_diffs(diffs, args.json, skipped=tree.skipped)
     d = repo.status(args.path, args.repo)
     _warn_skipped(d.skipped)
     _emit_json(d.to_json()) if args.json else _print_diff(d)

@@ -287,6 +287,10 @@ def test_undefined_relative_l2_is_null_in_json_and_said_in_text(env_store, tmp_p
         d = json.loads(out, parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))
         assert code == 0 and err == ""
         assert {c["name"]: c["relative_l2"] for c in d["changed"]} == {"x": None, "z": None}
+        assert {c["name"]: c["relative_l2_undefined"] for c in d["changed"]} == {
+            "x": "NaN or infinite values",
+            "z": "the old tensor is all zeros",
+        }
         code, out, err = run(capsys, "diff", "m~", "m", "--tensors", "--stats")
         assert code == 0 and err == ""
         assert "relative L2 change n/a (NaN or infinite values)" in out
@@ -428,6 +432,15 @@ def test_status_tensors_cli_and_its_errors(env_store, tmp_path, capsys):
     )
     d = json.loads(out)
     assert code == 0 and d["changed"][0]["differing_bytes"] > 0 and d["unchanged"] == 4
+    assert d["skipped"] == []
+    dangling = tmp_path / "v1" / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere")  # a push would leave it out: status says so
+    status = ("status", str(tmp_path / "v1"), "--repo", "m", "--tensors", "--json")
+    code, out, err = run(capsys, *status)
+    reason = "dangling symlink: its target does not exist"
+    assert code == 0 and json.loads(out)["skipped"] == [{"path": str(dangling), "reason": reason}]
+    assert err == f"chunkstore: warning: {dangling} not pushed: {reason}\n"
+    dangling.unlink()
 
     (tmp_path / "v1" / "model.safetensors").write_bytes(b"not a safetensors file any more")
     code, out, _ = run(capsys, "status", str(tmp_path / "v1"), "--repo", "m", "--tensors")
@@ -497,6 +510,10 @@ def test_newer_dtypes_keep_the_tensor_index_load_and_diff(repo, tmp_path):
     assert set(changed) == {"w.scales", "freqs"} and d.unchanged == 2
     assert changed["w.scales"].differing_bytes == 10
     assert changed["w.scales"].relative_l2 is None  # exponent codes, not values
+    assert changed["w.scales"].to_json()["relative_l2_undefined"] == (
+        "no values: 8-, 6- or 4-bit float codes"
+    )
+    assert "relative_l2_undefined" not in changed["freqs"].to_json()
     old, new = freqs.astype(np.complex128), new_freqs.astype(np.complex128)
     exact = np.linalg.norm(new - old) / np.linalg.norm(old)
     assert changed["freqs"].relative_l2 == pytest.approx(exact, rel=1e-9)
