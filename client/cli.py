@@ -585,7 +585,9 @@ def cmd_stats(repo: Repository, args: argparse.Namespace) -> int:
 Command = Callable[[Repository, argparse.Namespace], int]
 
 
-def _add(sub, name: str, func: Command, help: str, example: str):
+def _add(sub, name: str, func: Command, help: str, example: str, json: bool = True):
+    """A command's parser with the options every command takes (``--json`` where it prints
+    results)."""
     p = sub.add_parser(
         name,
         help=help,
@@ -602,7 +604,8 @@ def _add(sub, name: str, func: Command, help: str, example: str):
         "--token",
         help="token for a cluster whose nodes require one (default: $CHUNKSTORE_TOKEN)",
     )
-    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    if json:
+        p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=func)
     return p
 
@@ -639,10 +642,16 @@ def build_parser(server_commands: bool = True) -> argparse.ArgumentParser:
     )
     # also before the command, as in `chunkstore --store grpc://HOST:PORT log llama-ft`
     parser.add_argument(
-        "--store", dest="global_store", metavar="STORE", help="as each command's --store"
+        "--store",
+        dest="global_store",
+        metavar="STORE",
+        help="store path or URL for the command (its own --store wins)",
     )
     parser.add_argument(
-        "--token", dest="global_token", metavar="TOKEN", help="as each command's --token"
+        "--token",
+        dest="global_token",
+        metavar="TOKEN",
+        help="token for a cluster's nodes (the command's own --token wins)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -656,7 +665,7 @@ def build_parser(server_commands: bool = True) -> argparse.ArgumentParser:
     )
     p.add_argument("path", help="file or directory to store")
     p.add_argument("--repo", required=True, help="repo name, e.g. llama-ft or team/llama-ft")
-    p.add_argument("-m", "--message", default="", help="what this version is")
+    p.add_argument("-m", "--message", default="", help="what this version is (default: empty)")
     p.add_argument("--tag", action="append", default=[], help="tag the version (repeatable)")
     p.add_argument(
         "--param",
@@ -707,7 +716,7 @@ def build_parser(server_commands: bool = True) -> argparse.ArgumentParser:
         action="append",
         metavar="PATTERN",
         help="only the files this glob over the path, or directory, names (repeatable; "
-        "a pattern that names no file is an error)",
+        "a pattern that names no file is an error; default: every file)",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
 
@@ -717,13 +726,21 @@ def build_parser(server_commands: bool = True) -> argparse.ArgumentParser:
         cmd_cat,
         "write one file of a version to standard output, every chunk verified",
         "chunkstore cat llama-ft config.json | jq .num_hidden_layers",
+        json=False,
     )
     p.add_argument("ref", help=REF_HELP)
     p.add_argument("path", help="the file's path in the version, as `show` lists it")
 
     p = _add(sub, "log", cmd_log, "list a repo's versions, newest first", "chunkstore log llama-ft")
-    p.add_argument("repo")
-    p.add_argument("-n", "--limit", type=int, default=None, help="show at most N versions (N >= 1)")
+    p.add_argument("repo", help="repo name")
+    p.add_argument(
+        "-n",
+        "--limit",
+        type=int,
+        default=None,
+        metavar="N",
+        help="show at most N versions (N >= 1; default: all)",
+    )
 
     p = _add(
         sub,
@@ -747,7 +764,7 @@ def build_parser(server_commands: bool = True) -> argparse.ArgumentParser:
         "chunkstore diff llama-ft@v1 llama-ft@v2\n"
         "chunkstore diff llama-ft --tensors --stats   # what the last push changed",
     )
-    p.add_argument("old", metavar="REF_A")
+    p.add_argument("old", metavar="REF_A", help=REF_HELP)
     p.add_argument(
         "new", metavar="REF_B", nargs="?", help="default: REF_A, compared with the version before"
     )
@@ -762,8 +779,8 @@ def build_parser(server_commands: bool = True) -> argparse.ArgumentParser:
         "chunkstore status ./ckpt-3000 --repo llama-ft\n"
         "chunkstore status ./ckpt-3000 --repo llama-ft --tensors --stats  # what training changed",
     )
-    p.add_argument("path")
-    p.add_argument("--repo", required=True)
+    p.add_argument("path", help="local file or directory, as it would be pushed")
+    p.add_argument("--repo", required=True, help="repo whose latest version to compare with")
     _add_tensor_flags(p)
 
     p = _add(
@@ -774,7 +791,7 @@ def build_parser(server_commands: bool = True) -> argparse.ArgumentParser:
         "chunkstore tag llama-ft@3f2a9c1e best",
     )
     p.add_argument("ref", help=REF_HELP)
-    p.add_argument("tag")
+    p.add_argument("tag", help="tag name: letters, digits, '.', '_' and '-'")
     p.add_argument("-d", "--delete", action="store_true", help="delete the tag instead")
 
     _add(sub, "ls", cmd_ls, "list repos", "chunkstore ls --json")
@@ -789,9 +806,13 @@ def build_parser(server_commands: bool = True) -> argparse.ArgumentParser:
         "chunkstore copy llama-ft --to grpc://cluster-1:7400 --inputs   # with its base model",
     )
     p.add_argument("ref", help=REF_HELP)
-    p.add_argument("--to", required=True, help="the destination store: a path or a URL")
     p.add_argument(
-        "--to-token", help="token for the destination's nodes (default: as for the source)"
+        "--to", required=True, metavar="STORE", help="the destination store: a path or a URL"
+    )
+    p.add_argument(
+        "--to-token",
+        metavar="TOKEN",
+        help="token for the destination's nodes (default: as for the source)",
     )
     p.add_argument("--only", action="store_true", help="this version alone, not its ancestors")
     p.add_argument(
@@ -800,7 +821,7 @@ def build_parser(server_commands: bool = True) -> argparse.ArgumentParser:
         help="also the versions it was made from (--input of its push: a base model, a data "
         "set), theirs, and so on; each with its ancestors unless --only",
     )
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
 
     p = _add(
         sub,
@@ -821,7 +842,7 @@ def build_parser(server_commands: bool = True) -> argparse.ArgumentParser:
         "The newest version, tagged versions and versions a kept one names as --input are\n"
         "always kept; the chunks deltas of kept versions need stay through gc.",
     )
-    p.add_argument("repo")
+    p.add_argument("repo", help="repo name")
     p.add_argument("--keep-last", type=int, default=0, metavar="N", help="the N newest versions")
     p.add_argument(
         "--keep-within",
@@ -888,7 +909,7 @@ def build_parser(server_commands: bool = True) -> argparse.ArgumentParser:
         add_cluster_parser(sub)
     else:  # listed in --help; their real parsers (and gRPC) load only when used
         sub.add_parser("node", help="run a storage node")
-        sub.add_parser("cluster", help="start, stop and inspect a cluster")
+        sub.add_parser("cluster", help="start, stop, inspect and change a cluster")
     return parser
 
 

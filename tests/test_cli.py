@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import errno
 import json
 import os
@@ -15,7 +16,7 @@ import pytest
 from conftest import failing_fallocate, random_bytes, tree_bytes, write
 
 from chunkstore import filespace
-from chunkstore.client.cli import main
+from chunkstore.client.cli import build_parser, main
 from chunkstore.stores.lmdb_store import LmdbStore
 
 MB = 1 << 20
@@ -431,6 +432,38 @@ def test_help_has_examples():
     proc = cli("push", "--help")
     assert proc.returncode == 0 and "example:" in proc.stdout and "--metric" in proc.stdout
     assert "examples:" in cli("--help").stdout
+
+
+def _command_parsers() -> dict[str, argparse.ArgumentParser]:
+    """Every command's parser by name, ``cluster ACTION`` included."""
+    found: dict[str, argparse.ArgumentParser] = {}
+
+    def walk(parser: argparse.ArgumentParser, prefix: str) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    found[f"{prefix}{name}"] = sub
+                    walk(sub, f"{prefix}{name} ")
+
+    walk(build_parser(), "")
+    return found
+
+
+def test_every_argument_of_every_command_is_explained():
+    for name, parser in _command_parsers().items():
+        if name.split()[0] in ("node", "cluster"):
+            continue
+        for action in parser._actions:
+            assert action.help, f"chunkstore {name}: {action.dest} has no help"
+            auto = action.dest.upper()  # argparse's metavar when none is given
+            assert action.metavar != auto or action.dest in ("repo", "message", "store", "token")
+    assert "--to STORE" in cli("copy", "--help").stdout
+    assert "--to-token TOKEN" in cli("copy", "--help").stdout
+    assert "-n N, --limit N" in cli("log", "--help").stdout
+
+
+def test_cat_has_no_json_option():
+    assert "--json" not in cli("cat", "--help").stdout  # it writes the file's bytes
 
 
 def test_progress_bar_on_a_terminal_only(env_store, tmp_path):
