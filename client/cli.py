@@ -268,6 +268,8 @@ def _print_diff(d: Diff) -> None:
 
 
 def cmd_diff(repo: Repository, args: argparse.Namespace) -> int:
+    if args.file is not None and not (args.tensors or args.stats):
+        raise InvalidInput("--file picks the file whose tensors to compare: add --tensors")
     if args.new is None:  # one ref: what that version changed
         version = repo.resolve(args.old)
         args.new = version.ref

@@ -215,6 +215,7 @@ def test_pull_show_status_tag_rm_gc_verify(two_versions, tmp_path, capsys):
         (["pull", "llama-ft@abc", "out"], "no tag", 2),
         (["show", "llama-ft@0123"], "at least 6", 2),
         (["diff", "llama-ft@v1", "nope"], "unknown repo", 3),
+        (["diff", "llama-ft", "--file", "model.bin"], "--file picks the file", 2),
     ],
 )
 def test_bad_input_is_one_line_and_nonzero(two_versions, capsys, argv, needle, exit_code):
