@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
 import os
 import signal
@@ -587,6 +588,40 @@ def cmd_stats(repo: Repository, args: argparse.Namespace) -> int:
 Command = Callable[[Repository, argparse.Namespace], int]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, kinder to typos: an argument a command does not take is reported by
+    that command (with its usage, not the top level's), and a mistyped option or command gets
+    the nearest one suggested (Python 3.11's argparse does neither)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:  # the CLI takes no arguments it does not know
+            options = [a.partition("=")[0] for a in extras if a.startswith("-")]
+            hint = _nearest(options[0], list(self._option_string_actions)) if options else None
+            self.error(
+                f"unrecognized arguments: {' '.join(extras)}"
+                + (f" (maybe you meant {hint}?)" if hint else "")
+            )
+        return namespace, extras
+
+    def _check_value(self, action: argparse.Action, value: object) -> None:
+        choices = list(action.choices or ())
+        hint = _nearest(str(value), choices) if choices and value not in choices else None
+        if hint is None:
+            super()._check_value(action, value)
+            return
+        listed = ", ".join(map(repr, choices))
+        raise argparse.ArgumentError(
+            action, f"invalid choice: {value!r}, maybe you meant {hint!r}? (choose from {listed})"
+        )
+
+
+def _nearest(word: str, candidates: list[str]) -> str | None:
+    """The candidate closest to a mistyped ``word``, if any is close."""
+    close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
 def _add(sub, name: str, func: Command, help: str, example: str, json: bool = True):
     """A command's parser with the options every command takes (``--json`` where it prints
     results)."""
@@ -627,7 +662,7 @@ def _add_tensor_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser(server_commands: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG,
         description="Deduplicating, versioned storage for model weight files.",
         epilog=textwrap.dedent("""\

@@ -463,6 +463,40 @@ def test_every_argument_of_every_command_is_explained():
     assert "-n N, --limit N" in cli("log", "--help").stdout
 
 
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (
+            ["pus", "."],
+            "chunkstore: error: argument COMMAND: invalid choice: 'pus', maybe you meant 'push'?",
+        ),
+        (
+            ["log", "m", "--limt", "1"],
+            "chunkstore log: error: unrecognized arguments: --limt 1 (maybe you meant --limit?)",
+        ),
+        (
+            ["push", ".", "--repo", "m", "--mesage=x"],
+            "chunkstore push: error: "
+            "unrecognized arguments: --mesage=x (maybe you meant --message?)",
+        ),
+        (["log", "m", "extra"], "chunkstore log: error: unrecognized arguments: extra\n"),
+        (["cluster", "stauts"], "invalid choice: 'stauts', maybe you meant 'status'?"),
+        (
+            ["cluster", "down", "--dir", "d", "--timout", "3"],
+            "chunkstore cluster down: error: "
+            "unrecognized arguments: --timout 3 (maybe you meant --timeout?)",
+        ),
+    ],
+)
+def test_a_typo_names_the_command_and_suggests_the_nearest_word(env_store, capsys, argv, needle):
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    out, err = capsys.readouterr()
+    assert (exit.value.code, out) == (2, "") and needle in err
+    assert err.startswith(f"usage: chunkstore {argv[0] if argv[0] != 'pus' else ''}".rstrip())
+    assert not env_store.exists()  # nothing was opened, let alone stored
+
+
 def test_cat_has_no_json_option():
     assert "--json" not in cli("cat", "--help").stdout  # it writes the file's bytes
 
