@@ -66,6 +66,10 @@ class StoreUnavailable(ChunkstoreError):
     exit_code = 6
 
 
+class StoreMissing(StoreUnavailable):
+    """An embedded store that does not exist, opened to read (only a write may make one)."""
+
+
 class PermissionDenied(ChunkstoreError):
     """The store refused the caller (no token, an unknown one, or one whose scope is too low),
     or a local directory or file cannot be read."""

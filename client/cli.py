@@ -16,7 +16,7 @@ import chunkstore.client.process_setup  # noqa: F401  (before anything loads gRP
 from chunkstore import ids
 from chunkstore.allocator import keep_freed_memory
 from chunkstore.connect import ENV_STORE, connect, store_directory
-from chunkstore.errors import ChunkstoreError, InvalidInput, NotFound
+from chunkstore.errors import ChunkstoreError, InvalidInput, NotFound, StoreMissing
 from chunkstore.jsonout import emit_json
 from chunkstore.model import Version
 from chunkstore.progress import Tally, for_terminal, human_bytes
@@ -953,6 +953,13 @@ def build_parser(server_commands: bool = True) -> argparse.ArgumentParser:
 SERVER_COMMANDS = ("node", "cluster")
 
 
+def _hint(exc: ChunkstoreError) -> str:
+    """What a user of the CLI can do about ``exc``, where the library cannot say it."""
+    if isinstance(exc, StoreMissing):
+        return f" (a push makes one; for another store give --store PATH or set ${ENV_STORE})"
+    return ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(server_commands=any(a in SERVER_COMMANDS for a in argv))
@@ -972,7 +979,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()  # a reader gone meanwhile shows here, not at exit
         return code
     except ChunkstoreError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {exc}{_hint(exc)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         if args.command == "pull":

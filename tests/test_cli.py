@@ -542,6 +542,7 @@ def test_reading_a_store_that_does_not_exist_creates_nothing(tmp_path):
     for argv in (["ls"], ["log", "m"], ["stats"], ["gc"]):
         proc = cli(*argv, env=env)
         assert proc.returncode == 6 and "no store there" in proc.stderr, proc.stderr
+        assert "a push makes one; for another store give --store PATH or set" in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "typo").exists()
 

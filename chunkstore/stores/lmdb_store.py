@@ -179,7 +179,7 @@ class LmdbStore(Store):
             if self.path.is_dir() and any(self.path.iterdir()):
                 raise self._unavailable("the directory is not empty and holds no store")
             if not create:
-                raise self._unavailable("no store there")
+                raise errors.StoreMissing(f"cannot open store at {self.location}: no store there")
             try:
                 self.path.mkdir(parents=True, exist_ok=True)
             except OSError as e:
