@@ -45,7 +45,8 @@ class BarProgress:
 
     REDRAW_SECONDS = 0.1
 
-    def __init__(self, stream: TextIO | None = None, new_label: str = "new") -> None:
+    def __init__(self, stream: TextIO | None = None, new_label: str | None = "new") -> None:
+        """``new_label`` names the new bytes (None: the work has none, and they are not shown)."""
         self._stream = stream or sys.stderr
         self._new_label = new_label
         self._total = self._done = self._new = 0
@@ -86,7 +87,8 @@ class BarProgress:
         left = (self._total - self._done) / speed if speed > 0 else None
         text = (
             f"{self._label} {share:4.0%} {human_bytes(self._done)}/{human_bytes(self._total)}"
-            f", {human_bytes(self._new)} {self._new_label}, {human_bytes(speed)}/s"
+            + (f", {human_bytes(self._new)} {self._new_label}" if self._new_label else "")
+            + f", {human_bytes(speed)}/s"
             + (f", {left:.0f}s left" if left is not None else "")
         )
         width = shutil.get_terminal_size().columns
@@ -98,7 +100,7 @@ class BarProgress:
         self._stream.flush()
 
 
-def for_terminal(quiet: bool = False, new_label: str = "new") -> Progress:
+def for_terminal(quiet: bool = False, new_label: str | None = "new") -> Progress:
     """A bar when stderr is a terminal and not ``quiet``, else nothing."""
     return BarProgress(new_label=new_label) if (not quiet and sys.stderr.isatty()) else NoProgress()
 

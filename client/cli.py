@@ -533,7 +533,8 @@ def cmd_gc(repo: Repository, args: argparse.Namespace) -> int:
 
 
 def cmd_verify(repo: Repository, args: argparse.Namespace) -> int:
-    r = repo.verify(args.ref, progress=for_terminal(args.quiet), repair=args.repair)
+    progress = for_terminal(args.quiet, new_label=None)  # verifying finds nothing new
+    r = repo.verify(args.ref, progress=progress, repair=args.repair)
     if args.json:
         _emit_json(
             {

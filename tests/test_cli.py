@@ -501,22 +501,13 @@ def test_cat_has_no_json_option():
     assert "--json" not in cli("cat", "--help").stdout  # it writes the file's bytes
 
 
-def test_progress_bar_on_a_terminal_only(env_store, tmp_path):
+def _on_a_terminal(env: dict[str, str], *argv: str) -> str:
+    """What the CLI run with ``argv`` writes to a terminal (its exit code must be 0)."""
     import pty
 
-    write(tmp_path / "d" / "w.bin", random_bytes(48 * MB, seed=8))
-    env = {**os.environ, "CHUNKSTORE_STORE": str(env_store), "COLUMNS": "120"}
-    argv = [
-        sys.executable,
-        "-m",
-        "chunkstore.client.cli",
-        "push",
-        str(tmp_path / "d"),
-        "--repo",
-        "m",
-    ]
+    command = (sys.executable, "-m", "chunkstore.client.cli", *argv)
     primary, secondary = pty.openpty()
-    proc = subprocess.Popen(argv, env=env, stdin=secondary, stdout=secondary, stderr=secondary)
+    proc = subprocess.Popen(command, env=env, stdin=secondary, stdout=secondary, stderr=secondary)
     os.close(secondary)
     seen = b""
     while True:
@@ -529,12 +520,21 @@ def test_progress_bar_on_a_terminal_only(env_store, tmp_path):
         seen += data
     os.close(primary)
     assert proc.wait(timeout=60) == 0
-    text = seen.decode(errors="replace")
+    return seen.decode(errors="replace")
+
+
+def test_progress_bar_on_a_terminal_only(env_store, tmp_path):
+    write(tmp_path / "d" / "w.bin", random_bytes(48 * MB, seed=8))
+    env = {**os.environ, "CHUNKSTORE_STORE": str(env_store), "COLUMNS": "120"}
+    text = _on_a_terminal(env, "push", str(tmp_path / "d"), "--repo", "m")
     assert "push m" in text and "B/s" in text and "pushed m@" in text
     piped = cli("push", str(tmp_path / "d"), "--repo", "m", env=env)
     assert piped.returncode == 0 and "B/s" not in piped.stderr and piped.stderr == ""
     quiet = cli("push", str(tmp_path / "d"), "--repo", "m", "-q", env=env)
     assert quiet.returncode == 0 and quiet.stdout == "" and quiet.stderr == ""
+    text = _on_a_terminal(env, "verify", "m")
+    assert "verify " in text and "B/s" in text and "verified " in text
+    assert " new" not in text  # verifying stores nothing: no "0 B new" in its bar
 
 
 def test_reading_a_store_that_does_not_exist_creates_nothing(tmp_path):
