@@ -375,7 +375,7 @@ def cmd_tag(repo: Repository, args: argparse.Namespace) -> int:
                 )
         repo.untag(ref.repo, args.tag)
         if args.json:
-            _emit_json({"repo": ref.repo, "tag": args.tag, "deleted": True})
+            _emit_json({"repo": ref.repo, "tag": args.tag, "id": before.hex(), "deleted": True})
         else:
             print(f"deleted tag {args.tag} (was on {ref.repo}@{ids.short(before)})")
         return 0
@@ -405,6 +405,7 @@ def cmd_ls(repo: Repository, args: argparse.Namespace) -> int:
             [
                 {
                     "name": r.name,
+                    "repo": r.name,  # as every other command calls it
                     "versions": r.versions,
                     "latest": r.latest.id.hex(),
                     "latest_size": r.latest.size,
@@ -468,7 +469,8 @@ def _print_copied(result: CopyResult, to: str) -> None:
 def cmd_rm(repo: Repository, args: argparse.Namespace) -> int:
     v = repo.rm(args.ref)
     if args.json:
-        _emit_json({"repo": v.repo, "removed": v.id.hex(), "tags": v.tags})
+        # "removed" is the id under its first name; "id" as every other command calls it
+        _emit_json({"repo": v.repo, "id": v.id.hex(), "removed": v.id.hex(), "tags": v.tags})
     else:
         print(f"removed {v.ref}; run 'chunkstore gc' to reclaim its space")
     return 0

@@ -143,7 +143,7 @@ def test_stats_json_and_ls(two_versions, capsys):
     assert code == 0 and s["versions"] == 2 and s["chunks"] > 0
     assert s["logical_bytes"] > s["stored_bytes"] > 0
     code, out, _ = run(capsys, "ls", "--json")
-    assert [r["name"] for r in json.loads(out)] == ["llama-ft"]
+    assert [(r["name"], r["repo"]) for r in json.loads(out)] == [("llama-ft", "llama-ft")]
 
 
 def test_pull_show_status_tag_rm_gc_verify(two_versions, tmp_path, capsys):
@@ -183,12 +183,13 @@ def test_pull_show_status_tag_rm_gc_verify(two_versions, tmp_path, capsys):
     assert (code, out) == (2, "") and "would hide llama-ft@" in err
     assert run(capsys, "show", f"llama-ft@{v2_id[:9]}", "--json")[1].count(v2_id) == 1
     code, out, _ = run(capsys, "tag", "-d", "llama-ft", "first", "--json")
-    assert json.loads(out) == {"repo": "llama-ft", "tag": "first", "deleted": True}
+    assert json.loads(out) == {"repo": "llama-ft", "tag": "first", "id": v1["id"], "deleted": True}
     code, out, err = run(capsys, "tag", "-d", "llama-ft", "first", "--json")
     assert (code, out) == (3, "") and "tag 'first' is not in repo 'llama-ft'" in err
     code, out, _ = run(capsys, "rm", "llama-ft@v1", "--json")
     assert code == 0 and json.loads(out) == {
         "repo": "llama-ft",
+        "id": v1["id"],
         "removed": v1["id"],
         "tags": ["best", "v1"],
     }
