@@ -498,6 +498,21 @@ def test_a_typo_names_the_command_and_suggests_the_nearest_word(env_store, capsy
     assert not env_store.exists()  # nothing was opened, let alone stored
 
 
+def test_an_internal_error_is_one_line_with_exit_70(two_versions, capsys, monkeypatch):
+    from chunkstore.repository import Repository
+
+    def broken(self):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(Repository, "stats", broken)
+    code, out, err = run(capsys, "stats")
+    assert (code, out) == (70, "") and len(err.strip().splitlines()) == 1
+    assert err.startswith("chunkstore: internal error: RuntimeError: boom (set CHUNKSTORE_DEBUG=1")
+    monkeypatch.setenv("CHUNKSTORE_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="boom"):
+        main(["stats"])
+
+
 def test_cat_has_no_json_option():
     assert "--json" not in cli("cat", "--help").stdout  # it writes the file's bytes
 
