@@ -631,7 +631,7 @@ def _add(sub, name: str, func: Command, help: str, example: str, json: bool = Tr
     p = sub.add_parser(
         name,
         help=help,
-        description=help,
+        description=textwrap.fill(help, 78, break_on_hyphens=False),
         epilog="example:\n" + textwrap.indent(example.strip(), "  "),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

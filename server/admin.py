@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -69,18 +70,26 @@ def add_admin_parsers(sub: Any) -> None:
     add = sub.add_parser(
         "add-node",
         help="add a node to a cluster's map; data moves to it in the background",
-        description="Publish a map with node ID at ADDRESS added (epoch + 1) to every node. "
-        "Start the node first (chunkstore node --id ID --listen ADDRESS --data DIR --join "
-        "grpc://SEED); it owns nothing until this publishes the map. A node that does not "
-        "answer the health check at ADDRESS is refused unless --force. Needs an admin token "
-        "if the nodes require tokens.",
+        description=textwrap.fill(
+            "Publish a map with node ID at ADDRESS added (epoch + 1) to every node. "
+            "Start the node first (chunkstore node --id ID --listen ADDRESS --data DIR --join "
+            "grpc://SEED); it owns nothing until this publishes the map. A node that does not "
+            "answer the health check at ADDRESS is refused unless --force. Needs an admin token "
+            "if the nodes require tokens.",
+            78,
+            break_on_hyphens=False,
+        ),
         epilog="example:\n  chunkstore cluster add-node n4 10.0.0.4:7400 --store grpc://10.0.0.1:7400",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add.add_argument("node_id", metavar="ID")
+    add.add_argument("node_id", metavar="ID", help="the new node's id (its --id)")
     add.add_argument("address", metavar="ADDRESS", help="HOST:PORT the node serves on")
     add.add_argument(
-        "--weight", type=float, default=1.0, help="relative share of the data (default 1)"
+        "--weight",
+        type=float,
+        default=1.0,
+        metavar="W",
+        help="relative share of the data (default 1)",
     )
     add.add_argument(
         "--force",
@@ -92,22 +101,30 @@ def add_admin_parsers(sub: Any) -> None:
     remove = sub.add_parser(
         "remove-node",
         help="remove a node from a cluster's map; its data moves to the others",
-        description="Publish a map without node ID (epoch + 1) to every node, the removed one "
-        "included. Keep the node running until 'chunkstore cluster status' shows the cluster "
-        "no longer rebalancing; then stop it.",
+        description=textwrap.fill(
+            "Publish a map without node ID (epoch + 1) to every node, the removed one "
+            "included. Keep the node running until 'chunkstore cluster status' shows the cluster "
+            "no longer rebalancing; then stop it.",
+            78,
+            break_on_hyphens=False,
+        ),
         epilog="example:\n  chunkstore cluster remove-node n2 --store grpc://10.0.0.1:7400",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    remove.add_argument("node_id", metavar="ID")
+    remove.add_argument("node_id", metavar="ID", help="the id of the node to take out")
     _connection_args(remove, 10.0, "per-node timeout")
 
     repair = sub.add_parser(
         "repair",
         help="run a repair pass on every node now and wait for them",
-        description="Every node copies the chunks, manifests, version records, tags and "
-        "stages it is responsible for to the owners that lack them, and drops what it no "
-        "longer owns once the owners hold it. Exit code 1 if a node did not answer or keys "
-        "remain below their replica count.",
+        description=textwrap.fill(
+            "Every node copies the chunks, manifests, version records, tags and "
+            "stages it is responsible for to the owners that lack them, and drops what it no "
+            "longer owns once the owners hold it. Exit code 1 if a node did not answer or keys "
+            "remain below their replica count.",
+            78,
+            break_on_hyphens=False,
+        ),
         epilog="example:\n  chunkstore cluster repair --store grpc://10.0.0.1:7400",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -71,19 +71,34 @@ def add_cluster_parser(subparsers: Any) -> argparse.ArgumentParser:
     up = sub.add_parser(
         "up",
         help="start a local cluster on loopback ports and print its store URL",
-        description="Start N node processes (detached) with their data, logs and pids in DIR; "
-        "print the store URL once all serve. If DIR holds a cluster already, start those of "
-        "its nodes (in the current map) that do not run. If a new cluster fails to start, "
-        "nothing of it is left in DIR.",
+        description=textwrap.fill(
+            "Start N node processes (detached) with their data, logs and pids in DIR; "
+            "print the store URL once all serve. If DIR holds a cluster already, start those of "
+            "its nodes (in the current map) that do not run. If a new cluster fails to start, "
+            "nothing of it is left in DIR.",
+            78,
+            break_on_hyphens=False,
+        ),
+        epilog="examples:\n"
+        "  export CHUNKSTORE_STORE=$(chunkstore cluster up "
+        "--nodes 3 --replicas 2 --dir ./cluster)\n"
+        "  chunkstore cluster up --dir ./cluster    # start again the nodes that stopped",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     up.add_argument("--dir", required=True, help="cluster directory")
     up.add_argument(
-        "--nodes", type=int, help=f"number of nodes (default {local_cluster.DEFAULT_NODES})"
+        "--nodes",
+        type=int,
+        metavar="N",
+        help=f"number of nodes (default {local_cluster.DEFAULT_NODES})",
     )
-    up.add_argument("--replicas", type=int, help="copies of each chunk (default min(3, nodes))")
+    up.add_argument(
+        "--replicas", type=int, metavar="R", help="copies of each chunk (default min(3, nodes))"
+    )
     up.add_argument(
         "--write-quorum",
         type=int,
+        metavar="W",
         help="copies durable before a write is acknowledged (default replicas // 2 + 1)",
     )
     up.add_argument(
@@ -95,14 +110,23 @@ def add_cluster_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     security = up.add_argument_group(
         "security",
-        "passed to every node (see chunkstore node --help) and kept for restarts; "
-        "TLS nodes are probed with $CHUNKSTORE_TLS_CA (and _CERT, _KEY); with --tokens, "
-        "nodes call each other with the file's first admin token unless --peer-token-file",
+        textwrap.fill(
+            "passed to every node (see chunkstore node --help) and kept for restarts; "
+            "TLS nodes are probed with $CHUNKSTORE_TLS_CA (and _CERT, _KEY); with --tokens, "
+            "nodes call each other with the file's first admin token unless --peer-token-file",
+            76,
+            break_on_hyphens=False,
+        ),
     )
-    for flag in _NODE_FILE_FLAGS:
-        security.add_argument(flag, metavar="FILE")
+    for flag, help in _NODE_FILE_FLAGS.items():
+        security.add_argument(flag, metavar="FILE", help=help)
 
-    down = sub.add_parser("down", help="stop a local cluster's nodes (data is kept)")
+    down = sub.add_parser(
+        "down",
+        help="stop a local cluster's nodes (data is kept)",
+        epilog="example:\n  chunkstore cluster down --dir ./cluster",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     down.add_argument("--dir", required=True, help="cluster directory")
     down.add_argument(
         "--timeout",
@@ -115,8 +139,15 @@ def add_cluster_parser(subparsers: Any) -> argparse.ArgumentParser:
     status = sub.add_parser(
         "status",
         help="show every node of a cluster: health, chunks, bytes, ring share",
-        description="Show every node in the cluster map. Exit code 1 if any node is unhealthy "
-        "(degraded) or peers refuse a node's calls (peer authentication failed).",
+        description=textwrap.fill(
+            "Show every node in the cluster map. Exit code 1 if any node is unhealthy "
+            "(degraded) or peers refuse a node's calls (peer authentication failed).",
+            78,
+            break_on_hyphens=False,
+        ),
+        epilog="examples:\n  chunkstore cluster status --dir ./cluster\n"
+        "  chunkstore cluster status --store grpc://10.0.0.1:7400 --json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     where = status.add_mutually_exclusive_group()
     where.add_argument(
@@ -143,7 +174,15 @@ def run_cluster(args: argparse.Namespace) -> int:
         return exc.exit_code
 
 
-_NODE_FILE_FLAGS = ("--tls-cert", "--tls-key", "--tls-client-ca", "--tokens", "--peer-token-file")
+#: The file options ``cluster up`` passes to every node, with their help.
+_NODE_FILE_FLAGS = {
+    "--tls-cert": "serve TLS with this certificate (PEM)",
+    "--tls-key": "the private key of --tls-cert (PEM)",
+    "--tls-client-ca": "require client certificates signed by these CAs (mutual TLS)",
+    "--tokens": "require a token on every call (TOML [[tokens]] with token and scope)",
+    "--peer-token-file": "token of the nodes' calls to each other (default: the first admin "
+    "token of --tokens)",
+}
 
 
 def _up(args: argparse.Namespace) -> int:

@@ -451,14 +451,20 @@ def _command_parsers() -> dict[str, argparse.ArgumentParser]:
     return found
 
 
-def test_every_argument_of_every_command_is_explained():
+def test_every_argument_of_every_command_is_explained(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
     for name, parser in _command_parsers().items():
-        if name.split()[0] in ("node", "cluster"):
-            continue
+        explained = parser.format_help().partition("\nexample")[0]  # examples are as written
+        assert max(map(len, explained.splitlines())) <= 80, f"chunkstore {name} --help is wide"
+        if name not in ("node", "cluster"):  # their actions (subcommands) are checked apart
+            assert "example" in (parser.epilog or ""), f"chunkstore {name} --help has no example"
         for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                continue  # each of its commands is one of the parsers checked
             assert action.help, f"chunkstore {name}: {action.dest} has no help"
-            auto = action.dest.upper()  # argparse's metavar when none is given
-            assert action.metavar != auto or action.dest in ("repo", "message", "store", "token")
+            if action.option_strings and action.nargs != 0 and action.metavar is None:
+                # argparse's metavar, the name in capitals, must say what the option takes
+                assert action.dest in ("dir", "file", "message", "repo", "store", "tag", "token")
     assert "--to STORE" in cli("copy", "--help").stdout
     assert "--to-token TOKEN" in cli("copy", "--help").stdout
     assert "-n N, --limit N" in cli("log", "--help").stdout
