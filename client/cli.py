@@ -963,6 +963,14 @@ def _hint(exc: ChunkstoreError) -> str:
     return ""
 
 
+def _run_on_store(args: argparse.Namespace) -> int:
+    """Run a command that works on a store: open it, run, close it."""
+    # Only a push makes a new embedded store: reading a mistyped path must not create one.
+    create = args.command == "push"
+    with connect(args.store, token=args.token, create=create) as repo:
+        return args.func(repo, args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(server_commands=any(a in SERVER_COMMANDS for a in argv))
@@ -972,13 +980,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.store = args.global_store
     if getattr(args, "token", None) is None:
         args.token = args.global_token
-    if getattr(args, "run", None):  # node and cluster commands manage their own resources
-        return args.run(args)
     try:
-        # Only a push makes a new embedded store: reading a mistyped path must not create one.
-        create = args.command == "push"
-        with connect(args.store, token=args.token, create=create) as repo:
-            code = args.func(repo, args)
+        # node and cluster commands manage their own resources
+        code = args.run(args) if getattr(args, "run", None) else _run_on_store(args)
         sys.stdout.flush()  # a reader gone meanwhile shows here, not at exit
         return code
     except ChunkstoreError as exc:
@@ -987,6 +991,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         if args.command == "pull":
             print(f"{PROG}: interrupted; run it again with --force to resume", file=sys.stderr)
+        elif args.command in SERVER_COMMANDS:
+            print(f"{PROG}: interrupted", file=sys.stderr)
         else:
             print(f"{PROG}: interrupted; no partial version was made visible", file=sys.stderr)
         return 130

@@ -289,6 +289,22 @@ def test_output_into_a_closed_pipe_stops_quietly(two_versions, env_store):
     assert proc.stderr == ""
 
 
+def test_cluster_output_into_a_closed_pipe_stops_quietly(tmp_path):
+    """``chunkstore cluster status --json | head -1``: no traceback either."""
+    (tmp_path / "cluster.toml").write_text(
+        'replicas = 1\n[[nodes]]\nid = "n1"\naddress = "127.0.0.1:9"\n'  # nothing serves
+    )
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        argv = ["cluster", "status", "--dir", str(tmp_path), "--json", "--timeout", "0.5"]
+        command = [sys.executable, "-m", "chunkstore.client.cli", *argv]
+        proc = subprocess.run(command, stdout=write_end, stderr=subprocess.PIPE, text=True)
+    finally:
+        os.close(write_end)
+    assert (proc.returncode, proc.stderr) == (128 + signal.SIGPIPE, "")
+
+
 def test_pull_into_non_empty_dir_needs_force(two_versions, tmp_path, capsys):
     write(tmp_path / "busy" / "x", b"x")
     code, _, err = run(capsys, "pull", "llama-ft", str(tmp_path / "busy"))
