@@ -48,11 +48,7 @@ class TensorChange:
     old_path: str | None = None  # the old file, if not the one of the same path
 
     def to_json(self) -> dict:
-        out: dict[str, Any] = {
-            "name": self.name,
-            "bytes_changed": self.bytes_changed,
-            "changed_bytes": self.bytes_changed,  # as a file's diff calls it
-        }
+        out: dict[str, Any] = {"name": self.name, "bytes_changed": self.bytes_changed}
         if self.old_path is not None:
             out["old_file"] = self.old_path
         if self.old.dtype != self.new.dtype or self.old.shape != self.new.shape:

@@ -405,7 +405,6 @@ def cmd_ls(repo: Repository, args: argparse.Namespace) -> int:
             [
                 {
                     "name": r.name,
-                    "repo": r.name,  # as every other command calls it
                     "versions": r.versions,
                     "latest": r.latest.id.hex(),
                     "latest_size": r.latest.size,

@@ -143,7 +143,7 @@ def test_stats_json_and_ls(two_versions, capsys):
     assert code == 0 and s["versions"] == 2 and s["chunks"] > 0
     assert s["logical_bytes"] > s["stored_bytes"] > 0
     code, out, _ = run(capsys, "ls", "--json")
-    assert [(r["name"], r["repo"]) for r in json.loads(out)] == [("llama-ft", "llama-ft")]
+    assert [r["name"] for r in json.loads(out)] == ["llama-ft"]
 
 
 def test_pull_show_status_tag_rm_gc_verify(two_versions, tmp_path, capsys):
