@@ -692,32 +692,44 @@ class Repository:
                 result.metrics[key] = (a.metrics.get(key), b.metrics.get(key))
         return result
 
-    def status(self, path: str | os.PathLike, repo: str) -> Diff:
+    def status(self, path: str | os.PathLike, repo: str, progress: Progress | None = None) -> Diff:
         """How the files at ``path`` differ from the latest version of ``repo``.
 
         A file whose size matches is read where the version has each of its chunks, and is
         unchanged if every chunk's bytes hash to its id (see :func:`~chunkstore.reuse.holds`);
-        the first chunk that differs ends the reading.
+        the first chunk that differs ends the reading. ``progress`` counts the bytes read.
         """
         newest = self._newest(repo)
         stored = {f.path: f for f in newest.files}
         result = Diff(old=newest.ref, new=str(path))
         tree = self.local_tree(path)
         result.skipped = tree.skipped
-        local = dict(tree.files)
+        local = {name: (file, file.stat().st_size) for name, file in tree.files}
+        same_size = [
+            (name, entry, local[name][0])
+            for name, entry in stored.items()
+            if name in local and local[name][1] == entry.size
+        ]
+        progress = progress or NoProgress()
+        progress.start(sum(entry.size for _, entry, _ in same_size), f"status {path}")
+        try:
+            unchanged = {
+                name
+                for name, entry, file in same_size
+                if holds(self.manifest(entry), file, progress)
+            }
+        finally:
+            progress.finish()
         for name in sorted(stored.keys() | local.keys()):
-            entry, file = stored.get(name), local.get(name)
+            entry, (file, size) = stored.get(name), local.get(name, (None, None))
             if entry is None:
-                size = file.stat().st_size
                 result.added.append(FileChange(name, None, size, size))
             elif file is None:
                 result.removed.append(FileChange(name, entry.size, None, 0))
+            elif name in unchanged:
+                result.unchanged += 1
             else:
-                size = file.stat().st_size
-                if size == entry.size and holds(self.manifest(entry), file):
-                    result.unchanged += 1
-                else:
-                    result.modified.append(FileChange(name, entry.size, size, None))
+                result.modified.append(FileChange(name, entry.size, size, None))
         return result
 
     def status_tensors(

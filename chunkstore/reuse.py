@@ -32,6 +32,7 @@ from chunkstore import ids
 from chunkstore.file_index import read_index
 from chunkstore.model import Manifest
 from chunkstore.parallel import for_each
+from chunkstore.progress import NoProgress, Progress
 
 #: Chunks of bytes outside tensors that stand or fall with the first of them.
 GROUP_CHUNKS = 16
@@ -184,15 +185,15 @@ def in_place(
     return _in_place(path, chunks, offsets, stop_at_miss=False)[0]
 
 
-def holds(manifest: Manifest, path: Path) -> bool:
+def holds(manifest: Manifest, path: Path, progress: Progress | None = None) -> bool:
     """Whether the file at ``path`` holds exactly the bytes ``manifest`` describes: its size,
     and each chunk's bytes at its offsets hashing to the chunk's id. The first chunk that
-    differs stops the reading, so a changed file costs less than a whole read. Raises
-    OSError if the file cannot be read."""
+    differs stops the reading, so a changed file costs less than a whole read. The bytes
+    checked advance ``progress``. Raises OSError if the file cannot be read."""
     if path.stat().st_size != manifest.size:
         return False
     chunks, offsets = manifest.placements()
-    return not _in_place(path, chunks, offsets, stop_at_miss=True)[1]
+    return not _in_place(path, chunks, offsets, stop_at_miss=True, progress=progress)[1]
 
 
 def _in_place(
@@ -200,9 +201,11 @@ def _in_place(
     chunks: Sequence[tuple[bytes, int]],
     offsets: Mapping[bytes, Sequence[int]],
     stop_at_miss: bool,
+    progress: Progress | None = None,
 ) -> tuple[set[bytes], bool]:
     """The ids of ``chunks`` whose bytes ``path`` holds at all their ``offsets``, and whether
     one did not (with ``stop_at_miss``, the reading ends at the first that does not)."""
+    progress = progress or NoProgress()
     present: set[bytes] = set()
     missed = threading.Event()
     fd = os.open(path, os.O_RDONLY)
@@ -217,6 +220,7 @@ def _in_place(
                     present.add(cid)
                 else:
                     missed.set()
+            progress.advance(sum(length * len(offsets[cid]) for cid, length in task))
 
         tasks = (chunks[i : i + _CHECK_CHUNKS] for i in range(0, len(chunks), _CHECK_CHUNKS))
         for_each(check, tasks, 2, "check")

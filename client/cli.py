@@ -354,7 +354,7 @@ def cmd_status(repo: Repository, args: argparse.Namespace) -> int:
         _warn_skipped(tree.skipped)
         diffs = repo.status_tensors(args.path, args.repo, args.stats, tree=tree)
         return _report_tensor_diffs(diffs, args.json, skipped=tree.skipped)
-    d = repo.status(args.path, args.repo)
+    d = repo.status(args.path, args.repo, progress=for_terminal(args.quiet, new_label=None))
     _warn_skipped(d.skipped)
     _emit_json(d.to_json()) if args.json else _print_diff(d)
     return 0
@@ -821,6 +821,7 @@ def build_parser(server_commands: bool = True) -> argparse.ArgumentParser:
     p.add_argument("path", help="local file or directory, as it would be pushed")
     p.add_argument("--repo", required=True, help="repo whose latest version to compare with")
     _add_tensor_flags(p)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     p = _add(
         sub,

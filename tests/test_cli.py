@@ -573,6 +573,10 @@ def test_progress_bar_on_a_terminal_only(env_store, tmp_path):
     text = _on_a_terminal(env, "verify", "m")
     assert "verify " in text and "B/s" in text and "verified " in text
     assert " new" not in text  # verifying stores nothing: no "0 B new" in its bar
+    text = _on_a_terminal(env, "status", str(tmp_path / "d"), "--repo", "m")
+    assert "status " in text and "B/s" in text and "1 unchanged" in text and " new" not in text
+    quiet = cli("status", str(tmp_path / "d"), "--repo", "m", "-q", env=env)
+    assert quiet.returncode == 0 and quiet.stderr == "" and "1 unchanged" in quiet.stdout
 
 
 def test_reading_a_store_that_does_not_exist_creates_nothing(tmp_path):
