@@ -4,11 +4,12 @@ any of them followed by ``~N``: the version N pushes before it (its first parent
 
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import dataclass
 
 from chunkstore import ids
-from chunkstore.errors import AmbiguousRef, InvalidInput, NotFound
+from chunkstore.errors import AmbiguousRef, ChunkstoreError, InvalidInput, NotFound
 from chunkstore.model import Version, check_repo_name, decode_version
 from chunkstore.stores.base import MetaStore
 from chunkstore.v1 import model_pb2
@@ -75,6 +76,16 @@ def newest_and_count(meta: MetaStore, repo: str) -> tuple[Version | None, int]:
     return (heads[0].version() if heads else None), len(heads)
 
 
+def unknown_repo(meta: MetaStore, name: str) -> NotFound:
+    """The error for a repo ``meta`` lacks, naming the closest one it has (a typo)."""
+    try:
+        close = difflib.get_close_matches(name, meta.list_repos(), n=1, cutoff=0.6)
+    except ChunkstoreError:  # the listing is a courtesy: the repo is unknown either way
+        close = []
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return NotFound(f"unknown repo {name!r}{hint}")
+
+
 def resolve(meta: MetaStore, ref: Ref | str) -> Version:
     """The version a ref names; NotFound or AmbiguousRef with a clear reason otherwise.
 
@@ -84,7 +95,7 @@ def resolve(meta: MetaStore, ref: Ref | str) -> Version:
         ref = Ref.parse(ref)
     heads = _heads(meta, ref.repo)
     if not heads:
-        raise NotFound(f"unknown repo {ref.repo!r}")
+        raise unknown_repo(meta, ref.repo)
     head = _select(ref, heads)
     for _ in range(ref.back):
         head = _before(ref, head, heads)

@@ -62,6 +62,7 @@ from chunkstore.refs import (
     newest_and_count,
     reads_as_id_prefix,
     resolve,
+    unknown_repo,
     users_of,
 )
 from chunkstore.restore import (
@@ -496,7 +497,7 @@ class Repository:
             raise InvalidInput(f"a log limit must be at least 1, not {limit}")
         versions = load_versions(self.store, _check_repo_name(repo), limit)
         if not versions:
-            raise NotFound(f"unknown repo {repo!r}")
+            raise unknown_repo(self.store, repo)
         return versions
 
     def repos(self) -> list[RepoSummary]:
@@ -1016,7 +1017,7 @@ class Repository:
         """The latest version of ``repo``, decoding no other; NotFound for an unknown repo."""
         version = latest(self.store, _check_repo_name(repo))
         if version is None:
-            raise NotFound(f"unknown repo {repo!r}")
+            raise unknown_repo(self.store, repo)
         return version
 
 

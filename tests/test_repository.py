@@ -84,8 +84,12 @@ def test_refs_tags_prefixes_and_errors(repo, ckpt):
     assert repo.resolve("m@v1").id == v1.id
     assert repo.resolve(f"m@{v1.id.hex()[:6]}").id == v1.id
     assert repo.resolve(f"m@{v1.id.hex().upper()[:10]}").id == v1.id
-    with pytest.raises(NotFound, match="unknown repo"):
+    with pytest.raises(NotFound, match=r"^unknown repo 'nope'$"):  # nothing close to suggest
         repo.resolve("nope")
+    typo = (lambda: repo.resolve("mm@v1"), lambda: repo.log("mm"), lambda: repo.status(ckpt, "mm"))
+    for call in typo:
+        with pytest.raises(NotFound, match=r"^unknown repo 'mm' \(did you mean 'm'\?\)$"):
+            call()
     with pytest.raises(NotFound, match="no tag"):
         repo.resolve("m@missing-tag")
     with pytest.raises(InvalidInput, match="at least 6"):
