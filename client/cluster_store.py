@@ -56,6 +56,7 @@ from chunkstore import codec, errors, ids
 from chunkstore.allocator import keep_freed_memory
 from chunkstore.batching import by_size
 from chunkstore.cluster_map import ClusterMap, ClusterMapError, NodeSpec, map_from_proto, newer
+from chunkstore.forks import OpenedIn
 from chunkstore.stores.base import ChunkInfo, ChunkTotals, Store
 from chunkstore.v1 import store_pb2 as pb
 
@@ -195,9 +196,10 @@ class ClusterStore(Store):
         self._map_lock = threading.Lock()
         self._map_checked = time.monotonic()
         self._refreshing = False
-        self._pool = ThreadPoolExecutor(
+        self._executor = ThreadPoolExecutor(
             max(8, 4 * len(self._nodes)), thread_name_prefix="cluster-rpc"
         )
+        self._opened_in = OpenedIn(f"the cluster store {self.location}")
 
     @classmethod
     def connect(cls, url: str, policy: RpcPolicy = DEFAULT_POLICY) -> ClusterStore:
@@ -222,12 +224,20 @@ class ClusterStore(Store):
             self._map_checked = math.inf  # no more refreshes
         for node in [*self._nodes.values(), *self._retired]:
             node.close()
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    @property
+    def _pool(self) -> ThreadPoolExecutor:
+        """The threads that call the nodes; a forked child has none of them (its copy of the
+        pool would queue calls forever), so there this raises instead."""
+        self._opened_in.check()
+        return self._executor
 
     # the cluster map
 
     def _current(self) -> ClusterMap:
         """The map, with a check for a newer one started in the background when it is due."""
+        self._opened_in.check()  # no refresh from a forked child, where every call fails
         if time.monotonic() - self._map_checked > self.map_refresh:
             with self._map_lock:
                 due = not self._refreshing and time.monotonic() - self._map_checked > (

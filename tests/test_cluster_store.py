@@ -347,6 +347,21 @@ def test_dead_seed_is_skipped(cluster3):
         store.list_repos()
 
 
+def test_a_cluster_store_used_after_fork_says_to_open_it_again(cluster3):
+    """Its thread pool has no threads in a forked child: a call must fail, not wait forever."""
+    with ClusterStore.connect(cluster3.url) as store:
+        store.put_version("forked", b"\1" * 32, b"record")
+        assert store.list_versions("forked") == [(b"\1" * 32, b"record")]  # the pool's threads ran
+        for call in (lambda: store.list_versions("forked"), store.list_repos):
+
+            def in_child(call=call) -> bool:
+                signal.alarm(10)  # a hang ends the child instead of stalling the test
+                return test_stores._says_reopen(call)
+
+            assert test_stores._in_child(in_child) == 0
+        assert store.list_versions("forked") == [(b"\1" * 32, b"record")]  # the parent's works
+
+
 def test_no_reachable_seed_names_every_address():
     dead = [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]
     with pytest.raises(StoreUnavailable) as info:
