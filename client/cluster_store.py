@@ -11,7 +11,10 @@ Replication rules, for every kind of record:
   owners stay there (unreferenced chunks and manifests are collected by GC).
 - A chunk (or a manifest, in :meth:`has_manifests`) counts as stored when at least
   ``write_quorum`` of its owners hold it, so a push re-sends what is under-replicated and
-  thereby repairs it. Unreachable owners count as lacking it.
+  thereby repairs it. Unreachable owners count as lacking it in an existence check before a
+  write (:meth:`missing`, :meth:`lacking`); the checks that decide whether something is gone
+  (:meth:`mark_wanted`, :meth:`has_manifests`) raise instead when an unreachable owner
+  leaves it below the quorum.
 - A read goes to one owner and moves on to the next on any failure, NOT_FOUND included.
   Listings (versions, tags) ask every owner and merge what the reachable ones hold; a tag that
   owners disagree on (moved while one was down) takes the value most of them hold, ties going to
@@ -723,11 +726,17 @@ class ClusterStore(Store):
         return [found[mid] if mid in found else self.get_manifest(mid) for mid in manifest_ids]
 
     def has_manifests(self, manifest_ids: Sequence[bytes]) -> set[bytes]:
-        """The manifests that at least ``write_quorum`` of their owners hold."""
+        """The manifests that at least ``write_quorum`` of their owners hold.
+
+        Raises StoreUnavailable naming the failed nodes if a node that did not answer leaves
+        some manifest below the quorum: that manifest is not known to be gone.
+        """
         distinct = list(dict.fromkeys(manifest_ids))
         if not distinct:
             return set()
-        return self._held(distinct, self._reported(lambda n: n.meta.HasManifests))
+        return self._held(
+            distinct, self._reported(lambda n: n.meta.HasManifests), "check manifests"
+        )
 
     def scan_manifests(self) -> Iterator[tuple[bytes, float]]:
         """``(id, stored_at)`` of every manifest once, the latest stored_at of its copies.
