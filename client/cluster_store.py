@@ -943,7 +943,12 @@ class ClusterStore(Store):
         who deletes it first on the first owner wins). Anyone short of a majority gets
         NotFound: with owners down, two callers may split the owners and both fail, leaving
         no version and no stage (nothing is committed twice). A file added between the read
-        and the deletes is not in the claim."""
+        and the deletes is not in the claim.
+
+        When the read finds the stage on no more than half of the owners, nothing is
+        deleted: NotFound if every other owner answered that it lacks it (another claimed
+        it), else StoreUnavailable naming the owners that did not answer, and the stage can
+        be claimed once they are back."""
         owners = self._owners(stage_key(stage_id))
         key = pb.StageKey(id=stage_id)
         records = call_each(
@@ -953,8 +958,12 @@ class ClusterStore(Store):
                 for n in owners
             },
         )
-        if not records.ok:
-            raise to_error(f"read stage {stage_id.hex()}", records.failed)
+        if len(records.ok) <= len(owners) // 2:
+            raise to_error(
+                f"claim stage {stage_id.hex()}: {len(records.ok)} of its {len(owners)} owners "
+                "hold it, a majority is needed",
+                records.failed,
+            )
         files = self.stage_files(stage_id)
         deleted = 0
         for node in owners:
