@@ -203,6 +203,7 @@ class ClusterStore(Store):
             max(8, 4 * len(self._nodes)), thread_name_prefix="cluster-rpc"
         )
         self._opened_in = OpenedIn(f"the cluster store {self.location}")
+        self._closed = False
 
     @classmethod
     def connect(cls, url: str, policy: RpcPolicy = DEFAULT_POLICY) -> ClusterStore:
@@ -223,6 +224,8 @@ class ClusterStore(Store):
         return cls(fetch_map(addresses, policy), url, policy)
 
     def close(self) -> None:
+        """Close the channels and the thread pool; later calls raise StoreUnavailable."""
+        self._closed = True
         with self._map_lock:
             self._map_checked = math.inf  # no more refreshes
         for node in [*self._nodes.values(), *self._retired]:
@@ -232,8 +235,11 @@ class ClusterStore(Store):
     @property
     def _pool(self) -> ThreadPoolExecutor:
         """The threads that call the nodes; a forked child has none of them (its copy of the
-        pool would queue calls forever), so there this raises instead."""
+        pool would queue calls forever), so there this raises instead, as it does once the
+        store is closed."""
         self._opened_in.check()
+        if self._closed:
+            raise errors.StoreUnavailable(f"the cluster store {self.location} is closed")
         return self._executor
 
     # the cluster map
