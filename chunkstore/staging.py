@@ -262,7 +262,10 @@ class Stage:
             store.put_stage_file(self._raw_id, path, data)
 
     def _check_durable(self, entries: list[FileEntry]) -> None:
-        """Every manifest and chunk the entries need is stored (and marked wanted now)."""
+        """Every manifest and chunk the entries need is stored (and marked wanted now).
+
+        NotFound if one is gone; a cluster whose unreachable nodes leave that unknown raises
+        StoreUnavailable instead (the files are not to be added again: the nodes are)."""
         store = self._repository.store
         manifest_ids = [e.manifest_id for e in entries]
         if store.has_manifests(manifest_ids) != set(manifest_ids):
@@ -271,7 +274,7 @@ class Stage:
             dict.fromkeys(cid for e in entries for cid in self._repository.manifest(e).stored_ids())
         )
         for i in range(0, len(chunk_ids), 8192):
-            if store.missing(chunk_ids[i : i + 8192]):
+            if store.mark_wanted(chunk_ids[i : i + 8192]):
                 raise NotFound(f"stage {self.id}: some staged chunks are gone; add the files again")
 
 

@@ -11,7 +11,10 @@ Replication rules, for every kind of record:
   owners stay there (unreferenced chunks and manifests are collected by GC).
 - A chunk (or a manifest, in :meth:`has_manifests`) counts as stored when at least
   ``write_quorum`` of its owners hold it, so a push re-sends what is under-replicated and
-  thereby repairs it. Unreachable owners count as lacking it.
+  thereby repairs it. Unreachable owners count as lacking it in an existence check before a
+  write (:meth:`missing`, :meth:`lacking`); the checks that decide whether something is gone
+  (:meth:`mark_wanted`, :meth:`has_manifests`) raise instead when an unreachable owner
+  leaves it below the quorum.
 - A read goes to one owner and moves on to the next on any failure, NOT_FOUND included.
   Listings (versions, tags) ask every owner and merge what the reachable ones hold; a tag that
   owners disagree on (moved while one was down) takes the value most of them hold, ties going to
@@ -56,6 +59,7 @@ from chunkstore import codec, errors, ids
 from chunkstore.allocator import keep_freed_memory
 from chunkstore.batching import by_size
 from chunkstore.cluster_map import ClusterMap, ClusterMapError, NodeSpec, map_from_proto, newer
+from chunkstore.forks import OpenedIn
 from chunkstore.stores.base import ChunkInfo, ChunkTotals, Store
 from chunkstore.v1 import store_pb2 as pb
 
@@ -195,9 +199,11 @@ class ClusterStore(Store):
         self._map_lock = threading.Lock()
         self._map_checked = time.monotonic()
         self._refreshing = False
-        self._pool = ThreadPoolExecutor(
+        self._executor = ThreadPoolExecutor(
             max(8, 4 * len(self._nodes)), thread_name_prefix="cluster-rpc"
         )
+        self._opened_in = OpenedIn(f"the cluster store {self.location}")
+        self._closed = False
 
     @classmethod
     def connect(cls, url: str, policy: RpcPolicy = DEFAULT_POLICY) -> ClusterStore:
@@ -218,16 +224,29 @@ class ClusterStore(Store):
         return cls(fetch_map(addresses, policy), url, policy)
 
     def close(self) -> None:
+        """Close the channels and the thread pool; later calls raise StoreUnavailable."""
+        self._closed = True
         with self._map_lock:
             self._map_checked = math.inf  # no more refreshes
         for node in [*self._nodes.values(), *self._retired]:
             node.close()
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    @property
+    def _pool(self) -> ThreadPoolExecutor:
+        """The threads that call the nodes; a forked child has none of them (its copy of the
+        pool would queue calls forever), so there this raises instead, as it does once the
+        store is closed."""
+        self._opened_in.check()
+        if self._closed:
+            raise errors.StoreUnavailable(f"the cluster store {self.location} is closed")
+        return self._executor
 
     # the cluster map
 
     def _current(self) -> ClusterMap:
         """The map, with a check for a newer one started in the background when it is due."""
+        self._opened_in.check()  # no refresh from a forked child, where every call fails
         if time.monotonic() - self._map_checked > self.map_refresh:
             with self._map_lock:
                 due = not self._refreshing and time.monotonic() - self._map_checked > (
@@ -713,11 +732,17 @@ class ClusterStore(Store):
         return [found[mid] if mid in found else self.get_manifest(mid) for mid in manifest_ids]
 
     def has_manifests(self, manifest_ids: Sequence[bytes]) -> set[bytes]:
-        """The manifests that at least ``write_quorum`` of their owners hold."""
+        """The manifests that at least ``write_quorum`` of their owners hold.
+
+        Raises StoreUnavailable naming the failed nodes if a node that did not answer leaves
+        some manifest below the quorum: that manifest is not known to be gone.
+        """
         distinct = list(dict.fromkeys(manifest_ids))
         if not distinct:
             return set()
-        return self._held(distinct, self._reported(lambda n: n.meta.HasManifests))
+        return self._held(
+            distinct, self._reported(lambda n: n.meta.HasManifests), "check manifests"
+        )
 
     def scan_manifests(self) -> Iterator[tuple[bytes, float]]:
         """``(id, stored_at)`` of every manifest once, the latest stored_at of its copies.
@@ -924,7 +949,12 @@ class ClusterStore(Store):
         who deletes it first on the first owner wins). Anyone short of a majority gets
         NotFound: with owners down, two callers may split the owners and both fail, leaving
         no version and no stage (nothing is committed twice). A file added between the read
-        and the deletes is not in the claim."""
+        and the deletes is not in the claim.
+
+        When the read finds the stage on no more than half of the owners, nothing is
+        deleted: NotFound if every other owner answered that it lacks it (another claimed
+        it), else StoreUnavailable naming the owners that did not answer, and the stage can
+        be claimed once they are back."""
         owners = self._owners(stage_key(stage_id))
         key = pb.StageKey(id=stage_id)
         records = call_each(
@@ -934,8 +964,12 @@ class ClusterStore(Store):
                 for n in owners
             },
         )
-        if not records.ok:
-            raise to_error(f"read stage {stage_id.hex()}", records.failed)
+        if len(records.ok) <= len(owners) // 2:
+            raise to_error(
+                f"claim stage {stage_id.hex()}: {len(records.ok)} of its {len(owners)} owners "
+                "hold it, a majority is needed",
+                records.failed,
+            )
         files = self.stage_files(stage_id)
         deleted = 0
         for node in owners:

@@ -48,6 +48,7 @@ from chunkstore.client.cluster_store import ClusterStore, repo_key
 from chunkstore.client.rpc import NodeCallError, NodeClient, RpcPolicy, to_error
 from chunkstore.client.wire import put_chunks_batch
 from chunkstore.cluster_map import ClusterMap, NodeSpec
+from chunkstore.connect import connect
 from chunkstore.errors import (
     ChunkNotFound,
     CorruptChunk,
@@ -345,6 +346,38 @@ def test_dead_seed_is_skipped(cluster3):
     with ClusterStore.connect(f"grpc://127.0.0.1:{free_port()},{live}") as store:
         assert store.cluster == cluster3.map
         store.list_repos()
+
+
+def test_a_cluster_store_used_after_fork_says_to_open_it_again(cluster3):
+    """Its thread pool has no threads in a forked child: a call must fail, not wait forever."""
+    with ClusterStore.connect(cluster3.url) as store:
+        store.put_version("forked", b"\1" * 32, b"record")
+        assert store.list_versions("forked") == [(b"\1" * 32, b"record")]  # the pool's threads ran
+        for call in (lambda: store.list_versions("forked"), store.list_repos):
+
+            def in_child(call=call) -> bool:
+                signal.alarm(10)  # a hang ends the child instead of stalling the test
+                return test_stores._says_reopen(call)
+
+            assert test_stores._in_child(in_child) == 0
+        assert store.list_versions("forked") == [(b"\1" * 32, b"record")]  # the parent's works
+
+
+def test_a_closed_cluster_store_says_it_is_closed(cluster3, tmp_path):
+    with connect(cluster3.url) as repo:
+        repo.push(write(tmp_path / "a.bin", random_bytes(1 << 20)), "closed", tags=["v1"])
+        lazy = repo.open("closed@v1", "a.bin")
+    for call in (
+        lambda: repo.log("closed"),
+        repo.repos,
+        lambda: repo.pull("closed@v1", tmp_path / "out"),
+        lambda: repo.push(tmp_path / "a.bin", "closed"),
+        lambda: repo.stage("closed"),
+        lambda: lazy.read(),
+    ):
+        with pytest.raises(StoreUnavailable, match="is closed"):
+            call()
+    repo.close()  # closing again is harmless
 
 
 def test_no_reachable_seed_names_every_address():

@@ -12,8 +12,9 @@ import pytest
 from cluster_fixtures import LocalCluster
 from conftest import random_bytes, tree_bytes, write
 
+from chunkstore.client.cluster_store import stage_key
 from chunkstore.connect import connect
-from chunkstore.errors import InvalidInput, NotFound, StoreFull
+from chunkstore.errors import InvalidInput, NotFound, StoreFull, StoreUnavailable
 from chunkstore.repository import Repository
 
 MB = 1 << 20
@@ -116,6 +117,50 @@ def test_four_ranks_on_a_cluster(tmp_path):
     with LocalCluster(tmp_path / "cluster", nodes=3, replicas=2) as cluster:
         check_four_ranks(cluster.url, tmp_path)
         check_racing_commits(cluster.url, tmp_path)
+
+
+def test_a_commit_with_a_node_down_says_so_and_keeps_the_stage(tmp_path):
+    """Staged files whose owners cannot all be asked are not 'gone': the commit fails as
+    unavailable, naming the node, and succeeds once the node is back."""
+    files = rank_files(tmp_path, 4)
+    with (
+        LocalCluster(tmp_path / "cluster", nodes=3, replicas=2) as cluster,
+        connect(cluster.url) as store,
+    ):
+        stage = store.stage("m", message="step 1")
+        for f in files:
+            store.stage_add(stage.id, f)
+        cluster.kill("n3")  # owns about 2/3 of the staged chunks and manifests
+        with pytest.raises(StoreUnavailable, match="n3") as info:
+            stage.commit(expect=4)
+        assert "\n" not in str(info.value)
+        assert store.store.list_repos() == []
+        cluster.start("n3")
+        with connect(cluster.url) as again:  # no wait for this client's reconnect backoff
+            assert len(again.open_stage(stage.id).commit(expect=4).files) == 4
+            assert len(again.log("m")) == 1
+
+
+def test_a_commit_short_of_a_majority_of_the_stage_owners_leaves_the_stage(tmp_path):
+    """With write quorum 1 the files' checks pass with a node down, but the claim needs a
+    majority of the stage's owners: it must fail as unavailable without deleting the stage
+    anywhere (nor blame another process), so the commit works once the node is back."""
+    (f,) = rank_files(tmp_path, 1)
+    with (
+        LocalCluster(tmp_path / "cluster", nodes=3, replicas=2, write_quorum=1) as cluster,
+        connect(cluster.url) as store,
+    ):
+        stage = store.stage("m", message="step 1")
+        store.stage_add(stage.id, f)
+        down = cluster.map.owners(stage_key(bytes.fromhex(stage.id)))[1].id
+        cluster.kill(down)
+        with pytest.raises(StoreUnavailable, match=f"claim stage {stage.id}.*node {down}"):
+            stage.commit()
+        assert store.open_stage(stage.id).id == stage.id  # still there on the live owner
+        assert store.store.list_repos() == []
+        cluster.start(down)
+        with connect(cluster.url) as again:  # no wait for this client's reconnect backoff
+            assert [e.path for e in again.open_stage(stage.id).commit().files] == [f.name]
 
 
 def test_a_commit_that_loses_a_race_after_its_checks_commits_nothing(repo: Repository, tmp_path):

@@ -437,6 +437,20 @@ def test_lmdb_data_survives_close_and_processes(tmp_path):
             store.put(chunks(1, seed=1))
 
 
+def test_a_closed_lmdb_store_says_it_is_closed(tmp_path):
+    with LmdbStore(tmp_path / "s") as store:
+        store.put(chunks(2))
+    for call in (
+        store.totals,
+        lambda: store.put(chunks(1, seed=1)),
+        lambda: store.get_version("r", b"v1"),
+        store.writing().__enter__,
+    ):
+        with pytest.raises(StoreUnavailable, match=f"the store at {tmp_path / 's'} is closed"):
+            call()
+    store.close()  # closing again is harmless
+
+
 def test_lmdb_adopts_map_grown_by_another_process(tmp_path):
     path = tmp_path / "s"
     code = (

@@ -145,6 +145,7 @@ class LmdbStore(Store):
         self._opened_in = OpenedIn(f"the store at {self.location}")
         self._write_lock = threading.RLock()  # held by the writer, taken again to resize
         self._gate = _Gate()
+        self._closed = False
         self._env = self._open_env(create and not readonly, map_size)
         _OPEN_HERE[self._key] = self._opened_in
         try:
@@ -254,12 +255,20 @@ class LmdbStore(Store):
         return errors.StoreUnavailable(f"cannot open store at {self.location}: {reason}")
 
     def close(self) -> None:
+        """Close the environment; later calls raise StoreUnavailable."""
         with self._write_lock, self._gate.exclusive():
             if self._pin is not None:
                 self._pin.abort()
                 self._pin = None
             self._forget()
             self._env.close()
+            self._closed = True
+
+    def _check_open(self) -> None:
+        """Raise StoreUnavailable once the store is closed (LMDB's own error says only that
+        an object is closed). Callers hold the write lock or the gate, as close() takes both."""
+        if self._closed:
+            raise errors.StoreUnavailable(f"the store at {self.location} is closed")
 
     # transactions
 
@@ -271,6 +280,7 @@ class LmdbStore(Store):
         self._opened_in.check()
         while True:
             with self._gate.shared():
+                self._check_open()
                 try:
                     with self._env.begin(buffers=buffers) as txn:
                         return fn(txn)
@@ -289,6 +299,7 @@ class LmdbStore(Store):
         if self._readonly:
             raise errors.StoreUnavailable(f"store at {self.location} is open read-only")
         with self._write_lock:
+            self._check_open()
             while True:
                 try:
                     return self._attempt(fn)
@@ -420,6 +431,7 @@ class LmdbStore(Store):
             yield
             return
         with self._write_lock:
+            self._check_open()
             self._writing += 1
             if self._pin is None:
                 self._pin = self._env.begin()
