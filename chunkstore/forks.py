@@ -11,16 +11,24 @@ from chunkstore.errors import ChunkstoreError
 
 
 class OpenedIn:
-    """The process that opened ``what``; :meth:`check` raises in any other (a forked child)."""
+    """The process that opened ``what``; :meth:`check` raises in any other (a forked child).
+    ``reopens``: whether a forked child may open its own (a gRPC connection may; an LMDB
+    environment may not while the child holds the parent's copy)."""
 
-    def __init__(self, what: str) -> None:
+    def __init__(self, what: str, reopens: bool = False) -> None:
         self._pid = os.getpid()
         self._what = what
+        self._reopens = reopens
 
     def check(self) -> None:
         if os.getpid() != self._pid:
+            remedy = (
+                "connect again in this process"
+                if self._reopens
+                else "open it in a process started with multiprocessing's 'spawn' method (a "
+                "forked child cannot open it again while it holds the copy)"
+            )
             raise ChunkstoreError(
                 f"{self._what} was opened in process {self._pid}, which this one was forked "
-                "from: use it there, or open it in a process started with multiprocessing's "
-                "'spawn' method (a forked child cannot open it again while it holds the copy)"
+                f"from: use it there, or {remedy}"
             )

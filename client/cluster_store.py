@@ -202,7 +202,7 @@ class ClusterStore(Store):
         self._executor = ThreadPoolExecutor(
             max(8, 4 * len(self._nodes)), thread_name_prefix="cluster-rpc"
         )
-        self._opened_in = OpenedIn(f"the cluster store {self.location}")
+        self._opened_in = OpenedIn(f"the cluster store {self.location}", reopens=True)
         self._closed = False
 
     @classmethod

@@ -328,7 +328,7 @@ class NodeClient:
         self._closed = False
         self._failed: NodeCallError | None = None
         self._probing = False
-        self._opened_in = OpenedIn(f"the client of node {spec.id}")
+        self._opened_in = OpenedIn(f"the client of node {spec.id}", reopens=True)
 
     @property
     def id(self) -> str:

@@ -357,9 +357,16 @@ def test_a_cluster_store_used_after_fork_says_to_open_it_again(cluster3):
 
             def in_child(call=call) -> bool:
                 signal.alarm(10)  # a hang ends the child instead of stalling the test
-                return test_stores._says_reopen(call)
+                return test_stores._says_reopen(call, "connect again in this process")
 
             assert test_stores._in_child(in_child) == 0
+
+        def connect_again() -> bool:  # as the error says: a store of the child's own works
+            signal.alarm(10)
+            with ClusterStore.connect(cluster3.url) as own:
+                return own.list_versions("forked") == [(b"\1" * 32, b"record")]
+
+        assert test_stores._in_child(connect_again) == 0
         assert store.list_versions("forked") == [(b"\1" * 32, b"record")]  # the parent's works
 
 
