@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 import chunkstore.client.process_setup  # noqa: F401  (before anything loads gRPC or numpy)
 from chunkstore import ids
 from chunkstore.allocator import keep_freed_memory
+from chunkstore.client.help_format import HelpFormatter
 from chunkstore.connect import ENV_STORE, connect, store_directory
 from chunkstore.errors import ChunkstoreError, InvalidInput, NotFound, StoreMissing
 from chunkstore.jsonout import emit_json
@@ -630,9 +631,9 @@ def _add(sub, name: str, func: Command, help: str, example: str, json: bool = Tr
     p = sub.add_parser(
         name,
         help=help,
-        description=textwrap.fill(help, 78, break_on_hyphens=False),
+        description=help,
         epilog="example:\n" + textwrap.indent(example.strip(), "  "),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument(
         "--store",
@@ -677,7 +678,7 @@ def build_parser(server_commands: bool = True) -> argparse.ArgumentParser:
             refs: NAME (the latest version), NAME@TAG, NAME@ID-PREFIX (6+ hex digits);
             any of them + ~N is the version N pushes before it (llama-ft~ : the one before)
             """),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     # also before the command, as in `chunkstore --store grpc://HOST:PORT log llama-ft`
     parser.add_argument(

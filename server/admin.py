@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import textwrap
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -24,6 +23,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from chunkstore.client.cluster_store import TLS_SCHEME, parse_url
+from chunkstore.client.help_format import HelpFormatter
 from chunkstore.client.rpc import (
     REFUSED,
     Credentials,
@@ -70,17 +70,15 @@ def add_admin_parsers(sub: Any) -> None:
     add = sub.add_parser(
         "add-node",
         help="add a node to a cluster's map; data moves to it in the background",
-        description=textwrap.fill(
+        description=(
             "Publish a map with node ID at ADDRESS added (epoch + 1) to every node. "
             "Start the node first (chunkstore node --id ID --listen ADDRESS --data DIR --join "
             "grpc://SEED); it owns nothing until this publishes the map. A node that does not "
             "answer the health check at ADDRESS is refused unless --force. Needs an admin token "
-            "if the nodes require tokens.",
-            78,
-            break_on_hyphens=False,
+            "if the nodes require tokens."
         ),
         epilog="example:\n  chunkstore cluster add-node n4 10.0.0.4:7400 --store grpc://10.0.0.1:7400",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add.add_argument("node_id", metavar="ID", help="the new node's id (its --id)")
     add.add_argument("address", metavar="ADDRESS", help="HOST:PORT the node serves on")
@@ -101,15 +99,13 @@ def add_admin_parsers(sub: Any) -> None:
     remove = sub.add_parser(
         "remove-node",
         help="remove a node from a cluster's map; its data moves to the others",
-        description=textwrap.fill(
+        description=(
             "Publish a map without node ID (epoch + 1) to every node, the removed one "
             "included. Keep the node running until 'chunkstore cluster status' shows the cluster "
-            "no longer rebalancing; then stop it.",
-            78,
-            break_on_hyphens=False,
+            "no longer rebalancing; then stop it."
         ),
         epilog="example:\n  chunkstore cluster remove-node n2 --store grpc://10.0.0.1:7400",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     remove.add_argument("node_id", metavar="ID", help="the id of the node to take out")
     _connection_args(remove, 10.0, "per-node timeout")
@@ -117,16 +113,14 @@ def add_admin_parsers(sub: Any) -> None:
     repair = sub.add_parser(
         "repair",
         help="run a repair pass on every node now and wait for them",
-        description=textwrap.fill(
+        description=(
             "Every node copies the chunks, manifests, version records, tags and "
             "stages it is responsible for to the owners that lack them, and drops what it no "
             "longer owns once the owners hold it. Exit code 1 if a node did not answer or keys "
-            "remain below their replica count.",
-            78,
-            break_on_hyphens=False,
+            "remain below their replica count."
         ),
         epilog="example:\n  chunkstore cluster repair --store grpc://10.0.0.1:7400",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     repair.add_argument("--json", action="store_true", help="print machine-readable JSON")
     _connection_args(repair, DEFAULT_REPAIR_TIMEOUT, "how long to wait for the passes")

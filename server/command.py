@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from chunkstore.client.cluster_store import parse_url
+from chunkstore.client.help_format import HelpFormatter
 from chunkstore.client.rpc import Credentials
 from chunkstore.cluster_map import load_cluster_file
 from chunkstore.connect import store_url
@@ -37,7 +38,7 @@ def add_node_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="Serve one node's shard over gRPC until SIGTERM or SIGINT.",
         epilog="example:\n  chunkstore node --id n1 --cluster cluster.toml --data /srv/n1 "
         "--metrics-port 9101",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     node.add_arguments(p)
     p.set_defaults(run=run_node)
@@ -64,26 +65,24 @@ def add_cluster_parser(subparsers: Any) -> argparse.ArgumentParser:
               chunkstore cluster add-node n4 10.0.0.4:7400 --store grpc://10.0.0.1:7400
               chunkstore cluster repair --store grpc://10.0.0.1:7400
             """),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     sub = p.add_subparsers(dest="cluster_command", metavar="ACTION", required=True)
 
     up = sub.add_parser(
         "up",
         help="start a local cluster on loopback ports and print its store URL",
-        description=textwrap.fill(
+        description=(
             "Start N node processes (detached) with their data, logs and pids in DIR; "
             "print the store URL once all serve. If DIR holds a cluster already, start those of "
             "its nodes (in the current map) that do not run. If a new cluster fails to start, "
-            "nothing of it is left in DIR.",
-            78,
-            break_on_hyphens=False,
+            "nothing of it is left in DIR."
         ),
         epilog="examples:\n"
         "  export CHUNKSTORE_STORE=$(chunkstore cluster up "
         "--nodes 3 --replicas 2 --dir ./cluster)\n"
         "  chunkstore cluster up --dir ./cluster    # start again the nodes that stopped",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     up.add_argument("--dir", required=True, help="cluster directory")
     up.add_argument(
@@ -110,12 +109,10 @@ def add_cluster_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     security = up.add_argument_group(
         "security",
-        textwrap.fill(
+        (
             "passed to every node (see chunkstore node --help) and kept for restarts; "
             "TLS nodes are probed with $CHUNKSTORE_TLS_CA (and _CERT, _KEY); with --tokens, "
-            "nodes call each other with the file's first admin token unless --peer-token-file",
-            76,
-            break_on_hyphens=False,
+            "nodes call each other with the file's first admin token unless --peer-token-file"
         ),
     )
     for flag, help in _NODE_FILE_FLAGS.items():
@@ -125,7 +122,7 @@ def add_cluster_parser(subparsers: Any) -> argparse.ArgumentParser:
         "down",
         help="stop a local cluster's nodes (data is kept)",
         epilog="example:\n  chunkstore cluster down --dir ./cluster",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     down.add_argument("--dir", required=True, help="cluster directory")
     down.add_argument(
@@ -139,15 +136,13 @@ def add_cluster_parser(subparsers: Any) -> argparse.ArgumentParser:
     status = sub.add_parser(
         "status",
         help="show every node of a cluster: health, chunks, bytes, ring share",
-        description=textwrap.fill(
+        description=(
             "Show every node in the cluster map. Exit code 1 if any node is unhealthy "
-            "(degraded) or peers refuse a node's calls (peer authentication failed).",
-            78,
-            break_on_hyphens=False,
+            "(degraded) or peers refuse a node's calls (peer authentication failed)."
         ),
         epilog="examples:\n  chunkstore cluster status --dir ./cluster\n"
         "  chunkstore cluster status --store grpc://10.0.0.1:7400 --json",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     where = status.add_mutually_exclusive_group()
     where.add_argument(
