@@ -321,7 +321,7 @@ class ClusterStore(Store):
         record, once more under the newest map, on its owners and then every other node."""
         owners = self._owners(key)
         try:
-            return first_answer(owners, call, what)
+            return first_answer(self._pool, owners, call, what, self.policy.straggler_grace)
         except errors.NotFound as absent:
             self.refresh_map()
             now = self._owners(key)
@@ -330,7 +330,7 @@ class ClusterStore(Store):
             if not rest:
                 raise
             try:
-                return first_answer(rest, call, what)
+                return first_answer(self._pool, rest, call, what, self.policy.straggler_grace)
             except errors.ChunkstoreError:
                 raise absent from None
 
@@ -722,7 +722,11 @@ class ClusterStore(Store):
             )
             return list(reply.records)
 
-        replies = call_each(self._pool, {n: partial(ask, n, m) for n, m in asked.items()})
+        # Once one node answered, the others get the grace period: a hung node's share is read
+        # from other owners then, not after its deadline.
+        replies = call_each(
+            self._pool, {n: partial(ask, n, m) for n, m in asked.items()}, lambda r: bool(r.ok)
+        )
         found = {
             record.id: record.data
             for records in replies.ok.values()
@@ -873,15 +877,19 @@ class ClusterStore(Store):
         return {tag: counts.most_common(1)[0][0] for tag, counts in votes.items()}
 
     def _ask_owners(self, repo: str, call: Callable[[NodeClient], T], what: str) -> list[T]:
-        """``call`` on every owner of ``repo``'s records: the answers in ring order.
+        """``call`` on every owner of ``repo``'s records: the answers in ring order. Once
+        ``replicas - write_quorum + 1`` owners answered (enough to see every acknowledged
+        write), the others get the grace period of :func:`call_each`.
 
         Raises if no owner answers."""
         return self._ask_key_owners(repo_key(repo), call, f"{what} of {repo!r}")
 
     def _ask_key_owners(self, key: bytes, call: Callable[[NodeClient], T], what: str) -> list[T]:
         owners = self._owners(key)
+        # Any replicas - write_quorum + 1 owners include one that acknowledged each write.
+        enough = max(1, len(owners) - self._quorum + 1)
         replies = call_each(
-            self._pool, {n: partial(call, n) for n in owners}, lambda r: len(r.ok) >= self._quorum
+            self._pool, {n: partial(call, n) for n in owners}, lambda r: len(r.ok) >= enough
         )
         if not replies.ok:
             raise to_error(what, replies.failed)

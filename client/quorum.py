@@ -11,13 +11,13 @@ Three patterns cover every replicated record (manifest, version, tag):
 - :func:`remove_all`: the same for a removal, where an owner that lacks the record (NOT_FOUND)
   counts as done; NotFound only when no owner had it.
 - :func:`first_answer`: a read tries the owners one by one until one answers; NOT_FOUND from one
-  owner sends it to the next.
+  owner sends it to the next, and so does an owner slow to answer (the next one is asked too).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, wait
 from dataclasses import dataclass, field
 from functools import partial
@@ -46,9 +46,11 @@ def settle(
     absorb: Callable[[Future], None],
     enough: Callable[[], bool],
     grace: float,
+    expendable: Collection[Future] = (),
 ) -> set[Future]:
     """Wait for ``futures``, passing each to ``absorb`` as it completes. Once ``enough()`` holds,
-    the rest get ``grace`` seconds more, or as long as it took so far if that is longer.
+    the rest get ``grace`` seconds more, or as long as it took so far if that is longer; none,
+    if all of them are ``expendable``.
 
     Returns the futures still running then: the stragglers.
     """
@@ -58,7 +60,7 @@ def settle(
     while pending:
         if cutoff is None and enough():
             now = time.monotonic()
-            cutoff = now + max(grace, now - start)
+            cutoff = now if pending <= set(expendable) else now + max(grace, now - start)
         timeout = None if cutoff is None else cutoff - time.monotonic()
         if timeout is not None and timeout <= 0:
             break
@@ -75,9 +77,10 @@ def call_each(
 ) -> Replies[T]:
     """Run ``node.run(call)`` for every pair, the nodes in parallel; collect answers and failures.
 
-    Once ``enough(replies so far)`` holds, slower nodes get a grace period (see :func:`settle`);
-    those that miss it are marked slow and count as failed (their calls finish in the
-    background, within their deadlines). Errors other than NodeCallError propagate.
+    Once ``enough(replies so far)`` holds, slower nodes get a grace period (see :func:`settle`),
+    unless they all were failing already before this call (then they get none); those that
+    miss it are marked slow and count as failed (their calls finish in the background, within
+    their deadlines). Errors other than NodeCallError propagate.
     """
     replies: Replies[T] = Replies()
     if len(calls) == 1:  # no thread hop for a single node
@@ -87,7 +90,9 @@ def call_each(
         except NodeCallError as failure:
             replies.failed.append(failure)
         return replies
+    was_failing = {node for node in calls if not node.healthy}
     futures = {pool.submit(node.run, call): node for node, call in calls.items()}
+    failing = {future for future, node in futures.items() if node in was_failing}
 
     def absorb(future: Future) -> None:
         try:
@@ -97,7 +102,7 @@ def call_each(
 
     start = time.monotonic()
     grace = next(iter(calls)).policy.straggler_grace
-    for late in settle(futures, absorb, lambda: enough(replies), grace):
+    for late in settle(futures, absorb, lambda: enough(replies), grace, failing):
         replies.failed.append(futures[late].mark_slow(time.monotonic() - start))
     return replies
 
@@ -173,18 +178,47 @@ def remove_all(
         raise to_error(what, absent)
 
 
-def first_answer(owners: Sequence[NodeClient], call: Callable[[NodeClient], T], what: str) -> T:
+def first_answer(
+    pool: Executor,
+    owners: Sequence[NodeClient],
+    call: Callable[[NodeClient], T],
+    what: str,
+    hedge: float,
+) -> T:
     """``call(node)`` of the first owner that answers, healthy owners first.
 
-    NOT_FOUND or a failure moves on to the next owner; when none answers, the error names each:
-    NotFound if every owner lacks the record, else StoreUnavailable.
+    NOT_FOUND or a failure moves on to the next owner at once; an owner that has not answered
+    within ``hedge`` seconds gets company: the next owner is asked too, and the first answer
+    wins; the slow owner is marked slow (its call finishes in the background, within its
+    deadline). So a hung owner costs about ``hedge``, not a deadline. When none answers, the
+    error names each: NotFound if every owner lacks the record, else StoreUnavailable.
     """
+    waiting = iter(sorted(owners, key=lambda n: not n.healthy))
+    running: dict[Future, NodeClient] = {}
     failures: list[NodeCallError] = []
-    for node in sorted(owners, key=lambda n: not n.healthy):
-        try:
-            return node.run(partial(call, node))
-        except NodeCallError as failure:
-            failures.append(failure)
+
+    def ask_next() -> None:
+        node = next(waiting, None)
+        if node is not None:
+            running[pool.submit(node.run, partial(call, node))] = node
+
+    start = time.monotonic()
+    ask_next()
+    while running:
+        done, _ = wait(running, timeout=hedge, return_when=FIRST_COMPLETED)
+        if not done:
+            ask_next()
+        for future in done:
+            del running[future]
+            try:
+                answer = future.result()
+            except NodeCallError as failure:
+                failures.append(failure)
+                ask_next()
+                continue
+            for slow in running.values():  # later calls try the one that answered first
+                slow.mark_slow(time.monotonic() - start)
+            return answer
     raise to_error(what, failures)
 
 

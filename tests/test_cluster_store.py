@@ -11,6 +11,7 @@ import json
 import signal
 import threading
 import time
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -339,6 +340,43 @@ def test_a_hung_node_costs_seconds_not_deadlines(tmp_path, series):
             assert time.monotonic() - start < 4 * quick.stream_timeout
         finally:
             cluster.kill("n2")
+
+
+def test_reads_of_a_connected_client_go_around_a_hung_node(tmp_path):
+    """A training job's client has channels open to every node when one freezes (a stopped
+    process, a cut cable). Each read of metadata then costs about the grace period, never a
+    deadline, also where every write needs both owners (replicas 2, write quorum 2)."""
+    quick = RpcPolicy(timeout=3, stream_timeout=6, straggler_grace=0.3, stall_timeout=1)
+    with LocalCluster(tmp_path / "c", nodes=3, replicas=2, write_quorum=2) as cluster:
+        owners = {f"repo-{i}": [n.id for n in cluster.map.owners(repo_key(f"repo-{i}"))]
+                  for i in range(40)}  # fmt: skip
+        names = sorted(  # repos whose records n2 holds first, second, not at all
+            [r for r, o in owners.items() if o[0] == "n2"][:2]
+            + [r for r, o in owners.items() if o[1] == "n2"][:2]
+            + [r for r, o in owners.items() if "n2" not in o][:1]
+        )
+        assert len(names) == 5
+        with Repository(ClusterStore.connect(cluster.url, quick)) as repo:
+            for i, name in enumerate(names):
+                data = write(tmp_path / name / "x.bin", random_bytes(300_000, seed=i))
+                repo.push(data.parent, name, tags=["v1"])
+            assert [r.name for r in repo.repos()] == names  # every channel open, all healthy
+            cluster.process("n2").send_signal(signal.SIGSTOP)  # alive to the kernel, silent
+            try:
+                for name in names:
+                    for what, read in [
+                        ("log", partial(repo.log, name)),
+                        ("tags", partial(repo.tagged, name, "v1")),
+                        ("resolve", partial(repo.resolve, f"{name}@v1")),
+                        ("pull", partial(repo.pull, f"{name}@v1", tmp_path / "out" / name)),
+                    ]:
+                        start = time.monotonic()
+                        read()
+                        took = time.monotonic() - start
+                        assert took < quick.timeout, f"{what} {name} took {took:.1f} s"
+                    assert filecmp.cmp(tmp_path / name / "x.bin", tmp_path / "out" / name / "x.bin")
+            finally:
+                cluster.kill("n2")
 
 
 def test_dead_seed_is_skipped(cluster3):
