@@ -9,8 +9,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from google.protobuf.message import DecodeError
+
 from chunkstore import ids
-from chunkstore.errors import InvalidInput, NotFound
+from chunkstore.errors import CorruptStore, InvalidInput, NotFound
 from chunkstore.v1 import model_pb2
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*")
@@ -158,11 +160,25 @@ def encode_version(
     return ids.record_id(data), data
 
 
+def parse_version_record(version_id: bytes, data: bytes) -> model_pb2.Version:
+    """The fields of the version record ``data`` stored as ``version_id``, without checking
+    that it hashes to its id; CorruptStore naming the record if it is not one."""
+    try:
+        return model_pb2.Version.FromString(data)
+    except DecodeError:
+        raise CorruptStore(
+            f"version record {version_id.hex()} is damaged: its bytes are not a version record"
+        ) from None
+
+
 def decode_version(version_id: bytes, data: bytes, tags: list[str] | None = None) -> Version:
-    """Parse a stored version record (checked against its id)."""
+    """Parse a stored version record, checked against its id: CorruptStore naming it if it
+    does not hash to its id or is not a version record."""
     if ids.record_id(data) != version_id:
-        raise InvalidInput(f"version record {version_id.hex()} does not match its id")
-    msg = model_pb2.Version.FromString(data)
+        raise CorruptStore(
+            f"version record {version_id.hex()} is damaged: it does not match its id"
+        )
+    msg = parse_version_record(version_id, data)
     return Version(
         repo=msg.repo,
         id=version_id,

@@ -10,9 +10,8 @@ from dataclasses import dataclass
 
 from chunkstore import ids
 from chunkstore.errors import AmbiguousRef, ChunkstoreError, InvalidInput, NotFound
-from chunkstore.model import Version, check_repo_name, decode_version
+from chunkstore.model import Version, check_repo_name, decode_version, parse_version_record
 from chunkstore.stores.base import MetaStore
-from chunkstore.v1 import model_pb2
 
 MIN_PREFIX = 6
 _HEX = re.compile(r"[0-9a-f]+")
@@ -60,7 +59,7 @@ def users_of(meta: MetaStore, repo: str) -> list[Version]:
         if name == repo:
             continue
         for vid, data in meta.list_versions(name):
-            if any(link.repo == repo for link in model_pb2.Version.FromString(data).inputs):
+            if any(link.repo == repo for link in parse_version_record(vid, data).inputs):
                 out.append(decode_version(vid, data, []))
     return out
 
@@ -141,7 +140,7 @@ def _heads(meta: MetaStore, repo: str) -> list[_Head]:
         by_version.setdefault(vid, []).append(tag)
     heads = []
     for vid, data in meta.list_versions(repo):
-        msg = model_pb2.Version.FromString(data)
+        msg = parse_version_record(vid, data)
         heads.append(_Head(vid, msg.created_ns, list(msg.parents), by_version.get(vid, []), data))
     heads.sort(key=lambda h: (h.created_ns, h.id), reverse=True)
     return heads

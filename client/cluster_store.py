@@ -796,7 +796,8 @@ class ClusterStore(Store):
         return reply.data
 
     def list_versions(self, repo: str) -> list[tuple[bytes, bytes]]:
-        """Every version any reachable owner of the repo holds."""
+        """Every version any reachable owner of the repo holds; of a record some owner holds
+        damaged (not hashing to its id), an intact copy if another owner has one."""
         request = pb.RepoName(repo=repo)
         replies = self._ask_owners(
             repo,
@@ -806,7 +807,9 @@ class ClusterStore(Store):
         merged: dict[bytes, bytes] = {}
         for reply in replies:
             for v in reply.versions:
-                merged.setdefault(v.id, v.data)
+                held = merged.get(v.id)
+                if held is None or (not _intact(v.id, held) and _intact(v.id, v.data)):
+                    merged[v.id] = v.data  # an intact copy wins over a damaged one
         return list(merged.items())
 
     def delete_version(self, repo: str, version_id: bytes) -> None:
@@ -1008,6 +1011,10 @@ class ClusterStore(Store):
             for record in reply.stages:
                 stages.setdefault(record.id, record.data)
         return list(stages.items())
+
+
+def _intact(version_id: bytes, data: bytes) -> bool:
+    return ids.record_id(data) == version_id
 
 
 def _removal(

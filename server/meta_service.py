@@ -12,6 +12,7 @@ import grpc
 
 from chunkstore import errors
 from chunkstore.client import manifest_parts
+from chunkstore.model import decode_version
 from chunkstore.stores.base import MetaStore
 from chunkstore.v1 import store_pb2 as pb
 from chunkstore.v1 import store_pb2_grpc as pb_grpc
@@ -106,6 +107,7 @@ class MetaServicer(pb_grpc.MetaServiceServicer):
         return pb.DeleteResult(deleted=self._store.delete_manifests(chunk_ids(request.ids)))
 
     def PutVersion(self, request: pb.VersionRecord, context: grpc.ServicerContext) -> pb.Empty:
+        _check_version_record(request)
         self._store.put_version(request.repo, request.id, request.data)
         return _EMPTY
 
@@ -168,6 +170,20 @@ class MetaServicer(pb_grpc.MetaServiceServicer):
     def ListStages(self, request: pb.Empty, context: grpc.ServicerContext) -> pb.StageRecords:
         return pb.StageRecords(
             stages=[pb.StageRecord(id=i, data=d) for i, d in self._store.list_stages()]
+        )
+
+
+def _check_version_record(record: pb.VersionRecord) -> None:
+    """Refuse a record that every reader would find damaged: one that does not hash to its
+    id, is not a version record, or names another repo."""
+    try:
+        version = decode_version(record.id, record.data)
+    except errors.CorruptStore as e:
+        raise errors.InvalidInput(str(e).replace(" is damaged:", " refused:")) from None
+    if version.repo != record.repo:
+        raise errors.InvalidInput(
+            f"version record {record.id.hex()} refused: it belongs to repo {version.repo!r}, "
+            f"not {record.repo!r}"
         )
 
 

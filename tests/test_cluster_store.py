@@ -389,8 +389,9 @@ def test_dead_seed_is_skipped(cluster3):
 def test_a_cluster_store_used_after_fork_says_to_open_it_again(cluster3):
     """Its thread pool has no threads in a forked child: a call must fail, not wait forever."""
     with ClusterStore.connect(cluster3.url) as store:
-        store.put_version("forked", b"\1" * 32, b"record")
-        assert store.list_versions("forked") == [(b"\1" * 32, b"record")]  # the pool's threads ran
+        vid, data = test_stores.record("forked", 1)
+        store.put_version("forked", vid, data)
+        assert store.list_versions("forked") == [(vid, data)]  # the pool's threads ran
         for call in (lambda: store.list_versions("forked"), store.list_repos):
 
             def in_child(call=call) -> bool:
@@ -402,10 +403,10 @@ def test_a_cluster_store_used_after_fork_says_to_open_it_again(cluster3):
         def connect_again() -> bool:  # as the error says: a store of the child's own works
             signal.alarm(10)
             with ClusterStore.connect(cluster3.url) as own:
-                return own.list_versions("forked") == [(b"\1" * 32, b"record")]
+                return own.list_versions("forked") == [(vid, data)]
 
         assert test_stores._in_child(connect_again) == 0
-        assert store.list_versions("forked") == [(b"\1" * 32, b"record")]  # the parent's works
+        assert store.list_versions("forked") == [(vid, data)]  # the parent's works
 
 
 def test_a_closed_cluster_store_says_it_is_closed(cluster3, tmp_path):
@@ -643,6 +644,48 @@ def test_node_failures_become_one_line_chunkstore_errors():
     absent = NodeCallError(a, grpc.StatusCode.NOT_FOUND, "version 0a is not in repo 'r'")
     assert str(to_error("read", [absent, absent])) == "version 0a is not in repo 'r'"
     assert isinstance(to_error("read", [absent, down]), StoreUnavailable)
+
+
+def test_nodes_refuse_a_version_record_that_readers_would_find_damaged(store):
+    vid, data = test_stores.record("r", 1)
+    for bad_id, bad_data, reason in [
+        (vid, b"\xff\xff not a record", "refused: it does not match its id"),
+        (ids.record_id(b"\xff\xff"), b"\xff\xff", "refused: its bytes are not a version record"),
+        (vid, data[:-1], "refused: it does not match its id"),
+    ]:
+        with pytest.raises(InvalidInput, match=reason) as info:
+            store.put_version("r", bad_id, bad_data)
+        assert "\n" not in str(info.value)
+    with pytest.raises(InvalidInput, match="belongs to repo 'r', not 'other'"):
+        store.put_version("other", vid, data)
+    assert store.list_repos() == []
+    store.put_version("r", vid, data)  # the record itself is taken
+    assert store.list_versions("r") == [(vid, data)]
+
+
+def test_a_damaged_copy_of_a_version_record_is_read_from_another_owner(tmp_path):
+    with LocalCluster(tmp_path / "c", nodes=3, replicas=2) as cluster:
+        with Repository(ClusterStore.connect(cluster.url)) as repo:
+            pushed = repo.push(write(tmp_path / "m" / "w.bin", random_bytes(1000)), "m").version
+        for owner in cluster.map.owners(repo_key("m")):
+            cluster.stop(owner.id)  # this owner's copy is damaged (the other's is intact)
+            with LmdbStore(cluster.node_data(owner.id), create=False) as shard:
+                shard.delete_version("m", pushed.id)
+                shard.put_version("m", pushed.id, b"\xff\xff not a record")
+            cluster.start(owner.id)
+            with Repository(ClusterStore.connect(cluster.url)) as repo:
+                assert [v.id for v in repo.log("m")] == [pushed.id]
+            cluster.stop(owner.id)  # intact again, for the next owner's turn
+            with LmdbStore(cluster.node_data(owner.id), create=False) as shard:
+                shard.delete_version("m", pushed.id)
+                shard.put_version("m", pushed.id, repo_record(cluster, "m", pushed.id))
+            cluster.start(owner.id)
+
+
+def repo_record(cluster: LocalCluster, repo: str, version_id: bytes) -> bytes:
+    """The intact record of a version, as the cluster's clients read it."""
+    with ClusterStore.connect(cluster.url) as store:
+        return dict(store.list_versions(repo))[version_id]
 
 
 def test_nodes_refuse_a_chunk_that_does_not_match_its_id(store):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import test_stores
 from cluster_fixtures import cluster_fixture, write_cluster_file
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
@@ -357,17 +358,18 @@ def test_scan_pages_after_an_id_and_delete(chunks_api):
 
 
 def test_manifests_versions_and_tags(meta_api):
-    mid, vid = os.urandom(32), os.urandom(32)
-    repo = f"repo-{vid.hex()[:8]}"
+    mid = os.urandom(32)
+    repo = f"repo-{mid.hex()[:8]}"
+    vid, record = test_stores.record(repo, 1)
     meta_api.PutManifest(pb.ManifestRecord(id=mid, data=b"manifest"), timeout=5)
     assert meta_api.GetManifest(pb.ChunkIds(ids=[mid]), timeout=5).data == b"manifest"
     other = os.urandom(32)
     assert list(meta_api.HasManifests(pb.ChunkIds(ids=[other, mid]), timeout=5).ids) == [mid]
 
-    meta_api.PutVersion(pb.VersionRecord(repo=repo, id=vid, data=b"version"), timeout=5)
-    assert meta_api.GetVersion(pb.VersionKey(repo=repo, id=vid), timeout=5).data == b"version"
+    meta_api.PutVersion(pb.VersionRecord(repo=repo, id=vid, data=record), timeout=5)
+    assert meta_api.GetVersion(pb.VersionKey(repo=repo, id=vid), timeout=5).data == record
     listed = meta_api.ListVersions(pb.RepoName(repo=repo), timeout=5).versions
-    assert [(v.repo, v.id, v.data) for v in listed] == [(repo, vid, b"version")]
+    assert [(v.repo, v.id, v.data) for v in listed] == [(repo, vid, record)]
     assert repo in meta_api.ListRepos(pb.Empty(), timeout=5).repos
     meta_api.SetTag(pb.Tag(repo=repo, tag="best", version_id=vid), timeout=5)
     tags = meta_api.ListTags(pb.RepoName(repo=repo), timeout=5).tags

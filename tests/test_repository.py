@@ -12,10 +12,12 @@ import pytest
 from conftest import count_fetches, random_bytes, rss_file_kib, tree_bytes, write
 
 from chunkstore import codec, ids, restore
+from chunkstore.client.cli import main as cli_main
 from chunkstore.errors import (
     AmbiguousRef,
     ChunkstoreError,
     CorruptChunk,
+    CorruptStore,
     InvalidInput,
     NotFound,
     PermissionDenied,
@@ -139,9 +141,29 @@ def test_a_tampered_version_record_is_refused_when_it_is_the_one_named(repo, ckp
         new_bytes=0,
     )
     repo.store.put_version("m", b"\x01" * 32, record)  # stored under an id it does not hash to
-    with pytest.raises(InvalidInput, match="does not match its id"):
+    with pytest.raises(CorruptStore, match=f"version record {'01' * 32} is damaged: it does not"):
         repo.resolve("m")  # the newest
     assert repo.resolve("m@good").id == first.id  # the others still resolve
+
+
+def test_a_version_record_that_does_not_parse_is_reported_damaged(lmdb_repo, ckpt, capsys):
+    """Bytes that are no version record at all (a damaged store): one line naming the record,
+    exit 4, not an internal error; gc deletes nothing on the strength of such a listing."""
+    repo = lmdb_repo
+    repo.push(ckpt, repo="m")
+    bad_id = b"\x02" * 32
+    repo.store.put_version("m", bad_id, b"\xff\xff not a record")
+    before = repo.store.totals()
+    for call in (lambda: repo.log("m"), lambda: repo.resolve("m"), repo.repos, repo.stats):
+        with pytest.raises(CorruptStore, match=f"version record {bad_id.hex()} is damaged"):
+            call()
+    with pytest.raises(CorruptStore):
+        repo.gc(grace_seconds=0)
+    assert repo.store.totals() == before
+    repo.close()  # the command line opens the store itself
+    assert cli_main(["log", "m", "--store", repo.store.location]) == 4
+    err = capsys.readouterr().err
+    assert bad_id.hex() in err and len(err.strip().splitlines()) == 1
 
 
 def test_ambiguous_prefix(repo, tmp_path):

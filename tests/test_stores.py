@@ -26,6 +26,7 @@ from chunkstore.errors import (
     StoreFull,
     StoreUnavailable,
 )
+from chunkstore.model import encode_version
 from chunkstore.stores import ChunkTotals, LmdbStore, Store, lmdb_store
 from chunkstore.stores.resident import FaultBudget
 
@@ -36,6 +37,22 @@ KB = 1 << 10
 def blob(raw: bytes) -> bytes:
     """A blob in the raw codec (id 0): 1 byte codec, 4 bytes length, the raw bytes."""
     return bytes([0]) + len(raw).to_bytes(4, "little") + raw
+
+
+def record(repo: str, n: int) -> tuple[bytes, bytes]:
+    """``(id, record)`` of version number ``n`` of ``repo``: a real record, as nodes accept."""
+    return encode_version(
+        repo=repo,
+        parents=[],
+        created_ns=n,
+        author="tester",
+        message=f"v{n}",
+        files=[],
+        params={},
+        metrics={},
+        inputs=[],
+        new_bytes=0,
+    )
 
 
 def chunks(n: int, size: int = 100, seed: int = 0) -> list[tuple[bytes, bytes]]:
@@ -283,59 +300,64 @@ def test_put_manifest_again_keeps_data_and_refreshes_stored_at(store: Store):
 
 
 def test_versions(store: Store):
-    store.put_version("r", b"v1", b"one")
-    store.put_version("r", b"v1", b"one")  # idempotent
-    store.put_version("r", b"v2", b"two")
-    store.put_version("r2", b"v1", b"other repo")
-    assert store.get_version("r", b"v2") == b"two"
-    assert sorted(store.list_versions("r")) == [(b"v1", b"one"), (b"v2", b"two")]
+    (v1, one), (v2, two), (other, in_r2) = record("r", 1), record("r", 2), record("r2", 1)
+    store.put_version("r", v1, one)
+    store.put_version("r", v1, one)  # idempotent
+    store.put_version("r", v2, two)
+    store.put_version("r2", other, in_r2)
+    assert store.get_version("r", v2) == two
+    assert sorted(store.list_versions("r")) == sorted([(v1, one), (v2, two)])
     assert store.list_versions("nope") == []
     with pytest.raises(NotFound):
-        store.get_version("r", b"v3")
+        store.get_version("r", record("r", 3)[0])
     with pytest.raises(NotFound):
-        store.get_version("r3", b"v1")
+        store.get_version("r3", v1)
     with pytest.raises(NotFound):
-        store.delete_version("r", b"v3")
+        store.delete_version("r", record("r", 3)[0])
 
 
 def test_tags(store: Store):
-    store.put_version("r", b"v1", b"one")
-    store.put_version("r", b"v2", b"two")
-    store.set_tag("r", "t", b"v1")
-    store.set_tag("r", "t", b"v2")  # moves
-    store.set_tag("r", "ü/x", b"v1")
-    assert store.tags("r") == {"t": b"v2", "ü/x": b"v1"}
+    (v1, one), (v2, two) = record("r", 1), record("r", 2)
+    store.put_version("r", v1, one)
+    store.put_version("r", v2, two)
+    store.set_tag("r", "t", v1)
+    store.set_tag("r", "t", v2)  # moves
+    store.set_tag("r", "ü/x", v1)
+    assert store.tags("r") == {"t": v2, "ü/x": v1}
     assert store.tags("r2") == {}
     store.delete_tag("r", "t")
-    assert store.tags("r") == {"ü/x": b"v1"}
+    assert store.tags("r") == {"ü/x": v1}
     with pytest.raises(NotFound):
         store.delete_tag("r", "t")
     with pytest.raises(NotFound):
-        store.set_tag("r", "t", b"v3")  # no such version
-    assert store.tags("r") == {"ü/x": b"v1"}
+        store.set_tag("r", "t", record("r", 3)[0])  # no such version
+    assert store.tags("r") == {"ü/x": v1}
 
 
 def test_delete_version_removes_its_tags(store: Store):
     for repo in ("r", "r2"):
-        store.put_version(repo, b"v1", b"one")
-        store.put_version(repo, b"v2", b"two")
-        store.set_tag(repo, "a", b"v1")
-        store.set_tag(repo, "b", b"v1")
-        store.set_tag(repo, "c", b"v2")
-    store.delete_version("r", b"v1")
-    assert store.tags("r") == {"c": b"v2"}
-    assert store.tags("r2") == {"a": b"v1", "b": b"v1", "c": b"v2"}
-    assert store.list_versions("r") == [(b"v2", b"two")]
+        (v1, one), (v2, two) = record(repo, 1), record(repo, 2)
+        store.put_version(repo, v1, one)
+        store.put_version(repo, v2, two)
+        store.set_tag(repo, "a", v1)
+        store.set_tag(repo, "b", v1)
+        store.set_tag(repo, "c", v2)
+    (v1, _), (v2, two) = record("r", 1), record("r", 2)
+    store.delete_version("r", v1)
+    assert store.tags("r") == {"c": v2}
+    (w1, _), (w2, _) = record("r2", 1), record("r2", 2)
+    assert store.tags("r2") == {"a": w1, "b": w1, "c": w2}
+    assert store.list_versions("r") == [(v2, two)]
 
 
 def test_list_repos(store: Store):
     assert store.list_repos() == []
     for repo in ("b", "a b", "a", "ab", "a"):
-        for v in (b"v1", b"v2"):
-            store.put_version(repo, v, b"x")
+        for n in (1, 2):
+            store.put_version(repo, *record(repo, n))
     assert store.list_repos() == ["a", "a b", "ab", "b"]
-    store.delete_version("ab", b"v1")
-    store.delete_version("ab", b"v2")
+    store.delete_version("ab", record("ab", 1)[0])
+    store.delete_version("ab", record("ab", 2)[0])
     assert store.list_repos() == ["a", "a b", "b"]
 
 
