@@ -71,8 +71,14 @@ def _summary(version: Version) -> str:
     return first + (" ..." if rest.strip() else "")
 
 
-def _files(count: int) -> str:
-    return "file" if count == 1 else "files"
+def _plural(count: int, noun: str) -> str:
+    """``noun`` as ``count`` of it is written: "file" for 1, "files" otherwise."""
+    return noun if count == 1 else noun + "s"
+
+
+def _count(count: int, noun: str) -> str:
+    """ "1 file", "3 files"."""
+    return f"{count:,} {_plural(count, noun)}"
 
 
 def _when(version: Version) -> str:
@@ -153,7 +159,7 @@ def cmd_pull(repo: Repository, args: argparse.Namespace) -> int:
         of = f" of {len(v.files)}" if args.file else ""
         fetched = f", {human_bytes(tally.new)} fetched" if tally.new < tally.done else ""
         print(
-            f"pulled {v.ref} to {args.dest}: {len(pulled)}{of} {_files(len(v.files))}, "
+            f"pulled {v.ref} to {args.dest}: {len(pulled)}{of} {_plural(len(v.files), 'file')}, "
             f"{human_bytes(size)} ({rate}/s{fetched}), verified"
         )
     return 0
@@ -229,7 +235,7 @@ def cmd_show(repo: Repository, args: argparse.Namespace) -> int:
     if v.parents:
         print(f"parent   {', '.join(p.hex()[:8] for p in v.parents)}")
     print(
-        f"size     {human_bytes(v.size)} in {len(v.files)} {_files(len(v.files))}, "
+        f"size     {human_bytes(v.size)} in {_count(len(v.files), 'file')}, "
         f"{human_bytes(v.new_bytes)} newly stored"
     )
     print("message  " + v.message.replace("\n", "\n         "))
@@ -417,7 +423,7 @@ def cmd_ls(repo: Repository, args: argparse.Namespace) -> int:
         return 0
     for r in repos:
         print(
-            f"{r.name}  {r.versions} versions  latest {r.latest.short_id} "
+            f"{r.name}  {_count(r.versions, 'version')}  latest {r.latest.short_id} "
             f"({_when(r.latest)}, {human_bytes(r.latest.size)})"
         )
     return 0
@@ -453,8 +459,8 @@ def _same_store(repo: Repository, url: str) -> bool:
 def _print_copied(result: CopyResult, to: str) -> None:
     copied = len(result.copied)
     line = (
-        f"copied {copied} version{'s' if copied != 1 else ''} of {result.repo} to {to}: "
-        f"{human_bytes(result.stored_bytes)} in {result.chunks:,} chunks"
+        f"copied {_count(copied, 'version')} of {result.repo} to {to}: "
+        f"{human_bytes(result.stored_bytes)} in {_count(result.chunks, 'chunk')}"
     )
     if result.present:
         line += f"; {result.present} already there"
@@ -501,10 +507,13 @@ def cmd_prune(repo: Repository, args: argparse.Namespace) -> int:
         print(f"{action:6}  {v.short_id}  {_when(v)}  {_summary(v)}{reasons}")
     total = len(r.kept) + len(r.removed)
     if r.dry_run:
-        print(f"{r.repo}: would remove {len(r.removed)} of {total} versions (dry run: nothing was)")
+        print(
+            f"{r.repo}: would remove {len(r.removed)} of {_count(total, 'version')} "
+            "(dry run: nothing was)"
+        )
     elif r.removed:
         print(
-            f"{r.repo}: removed {len(r.removed)} of {total} versions; "
+            f"{r.repo}: removed {len(r.removed)} of {_count(total, 'version')}; "
             "run 'chunkstore gc' to reclaim their space"
         )
     else:
@@ -527,8 +536,8 @@ def cmd_gc(repo: Repository, args: argparse.Namespace) -> int:
     else:
         done = "would be deleted (dry run: nothing was)" if r.dry_run else "deleted"
         print(
-            f"gc: {r.deleted_chunks} chunks {done} ({human_bytes(r.deleted_bytes)}), "
-            f"{r.reachable_chunks} reachable from {r.versions} versions kept, "
+            f"gc: {_count(r.deleted_chunks, 'chunk')} {done} ({human_bytes(r.deleted_bytes)}), "
+            f"{r.reachable_chunks:,} reachable from {_count(r.versions, 'version')} kept, "
             f"{r.spared_young} spared within the grace period"
         )
     return 0
@@ -556,11 +565,12 @@ def cmd_verify(repo: Repository, args: argparse.Namespace) -> int:
             print(f"missing chunk {cid.hex()}", file=sys.stderr)
         if r.ok:
             rebuilt = f", {r.deltas} rebuilt from deltas" if r.deltas else ""
-            print(f"verified {r.chunks} chunks ({human_bytes(r.bytes)}){rebuilt}: all intact")
+            verified = f"{_count(r.chunks, 'chunk')} ({human_bytes(r.bytes)})"
+            print(f"verified {verified}{rebuilt}: all intact")
     if r.removed and not args.json:
         print(
-            f"removed {r.removed} corrupt chunks: push the files that held them again to store "
-            "them anew (until then the versions that use them cannot be pulled)"
+            f"removed {_count(r.removed, 'corrupt chunk')}: push the files that held them again "
+            "to store them anew (until then the versions that use them cannot be pulled)"
         )
     if not r.ok:
         print(
@@ -581,7 +591,7 @@ def cmd_stats(repo: Repository, args: argparse.Namespace) -> int:
     print(f"repos      {s['repos']}")
     print(f"versions   {s['versions']}")
     print(f"logical    {human_bytes(s['logical_bytes'])}")
-    print(f"stored     {human_bytes(s['stored_bytes'])} in {s['chunks']} chunks")
+    print(f"stored     {human_bytes(s['stored_bytes'])} in {_count(s['chunks'], 'chunk')}")
     print(f"saving     {ratio} (logical / stored)")
     return 0
 

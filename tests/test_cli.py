@@ -144,6 +144,9 @@ def test_stats_json_and_ls(two_versions, capsys):
     assert s["logical_bytes"] > s["stored_bytes"] > 0
     code, out, _ = run(capsys, "ls", "--json")
     assert [r["name"] for r in json.loads(out)] == ["llama-ft"]
+    assert run(capsys, "ls")[1].startswith("llama-ft  2 versions  latest ")
+    assert run(capsys, "rm", "llama-ft~1")[0] == 0
+    assert run(capsys, "ls")[1].startswith("llama-ft  1 version  latest ")
 
 
 def test_pull_show_status_tag_rm_gc_verify(two_versions, tmp_path, capsys):
