@@ -95,6 +95,7 @@ def add_admin_parsers(sub: Any) -> None:
         help="add the node even if nothing answers at ADDRESS (by default it must serve)",
     )
     _connection_args(add, 10.0, "per-node timeout")
+    add.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
     remove = sub.add_parser(
         "remove-node",
@@ -109,6 +110,7 @@ def add_admin_parsers(sub: Any) -> None:
     )
     remove.add_argument("node_id", metavar="ID", help="the id of the node to take out")
     _connection_args(remove, 10.0, "per-node timeout")
+    remove.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
     repair = sub.add_parser(
         "repair",
@@ -257,9 +259,10 @@ def without_node(cluster: ClusterMap, node_id: str) -> ClusterMap:
 _DONE = {"add": "added", "remove": "removed"}
 
 
-def _report_published(done: Published, action: str, node_id: str) -> int:
-    """Print how the nodes took the map published to ``action`` (add, remove) ``node_id``;
-    raise if none took it: PermissionDenied if nodes refused the token."""
+def _report_published(done: Published, action: str, node_id: str, as_json: bool) -> int:
+    """Print how the nodes took the map published to ``action`` (add, remove) ``node_id``,
+    as JSON if ``as_json`` (warnings stay on stderr); raise if none took it: PermissionDenied
+    if nodes refused the token."""
     cluster = done.cluster
     total = len(done.accepted) + len(done.refused) + len(done.failed)
     denied = [f for f in done.failed.values() if f.code in REFUSED]
@@ -284,6 +287,21 @@ def _report_published(done: Published, action: str, node_id: str) -> int:
         )
     if not done.accepted:
         raise StoreUnavailable(f"cannot {action} {node_id}: no node took the map")
+    if as_json:
+        emit_json(
+            {
+                _DONE[action]: node_id,
+                "epoch": cluster.epoch,
+                "nodes": [n.id for n in cluster.nodes],
+                "accepted": sorted(done.accepted),
+                "failed": {
+                    n: f"{why.code.name.lower()}: {why.detail}"
+                    for n, why in sorted(done.failed.items())
+                },
+            },
+            sys.stdout,
+        )
+        return 0
     print(
         f"{_DONE[action]} {node_id}: cluster map epoch "
         f"{cluster.epoch} ({', '.join(n.id for n in cluster.nodes)}) taken by "
@@ -325,13 +343,13 @@ def run_add_node(args: argparse.Namespace) -> int:
     done = change_membership(
         url, policy, lambda m: with_node(m, args.node_id, args.address, args.weight), check
     )
-    return _report_published(done, "add", args.node_id)
+    return _report_published(done, "add", args.node_id, args.json)
 
 
 def run_remove_node(args: argparse.Namespace) -> int:
     url, policy = _policy(args)
     done = change_membership(url, policy, lambda m: without_node(m, args.node_id))
-    return _report_published(done, "remove", args.node_id)
+    return _report_published(done, "remove", args.node_id, args.json)
 
 
 def repair(url: str, policy: RpcPolicy, timeout: float) -> dict[str, Any]:

@@ -117,6 +117,9 @@ def add_cluster_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     for flag, help in _NODE_FILE_FLAGS.items():
         security.add_argument(flag, metavar="FILE", help=help)
+    up.add_argument(
+        "--json", action="store_true", help="print machine-readable JSON instead of the URL"
+    )
 
     down = sub.add_parser(
         "down",
@@ -132,6 +135,7 @@ def add_cluster_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="wait this long after SIGTERM before SIGKILL (default 15)",
     )
+    down.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
     status = sub.add_parser(
         "status",
@@ -194,7 +198,19 @@ def _up(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         extra_args=extra or None,
     )
-    print(up.url, flush=True)
+    if args.json:
+        emit_json(
+            {
+                "url": up.url,
+                "dir": str(Path(args.dir).resolve()),
+                "started": up.started,
+                "running": up.running,
+                "not_started": up.removed,
+            },
+            sys.stdout,
+        )
+    else:
+        print(up.url, flush=True)
     if up.running:
         running = ", ".join(up.running)
         if up.started:
@@ -216,7 +232,10 @@ def _up(args: argparse.Namespace) -> int:
 
 def _down(args: argparse.Namespace) -> int:
     stopped = local_cluster.cluster_down(args.dir, timeout=args.timeout)
-    print(f"stopped {', '.join(stopped)}" if stopped else f"no node of {args.dir} was running")
+    if args.json:
+        emit_json({"dir": str(Path(args.dir).resolve()), "stopped": stopped}, sys.stdout)
+    else:
+        print(f"stopped {', '.join(stopped)}" if stopped else f"no node of {args.dir} was running")
     return 0
 
 

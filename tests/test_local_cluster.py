@@ -111,9 +111,15 @@ def test_up_starts_only_the_nodes_that_do_not_run(tmp_path: Path, capsys):
         pids = local_cluster.running_nodes(d)
         os.kill(pids["n1"], signal.SIGKILL)
         wait_stopped(d, "n1")
-        code, out, err = cluster_cli(capsys, "up", "--dir", str(d))
+        code, out, err = cluster_cli(capsys, "up", "--dir", str(d), "--json")
         assert code == 0, err
-        assert out.strip() == url
+        assert json.loads(out) == {
+            "url": url,
+            "dir": str(d.resolve()),
+            "started": ["n1"],
+            "running": ["n2", "n3"],
+            "not_started": [],
+        }
         assert "started n1 (n2, n3 already run)" in err
         again = local_cluster.running_nodes(d)
         assert again["n2"] == pids["n2"] and again["n3"] == pids["n3"]
@@ -121,7 +127,9 @@ def test_up_starts_only_the_nodes_that_do_not_run(tmp_path: Path, capsys):
         status = local_cluster.cluster_status(load_cluster_file(d / "cluster.toml"))
         assert all(n["healthy"] for n in status["nodes"])
     finally:
-        cluster_cli(capsys, "down", "--dir", str(d))
+        code, out, err = cluster_cli(capsys, "down", "--dir", str(d), "--json")
+    assert code == 0, err
+    assert json.loads(out) == {"dir": str(d.resolve()), "stopped": ["n1", "n2", "n3"]}
 
 
 def test_up_restarts_the_nodes_of_the_current_map_only(tmp_path: Path, capsys):

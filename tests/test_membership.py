@@ -196,12 +196,16 @@ def test_maps_survive_restarts_and_spread_between_nodes(tmp_path, capsys):
 
         # A change made while n3 is down reaches it from its peers once it is back.
         cluster.stop("n3")
-        code, _, err = cli(
+        code, out, err = cli(
             capsys, "cluster", "add-node", "n5", dead, "--weight", "0.5", "--force",
-            "--store", cluster.url,
+            "--store", cluster.url, "--json",
         )  # fmt: skip
         assert code == 0, err
-        assert "n3 did not take the map" in err
+        assert "n3 did not take the map" in err  # warnings stay on stderr
+        added = json.loads(out)
+        assert (added["added"], added["epoch"]) == ("n5", 3)
+        assert added["nodes"] == ["n1", "n2", "n3", "n4", "n5"]
+        assert added["accepted"] == ["n1", "n2", "n4"] and list(added["failed"]) == ["n3", "n5"]
         cluster.start("n3")
         learned = wait_until(
             lambda: served_map(cluster.address("n3")).epoch == 3, 15, "n3 to learn epoch 3"
