@@ -113,17 +113,20 @@ def local_manifest(
     params: ChunkerParams,
     base: BaseTensors | None = None,
     name: str | None = None,
+    progress: Progress | None = None,
 ) -> Manifest:
     """The manifest a push of the file at ``path`` would make (cut the same way, against the
-    same ``base``), with nothing stored: its chunks are hashed, not encoded."""
+    same ``base``), with nothing stored: its chunks are hashed, not encoded (``progress``
+    advances by each chunk's length)."""
     chunker = Chunker(params)
+    progress = progress or NoProgress()
     with MappedFile(path) as mapped:
         view = mapped.view
         index = read_index(view, mapped.size)
-        chunks = [
-            (ids.chunk_id(view[offset : offset + length]), length)
-            for offset, length, _, _ in plan_cuts(chunker, view, index, base, name)
-        ]
+        chunks = []
+        for offset, length, _, _ in plan_cuts(chunker, view, index, base, name):
+            chunks.append((ids.chunk_id(view[offset : offset + length]), length))
+            progress.advance(length)
         return Manifest(mapped.size, chunks, index.tensors if index else [])
 
 

@@ -83,6 +83,7 @@ from chunkstore.transfer import CopyResult, copy_version
 from chunkstore.tree import PARTIAL, LocalTree, Skipped, list_tree, local_path
 
 DEFAULT_GC_GRACE = 6 * 3600.0
+GC_DELETE_BATCH = 4096  # chunk ids per delete call
 #: From a remote store, where each call costs a round trip more than its bytes: files of at
 #: most SMALL_FILE_BYTES pulled at once (those not fetched in batches).
 REMOTE_CALLS_AT_ONCE = 8
@@ -739,29 +740,45 @@ class Repository:
         repo: str,
         stats: bool = False,
         tree: LocalTree | None = None,
+        progress: Progress | None = None,
     ) -> list[TensorDiff]:
         """Tensor-level differences between the files with tensors (safetensors, torch.save) at
         ``path`` and the repo's latest version (see :meth:`tensor_diff`); nothing is stored. A
         local file is cut as a push would cut it against that version and hashed; one that
         :meth:`status` finds unchanged is not read at all. ``tree`` is :meth:`local_tree` of
-        ``path``, if the caller has listed it already (to report what it leaves out)."""
+        ``path``, if the caller has listed it already (to report what it leaves out).
+        ``progress`` follows each local file as it is checked against the stored one, or cut
+        and hashed, then, with ``stats``, the comparison."""
         newest = self._newest(repo)
         stored = self._manifests_by_path(newest)
         base = BaseTensors([stored])
+        progress = progress or NoProgress()
         mine: dict[str, Manifest] = {}
         read: dict[str, Path] = {}
+        candidates: list[tuple[str, Path, Manifest | None]] = []
         for name, file in (tree or self.local_tree(path)).files:
             manifest = stored.get(name)
-            if manifest is not None and manifest.tensors:
-                if file.stat().st_size == manifest.size and holds(manifest, file):
-                    mine[name] = manifest
+            if manifest is None or not manifest.tensors:
+                if not has_tensor_index(file):
                     continue
-            elif not has_tensor_index(file):
-                continue
-            mine[name], read[name] = local_manifest(file, self.chunker, base, name), file
+                manifest = None
+            candidates.append((name, file, manifest))
+        try:
+            for name, file, manifest in candidates:
+                size = file.stat().st_size
+                if manifest is not None and size == manifest.size:
+                    progress.start(size, f"checking {name}")
+                    if holds(manifest, file, progress):
+                        mine[name] = manifest
+                        continue
+                progress.start(size, f"hashing {name}")
+                mine[name] = local_manifest(file, self.chunker, base, name, progress)
+                read[name] = file
+        finally:
+            progress.finish()
         if not any(m.tensors for m in [*mine.values(), *stored.values()]):
             raise InvalidInput(f"{path} and {newest.ref} hold no safetensors or torch.save file")
-        return diff_tensors(self.store, stored, mine, stats, local=read)
+        return diff_tensors(self.store, stored, mine, stats, local=read, progress=progress)
 
     def open_safetensors(self, ref: str, path: str, framework: str = "np") -> LazyTensors:
         """A lazy mapping name -> tensor over one stored safetensors (or torch.save) file."""
@@ -819,11 +836,17 @@ class Repository:
         return out
 
     def tensor_diff(
-        self, ref_a: str, ref_b: str, file: str | None = None, stats: bool = False
+        self,
+        ref_a: str,
+        ref_b: str,
+        file: str | None = None,
+        stats: bool = False,
+        progress: Progress | None = None,
     ) -> list[TensorDiff]:
         """Tensor-level differences between two versions: tensors matched by name across their
         files (a checkpoint saved in other shards compares tensor by tensor), or only those of
-        ``file`` in each (see :mod:`chunkstore.tensor_diff`)."""
+        ``file`` in each (see :mod:`chunkstore.tensor_diff`); with ``stats``, ``progress``
+        follows the comparison."""
         a, b = self.resolve(ref_a), self.resolve(ref_b)
         old, new = self._manifests_by_path(a), self._manifests_by_path(b)
         if file is not None:
@@ -835,7 +858,7 @@ class Repository:
         if not any(m.tensors for m in [*old.values(), *new.values()]):
             what = f"{file} has no tensor index in either" if file else "no file has a tensor index"
             raise InvalidInput(f"{a.ref} and {b.ref}: {what} ({NO_INDEX})")
-        return diff_tensors(self.store, old, new, stats)
+        return diff_tensors(self.store, old, new, stats, progress=progress)
 
     def stats(self) -> dict:
         totals = self.store.totals()
@@ -957,13 +980,19 @@ class Repository:
         for cid, blob in blobs:
             yield cid, _check_blob(cid, blob)
 
-    def gc(self, grace_seconds: float = DEFAULT_GC_GRACE, dry_run: bool = False) -> GcResult:
+    def gc(
+        self,
+        grace_seconds: float = DEFAULT_GC_GRACE,
+        dry_run: bool = False,
+        progress: Progress | None = None,
+    ) -> GcResult:
         """Delete chunks and manifests no version references and nobody wanted lately.
 
         A chunk is spared while younger than ``grace_seconds`` (since it was stored or last
         found by an existence check), so a push in flight never loses what it relies on. With
         ``dry_run`` nothing is deleted (expired stages included): the result counts what
-        would be.
+        would be. ``progress`` follows the scan of the stored chunks, then their deletion
+        (in stored bytes).
         """
         if grace_seconds < 0 or math.isnan(grace_seconds):
             raise InvalidInput("grace period must be >= 0 seconds")
@@ -976,15 +1005,21 @@ class Repository:
         for manifest in self._manifests_by_id(live_manifests):
             live_chunks.update(manifest.stored_ids())
         cutoff = started - grace_seconds
-        doomed, doomed_bytes, young = [], 0, 0
-        for info in self.store.scan():
-            if info.id in live_chunks:
-                continue
-            if info.wanted_at >= cutoff:
-                young += 1
-                continue
-            doomed.append(info.id)
-            doomed_bytes += info.stored_size
+        progress = progress or NoProgress()
+        doomed, doomed_sizes, young = [], [], 0
+        progress.start(self.store.totals().stored_bytes, "gc: scanning")
+        try:
+            for info in self.store.scan():
+                progress.advance(info.stored_size)
+                if info.id in live_chunks:
+                    continue
+                if info.wanted_at >= cutoff:
+                    young += 1
+                    continue
+                doomed.append(info.id)
+                doomed_sizes.append(info.stored_size)
+        finally:
+            progress.finish()
         stale_manifests = [
             mid
             for mid, stored_at in self.store.scan_manifests()
@@ -993,16 +1028,21 @@ class Repository:
         if dry_run:
             deleted, deleted_manifests = len(doomed), len(stale_manifests)
         else:
-            deleted = sum(
-                self.store.delete(doomed[i : i + 4096], unwanted_since=cutoff)
-                for i in range(0, len(doomed), 4096)
-            )
+            deleted = 0
+            progress.start(sum(doomed_sizes), "gc: deleting")
+            try:
+                for i in range(0, len(doomed), GC_DELETE_BATCH):
+                    batch = slice(i, i + GC_DELETE_BATCH)
+                    deleted += self.store.delete(doomed[batch], unwanted_since=cutoff)
+                    progress.advance(sum(doomed_sizes[batch]))
+            finally:
+                progress.finish()
             deleted_manifests = self.store.delete_manifests(stale_manifests)
         return GcResult(
             versions=len(versions),
             reachable_chunks=len(live_chunks),
             deleted_chunks=deleted,
-            deleted_bytes=doomed_bytes,
+            deleted_bytes=sum(doomed_sizes),
             spared_young=young,
             deleted_manifests=deleted_manifests,
             expired_stages=stages_dropped,

@@ -25,6 +25,7 @@ import numpy as np
 
 from chunkstore.errors import InvalidInput
 from chunkstore.model import Manifest, TensorInfo
+from chunkstore.progress import NoProgress, Progress
 from chunkstore.restore import ChunkedReader
 from chunkstore.stores.base import ChunkStore
 from chunkstore.tensor_index import DTYPE_BITS
@@ -101,25 +102,33 @@ def diff_tensors(
     new: Mapping[str, Manifest],
     stats: bool = False,
     local: Mapping[str, Path] | None = None,
+    progress: Progress | None = None,
 ) -> list[TensorDiff]:
     """Compare the tensors of two trees (path -> manifest): one diff per file of ``new``
     with tensors, and one per file of ``old`` some of whose tensors no file of ``new`` has,
     in path order. ``local`` maps paths of ``new`` to the local files its bytes are read
-    from (instead of the store)."""
+    from (instead of the store). With ``stats``, ``progress`` follows the tensors of ``new``
+    (in bytes) as they are compared."""
     before = _OldTree(old)
     local = local or {}
     diffs: dict[str, TensorDiff] = {}
-    compare = _Comparison(store, old) if stats else None
-    for path in sorted(p for p, m in new.items() if m.tensors):
-        with ExitStack() as files:  # a local file is open while its tensors are compared
-            reader: BinaryIO | None = None
-            if compare is not None:
-                reader = (
-                    files.enter_context(open(local[path], "rb"))
-                    if path in local
-                    else ChunkedReader(store, new[path])
-                )
-            diffs[path] = _diff_file(path, before, new[path], compare, reader)
+    progress = progress if stats and progress is not None else NoProgress()
+    compare = _Comparison(store, old, progress) if stats else None
+    tensor_files = sorted(p for p, m in new.items() if m.tensors)
+    progress.start(sum(t.end - t.begin for p in tensor_files for t in new[p].tensors), "comparing")
+    try:
+        for path in tensor_files:
+            with ExitStack() as files:  # a local file is open while its tensors are compared
+                reader: BinaryIO | None = None
+                if compare is not None:
+                    reader = (
+                        files.enter_context(open(local[path], "rb"))
+                        if path in local
+                        else ChunkedReader(store, new[path])
+                    )
+                diffs[path] = _diff_file(path, before, new[path], compare, reader, progress)
+    finally:
+        progress.finish()
     present = {t.name for manifest in new.values() for t in manifest.tensors}
     for path, tensors in before.tensors.items():
         removed = sorted(name for name in tensors if name not in present)
@@ -160,9 +169,12 @@ def _diff_file(
     new: Manifest,
     compare: _Comparison | None,
     new_bytes: BinaryIO | None,
+    progress: Progress,
 ) -> TensorDiff:
     """The diff of new file ``path``; with stats, ``compare`` reads tensors whose chunks
-    changed from the old tree and from ``new_bytes`` (the new file's bytes)."""
+    changed from the old tree and from ``new_bytes`` (the new file's bytes). ``progress``
+    advances by each tensor's bytes once it is done with (``compare`` advances it for those
+    it reads)."""
     result = TensorDiff(path)
     after = {t.name: t for t in new.tensors}
     new_starts = new.offsets()
@@ -171,6 +183,7 @@ def _diff_file(
         where = old.find(name, path)
         if where is None:
             result.added.append(name)
+            progress.advance(tensor.end - tensor.begin)
         else:
             matched.append((tensor, where))
     result.added.sort()
@@ -183,6 +196,7 @@ def _diff_file(
         same_layout = a.dtype == b.dtype and a.shape == b.shape
         if same_layout and spans_a == spans_b:
             result.unchanged += 1
+            progress.advance(b.end - b.begin)
             continue
         changed = sum(
             min(off + n, b.end - b.begin) - max(off, 0)
@@ -195,6 +209,7 @@ def _diff_file(
             differs = change.differing_bytes > 0  # exact: shared chunks may have changed around it
         else:
             differs = change.bytes_changed > 0 or not same_layout
+            progress.advance(b.end - b.begin)
         if differs:
             result.changed.append(change)
         else:
@@ -224,9 +239,10 @@ class _Comparison:
     :data:`COMPARE_BLOCK_BYTES` of each at a time into the same buffers, so memory stays
     bounded whatever the tensors' size."""
 
-    def __init__(self, store: ChunkStore, old: Mapping[str, Manifest]) -> None:
+    def __init__(self, store: ChunkStore, old: Mapping[str, Manifest], progress: Progress) -> None:
         self._store = store
         self._old = old
+        self._progress = progress
         self._old_readers: dict[str, ChunkedReader] = {}
         self._buffers: list[tuple[memoryview, ...]] = []  # two pairs, made when first needed
 
@@ -241,6 +257,7 @@ class _Comparison:
         change = _Change(a.dtype, a.end - a.begin)
         for old, new in self._blocks((self._old_readers[old_path], new_bytes), a, b):
             change.add(old, new)
+            self._progress.advance(len(new))
         return change.differing, change.relative_l2()
 
     def _blocks(

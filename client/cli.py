@@ -298,7 +298,13 @@ def cmd_diff(repo: Repository, args: argparse.Namespace) -> int:
 
 
 def _tensor_diff(repo: Repository, args: argparse.Namespace) -> int:
-    diffs = repo.tensor_diff(args.old, args.new, file=args.file, stats=args.stats)
+    diffs = repo.tensor_diff(
+        args.old,
+        args.new,
+        file=args.file,
+        stats=args.stats,
+        progress=for_terminal(args.quiet, new_label=None),
+    )
     return _report_tensor_diffs(diffs, args.json)
 
 
@@ -359,7 +365,13 @@ def cmd_status(repo: Repository, args: argparse.Namespace) -> int:
     if args.tensors or args.stats:
         tree = repo.local_tree(args.path)
         _warn_skipped(tree.skipped)
-        diffs = repo.status_tensors(args.path, args.repo, args.stats, tree=tree)
+        diffs = repo.status_tensors(
+            args.path,
+            args.repo,
+            args.stats,
+            tree=tree,
+            progress=for_terminal(args.quiet, new_label=None),
+        )
         return _report_tensor_diffs(diffs, args.json, skipped=tree.skipped)
     d = repo.status(args.path, args.repo, progress=for_terminal(args.quiet, new_label=None))
     _warn_skipped(d.skipped)
@@ -530,7 +542,7 @@ def _newest_first(item: tuple[Version, list[str]]) -> tuple[int, bytes]:
 
 
 def cmd_gc(repo: Repository, args: argparse.Namespace) -> int:
-    r = repo.gc(args.grace, dry_run=args.dry_run)
+    r = repo.gc(args.grace, dry_run=args.dry_run, progress=for_terminal(args.quiet, new_label=None))
     if args.json:
         _emit_json(r.__dict__)
     else:
@@ -820,6 +832,7 @@ def build_parser(server_commands: bool = True) -> argparse.ArgumentParser:
     )
     _add_tensor_flags(p)
     p.add_argument("--file", help="with --tensors: only this file of the versions")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar (--stats)")
 
     p = _add(
         sub,
@@ -935,6 +948,7 @@ def build_parser(server_commands: bool = True) -> argparse.ArgumentParser:
     p.add_argument(
         "--dry-run", action="store_true", help="count what would be deleted; delete nothing"
     )
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     p = _add(
         sub,

@@ -103,3 +103,19 @@ def count_fetches(store) -> list[bytes]:
 
     store.get, store.read_into, store.with_blobs = get, read_into, with_blobs
     return asked
+
+
+class RecordedProgress:
+    """A Progress that keeps what it was told: each unit of work as [label, total, done]."""
+
+    def __init__(self) -> None:
+        self.units: list[list] = []
+
+    def start(self, total: int, label: str) -> None:
+        self.units.append([label, total, 0])
+
+    def advance(self, done: int, new: int = 0) -> None:
+        self.units[-1][2] += done
+
+    def finish(self) -> None:
+        pass

@@ -9,7 +9,14 @@ import time
 
 import numpy as np
 import pytest
-from conftest import count_fetches, random_bytes, rss_file_kib, tree_bytes, write
+from conftest import (
+    RecordedProgress,
+    count_fetches,
+    random_bytes,
+    rss_file_kib,
+    tree_bytes,
+    write,
+)
 
 from chunkstore import codec, ids, restore
 from chunkstore.client.cli import main as cli_main
@@ -370,7 +377,12 @@ def test_rm_and_gc(repo, ckpt):
     dry = repo.gc(grace_seconds=0, dry_run=True)
     assert dry.dry_run and dry.deleted_chunks > 0 and dry.deleted_manifests >= 1
     assert repo.store.totals() == before  # a dry run deletes nothing
-    result = repo.gc(grace_seconds=0)
+    shown = RecordedProgress()
+    result = repo.gc(grace_seconds=0, progress=shown)
+    assert shown.units == [
+        ["gc: scanning", before.stored_bytes, before.stored_bytes],  # every stored chunk
+        ["gc: deleting", result.deleted_bytes, result.deleted_bytes],
+    ]
     assert (result.deleted_chunks, result.deleted_bytes, result.deleted_manifests) == (
         dry.deleted_chunks,
         dry.deleted_bytes,

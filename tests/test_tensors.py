@@ -9,7 +9,7 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import count_fetches
+from conftest import RecordedProgress, count_fetches
 from test_cli import run
 
 from chunkstore import tensor_diff
@@ -159,7 +159,11 @@ def test_tensor_diff(repo, pushed, tmp_path):
     assert [c.name for c in d.changed] == ["layers.2.w"]
     assert 0 < d.changed[0].bytes_changed < MB
     assert d.unchanged == 6
-    (s,) = repo.tensor_diff("m@v1", "m@v2", stats=True)
+    shown = RecordedProgress()
+    (s,) = repo.tensor_diff("m@v1", "m@v2", stats=True, progress=shown)
+    v2_index = repo.manifest(repo.resolve("m@v2").files[0]).tensors
+    tensor_bytes = sum(t.end - t.begin for t in v2_index)
+    assert shown.units == [["comparing", tensor_bytes, tensor_bytes]]  # each tensor's bytes once
     change = s.changed[0]
     exact = np.linalg.norm((new - old).astype(np.float64)) / np.linalg.norm(old.astype(np.float64))
     assert change.relative_l2 == pytest.approx(exact, rel=1e-9)
@@ -340,7 +344,13 @@ def test_status_tensors_tells_what_a_push_would_change_and_stores_nothing(repo, 
 
     _write_v2(tmp_path, tensors)
     before = repo.store.totals()
-    (local,) = repo.status_tensors(tmp_path / "v1", "m", stats=True)
+    shown = RecordedProgress()
+    (local,) = repo.status_tensors(tmp_path / "v1", "m", stats=True, progress=shown)
+    size = (tmp_path / "v1" / "model.safetensors").stat().st_size
+    assert [u for u in shown.units if u[0] == "hashing model.safetensors"] == [
+        ["hashing model.safetensors", size, size]
+    ]
+    assert shown.units[-1][0] == "comparing" and shown.units[-1][1] == shown.units[-1][2] > 0
     assert repo.store.totals() == before  # nothing stored
     assert local.added == ["head.w"] and local.removed == ["layers.5.w"]
     assert [c.name for c in local.changed] == ["layers.2.w"] and local.unchanged == 6
