@@ -586,7 +586,8 @@ def cmd_verify(repo: Repository, args: argparse.Namespace) -> int:
         )
     if not r.ok:
         print(
-            f"{PROG}: error: {len(r.corrupt)} corrupt and {len(r.missing)} missing chunks",
+            f"{PROG}: error: {_count(len(r.corrupt), 'corrupt chunk')} and "
+            f"{_count(len(r.missing), 'missing chunk')}",
             file=sys.stderr,
         )
         return 4

@@ -149,6 +149,29 @@ def test_stats_json_and_ls(two_versions, capsys):
     assert run(capsys, "ls")[1].startswith("llama-ft  1 version  latest ")
 
 
+def test_counts_of_one_are_singular(env_store, tmp_path, capsys):
+    write(tmp_path / "one" / "config.json", b'{"layers": 2}')  # one file, one chunk
+    assert run(capsys, "push", str(tmp_path / "one"), "--repo", "one", "-q")[0] == 0
+
+    def line(*argv: str) -> str:
+        code, out, err = run(capsys, *argv)
+        assert code == 0, err
+        return out
+
+    assert "one  1 version  latest " in line("ls")
+    assert "in 1 file, " in line("show", "one")
+    assert "in 1 chunk\n" in line("stats")
+    assert line("verify", "-q").startswith("verified 1 chunk (")
+    assert "would remove 0 of 1 version (dry run" in line(
+        "prune", "one", "--keep-last", "1", "--dry-run"
+    )
+    copied = line("copy", "one", "--to", str(tmp_path / "other"))
+    assert copied.startswith("copied 1 version of one to ") and " in 1 chunk\n" in copied
+    line("rm", "one")
+    collected = line("gc", "--grace", "0")
+    assert collected.startswith("gc: 1 chunk deleted (") and "from 0 versions kept" in collected
+
+
 def test_pull_show_status_tag_rm_gc_verify(two_versions, tmp_path, capsys):
     ckpt, _ = two_versions
     assert run(capsys, "pull", "llama-ft@v1", str(tmp_path / "out"))[0] == 0
