@@ -41,9 +41,25 @@ class CorruptChunk(ChunkstoreError):
 
 
 class CorruptStore(ChunkstoreError):
-    """A store whose own files are damaged: cut short, or holding pages that cannot be read."""
+    """A store whose own files are damaged: cut short, holding pages that cannot be read, or a
+    record that cannot be read (:class:`CorruptRecord`)."""
 
     exit_code = 4
+
+
+class CorruptRecord(CorruptStore):
+    """A stored record (a version, a stage) that cannot be read: it does not parse, does not
+    match its id, or is not what its key says it is."""
+
+
+class UnreadableVersion(CorruptRecord):
+    """A stored version record that cannot be read; it names the record and why."""
+
+    def __init__(self, repo: str, version_id: bytes, reason: str):
+        self.repo = repo
+        self.version_id = version_id
+        self.reason = reason
+        super().__init__(f"version record {repo}@{version_id.hex()} is unreadable: {reason}")
 
 
 class ChunkNotFound(NotFound):
@@ -75,3 +91,8 @@ class PermissionDenied(ChunkstoreError):
     or a local directory or file cannot be read."""
 
     exit_code = 7
+
+
+class ChunkstoreWarning(UserWarning):
+    """Something a user should know of that does not stop the call: a listing that left out a
+    record it cannot read, say. The CLI prints each as a ``warning:`` line."""

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from google.protobuf.message import DecodeError
+from google.protobuf.message import Message as _Message
 
 from chunkstore import ids
-from chunkstore.errors import CorruptStore, InvalidInput, NotFound
+from chunkstore.errors import CorruptRecord, InvalidInput, NotFound, UnreadableVersion
 from chunkstore.v1 import model_pb2
+
+M = TypeVar("M", bound=_Message)
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*")
 _TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -160,25 +164,41 @@ def encode_version(
     return ids.record_id(data), data
 
 
-def parse_version_record(version_id: bytes, data: bytes) -> model_pb2.Version:
-    """The fields of the version record ``data`` stored as ``version_id``, without checking
-    that it hashes to its id; CorruptStore naming the record if it is not one."""
+def parse_record(message: type[M], data: bytes, what: str) -> M:
+    """``data`` parsed as a ``message``; CorruptRecord naming ``what`` if it does not parse."""
     try:
-        return model_pb2.Version.FromString(data)
+        return message.FromString(data)
     except DecodeError:
-        raise CorruptStore(
-            f"version record {version_id.hex()} is damaged: its bytes are not a version record"
-        ) from None
+        name = message.DESCRIPTOR.name
+        raise CorruptRecord(f"{what} is unreadable: it does not parse as a {name}") from None
 
 
-def decode_version(version_id: bytes, data: bytes, tags: list[str] | None = None) -> Version:
-    """Parse a stored version record, checked against its id: CorruptStore naming it if it
-    does not hash to its id or is not a version record."""
+def parse_version(repo: str, version_id: bytes, data: bytes) -> model_pb2.Version:
+    """The message of the record stored as version ``version_id`` of ``repo``, not checked
+    against its id (choosing among versions reads the time of every record; only those decoded
+    whole are hashed). UnreadableVersion if it does not parse or is a version of another
+    repo."""
+    try:
+        msg = model_pb2.Version.FromString(data)
+    except DecodeError:
+        raise UnreadableVersion(repo, version_id, "it does not parse as a Version") from None
+    if msg.repo != repo:
+        raise UnreadableVersion(repo, version_id, f"it is a version of repo {msg.repo!r}")
+    return msg
+
+
+def decode_version(
+    repo: str, version_id: bytes, data: bytes, tags: list[str] | None = None
+) -> Version:
+    """Decode the record stored as version ``version_id`` of ``repo``, with its tags.
+
+    UnreadableVersion, naming the record, unless it hashes to its id, parses and is a version
+    of ``repo``. Clients check every record they decode so, and nodes every record they are
+    sent (a record no client could read is refused, never stored).
+    """
     if ids.record_id(data) != version_id:
-        raise CorruptStore(
-            f"version record {version_id.hex()} is damaged: it does not match its id"
-        )
-    msg = parse_version_record(version_id, data)
+        raise UnreadableVersion(repo, version_id, "it does not match its id")
+    msg = parse_version(repo, version_id, data)
     return Version(
         repo=msg.repo,
         id=version_id,

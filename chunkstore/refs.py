@@ -6,11 +6,21 @@ from __future__ import annotations
 
 import difflib
 import re
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from chunkstore import ids
-from chunkstore.errors import AmbiguousRef, ChunkstoreError, InvalidInput, NotFound
-from chunkstore.model import Version, check_repo_name, decode_version, parse_version_record
+from chunkstore.errors import (
+    AmbiguousRef,
+    ChunkstoreError,
+    ChunkstoreWarning,
+    CorruptRecord,
+    InvalidInput,
+    NotFound,
+    UnreadableVersion,
+)
+from chunkstore.model import Version, check_repo_name, decode_version, parse_version
 from chunkstore.stores.base import MetaStore
 
 MIN_PREFIX = 6
@@ -46,33 +56,85 @@ def reads_as_id_prefix(text: str) -> bool:
     return len(text) >= MIN_PREFIX and _HEX.fullmatch(text.lower()) is not None
 
 
-def load_versions(meta: MetaStore, repo: str, limit: int | None = None) -> list[Version]:
-    """Every version of ``repo`` with its tags, newest first (the newest ``limit``)."""
-    return [head.version() for head in _heads(meta, repo)[:limit]]
+#: What a reader does with a version record it cannot read and leaves out (see
+#: :func:`load_versions`).
+OnUnreadable = Callable[[UnreadableVersion], None]
+
+
+def left_out(error: UnreadableVersion) -> None:
+    """The :data:`OnUnreadable` of listings that go on past a record they cannot read: a
+    :class:`~chunkstore.errors.ChunkstoreWarning` naming it."""
+    warnings.warn(f"{error}; left out", ChunkstoreWarning, stacklevel=2)
+
+
+def _report(error: UnreadableVersion, on_unreadable: OnUnreadable | None) -> None:
+    if on_unreadable is None:
+        raise error
+    on_unreadable(error)
+
+
+def load_versions(
+    meta: MetaStore, repo: str, limit: int | None = None, on_unreadable: OnUnreadable | None = None
+) -> list[Version]:
+    """Every version of ``repo`` with its tags, newest first (the newest ``limit``).
+
+    A record that cannot be read (see :func:`~chunkstore.model.decode_version`) raises
+    UnreadableVersion; with ``on_unreadable`` it is passed there instead and left out, so that
+    a listing goes on. Those that do not parse at all are passed first: their time is unknown.
+    """
+    listing = _listing(meta, repo)
+    for error in listing.unreadable.values():
+        _report(error, on_unreadable)
+    out: list[Version] = []
+    for head in listing.heads:
+        if limit is not None and len(out) >= limit:
+            break
+        try:
+            out.append(head.version())
+        except UnreadableVersion as error:
+            _report(error, on_unreadable)
+    return out
 
 
 def users_of(meta: MetaStore, repo: str) -> list[Version]:
     """The versions of other repos that name a version of ``repo`` as an input. The others are
-    only parsed, not decoded: this reads every version record in the store."""
+    only parsed, not decoded: this reads every version record in the store. UnreadableVersion
+    if a record cannot be read: it might name one."""
     out = []
     for name in meta.list_repos():
         if name == repo:
             continue
         for vid, data in meta.list_versions(name):
-            if any(link.repo == repo for link in parse_version_record(vid, data).inputs):
-                out.append(decode_version(vid, data, []))
+            if any(link.repo == repo for link in parse_version(name, vid, data).inputs):
+                out.append(decode_version(name, vid, data))
     return out
 
 
-def latest(meta: MetaStore, repo: str) -> Version | None:
-    """The newest version of ``repo``, or None if it has none."""
-    return newest_and_count(meta, repo)[0]
+def latest(meta: MetaStore, repo: str, on_unreadable: OnUnreadable | None = None) -> Version | None:
+    """The newest version of ``repo``, or None if it has none; as :func:`resolve` of the
+    repo's plain name otherwise."""
+    listing = _listing(meta, repo)
+    return None if listing.empty else _resolve(Ref(repo, None), listing, on_unreadable)
 
 
-def newest_and_count(meta: MetaStore, repo: str) -> tuple[Version | None, int]:
-    """The newest version of ``repo`` (None if it has none) and how many versions it has."""
-    heads = _heads(meta, repo)
-    return (heads[0].version() if heads else None), len(heads)
+def newest_and_count(
+    meta: MetaStore, repo: str, on_unreadable: OnUnreadable | None = None
+) -> tuple[Version | None, int]:
+    """The newest version of ``repo`` that can be read (None if it has none) and how many
+    versions it has, not counting the records found unreadable: those that do not parse, and
+    any newer than it that do not match their ids (see :func:`load_versions` for
+    ``on_unreadable``)."""
+    listing = _listing(meta, repo)
+    for error in listing.unreadable.values():
+        _report(error, on_unreadable)
+    count = len(listing.heads)
+    for head in listing.heads:
+        try:
+            return head.version(), count
+        except UnreadableVersion as error:
+            _report(error, on_unreadable)
+            count -= 1
+    return None, count
 
 
 def unknown_repo(meta: MetaStore, name: str) -> NotFound:
@@ -85,19 +147,29 @@ def unknown_repo(meta: MetaStore, name: str) -> NotFound:
     return NotFound(f"unknown repo {name!r}{hint}")
 
 
-def resolve(meta: MetaStore, ref: Ref | str) -> Version:
+def resolve(meta: MetaStore, ref: Ref | str, on_unreadable: OnUnreadable | None = None) -> Version:
     """The version a ref names; NotFound or AmbiguousRef with a clear reason otherwise.
 
-    Only the version named is decoded whole: choosing reads each record's time and parents.
+    Only the version named is decoded whole: choosing reads each record's time and parents. A
+    ref that names a record that cannot be read raises UnreadableVersion for it. The other
+    records of the repo that cannot be read go to ``on_unreadable`` (see
+    :func:`load_versions`; without it they raise too): those that do not parse have no known
+    time, so the latest version, or the one before another, is chosen without them.
     """
     if isinstance(ref, str):
         ref = Ref.parse(ref)
-    heads = _heads(meta, ref.repo)
-    if not heads:
+    listing = _listing(meta, ref.repo)
+    if listing.empty:
         raise unknown_repo(meta, ref.repo)
-    head = _select(ref, heads)
+    return _resolve(ref, listing, on_unreadable)
+
+
+def _resolve(ref: Ref, listing: _Listing, on_unreadable: OnUnreadable | None) -> Version:
+    head = _select(ref, listing)
     for _ in range(ref.back):
-        head = _before(ref, head, heads)
+        head = _before(ref, head, listing.heads)
+    for error in listing.unreadable.values():
+        _report(error, on_unreadable)
     return head.version()
 
 
@@ -119,6 +191,7 @@ class _Head:
     """A version record read only as far as choosing among versions needs (decoding every
     file entry of every version cost 0.6 s for a repo of 10 000 versions of 20 files)."""
 
+    repo: str
     id: bytes
     created_ns: int
     parents: list[bytes]
@@ -130,29 +203,58 @@ class _Head:
         return ids.short(self.id)
 
     def version(self) -> Version:
-        return decode_version(self.id, self.data, self.tags)
+        return decode_version(self.repo, self.id, self.data, self.tags)
 
 
-def _heads(meta: MetaStore, repo: str) -> list[_Head]:
-    """The versions of ``repo`` with their tags, newest first."""
+@dataclass(frozen=True)
+class _Listing:
+    """The version records of a repo and its tags."""
+
+    heads: list[_Head]  # the records that parse, newest first
+    unreadable: dict[bytes, UnreadableVersion]  # those that do not, by id
+    tags: dict[str, bytes]  # tag -> version id
+
+    @property
+    def empty(self) -> bool:
+        return not self.heads and not self.unreadable
+
+
+def _listing(meta: MetaStore, repo: str) -> _Listing:
+    tags = meta.tags(repo)
     by_version: dict[bytes, list[str]] = {}
-    for tag, vid in meta.tags(repo).items():
+    for tag, vid in tags.items():
         by_version.setdefault(vid, []).append(tag)
-    heads = []
+    heads, unreadable = [], {}
     for vid, data in meta.list_versions(repo):
-        msg = parse_version_record(vid, data)
-        heads.append(_Head(vid, msg.created_ns, list(msg.parents), by_version.get(vid, []), data))
+        try:
+            msg = parse_version(repo, vid, data)
+        except UnreadableVersion as error:
+            unreadable[vid] = error
+            continue
+        tagged = by_version.get(vid, [])
+        heads.append(_Head(repo, vid, msg.created_ns, list(msg.parents), tagged, data))
     heads.sort(key=lambda h: (h.created_ns, h.id), reverse=True)
-    return heads
+    return _Listing(heads, unreadable, tags)
 
 
-def _select(ref: Ref, versions: list[_Head]) -> _Head:
-    """The version ``ref`` names before its ``~N``, among ``versions`` (newest first)."""
+def _select(ref: Ref, listing: _Listing) -> _Head:
+    """The version ``ref`` names before its ``~N``; UnreadableVersion if it names a record
+    that does not parse."""
+    heads = listing.heads
     if ref.selector is None:
-        return versions[0]
-    for v in versions:
-        if ref.selector in v.tags:
-            return v
+        if not heads:
+            named = ", ".join(f"{ref.repo}@{ids.short(vid, 12)}" for vid in listing.unreadable)
+            raise CorruptRecord(
+                f"repo {ref.repo!r} has no version that can be read, only unreadable records "
+                f"({named}): name one by its id"
+            )
+        return heads[0]
+    by_id = {h.id: h for h in heads}
+    tagged = listing.tags.get(ref.selector)
+    if tagged in by_id:
+        return by_id[tagged]
+    if tagged in listing.unreadable:
+        raise listing.unreadable[tagged]
     sel = ref.selector.lower()
     if not _HEX.fullmatch(sel):
         raise NotFound(f"{ref.repo} has no tag {ref.selector!r}")
@@ -161,11 +263,13 @@ def _select(ref: Ref, versions: list[_Head]) -> _Head:
             f"{ref.repo} has no tag {ref.selector!r}, and an id prefix needs at least "
             f"{MIN_PREFIX} hex digits"
         )
-    matches = [v for v in versions if v.id.hex().startswith(sel)]
+    matches = [vid for vid in [*by_id, *listing.unreadable] if vid.hex().startswith(sel)]
     if not matches:
         raise NotFound(f"{ref.repo} has no tag or version {ref.selector!r}")
     if len(matches) > 1:
         raise AmbiguousRef(
-            f"{ref} is ambiguous: matches {', '.join(v.short_id for v in matches[:5])}"
+            f"{ref} is ambiguous: matches {', '.join(ids.short(vid) for vid in matches[:5])}"
         )
-    return matches[0]
+    if matches[0] in listing.unreadable:
+        raise listing.unreadable[matches[0]]
+    return by_id[matches[0]]

@@ -29,8 +29,10 @@ from chunkstore.dirlock import locked
 from chunkstore.errors import (
     ChunkNotFound,
     CorruptChunk,
+    CorruptRecord,
     InvalidInput,
     NotFound,
+    UnreadableVersion,
 )
 from chunkstore.ingest import (
     Ingester,
@@ -56,8 +58,10 @@ from chunkstore.model import (
 from chunkstore.parallel import for_each
 from chunkstore.progress import NoProgress, Progress
 from chunkstore.refs import (
+    OnUnreadable,
     Ref,
     latest,
+    left_out,
     load_versions,
     newest_and_count,
     reads_as_id_prefix,
@@ -162,10 +166,11 @@ class VerifyResult:
     missing: list[bytes] = field(default_factory=list)
     deltas: int = 0  # delta-coded chunks rebuilt and found to match their ids
     removed: int = 0  # corrupt chunks removed (repair)
+    unreadable: list[UnreadableVersion] = field(default_factory=list)  # version records
 
     @property
     def ok(self) -> bool:
-        return not self.corrupt and not self.missing
+        return not self.corrupt and not self.missing and not self.unreadable
 
 
 @dataclass
@@ -330,7 +335,7 @@ class Repository:
         else of ``inputs`` (in order) then of the repo's latest version; None if there are
         none."""
         if bases is None:
-            newest = latest(self.store, repo)
+            newest = latest(self.store, repo, left_out)
             bases = [*inputs, *([newest] if newest else [])]
         versions = []
         for version in {(v.repo, v.id): v for v in bases}.values():
@@ -352,7 +357,7 @@ class Repository:
     ) -> Version:
         """Write a version record over durable files (the latest version is its parent), then
         its tags. Callers check the arguments first."""
-        parent = latest(self.store, repo)
+        parent = latest(self.store, repo, left_out)
         vid, record = encode_version(
             repo=repo,
             parents=[parent.id] if parent else [],
@@ -368,7 +373,7 @@ class Repository:
         self.store.put_version(repo, vid, record)
         for tag in tags:
             self.store.set_tag(repo, tag, vid)
-        return decode_version(vid, record, list(tags))
+        return decode_version(repo, vid, record, list(tags))
 
     # -- multi-process saves ------------------------------------------------------------------
 
@@ -445,9 +450,17 @@ class Repository:
     def untag(self, repo: str, tag: str) -> None:
         self.store.delete_tag(_check_repo_name(repo), check_tag_name(tag))
 
-    def rm(self, ref: str) -> Version:
-        """Remove a version record and its tags; its chunks go at the next ``gc``."""
-        version = self.resolve(ref)
+    def rm(self, ref: str) -> Version | VersionLink:
+        """Remove a version record and its tags; its chunks go at the next ``gc``.
+
+        A record that cannot be read (see :func:`~chunkstore.model.decode_version`) is removed
+        too when ``ref`` names it (by a tag or an id prefix): then only its repo and id are
+        returned, as a VersionLink.
+        """
+        try:
+            version: Version | VersionLink = self.resolve(ref)
+        except UnreadableVersion as e:
+            version = VersionLink(e.repo, e.version_id)
         self.store.delete_version(version.repo, version.id)
         return version
 
@@ -464,8 +477,17 @@ class Repository:
                 "prune needs a keep rule (--keep-last, --keep-within, --keep-lowest or "
                 "--keep-highest); to remove one version use rm"
             )
-        versions = self.log(repo)
-        decided = plan(versions, policy, users_of(self.store, repo))
+        try:
+            versions = load_versions(self.store, _check_repo_name(repo))
+            others = users_of(self.store, repo)
+        except UnreadableVersion as e:
+            raise CorruptRecord(
+                f"prune removed nothing: {e}, so what it keeps is unknown; restore it from a "
+                f"copy of the store, or remove it ({_rm_hint(e)}), then prune again"
+            ) from None
+        if not versions:
+            raise unknown_repo(self.store, repo)
+        decided = plan(versions, policy, others)
         kept = [(v, why) for v, why in decided if why]
         removed = [v for v, why in decided if not why]
         if not dry_run:
@@ -490,21 +512,32 @@ class Repository:
     # -- reading -----------------------------------------------------------------------------
 
     def resolve(self, ref: str | Ref) -> Version:
-        return resolve(self.store, ref)
+        """The version ``ref`` names (see :func:`~chunkstore.refs.resolve`): a record that
+        cannot be read raises UnreadableVersion if it is the one named, else it is left out
+        with a :class:`~chunkstore.errors.ChunkstoreWarning`."""
+        return resolve(self.store, ref, left_out)
 
     def log(self, repo: str, limit: int | None = None) -> list[Version]:
-        """Versions of ``repo``, newest first; the newest ``limit`` of them if given."""
+        """Versions of ``repo``, newest first; the newest ``limit`` of them if given. Records
+        that cannot be read are left out, each with a
+        :class:`~chunkstore.errors.ChunkstoreWarning` naming it, so the others still list."""
         if limit is not None and limit < 1:
             raise InvalidInput(f"a log limit must be at least 1, not {limit}")
-        versions = load_versions(self.store, _check_repo_name(repo), limit)
-        if not versions:
+        unreadable: list[UnreadableVersion] = []
+        versions = load_versions(self.store, _check_repo_name(repo), limit, unreadable.append)
+        if not versions and not unreadable:
             raise unknown_repo(self.store, repo)
+        for error in unreadable:
+            left_out(error)
         return versions
 
     def repos(self) -> list[RepoSummary]:
+        """Each repo with its count of versions and its newest one; records that cannot be
+        read are left out, with a warning, as by :meth:`log` (a repo none of whose records
+        can be read is left out entirely)."""
         out = []
         for name in self.store.list_repos():
-            newest, count = newest_and_count(self.store, name)
+            newest, count = newest_and_count(self.store, name, left_out)
             if newest is not None:
                 out.append(RepoSummary(name, count, newest))
         return out
@@ -518,8 +551,12 @@ class Repository:
                 return
             for link in version.inputs:
                 try:
-                    source = resolve(self.store, Ref(link.repo, link.id.hex()))
+                    source = resolve(self.store, Ref(link.repo, link.id.hex()), left_out)
                 except NotFound:
+                    out.append((level, link))
+                    continue
+                except UnreadableVersion as e:  # shown as a dangling link, with a warning
+                    left_out(e)
                     out.append((level, link))
                     continue
                 out.append((level, source))
@@ -861,14 +898,15 @@ class Repository:
         return diff_tensors(self.store, old, new, stats, progress=progress)
 
     def stats(self) -> dict:
+        """Counts and sizes of the whole store; version records that cannot be read are left
+        out of them, each with a :class:`~chunkstore.errors.ChunkstoreWarning`."""
         totals = self.store.totals()
         versions = 0
         logical = 0
         repos = self.store.list_repos()
-        for name in repos:
-            for v in load_versions(self.store, name):
-                versions += 1
-                logical += v.size
+        for v in self._all_versions(left_out):
+            versions += 1
+            logical += v.size
         return {
             "location": self.store.location,
             "repos": len(repos),
@@ -888,7 +926,9 @@ class Repository:
 
         Every stored chunk (plain chunks, and the delta and base of delta-coded ones) is
         checked against its id; then every delta-coded chunk whose parts are intact is rebuilt
-        and checked against its own id. A chunk that fails is listed as corrupt or missing.
+        and checked against its own id. A chunk that fails is listed as corrupt or missing. A
+        version record that cannot be read is listed as unreadable (its chunks are unknown);
+        named by ``ref``, it raises UnreadableVersion.
 
         With ``repair`` (an embedded store only: a cluster's nodes replace a corrupt copy from
         another replica themselves), the corrupt chunks are removed, so that pushing the files
@@ -905,7 +945,8 @@ class Repository:
         return result
 
     def _verify(self, ref: str | None, progress: Progress | None) -> VerifyResult:
-        versions = [self.resolve(ref)] if ref else list(self._all_versions())
+        unreadable: list[UnreadableVersion] = []
+        versions = [self.resolve(ref)] if ref else list(self._all_versions(unreadable.append))
         chunk_ids: dict[bytes, int] = {}
         rebuilt: dict[bytes, tuple[DeltaRef, int]] = {}
         for manifest in self._manifests(entry for v in versions for entry in v.files):
@@ -919,7 +960,7 @@ class Repository:
                 chunk_ids.setdefault(delta.base, base_length(length, delta.transform))
         progress = progress or NoProgress()
         progress.start(sum(chunk_ids.values()) + sum(n for _, n in rebuilt.values()), "verify")
-        result = VerifyResult()
+        result = VerifyResult(unreadable=unreadable)
         try:
             todo = list(chunk_ids)
             for i in range(0, len(todo), _VERIFY_BATCH):
@@ -993,12 +1034,22 @@ class Repository:
         ``dry_run`` nothing is deleted (expired stages included): the result counts what
         would be. ``progress`` follows the scan of the stored chunks, then their deletion
         (in stored bytes).
+
+        A version record that cannot be read may reference any chunk, so GC stops before
+        deleting anything (CorruptRecord naming it) until the record is restored or removed.
         """
         if grace_seconds < 0 or math.isnan(grace_seconds):
             raise InvalidInput("grace period must be >= 0 seconds")
         self.store.check_may_collect()  # a dry run too: it would fail for real otherwise
         started = time.time()
-        versions = list(self._all_versions())
+        try:
+            versions = list(self._all_versions())
+        except UnreadableVersion as e:
+            raise CorruptRecord(
+                f"gc deleted nothing: {e}, and the chunks it uses cannot be told from garbage; "
+                f"restore it from a copy of the store, or remove it ({_rm_hint(e)}), then run "
+                "gc again"
+            ) from None
         live_manifests, stages_dropped = live_stage_manifests(self.store, drop=not dry_run)
         live_manifests.update(f.manifest_id for v in versions for f in v.files)
         live_chunks: set[bytes] = set()
@@ -1049,16 +1100,23 @@ class Repository:
             dry_run=dry_run,
         )
 
-    def _all_versions(self) -> Iterable[Version]:
+    def _all_versions(self, on_unreadable: OnUnreadable | None = None) -> Iterable[Version]:
+        """Every version of every repo; for a record that cannot be read, see
+        :func:`~chunkstore.refs.load_versions`."""
         for name in self.store.list_repos():
-            yield from load_versions(self.store, name)
+            yield from load_versions(self.store, name, on_unreadable=on_unreadable)
 
     def _newest(self, repo: str) -> Version:
         """The latest version of ``repo``, decoding no other; NotFound for an unknown repo."""
-        version = latest(self.store, _check_repo_name(repo))
+        version = latest(self.store, _check_repo_name(repo), left_out)
         if version is None:
             raise unknown_repo(self.store, repo)
         return version
+
+
+def _rm_hint(error: UnreadableVersion) -> str:
+    """The command that removes a version record that cannot be read."""
+    return f"chunkstore rm {error.repo}@{error.version_id.hex()}"
 
 
 def _check_blob(cid: bytes, blob: bytes) -> str:

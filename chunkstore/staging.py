@@ -17,8 +17,8 @@ from collections.abc import Collection
 from functools import partial
 from typing import TYPE_CHECKING
 
-from chunkstore.errors import InvalidInput, NotFound
-from chunkstore.model import FileEntry, Version, VersionLink, normalise_path
+from chunkstore.errors import CorruptRecord, InvalidInput, NotFound
+from chunkstore.model import FileEntry, Version, VersionLink, normalise_path, parse_record
 from chunkstore.progress import Progress
 from chunkstore.stores.base import MetaStore
 from chunkstore.tree import local_path
@@ -101,7 +101,7 @@ class Stage:
             data = repository.store.get_stage(raw)
         except NotFound:
             raise NotFound(f"no stage {stage_id} (committed, aborted or expired)") from None
-        return cls(repository, raw, model_pb2.Stage.FromString(data))
+        return cls(repository, raw, parse_record(model_pb2.Stage, data, f"stage {stage_id}"))
 
     def _gone(self) -> NotFound:
         return NotFound(f"no stage {self.id} (committed, aborted or expired)")
@@ -168,7 +168,7 @@ class Stage:
 
     def files(self) -> list[tuple[FileEntry, int]]:
         """The staged files with the new bytes each upload stored, sorted by path."""
-        return _decoded(self._repository.store.stage_files(self._raw_id))
+        return _decoded(self.id, self._repository.store.stage_files(self._raw_id))
 
     def commit(self, expect: int | Collection[str] | None = None) -> Version:
         """Make the stage one version of its repo, atomically; the stage is gone after.
@@ -181,7 +181,7 @@ class Stage:
         self._check_open()
         store = self._repository.store
         raw = store.stage_files(self._raw_id)
-        staged = _decoded(raw)
+        staged = _decoded(self.id, raw)
         self._check_complete([entry.path for entry, _ in staged], expect)
         entries = [entry for entry, _ in staged]
         self._check_durable(entries)
@@ -278,11 +278,13 @@ class Stage:
                 raise NotFound(f"stage {self.id}: some staged chunks are gone; add the files again")
 
 
-def _decoded(files: dict[str, bytes]) -> list[tuple[FileEntry, int]]:
-    """Staged file records (path -> record) as entries with their new bytes, by path."""
+def _decoded(stage_id: str, files: dict[str, bytes]) -> list[tuple[FileEntry, int]]:
+    """Staged file records (path -> record) as entries with their new bytes, by path;
+    CorruptRecord naming the first that cannot be read (adding the file again replaces it)."""
     out = []
     for path, data in sorted(files.items()):
-        staged = model_pb2.StagedFile.FromString(data)
+        what = f"the record of {path!r} in stage {stage_id}"
+        staged = parse_record(model_pb2.StagedFile, data, what)
         e = staged.entry
         out.append((FileEntry(path, e.size, e.digest, e.manifest_id, e.mode), staged.new_bytes))
     return out
@@ -297,18 +299,28 @@ def live_stage_manifests(store: MetaStore, drop: bool = True) -> tuple[set[bytes
     """The manifests of open stages' files (GC keeps them), after dropping expired stages
     (with ``drop``; else they are only counted).
 
+    A stage whose record cannot be read counts as expired, and a staged file whose record
+    cannot be read names no manifest: neither can ever be committed (a commit reads both; a
+    file added again gets a new record).
+
     Returns ``(manifest ids, stages expired)``.
     """
     live: set[bytes] = set()
     dropped = 0
     now = time.time_ns()
     for stage_id, data in store.list_stages():
-        if stage_expired(model_pb2.Stage.FromString(data), now):
+        try:
+            expired = stage_expired(parse_record(model_pb2.Stage, data, "stage"), now)
+        except CorruptRecord:
+            expired = True
+        if expired:
             if drop:
                 with contextlib.suppress(NotFound):
                     store.delete_stage(stage_id)
             dropped += 1
             continue
         for staged in store.stage_files(stage_id).values():
-            live.add(model_pb2.StagedFile.FromString(staged).entry.manifest_id)
+            with contextlib.suppress(CorruptRecord):
+                entry = parse_record(model_pb2.StagedFile, staged, "staged file").entry
+                live.add(entry.manifest_id)
     return live, dropped

@@ -25,7 +25,7 @@ from chunkstore.batching import by_size
 from chunkstore.model import Manifest, Version, VersionLink
 from chunkstore.parallel import imap
 from chunkstore.progress import NoProgress, Progress
-from chunkstore.refs import load_versions, resolve
+from chunkstore.refs import left_out, load_versions, resolve
 from chunkstore.stores.base import Store
 
 #: Blob bytes read from the source and written to the destination at once.
@@ -74,9 +74,11 @@ def copy_version(
     ``dest`` lacks unless ``history`` is False, and with ``inputs`` the versions of other
     repos it was made from (see the module's docstring). Progress goes over the copied
     versions' bytes, with the blob bytes copied as "new"; a blob that does not match its id
-    stops the copy (CorruptChunk) before anything that needs it is written. The result is the
-    named version's repo's, with one per other repo in ``inputs``."""
-    version = resolve(source, ref)
+    stops the copy (CorruptChunk) before anything that needs it is written. A version record
+    the source cannot read is not copied: a warning names it, and the versions made on it are
+    copied as if it had been removed. The result is the named version's repo's, with one per
+    other repo in ``inputs``."""
+    version = resolve(source, ref, left_out)
     plan = _Plan(source, history, inputs)
     order = plan.order(version)
     repos = list(dict.fromkeys(v.repo for v in order))
@@ -116,7 +118,8 @@ class _Plan:
 
     def _versions(self, repo: str) -> dict[bytes, Version]:
         if repo not in self._repos:
-            self._repos[repo] = {v.id: v for v in load_versions(self._source, repo)}
+            versions = load_versions(self._source, repo, on_unreadable=left_out)
+            self._repos[repo] = {v.id: v for v in versions}
         return self._repos[repo]
 
     def _named(self, version: Version) -> list[Version]:

@@ -10,6 +10,7 @@ import signal
 import sys
 import textwrap
 import time
+import warnings
 from collections.abc import Callable, Sequence
 
 import chunkstore.client.process_setup  # noqa: F401  (before anything loads gRPC or numpy)
@@ -17,7 +18,14 @@ from chunkstore import ids
 from chunkstore.allocator import keep_freed_memory
 from chunkstore.client.help_format import HelpFormatter
 from chunkstore.connect import ENV_STORE, connect, store_directory
-from chunkstore.errors import ChunkstoreError, InvalidInput, NotFound, StoreMissing
+from chunkstore.errors import (
+    ChunkstoreError,
+    ChunkstoreWarning,
+    InvalidInput,
+    NotFound,
+    StoreMissing,
+    UnreadableVersion,
+)
 from chunkstore.jsonout import emit_json
 from chunkstore.model import Version
 from chunkstore.progress import Tally, for_terminal, human_bytes
@@ -486,11 +494,14 @@ def _print_copied(result: CopyResult, to: str) -> None:
 
 def cmd_rm(repo: Repository, args: argparse.Namespace) -> int:
     v = repo.rm(args.ref)
+    readable = isinstance(v, Version)  # else a record that could not be read: its repo and id
     if args.json:
         # "removed" is the id under its first name; "id" as every other command calls it
-        _emit_json({"repo": v.repo, "id": v.id.hex(), "removed": v.id.hex(), "tags": v.tags})
+        tags = v.tags if readable else []
+        _emit_json({"repo": v.repo, "id": v.id.hex(), "removed": v.id.hex(), "tags": tags})
     else:
-        print(f"removed {v.ref}; run 'chunkstore gc' to reclaim its space")
+        what = v.ref if readable else f"the unreadable version record {v.repo}@{v.id.hex()}"
+        print(f"removed {what}; run 'chunkstore gc' to reclaim its space")
     return 0
 
 
@@ -568,6 +579,10 @@ def cmd_verify(repo: Repository, args: argparse.Namespace) -> int:
                 "corrupt": [c.hex() for c in r.corrupt],
                 "missing": [c.hex() for c in r.missing],
                 "removed": r.removed,
+                "unreadable": [
+                    {"repo": e.repo, "id": e.version_id.hex(), "reason": e.reason}
+                    for e in r.unreadable
+                ],
             }
         )
     else:
@@ -575,6 +590,8 @@ def cmd_verify(repo: Repository, args: argparse.Namespace) -> int:
             print(f"corrupt chunk {cid.hex()}", file=sys.stderr)
         for cid in r.missing:
             print(f"missing chunk {cid.hex()}", file=sys.stderr)
+        for error in r.unreadable:
+            print(error, file=sys.stderr)
         if r.ok:
             rebuilt = f", {r.deltas} rebuilt from deltas" if r.deltas else ""
             verified = f"{_count(r.chunks, 'chunk')} ({human_bytes(r.bytes)})"
@@ -585,9 +602,11 @@ def cmd_verify(repo: Repository, args: argparse.Namespace) -> int:
             "to store them anew (until then the versions that use them cannot be pulled)"
         )
     if not r.ok:
+        unreadable = len(r.unreadable)
+        records = f", {_count(unreadable, 'unreadable version record')}"
         print(
             f"{PROG}: error: {_count(len(r.corrupt), 'corrupt chunk')} and "
-            f"{_count(len(r.missing), 'missing chunk')}",
+            f"{_count(len(r.missing), 'missing chunk')}{records if unreadable else ''}",
             file=sys.stderr,
         )
         return 4
@@ -986,7 +1005,29 @@ def _hint(exc: ChunkstoreError) -> str:
     """What a user of the CLI can do about ``exc``, where the library cannot say it."""
     if isinstance(exc, StoreMissing):
         return f" (a push makes one; for another store give --store PATH or set ${ENV_STORE})"
+    if isinstance(exc, UnreadableVersion):
+        return (
+            f" (restore it from a copy of the store, or remove it: {PROG} rm "
+            f"{exc.repo}@{exc.version_id.hex()})"
+        )
     return ""
+
+
+def _print_warnings() -> None:
+    """Show each ChunkstoreWarning once, as a ``warning:`` line on stderr (others as Python
+    does). Call inside ``warnings.catch_warnings()``, which puts things back."""
+    shown: set[str] = set()
+    python_shows = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if not issubclass(category, ChunkstoreWarning):
+            python_shows(message, category, filename, lineno, file, line)
+        elif str(message) not in shown:
+            shown.add(str(message))
+            print(f"{PROG}: warning: {message}", file=sys.stderr)
+
+    warnings.simplefilter("always", ChunkstoreWarning)
+    warnings.showwarning = show
 
 
 def _run_on_store(args: argparse.Namespace) -> int:
@@ -1007,9 +1048,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "token", None) is None:
         args.token = args.global_token
     try:
-        # node and cluster commands manage their own resources
-        code = args.run(args) if getattr(args, "run", None) else _run_on_store(args)
-        sys.stdout.flush()  # a reader gone meanwhile shows here, not at exit
+        with warnings.catch_warnings():
+            _print_warnings()
+            # node and cluster commands manage their own resources
+            code = args.run(args) if getattr(args, "run", None) else _run_on_store(args)
+            sys.stdout.flush()  # a reader gone meanwhile shows here, not at exit
         return code
     except ChunkstoreError as exc:
         print(f"{PROG}: error: {exc}{_hint(exc)}", file=sys.stderr)

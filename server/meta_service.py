@@ -7,6 +7,7 @@ reports them as NOT_FOUND and INVALID_ARGUMENT.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import grpc
 
@@ -107,7 +108,8 @@ class MetaServicer(pb_grpc.MetaServiceServicer):
         return pb.DeleteResult(deleted=self._store.delete_manifests(chunk_ids(request.ids)))
 
     def PutVersion(self, request: pb.VersionRecord, context: grpc.ServicerContext) -> pb.Empty:
-        _check_version_record(request)
+        with _refused():
+            decode_version(request.repo, request.id, request.data)
         self._store.put_version(request.repo, request.id, request.data)
         return _EMPTY
 
@@ -173,18 +175,13 @@ class MetaServicer(pb_grpc.MetaServiceServicer):
         )
 
 
-def _check_version_record(record: pb.VersionRecord) -> None:
-    """Refuse a record that every reader would find damaged: one that does not hash to its
-    id, is not a version record, or names another repo."""
+@contextmanager
+def _refused() -> Iterator[None]:
+    """Report a record that cannot be read as the client's bad input."""
     try:
-        version = decode_version(record.id, record.data)
-    except errors.CorruptStore as e:
-        raise errors.InvalidInput(str(e).replace(" is damaged:", " refused:")) from None
-    if version.repo != record.repo:
-        raise errors.InvalidInput(
-            f"version record {record.id.hex()} refused: it belongs to repo {version.repo!r}, "
-            f"not {record.repo!r}"
-        )
+        yield
+    except errors.CorruptRecord as e:
+        raise errors.InvalidInput(f"refused: {e}; nothing was stored") from None
 
 
 def _stage_id(raw: bytes) -> bytes:

@@ -186,7 +186,7 @@ def test_prune_keeps_the_input_of_another_repos_version(repo: Repository, tmp_pa
     decoded = []
     real = refs.decode_version
     monkeypatch.setattr(
-        refs, "decode_version", lambda vid, *a: decoded.append(vid) or real(vid, *a)
+        refs, "decode_version", lambda name, vid, *a: decoded.append(vid) or real(name, vid, *a)
     )
     result = repo.prune("m", KeepPolicy(last=1))
     assert [v.id for v in result.removed] == [base[1].id]

@@ -1,0 +1,155 @@
+"""Version and stage records that cannot be read: readers that meet one (written by an earlier
+node, or damaged on disk) name it instead of failing with an internal error; GC and prune refuse
+to act on a listing without it."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import random_bytes, write
+
+from chunkstore import ids
+from chunkstore.client.cli import main
+from chunkstore.errors import ChunkstoreWarning, CorruptRecord, UnreadableVersion
+from chunkstore.model import VersionLink
+from chunkstore.repository import Repository
+from chunkstore.retention import KeepPolicy
+from chunkstore.stores.base import Store
+from chunkstore.stores.lmdb_store import LmdbStore
+
+GARBAGE = b"\xff\xfe not a version record"
+GARBAGE_ID = ids.record_id(GARBAGE)
+
+
+def plant(store: Store, repo: str = "m") -> bytes:
+    """Store a version record of ``repo`` that does not parse, as a node of an earlier release
+    accepted it; return its id."""
+    store.put_version(repo, GARBAGE_ID, GARBAGE)
+    return GARBAGE_ID
+
+
+def push_three(repo: Repository, tmp_path) -> list:
+    """Three versions of ``m``, each with a file the others lack."""
+    out = []
+    for i in range(3):
+        write(tmp_path / "ckpt" / "model.bin", random_bytes(300_000, seed=i))
+        out.append(repo.push(tmp_path / "ckpt", "m", message=f"step {i}").version)
+    return out
+
+
+def unreadable_warning(repo: str = "m", vid: bytes = GARBAGE_ID) -> str:
+    return f"version record {repo}@{vid.hex()} is unreadable: it does not parse as a Version"
+
+
+def test_listings_go_on_past_an_unreadable_record_and_name_it(repo: Repository, tmp_path):
+    pushed = push_three(repo, tmp_path)
+    plant(repo.store)
+    plant(repo.store, "broken")  # a repo with nothing readable
+    with pytest.warns(ChunkstoreWarning) as caught:
+        assert [v.id for v in repo.log("m")] == [v.id for v in reversed(pushed)]
+        assert [(r.name, r.versions) for r in repo.repos()] == [("m", 3)]
+        assert repo.stats()["versions"] == 3
+        assert repo.resolve("m").id == pushed[-1].id
+        assert repo.log("broken") == []
+    assert {str(w.message) for w in caught} == {
+        unreadable_warning() + "; left out",
+        unreadable_warning("broken") + "; left out",
+    }
+
+
+def test_a_ref_naming_an_unreadable_record_says_which(repo: Repository, tmp_path):
+    push_three(repo, tmp_path)
+    vid = plant(repo.store)
+    repo.store.set_tag("m", "bad", vid)
+    for ref in ("m@bad", f"m@{vid.hex()[:12]}"):
+        with pytest.raises(UnreadableVersion, match=unreadable_warning()) as info:
+            repo.pull(ref, tmp_path / "out")
+        assert info.value.exit_code == 4
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(CorruptRecord, match="'broken' has no version that can be read"):
+        plant(repo.store, "broken")
+        repo.resolve("broken")
+
+
+def test_gc_and_prune_refuse_while_a_record_is_unreadable(repo: Repository, tmp_path):
+    pushed = push_three(repo, tmp_path)
+    repo.rm(f"m@{pushed[0].short_id}")  # its file's chunks are garbage now
+    vid = plant(repo.store)
+    chunks = repo.store.totals().chunks
+    for call, what in (
+        (lambda: repo.gc(grace_seconds=0), "gc deleted nothing"),
+        (lambda: repo.gc(grace_seconds=0, dry_run=True), "gc deleted nothing"),
+        (lambda: repo.prune("m", KeepPolicy(last=1)), "prune removed nothing"),
+    ):
+        with pytest.raises(
+            CorruptRecord, match=f"{what}: {unreadable_warning()}.* rm m@{vid.hex()}"
+        ):
+            call()
+    assert repo.store.totals().chunks == chunks
+    assert len(repo.store.list_versions("m")) == 3
+    removed = repo.rm(f"m@{vid.hex()}")
+    assert removed == VersionLink("m", vid) and len(repo.store.list_versions("m")) == 2
+    assert repo.gc(grace_seconds=0).deleted_chunks > 0
+    assert [v.id for v in repo.prune("m", KeepPolicy(last=1)).removed] == [pushed[1].id]
+
+
+def test_verify_lists_an_unreadable_record_and_checks_the_rest(repo: Repository, tmp_path):
+    push_three(repo, tmp_path)
+    plant(repo.store)
+    with pytest.warns(ChunkstoreWarning):  # the resolve of a good ref names the record it skips
+        assert repo.verify("m").ok
+    result = repo.verify()
+    assert not result.ok and result.chunks > 0 and not result.corrupt and not result.missing
+    assert [(e.repo, e.version_id) for e in result.unreadable] == [("m", GARBAGE_ID)]
+
+
+def test_stage_records_that_cannot_be_read(repo: Repository, tmp_path):
+    write(tmp_path / "a.bin", random_bytes(10_000, seed=1))
+    broken = repo.stage("m")
+    repo.store.put_stage(bytes.fromhex(broken.id), GARBAGE)
+    with pytest.raises(CorruptRecord, match=f"stage {broken.id} is unreadable"):
+        repo.open_stage(broken.id)
+    open_ = repo.stage("m")
+    open_.add(tmp_path / "a.bin")
+    repo.store.put_stage_file(bytes.fromhex(open_.id), "b.bin", GARBAGE)
+    with pytest.raises(CorruptRecord, match=f"the record of 'b.bin' in stage {open_.id} is unread"):
+        open_.commit()
+    result = repo.gc(grace_seconds=0)  # a stage nobody can commit is dropped as expired
+    assert result.expired_stages == 1 and repo.store.list_stages()[0][0].hex() == open_.id
+    open_.add(tmp_path / "a.bin", as_path="b.bin")  # adding the file again replaces its record
+    assert [f.path for f in open_.commit().files] == ["a.bin", "b.bin"]
+
+
+# -- the command line ---------------------------------------------------------------------------
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_the_cli_lists_past_an_unreadable_record_and_gc_refuses(env_store, tmp_path, capsys):
+    write(tmp_path / "ckpt" / "model.bin", random_bytes(300_000, seed=1))
+    assert run(capsys, "push", str(tmp_path / "ckpt"), "--repo", "m", "-q")[0] == 0
+    with LmdbStore(env_store) as store:  # damaged, or written by an earlier node
+        vid = plant(store)
+    warning = f"chunkstore: warning: {unreadable_warning()}; left out\n"
+    for argv in (["ls"], ["log", "m"], ["stats"], ["log", "m", "--json"]):
+        code, out, err = run(capsys, *argv)
+        assert code == 0 and err == warning, argv
+        assert out
+    for argv in (["gc", "--grace", "0"], ["prune", "m", "--keep-last", "1"]):
+        code, out, err = run(capsys, *argv)
+        assert code == 4 and out == "" and len(err.splitlines()) == 1, argv
+        assert err.startswith("chunkstore: error: ") and f"rm m@{vid.hex()}" in err
+    code, out, err = run(capsys, "verify", "-q")
+    assert code == 4 and unreadable_warning() in err
+    assert err.endswith("0 corrupt chunks and 0 missing chunks, 1 unreadable version record\n")
+    code, _, err = run(capsys, "pull", f"m@{vid.hex()[:10]}", str(tmp_path / "out"))
+    assert code == 4 and err == (
+        f"chunkstore: error: {unreadable_warning()} (restore it from a copy of the store, or "
+        f"remove it: chunkstore rm m@{vid.hex()})\n"
+    )
+    code, out, _ = run(capsys, "rm", f"m@{vid.hex()[:10]}")
+    assert code == 0 and out.startswith(f"removed the unreadable version record m@{vid.hex()};")
+    assert run(capsys, "gc", "--grace", "0")[0] == 0
