@@ -1,7 +1,10 @@
 """MetaService over a node's store: manifests, version records and tags, one call per method.
 
 Absent records raise NotFound and malformed keys InvalidInput in the store; the RPC interceptor
-reports them as NOT_FOUND and INVALID_ARGUMENT.
+reports them as NOT_FOUND and INVALID_ARGUMENT. Version, stage and staged file records, and tag
+names, are checked as clients read them before they are stored: one no client could read is
+refused (INVALID_ARGUMENT) and nothing of it is stored, so that it cannot break everybody's
+listings.
 """
 
 from __future__ import annotations
@@ -13,8 +16,9 @@ import grpc
 
 from chunkstore import errors
 from chunkstore.client import manifest_parts
-from chunkstore.model import decode_version
+from chunkstore.model import check_repo_name, check_tag_name, decode_version, parse_record
 from chunkstore.stores.base import MetaStore
+from chunkstore.v1 import model_pb2
 from chunkstore.v1 import store_pb2 as pb
 from chunkstore.v1 import store_pb2_grpc as pb_grpc
 
@@ -109,7 +113,7 @@ class MetaServicer(pb_grpc.MetaServiceServicer):
 
     def PutVersion(self, request: pb.VersionRecord, context: grpc.ServicerContext) -> pb.Empty:
         with _refused():
-            decode_version(request.repo, request.id, request.data)
+            decode_version(check_repo_name(request.repo), request.id, request.data)
         self._store.put_version(request.repo, request.id, request.data)
         return _EMPTY
 
@@ -133,7 +137,8 @@ class MetaServicer(pb_grpc.MetaServiceServicer):
         return pb.RepoNames(repos=self._store.list_repos())
 
     def SetTag(self, request: pb.Tag, context: grpc.ServicerContext) -> pb.Empty:
-        self._store.set_tag(request.repo, request.tag, request.version_id)
+        check_tag_name(request.tag)  # deleting one stays possible, whatever its name
+        self._store.set_tag(check_repo_name(request.repo), request.tag, request.version_id)
         return _EMPTY
 
     def DeleteTag(self, request: pb.Tag, context: grpc.ServicerContext) -> pb.Empty:
@@ -147,7 +152,10 @@ class MetaServicer(pb_grpc.MetaServiceServicer):
         )
 
     def PutStage(self, request: pb.StageRecord, context: grpc.ServicerContext) -> pb.Empty:
-        self._store.put_stage(_stage_id(request.id), request.data)
+        stage_id = _stage_id(request.id)
+        with _refused():
+            parse_record(model_pb2.Stage, request.data, f"stage {stage_id.hex()}")
+        self._store.put_stage(stage_id, request.data)
         return _EMPTY
 
     def GetStage(self, request: pb.StageKey, context: grpc.ServicerContext) -> pb.StageRecord:
@@ -155,7 +163,11 @@ class MetaServicer(pb_grpc.MetaServiceServicer):
         return pb.StageRecord(id=stage_id, data=self._store.get_stage(stage_id))
 
     def PutStageFile(self, request: pb.StageFile, context: grpc.ServicerContext) -> pb.Empty:
-        self._store.put_stage_file(_stage_id(request.stage_id), request.path, request.data)
+        stage_id = _stage_id(request.stage_id)
+        with _refused():
+            what = f"the record of {request.path!r} in stage {stage_id.hex()}"
+            parse_record(model_pb2.StagedFile, request.data, what)
+        self._store.put_stage_file(stage_id, request.path, request.data)
         return _EMPTY
 
     def ListStageFiles(self, request: pb.StageKey, context: grpc.ServicerContext) -> pb.StageFiles:

@@ -747,6 +747,8 @@ class Reconciler(NodeWorker):
                     self._call(client, "meta", "PutVersion", record, timeout)
                 except NodeCallError as e:
                     log.warning("node %s: copying a version of %r: %s", me, repo, e)
+                    if e.code == grpc.StatusCode.INVALID_ARGUMENT:
+                        continue  # a record no client can read (an earlier node took it)
                     break
                 holders[vid].add(peer)
                 views[peer][0].add(vid)

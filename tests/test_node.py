@@ -30,6 +30,7 @@ from chunkstore.errors import StoreFull
 from chunkstore.server.metrics import NodeMetrics
 from chunkstore.server.node import NodeServer
 from chunkstore.stores.lmdb_store import LmdbStore
+from chunkstore.v1 import model_pb2
 from chunkstore.v1 import store_pb2 as pb
 from chunkstore.v1 import store_pb2_grpc as pb_grpc
 
@@ -411,13 +412,58 @@ def test_get_manifests_leaves_out_the_absent_and_what_is_past_its_size(meta_api)
     meta_api.DeleteManifests(pb.ChunkIds(ids=[small, big1, big2]), timeout=5)
 
 
+def test_records_no_client_can_read_are_refused_and_nothing_is_stored(meta_api):
+    repo = f"refused-{os.urandom(4).hex()}"
+    vid, record = test_stores.record(repo, 1)
+    other_id, other = test_stores.record("elsewhere", 1)
+    garbage = b"\xff\xfe not a record"
+    sid, refused_sid = os.urandom(16), os.urandom(16)
+    meta_api.PutStage(pb.StageRecord(id=sid, data=model_pb2.Stage(repo=repo).SerializeToString()))
+    refused = [
+        (pb.VersionRecord(repo=repo, id=ids.record_id(garbage), data=garbage), "parse as a Ver"),
+        (pb.VersionRecord(repo=repo, id=b"\1" * 32, data=record), "does not match its id"),
+        (pb.VersionRecord(repo=repo, id=other_id, data=other), "of repo 'elsewhere'"),
+        (pb.VersionRecord(repo="../up", id=vid, data=record), "invalid repo name '../up'"),
+        (pb.StageRecord(id=refused_sid, data=garbage), "does not parse as a Stage"),
+        (pb.StageFile(stage_id=sid, path="a", data=garbage), "does not parse as a StagedFile"),
+    ]
+    put = {
+        pb.VersionRecord: meta_api.PutVersion,
+        pb.StageRecord: meta_api.PutStage,
+        pb.StageFile: meta_api.PutStageFile,
+    }
+    for request, needle in refused:
+        with pytest.raises(grpc.RpcError) as info:
+            put[type(request)](request, timeout=5)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, needle
+        assert needle in info.value.details()
+    assert list(meta_api.ListVersions(pb.RepoName(repo=repo), timeout=5).versions) == []
+    assert repo not in meta_api.ListRepos(pb.Empty(), timeout=5).repos
+    stages = [s.id for s in meta_api.ListStages(pb.Empty(), timeout=5).stages]
+    assert sid in stages and refused_sid not in stages
+    assert list(meta_api.ListStageFiles(pb.StageKey(id=sid), timeout=5).files) == []
+
+    meta_api.PutVersion(pb.VersionRecord(repo=repo, id=vid, data=record), timeout=5)
+    for tag in ("", "a b", "x@y"):
+        with pytest.raises(grpc.RpcError) as info:
+            meta_api.SetTag(pb.Tag(repo=repo, tag=tag, version_id=vid), timeout=5)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "invalid tag" in str(
+            info.value.details()
+        )
+    assert list(meta_api.ListTags(pb.RepoName(repo=repo), timeout=5).tags) == []
+    meta_api.DeleteVersion(pb.VersionKey(repo=repo, id=vid), timeout=5)
+    meta_api.DeleteStage(pb.StageKey(id=sid), timeout=5)
+
+
 def test_stages_round_trip_and_a_stage_file_needs_its_stage(meta_api):
     sid = b"\7" * 16
-    meta_api.PutStage(pb.StageRecord(id=sid, data=b"record"))
-    meta_api.PutStageFile(pb.StageFile(stage_id=sid, path="a/b", data=b"file"))
-    assert meta_api.GetStage(pb.StageKey(id=sid)).data == b"record"
+    record = model_pb2.Stage(repo="r", expires_ns=2).SerializeToString()
+    staged = model_pb2.StagedFile(new_bytes=3).SerializeToString()
+    meta_api.PutStage(pb.StageRecord(id=sid, data=record))
+    meta_api.PutStageFile(pb.StageFile(stage_id=sid, path="a/b", data=staged))
+    assert meta_api.GetStage(pb.StageKey(id=sid)).data == record
     files = meta_api.ListStageFiles(pb.StageKey(id=sid)).files
-    assert [(f.path, f.data) for f in files] == [("a/b", b"file")]
+    assert [(f.path, f.data) for f in files] == [("a/b", staged)]
     assert [r.id for r in meta_api.ListStages(pb.Empty()).stages] == [sid]
     meta_api.DeleteStage(pb.StageKey(id=sid))
     assert list(meta_api.ListStageFiles(pb.StageKey(id=sid)).files) == []

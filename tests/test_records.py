@@ -1,11 +1,13 @@
-"""Version and stage records that cannot be read: readers that meet one (written by an earlier
-node, or damaged on disk) name it instead of failing with an internal error; GC and prune refuse
-to act on a listing without it."""
+"""Version and stage records that cannot be read: nodes refuse to store them, and readers that
+meet one already stored (written by an earlier node, or damaged on disk) name it instead of
+failing with an internal error; GC and prune refuse to act on a listing without it."""
 
 from __future__ import annotations
 
+import grpc
 import pytest
-from conftest import random_bytes, write
+from cluster_fixtures import LocalCluster
+from conftest import random_bytes, tree_bytes, write
 
 from chunkstore import ids
 from chunkstore.client.cli import main
@@ -15,6 +17,8 @@ from chunkstore.repository import Repository
 from chunkstore.retention import KeepPolicy
 from chunkstore.stores.base import Store
 from chunkstore.stores.lmdb_store import LmdbStore
+from chunkstore.v1 import store_pb2 as pb
+from chunkstore.v1 import store_pb2_grpc as pb_grpc
 
 GARBAGE = b"\xff\xfe not a version record"
 GARBAGE_ID = ids.record_id(GARBAGE)
@@ -153,3 +157,36 @@ def test_the_cli_lists_past_an_unreadable_record_and_gc_refuses(env_store, tmp_p
     code, out, _ = run(capsys, "rm", f"m@{vid.hex()[:10]}")
     assert code == 0 and out.startswith(f"removed the unreadable version record m@{vid.hex()};")
     assert run(capsys, "gc", "--grace", "0")[0] == 0
+
+
+# -- nodes --------------------------------------------------------------------------------------
+
+
+def test_nodes_refuse_unreadable_records_and_readers_name_those_stored_before(tmp_path, capsys):
+    src = write(tmp_path / "ckpt" / "model.bin", random_bytes(300_000, seed=1)).parent
+    with LocalCluster(tmp_path / "cluster", nodes=1) as cluster:
+        url = cluster.url
+        assert run(capsys, "push", str(src), "--repo", "m", "--store", url, "-q")[0] == 0
+        with grpc.insecure_channel(cluster.address("n1")) as channel:
+            meta = pb_grpc.MetaServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as info:
+                meta.PutVersion(pb.VersionRecord(repo="m", id=GARBAGE_ID, data=GARBAGE), timeout=5)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert info.value.details() == f"refused: {unreadable_warning()}; nothing was stored"
+        code, out, err = run(capsys, "ls", "--store", url)
+        assert code == 0 and out.startswith("m  1 version  ") and err == ""
+
+        cluster.stop("n1")  # what an earlier release of the node stored
+        with LmdbStore(cluster.node_data("n1")) as store:
+            plant(store)
+        cluster.start("n1")
+        code, out, err = run(capsys, "ls", "--store", url)
+        assert code == 0 and out.startswith("m  1 version  ")
+        assert err == f"chunkstore: warning: {unreadable_warning()}; left out\n"
+        code, _, err = run(capsys, "gc", "--grace", "0", "--store", url)
+        assert code == 4 and "gc deleted nothing" in err
+        assert run(capsys, "rm", f"m@{GARBAGE_ID.hex()}", "--store", url)[0] == 0
+        code, _, err = run(capsys, "gc", "--grace", "0", "--store", url)
+        assert code == 0 and err == ""
+        assert run(capsys, "pull", "m", str(tmp_path / "out"), "--store", url, "-q")[0] == 0
+    assert tree_bytes(tmp_path / "out") == tree_bytes(src)
