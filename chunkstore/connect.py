@@ -54,7 +54,9 @@ def normal_scheme(url: str) -> str:
 def open_store(url: str | None = None, *, token: str | None = None, create: bool = True) -> Store:
     """Open the store a URL names (see :func:`store_url` for the default); a cluster's nodes
     get ``token`` (default ``$CHUNKSTORE_TOKEN``). Without ``create``, an embedded store that
-    does not exist yet is an error instead of being made."""
+    does not exist yet is an error instead of being made. An embedded store whose files this
+    process may not write (a read-only mount, another user's store) is opened to read: its
+    writes raise PermissionDenied."""
     url = normal_scheme(store_url(url))
     if url.startswith("memory://"):
         from chunkstore.stores.memory import MemoryStore
@@ -68,7 +70,7 @@ def open_store(url: str | None = None, *, token: str | None = None, create: bool
         return ClusterStore.connect(url, RpcPolicy(credentials=credentials))
     from chunkstore.stores.lmdb_store import LmdbStore
 
-    return LmdbStore(store_directory(url), create=create)
+    return LmdbStore(store_directory(url), create=create, readonly=None)
 
 
 def store_directory(url: str) -> Path | None:

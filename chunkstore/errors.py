@@ -88,7 +88,8 @@ class StoreMissing(StoreUnavailable):
 
 class PermissionDenied(ChunkstoreError):
     """The store refused the caller (no token, an unknown one, or one whose scope is too low),
-    or a local directory or file cannot be read."""
+    a local directory or file cannot be read, or an embedded store cannot be written (its
+    files are another user's, or on a read-only file system)."""
 
     exit_code = 7
 

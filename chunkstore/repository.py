@@ -939,6 +939,8 @@ class Repository:
                 "a cluster's nodes replace a corrupt copy from another replica themselves; "
                 "to restore missing replicas use chunkstore cluster repair"
             )
+        if repair:  # it deletes chunks, as GC does: a store that refuses says so before the work
+            self.store.check_may_collect()
         result = self._verify(ref, progress)
         if repair and result.corrupt:
             result.removed = self.store.delete(result.corrupt)

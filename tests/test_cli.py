@@ -732,3 +732,72 @@ def test_an_unreadable_directory_fails_the_push_with_exit_7(env_store, tmp_path)
     assert done.returncode == 7, done.stderr
     assert f"cannot read {src / 'locked'}: permission denied" in done.stderr
     assert cli("ls", "--json").stdout.strip() == "[]"
+
+
+#: Runs ``python ARGS...`` in a process for which file modes hold: as root, without the
+#: capabilities that let root read and write any file (dropped from the bounding set, then
+#: exec, so the new process never has them).
+AS_A_USER = """
+import ctypes, os, sys
+if os.geteuid() == 0:
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+        if libc.prctl(24, cap, 0, 0, 0):  # PR_CAPBSET_DROP
+            sys.exit(f"cannot drop capability {cap}: {os.strerror(ctypes.get_errno())}")
+os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
+"""
+
+
+def test_a_store_that_cannot_be_written_serves_reads_and_refuses_writes(
+    two_versions, env_store, tmp_path
+):
+    ckpt, _ = two_versions
+    files = [env_store / "data.mdb", env_store / "lock.mdb"]
+    before = {f: f.read_bytes() for f in files[:1]}
+    for path in [*files, env_store]:  # another user's store: it may be read, not written
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    try:
+        probe = [sys.executable, "-c", AS_A_USER, "-c", f"open({str(files[0])!r}, 'r+b')"]
+        assert "PermissionError" in subprocess.run(probe, capture_output=True, text=True).stderr
+
+        def chunkstore(*argv: str) -> subprocess.CompletedProcess:
+            command = [sys.executable, "-c", AS_A_USER, "-m", "chunkstore.client.cli", *argv]
+            return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+        reads = [
+            ["log", "llama-ft"],
+            ["ls"],
+            ["show", "llama-ft@v1"],
+            ["diff", "llama-ft@v1", "llama-ft@v2"],
+            ["pull", "llama-ft@v1", str(tmp_path / "out")],
+            ["cat", "llama-ft", "config.json"],
+            ["verify"],
+            ["stats"],
+            ["status", str(ckpt), "--repo", "llama-ft"],
+            ["prune", "llama-ft", "--keep-last", "1", "--dry-run"],
+            ["copy", "llama-ft", "--to", str(tmp_path / "copy")],
+        ]
+        for argv in reads:
+            done = chunkstore(*argv)
+            assert (done.returncode, done.stderr) == (0, ""), argv
+        assert tree_bytes(tmp_path / "out")["config.json"] == b"{}"
+        writes = [
+            ["push", str(ckpt), "--repo", "llama-ft"],
+            ["tag", "llama-ft@v1", "best"],
+            ["tag", "llama-ft@v1", "-d", "v1"],
+            ["rm", "llama-ft@v1"],
+            ["gc", "--grace", "0"],
+            ["verify", "--repair"],
+        ]
+        refusal = f"chunkstore: error: store at {env_store} cannot be written: permission denied"
+        for argv in writes:
+            done = chunkstore(*argv)
+            assert done.returncode == 7 and done.stdout == "", argv
+            assert done.stderr == f"{refusal}; nothing was changed\n", argv
+    finally:
+        for path in [env_store, *files]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+    assert {f: f.read_bytes() for f in files[:1]} == before
+    assert sorted(p.name for p in env_store.iterdir()) == ["data.mdb", "lock.mdb"]
+    done = cli("log", "llama-ft", "--json")
+    assert [v["message"] for v in json.loads(done.stdout)] == ["step 2000", "step 1000"]

@@ -23,6 +23,7 @@ from chunkstore.errors import (
     CorruptStore,
     InvalidInput,
     NotFound,
+    PermissionDenied,
     StoreFull,
     StoreUnavailable,
 )
@@ -497,6 +498,65 @@ def test_lmdb_adopts_map_grown_by_another_process(tmp_path):
         assert stored(store, first + second) == dict(first + second)  # a read past it
         assert store.totals().chunks == 1 + 64 + 8 + 64
         assert store.map_usage()[1] >= 4 << 20
+
+
+def refuse_writing(monkeypatch, reason: str) -> list[tuple[bool, bool]]:
+    """Make LMDB fail as it does on a store whose files this process may not write, for
+    ``reason``: with "permission denied" (another user's files) it cannot open the data file or
+    the lock file to write; on a "read-only file system" it cannot open the data file to write,
+    and opened to read it uses no lock file. File modes cannot show this in a test that may
+    run as root, who writes any file. Returns the ``(readonly, lock)`` of each open."""
+    real, opens = lmdb.open, []
+
+    def open_(path: str, **options):
+        readonly, lock = options.get("readonly", False), options.get("lock", True)
+        opens.append((readonly, lock))
+        if not readonly or (lock and reason == "permission denied"):
+            error = lmdb.ReadonlyError if reason == "permission denied" else lmdb.Error
+            raise error(f"{path}: {reason[:1].upper()}{reason[1:]}")
+        return real(path, **options)
+
+    monkeypatch.setattr(lmdb, "open", open_)
+    return opens
+
+
+@pytest.mark.parametrize("reason", ["permission denied", "read-only file system"])
+def test_a_store_that_cannot_be_written_is_opened_to_read(tmp_path, monkeypatch, reason):
+    path = tmp_path / "s"
+    vid, data = record("r", 1)
+    with LmdbStore(path) as store:
+        store.put(chunks(3))
+        store.put_version("r", vid, data)
+    before = (path / "data.mdb").read_bytes()
+    opens = refuse_writing(monkeypatch, reason)
+    with pytest.raises(PermissionDenied, match=f"^cannot open store at {path}: {reason}$"):
+        LmdbStore(path)  # to write: a node's store, say
+    with LmdbStore(path, readonly=None) as store:
+        assert stored(store, chunks(3)) == dict(chunks(3))
+        assert store.list_versions("r") == [(vid, data)]
+        assert store.missing([cid for cid, _ in chunks(4)]) == {chunks(4)[3][0]}
+        for write in (
+            lambda: store.put(chunks(1, seed=1)),
+            lambda: store.put_version("r", *record("r", 2)),
+            lambda: store.set_tag("r", "t", vid),
+            lambda: store.delete([cid for cid, _ in chunks(3)]),
+            store.writing().__enter__,
+            store.check_may_collect,
+        ):
+            with pytest.raises(
+                PermissionDenied, match=f"^store at {path} cannot be written: {reason}; nothing"
+            ):
+                write()
+    with LmdbStore(path, readonly=True) as store:
+        assert store.list_versions("r") == [(vid, data)]
+        with pytest.raises(StoreUnavailable, match="is open read-only"):
+            store.put(chunks(1, seed=1))
+    assert (path / "data.mdb").read_bytes() == before
+    without_lock = [(True, False)] if reason == "permission denied" else []
+    assert opens == [(False, True)] + [(False, True), (True, True), *without_lock] + [
+        (True, True),
+        *without_lock,
+    ]
 
 
 def test_lmdb_unusable_paths(tmp_path):

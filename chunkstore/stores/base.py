@@ -79,7 +79,8 @@ class ChunkStore(ABC):
     def writing(self) -> AbstractContextManager[None]:
         """A context around a series of writes (a push): the store may hold back reusing the
         space they free until it ends, to lay each write out in one piece. Contexts may nest
-        and overlap, from any thread."""
+        and overlap, from any thread. A store that takes no writes raises here, as it would at
+        the first write, before the work that leads to it."""
         return nullcontext()
 
     @abstractmethod
@@ -281,7 +282,7 @@ class Store(ChunkStore, MetaStore):
 
     def check_may_collect(self) -> None:  # noqa: B027 - optional hook
         """Raise PermissionDenied unless this caller may delete chunks and manifests (what GC
-        does), before GC does any work. A local store lets whoever opens it."""
+        does), before GC does any work. A local store lets whoever opens it to write."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release files, connections and threads."""

@@ -17,6 +17,13 @@ Every write is one transaction committed with sync, so it is durable and all or 
 allows one write transaction per environment: writers queue on a lock, readers run alongside.
 Several processes may open the same directory. When the memory map is full it is doubled and the
 write retried; only a full disk fails a write (:class:`~chunkstore.errors.StoreFull`).
+
+A store whose files this process may not write (a read-only mount, another user's directory)
+can be opened to read only (``readonly=None`` falls back to that). LMDB keeps its readers in
+``lock.mdb``, which it opens to write even then, except on a read-only file system; where that
+file cannot be written either, the store is read without it: its reads then do not hold back
+another process's writes, so they may fail (and every chunk, manifest and version record read
+is still checked against its id) while its owner writes to it.
 """
 
 from __future__ import annotations
@@ -122,8 +129,13 @@ class LmdbStore(Store):
     ``create`` makes the directory and an empty store if there is none; ``map_size`` is the
     initial map size in bytes (it grows as needed). The map is address space, not memory or
     disk: a large one lets a store grow for long without remapping, which would end the
-    snapshot :meth:`writing` holds. A ``readonly`` store refuses writes with
-    StoreUnavailable and its :meth:`missing` cannot mark chunks wanted.
+    snapshot :meth:`writing` holds.
+
+    ``readonly`` True opens the store to read only: writes (and :meth:`writing`) raise
+    StoreUnavailable, and :meth:`missing` cannot mark chunks wanted. False opens it to write:
+    PermissionDenied if its files cannot be written. None opens it to write where its files
+    can be written, else to read only (see the module): writes then raise PermissionDenied
+    saying why, and change nothing.
 
     Open a directory once per process (py-lmdb refuses a second open) and share the store
     between threads; other processes may open it at the same time.
@@ -135,18 +147,19 @@ class LmdbStore(Store):
         *,
         create: bool = True,
         map_size: int = 64 << 30,
-        readonly: bool = False,
+        readonly: bool | None = False,
     ) -> None:
         self.path = Path(path)
         self.location = str(self.path)
         self.directory = self.path
         self._key = os.path.realpath(self.path)  # of the environment, in _OPEN_HERE
-        self._readonly = readonly
+        self._readonly = readonly is True
+        self._unwritable: str | None = None  # why a store opened to write is read only
         self._opened_in = OpenedIn(f"the store at {self.location}")
         self._write_lock = threading.RLock()  # held by the writer, taken again to resize
         self._gate = _Gate()
         self._closed = False
-        self._env = self._open_env(create and not readonly, map_size)
+        self._env = self._open_env(create and not self._readonly, map_size, readonly is None)
         _OPEN_HERE[self._key] = self._opened_in
         try:
             dbs = self._open_dbs()
@@ -171,12 +184,13 @@ class LmdbStore(Store):
         self._pin: lmdb.Transaction | None = None  # the snapshot writing() holds
         self._writing = 0  # writing() contexts open
 
-    def _open_env(self, create: bool, map_size: int) -> lmdb.Environment:
+    def _open_env(self, create: bool, map_size: int, fall_back: bool) -> lmdb.Environment:
         data = self.path / "data.mdb"
         if data.is_file() and data.stat().st_size == 0:
             # LMDB would take an empty file for a new store and write one over it.
             raise self._damaged("its data.mdb is empty")
-        if not data.exists():
+        exists = data.exists()
+        if not exists:
             if self.path.is_dir() and any(self.path.iterdir()):
                 raise self._unavailable("the directory is not empty and holds no store")
             if not create:
@@ -186,16 +200,7 @@ class LmdbStore(Store):
             except OSError as e:
                 raise self._unavailable(_reason(e)) from None
         try:
-            env = lmdb.open(
-                str(self.path),
-                map_size=map_size,
-                readonly=self._readonly,
-                create=False,
-                max_dbs=len(_DBS),
-                sync=True,
-                metasync=True,
-                lock=True,
-            )
+            env = self._lmdb_env(map_size, fall_back and exists)
         except lmdb.InvalidError:
             raise self._damaged("its data.mdb is not an LMDB file") from None
         except (OSError, lmdb.Error) as e:
@@ -210,6 +215,36 @@ class LmdbStore(Store):
             raise
         env.reader_check()
         return env
+
+    def _lmdb_env(self, map_size: int, fall_back: bool) -> lmdb.Environment:
+        """The environment, opened to write unless the store is read only; with ``fall_back``,
+        to read only if its files cannot be written; read only, without LMDB's lock file if
+        that cannot be written either (see the module)."""
+        if not self._readonly:
+            try:
+                return self._lmdb_open(map_size, lock=True)
+            except (OSError, lmdb.Error) as e:
+                if not (fall_back and _not_permitted(e)):
+                    raise
+                self._readonly, self._unwritable = True, _reason(e)
+        try:
+            return self._lmdb_open(map_size, lock=True)
+        except (OSError, lmdb.Error) as e:
+            if not _not_permitted(e):
+                raise
+        return self._lmdb_open(map_size, lock=False)
+
+    def _lmdb_open(self, map_size: int, lock: bool) -> lmdb.Environment:
+        return lmdb.open(
+            str(self.path),
+            map_size=map_size,
+            readonly=self._readonly,
+            create=False,
+            max_dbs=len(_DBS),
+            sync=True,
+            metasync=True,
+            lock=lock,
+        )
 
     def _check_length(self, env: lmdb.Environment) -> None:
         """Refuse a data file shorter than the pages its header says are in use: reading
@@ -251,8 +286,25 @@ class LmdbStore(Store):
         if _OPEN_HERE.get(self._key) is self._opened_in:
             del _OPEN_HERE[self._key]
 
-    def _unavailable(self, reason: str) -> errors.StoreUnavailable:
-        return errors.StoreUnavailable(f"cannot open store at {self.location}: {reason}")
+    def _unavailable(self, reason: str) -> errors.ChunkstoreError:
+        """The error for a store that cannot be opened: PermissionDenied where this process
+        may not read or write its files, else StoreUnavailable."""
+        cls = errors.PermissionDenied if reason in _NOT_PERMITTED else errors.StoreUnavailable
+        return cls(f"cannot open store at {self.location}: {reason}")
+
+    def _check_writable(self) -> None:
+        """Raise unless the store takes writes (see the class)."""
+        if self._unwritable is not None:
+            raise errors.PermissionDenied(
+                f"store at {self.location} cannot be written: {self._unwritable}; nothing was "
+                "changed"
+            )
+        if self._readonly:
+            raise errors.StoreUnavailable(f"store at {self.location} is open read-only")
+
+    def check_may_collect(self) -> None:
+        """A read-only store refuses (GC, and ``verify --repair``, delete)."""
+        self._check_writable()
 
     def close(self) -> None:
         """Close the environment; later calls raise StoreUnavailable."""
@@ -296,8 +348,7 @@ class LmdbStore(Store):
         A full map is doubled and ``fn`` run again from the start; a full disk raises StoreFull.
         """
         self._opened_in.check()
-        if self._readonly:
-            raise errors.StoreUnavailable(f"store at {self.location} is open read-only")
+        self._check_writable()
         with self._write_lock:
             self._check_open()
             while True:
@@ -426,10 +477,10 @@ class LmdbStore(Store):
         8.9 s instead of 13.7. The file holds the pages freed meanwhile (~5 % of what was
         written) until the last context ends; later writes reuse them. Growing the map ends
         the snapshot (LMDB remaps with no transaction open) and takes a new one.
+
+        A read-only store refuses here, as it would each write, before any work is done.
         """
-        if self._readonly:
-            yield
-            return
+        self._check_writable()
         with self._write_lock:
             self._check_open()
             self._writing += 1
@@ -837,6 +888,19 @@ def _reason(e: OSError | lmdb.Error) -> str:
     """The short reason of an OS or LMDB error, e.g. 'permission denied'."""
     text = e.strerror if isinstance(e, OSError) and e.strerror else str(e).rsplit(": ", 1)[-1]
     return text[:1].lower() + text[1:]
+
+
+#: The reasons (see :func:`_reason`) for a file this process may not open as it asked:
+#: permission denied, a read-only file system, an immutable file.
+_NOT_PERMITTED = frozenset(
+    _reason(OSError(code, os.strerror(code))) for code in (errno.EACCES, errno.EROFS, errno.EPERM)
+)
+
+
+def _not_permitted(e: OSError | lmdb.Error) -> bool:
+    """Whether opening failed because a file may not be opened as asked (LMDB reports EACCES
+    as ReadonlyError, other errors by their text only)."""
+    return isinstance(e, lmdb.ReadonlyError) or _reason(e) in _NOT_PERMITTED
 
 
 def _stage_key(stage_id: bytes, path: str) -> bytes:
