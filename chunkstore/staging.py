@@ -17,9 +17,10 @@ from collections.abc import Collection
 from functools import partial
 from typing import TYPE_CHECKING
 
-from chunkstore.errors import CorruptRecord, InvalidInput, NotFound
+from chunkstore.errors import CorruptRecord, InvalidInput, NotFound, UnreadableVersion
 from chunkstore.model import FileEntry, Version, VersionLink, normalise_path, parse_record
 from chunkstore.progress import Progress
+from chunkstore.refs import left_out
 from chunkstore.stores.base import MetaStore
 from chunkstore.tree import local_path
 from chunkstore.v1 import model_pb2
@@ -145,8 +146,12 @@ class Stage:
         repository = self._repository
         inputs = []
         for link in self.record.inputs:  # deltas against the inputs that are still there
-            with contextlib.suppress(NotFound):
+            try:
                 inputs.append(repository.resolve(f"{link.repo}@{link.id.hex()}"))
+            except NotFound:
+                continue
+            except UnreadableVersion as e:  # no base to code deltas against: say so, go on
+                left_out(e)
         base = partial(repository.delta_bases, self.repo, inputs)
         entries, stats = repository.store_tree(tree, f"stage {self.repo}", progress, base)
         share = stats.new_stored_bytes // len(entries)

@@ -123,6 +123,16 @@ def test_stage_records_that_cannot_be_read(repo: Repository, tmp_path):
     assert [f.path for f in open_.commit().files] == ["a.bin", "b.bin"]
 
 
+def test_a_stage_whose_input_became_unreadable_still_takes_files(repo: Repository, tmp_path):
+    base = repo.push(write(tmp_path / "a.bin", random_bytes(10_000, seed=1)), "base").version
+    stage = repo.stage("m", inputs=[base.ref])
+    repo.store.delete_version("base", base.id)
+    repo.store.put_version("base", base.id, GARBAGE)  # damaged since the stage was opened
+    with pytest.warns(ChunkstoreWarning, match=unreadable_warning("base", base.id)):
+        stage.add(tmp_path / "a.bin")  # no base to code deltas against, that is all
+    assert [f.path for f in stage.commit().files] == ["a.bin"]
+
+
 # -- the command line ---------------------------------------------------------------------------
 
 
