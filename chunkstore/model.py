@@ -336,22 +336,25 @@ class Manifest:
 
     @classmethod
     def decode(cls, manifest_id: bytes, data: bytes) -> Manifest:
-        """Parse a stored manifest, checking it against its id and its own sizes."""
+        """Parse a stored manifest, checking it against its id and its own sizes:
+        CorruptRecord naming it unless it is one (nodes refuse such a record, never store it).
+        """
+        what = f"manifest {manifest_id.hex()}"
         if ids.record_id(data) != manifest_id:
-            raise InvalidInput(f"manifest {manifest_id.hex()} does not match its id")
-        msg = model_pb2.FileManifest.FromString(data)
+            raise CorruptRecord(f"{what} is unreadable: it does not match its id")
+        msg = parse_record(model_pb2.FileManifest, data, what)
         chunks = [(c.id, c.length) for c in msg.chunks]
         if sum(n for _, n in chunks) != msg.size:
-            raise InvalidInput(f"manifest {manifest_id.hex()} chunk lengths do not add up")
+            raise CorruptRecord(f"{what} is unreadable: its chunk lengths do not add up")
         deltas = {}
         for i, c in enumerate(msg.chunks):
             if not (c.delta or c.base or c.transform):
                 continue
             if len(c.delta) != ids.ID_SIZE or len(c.base) != ids.ID_SIZE:
-                raise InvalidInput(f"manifest {manifest_id.hex()} has a malformed delta at {i}")
+                raise CorruptRecord(f"{what} is unreadable: it has a malformed delta at {i}")
             if c.transform not in TRANSFORMS:
-                raise InvalidInput(
-                    f"manifest {manifest_id.hex()} has an unknown delta transform {c.transform!r}"
+                raise CorruptRecord(
+                    f"{what} is unreadable: it has an unknown delta transform {c.transform!r}"
                 )
             deltas[i] = DeltaRef(c.delta, c.base, c.transform)
         tensors = [TensorInfo(t.name, t.dtype, tuple(t.shape), t.begin, t.end) for t in msg.tensors]

@@ -1,10 +1,10 @@
 """MetaService over a node's store: manifests, version records and tags, one call per method.
 
 Absent records raise NotFound and malformed keys InvalidInput in the store; the RPC interceptor
-reports them as NOT_FOUND and INVALID_ARGUMENT. Version, stage and staged file records, and tag
-names, are checked as clients read them before they are stored: one no client could read is
-refused (INVALID_ARGUMENT) and nothing of it is stored, so that it cannot break everybody's
-listings.
+reports them as NOT_FOUND and INVALID_ARGUMENT. Manifests, version, stage and staged file
+records, and tag names, are checked as clients read them before they are stored: one no client
+could read is refused (INVALID_ARGUMENT) and nothing of it is stored, so that it cannot break
+everybody's listings and pulls.
 """
 
 from __future__ import annotations
@@ -16,7 +16,13 @@ import grpc
 
 from chunkstore import errors
 from chunkstore.client import manifest_parts
-from chunkstore.model import check_repo_name, check_tag_name, decode_version, parse_record
+from chunkstore.model import (
+    Manifest,
+    check_repo_name,
+    check_tag_name,
+    decode_version,
+    parse_record,
+)
 from chunkstore.stores.base import MetaStore
 from chunkstore.v1 import model_pb2
 from chunkstore.v1 import store_pb2 as pb
@@ -39,14 +45,18 @@ class MetaServicer(pb_grpc.MetaServiceServicer):
 
     def PutManifest(self, request: pb.ManifestRecord, context: grpc.ServicerContext) -> pb.Empty:
         (manifest_id,) = chunk_ids([request.id])
+        with _refused():
+            Manifest.decode(manifest_id, request.data)
         self._store.put_manifest(manifest_id, request.data)
         return _EMPTY
 
     def PutManifests(self, request: pb.ManifestRecords, context: grpc.ServicerContext) -> pb.Empty:
         manifest_ids = chunk_ids([record.id for record in request.records])
-        self._store.put_manifests(
-            [(mid, record.data) for mid, record in zip(manifest_ids, request.records, strict=True)]
-        )
+        records = [(mid, r.data) for mid, r in zip(manifest_ids, request.records, strict=True)]
+        with _refused():
+            for mid, data in records:
+                Manifest.decode(mid, data)
+        self._store.put_manifests(records)
         return _EMPTY
 
     def GetManifest(self, request: pb.ChunkIds, context: grpc.ServicerContext) -> pb.ManifestRecord:
@@ -78,6 +88,8 @@ class MetaServicer(pb_grpc.MetaServiceServicer):
         except manifest_parts.TooLarge as e:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         (manifest_id,) = chunk_ids([manifest_id])
+        with _refused():
+            Manifest.decode(manifest_id, data)
         self._store.put_manifest(manifest_id, data)
         return _EMPTY
 

@@ -600,17 +600,17 @@ def test_delete_spares_chunks_wanted_since_cutoff(store):
 
 
 def test_manifests_on_a_cluster(store):
-    m1, m2, m3 = (ids.record_id(x) for x in (b"one", b"two", b"three"))
+    (m1, one), (m2, two), (m3, _) = (test_stores.manifest(k) for k in ("one", "two", "three"))
     started = time.time()
-    store.put_manifest(m1, b"one")
+    store.put_manifest(m1, one)
     ((_, first),) = store.scan_manifests()
     assert started <= first <= time.time()
     time.sleep(0.01)
-    store.put_manifest(m1, b"one")  # idempotent, and refreshes stored_at
+    store.put_manifest(m1, one)  # idempotent, and refreshes stored_at
     ((_, second),) = store.scan_manifests()
     assert second > first
-    store.put_manifest(m2, b"two")
-    assert store.get_manifest(m1) == b"one"
+    store.put_manifest(m2, two)
+    assert store.get_manifest(m1) == one
     assert store.has_manifests([m1, m3]) == {m1}
     assert sorted(mid for mid, _ in store.scan_manifests()) == sorted([m1, m2])
     assert store.delete_manifests([m1, m3]) == 1
@@ -733,7 +733,7 @@ def test_an_error_in_consume_ends_read_into(store):
 
 
 def test_a_push_puts_its_manifests_in_a_call_per_node_and_needs_their_quorum(tmp_path, monkeypatch):
-    records = [(ids.record_id(b"%d" % i), b"manifest %d" % i) for i in range(200)]
+    records = [test_stores.manifest(f"{i}") for i in range(200)]
     calls: list[str] = []
     real_meta = NodeClient.meta
     monkeypatch.setattr(
@@ -752,14 +752,14 @@ def test_a_push_puts_its_manifests_in_a_call_per_node_and_needs_their_quorum(tmp
         assert sorted(calls) == ["GetManifests n1", "GetManifests n2", "GetManifests n3"]
 
         cluster.kill("n3")  # every manifest still reaches 2 of its 3 owners
-        more = [(ids.record_id(b"more %d" % i), b"more") for i in range(50)]
+        more = [test_stores.manifest(f"more {i}") for i in range(50)]
         store.put_manifests(more)
         everything = [*records, *more]  # n3's share is read from the other owners
         assert store.get_manifests([m for m, _ in everything]) == [d for _, d in everything]
 
         cluster.kill("n2")
         with pytest.raises(StoreUnavailable) as info:
-            store.put_manifests([(ids.record_id(b"late"), b"late")])
+            store.put_manifests([test_stores.manifest("late")])
         message = str(info.value)
         assert "n2" in message and "n3" in message and "write quorum is 2" in message
 
@@ -768,7 +768,7 @@ def test_nodes_without_the_batched_manifest_calls_get_them_one_by_one(cluster3, 
     """A client talking to nodes of an earlier release, which answer UNIMPLEMENTED."""
     real_meta = NodeClient.meta
     monkeypatch.setattr(NodeClient, "meta", property(lambda n: _Older(real_meta.fget(n))))
-    records = [(ids.record_id(b"older %d" % i), b"manifest %d" % i) for i in range(40)]
+    records = [test_stores.manifest(f"older {i}") for i in range(40)]
     with ClusterStore.connect(cluster3.url) as store:
         store.put_manifests(records)
         assert store.get_manifests([m for m, _ in records]) == [d for _, d in records]

@@ -15,7 +15,7 @@ from test_cli import run
 
 from chunkstore import codec, delta, ids, ingest
 from chunkstore.client.cluster_store import ClusterStore
-from chunkstore.errors import ChunkNotFound, CorruptChunk, InvalidInput
+from chunkstore.errors import ChunkNotFound, CorruptChunk, CorruptRecord, InvalidInput
 from chunkstore.model import DeltaRef, Manifest
 from chunkstore.repository import Repository
 from chunkstore.stores.memory import MemoryStore
@@ -533,11 +533,15 @@ def test_manifest_keeps_deltas_and_rejects_malformed_ones():
     assert back == manifest and back.stored_ids() == [a, c]
     assert back.digest == Manifest(8, [(a, 4), (b, 4)]).digest
     bad = Manifest(8, [(a, 4), (b, 4)], deltas={1: DeltaRef(c, a, "rot13")})
-    with pytest.raises(InvalidInput, match="transform"):
+    with pytest.raises(CorruptRecord, match="unknown delta transform"):
         Manifest.decode(*bad.encode())
     short = Manifest(8, [(a, 4), (b, 4)], deltas={1: DeltaRef(c[:5], a)})
-    with pytest.raises(InvalidInput, match="malformed delta"):
+    with pytest.raises(CorruptRecord, match="malformed delta"):
         Manifest.decode(*short.encode())
+    with pytest.raises(CorruptRecord, match="does not match its id"):
+        Manifest.decode(mid, data + b"\0")
+    with pytest.raises(CorruptRecord, match="does not parse"):
+        Manifest.decode(ids.record_id(b"\xff\xff"), b"\xff\xff")
 
 
 @pytest.mark.parametrize("length", [0, 1, 7, 4096, 65_537, 200_001])

@@ -358,12 +358,15 @@ def test_scan_pages_after_an_id_and_delete(chunks_api):
 # metadata
 
 
+_manifest = test_stores.manifest
+
+
 def test_manifests_versions_and_tags(meta_api):
-    mid = os.urandom(32)
+    mid, data = test_stores.manifest(os.urandom(8).hex())
     repo = f"repo-{mid.hex()[:8]}"
     vid, record = test_stores.record(repo, 1)
-    meta_api.PutManifest(pb.ManifestRecord(id=mid, data=b"manifest"), timeout=5)
-    assert meta_api.GetManifest(pb.ChunkIds(ids=[mid]), timeout=5).data == b"manifest"
+    meta_api.PutManifest(pb.ManifestRecord(id=mid, data=data), timeout=5)
+    assert meta_api.GetManifest(pb.ChunkIds(ids=[mid]), timeout=5).data == data
     other = os.urandom(32)
     assert list(meta_api.HasManifests(pb.ChunkIds(ids=[other, mid]), timeout=5).ids) == [mid]
 
@@ -383,29 +386,42 @@ def test_manifests_versions_and_tags(meta_api):
 
 
 def test_put_manifests_stores_all_or_nothing(meta_api):
-    records = [pb.ManifestRecord(id=os.urandom(32), data=b"m%d" % i) for i in range(50)]
-    bad = [*records[:10], pb.ManifestRecord(id=b"short", data=b"x"), *records[10:]]
-    with pytest.raises(grpc.RpcError) as info:
-        meta_api.PutManifests(pb.ManifestRecords(records=bad), timeout=5)
-    assert (
-        info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "id #10" in info.value.details()
-    )
+    key = os.urandom(8).hex()
+    records = [
+        pb.ManifestRecord(id=m, data=d) for m, d in (_manifest(f"{key}{i}") for i in range(50))
+    ]
     every = pb.ChunkIds(ids=[r.id for r in records])
-    assert list(meta_api.HasManifests(every, timeout=5).ids) == []
+    for bad, needle in [
+        (pb.ManifestRecord(id=b"short", data=b"x"), "id #10"),
+        (pb.ManifestRecord(id=records[0].id, data=b"x"), "does not match its id"),
+        (pb.ManifestRecord(id=ids.record_id(b"\xff\xff"), data=b"\xff\xff"), "does not parse"),
+    ]:
+        with pytest.raises(grpc.RpcError) as info:
+            meta_api.PutManifests(
+                pb.ManifestRecords(records=[*records[:10], bad, *records[10:]]), timeout=5
+            )
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert needle in info.value.details()
+        assert list(meta_api.HasManifests(every, timeout=5).ids) == []  # nothing of the call
     meta_api.PutManifests(pb.ManifestRecords(records=records), timeout=5)
     assert list(meta_api.HasManifests(every, timeout=5).ids) == [r.id for r in records]
-    assert meta_api.GetManifest(pb.ChunkIds(ids=[records[7].id]), timeout=5).data == b"m7"
+    got = meta_api.GetManifest(pb.ChunkIds(ids=[records[7].id]), timeout=5).data
+    assert got == records[7].data
     meta_api.DeleteManifests(every, timeout=5)
 
 
 def test_get_manifests_leaves_out_the_absent_and_what_is_past_its_size(meta_api):
-    small, absent, big1, big2 = (os.urandom(32) for _ in range(4))
-    meta_api.PutManifest(pb.ManifestRecord(id=small, data=b"small"), timeout=5)
-    for mid in (big1, big2):
-        meta_api.PutManifest(pb.ManifestRecord(id=mid, data=os.urandom(9 << 20)), timeout=30)
+    key = os.urandom(8).hex()
+    (small, small_data), (absent, _) = _manifest(f"{key}s"), _manifest(f"{key}a")
+    meta_api.PutManifest(pb.ManifestRecord(id=small, data=small_data), timeout=5)
+    bigs = [_manifest(f"{key}b{i}", 250_000) for i in range(2)]
+    assert all(len(data) > 9 << 20 for _, data in bigs)
+    for mid, data in bigs:
+        meta_api.PutManifest(pb.ManifestRecord(id=mid, data=data), timeout=30)
+    (big1, _), (big2, _) = bigs
     reply = meta_api.GetManifests(pb.ChunkIds(ids=[absent, small, big1, big2]), timeout=30)
     assert [r.id for r in reply.records] == [small, big1]  # big2 would pass 16 MiB
-    assert reply.records[0].data == b"small"
+    assert reply.records[0].data == small_data
     with pytest.raises(grpc.RpcError) as info:
         meta_api.GetManifests(pb.ChunkIds(ids=[b"short"]), timeout=5)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -471,9 +487,11 @@ def test_stages_round_trip_and_a_stage_file_needs_its_stage(meta_api):
 
 
 def test_scan_manifests_streams_ids_with_their_time(meta_api):
-    mids = {os.urandom(32) for _ in range(3)}
-    for mid in mids:
-        meta_api.PutManifest(pb.ManifestRecord(id=mid, data=b"m"), timeout=5)
+    key = os.urandom(8).hex()
+    records = dict(_manifest(f"{key}{i}") for i in range(3))
+    mids = set(records)
+    for mid, data in records.items():
+        meta_api.PutManifest(pb.ManifestRecord(id=mid, data=data), timeout=5)
     infos = [m for b in meta_api.ScanManifests(pb.Empty(), timeout=30) for m in b.manifests]
     found = {m.id: m.stored_at for m in infos if m.id in mids}
     assert set(found) == mids

@@ -200,3 +200,34 @@ def test_nodes_refuse_unreadable_records_and_readers_name_those_stored_before(tm
         assert code == 0 and err == ""
         assert run(capsys, "pull", "m", str(tmp_path / "out"), "--store", url, "-q")[0] == 0
     assert tree_bytes(tmp_path / "out") == tree_bytes(src)
+
+
+def test_a_manifest_that_cannot_be_read_is_named_and_refused_by_nodes(tmp_path, capsys):
+    """A manifest damaged on disk fails a pull with one line naming it (exit 4, not an
+    internal error), and nodes refuse to store one that does not match its id or parse."""
+    store_dir = tmp_path / "store"
+    with Repository(LmdbStore(store_dir)) as repo:
+        write(tmp_path / "ckpt" / "w.bin", random_bytes(200_000))
+        version = repo.push(tmp_path / "ckpt", "m").version
+        mid = version.files[0].manifest_id
+        assert repo.store.delete_manifests([mid]) == 1
+        repo.store.put_manifest(mid, GARBAGE)  # as a damaged disk might leave it
+    assert main(["pull", "m", str(tmp_path / "out"), "--store", str(store_dir)]) == 4
+    err = capsys.readouterr().err
+    assert f"manifest {mid.hex()} is unreadable: it does not match its id" in err
+    assert len(err.strip().splitlines()) == 1
+
+    with (
+        LocalCluster(tmp_path / "c", nodes=1, replicas=1) as cluster,
+        grpc.insecure_channel(cluster.address("n1")) as channel,
+    ):
+        meta = pb_grpc.MetaServiceStub(channel)
+        for record, why in [
+            (pb.ManifestRecord(id=mid, data=GARBAGE), "does not match its id"),
+            (pb.ManifestRecord(id=GARBAGE_ID, data=GARBAGE), "does not parse"),
+        ]:
+            with pytest.raises(grpc.RpcError) as info:
+                meta.PutManifest(record, timeout=10)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert why in info.value.details() and "nothing was stored" in info.value.details()
+        assert list(meta.HasManifests(pb.ChunkIds(ids=[mid, GARBAGE_ID]), timeout=10).ids) == []

@@ -22,8 +22,8 @@ from cluster_checks import (
     wipe,
 )
 from cluster_fixtures import LocalCluster
+from test_stores import large_manifest
 
-from chunkstore import ids
 from chunkstore.client import manifest_parts
 from chunkstore.client.cluster_store import ClusterStore
 from chunkstore.repository import Repository
@@ -61,10 +61,9 @@ def test_a_node_replaced_empty_gets_everything_back_on_repair(tmp_path, series, 
             repo.tag(f"m@{series[0].name}", "best")
             assert placement_gaps(cluster.map, addresses, repo, "m", exact=True) == []
             # a manifest too large for one message (a file of ~60 GB), that n2 owns
-            big = bytes(range(256)) * (36 << 12)
-            big_id = next(
-                mid
-                for mid in (ids.record_id(big + bytes([i])) for i in range(64))
+            big_id, big = next(
+                (mid, data)
+                for mid, data in (large_manifest(f"big {i}", 36 << 20) for i in range(64))
                 if "n2" in {n.id for n in cluster.map.owners(mid)}
             )
             repo.store.put_manifest(big_id, big)

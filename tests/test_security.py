@@ -27,6 +27,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 from test_node import assert_one_error_line, run_node
+from test_stores import large_manifest
 
 import chunkstore
 from chunkstore import ids
@@ -544,7 +545,7 @@ def test_oversize_requests_are_resource_exhausted_and_store_nothing(auth_cluster
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
 
     # The client sends a manifest too large for one message in pieces, and reads it back so.
-    big = random_bytes(40 * MiB, seed=3)
+    manifest_id, big = large_manifest("big", 40 * MiB)
     store = ClusterStore.connect(
         auth_cluster.url, RpcPolicy(credentials=Credentials(token=TOKENS["write"]))
     )

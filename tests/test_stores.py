@@ -27,7 +27,7 @@ from chunkstore.errors import (
     StoreFull,
     StoreUnavailable,
 )
-from chunkstore.model import encode_version
+from chunkstore.model import Manifest, encode_version
 from chunkstore.stores import ChunkTotals, LmdbStore, Store, lmdb_store
 from chunkstore.stores.resident import FaultBudget
 
@@ -54,6 +54,20 @@ def record(repo: str, n: int) -> tuple[bytes, bytes]:
         inputs=[],
         new_bytes=0,
     )
+
+
+def manifest(key: str, chunks: int = 1) -> tuple[bytes, bytes]:
+    """``(id, record)`` of a real manifest, one per ``key``, of ``chunks`` chunks: as nodes
+    accept."""
+    listed = [(ids.chunk_id(f"{key}/{i}".encode()), 1) for i in range(chunks)]
+    return Manifest(len(listed), listed).encode()
+
+
+def large_manifest(key: str, nbytes: int) -> tuple[bytes, bytes]:
+    """``(id, record)`` of a real manifest of at least ``nbytes`` bytes (one chunk of ``key``
+    listed again and again: 38 bytes each)."""
+    count = nbytes // 38 + 1
+    return Manifest(count, [(ids.chunk_id(key.encode()), 1)] * count).encode()
 
 
 def chunks(n: int, size: int = 100, seed: int = 0) -> list[tuple[bytes, bytes]]:
@@ -249,20 +263,21 @@ def test_concurrent_writers(store: Store):
 
 
 def test_manifests(store: Store):
-    store.put_manifest(b"m1", b"one")
-    store.put_manifest(b"m2", b"two")
-    assert store.get_manifest(b"m1") == b"one"
-    assert store.has_manifests([b"m1", b"m3"]) == {b"m1"}
-    assert sorted(mid for mid, _ in store.scan_manifests()) == [b"m1", b"m2"]
-    assert store.delete_manifests([b"m1", b"m3"]) == 1
-    assert [mid for mid, _ in store.scan_manifests()] == [b"m2"]
+    (m1, one), (m2, two), (m3, _) = manifest("one"), manifest("two"), manifest("three")
+    store.put_manifest(m1, one)
+    store.put_manifest(m2, two)
+    assert store.get_manifest(m1) == one
+    assert store.has_manifests([m1, m3]) == {m1}
+    assert sorted(mid for mid, _ in store.scan_manifests()) == sorted([m1, m2])
+    assert store.delete_manifests([m1, m3]) == 1
+    assert [mid for mid, _ in store.scan_manifests()] == [m2]
     with pytest.raises(NotFound):
-        store.get_manifest(b"m1")
-    assert store.delete_manifests([b"m1"]) == 0
+        store.get_manifest(m1)
+    assert store.delete_manifests([m1]) == 0
 
 
 def test_put_manifests_stores_each_and_refreshes_stored_at(store: Store):
-    records = [(ids.record_id(b"%d" % i), b"manifest %d" % i * (i + 1)) for i in range(300)]
+    records = [manifest(f"m{i}", i + 1) for i in range(300)]
     old = records[0][0]
     store.put_manifest(old, records[0][1])
     ((_, first),) = store.scan_manifests()
@@ -277,27 +292,28 @@ def test_put_manifests_stores_each_and_refreshes_stored_at(store: Store):
 
 
 def test_get_manifests_in_order_and_an_absent_one_is_not_found(store: Store):
-    records = [(ids.record_id(b"g%d" % i), b"manifest %d" % i) for i in range(300)]
+    records = [manifest(f"g{i}") for i in range(300)]
     store.put_manifests(records)
     wanted = [mid for mid, _ in reversed(records)] + [records[5][0]]
     assert store.get_manifests(wanted) == [data for _, data in reversed(records)] + [records[5][1]]
     assert store.get_manifests([]) == []
-    absent = ids.record_id(b"absent")
+    absent = manifest("absent")[0]
     with pytest.raises(NotFound, match=absent.hex()):
         store.get_manifests([records[0][0], absent])
     assert store.delete_manifests([mid for mid, _ in records]) == 300
 
 
 def test_put_manifest_again_keeps_data_and_refreshes_stored_at(store: Store):
+    mid, data = manifest("m")
     started = time.time()
-    store.put_manifest(b"m", b"one")
+    store.put_manifest(mid, data)
     ((_, first),) = store.scan_manifests()
     assert started <= first <= time.time()
     time.sleep(0.01)
-    store.put_manifest(b"m", b"one")
+    store.put_manifest(mid, data)
     ((_, second),) = store.scan_manifests()
     assert second > first
-    assert store.get_manifest(b"m") == b"one"
+    assert store.get_manifest(mid) == data
 
 
 def test_versions(store: Store):
