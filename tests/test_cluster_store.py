@@ -24,8 +24,7 @@ from conftest import count_fetches, random_bytes, tree_bytes, write
 
 # The store protocol as every store keeps it, run here against a cluster (``store`` below).
 # Left out: test_put_of_existing_id_keeps_first_blob and test_read_verifies store blobs that do
-# not match their ids, which nodes refuse; the manifest tests use ids that are not 32 bytes (see
-# test_manifests_on_a_cluster instead).
+# not match their ids, which nodes refuse.
 from test_stores import (  # noqa: F401
     blob,
     test_concurrent_writers,
@@ -35,8 +34,10 @@ from test_stores import (  # noqa: F401
     test_get_manifests_in_order_and_an_absent_one_is_not_found,
     test_get_of_absent_id_raises,
     test_list_repos,
+    test_manifests,
     test_put_get_scan_totals,
     test_put_is_all_or_nothing,
+    test_put_manifest_again_keeps_data_and_refreshes_stored_at,
     test_put_manifests_stores_each_and_refreshes_stored_at,
     test_put_refreshes_wanted_at_of_existing,
     test_tags,
@@ -592,32 +593,12 @@ def store(contract_cluster):
         for vid, _ in s.list_versions(repo):
             s.delete_version(repo, vid)
     s.delete([info.id for info in s.scan()])
+    s.delete_manifests([mid for mid, _ in s.scan_manifests()])
     s.close()
 
 
 def test_delete_spares_chunks_wanted_since_cutoff(store):
     test_stores.test_delete_spares_chunks_wanted_since_cutoff(store)
-
-
-def test_manifests_on_a_cluster(store):
-    (m1, one), (m2, two), (m3, _) = (test_stores.manifest(k) for k in ("one", "two", "three"))
-    started = time.time()
-    store.put_manifest(m1, one)
-    ((_, first),) = store.scan_manifests()
-    assert started <= first <= time.time()
-    time.sleep(0.01)
-    store.put_manifest(m1, one)  # idempotent, and refreshes stored_at
-    ((_, second),) = store.scan_manifests()
-    assert second > first
-    store.put_manifest(m2, two)
-    assert store.get_manifest(m1) == one
-    assert store.has_manifests([m1, m3]) == {m1}
-    assert sorted(mid for mid, _ in store.scan_manifests()) == sorted([m1, m2])
-    assert store.delete_manifests([m1, m3]) == 1
-    assert [mid for mid, _ in store.scan_manifests()] == [m2]
-    with pytest.raises(NotFound):
-        store.get_manifest(m1)
-    assert store.delete_manifests([m2]) == 1
 
 
 @pytest.mark.parametrize("seq", [0, 1, 300])
