@@ -352,8 +352,16 @@ def run_remove_node(args: argparse.Namespace) -> int:
     return _report_published(done, "remove", args.node_id, args.json)
 
 
+#: The fields of a node's repair report, as :func:`repair` gives them.
+_REPORT_FIELDS = tuple(f.name for f in pb.ReconcileReport.DESCRIPTOR.fields)
+
+
 def repair(url: str, policy: RpcPolicy, timeout: float) -> dict[str, Any]:
-    """Run a reconciler pass on every node of the newest map; the reports by node."""
+    """Run a reconciler pass on every node of the newest map; the reports by node.
+
+    Every node has the same keys: ``id``, ``ok``, ``error`` and the fields of its report
+    (None for a node that did not answer, ``peers_refused`` empty). ``under_replicated`` is
+    None for a node whose peers refused its calls: what they hold is unknown."""
     cluster = newest_map(url, policy)
     one_try = replace(policy, attempts=1)
 
@@ -362,11 +370,19 @@ def repair(url: str, policy: RpcPolicy, timeout: float) -> dict[str, Any]:
         try:
             reply = _ask(client, lambda c: c.cluster.Reconcile(pb.Empty(), timeout=timeout))
         except NodeCallError as e:
-            return {"id": spec.id, "ok": False, "error": f"{e.code.name.lower()}: {e.detail}"}
+            return {
+                "id": spec.id,
+                "ok": False,
+                "error": f"{e.code.name.lower()}: {e.detail}",
+                **dict.fromkeys(_REPORT_FIELDS),
+                "peers_refused": [],
+            }
         finally:
             client.close()
-        report = {f.name: getattr(reply, f.name) for f in pb.ReconcileReport.DESCRIPTOR.fields}
+        report = {name: getattr(reply, name) for name in _REPORT_FIELDS}
         report["peers_refused"] = list(reply.peers_refused)
+        if reply.peers_refused:
+            report["under_replicated"] = None
         return {"id": spec.id, "ok": True, "error": None, **report}
 
     with ThreadPoolExecutor(max(1, min(32, len(cluster.nodes)))) as pool:

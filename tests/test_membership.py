@@ -260,6 +260,10 @@ def test_cluster_status_json(tmp_path, capsys):
         repaired = json.loads(out)
         down = [n for n in repaired["nodes"] if not n["ok"]]
         assert [n["id"] for n in down] == ["n3"]
+        # in the same form as the nodes that answered, without counts
+        assert set(down[0]) == set(repaired["nodes"][0])
+        assert down[0]["chunks_copied"] is None and down[0]["peers_refused"] == []
+        assert down[0]["error"].startswith("unavailable: ")
         assert sum(n["under_replicated"] for n in repaired["nodes"] if n["ok"]) > 0
         code, out, _ = cli(capsys, "cluster", "status", "--json", "--store", cluster.url)
         report = json.loads(out)
