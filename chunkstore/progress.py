@@ -82,9 +82,10 @@ class BarProgress:
         now = time.monotonic()
         self._drawn_at = now
         elapsed = now - self._started
-        share = self._done / self._total if self._total else 1.0
+        # a total may be an estimate (a cluster's stored bytes): never past 100 %
+        share = min(self._done / self._total, 1.0) if self._total else 1.0
         speed = self._done / elapsed if elapsed > 0 else 0.0
-        left = (self._total - self._done) / speed if speed > 0 else None
+        left = max(self._total - self._done, 0) / speed if speed > 0 else None
         text = (
             f"{self._label} {share:4.0%} {human_bytes(self._done)}/{human_bytes(self._total)}"
             + (f", {human_bytes(self._new)} {self._new_label}" if self._new_label else "")
@@ -94,7 +95,7 @@ class BarProgress:
         width = shutil.get_terminal_size().columns
         bar_width = width - len(text) - 4
         if bar_width >= 10:
-            filled = int(bar_width * min(share, 1.0))
+            filled = int(bar_width * share)
             text = f"{text} [{'#' * filled}{'.' * (bar_width - filled)}]"
         self._stream.write("\r\x1b[2K" + text[: width - 1])
         self._stream.flush()
