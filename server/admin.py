@@ -102,8 +102,8 @@ def add_admin_parsers(sub: Any) -> None:
         help="remove a node from a cluster's map; its data moves to the others",
         description=(
             "Publish a map without node ID (epoch + 1) to every node, the removed one "
-            "included. Keep the node running until 'chunkstore cluster status' shows the cluster "
-            "no longer rebalancing; then stop it."
+            "included. Keep the node running while it hands its data over, until "
+            "'chunkstore cluster status' lists it as 'drained: may stop'; then stop it."
         ),
         epilog="example:\n  chunkstore cluster remove-node n2 --store grpc://10.0.0.1:7400",
         formatter_class=HelpFormatter,
@@ -118,8 +118,9 @@ def add_admin_parsers(sub: Any) -> None:
         description=(
             "Every node copies the chunks, manifests, version records, tags and "
             "stages it is responsible for to the owners that lack them, and drops what it no "
-            "longer owns once the owners hold it. Exit code 1 if a node did not answer or keys "
-            "remain below their replica count."
+            "longer owns once the owners hold it. Exit code 1 if a node did not answer, keys "
+            "remain below their replica count, or peers refused a node's calls (give every node "
+            "an admin token to call its peers with: chunkstore node --peer-token-file)."
         ),
         epilog="example:\n  chunkstore cluster repair --store grpc://10.0.0.1:7400",
         formatter_class=HelpFormatter,

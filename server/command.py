@@ -35,9 +35,31 @@ def add_node_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "node",
         help="run a storage node",
-        description="Serve one node's shard over gRPC until SIGTERM or SIGINT.",
-        epilog="example:\n  chunkstore node --id n1 --cluster cluster.toml --data /srv/n1 "
-        "--metrics-port 9101",
+        description=(
+            "Serve one node's shard over gRPC until SIGTERM or SIGINT. Start every node of a "
+            "new cluster with the same cluster file; a node added later starts with --join "
+            "instead, then 'chunkstore cluster add-node' puts it in the map."
+        ),
+        epilog=textwrap.dedent("""\
+            examples:
+              chunkstore node --id n1 --cluster cluster.toml --data /srv/n1 --metrics-port 9101
+              chunkstore node --id n4 --listen 10.0.0.4:7400 --data /srv/n4 \\
+                  --join grpc://10.0.0.1:7400
+
+            cluster.toml, one [[nodes]] entry per node:
+              replicas = 3       # copies of everything stored (default min(3, nodes))
+              write_quorum = 2   # copies durable before a write succeeds (default R // 2 + 1)
+              [[nodes]]
+              id = "n1"
+              address = "10.0.0.1:7400"
+              [[nodes]]
+              id = "n2"
+              address = "10.0.0.2:7400"
+              [[nodes]]
+              id = "n3"
+              address = "10.0.0.3:7400"
+              weight = 2         # twice the share of the data (default 1)
+            """),
         formatter_class=HelpFormatter,
     )
     node.add_arguments(p)
@@ -56,7 +78,10 @@ def add_cluster_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "cluster",
         help="start, stop, inspect and change a cluster",
-        description="Run a local cluster of node processes, or show any cluster's nodes.",
+        description=(
+            "Run a local cluster of node processes on this machine (up, down), or inspect and "
+            "change any cluster (status, add-node, remove-node, repair)."
+        ),
         epilog=textwrap.dedent("""\
             examples:
               export CHUNKSTORE_STORE=$(chunkstore cluster up --nodes 3 --dir ./cluster)
@@ -84,7 +109,11 @@ def add_cluster_parser(subparsers: Any) -> argparse.ArgumentParser:
         "  chunkstore cluster up --dir ./cluster    # start again the nodes that stopped",
         formatter_class=HelpFormatter,
     )
-    up.add_argument("--dir", required=True, help="cluster directory")
+    up.add_argument(
+        "--dir",
+        required=True,
+        help="directory of the nodes' data, logs and pids (made if needed)",
+    )
     up.add_argument(
         "--nodes",
         type=int,
@@ -124,10 +153,15 @@ def add_cluster_parser(subparsers: Any) -> argparse.ArgumentParser:
     down = sub.add_parser(
         "down",
         help="stop a local cluster's nodes (data is kept)",
+        description=(
+            "Stop the nodes 'chunkstore cluster up' started in DIR: SIGTERM, then SIGKILL after "
+            "--timeout. Their data stays in DIR; 'chunkstore cluster up --dir DIR' starts them "
+            "again."
+        ),
         epilog="example:\n  chunkstore cluster down --dir ./cluster",
         formatter_class=HelpFormatter,
     )
-    down.add_argument("--dir", required=True, help="cluster directory")
+    down.add_argument("--dir", required=True, help="the directory given to cluster up")
     down.add_argument(
         "--timeout",
         type=float,
@@ -152,7 +186,7 @@ def add_cluster_parser(subparsers: Any) -> argparse.ArgumentParser:
     where.add_argument(
         "--store", metavar="URL", help="grpc://HOST:PORT,... (default: $CHUNKSTORE_STORE)"
     )
-    where.add_argument("--dir", help="a local cluster directory")
+    where.add_argument("--dir", help="a local cluster: the directory given to cluster up")
     status.add_argument("--json", action="store_true", help="print machine-readable JSON")
     status.add_argument("--token", help="token the nodes require (default $CHUNKSTORE_TOKEN)")
     status.add_argument(

@@ -248,9 +248,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cluster",
         metavar="FILE",
-        help="cluster map (TOML); a newer map persisted in --data wins (needed unless --join)",
+        help="cluster file (TOML, see below); a newer map the node stored in --data wins "
+        "(needed unless --join)",
     )
-    parser.add_argument("--data", required=True, metavar="DIR", help="directory of the store")
+    parser.add_argument(
+        "--data",
+        required=True,
+        metavar="DIR",
+        help="directory of this node's store (made if needed)",
+    )
     parser.add_argument(
         "--listen",
         metavar="HOST:PORT",

@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 
 import pytest
@@ -510,6 +511,17 @@ def test_every_argument_of_every_command_is_explained(monkeypatch):
     assert "--to STORE" in cli("copy", "--help").stdout
     assert "--to-token TOKEN" in cli("copy", "--help").stdout
     assert "-n N, --limit N" in cli("log", "--help").stdout
+
+
+def test_the_cluster_file_node_help_shows_is_one_a_node_takes(tmp_path):
+    from chunkstore.cluster_map import load_cluster_file
+
+    shown = _command_parsers()["node"].format_help()
+    example = shown.partition("cluster.toml, one [[nodes]] entry per node:\n")[2]
+    (tmp_path / "cluster.toml").write_text(textwrap.dedent(example))
+    cluster = load_cluster_file(tmp_path / "cluster.toml")
+    assert [(n.id, n.weight) for n in cluster.nodes] == [("n1", 1), ("n2", 1), ("n3", 2)]
+    assert (cluster.replicas, cluster.write_quorum) == (3, 2)
 
 
 @pytest.mark.parametrize(
