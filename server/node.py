@@ -240,6 +240,17 @@ def _signals_set(event: threading.Event) -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+def _port(text: str) -> int:
+    """A TCP port, for argparse (0: any free one)."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"bad port {text!r}: want 0-65535")
+    return port
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``chunkstore node``."""
     parser.add_argument(
@@ -264,7 +275,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--metrics-port",
-        type=int,
+        type=_port,
         metavar="N",
         help="serve Prometheus metrics over HTTP on this port",
     )

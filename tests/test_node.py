@@ -163,6 +163,19 @@ def test_port_in_use_exits_with_one_line(tmp_path: Path):
     assert_one_error_line(result, f"cannot listen on {host}:{port}: address already in use")
 
 
+@pytest.mark.parametrize("port", ["99999", "-1", "http"])
+def test_a_bad_metrics_port_exits_2_before_anything_is_made(tmp_path: Path, port: str):
+    path, _ = write_cluster_file(tmp_path, 1)
+    data = tmp_path / "d"
+    argv = ["--id", "n1", "--cluster", str(path), "--data", str(data), "--metrics-port", port]
+    result = run_node(*argv)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines()[-1] == (
+        f"chunkstore node: error: argument --metrics-port: bad port {port!r}: want 0-65535"
+    )
+    assert not data.exists()
+
+
 # health, reflection, cluster service
 
 
