@@ -275,6 +275,12 @@ def to_error(what: str, failures: Sequence[NodeCallError]) -> errors.ChunkstoreE
     return errors.StoreUnavailable(line)
 
 
+def at_address(failure: NodeCallError) -> str:
+    """A failed call to a seed address, whose node id is not known: ``HOST:PORT: code:
+    detail``."""
+    return f"{failure.node.address}: {failure.code.name.lower()}: {failure.detail}"
+
+
 def connect_hint(credentials: Credentials | None, failures: Sequence[NodeCallError]) -> str:
     """A hint to append to a failure to reach any node, when a TLS mismatch explains it."""
     tls = credentials is not None and credentials.tls

@@ -30,6 +30,8 @@ from chunkstore.client.rpc import (
     NodeCallError,
     NodeClient,
     RpcPolicy,
+    at_address,
+    connect_hint,
     to_error,
 )
 from chunkstore.cluster_map import (
@@ -144,6 +146,7 @@ def _ask(client: NodeClient, call: Callable[[NodeClient], Any]) -> Any:
 def newest_map(url: str, policy: RpcPolicy) -> ClusterMap:
     """The newest map served by the seeds of ``url`` or by the nodes of the newest of those."""
     failures: list[NodeCallError] = []
+    invalid: list[str] = []
     asked: set[str] = set()
 
     def ask(address: str) -> ClusterMap | None:
@@ -154,8 +157,8 @@ def newest_map(url: str, policy: RpcPolicy) -> ClusterMap:
             return map_from_proto(reply)
         except NodeCallError as e:
             failures.append(e)
-        except ClusterMapError:
-            pass
+        except ClusterMapError as e:
+            invalid.append(f"{address}: serves an invalid cluster map: {e}")
         finally:
             client.close()
         return None
@@ -175,7 +178,11 @@ def newest_map(url: str, policy: RpcPolicy) -> ClusterMap:
             break
         addresses = [n.address for n in best.nodes]
     if best is None:
-        raise to_error(f"no node of {url} serves a cluster map", failures)
+        # the kind of error the failures make (PermissionDenied for a refused token...)
+        kind = type(to_error("", failures)) if failures else StoreUnavailable
+        reasons = "; ".join([*map(at_address, failures), *invalid])
+        hint = connect_hint(policy.credentials, failures)
+        raise kind(f"no node of {url} serves a cluster map: {reasons}{hint}")
     return best
 
 

@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from chunkstore.client.rpc import NodeCallError, NodeClient, RpcPolicy
+from chunkstore.client.rpc import NodeCallError, NodeClient, RpcPolicy, at_address
 from chunkstore.cluster_map import (
     ClusterFileError,
     ClusterMap,
@@ -250,8 +250,11 @@ def fetch_seed_map(url: str, policy: RpcPolicy) -> ClusterMap:
                 lambda c=client: c.cluster.GetClusterMap(pb.Empty(), timeout=policy.timeout)
             )
             theirs = map_from_proto(reply)
-        except (NodeCallError, ClusterMapError) as e:
-            failures.append(f"{address}: {e}")
+        except NodeCallError as e:
+            failures.append(at_address(e))
+            continue
+        except ClusterMapError as e:
+            failures.append(f"{address}: serves an invalid cluster map: {e}")
             continue
         finally:
             client.close()

@@ -210,6 +210,18 @@ def test_status_of_unreachable_seeds_is_a_clear_error(capsys):
     assert err.startswith("chunkstore cluster status: error: no node answered")
 
 
+def test_membership_and_repair_name_the_seeds_they_cannot_reach(capsys):
+    port = local_cluster.free_ports(1)[0]
+    url = f"grpc://127.0.0.1:{port}"
+    for argv in (["repair"], ["remove-node", "n2"], ["add-node", "n4", "127.0.0.1:1", "--force"]):
+        code, out, err = cluster_cli(capsys, *argv, "--store", url, "--json")
+        assert (code, out) == (6, "") and err.count("\n") == 1
+        assert err.startswith(
+            f"chunkstore cluster {argv[0]}: error: no node of {url} serves a cluster map: "
+            f"127.0.0.1:{port}: unavailable: "
+        )
+
+
 def test_status_needs_a_cluster_url(capsys, tmp_path: Path):
     code, _, err = cluster_cli(capsys, "status", "--store", str(tmp_path / "embedded"))
     assert code == 2

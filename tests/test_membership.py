@@ -291,5 +291,8 @@ def test_a_node_without_a_map_or_address_exits_with_one_line(tmp_path, capsys):
     argv = ["--id", "n1", "--data", str(tmp_path / "b"), "--listen", "127.0.0.1:0", "--join", dead]
     assert node_main(argv) == 6
     err = capsys.readouterr().err
-    assert err.startswith(f"chunkstore node: error: cannot fetch the cluster map from {dead}")
+    assert err.startswith(
+        f"chunkstore node: error: cannot fetch the cluster map from {dead}: "
+        f"{dead.removeprefix('grpc://')}: unavailable: "
+    )
     assert err.count("\n") == 1

@@ -429,6 +429,12 @@ def test_membership_changes_need_an_admin_token(auth_cluster, capsys):
         [auth_cluster.address("n1")], credentials=Credentials(token=TOKENS["read"])
     )
     assert served.epoch == epoch
+    assert cli_main(argv) == PermissionDenied.exit_code  # no token: the map is refused
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith(
+        f"chunkstore cluster add-node: error: no node of {auth_cluster.url} serves a cluster "
+        f"map: {auth_cluster.address('n1')}: unauthenticated: this node requires a token"
+    )
 
 
 def test_peer_credentials_reach_other_nodes(auth_cluster, tmp_path, pki):
