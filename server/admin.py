@@ -13,6 +13,7 @@ misses it learns it from its peers within seconds. The data then moves in the ba
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -42,7 +43,7 @@ from chunkstore.cluster_map import (
     map_to_proto,
     newer,
 )
-from chunkstore.connect import store_url
+from chunkstore.connect import ENV_STORE, normal_scheme
 from chunkstore.errors import ChunkstoreError, InvalidInput, StoreUnavailable
 from chunkstore.jsonout import emit_json
 from chunkstore.progress import human_bytes
@@ -131,10 +132,24 @@ def add_admin_parsers(sub: Any) -> None:
     _connection_args(repair, DEFAULT_REPAIR_TIMEOUT, "how long to wait for the passes")
 
 
-def _policy(args: argparse.Namespace) -> tuple[str, RpcPolicy]:
-    url = store_url(args.store)
+def cluster_url(store: str | None, local: bool = False) -> str:
+    """The URL of the cluster a command works on: ``store`` (its ``--store``), else
+    ``$CHUNKSTORE_STORE``. InvalidInput, saying how to name one, if neither is a ``grpc://``
+    or ``grpcs://`` URL; ``local``: the command also takes ``--dir DIR``."""
+    how = "--store grpc://HOST:PORT[,...]" + (" or --dir DIR" if local else "")
+    url = store or os.environ.get(ENV_STORE)
+    if not url:
+        pass_one = f"pass {how}," if local else f"pass {how}"
+        raise InvalidInput(f"no cluster given: {pass_one} or set ${ENV_STORE}")
+    url = normal_scheme(url)
     if not url.startswith(("grpc://", "grpcs://")):
-        raise InvalidInput(f"{url!r} is not a cluster: give --store grpc://HOST:PORT,...")
+        source = repr(url) if store else f"${ENV_STORE} ({url!r})"
+        raise InvalidInput(f"{source} is not a cluster: give {how}")
+    return url
+
+
+def _policy(args: argparse.Namespace) -> tuple[str, RpcPolicy]:
+    url = cluster_url(args.store)
     credentials = Credentials.from_env(tls=url.startswith(TLS_SCHEME), token=args.token)
     return url, RpcPolicy(credentials=credentials, timeout=args.timeout, attempts=2)
 

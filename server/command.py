@@ -23,8 +23,7 @@ from chunkstore.client.cluster_store import parse_url
 from chunkstore.client.help_format import HelpFormatter
 from chunkstore.client.rpc import Credentials
 from chunkstore.cluster_map import load_cluster_file
-from chunkstore.connect import store_url
-from chunkstore.errors import ChunkstoreError, InvalidInput
+from chunkstore.errors import ChunkstoreError
 from chunkstore.jsonout import emit_json
 
 from . import admin, local_cluster, node
@@ -278,14 +277,9 @@ def _status(args: argparse.Namespace) -> int:
         target: Any = load_cluster_file(f"{args.dir}/{local_cluster.MAP_FILE}")
         tls = local_cluster.uses_tls(args.dir)
     else:
-        url = store_url(args.store)
-        scheme = url.partition("://")[0]
-        if scheme not in ("grpc", "grpcs"):
-            raise InvalidInput(
-                f"{url!r} is not a cluster: give --store grpc://HOST:PORT,... or --dir DIR"
-            )
+        url = admin.cluster_url(args.store, local=True)
         target = parse_url(url)
-        tls = scheme == "grpcs"
+        tls = url.startswith("grpcs://")
     credentials = Credentials.from_env(tls=tls, token=args.token)
     status = local_cluster.cluster_status(target, timeout=args.timeout, credentials=credentials)
     if args.json:

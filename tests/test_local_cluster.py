@@ -222,6 +222,26 @@ def test_membership_and_repair_name_the_seeds_they_cannot_reach(capsys):
         )
 
 
+def test_cluster_commands_say_how_to_name_a_cluster(capsys, tmp_path: Path, monkeypatch):
+    monkeypatch.delenv("CHUNKSTORE_STORE", raising=False)
+    code, out, err = cluster_cli(capsys, "status", "--json")
+    assert (code, out) == (2, "") and err == (
+        "chunkstore cluster status: error: no cluster given: pass --store "
+        "grpc://HOST:PORT[,...] or --dir DIR, or set $CHUNKSTORE_STORE\n"
+    )
+    code, _, err = cluster_cli(capsys, "repair")
+    assert code == 2 and err.endswith(
+        "no cluster given: pass --store grpc://HOST:PORT[,...] or set $CHUNKSTORE_STORE\n"
+    )
+    monkeypatch.setenv("CHUNKSTORE_STORE", str(tmp_path / "embedded"))
+    code, _, err = cluster_cli(capsys, "remove-node", "n2")
+    assert code == 2 and err == (
+        f"chunkstore cluster remove-node: error: $CHUNKSTORE_STORE ('{tmp_path / 'embedded'}') "
+        "is not a cluster: give --store grpc://HOST:PORT[,...]\n"
+    )
+    assert not (tmp_path / "embedded").exists()
+
+
 def test_status_needs_a_cluster_url(capsys, tmp_path: Path):
     code, _, err = cluster_cli(capsys, "status", "--store", str(tmp_path / "embedded"))
     assert code == 2
