@@ -252,17 +252,16 @@ def change_membership(
     return publish(following, list(targets.values()), policy)
 
 
-def with_node(cluster: ClusterMap, node_id: str, address: str, weight: float) -> ClusterMap:
+def with_node(cluster: ClusterMap, node: NodeSpec) -> ClusterMap:
     """``cluster`` with one more node, one epoch later."""
-    if any(n.id == node_id for n in cluster.nodes):
-        raise InvalidInput(f"node {node_id!r} is already in the map (epoch {cluster.epoch})")
+    if any(n.id == node.id for n in cluster.nodes):
+        raise InvalidInput(f"node {node.id!r} is already in the map (epoch {cluster.epoch})")
     try:
-        spec = NodeSpec(node_id, address, weight)
         return ClusterMap(
-            cluster.epoch + 1, cluster.replicas, cluster.write_quorum, (*cluster.nodes, spec)
+            cluster.epoch + 1, cluster.replicas, cluster.write_quorum, (*cluster.nodes, node)
         )
     except ClusterMapError as e:
-        raise InvalidInput(f"cannot add node {node_id!r}: {e}") from None
+        raise InvalidInput(f"cannot add node {node.id!r}: {e}") from None
 
 
 def without_node(cluster: ClusterMap, node_id: str) -> ClusterMap:
@@ -357,15 +356,17 @@ def check_serving(node_id: str, address: str, policy: RpcPolicy, seed: str) -> N
 
 
 def run_add_node(args: argparse.Namespace) -> int:
+    try:  # bad input is refused before any node is asked
+        node = NodeSpec(args.node_id, args.address, args.weight)
+    except ClusterMapError as e:
+        raise InvalidInput(f"cannot add a node: {e}") from None
     url, policy = _policy(args)
 
     def check(_: ClusterMap) -> None:
         if not args.force:
             check_serving(args.node_id, args.address, policy, url)
 
-    done = change_membership(
-        url, policy, lambda m: with_node(m, args.node_id, args.address, args.weight), check
-    )
+    done = change_membership(url, policy, lambda m: with_node(m, node), check)
     return _report_published(done, "add", args.node_id, args.json)
 
 

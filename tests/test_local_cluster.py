@@ -222,6 +222,21 @@ def test_membership_and_repair_name_the_seeds_they_cannot_reach(capsys):
         )
 
 
+@pytest.mark.parametrize(
+    ("argv", "reason"),
+    [
+        (["n4", "nonsense"], "node 'n4': bad address 'nonsense': want HOST:PORT, port 1-65535"),
+        (["n4", "127.0.0.1:7404", "--weight", "0"], "node 'n4': weight must be a number > 0"),
+        (["n 4", "127.0.0.1:7404"], "bad node id 'n 4': use only letters, digits"),
+    ],
+)
+def test_add_node_refuses_bad_input_before_asking_any_node(capsys, argv, reason):
+    url = f"grpc://127.0.0.1:{local_cluster.free_ports(1)[0]}"  # nothing serves there
+    code, out, err = cluster_cli(capsys, "add-node", *argv, "--store", url, "--json")
+    assert (code, out) == (2, "") and err.count("\n") == 1
+    assert err.startswith(f"chunkstore cluster add-node: error: cannot add a node: {reason}")
+
+
 def test_cluster_commands_say_how_to_name_a_cluster(capsys, tmp_path: Path, monkeypatch):
     monkeypatch.delenv("CHUNKSTORE_STORE", raising=False)
     code, out, err = cluster_cli(capsys, "status", "--json")
