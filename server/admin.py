@@ -13,6 +13,7 @@ misses it learns it from its peers within seconds. The data then moves in the ba
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -52,6 +53,17 @@ from chunkstore.v1 import store_pb2 as pb
 DEFAULT_REPAIR_TIMEOUT = 3600.0
 
 
+def seconds(text: str) -> float:
+    """A timeout in seconds, for argparse: a number > 0 (with 0 every call would time out)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"want a number of seconds > 0, got {text!r}")
+    return value
+
+
 def _connection_args(p: argparse.ArgumentParser, timeout: float, what: str) -> None:
     p.add_argument(
         "--store",
@@ -61,7 +73,7 @@ def _connection_args(p: argparse.ArgumentParser, timeout: float, what: str) -> N
     p.add_argument("--token", help="an admin token, if the nodes require tokens")
     p.add_argument(
         "--timeout",
-        type=float,
+        type=seconds,
         default=timeout,
         metavar="SECONDS",
         help=f"{what} (default {timeout:g})",

@@ -189,7 +189,11 @@ def add_cluster_parser(subparsers: Any) -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print machine-readable JSON")
     status.add_argument("--token", help="token the nodes require (default $CHUNKSTORE_TOKEN)")
     status.add_argument(
-        "--timeout", type=float, default=2.0, metavar="SECONDS", help="per-node timeout (default 2)"
+        "--timeout",
+        type=admin.seconds,
+        default=2.0,
+        metavar="SECONDS",
+        help="per-node timeout (default 2)",
     )
 
     admin.add_admin_parsers(sub)

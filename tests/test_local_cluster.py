@@ -237,6 +237,18 @@ def test_add_node_refuses_bad_input_before_asking_any_node(capsys, argv, reason)
     assert err.startswith(f"chunkstore cluster add-node: error: cannot add a node: {reason}")
 
 
+@pytest.mark.parametrize("action", ["status", "repair", "remove-node n2"])
+@pytest.mark.parametrize("timeout", ["0", "-1", "nan", "soon"])
+def test_a_timeout_must_be_positive(capsys, action, timeout):
+    with pytest.raises(SystemExit) as exit_:
+        cluster_cli(capsys, *action.split(), "--store", "grpc://127.0.0.1:1", "--timeout", timeout)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"chunkstore cluster {action.split()[0]}: error: argument --timeout: want a number of "
+        f"seconds > 0, got {timeout!r}"
+    )
+
+
 def test_cluster_commands_say_how_to_name_a_cluster(capsys, tmp_path: Path, monkeypatch):
     monkeypatch.delenv("CHUNKSTORE_STORE", raising=False)
     code, out, err = cluster_cli(capsys, "status", "--json")
