@@ -290,7 +290,18 @@ def _status(args: argparse.Namespace) -> int:
         emit_json(status, sys.stdout)
     else:
         print(local_cluster.format_status(status))
+    refused = [n["id"] for n in status["nodes"] if n["error"] in _REFUSED]
+    if refused:  # they may serve well: it is the caller they turn away
+        print(
+            f"chunkstore cluster status: nodes {', '.join(refused)} refuse this caller: give a "
+            "token (any scope) with --token or $CHUNKSTORE_TOKEN",
+            file=sys.stderr,
+        )
     return 1 if status["state"] in ("degraded", "peer authentication failed") else 0
+
+
+#: How a node that refuses the caller's token answers, as cluster_status reports it.
+_REFUSED = ("UNAUTHENTICATED", "PERMISSION_DENIED")
 
 
 _ACTIONS = {"up": _up, "down": _down, "status": _status, **admin.ACTIONS}

@@ -622,9 +622,15 @@ def test_cluster_up_passes_tls_and_tokens_to_its_nodes(tmp_path, pki, monkeypatc
         assert local_cluster.uses_tls(d)
         status = ["cluster", "status", "--dir", str(d), "--json"]
         assert cli_main(status) == 1  # no token: GetNodeStatus is refused
-        assert json.loads(capsys.readouterr().out)["nodes"][0]["error"] == "UNAUTHENTICATED"
+        out, err = capsys.readouterr()
+        assert json.loads(out)["nodes"][0]["error"] == "UNAUTHENTICATED"
+        assert err == (
+            "chunkstore cluster status: nodes n1 refuse this caller: give a token (any scope) "
+            "with --token or $CHUNKSTORE_TOKEN\n"
+        )
         assert cli_main([*status, "--token", TOKENS["read"]]) == 0
-        assert json.loads(capsys.readouterr().out)["nodes"][0]["healthy"]
+        out, err = capsys.readouterr()
+        assert json.loads(out)["nodes"][0]["healthy"] and err == ""
     finally:
         local_cluster.cluster_down(d)
 
