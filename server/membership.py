@@ -295,7 +295,10 @@ def startup_map(
     lone_file = file_map is not None and persisted is None and join is None
     if lone_file and not any(n.id == node_id for n in file_map.nodes):
         ids = ", ".join(n.id for n in file_map.nodes)
-        raise InvalidInput(f"{cluster_file}: no node {node_id!r} in the map (nodes: {ids})")
+        raise InvalidInput(
+            f"{cluster_file}: no node {node_id!r} in the map (nodes: {ids}); to add a node to a "
+            "running cluster, start it with --join grpc://SEED --listen HOST:PORT instead"
+        )
     best = candidates[0]
     for m in candidates[1:]:
         if newer(m, best):

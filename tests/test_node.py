@@ -140,7 +140,7 @@ def test_id_not_in_map_exits_2_with_one_line(tmp_path: Path):
     path, _ = write_cluster_file(tmp_path, 2)
     result = run_node("--id", "n9", "--cluster", str(path), "--data", str(tmp_path / "data"))
     assert result.returncode == 2
-    assert_one_error_line(result, "no node 'n9'", "n1, n2")
+    assert_one_error_line(result, "no node 'n9'", "n1, n2", "start it with --join grpc://SEED")
 
 
 def test_unusable_data_dir_exits_with_one_line(tmp_path: Path):
