@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Sequence
 
 import pytest
 from conftest import failing_fallocate, random_bytes, tree_bytes, write
@@ -579,11 +580,21 @@ def test_cat_has_no_json_option():
 
 def _on_a_terminal(env: dict[str, str], *argv: str) -> str:
     """What the CLI run with ``argv`` writes to a terminal (its exit code must be 0)."""
+    return _with_a_terminal(env, argv, stdout_too=True)[1]
+
+
+def _with_a_terminal(
+    env: dict[str, str], argv: Sequence[str], stdout_too: bool = False
+) -> tuple[str, str]:
+    """``(stdout, terminal)``: what the CLI run with ``argv`` writes to a pipe on stdout and to
+    a terminal on stderr (on stdout too with ``stdout_too``; its exit code must be 0). Its
+    stdout must fit in a pipe's buffer."""
     import pty
 
     command = (sys.executable, "-m", "chunkstore.client.cli", *argv)
     primary, secondary = pty.openpty()
-    proc = subprocess.Popen(command, env=env, stdin=secondary, stdout=secondary, stderr=secondary)
+    stdout = secondary if stdout_too else subprocess.PIPE
+    proc = subprocess.Popen(command, env=env, stdin=secondary, stdout=stdout, stderr=secondary)
     os.close(secondary)
     seen = b""
     while True:
@@ -595,8 +606,9 @@ def _on_a_terminal(env: dict[str, str], *argv: str) -> str:
             break
         seen += data
     os.close(primary)
+    out = "" if stdout_too else proc.stdout.read().decode()
     assert proc.wait(timeout=60) == 0
-    return seen.decode(errors="replace")
+    return out, seen.decode(errors="replace")
 
 
 def test_progress_bar_on_a_terminal_only(env_store, tmp_path):
@@ -615,6 +627,22 @@ def test_progress_bar_on_a_terminal_only(env_store, tmp_path):
     assert "status " in text and "B/s" in text and "1 unchanged" in text and " new" not in text
     quiet = cli("status", str(tmp_path / "d"), "--repo", "m", "-q", env=env)
     assert quiet.returncode == 0 and quiet.stderr == "" and "1 unchanged" in quiet.stdout
+
+
+def test_gc_shows_progress_on_a_terminal(env_store, tmp_path):
+    env = {**os.environ, "CHUNKSTORE_STORE": str(env_store), "COLUMNS": "120"}
+    for seed in (1, 2):
+        write(tmp_path / "d" / "w.bin", random_bytes(8 * MB, seed=seed))
+        assert cli("push", str(tmp_path / "d"), "--repo", "m", env=env).returncode == 0
+    assert cli("rm", "m~1", env=env).returncode == 0
+    text = _on_a_terminal(env, "gc", "--grace", "0", "--dry-run")
+    assert "gc: scanning" in text and "gc: deleting" not in text  # a dry run deletes nothing
+    assert "would be deleted" in text and "B/s" in text and " new" not in text
+    out, text = _with_a_terminal(env, ["gc", "--grace", "0", "--json"])
+    assert json.loads(out)["deleted_chunks"] > 0  # stdout holds the JSON alone
+    assert "gc: deleting" in text and "B/s" in text and "{" not in text
+    out, text = _with_a_terminal(env, ["gc", "-q"])
+    assert out.startswith("gc: 0 chunks") and "gc: scanning" not in text and "B/s" not in text
 
 
 def test_reading_a_store_that_does_not_exist_creates_nothing(tmp_path):

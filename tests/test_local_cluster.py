@@ -147,6 +147,14 @@ def test_up_restarts_the_nodes_of_the_current_map_only(tmp_path: Path, capsys):
         assert up.url == local_cluster.store_url(served)
         code, _, err = cluster_cli(capsys, "up", "--dir", str(d))
         assert code == 0 and "not started: n3 (no longer in the cluster map)" in err
+        code, out, err = cluster_cli(capsys, "up", "--dir", str(d), "--json")
+        assert code == 0 and "not started: n3" in err  # notes stay on stderr
+        report = json.loads(out)
+        assert (report["started"], report["running"], report["not_started"]) == (
+            [],
+            ["n1", "n2"],
+            ["n3"],
+        )
         with pytest.raises(InvalidInput, match=r"nodes 2 \(asked 3\)"):
             local_cluster.cluster_up(d, nodes=3)
     finally:
@@ -160,6 +168,18 @@ def test_up_needs_at_least_one_node(tmp_path: Path, capsys, nodes: str):
     assert code == 2 and out == ""
     assert f"a cluster needs at least 1 node (asked for {nodes})" in err
     assert not d.exists()
+
+
+def test_up_and_down_json_errors_are_one_line_on_stderr(tmp_path: Path, capsys):
+    code, out, err = cluster_cli(
+        capsys, "up", "--nodes", "0", "--dir", str(tmp_path / "c"), "--json"
+    )
+    assert (code, out) == (2, "") and err.count("\n") == 1
+    assert err.startswith("chunkstore cluster up: error: a cluster needs at least 1 node")
+    assert not (tmp_path / "c").exists()
+    code, out, err = cluster_cli(capsys, "down", "--dir", str(tmp_path / "none"), "--json")
+    assert (code, out) == (1, "") and err.count("\n") == 1
+    assert err.startswith("chunkstore cluster down: error: ") and "no cluster here" in err
 
 
 def test_a_failed_first_start_leaves_nothing_behind(tmp_path: Path, capsys):

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import sys
 import warnings
 
 import numpy as np
 import pytest
 from conftest import RecordedProgress, count_fetches
-from test_cli import run
+from test_cli import _on_a_terminal, _with_a_terminal, run
 
 from chunkstore import tensor_diff
 from chunkstore import tensors as tensors_module
@@ -467,6 +468,29 @@ def test_status_tensors_cli_and_its_errors(env_store, tmp_path, capsys):
     assert code == 3 and "no such file or directory" in err
     code, _, err = run(capsys, "status", str(tmp_path / "v1"), "--repo", "x", "--tensors")
     assert code == 3 and "unknown repo" in err
+
+
+def test_tensor_stats_show_progress_on_a_terminal(env_store, tmp_path, capsys):
+    tensors = model()
+    (tmp_path / "v1").mkdir()
+    write_safetensors(tmp_path / "v1" / "model.safetensors", tensors)
+    assert run(capsys, "push", str(tmp_path / "v1"), "--repo", "m", "--tag", "v1")[0] == 0
+    with _open(env_store) as repo:
+        _push_v2(repo, tmp_path, tensors)  # v1's local file now differs from the latest
+    env = {**os.environ, "CHUNKSTORE_STORE": str(env_store), "COLUMNS": "120"}
+    diff = ["diff", "m@v1", "m@v2", "--tensors", "--stats"]
+    text = _on_a_terminal(env, *diff)
+    assert "comparing" in text and "B/s" in text and "M  layers.2.w" in text
+    out, text = _with_a_terminal(env, [*diff, "--json"])
+    assert [c["name"] for c in json.loads(out)["changed"]] == ["layers.2.w"]  # JSON alone
+    assert "comparing" in text and "{" not in text
+    status = ["status", str(tmp_path / "v1"), "--repo", "m", "--tensors", "--stats"]
+    text = _on_a_terminal(env, *status)
+    assert "hashing model.safetensors" in text and "comparing" in text and " new" not in text
+    assert "M  layers.2.w" in text
+    for argv in (diff, status):
+        out, text = _with_a_terminal(env, [*argv, "-q"])
+        assert "M  layers.2.w" in out and "B/s" not in text and "comparing" not in text
 
 
 def _open(path):
