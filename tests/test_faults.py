@@ -183,7 +183,8 @@ class Faults:
 class Trigger:
     """A Progress that injects the fault once ``at`` (a share) of an operation's bytes were
     handled, so that the fault lands while the operation runs; :meth:`fire` also does it from
-    outside (for GC, which reports no progress, and for an operation that ended first)."""
+    outside (for GC, whose store calls are hooked instead, and for an operation that ended
+    first)."""
 
     def __init__(self, at: float, inject) -> None:
         self.at = at
@@ -230,8 +231,8 @@ def run_op(
         repo.pull(f"{REPO}@{version.id.hex()}", dest, progress=progress)
         assert tree_bytes(dest) == tree_bytes(ledger.attempted[message]), "pulled wrong bytes"
         return f"pulled {message} byte-identical"
-    # GC reports no progress: fire from one of the store calls it makes (client side),
-    # at the start of the mark phase, between mark and sweep, or within the sweep.
+    # Fire from one of the store calls GC makes (client side): at the start of the mark
+    # phase, between mark and sweep, or within the sweep.
     hook = GC_HOOKS[min(len(GC_HOOKS) - 1, int(progress.at * len(GC_HOOKS)))]
     original = getattr(repo.store, hook)
 
