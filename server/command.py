@@ -276,6 +276,10 @@ def _down(args: argparse.Namespace) -> int:
     return 0
 
 
+#: How a node that refuses the caller's token answers, as cluster_status reports it.
+_REFUSED = ("UNAUTHENTICATED", "PERMISSION_DENIED")
+
+
 def _status(args: argparse.Namespace) -> int:
     if args.dir:
         target: Any = load_cluster_file(f"{args.dir}/{local_cluster.MAP_FILE}")
@@ -298,10 +302,6 @@ def _status(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 1 if status["state"] in ("degraded", "peer authentication failed") else 0
-
-
-#: How a node that refuses the caller's token answers, as cluster_status reports it.
-_REFUSED = ("UNAUTHENTICATED", "PERMISSION_DENIED")
 
 
 _ACTIONS = {"up": _up, "down": _down, "status": _status, **admin.ACTIONS}

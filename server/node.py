@@ -259,8 +259,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cluster",
         metavar="FILE",
-        help="cluster file (TOML, see below); a newer map the node stored in --data wins "
-        "(needed unless --join)",
+        help="cluster file (TOML), the same on every node; a newer map the node stored in "
+        "--data wins (needed unless --join)",
     )
     parser.add_argument(
         "--data",
