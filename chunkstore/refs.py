@@ -83,8 +83,7 @@ def load_versions(
     a listing goes on. Those that do not parse at all are passed first: their time is unknown.
     """
     listing = _listing(meta, repo)
-    for error in listing.unreadable.values():
-        _report(error, on_unreadable)
+    listing.report_unparsed(on_unreadable)
     out: list[Version] = []
     for head in listing.heads:
         if limit is not None and len(out) >= limit:
@@ -125,8 +124,7 @@ def newest_and_count(
     any newer than it that do not match their ids (see :func:`load_versions` for
     ``on_unreadable``)."""
     listing = _listing(meta, repo)
-    for error in listing.unreadable.values():
-        _report(error, on_unreadable)
+    listing.report_unparsed(on_unreadable)
     count = len(listing.heads)
     for head in listing.heads:
         try:
@@ -168,8 +166,7 @@ def _resolve(ref: Ref, listing: _Listing, on_unreadable: OnUnreadable | None) ->
     head = _select(ref, listing)
     for _ in range(ref.back):
         head = _before(ref, head, listing.heads)
-    for error in listing.unreadable.values():
-        _report(error, on_unreadable)
+    listing.report_unparsed(on_unreadable)
     return head.version()
 
 
@@ -217,6 +214,12 @@ class _Listing:
     @property
     def empty(self) -> bool:
         return not self.heads and not self.unreadable
+
+    def report_unparsed(self, on_unreadable: OnUnreadable | None) -> None:
+        """Pass each record that does not parse to ``on_unreadable`` (raise the first
+        without one)."""
+        for error in self.unreadable.values():
+            _report(error, on_unreadable)
 
 
 def _listing(meta: MetaStore, repo: str) -> _Listing:

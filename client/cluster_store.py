@@ -15,11 +15,14 @@ Replication rules, for every kind of record:
   write (:meth:`missing`, :meth:`lacking`); the checks that decide whether something is gone
   (:meth:`mark_wanted`, :meth:`has_manifests`) raise instead when an unreachable owner
   leaves it below the quorum.
-- A read goes to one owner and moves on to the next on any failure, NOT_FOUND included.
-  Listings (versions, tags) ask every owner and merge what the reachable ones hold; a tag that
-  owners disagree on (moved while one was down) takes the value most of them hold, ties going to
-  the earlier owner on the ring. Removals are not remembered (no tombstones): an owner that was
-  down during a removal brings the record back when it returns.
+- A read goes to one owner and moves on to the next on any failure, NOT_FOUND included, and
+  asks the next one too if the first has not answered within the grace period. Listings
+  (versions, tags) ask every owner and merge what the reachable ones hold; they are complete
+  once ``replicas - write_quorum + 1`` owners answered (those include one that acknowledged
+  each write). Of a version record one owner holds damaged, another's intact copy is taken; a
+  tag that owners disagree on (moved while one was down) takes the value most of them hold,
+  ties going to the earlier owner on the ring. Removals are not remembered (no tombstones): an
+  owner that was down during a removal brings the record back when it returns.
 - Whole-store views (:meth:`scan`, :meth:`scan_manifests`, :meth:`totals`) need every node
   and raise StoreUnavailable naming the ones that did not answer: a partial view would let GC
   or ``stats`` act on a wrong picture. :meth:`list_repos` merges the nodes that answer,
@@ -33,9 +36,9 @@ lack a record asks every other node of the map too.
 
 Every call has a deadline and is retried with backoff (:mod:`.rpc`); a node that failed gets
 one call at a time until it answers again. Once enough nodes answered, a slower one gets a
-short grace period and then counts as failed (:mod:`.quorum`), and a read stream that stalls
-moves to other owners (:mod:`.fetch`): a dead or hung node costs about a second, not a deadline
-per call.
+short grace period and then counts as failed (none, if it was failing already:
+:mod:`.quorum`), and a read stream that stalls moves to other owners (:mod:`.fetch`): a dead
+or hung node costs about a second, not a deadline per call.
 """
 
 from __future__ import annotations
