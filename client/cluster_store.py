@@ -19,9 +19,11 @@ Replication rules, for every kind of record:
   asks the next one too if the first has not answered within the grace period. Listings
   (versions, tags) ask every owner and merge what the reachable ones hold; they are complete
   once ``replicas - write_quorum + 1`` owners answered (those include one that acknowledged
-  each write). Of a version record one owner holds damaged, another's intact copy is taken; a
-  tag that owners disagree on (moved while one was down) takes the value most of them hold,
-  ties going to the earlier owner on the ring. Removals are not remembered (no tombstones): an
+  each write). A copy of a record (a version, a manifest) that does not hash to its id is
+  damaged: readers take another owner's intact copy, and a push of the same file replaces a
+  damaged manifest (nodes keep the intact bytes they are sent). A tag that owners disagree
+  on (moved while one was down) takes the value most of them hold, ties going to the earlier
+  owner on the ring. Removals are not remembered (no tombstones): an
   owner that was down during a removal brings the record back when it returns.
 - Whole-store views (:meth:`scan`, :meth:`scan_manifests`, :meth:`totals`) need every node
   and raise StoreUnavailable naming the ones that did not answer: a partial view would let GC
@@ -695,17 +697,40 @@ class ClusterStore(Store):
             self._pool, owners, send, self._quorum, lambda mid: f"store manifest {mid.hex()}"
         )
 
+    def _read_intact(
+        self, key: bytes, record_id: bytes, call: Callable[[NodeClient], bytes], what: str
+    ) -> bytes:
+        """:meth:`_read_anywhere` of a record that must hash to ``record_id``: an owner whose
+        copy is damaged counts as failed, and the next owner is asked. A damaged copy is
+        returned only when no owner gave an intact one, for its reader to report."""
+        damaged: list[bytes] = []
+
+        def intact(node: NodeClient) -> bytes:
+            data = call(node)
+            if not _intact(record_id, data):
+                damaged.append(data)
+                raise NodeCallError(node.spec, grpc.StatusCode.DATA_LOSS, "its copy is damaged")
+            return data
+
+        try:
+            return self._read_anywhere(key, intact, what)
+        except errors.ChunkstoreError:
+            if damaged:
+                return damaged[0]
+            raise
+
     def get_manifest(self, manifest_id: bytes) -> bytes:
-        """Read in pieces, whatever its size: a large one fits no single message."""
+        """Read in pieces, whatever its size: a large one fits no single message. An owner's
+        damaged copy is passed over for another owner's (see :meth:`_read_intact`)."""
         request = pb.ChunkIds(ids=[manifest_id])
-        _, data = self._read_anywhere(
+        return self._read_intact(
+            manifest_id,
             manifest_id,
             lambda n: manifest_parts.joined(
                 n.meta.GetManifestParts(request, timeout=self.policy.deadline(stream=True))
-            ),
+            )[1],
             f"read manifest {manifest_id.hex()}",
         )
-        return data
 
     def get_manifests(self, manifest_ids: Sequence[bytes]) -> list[bytes]:
         """One GetManifests call per node, all nodes at once, each id asked of one of its
@@ -734,8 +759,8 @@ class ClusterStore(Store):
             record.id: record.data
             for records in replies.ok.values()
             for record in records
-            if record.id in distinct
-        }
+            if record.id in distinct and _intact(record.id, record.data)
+        }  # a damaged copy is read again, from another owner if one has it intact
         return [found[mid] if mid in found else self.get_manifest(mid) for mid in manifest_ids]
 
     def has_manifests(self, manifest_ids: Sequence[bytes]) -> set[bytes]:
@@ -790,13 +815,14 @@ class ClusterStore(Store):
         )
 
     def get_version(self, repo: str, version_id: bytes) -> bytes:
+        """An owner's damaged copy is passed over for another's (see :meth:`_read_intact`)."""
         key = pb.VersionKey(repo=repo, id=version_id)
-        reply = self._read_anywhere(
+        return self._read_intact(
             repo_key(repo),
-            lambda n: n.meta.GetVersion(key, timeout=self.policy.timeout),
+            version_id,
+            lambda n: n.meta.GetVersion(key, timeout=self.policy.timeout).data,
             f"read version {version_id.hex()} of {repo!r}",
         )
-        return reply.data
 
     def list_versions(self, repo: str) -> list[tuple[bytes, bytes]]:
         """Every version any reachable owner of the repo holds; of a record some owner holds
@@ -1016,8 +1042,9 @@ class ClusterStore(Store):
         return list(stages.items())
 
 
-def _intact(version_id: bytes, data: bytes) -> bool:
-    return ids.record_id(data) == version_id
+def _intact(record_id: bytes, data: bytes) -> bool:
+    """Whether a record's bytes (a version's, a manifest's) hash to its id."""
+    return ids.record_id(data) == record_id
 
 
 def _removal(

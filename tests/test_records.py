@@ -11,6 +11,7 @@ from conftest import random_bytes, tree_bytes, write
 
 from chunkstore import ids
 from chunkstore.client.cli import main
+from chunkstore.client.cluster_store import ClusterStore, repo_key
 from chunkstore.errors import ChunkstoreWarning, CorruptRecord, UnreadableVersion
 from chunkstore.model import VersionLink
 from chunkstore.repository import Repository
@@ -216,6 +217,13 @@ def test_a_manifest_that_cannot_be_read_is_named_and_refused_by_nodes(tmp_path, 
     err = capsys.readouterr().err
     assert f"manifest {mid.hex()} is unreadable: it does not match its id" in err
     assert len(err.strip().splitlines()) == 1
+    with Repository(LmdbStore(store_dir)) as repo:
+        repo.store.put_manifest(mid, GARBAGE)  # bytes that do not hash to the id: kept out
+        assert repo.store.get_manifest(mid) == GARBAGE
+        assert repo.push(tmp_path / "ckpt", "m").version.files[0].manifest_id == mid
+    # The push of the same file replaced the damaged copy.
+    assert main(["pull", "m", str(tmp_path / "out"), "--store", str(store_dir), "-q"]) == 0
+    assert tree_bytes(tmp_path / "out") == tree_bytes(tmp_path / "ckpt")
 
     with (
         LocalCluster(tmp_path / "c", nodes=1, replicas=1) as cluster,
@@ -231,3 +239,56 @@ def test_a_manifest_that_cannot_be_read_is_named_and_refused_by_nodes(tmp_path, 
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert why in info.value.details() and "nothing was stored" in info.value.details()
         assert list(meta.HasManifests(pb.ChunkIds(ids=[mid, GARBAGE_ID]), timeout=10).ids) == []
+
+
+def damage_on(cluster: LocalCluster, node_id: str, write) -> None:
+    """Change what node ``node_id`` holds while it is stopped, as a damaged disk might."""
+    cluster.stop(node_id)
+    with LmdbStore(cluster.node_data(node_id)) as store:
+        write(store)
+    cluster.start(node_id)
+
+
+def test_a_damaged_copy_on_one_owner_is_read_from_another_and_a_push_repairs_it(tmp_path, capsys):
+    """With two replicas, a manifest or version record damaged on the owner a reader asks
+    first is read from the other owner; pushing the file again replaces the damaged manifest."""
+    src = write(tmp_path / "ckpt" / "w.bin", random_bytes(300_000, seed=4)).parent
+    with LocalCluster(tmp_path / "c", nodes=3, replicas=2) as cluster:
+        url = cluster.url
+        with Repository(ClusterStore.connect(url)) as repo:
+            version = repo.push(src, "m").version
+        mid = version.files[0].manifest_id
+        first = cluster.map.owners(mid)[0].id
+        damaged_manifest = GARBAGE + b" in place of a manifest"
+
+        def replace_manifest(store: Store) -> None:
+            store.delete_manifests([mid])
+            store.put_manifest(mid, damaged_manifest)
+
+        damage_on(cluster, first, replace_manifest)
+        for command in (["pull", "m", str(tmp_path / "out")], ["verify", "m"]):
+            code, _, err = run(capsys, *command, "--store", url, "-q")
+            assert (code, err) == (0, "")
+        assert tree_bytes(tmp_path / "out") == tree_bytes(src)
+
+        with Repository(ClusterStore.connect(url)) as repo:
+            assert repo.push(src, "m").version.files[0].manifest_id == mid
+        cluster.stop(first)
+        with LmdbStore(cluster.node_data(first)) as store:
+            assert ids.record_id(store.get_manifest(mid)) == mid  # the push repaired it
+        cluster.start(first)
+
+        record_owner = cluster.map.owners(repo_key("m"))[0].id
+
+        def replace_version(store: Store) -> None:
+            store.delete_version("m", version.id)
+            store.put_version("m", version.id, b"damaged" + bytes(40))
+
+        damage_on(cluster, record_owner, replace_version)
+        copy = tmp_path / "copy"
+        code, _, err = run(
+            capsys, "copy", f"m@{version.id.hex()}", "--to", str(copy), "-q", "--store", url
+        )
+        assert (code, err) == (0, "")
+        with Repository(LmdbStore(copy)) as repo:
+            assert repo.resolve(f"m@{version.id.hex()}").id == version.id

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from chunkstore import codec
+from chunkstore import codec, ids
 from chunkstore.parallel import for_each
 
 
@@ -174,12 +174,20 @@ def _decode_pair(cid: bytes, blob: bytes) -> tuple[bytes, bytes]:
     return cid, codec.decode_verified(cid, blob)
 
 
+def replaces(manifest_id: bytes, held: bytes | memoryview, data: bytes) -> bool:
+    """Whether manifest bytes ``data`` replace the stored copy ``held`` of ``manifest_id``:
+    the copy is damaged (not ``data``) and ``data`` is intact (hashes to the id)."""
+    return held != data and ids.record_id(data) == manifest_id
+
+
 class MetaStore(ABC):
     """Manifests, version records and tags. Keys are bytes ids and str names."""
 
     @abstractmethod
     def put_manifest(self, manifest_id: bytes, data: bytes) -> None:
-        """Store a file manifest durably (idempotent); its stored_at becomes now."""
+        """Store a file manifest durably (idempotent); its stored_at becomes now. A stored
+        copy with other bytes is damaged (ids hash the bytes): it is replaced if ``data``
+        hashes to the id (see :func:`replaces`), so pushing the file again repairs it."""
 
     def put_manifests(self, records: Sequence[tuple[bytes, bytes]]) -> None:
         """:meth:`put_manifest` of each ``(id, data)``: a push's manifests, in as few

@@ -44,7 +44,7 @@ import lmdb
 
 from chunkstore import errors
 from chunkstore.forks import OpenedIn
-from chunkstore.stores.base import ChunkInfo, ChunkTotals, Store
+from chunkstore.stores.base import ChunkInfo, ChunkTotals, Store, replaces
 from chunkstore.stores.resident import FaultBudget, drop_resident, mapped_ranges
 
 T = TypeVar("T")
@@ -634,7 +634,8 @@ class LmdbStore(Store):
     # manifests
 
     def put_manifest(self, manifest_id: bytes, data: bytes) -> None:
-        """Store a manifest (an existing one keeps its data) and set its stored_at to now."""
+        """Store a manifest and set its stored_at to now (see :meth:`MetaStore.put_manifest`:
+        a damaged copy is replaced)."""
         self.put_manifests([(manifest_id, data)])
 
     def put_manifests(self, records: Sequence[tuple[bytes, bytes]]) -> None:
@@ -643,7 +644,10 @@ class LmdbStore(Store):
 
         def write(txn: lmdb.Transaction) -> None:
             for manifest_id, data in records:
-                txn.put(manifest_id, data, db=self._manifests, overwrite=False)
+                if not txn.put(manifest_id, data, db=self._manifests, overwrite=False):
+                    held = txn.get(manifest_id, db=self._manifests)
+                    if replaces(manifest_id, held, data):
+                        txn.put(manifest_id, data, db=self._manifests)
                 txn.put(manifest_id, stamp, db=self._manifest_meta)
 
         self._write(write)

@@ -7,7 +7,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 
 from chunkstore import errors
-from chunkstore.stores.base import ChunkInfo, ChunkTotals, Store
+from chunkstore.stores.base import ChunkInfo, ChunkTotals, Store, replaces
 
 
 class MemoryStore(Store):
@@ -84,10 +84,13 @@ class MemoryStore(Store):
     # manifests
 
     def put_manifest(self, manifest_id: bytes, data: bytes) -> None:
-        """Store a manifest (an existing one keeps its data) and set its stored_at to now."""
+        """Store a manifest and set its stored_at to now (see :meth:`MetaStore.put_manifest`:
+        a damaged copy is replaced)."""
         now = time.time()
         with self._lock:
-            self._manifests.setdefault(manifest_id, bytes(data))
+            held = self._manifests.get(manifest_id)
+            if held is None or replaces(manifest_id, held, data):
+                self._manifests[manifest_id] = bytes(data)
             self._manifest_stored_at[manifest_id] = now
 
     def get_manifest(self, manifest_id: bytes) -> bytes:
