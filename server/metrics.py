@@ -202,6 +202,31 @@ class NodeMetrics:
             "Corrupt chunks the scrubber replaced with a verified copy from another node",
             registry=r,
         )
+        self.scrub_records = Counter(
+            "chunkstore_scrub_records_total",
+            "Stored records (kind: manifest, version) re-verified by the scrubber",
+            ["kind"],
+            registry=r,
+        )
+        self.scrub_record_errors = Counter(
+            "chunkstore_scrub_record_errors_total",
+            "Stored records the scrubber found damaged (not matching their id)",
+            ["kind"],
+            registry=r,
+        )
+        self.scrub_records_repaired = Counter(
+            "chunkstore_scrub_records_repaired_total",
+            "Damaged records the scrubber replaced with an intact copy from another node",
+            ["kind"],
+            registry=r,
+        )
+        for kind in ("manifest", "version"):  # series from the start: increase() sees a rise
+            for counter in (
+                self.scrub_records,
+                self.scrub_record_errors,
+                self.scrub_records_repaired,
+            ):
+                counter.labels(kind)
         self.scrub_last_sweep = Gauge(
             "chunkstore_scrub_last_sweep_timestamp_seconds",
             "Unix time the scrubber last finished verifying every stored chunk",

@@ -11,17 +11,26 @@ its other owners (then from any other node) and verified, and the bad copy is re
 (``chunkstore_scrub_repaired_total``). If no node has a good copy, the bad one is deleted
 anyway: it is worth nothing, and without it existence checks report the chunk missing, so the
 next push that has it sends it again.
+
+Once every chunk is verified, so is every manifest and version record the node holds (each
+must hash to its id). A damaged one is counted (``chunkstore_scrub_record_errors_total``) and
+replaced with an intact copy from another owner (``chunkstore_scrub_records_repaired_total``);
+with no intact copy anywhere it is kept, since readers name it and ``rm`` (a version) or a push
+of the same file (a manifest) mends it.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import grpc
 
-from chunkstore import codec, errors
-from chunkstore.client.rpc import NodeCallError
+from chunkstore import codec, errors, ids
+from chunkstore.client import manifest_parts
+from chunkstore.client.cluster_store import repo_key
+from chunkstore.client.rpc import NodeCallError, NodeClient
 from chunkstore.v1 import store_pb2 as pb
 
 from .worker import NodeWorker
@@ -53,6 +62,8 @@ class Scrubber(NodeWorker):
                 continue
             try:
                 finished = self._sweep(bytes.fromhex(state.get("after", "")))
+                if finished:
+                    self._check_records()
             except Exception:
                 log.exception("node %s: scrub failed", self.node_id)
                 finished = False
@@ -90,6 +101,94 @@ class Scrubber(NodeWorker):
             return True
         self._save(after)
         return False
+
+    def _check_records(self) -> None:
+        """Verify every manifest and version record; replace a damaged one with an intact copy
+        from another owner where one has it."""
+        if self._check_manifests():
+            for repo in self._store.list_repos():
+                if not self._check_versions(repo):
+                    return
+
+    def _check_manifests(self) -> bool:
+        """:meth:`_check_records` of the manifests; False if stopped meanwhile."""
+        for manifest_id, _ in list(self._store.scan_manifests()):
+            try:
+                (data,) = self._store.get_manifests([manifest_id])
+            except errors.NotFound:
+                continue  # deleted meanwhile
+            if not self._bucket.take(len(data)):
+                return False
+            if not self._damaged("manifest", manifest_id, data):
+                continue
+            request = pb.ChunkIds(ids=[manifest_id])
+            good = self._fetch_record(
+                manifest_id,
+                manifest_id,
+                lambda c, request=request: manifest_parts.joined(
+                    c.meta.GetManifestParts(request, timeout=c.policy.deadline(stream=True))
+                )[1],
+            )
+            if good is not None:
+                self._store.put_manifest(manifest_id, good)
+                self._repaired("manifest", manifest_id)
+        return True
+
+    def _check_versions(self, repo: str) -> bool:
+        """:meth:`_check_records` of one repo's version records; False if stopped meanwhile."""
+        for version_id, data in self._store.list_versions(repo):
+            if not self._bucket.take(len(data)):
+                return False
+            if not self._damaged("version", version_id, data):
+                continue
+            key = pb.VersionKey(repo=repo, id=version_id)
+            good = self._fetch_record(
+                repo_key(repo),
+                version_id,
+                lambda c, key=key: c.meta.GetVersion(key, timeout=c.policy.timeout).data,
+            )
+            if good is not None:
+                self._store.put_version(repo, version_id, good)
+                self._repaired("version", version_id)
+        return True
+
+    def _damaged(self, kind: str, record_id: bytes, data: bytes) -> bool:
+        self._metrics.scrub_records.labels(kind).inc()
+        if ids.record_id(data) == record_id:
+            return False
+        self._metrics.scrub_record_errors.labels(kind).inc()
+        log.error("node %s: scrub: %s %s is damaged", self.node_id, kind, record_id.hex())
+        return True
+
+    def _repaired(self, kind: str, record_id: bytes) -> None:
+        self._metrics.scrub_records_repaired.labels(kind).inc()
+        log.info(
+            "node %s: scrub: %s %s replaced by an intact copy", self.node_id, kind, record_id.hex()
+        )
+
+    def _fetch_record(
+        self, key: bytes, record_id: bytes, read: Callable[[NodeClient], bytes]
+    ) -> bytes | None:
+        """Bytes of a record that hash to ``record_id``, from the other owners of ``key``."""
+        cluster = self._holder.map
+        for node in cluster.owners(key):
+            if node.id == self.node_id:
+                continue
+            client = self._peers.client(node)
+            try:
+                data = client.run(lambda c=client: read(c))
+            except NodeCallError as e:
+                if e.code != grpc.StatusCode.NOT_FOUND:
+                    log.warning("node %s: scrub: %s", self.node_id, e)
+                continue
+            if ids.record_id(data) == record_id:
+                return data
+        log.error(
+            "node %s: scrub: no other owner has an intact copy of %s; kept it",
+            self.node_id,
+            record_id.hex(),
+        )
+        return None
 
     def _save(self, after: bytes) -> None:
         self._state.put(_STATE, {**self._state.get(_STATE), "after": after.hex()})

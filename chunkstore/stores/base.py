@@ -174,10 +174,10 @@ def _decode_pair(cid: bytes, blob: bytes) -> tuple[bytes, bytes]:
     return cid, codec.decode_verified(cid, blob)
 
 
-def replaces(manifest_id: bytes, held: bytes | memoryview, data: bytes) -> bool:
-    """Whether manifest bytes ``data`` replace the stored copy ``held`` of ``manifest_id``:
-    the copy is damaged (not ``data``) and ``data`` is intact (hashes to the id)."""
-    return held != data and ids.record_id(data) == manifest_id
+def replaces(record_id: bytes, held: bytes | memoryview, data: bytes) -> bool:
+    """Whether the bytes ``data`` of a record (a manifest, a version) replace its stored copy
+    ``held``: the copy is damaged (not ``data``) and ``data`` is intact (hashes to the id)."""
+    return held != data and ids.record_id(data) == record_id
 
 
 class MetaStore(ABC):
@@ -209,7 +209,9 @@ class MetaStore(ABC):
 
     @abstractmethod
     def put_version(self, repo: str, version_id: bytes, data: bytes) -> None:
-        """Store a version record durably; from then on it is visible (idempotent)."""
+        """Store a version record durably; from then on it is visible (idempotent). A stored
+        copy with other bytes is damaged: it is replaced if ``data`` hashes to the id (see
+        :func:`replaces`)."""
 
     @abstractmethod
     def get_version(self, repo: str, version_id: bytes) -> bytes:

@@ -644,10 +644,7 @@ class LmdbStore(Store):
 
         def write(txn: lmdb.Transaction) -> None:
             for manifest_id, data in records:
-                if not txn.put(manifest_id, data, db=self._manifests, overwrite=False):
-                    held = txn.get(manifest_id, db=self._manifests)
-                    if replaces(manifest_id, held, data):
-                        txn.put(manifest_id, data, db=self._manifests)
+                _put_record(self._manifests, manifest_id, manifest_id, data, txn)
                 txn.put(manifest_id, stamp, db=self._manifest_meta)
 
         self._write(write)
@@ -693,7 +690,7 @@ class LmdbStore(Store):
 
     def put_version(self, repo: str, version_id: bytes, data: bytes) -> None:
         key = _key(repo, version_id)
-        self._write(lambda txn: txn.put(key, data, db=self._versions, overwrite=False))
+        self._write(partial(_put_record, self._versions, key, version_id, data))
 
     def get_version(self, repo: str, version_id: bytes) -> bytes:
         data = self._read(lambda txn: txn.get(_key(repo, version_id), db=self._versions))
@@ -800,6 +797,16 @@ class LmdbStore(Store):
         return self._read(
             lambda txn: [(bytes(k), bytes(v)) for k, v in txn.cursor(db=self._stages)]
         )
+
+
+def _put_record(
+    db: lmdb._Database, key: bytes, record_id: bytes, data: bytes, txn: lmdb.Transaction
+) -> None:
+    """Store a record (a manifest, a version) under ``key``, replacing a damaged copy only
+    (see :func:`~chunkstore.stores.base.replaces`)."""
+    added = txn.put(key, data, db=db, overwrite=False)
+    if not added and replaces(record_id, txn.get(key, db=db), data):
+        txn.put(key, data, db=db)
 
 
 def _key(repo: str, name: bytes) -> bytes:

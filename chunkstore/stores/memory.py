@@ -123,7 +123,9 @@ class MemoryStore(Store):
 
     def put_version(self, repo: str, version_id: bytes, data: bytes) -> None:
         with self._lock:
-            self._versions.setdefault((repo, version_id), bytes(data))
+            held = self._versions.get((repo, version_id))
+            if held is None or replaces(version_id, held, data):
+                self._versions[(repo, version_id)] = bytes(data)
 
     def get_version(self, repo: str, version_id: bytes) -> bytes:
         with self._lock:
