@@ -23,8 +23,8 @@ Replication rules, for every kind of record:
   damaged: readers take another owner's intact copy, and a push of the same file replaces a
   damaged manifest (nodes keep the intact bytes they are sent). A tag that owners disagree
   on (moved while one was down) takes the value most of them hold, ties going to the earlier
-  owner on the ring. Removals are not remembered (no tombstones): an
-  owner that was down during a removal brings the record back when it returns.
+  owner on the ring. Removals are not remembered (no tombstones): an owner that was down
+  during a removal brings the record back when it returns.
 - Whole-store views (:meth:`scan`, :meth:`scan_manifests`, :meth:`totals`) need every node
   and raise StoreUnavailable naming the ones that did not answer: a partial view would let GC
   or ``stats`` act on a wrong picture. :meth:`list_repos` merges the nodes that answer,
