@@ -194,6 +194,16 @@ class PruneResult:
 
 
 @dataclass
+class UnreadableRemoved:
+    """A version record :meth:`Repository.rm` removed without reading it (it cannot be read):
+    its repo, its id and the tags that were on it (removed with it)."""
+
+    repo: str
+    id: bytes
+    tags: list[str]
+
+
+@dataclass
 class RepoSummary:
     name: str
     versions: int
@@ -450,17 +460,19 @@ class Repository:
     def untag(self, repo: str, tag: str) -> None:
         self.store.delete_tag(_check_repo_name(repo), check_tag_name(tag))
 
-    def rm(self, ref: str) -> Version | VersionLink:
-        """Remove a version record and its tags; its chunks go at the next ``gc``.
+    def rm(self, ref: str) -> Version | UnreadableRemoved:
+        """Remove a version record and its tags; its chunks go at the next ``gc``. Returns the
+        version, with the tags that were on it.
 
         A record that cannot be read (see :func:`~chunkstore.model.decode_version`) is removed
-        too when ``ref`` names it (by a tag or an id prefix): then only its repo and id are
-        returned, as a VersionLink.
+        too when ``ref`` names it (by a tag or an id prefix): then only its repo, its id and
+        the tags that were on it are returned, as an :class:`UnreadableRemoved`.
         """
         try:
-            version: Version | VersionLink = self.resolve(ref)
+            version: Version | UnreadableRemoved = self.resolve(ref)
         except UnreadableVersion as e:
-            version = VersionLink(e.repo, e.version_id)
+            tags = sorted(t for t, vid in self.store.tags(e.repo).items() if vid == e.version_id)
+            version = UnreadableRemoved(e.repo, e.version_id, tags)
         self.store.delete_version(version.repo, version.id)
         return version
 

@@ -494,11 +494,10 @@ def _print_copied(result: CopyResult, to: str) -> None:
 
 def cmd_rm(repo: Repository, args: argparse.Namespace) -> int:
     v = repo.rm(args.ref)
-    readable = isinstance(v, Version)  # else a record that could not be read: its repo and id
+    readable = isinstance(v, Version)  # else a record that could not be read: repo, id, tags
     if args.json:
         # "removed" is the id under its first name; "id" as every other command calls it
-        tags = v.tags if readable else []
-        _emit_json({"repo": v.repo, "id": v.id.hex(), "removed": v.id.hex(), "tags": tags})
+        _emit_json({"repo": v.repo, "id": v.id.hex(), "removed": v.id.hex(), "tags": v.tags})
     else:
         what = v.ref if readable else f"the unreadable version record {v.repo}@{v.id.hex()}"
         print(f"removed {what}; run 'chunkstore gc' to reclaim its space")

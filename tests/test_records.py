@@ -4,6 +4,8 @@ failing with an internal error; GC and prune refuse to act on a listing without 
 
 from __future__ import annotations
 
+import json
+
 import grpc
 import pytest
 from cluster_fixtures import LocalCluster
@@ -13,8 +15,7 @@ from chunkstore import ids
 from chunkstore.client.cli import main
 from chunkstore.client.cluster_store import ClusterStore, repo_key
 from chunkstore.errors import ChunkstoreWarning, CorruptRecord, UnreadableVersion
-from chunkstore.model import VersionLink
-from chunkstore.repository import Repository
+from chunkstore.repository import Repository, UnreadableRemoved
 from chunkstore.retention import KeepPolicy
 from chunkstore.stores.base import Store
 from chunkstore.stores.lmdb_store import LmdbStore
@@ -91,8 +92,10 @@ def test_gc_and_prune_refuse_while_a_record_is_unreadable(repo: Repository, tmp_
             call()
     assert repo.store.totals().chunks == chunks
     assert len(repo.store.list_versions("m")) == 3
-    removed = repo.rm(f"m@{vid.hex()}")
-    assert removed == VersionLink("m", vid) and len(repo.store.list_versions("m")) == 2
+    repo.store.set_tag("m", "bad", vid)
+    removed = repo.rm("m@bad")  # with the tags that were on it
+    assert removed == UnreadableRemoved("m", vid, ["bad"])
+    assert len(repo.store.list_versions("m")) == 2 and "bad" not in repo.store.tags("m")
     assert repo.gc(grace_seconds=0).deleted_chunks > 0
     assert [v.id for v in repo.prune("m", KeepPolicy(last=1)).removed] == [pushed[1].id]
 
@@ -168,6 +171,25 @@ def test_the_cli_lists_past_an_unreadable_record_and_gc_refuses(env_store, tmp_p
     code, out, _ = run(capsys, "rm", f"m@{vid.hex()[:10]}")
     assert code == 0 and out.startswith(f"removed the unreadable version record m@{vid.hex()};")
     assert run(capsys, "gc", "--grace", "0")[0] == 0
+
+
+def test_rm_json_of_an_unreadable_record_names_the_tags_it_removed(env_store, tmp_path, capsys):
+    write(tmp_path / "ckpt" / "model.bin", random_bytes(300_000, seed=1))
+    assert run(capsys, "push", str(tmp_path / "ckpt"), "--repo", "m", "-q", "--tag", "ok")[0] == 0
+    with LmdbStore(env_store) as store:
+        vid = plant(store)
+        store.set_tag("m", "bad", vid)
+        store.set_tag("m", "also-bad", vid)
+    code, out, _ = run(capsys, "rm", "m@bad", "--json")
+    assert code == 0
+    assert json.loads(out) == {
+        "repo": "m",
+        "id": vid.hex(),
+        "removed": vid.hex(),
+        "tags": ["also-bad", "bad"],
+    }
+    with LmdbStore(env_store) as store:
+        assert list(store.tags("m")) == ["ok"]
 
 
 # -- nodes --------------------------------------------------------------------------------------
