@@ -1046,8 +1046,8 @@ class Repository:
         A chunk is spared while younger than ``grace_seconds`` (since it was stored or last
         found by an existence check), so a push in flight never loses what it relies on. With
         ``dry_run`` nothing is deleted (expired stages included): the result counts what
-        would be. ``progress`` follows the scan of the stored chunks, then their deletion
-        (in stored bytes).
+        would be. ``progress`` follows the reading of the live manifests (in bytes of the files
+        they describe), then the scan of the stored chunks and their deletion (in stored bytes).
 
         A version record that cannot be read may reference any chunk, so GC stops before
         deleting anything (CorruptRecord naming it) until the record is restored or removed.
@@ -1065,12 +1065,20 @@ class Repository:
                 "gc again"
             ) from None
         live_manifests, stages_dropped = live_stage_manifests(self.store, drop=not dry_run)
-        live_manifests.update(f.manifest_id for v in versions for f in v.files)
+        # each version's manifest with the size of the file it describes, which the bar counts
+        described = {f.manifest_id: f.size for v in versions for f in v.files}
+        live_manifests.update(described)
         live_chunks: set[bytes] = set()
-        for manifest in self._manifests_by_id(live_manifests):
-            live_chunks.update(manifest.stored_ids())
-        cutoff = started - grace_seconds
         progress = progress or NoProgress()
+        reading = list(live_manifests)
+        progress.start(sum(described.values()), "gc: reading manifests")
+        try:
+            for mid, manifest in zip(reading, self._manifests_by_id(reading), strict=True):
+                live_chunks.update(manifest.stored_ids())
+                progress.advance(described.get(mid, 0))  # an open stage's file: not counted
+        finally:
+            progress.finish()
+        cutoff = started - grace_seconds
         doomed, doomed_sizes, young = [], [], 0
         progress.start(self.store.totals().stored_bytes, "gc: scanning")
         try:

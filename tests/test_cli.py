@@ -636,13 +636,16 @@ def test_gc_shows_progress_on_a_terminal(env_store, tmp_path):
         assert cli("push", str(tmp_path / "d"), "--repo", "m", env=env).returncode == 0
     assert cli("rm", "m~1", env=env).returncode == 0
     text = _on_a_terminal(env, "gc", "--grace", "0", "--dry-run")
+    assert "gc: reading manifests" in text  # the live versions' manifests, before the scan
     assert "gc: scanning" in text and "gc: deleting" not in text  # a dry run deletes nothing
     assert "would be deleted" in text and "B/s" in text and " new" not in text
     out, text = _with_a_terminal(env, ["gc", "--grace", "0", "--json"])
     assert json.loads(out)["deleted_chunks"] > 0  # stdout holds the JSON alone
     assert "gc: deleting" in text and "B/s" in text and "{" not in text
+    assert "gc: reading manifests" in text
     out, text = _with_a_terminal(env, ["gc", "-q"])
     assert out.startswith("gc: 0 chunks") and "gc: scanning" not in text and "B/s" not in text
+    assert "gc: reading" not in text
 
 
 def test_reading_a_store_that_does_not_exist_creates_nothing(tmp_path):

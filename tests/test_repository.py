@@ -385,7 +385,9 @@ def test_rm_and_gc(repo, ckpt):
     assert repo.store.totals() == before  # a dry run deletes nothing
     shown = RecordedProgress()
     result = repo.gc(grace_seconds=0, progress=shown)
+    live = repo.resolve("m").size  # the bytes of the files whose manifests it reads
     assert shown.units == [
+        ["gc: reading manifests", live, live],
         ["gc: scanning", before.stored_bytes, before.stored_bytes],  # every stored chunk
         ["gc: deleting", result.deleted_bytes, result.deleted_bytes],
     ]
