@@ -135,7 +135,8 @@ def add_admin_parsers(sub: Any) -> None:
             "stages it is responsible for to the owners that lack them, and drops what it no "
             "longer owns once the owners hold it. Exit code 1 if a node did not answer, keys "
             "remain below their replica count, or peers refused a node's calls (give every node "
-            "an admin token to call its peers with: chunkstore node --peer-token-file)."
+            "an admin token to call its peers with: chunkstore node --peer-token-file); 6 if no "
+            "node can be reached at all."
         ),
         epilog="example:\n  chunkstore cluster repair --store grpc://10.0.0.1:7400",
         formatter_class=HelpFormatter,
@@ -170,36 +171,42 @@ def _ask(client: NodeClient, call: Callable[[NodeClient], Any]) -> Any:
     return client.run(lambda: call(client))
 
 
-def newest_map(url: str, policy: RpcPolicy) -> ClusterMap:
-    """The newest map served by the seeds of ``url`` or by the nodes of the newest of those."""
+def newest_map(url: str, policy: RpcPolicy, follow: bool = True) -> ClusterMap:
+    """The newest map served by the seeds of ``url`` or (with ``follow``) by the nodes of the
+    newest of those. StoreUnavailable naming each seed and why if none serves one
+    (PermissionDenied if they refuse the caller)."""
     failures: list[NodeCallError] = []
     invalid: list[str] = []
     asked: set[str] = set()
 
-    def ask(address: str) -> ClusterMap | None:
+    def ask(address: str) -> ClusterMap | NodeCallError | str:
+        """The map served at ``address``, or why there is none."""
         client = NodeClient(NodeSpec("seed", address), replace(policy, attempts=1))
         try:
             timeout = policy.timeout
             reply = _ask(client, lambda c: c.cluster.GetClusterMap(pb.Empty(), timeout=timeout))
             return map_from_proto(reply)
         except NodeCallError as e:
-            failures.append(e)
+            return e
         except ClusterMapError as e:
-            invalid.append(f"{address}: serves an invalid cluster map: {e}")
+            return f"{address}: serves an invalid cluster map: {e}"
         finally:
             client.close()
-        return None
 
     best: ClusterMap | None = None
     addresses = parse_url(url)
-    for _ in range(2):  # the seeds, then the nodes of the newest map they serve
+    for _ in range(2 if follow else 1):  # the seeds, then the nodes of the newest map they serve
         addresses = [a for a in dict.fromkeys(addresses) if a not in asked]
         if not addresses:
             break
         asked.update(addresses)
         with ThreadPoolExecutor(min(32, len(addresses))) as pool:
-            for theirs in pool.map(ask, addresses):
-                if theirs is not None and newer(theirs, best):
+            for theirs in pool.map(ask, addresses):  # in the order given, whoever answers first
+                if isinstance(theirs, NodeCallError):
+                    failures.append(theirs)
+                elif isinstance(theirs, str):
+                    invalid.append(theirs)
+                elif newer(theirs, best):
                     best = theirs
         if best is None:
             break

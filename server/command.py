@@ -19,11 +19,10 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from chunkstore.client.cluster_store import parse_url
 from chunkstore.client.help_format import HelpFormatter
-from chunkstore.client.rpc import Credentials
+from chunkstore.client.rpc import RETRYABLE, Credentials, RpcPolicy
 from chunkstore.cluster_map import load_cluster_file
-from chunkstore.errors import ChunkstoreError
+from chunkstore.errors import ChunkstoreError, StoreUnavailable
 from chunkstore.jsonout import emit_json
 
 from . import admin, local_cluster, node
@@ -175,7 +174,8 @@ def add_cluster_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="show every node of a cluster: health, chunks, bytes, ring share",
         description=(
             "Show every node in the cluster map. Exit code 1 if any node is unhealthy "
-            "(degraded) or peers refuse a node's calls (peer authentication failed)."
+            "(degraded) or peers refuse a node's calls (peer authentication failed); 6 if no "
+            "node answers at all (none of the --store seeds, or no node of the --dir cluster)."
         ),
         epilog="examples:\n  chunkstore cluster status --dir ./cluster\n"
         "  chunkstore cluster status --store grpc://10.0.0.1:7400 --json",
@@ -280,16 +280,20 @@ def _down(args: argparse.Namespace) -> int:
 _REFUSED = ("UNAUTHENTICATED", "PERMISSION_DENIED")
 
 
+#: How a node that cannot be reached answers, as cluster_status reports it.
+_UNREACHED = frozenset(code.name for code in RETRYABLE)
+
+
 def _status(args: argparse.Namespace) -> int:
     if args.dir:
-        target: Any = load_cluster_file(f"{args.dir}/{local_cluster.MAP_FILE}")
-        tls = local_cluster.uses_tls(args.dir)
-    else:
+        cluster = load_cluster_file(f"{args.dir}/{local_cluster.MAP_FILE}")
+        credentials = Credentials.from_env(tls=local_cluster.uses_tls(args.dir), token=args.token)
+    else:  # the map of the seeds: StoreUnavailable (exit 6) if none answers, as for add-node
         url = admin.cluster_url(args.store, local=True)
-        target = parse_url(url)
-        tls = url.startswith("grpcs://")
-    credentials = Credentials.from_env(tls=tls, token=args.token)
-    status = local_cluster.cluster_status(target, timeout=args.timeout, credentials=credentials)
+        credentials = Credentials.from_env(tls=url.startswith("grpcs://"), token=args.token)
+        policy = RpcPolicy(credentials=credentials, timeout=args.timeout, attempts=1)
+        cluster = admin.newest_map(url, policy, follow=False)  # status asks every node anyway
+    status = local_cluster.cluster_status(cluster, timeout=args.timeout, credentials=credentials)
     if args.json:
         emit_json(status, sys.stdout)
     else:
@@ -301,6 +305,17 @@ def _status(args: argparse.Namespace) -> int:
             "token (any scope) with --token or $CHUNKSTORE_TOKEN",
             file=sys.stderr,
         )
+    if args.dir and all(n["error"] in _UNREACHED for n in status["nodes"]):
+        by_error: dict[str, list[str]] = {}
+        for n in status["nodes"]:
+            by_error.setdefault(n["error"].lower(), []).append(n["id"])
+        reasons = "; ".join(f"{', '.join(ids)}: {why}" for why, ids in by_error.items())
+        print(
+            f"chunkstore cluster status: error: no node of {args.dir} answers ({reasons}); "
+            f"start them with: chunkstore cluster up --dir {args.dir}",
+            file=sys.stderr,
+        )
+        return StoreUnavailable.exit_code
     return 1 if status["state"] in ("degraded", "peer authentication failed") else 0
 
 

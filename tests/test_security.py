@@ -411,6 +411,12 @@ def test_cluster_status_sends_the_token(auth_cluster, capsys):
     assert cli_main([*argv, "--token", TOKENS["read"]]) == 0
     status = json.loads(capsys.readouterr().out)
     assert [n["healthy"] for n in status["nodes"]] == [True, True]
+    assert cli_main(argv) == PermissionDenied.exit_code  # no token: the map is refused
+    out, err = capsys.readouterr()
+    assert out == "" and one_line(err).startswith(
+        f"chunkstore cluster status: error: no node of {auth_cluster.url} serves a cluster "
+        f"map: {auth_cluster.address('n1')}: unauthenticated: this node requires a token"
+    )
 
 
 def test_membership_changes_need_an_admin_token(auth_cluster, capsys):
