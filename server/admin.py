@@ -400,7 +400,9 @@ _REPORT_FIELDS = tuple(f.name for f in pb.ReconcileReport.DESCRIPTOR.fields)
 
 
 def repair(url: str, policy: RpcPolicy, timeout: float) -> dict[str, Any]:
-    """Run a reconciler pass on every node of the newest map; the reports by node.
+    """Run a reconciler pass on every node of the newest map: ``{"epoch", "nodes",
+    "failed"}``, the reports by node and, as ``add-node`` gives them, the nodes that did not
+    answer (``{node id: why}``).
 
     Every node has the same keys: ``id``, ``ok``, ``error`` and the fields of its report
     (None for a node that did not answer, ``peers_refused`` empty). ``under_replicated`` is
@@ -430,7 +432,8 @@ def repair(url: str, policy: RpcPolicy, timeout: float) -> dict[str, Any]:
 
     with ThreadPoolExecutor(max(1, min(32, len(cluster.nodes)))) as pool:
         nodes = list(pool.map(run, cluster.nodes))
-    return {"epoch": cluster.epoch, "nodes": nodes}
+    failed = {n["id"]: n["error"] for n in sorted(nodes, key=lambda n: n["id"]) if not n["ok"]}
+    return {"epoch": cluster.epoch, "nodes": nodes, "failed": failed}
 
 
 def run_repair(args: argparse.Namespace) -> int:

@@ -127,6 +127,12 @@ def test_a_node_replaced_empty_gets_everything_back_on_repair(tmp_path, series, 
         assert code == 1
         failed = [line.split(":")[0] for line in out.splitlines() if ": failed: " in line]
         assert failed == ["n1", "n3"]
+        # --json names them as add-node and remove-node do: {node id: why}
+        code, out, _ = cli(capsys, "cluster", "repair", "--store", cluster.url, "--json")
+        report = json.loads(out)
+        assert code == 1 and list(report["failed"]) == ["n1", "n3"]
+        assert all(why.startswith("unavailable: ") for why in report["failed"].values())
+        assert {n["id"]: n["error"] for n in report["nodes"] if not n["ok"]} == report["failed"]
 
 
 def test_a_write_that_missed_an_owner_is_completed_by_the_periodic_pass(tmp_path, series):
