@@ -55,13 +55,25 @@ DEFAULT_REPAIR_TIMEOUT = 3600.0
 
 def seconds(text: str) -> float:
     """A timeout in seconds, for argparse: a number > 0 (with 0 every call would time out)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
+    value = _number(text)
     if not value > 0 or math.isinf(value):
         raise argparse.ArgumentTypeError(f"want a number of seconds > 0, got {text!r}")
     return value
+
+
+def seconds_or_0(text: str) -> float:
+    """A wait in seconds, for argparse: a number >= 0 (0: do not wait)."""
+    value = _number(text)
+    if not value >= 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"want a number of seconds >= 0, got {text!r}")
+    return value
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
 
 
 def _connection_args(p: argparse.ArgumentParser, timeout: float, what: str) -> None:

@@ -129,7 +129,7 @@ def add_cluster_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     up.add_argument(
         "--timeout",
-        type=float,
+        type=admin.seconds,
         default=30.0,
         metavar="SECONDS",
         help="how long to wait for the nodes to serve (default 30)",
@@ -162,7 +162,7 @@ def add_cluster_parser(subparsers: Any) -> argparse.ArgumentParser:
     down.add_argument("--dir", required=True, help="the directory given to cluster up")
     down.add_argument(
         "--timeout",
-        type=float,
+        type=admin.seconds_or_0,
         default=15.0,
         metavar="SECONDS",
         help="wait this long after SIGTERM before SIGKILL (default 15)",

@@ -203,7 +203,7 @@ def wait_serving(
                 last = f" (last answer: {e.code().name}: {e.details()})"
             if time.monotonic() > deadline:
                 raise LocalClusterError(
-                    f"node {node_id} did not answer SERVING on {address} within {timeout:.0f} s"
+                    f"node {node_id} did not answer SERVING on {address} within {timeout:g} s"
                     f"{last}{log_tail(directory, node_id)}"
                 )
             time.sleep(0.05)
@@ -272,6 +272,8 @@ def cluster_up(
     d = Path(directory)
     if nodes is not None and nodes < 1:
         raise InvalidInput(f"a cluster needs at least 1 node (asked for {nodes})")
+    if d.exists() and not d.is_dir():
+        raise InvalidInput(f"{d} is not a directory")
     if extra_args is not None:
         check_node_args(extra_args)
     if not (d / MAP_FILE).exists():

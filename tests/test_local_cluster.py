@@ -208,10 +208,10 @@ def test_a_failed_first_start_leaves_nothing_behind(tmp_path: Path, capsys):
     # directory that was there before stays, with what it held.
     d.mkdir()
     (d / "notes.txt").write_text("mine")
-    code, _, err = cluster_cli(capsys, "up", "--dir", str(d), "--timeout", "0")
+    code, _, err = cluster_cli(capsys, "up", "--dir", str(d), "--timeout", "0.001")
     assert code == 1 and "did not answer SERVING" in err
     assert [p.name for p in d.iterdir()] == ["notes.txt"]
-    code, _, err = cluster_cli(capsys, "up", "--dir", str(tmp_path / "new"), "--timeout", "0")
+    code, _, err = cluster_cli(capsys, "up", "--dir", str(tmp_path / "new"), "--timeout", "0.001")
     assert code == 1 and not (tmp_path / "new").exists()
 
     # A retry starts a new cluster, without the options of the failed one.
@@ -279,6 +279,44 @@ def test_a_timeout_must_be_positive(capsys, action, timeout):
         f"chunkstore cluster {action.split()[0]}: error: argument --timeout: want a number of "
         f"seconds > 0, got {timeout!r}"
     )
+
+
+@pytest.mark.parametrize("timeout", ["0", "-1", "nan"])
+def test_up_refuses_a_timeout_that_is_not_above_0_before_it_starts_anything(
+    capsys, tmp_path: Path, timeout
+):
+    d = tmp_path / "cluster"
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            cluster_cli(capsys, "up", "--dir", str(d), "--nodes", "1", "--timeout", timeout)
+    finally:  # had it started a node, stop it
+        if (d / local_cluster.MAP_FILE).exists():
+            local_cluster.cluster_down(d)
+    assert exit_.value.code == 2 and not d.exists()
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "chunkstore cluster up: error: argument --timeout: want a number of seconds > 0, got "
+        f"{timeout!r}"
+    )
+
+
+@pytest.mark.parametrize("timeout", ["-1", "nan"])
+def test_down_refuses_a_timeout_below_0(capsys, tmp_path: Path, timeout):
+    with pytest.raises(SystemExit) as exit_:
+        cluster_cli(capsys, "down", "--dir", str(tmp_path), "--timeout", timeout)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "chunkstore cluster down: error: argument --timeout: want a number of seconds >= 0, got "
+        f"{timeout!r}"
+    )
+
+
+def test_up_on_a_file_says_it_is_not_a_directory(capsys, tmp_path: Path):
+    path = tmp_path / "a-file"
+    path.write_text("not a cluster")
+    code, out, err = cluster_cli(capsys, "up", "--dir", str(path), "--nodes", "1")
+    assert (code, out) == (2, "")
+    assert err == f"chunkstore cluster up: error: {path} is not a directory\n"
+    assert path.read_text() == "not a cluster"
 
 
 def test_cluster_commands_say_how_to_name_a_cluster(capsys, tmp_path: Path, monkeypatch):
