@@ -153,8 +153,8 @@ def add_admin_parsers(sub: Any) -> None:
         epilog="example:\n  chunkstore cluster repair --store grpc://10.0.0.1:7400",
         formatter_class=HelpFormatter,
     )
-    repair.add_argument("--json", action="store_true", help="print machine-readable JSON")
     _connection_args(repair, DEFAULT_REPAIR_TIMEOUT, "how long to wait for the passes")
+    repair.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
 
 def cluster_url(store: str | None, local: bool = False) -> str:
@@ -328,7 +328,7 @@ def _report_published(done: Published, action: str, node_id: str, as_json: bool)
             else "it learns it from its peers once it is back"
         )
         print(
-            f"warning: node {failed_id} did not take the map "
+            f"chunkstore cluster {action}-node: warning: node {failed_id} did not take the map "
             f"({why.code.name.lower()}: {why.detail}); {after}",
             file=sys.stderr,
         )
