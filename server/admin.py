@@ -303,6 +303,11 @@ def without_node(cluster: ClusterMap, node_id: str) -> ClusterMap:
     rest = tuple(n for n in cluster.nodes if n.id != node_id)
     if not rest:
         raise InvalidInput(f"cannot remove node {node_id!r}: it is the only node")
+    if len(rest) < cluster.replicas:
+        raise InvalidInput(
+            f"cannot remove node {node_id!r}: a map needs at least as many nodes as replicas "
+            f"({cluster.replicas}), and {len(rest)} would be left"
+        )
     try:
         return ClusterMap(cluster.epoch + 1, cluster.replicas, cluster.write_quorum, rest)
     except ClusterMapError as e:

@@ -169,7 +169,10 @@ def test_a_removed_node_is_drained_then_can_stop(tmp_path, series, capsys):
         code, _, err = cli(capsys, "cluster", "remove-node", "n1", "--store", cluster.url)
         assert code == 0, err  # 2 nodes left, replicas 2
         code, _, err = cli(capsys, "cluster", "remove-node", "n3", "--store", cluster.url)
-        assert code == 2 and "replicas = 2 but there are only 1 nodes" in err
+        assert code == 2 and err == (
+            "chunkstore cluster remove-node: error: cannot remove node 'n3': a map needs at "
+            "least as many nodes as replicas (2), and 1 would be left\n"
+        )
 
 
 def test_maps_survive_restarts_and_spread_between_nodes(tmp_path, capsys):
