@@ -28,11 +28,14 @@ from chunkstore.errors import (
     StoreUnavailable,
 )
 from chunkstore.model import Manifest, encode_version
-from chunkstore.stores import ChunkTotals, LmdbStore, Store, lmdb_store
+from chunkstore.stores import ChunkTotals, LmdbStore, Store, base, lmdb_store, memory
 from chunkstore.stores.resident import FaultBudget
+from chunkstore.v1 import model_pb2
 
 ROOT = Path(__file__).resolve().parents[1]
 KB = 1 << 10
+STAGE = model_pb2.Stage(repo="r", message="m").SerializeToString()
+STAGED = model_pb2.StagedFile(new_bytes=1).SerializeToString()
 
 
 def blob(raw: bytes) -> bytes:
@@ -378,7 +381,124 @@ def test_list_repos(store: Store):
     assert store.list_repos() == ["a", "a-b", "b"]
 
 
+def new_stage(store: Store) -> bytes:
+    """The id of a new stage holding one file ``a``."""
+    stage_id = os.urandom(16)
+    store.put_stage(stage_id, STAGE)
+    store.put_stage_file(stage_id, "a", STAGED)
+    return stage_id
+
+
+def test_a_delete_retried_by_its_claimant_succeeds_and_nobody_elses(store: Store):
+    """A claimant whose delete removed the stage, but whose answer was lost, tries again and
+    succeeds; another claimant, or none, finds the stage gone."""
+    sid, mine, other = new_stage(store), os.urandom(16), os.urandom(16)
+    store.delete_stage(sid, mine)
+    assert sid not in dict(store.list_stages()) and store.stage_files(sid) == {}
+    store.delete_stage(sid, mine)  # the retry
+    for claimant in (other, None):
+        with pytest.raises(NotFound, match=f"stage {sid.hex()} not found"):
+            store.delete_stage(sid, claimant)
+    with pytest.raises(NotFound):
+        store.claim_stage(sid)
+    with pytest.raises(NotFound):
+        store.get_stage(sid)
+    assert sid not in dict(store.list_stages())  # what is remembered is no stage
+
+    store.put_stage(sid, STAGE)  # put back (a commit that failed), then claimed by another
+    store.delete_stage(sid, other)
+    store.delete_stage(sid, other)
+    with pytest.raises(NotFound):
+        store.delete_stage(sid, mine)  # only the last delete's claimant is remembered
+    store.put_stage(sid, STAGE)
+    store.delete_stage(sid)  # a delete without a claimant (abort, GC) leaves none to retry
+    for claimant in (mine, other):
+        with pytest.raises(NotFound):
+            store.delete_stage(sid, claimant)
+
+
+def test_a_claimant_of_the_wrong_size_is_refused_and_deletes_nothing(store: Store):
+    sid = new_stage(store)
+    for claimant in (b"", b"c" * 15, b"c" * 17, b"c" * 32):
+        with pytest.raises(InvalidInput, match=f"has 16 bytes, got {len(claimant)}; nothing was"):
+            store.delete_stage(sid, claimant)
+    assert store.get_stage(sid) == STAGE and store.stage_files(sid) == {"a": STAGED}
+    assert sid in dict(store.list_stages())
+    store.delete_stage(sid)
+
+
+class Clock:
+    """The time as the stores see it (the ``time`` of their modules), moved by hand."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.now = time.time()
+        for module in (lmdb_store, memory):
+            monkeypatch.setattr(module, "time", self)
+
+    def time(self) -> float:
+        return self.now
+
+    def __getattr__(self, name: str):
+        return getattr(time, name)
+
+
+def test_a_claimant_is_remembered_for_an_hour(store: Store, monkeypatch):
+    clock = Clock(monkeypatch)
+    sid, mine = new_stage(store), os.urandom(16)
+    store.delete_stage(sid, mine)
+    clock.now += base.CLAIM_KEPT_SECONDS - 1
+    store.delete_stage(sid, mine)
+    clock.now += 2
+    with pytest.raises(NotFound):
+        store.delete_stage(sid, mine)
+
+
 # LmdbStore only
+
+
+def stage_claims(path: Path) -> int:
+    """How many claimants the closed store at ``path`` remembers."""
+    with (
+        lmdb.open(str(path), max_dbs=16, readonly=True, lock=False) as env,
+        env.begin() as txn,
+    ):
+        return txn.stat(env.open_db(b"stage_claims", txn=txn, create=False))["entries"]
+
+
+def test_lmdb_forgets_claimants_as_it_deletes_stages_later(tmp_path, monkeypatch):
+    """Claimants are not kept for ever: every removal of a stage drops those older than
+    CLAIM_KEPT_SECONDS (then no claimant's retry could still come)."""
+    clock = Clock(monkeypatch)
+    path = tmp_path / "s"
+    with LmdbStore(path) as store:
+        for _ in range(20):
+            store.delete_stage(new_stage(store), os.urandom(16))
+        assert store.list_stages() == []
+    assert stage_claims(path) == 20
+    clock.now += base.CLAIM_KEPT_SECONDS
+    with LmdbStore(path) as store:
+        sid, mine = new_stage(store), os.urandom(16)
+        store.delete_stage(sid, mine)
+        store.delete_stage(sid, mine)
+        store.claim_stage(new_stage(store))  # a claim in one transaction notes nobody
+    assert stage_claims(path) == 1
+
+
+def test_an_lmdb_store_made_before_stage_claims_gets_them_when_opened_to_write(tmp_path):
+    path = tmp_path / "s"
+    with LmdbStore(path) as store:
+        sid = new_stage(store)
+    with lmdb.open(str(path), max_dbs=16) as env, env.begin(write=True) as txn:
+        txn.drop(env.open_db(b"stage_claims", txn=txn, create=False), delete=True)
+    before = (path / "data.mdb").read_bytes()
+    with LmdbStore(path, readonly=True) as store:
+        assert store.list_stages() == [(sid, STAGE)]
+    assert (path / "data.mdb").read_bytes() == before  # opened to read, it adds nothing
+    with LmdbStore(path) as store:
+        mine = os.urandom(16)
+        store.delete_stage(sid, mine)
+        store.delete_stage(sid, mine)
+    assert stage_claims(path) == 1
 
 
 def test_lmdb_map_grows(tmp_path):

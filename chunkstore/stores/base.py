@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from chunkstore import codec, ids
+from chunkstore import codec, errors, ids
 from chunkstore.parallel import for_each
 
 
@@ -37,6 +37,19 @@ class ChunkInfo:
 
 T = TypeVar("T")
 CHUNKS_PER_TASK = 16  # chunks a reading thread fetches in one call, then decodes
+#: Size of a claimant token: random bytes a caller makes once per claim of a stage and passes
+#: to every try of :meth:`MetaStore.delete_stage`, so that its own retry is told from another's.
+CLAIMANT_BYTES = 16
+#: How long a store remembers which claimant deleted a stage: a retry follows within seconds.
+CLAIM_KEPT_SECONDS = 3600.0
+
+
+def check_claimant(claimant: bytes | None) -> None:
+    """Raise InvalidInput unless ``claimant`` is None or :data:`CLAIMANT_BYTES` bytes."""
+    if claimant is not None and len(claimant) != CLAIMANT_BYTES:
+        raise errors.InvalidInput(
+            f"a claimant token has {CLAIMANT_BYTES} bytes, got {len(claimant)}; nothing was deleted"
+        )
 
 
 @dataclass(frozen=True)
@@ -260,8 +273,10 @@ class MetaStore(ABC):
         """The files recorded for a stage: path -> record (empty if none or no stage)."""
 
     @abstractmethod
-    def delete_stage(self, stage_id: bytes) -> None:
-        """Remove a stage and its files; NotFound if absent."""
+    def delete_stage(self, stage_id: bytes, claimant: bytes | None = None) -> None:
+        """Remove a stage and its files; NotFound if absent, unless ``claimant`` (a token, see
+        :func:`check_claimant`) made the last delete of it here within
+        :data:`CLAIM_KEPT_SECONDS`: a retry whose first try deleted it then succeeds again."""
 
     @abstractmethod
     def claim_stage(self, stage_id: bytes) -> tuple[bytes, dict[str, bytes]]:

@@ -11,6 +11,8 @@ It is the default store on one machine and each storage node's shard. Named data
 - ``tags``: repo (UTF-8) + NUL + tag (UTF-8) -> version id
 - ``stages``: stage id -> stage record
 - ``stage_files``: stage id + NUL + path (UTF-8) -> staged file record
+- ``stage_claims``: stage id -> time (float64 LE) + claimant of its last delete that carried
+  one, kept for ``CLAIM_KEPT_SECONDS`` (see :meth:`LmdbStore.delete_stage`)
 - ``meta``: ``format`` -> ``1``; ``stored_bytes`` -> total blob bytes, uint64 LE
 
 Every write is one transaction committed with sync, so it is durable and all or nothing. LMDB
@@ -44,6 +46,7 @@ import lmdb
 
 from chunkstore import errors
 from chunkstore.forks import OpenedIn
+from chunkstore.stores import base
 from chunkstore.stores.base import ChunkInfo, ChunkTotals, Store, replaces
 from chunkstore.stores.resident import FaultBudget, drop_resident, mapped_ranges
 
@@ -59,8 +62,12 @@ _DBS = (
     b"tags",
     b"stages",
     b"stage_files",
+    b"stage_claims",
     b"meta",
 )
+#: Databases added to format 1 since its first stores were made: a store without one gets it
+#: when it is first opened to write (one opened to read only never needs it).
+_ADDED = frozenset({b"stage_claims"})
 _FORMAT_KEY = b"format"
 _STORED_KEY = b"stored_bytes"
 _SCAN_BATCH = 4096  # keys per read transaction when iterating a whole database
@@ -176,6 +183,7 @@ class LmdbStore(Store):
             self._tags,
             self._stages,
             self._stage_files,
+            self._stage_claims,
             self._meta,
         ) = dbs
         self._map_ranges = mapped_ranges(self.path / "data.mdb")
@@ -260,27 +268,34 @@ class LmdbStore(Store):
             "(chunkstore copy, or a backup of the directory)"
         )
 
-    def _open_dbs(self) -> list[lmdb._Database]:
+    def _open_dbs(self) -> list[lmdb._Database | None]:
         try:
             return self._create_or_open_dbs()
         except _DAMAGE:
             raise self._damaged("LMDB found a page it cannot read") from None
 
-    def _create_or_open_dbs(self) -> list[lmdb._Database]:
+    def _create_or_open_dbs(self) -> list[lmdb._Database | None]:
+        """Every database of _DBS, in order; one of _ADDED is None in a store opened to read
+        only that lacks it."""
         if self._env.stat()["entries"] == 0 and not self._readonly:  # a new, empty environment
             with self._env.begin(write=True) as txn:
                 dbs = [self._env.open_db(name, txn=txn) for name in _DBS]
                 txn.put(_FORMAT_KEY, FORMAT, db=dbs[-1])
             return dbs
         try:
-            dbs = [self._env.open_db(name, create=False) for name in _DBS]
+            found = {n: self._env.open_db(n, create=False) for n in _DBS if n not in _ADDED}
         except lmdb.NotFoundError:
             raise self._unavailable("not a chunkstore store") from None
         with self._env.begin() as txn:
-            found = txn.get(_FORMAT_KEY, db=dbs[-1])
-        if found != FORMAT:
+            format_found = txn.get(_FORMAT_KEY, db=found[b"meta"])
+        if format_found != FORMAT:
             raise self._unavailable(f"not a chunkstore store of format {FORMAT.decode()}")
-        return dbs
+        for name in _ADDED:
+            try:
+                found[name] = self._env.open_db(name, create=False)
+            except lmdb.NotFoundError:
+                found[name] = None if self._readonly else self._env.open_db(name)
+        return [found[name] for name in _DBS]
 
     def _forget(self) -> None:
         if _OPEN_HERE.get(self._key) is self._opened_in:
@@ -776,22 +791,51 @@ class LmdbStore(Store):
         rows = self._read(partial(_with_prefix, self._stage_files, stage_id + b"\0"))
         return {path.decode(): data for path, data in rows}
 
-    def delete_stage(self, stage_id: bytes) -> None:
-        self.claim_stage(stage_id)
+    def delete_stage(self, stage_id: bytes, claimant: bytes | None = None) -> None:
+        """Remove a stage and its files, noting ``claimant`` (see
+        :meth:`MetaStore.delete_stage`). Every removal drops the notes older than
+        CLAIM_KEPT_SECONDS, so there are never more than the deletes of that long."""
+        base.check_claimant(claimant)
+
+        def delete(txn: lmdb.Transaction) -> None:
+            if claimant is not None and txn.get(stage_id, db=self._stages) is None:
+                noted = txn.get(stage_id, db=self._stage_claims)
+                if _noted_claimant(noted, time.time()) == claimant:
+                    return  # this claimant's retry: its first try deleted the stage
+            self._remove_stage(txn, stage_id, claimant)
+
+        self._write(delete)
 
     def claim_stage(self, stage_id: bytes) -> tuple[bytes, dict[str, bytes]]:
-        def claim(txn: lmdb.Transaction) -> tuple[bytes, dict[str, bytes]]:
-            record = txn.get(stage_id, db=self._stages)
-            if record is None:
-                raise errors.NotFound(f"stage {stage_id.hex()} not found")
-            rows = _with_prefix(self._stage_files, stage_id + b"\0", txn)
-            files = {path.decode(): data for path, data in rows}
-            txn.delete(stage_id, db=self._stages)
-            for path, _ in rows:
-                txn.delete(stage_id + b"\0" + path, db=self._stage_files)
-            return record, files
+        """One transaction reads and removes the stage: no claimant is needed."""
+        return self._write(partial(self._remove_stage, stage_id=stage_id, claimant=None))
 
-        return self._write(claim)
+    def _remove_stage(
+        self, txn: lmdb.Transaction, stage_id: bytes, claimant: bytes | None
+    ) -> tuple[bytes, dict[str, bytes]]:
+        """Remove a stage and its files, note who removed it (``claimant``, or nobody) and
+        drop expired notes; return ``(record, files)`` as they were. NotFound if absent."""
+        record = txn.get(stage_id, db=self._stages)
+        if record is None:
+            raise errors.NotFound(f"stage {stage_id.hex()} not found")
+        rows = _with_prefix(self._stage_files, stage_id + b"\0", txn)
+        files = {path.decode(): data for path, data in rows}
+        txn.delete(stage_id, db=self._stages)
+        for path, _ in rows:
+            txn.delete(stage_id + b"\0" + path, db=self._stage_files)
+        now = time.time()
+        expired = [
+            key
+            for key, noted in txn.cursor(db=self._stage_claims)
+            if _noted_claimant(noted, now) is None
+        ]
+        for key in expired:
+            txn.delete(key, db=self._stage_claims)
+        if claimant is None:
+            txn.delete(stage_id, db=self._stage_claims)
+        else:
+            txn.put(stage_id, _STAMP.pack(now) + claimant, db=self._stage_claims)
+        return record, files
 
     def list_stages(self) -> list[tuple[bytes, bytes]]:
         return self._read(
@@ -807,6 +851,15 @@ def _put_record(
     added = txn.put(key, data, db=db, overwrite=False)
     if not added and replaces(record_id, txn.get(key, db=db), data):
         txn.put(key, data, db=db)
+
+
+def _noted_claimant(noted: bytes | None, now: float) -> bytes | None:
+    """The claimant a note of ``stage_claims`` (time + claimant) names, if it is still kept at
+    ``now``: made less than CLAIM_KEPT_SECONDS from it (a clock set back keeps none longer)."""
+    if noted is None:
+        return None
+    (at,) = _STAMP.unpack_from(noted)
+    return noted[_STAMP.size :] if abs(now - at) < base.CLAIM_KEPT_SECONDS else None
 
 
 def _key(repo: str, name: bytes) -> bytes:

@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 
 from chunkstore import errors
+from chunkstore.stores import base
 from chunkstore.stores.base import ChunkInfo, ChunkTotals, Store, replaces
 
 
@@ -25,6 +26,7 @@ class MemoryStore(Store):
         self._tags: dict[tuple[str, str], bytes] = {}
         self._stages: dict[bytes, bytes] = {}
         self._stage_files: dict[bytes, dict[str, bytes]] = {}
+        self._stage_claims: dict[bytes, tuple[float, bytes]] = {}  # id -> (time, claimant)
 
     # chunks
 
@@ -189,15 +191,40 @@ class MemoryStore(Store):
         with self._lock:
             return dict(self._stage_files.get(stage_id, {}))
 
-    def delete_stage(self, stage_id: bytes) -> None:
-        self.claim_stage(stage_id)
+    def delete_stage(self, stage_id: bytes, claimant: bytes | None = None) -> None:
+        base.check_claimant(claimant)
+        with self._lock:
+            if stage_id not in self._stages and claimant is not None:
+                at, by = self._stage_claims.get(stage_id, (0.0, b""))
+                if by == claimant and abs(time.time() - at) < base.CLAIM_KEPT_SECONDS:
+                    return  # this claimant's retry: its first try deleted the stage
+            self._remove_stage(stage_id, claimant)
 
     def claim_stage(self, stage_id: bytes) -> tuple[bytes, dict[str, bytes]]:
         with self._lock:
-            record = self._stages.pop(stage_id, None)
-            if record is None:
-                raise errors.NotFound(f"stage {stage_id.hex()} not found")
-            return record, self._stage_files.pop(stage_id, {})
+            return self._remove_stage(stage_id, None)
+
+    def _remove_stage(
+        self, stage_id: bytes, claimant: bytes | None
+    ) -> tuple[bytes, dict[str, bytes]]:
+        """Remove a stage and its files, note who removed it (``claimant``, or nobody) and drop
+        the notes older than CLAIM_KEPT_SECONDS; return ``(record, files)`` as they were.
+        NotFound if absent. The caller holds the lock."""
+        record = self._stages.pop(stage_id, None)
+        if record is None:
+            raise errors.NotFound(f"stage {stage_id.hex()} not found")
+        now = time.time()
+        for expired in [
+            k
+            for k, (at, _) in self._stage_claims.items()
+            if abs(now - at) >= base.CLAIM_KEPT_SECONDS
+        ]:
+            del self._stage_claims[expired]
+        if claimant is None:
+            self._stage_claims.pop(stage_id, None)
+        else:
+            self._stage_claims[stage_id] = (now, claimant)
+        return record, self._stage_files.pop(stage_id, {})
 
     def list_stages(self) -> list[tuple[bytes, bytes]]:
         with self._lock:
