@@ -65,7 +65,7 @@ from chunkstore.allocator import keep_freed_memory
 from chunkstore.batching import by_size
 from chunkstore.cluster_map import ClusterMap, ClusterMapError, NodeSpec, map_from_proto, newer
 from chunkstore.forks import OpenedIn
-from chunkstore.stores.base import ChunkInfo, ChunkTotals, Store
+from chunkstore.stores.base import ChunkInfo, ChunkTotals, Store, check_claimant
 from chunkstore.v1 import store_pb2 as pb
 
 from . import manifest_parts
@@ -971,12 +971,14 @@ class ClusterStore(Store):
                 files.setdefault(f.path, f.data)
         return files
 
-    def delete_stage(self, stage_id: bytes) -> None:
-        key = pb.StageKey(id=stage_id)
+    def delete_stage(self, stage_id: bytes, claimant: bytes | None = None) -> None:
+        """Delete it from every owner, each remembering ``claimant``."""
+        check_claimant(claimant)
+        request = pb.DeleteStageRequest(id=stage_id, claimant=claimant)
         remove_all(
             self._pool,
             self._owners(stage_key(stage_id)),
-            lambda n: n.meta.DeleteStage(key, timeout=self.policy.timeout),
+            lambda n: n.meta.DeleteStage(request, timeout=self.policy.timeout),
             self._quorum,
             f"delete stage {stage_id.hex()}",
         )
@@ -1011,12 +1013,15 @@ class ClusterStore(Store):
                 records.failed,
             )
         files = self.stage_files(stage_id)
+        delete = pb.DeleteStageRequest(id=stage_id)
         deleted = 0
         for node in owners:
             if node.id not in records.ok:
                 continue
             try:
-                node.run(lambda node=node: node.meta.DeleteStage(key, timeout=self.policy.timeout))
+                node.run(
+                    lambda node=node: node.meta.DeleteStage(delete, timeout=self.policy.timeout)
+                )
             except NodeCallError as failure:
                 if failure.code == grpc.StatusCode.NOT_FOUND:
                     break  # another caller deleted it here first

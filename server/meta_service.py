@@ -189,8 +189,11 @@ class MetaServicer(pb_grpc.MetaServiceServicer):
             files=[pb.StageFile(stage_id=stage_id, path=p, data=d) for p, d in files.items()]
         )
 
-    def DeleteStage(self, request: pb.StageKey, context: grpc.ServicerContext) -> pb.Empty:
-        self._store.delete_stage(_stage_id(request.id))
+    def DeleteStage(
+        self, request: pb.DeleteStageRequest, context: grpc.ServicerContext
+    ) -> pb.Empty:
+        claimant = request.claimant if request.HasField("claimant") else None
+        self._store.delete_stage(_stage_id(request.id), claimant)
         return _EMPTY
 
     def ListStages(self, request: pb.Empty, context: grpc.ServicerContext) -> pb.StageRecords:

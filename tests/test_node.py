@@ -481,7 +481,7 @@ def test_records_no_client_can_read_are_refused_and_nothing_is_stored(meta_api):
         )
     assert list(meta_api.ListTags(pb.RepoName(repo=repo), timeout=5).tags) == []
     meta_api.DeleteVersion(pb.VersionKey(repo=repo, id=vid), timeout=5)
-    meta_api.DeleteStage(pb.StageKey(id=sid), timeout=5)
+    meta_api.DeleteStage(pb.DeleteStageRequest(id=sid), timeout=5)
 
 
 def test_stages_round_trip_and_a_stage_file_needs_its_stage(meta_api):
@@ -494,9 +494,59 @@ def test_stages_round_trip_and_a_stage_file_needs_its_stage(meta_api):
     files = meta_api.ListStageFiles(pb.StageKey(id=sid)).files
     assert [(f.path, f.data) for f in files] == [("a/b", staged)]
     assert [r.id for r in meta_api.ListStages(pb.Empty()).stages] == [sid]
-    meta_api.DeleteStage(pb.StageKey(id=sid))
+    meta_api.DeleteStage(pb.DeleteStageRequest(id=sid))
     assert list(meta_api.ListStageFiles(pb.StageKey(id=sid)).files) == []
     assert list(meta_api.ListStages(pb.Empty()).stages) == []
+
+
+def put_stage(meta_api) -> bytes:
+    """The id of a new stage on the node, holding one file ``a``."""
+    sid = os.urandom(16)
+    meta_api.PutStage(pb.StageRecord(id=sid, data=model_pb2.Stage(repo="r").SerializeToString()))
+    staged = model_pb2.StagedFile(new_bytes=1).SerializeToString()
+    meta_api.PutStageFile(pb.StageFile(stage_id=sid, path="a", data=staged))
+    return sid
+
+
+def test_a_delete_stage_repeated_by_its_claimant_succeeds_and_nobody_elses(meta_api, channel):
+    """The retry of a DeleteStage whose answer was lost is answered OK; another claimant's
+    delete, or one without a claimant, gets NOT_FOUND; what the node remembers is no stage."""
+    earlier = channel.unary_unary(  # DeleteStage as a client of an earlier release calls it
+        "/chunkstore.v1.MetaService/DeleteStage",
+        request_serializer=pb.StageKey.SerializeToString,
+        response_deserializer=pb.Empty.FromString,
+    )
+    old = put_stage(meta_api)
+    earlier(pb.StageKey(id=old), timeout=5)  # deletes, as it did
+    assert old not in [r.id for r in meta_api.ListStages(pb.Empty(), timeout=5).stages]
+    sid, mine, other = put_stage(meta_api), os.urandom(16), os.urandom(16)
+    meta_api.DeleteStage(pb.DeleteStageRequest(id=sid, claimant=mine), timeout=5)
+    meta_api.DeleteStage(pb.DeleteStageRequest(id=sid, claimant=mine), timeout=5)
+    for delete in (
+        lambda: meta_api.DeleteStage(pb.DeleteStageRequest(id=sid, claimant=other), timeout=5),
+        lambda: meta_api.DeleteStage(pb.DeleteStageRequest(id=sid), timeout=5),
+        lambda: earlier(pb.StageKey(id=sid), timeout=5),
+    ):
+        with pytest.raises(grpc.RpcError) as info:
+            delete()
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        assert f"stage {sid.hex()} not found" in info.value.details()
+    with pytest.raises(grpc.RpcError) as info:
+        meta_api.GetStage(pb.StageKey(id=sid), timeout=5)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert sid not in [r.id for r in meta_api.ListStages(pb.Empty(), timeout=5).stages]
+
+
+def test_delete_stage_refuses_a_claimant_of_the_wrong_size_and_deletes_nothing(meta_api):
+    sid = put_stage(meta_api)
+    for claimant in (b"", b"c" * 15, b"c" * 17):
+        with pytest.raises(grpc.RpcError) as info:
+            meta_api.DeleteStage(pb.DeleteStageRequest(id=sid, claimant=claimant), timeout=5)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert f"has 16 bytes, got {len(claimant)}" in info.value.details()
+    assert meta_api.GetStage(pb.StageKey(id=sid), timeout=5).id == sid
+    assert [f.path for f in meta_api.ListStageFiles(pb.StageKey(id=sid), timeout=5).files] == ["a"]
+    meta_api.DeleteStage(pb.DeleteStageRequest(id=sid), timeout=5)
 
 
 def test_scan_manifests_streams_ids_with_their_time(meta_api):
@@ -527,7 +577,11 @@ def test_scan_manifests_streams_ids_with_their_time(meta_api):
             "NOT_FOUND",
             "stage 0404",
         ),
-        (lambda api: api.DeleteStage(pb.StageKey(id=b"\5" * 16)), "NOT_FOUND", "stage 0505"),
+        (
+            lambda api: api.DeleteStage(pb.DeleteStageRequest(id=b"\5" * 16)),
+            "NOT_FOUND",
+            "stage 0505",
+        ),
     ],
     ids=[
         "manifest",

@@ -240,6 +240,14 @@ class StageRecords(_message.Message):
     stages: _containers.RepeatedCompositeFieldContainer[StageRecord]
     def __init__(self, stages: _Optional[_Iterable[_Union[StageRecord, _Mapping]]] = ...) -> None: ...
 
+class DeleteStageRequest(_message.Message):
+    __slots__ = ("id", "claimant")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    CLAIMANT_FIELD_NUMBER: _ClassVar[int]
+    id: bytes
+    claimant: bytes
+    def __init__(self, id: _Optional[bytes] = ..., claimant: _Optional[bytes] = ...) -> None: ...
+
 class NodeInfo(_message.Message):
     __slots__ = ("id", "address", "weight")
     ID_FIELD_NUMBER: _ClassVar[int]

@@ -577,7 +577,7 @@ class MetaServiceStub:
                 _registered_method=True)
         self.DeleteStage = channel.unary_unary(
                 '/chunkstore.v1.MetaService/DeleteStage',
-                request_serializer=chunkstore_dot_v1_dot_store__pb2.StageKey.SerializeToString,
+                request_serializer=chunkstore_dot_v1_dot_store__pb2.DeleteStageRequest.SerializeToString,
                 response_deserializer=chunkstore_dot_v1_dot_store__pb2.Empty.FromString,
                 _registered_method=True)
         self.ListStages = channel.unary_unary(
@@ -846,7 +846,7 @@ def add_MetaServiceServicer_to_server(servicer, server):
             ),
             'DeleteStage': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteStage,
-                    request_deserializer=chunkstore_dot_v1_dot_store__pb2.StageKey.FromString,
+                    request_deserializer=chunkstore_dot_v1_dot_store__pb2.DeleteStageRequest.FromString,
                     response_serializer=chunkstore_dot_v1_dot_store__pb2.Empty.SerializeToString,
             ),
             'ListStages': grpc.unary_unary_rpc_method_handler(
@@ -1448,7 +1448,7 @@ class MetaService:
             request,
             target,
             '/chunkstore.v1.MetaService/DeleteStage',
-            chunkstore_dot_v1_dot_store__pb2.StageKey.SerializeToString,
+            chunkstore_dot_v1_dot_store__pb2.DeleteStageRequest.SerializeToString,
             chunkstore_dot_v1_dot_store__pb2.Empty.FromString,
             options,
             channel_credentials,
