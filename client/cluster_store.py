@@ -49,6 +49,7 @@ import heapq
 import itertools
 import logging
 import math
+import secrets
 import threading
 import time
 from collections import Counter
@@ -65,7 +66,7 @@ from chunkstore.allocator import keep_freed_memory
 from chunkstore.batching import by_size
 from chunkstore.cluster_map import ClusterMap, ClusterMapError, NodeSpec, map_from_proto, newer
 from chunkstore.forks import OpenedIn
-from chunkstore.stores.base import ChunkInfo, ChunkTotals, Store, check_claimant
+from chunkstore.stores.base import CLAIMANT_BYTES, ChunkInfo, ChunkTotals, Store, check_claimant
 from chunkstore.v1 import store_pb2 as pb
 
 from . import manifest_parts
@@ -993,6 +994,12 @@ class ClusterStore(Store):
         no version and no stage (nothing is committed twice). A file added between the read
         and the deletes is not in the claim.
 
+        Every delete of this claim carries one claimant token, made for it: a node that
+        deleted the stage but whose answer was lost (a dropped connection, a deadline) answers
+        the retry of that delete OK, as it remembers who deleted it, where another caller gets
+        NOT_FOUND. So a lost answer does not make this caller lose a claim it won (except on a
+        node of an earlier release, which ignores the token).
+
         When the read finds the stage on no more than half of the owners, nothing is
         deleted: NotFound if every other owner answered that it lacks it (another claimed
         it), else StoreUnavailable naming the owners that did not answer, and the stage can
@@ -1013,7 +1020,7 @@ class ClusterStore(Store):
                 records.failed,
             )
         files = self.stage_files(stage_id)
-        delete = pb.DeleteStageRequest(id=stage_id)
+        delete = pb.DeleteStageRequest(id=stage_id, claimant=secrets.token_bytes(CLAIMANT_BYTES))
         deleted = 0
         for node in owners:
             if node.id not in records.ok:

@@ -5,14 +5,18 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import grpc
 import pytest
-from cluster_fixtures import LocalCluster
+from cluster_fixtures import LocalCluster, cluster_fixture
 from conftest import random_bytes, tree_bytes, write
 
 from chunkstore.client.cluster_store import stage_key
+from chunkstore.client.rpc import NodeClient
 from chunkstore.connect import connect
 from chunkstore.errors import InvalidInput, NotFound, StoreFull, StoreUnavailable
 from chunkstore.repository import Repository
@@ -35,6 +39,8 @@ try:
 except chunkstore.errors.NotFound as e:
     print("lost:", e)
 """
+
+claim_cluster = cluster_fixture(nodes=3, replicas=2)
 
 
 def rank_files(tmp_path: Path, ranks: int) -> list[Path]:
@@ -161,6 +167,152 @@ def test_a_commit_short_of_a_majority_of_the_stage_owners_leaves_the_stage(tmp_p
         cluster.start(down)
         with connect(cluster.url) as again:  # no wait for this client's reconnect backoff
             assert [e.path for e in again.open_stage(stage.id).commit().files] == [f.name]
+
+
+class _LostAnswer(grpc.RpcError, grpc.Call):
+    """What a client sees of a call the node carried out but whose answer it never got (the
+    connection dropped): UNAVAILABLE, which the client retries."""
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return "Socket closed"
+
+    def initial_metadata(self):
+        return None
+
+    def trailing_metadata(self):
+        return None
+
+    def is_active(self) -> bool:
+        return False
+
+    def time_remaining(self):
+        return None
+
+    def cancel(self) -> bool:
+        return False
+
+    def add_callback(self, callback) -> bool:
+        return False
+
+
+DeleteHook = Callable[[str, bytes, Callable[[], object]], object]
+
+
+class _HookedMeta:
+    """A node's metadata stub whose DeleteStage calls go through ``hook(node id, claimant,
+    call)``, which makes the real ``call()`` or not and answers in its place."""
+
+    def __init__(self, stub, node_id: str, hook: DeleteHook) -> None:
+        self._stub, self._node_id, self._hook = stub, node_id, hook
+
+    def __getattr__(self, name: str):
+        method = getattr(self._stub, name)
+        if name != "DeleteStage":
+            return method
+
+        def delete(request, **kwargs):
+            return self._hook(self._node_id, request.claimant, lambda: method(request, **kwargs))
+
+        return delete
+
+
+def hook_delete_stage(monkeypatch, hook: DeleteHook) -> None:
+    """Send every client's DeleteStage calls in this process through ``hook``."""
+    real_meta = NodeClient.meta
+    monkeypatch.setattr(
+        NodeClient, "meta", property(lambda node: _HookedMeta(real_meta.fget(node), node.id, hook))
+    )
+
+
+def test_a_commit_whose_delete_answer_is_lost_still_makes_its_version(
+    claim_cluster, tmp_path, monkeypatch
+):
+    """The second of the stage's two owners deletes it, but the answer is lost: the client
+    tries again with the same claimant, and the node's OK makes the claim this commit's. One
+    version, and the stage is gone (without the claimant the retry's NOT_FOUND would fail the
+    commit after both owners had deleted the stage: no version and no stage)."""
+    (f,) = rank_files(tmp_path, 1)
+    with connect(claim_cluster.url) as store:
+        stage = store.stage("lost-answer", message="step 1")
+        store.stage_add(stage.id, f)
+        owners = [n.id for n in claim_cluster.map.owners(stage_key(bytes.fromhex(stage.id)))]
+        calls: list[tuple[str, bytes]] = []
+
+        def lose_second_owners_first_answer(node_id: str, claimant: bytes, call):
+            calls.append((node_id, claimant))
+            answer = call()
+            if calls == [(owners[0], claimant), (owners[1], claimant)]:
+                raise _LostAnswer()
+            return answer
+
+        hook_delete_stage(monkeypatch, lose_second_owners_first_answer)
+        version = stage.commit(expect=1)
+        monkeypatch.undo()
+        assert [node_id for node_id, _ in calls] == [owners[0], owners[1], owners[1]]
+        assert len({claimant for _, claimant in calls}) == 1  # one claimant for the claim
+        assert len(calls[0][1]) == 16
+        assert [v.id for v in store.log("lost-answer")] == [version.id]
+        assert store.store.list_stages() == []
+        with pytest.raises(NotFound):
+            store.open_stage(stage.id)
+
+
+def test_a_claim_whose_delete_answer_is_lost_beats_one_that_came_after(
+    claim_cluster, tmp_path, monkeypatch
+):
+    """Two processes commit one stage. Both read it on both owners; the first to delete it on
+    the first owner loses that answer, and the other's delete reaches that owner before the
+    retry does: it finds the stage deleted by another claimant and commits nothing, while the
+    retry is answered OK and the first commit makes the one version."""
+    (f,) = rank_files(tmp_path, 1)
+    with connect(claim_cluster.url) as first, connect(claim_cluster.url) as other:
+        stage = first.stage("lost-race", message="step 1")
+        first.stage_add(stage.id, f)
+        head = claim_cluster.map.owners(stage_key(bytes.fromhex(stage.id)))[0].id
+        arrivals: list[bytes] = []  # claimants of the deletes on the first owner, in order
+        other_waits, first_deleted, other_done = (threading.Event() for _ in range(3))
+
+        def interleave(node_id: str, claimant: bytes, call):
+            if node_id != head:
+                return call()
+            arrivals.append(claimant)
+            if len(arrivals) == 1:  # the other process: held until the first deleted it
+                other_waits.set()
+                assert first_deleted.wait(30)
+                try:
+                    return call()
+                finally:
+                    other_done.set()
+            if len(arrivals) == 2:  # the first process: deleted, the answer lost
+                call()
+                first_deleted.set()
+                assert other_done.wait(30)
+                raise _LostAnswer()
+            return call()  # the first process's retry
+
+        hook_delete_stage(monkeypatch, interleave)
+        failures: list[BaseException] = []
+
+        def commit_other() -> None:
+            try:
+                other.open_stage(stage.id).commit()
+            except BaseException as e:  # checked below
+                failures.append(e)
+
+        thread = threading.Thread(target=commit_other)
+        thread.start()
+        assert other_waits.wait(60)
+        version = stage.commit()
+        thread.join(60)
+        monkeypatch.undo()
+        assert len(arrivals) == 3 and arrivals[0] != arrivals[1] == arrivals[2]
+        assert len(failures) == 1 and isinstance(failures[0], NotFound), failures
+        assert "committed, aborted or expired meanwhile" in str(failures[0])
+        assert [v.id for v in first.log("lost-race")] == [version.id]
+        assert first.store.list_stages() == []
 
 
 def test_a_commit_that_loses_a_race_after_its_checks_commits_nothing(repo: Repository, tmp_path):
