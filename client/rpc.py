@@ -468,6 +468,10 @@ def open_channel(address: str, policy: RpcPolicy) -> grpc.Channel:
             ("grpc.initial_reconnect_backoff_ms", min(100, policy.reconnect_backoff_ms)),
             ("grpc.min_reconnect_backoff_ms", min(100, policy.reconnect_backoff_ms)),
             ("grpc.max_reconnect_backoff_ms", policy.reconnect_backoff_ms),
+            # Connections of this channel only: channels to one address otherwise share them,
+            # and a new client would inherit an old one's connection still waiting out its
+            # reconnect backoff (refused at once by a node that has since restarted).
+            ("grpc.use_local_subchannel_pool", 1),
             # A fixed window instead of one grown by bandwidth probes, which let the nodes of
             # a pull send hundreds of MiB ahead of a client busy decoding.
             ("grpc.http2.bdp_probe", 0),
