@@ -44,6 +44,12 @@ CLAIMANT_BYTES = 16
 CLAIM_KEPT_SECONDS = 3600.0
 
 
+def claim_kept(at: float, now: float) -> bool:
+    """Whether a note that a claimant deleted a stage, made at ``at``, is still kept at ``now``:
+    less than :data:`CLAIM_KEPT_SECONDS` apart (a clock set back keeps none longer)."""
+    return abs(now - at) < CLAIM_KEPT_SECONDS
+
+
 def check_claimant(claimant: bytes | None) -> None:
     """Raise InvalidInput unless ``claimant`` is None or :data:`CLAIMANT_BYTES` bytes."""
     if claimant is not None and len(claimant) != CLAIMANT_BYTES:

@@ -855,11 +855,11 @@ def _put_record(
 
 def _noted_claimant(noted: bytes | None, now: float) -> bytes | None:
     """The claimant a note of ``stage_claims`` (time + claimant) names, if it is still kept at
-    ``now``: made less than CLAIM_KEPT_SECONDS from it (a clock set back keeps none longer)."""
+    ``now`` (see :func:`~chunkstore.stores.base.claim_kept`)."""
     if noted is None:
         return None
     (at,) = _STAMP.unpack_from(noted)
-    return noted[_STAMP.size :] if abs(now - at) < base.CLAIM_KEPT_SECONDS else None
+    return noted[_STAMP.size :] if base.claim_kept(at, now) else None
 
 
 def _key(repo: str, name: bytes) -> bytes:

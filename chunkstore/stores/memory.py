@@ -196,7 +196,7 @@ class MemoryStore(Store):
         with self._lock:
             if stage_id not in self._stages and claimant is not None:
                 at, by = self._stage_claims.get(stage_id, (0.0, b""))
-                if by == claimant and abs(time.time() - at) < base.CLAIM_KEPT_SECONDS:
+                if by == claimant and base.claim_kept(at, time.time()):
                     return  # this claimant's retry: its first try deleted the stage
             self._remove_stage(stage_id, claimant)
 
@@ -214,12 +214,9 @@ class MemoryStore(Store):
         if record is None:
             raise errors.NotFound(f"stage {stage_id.hex()} not found")
         now = time.time()
-        for expired in [
-            k
-            for k, (at, _) in self._stage_claims.items()
-            if abs(now - at) >= base.CLAIM_KEPT_SECONDS
-        ]:
-            del self._stage_claims[expired]
+        self._stage_claims = {
+            k: note for k, note in self._stage_claims.items() if base.claim_kept(note[0], now)
+        }
         if claimant is None:
             self._stage_claims.pop(stage_id, None)
         else:
