@@ -19,6 +19,7 @@ from conftest import failing_fallocate, random_bytes, tree_bytes, write
 
 from chunkstore import filespace
 from chunkstore.client.cli import build_parser, main
+from chunkstore.errors import ChunkstoreError
 from chunkstore.stores.lmdb_store import LmdbStore
 
 MB = 1 << 20
@@ -413,6 +414,17 @@ def test_verify_repair_drops_corrupt_chunks_and_a_push_stores_them_anew(
     assert out_bytes == (dirs[1] / "model.safetensors").read_bytes()
 
 
+def _holds_chunks(store_dir) -> bool:
+    """Whether the store a push in another process writes has committed any chunk yet."""
+    if not (store_dir / "data.mdb").exists():
+        return False
+    try:
+        with LmdbStore(store_dir, readonly=True) as store:
+            return store.totals().chunks > 0
+    except ChunkstoreError:  # still being made
+        return False
+
+
 def test_ctrl_c_mid_push_leaves_nothing_visible_and_next_push_reuses(env_store, tmp_path):
     data = random_bytes(300 * MB, seed=5)
     write(tmp_path / "big" / "w.bin", data)
@@ -434,11 +446,8 @@ def test_ctrl_c_mid_push_leaves_nothing_visible_and_next_push_reuses(env_store, 
     )
     try:
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:  # wait until some chunks are durable
-            if (env_store / "data.mdb").exists() and (env_store / "data.mdb").stat().st_size > 0:
-                time.sleep(0.3)
-                break
-            time.sleep(0.05)
+        while time.monotonic() < deadline and not _holds_chunks(env_store):
+            time.sleep(0.05)  # until a batch of chunks is committed, as another process sees
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
     finally:
