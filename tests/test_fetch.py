@@ -9,10 +9,32 @@ from collections import Counter
 import grpc
 
 from chunkstore import codec, ids
-from chunkstore.client import wire
+from chunkstore.client import fetch, wire
 from chunkstore.client.fetch import Fetch
 from chunkstore.client.rpc import RpcPolicy
 from chunkstore.cluster_map import NodeSpec
+
+
+class _Call:
+    """A GetChunks stream of a stand-in: ``messages``, ``pause`` seconds before each; cancelling
+    ends it."""
+
+    def __init__(self, messages: list[bytes], pause: float) -> None:
+        self._messages = iter(messages)
+        self._pause = pause
+        self.cancelled = False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> bytes:
+        time.sleep(self._pause)
+        if self.cancelled:
+            raise StopIteration
+        return next(self._messages)
+
+    def cancel(self) -> None:
+        self.cancelled = True
 
 
 class StandInNode:
@@ -27,7 +49,7 @@ class StandInNode:
 
     def get_encoded(self, request, timeout=None):
         self.asked.extend(request.ids)
-        return iter([wire.chunk_batch([(cid, self._blobs[cid]) for cid in request.ids])])
+        return _Call([wire.chunk_batch([(cid, self._blobs[cid]) for cid in request.ids])], 0.0)
 
     def record(self, failure) -> None:
         pass
@@ -55,7 +77,8 @@ def _read(keys: list[bytes], owners: dict[bytes, tuple[StandInNode, ...]]) -> di
     return got
 
 
-def test_ids_are_spread_evenly_over_their_owners_in_order():
+def test_ids_are_spread_evenly_over_their_owners_in_order(monkeypatch):
+    monkeypatch.setattr(fetch, "MIN_HANDOFF", 1 << 30)  # the first spread, with no hand-off after
     blobs = _chunks(600)
     nodes = [StandInNode(f"n{i}", blobs) for i in range(3)]
     pairs = [(nodes[0], nodes[1]), (nodes[0], nodes[2]), (nodes[1], nodes[2])]  # n0 first twice
@@ -70,7 +93,8 @@ def test_ids_are_spread_evenly_over_their_owners_in_order():
         assert node.asked == sorted(node.asked, key=order.__getitem__)
 
 
-def test_unhealthy_owners_are_asked_only_when_no_owner_is_healthy():
+def test_unhealthy_owners_are_asked_only_when_no_owner_is_healthy(monkeypatch):
+    monkeypatch.setattr(fetch, "MIN_HANDOFF", 1 << 30)  # the first spread, with no hand-off after
     blobs = _chunks(90)
     healthy, sick, also_sick = (
         StandInNode("n0", blobs),
@@ -85,28 +109,6 @@ def test_unhealthy_owners_are_asked_only_when_no_owner_is_healthy():
     # Both owners of the rest are unhealthy: they share those ids, least loaded first.
     assert sorted([*sick.asked, *also_sick.asked]) == sorted(keys[60:])
     assert abs(len(sick.asked) - len(also_sick.asked)) <= 1
-
-
-class _Call:
-    """A GetChunks stream of a stand-in: ``batch`` chunks per message, ``pause`` seconds before
-    each; cancelling ends it."""
-
-    def __init__(self, messages: list[bytes], pause: float) -> None:
-        self._messages = iter(messages)
-        self._pause = pause
-        self.cancelled = False
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> bytes:
-        time.sleep(self._pause)
-        if self.cancelled:
-            raise StopIteration
-        return next(self._messages)
-
-    def cancel(self) -> None:
-        self.cancelled = True
 
 
 class PacedNode(StandInNode):
