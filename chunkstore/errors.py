@@ -19,6 +19,18 @@ class NotFound(ChunkstoreError):
     exit_code = 3
 
 
+class StageClaimed(NotFound):
+    """A stage that a claimant deleted here lately: only that claimant may put it back (see
+    :meth:`~chunkstore.stores.base.MetaStore.restore_stage`)."""
+
+    def __init__(self, stage_id: bytes):
+        self.stage_id = stage_id
+        super().__init__(
+            f"stage {stage_id.hex()} was claimed (deleted) here by a commit, or deleted since: "
+            "only the claimant that deleted it may put it back, and only within the hour"
+        )
+
+
 class TensorNotFound(NotFound, KeyError):
     """A tensor name a file's index lacks; a KeyError too, as a missing key of a mapping."""
 

@@ -21,7 +21,7 @@ from chunkstore.errors import CorruptRecord, InvalidInput, NotFound, UnreadableV
 from chunkstore.model import FileEntry, Version, VersionLink, normalise_path, parse_record
 from chunkstore.progress import Progress
 from chunkstore.refs import left_out
-from chunkstore.stores.base import MetaStore
+from chunkstore.stores.base import CLAIMANT_BYTES, MetaStore
 from chunkstore.tree import local_path
 from chunkstore.v1 import model_pb2
 
@@ -190,15 +190,16 @@ class Stage:
         self._check_complete([entry.path for entry, _ in staged], expect)
         entries = [entry for entry, _ in staged]
         self._check_durable(entries)
+        claimant = secrets.token_bytes(CLAIMANT_BYTES)
         try:
-            record, claimed = store.claim_stage(self._raw_id)
-        except NotFound:
+            record, claimed = store.claim_stage(self._raw_id, claimant)
+        except NotFound as e:
             raise NotFound(
                 f"stage {self.id} was committed, aborted or expired meanwhile (by another "
-                "process?); nothing was committed here"
+                f"process?); nothing was committed here ({e})"
             ) from None
         if claimed != raw:  # a file was staged while this commit checked the others
-            self._restore(record, claimed)
+            self._restore(claimant, record, claimed)
             raise InvalidInput(
                 f"stage {self.id} changed while it was being committed; nothing was committed, "
                 "commit again"
@@ -217,7 +218,7 @@ class Stage:
                 sum(new for _, new in staged),
             )
         except BaseException:
-            self._restore(record, claimed)
+            self._restore(claimant, record, claimed)
             raise
         for tag in r.tags:  # after the version is written: a failure here keeps the stage gone
             store.set_tag(r.repo, tag, version.id)
@@ -259,12 +260,9 @@ class Stage:
                 f"({'; '.join(problems)}); nothing was committed"
             )
 
-    def _restore(self, record: bytes, files: dict[str, bytes]) -> None:
-        """Put a claimed stage back as it was, so it can be committed again."""
-        store = self._repository.store
-        store.put_stage(self._raw_id, record)
-        for path, data in files.items():
-            store.put_stage_file(self._raw_id, path, data)
+    def _restore(self, claimant: bytes, record: bytes, files: dict[str, bytes]) -> None:
+        """Put a stage this commit claimed back as it was, so it can be committed again."""
+        self._repository.store.restore_stage(self._raw_id, claimant, record, files)
 
     def _check_durable(self, entries: list[FileEntry]) -> None:
         """Every manifest and chunk the entries need is stored (and marked wanted now).

@@ -53,7 +53,7 @@ import secrets
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from functools import partial
@@ -984,26 +984,44 @@ class ClusterStore(Store):
             f"delete stage {stage_id.hex()}",
         )
 
-    def claim_stage(self, stage_id: bytes) -> tuple[bytes, dict[str, bytes]]:
+    def claim_stage(
+        self, stage_id: bytes, claimant: bytes | None = None
+    ) -> tuple[bytes, dict[str, bytes]]:
         """Read the stage and its files, then delete it from the owners holding it, one at a
         time in ring order. A node deletes a record once, so the caller whose deletes succeed
         on a majority of the owners claimed it, and two callers cannot both; one that finds it
         already deleted on a node that holds it stops there (so with every owner up, the one
-        who deletes it first on the first owner wins). Anyone short of a majority gets
-        NotFound: with owners down, two callers may split the owners and both fail, leaving
-        no version and no stage (nothing is committed twice). A file added between the read
-        and the deletes is not in the claim.
+        who deletes it first on the first owner wins). A file added between the read and the
+        deletes is not in the claim.
 
-        Every delete of this claim carries one claimant token, made for it: a node that
-        deleted the stage but whose answer was lost (a dropped connection, a deadline) answers
-        the retry of that delete OK, as it remembers who deleted it, where another caller gets
-        NOT_FOUND. So a lost answer does not make this caller lose a claim it won (except on a
-        node of an earlier release, which ignores the token).
+        Every delete of this claim carries one claimant token (``claimant``, or one made for
+        it): a node that deleted the stage but whose answer was lost (a dropped connection, a
+        deadline) answers the retry of that delete OK, as it remembers who deleted it, where
+        another caller gets NOT_FOUND. So a lost answer does not make this caller lose a claim
+        it won (except on a node of an earlier release, which ignores the token). An owner
+        whose delete still failed with a retryable status after its tries is asked again,
+        after the others, for ``policy.attempts`` more rounds with backoff, while the claim is
+        short of a majority and no owner said another caller has it.
+
+        A caller short of a majority puts the stage back (:meth:`restore_stage`: its record
+        and the files read) on the owners it deleted it from, or may have (those that did not
+        answer), so that a commit can claim it later; with owners down, two racing callers
+        may split the owners and both fail, and the stage is then back, not lost. A node puts
+        it back only for the claimant that made its last delete there, and refuses any other
+        PutStage of it while it remembers that delete, so nothing is committed twice: a
+        winner's deletes hold a majority of the owners, and each of those nodes re-creates the
+        stage for nobody but the winner (a put-back of a loser lands only where the loser's
+        delete was the last, which no winner's delete followed). The error then says how
+        many owners gave it to this caller, names the owners that did not answer, and where it
+        was put back or could not be: NotFound if an owner answered that another caller
+        deleted it, else (owners unreachable) StoreUnavailable, and the stage can be claimed
+        once they are back. An owner that deleted it for this caller but could not be reached
+        to put it back keeps it deleted.
 
         When the read finds the stage on no more than half of the owners, nothing is
         deleted: NotFound if every other owner answered that it lacks it (another claimed
-        it), else StoreUnavailable naming the owners that did not answer, and the stage can
-        be claimed once they are back."""
+        it), else StoreUnavailable naming the owners that did not answer."""
+        check_claimant(claimant)
         owners = self._owners(stage_key(stage_id))
         key = pb.StageKey(id=stage_id)
         records = call_each(
@@ -1020,26 +1038,111 @@ class ClusterStore(Store):
                 records.failed,
             )
         files = self.stage_files(stage_id)
-        delete = pb.DeleteStageRequest(id=stage_id, claimant=secrets.token_bytes(CLAIMANT_BYTES))
-        deleted = 0
-        for node in owners:
-            if node.id not in records.ok:
-                continue
-            try:
-                node.run(
-                    lambda node=node: node.meta.DeleteStage(delete, timeout=self.policy.timeout)
-                )
-            except NodeCallError as failure:
-                if failure.code == grpc.StatusCode.NOT_FOUND:
-                    break  # another caller deleted it here first
-                continue
-            deleted += 1
-        if deleted <= len(owners) // 2:
-            raise errors.NotFound(
-                f"stage {stage_id.hex()} not found: {deleted} of its {len(owners)} owners gave "
-                "it to this caller (another claimed it, or owners are down)"
+        record = next(iter(records.ok.values())).data
+        claimant = claimant or secrets.token_bytes(CLAIMANT_BYTES)
+        delete = pb.DeleteStageRequest(id=stage_id, claimant=claimant)
+        deleted: list[NodeClient] = []
+        unanswered: dict[NodeClient, NodeCallError] = {}  # a retryable failure, for now
+        refused: list[NodeCallError] = []  # NOT_FOUND (another caller has it there), or worse
+
+        def delete_from(nodes: list[NodeClient]) -> bool:
+            """Delete it from ``nodes`` in turn; False at the first that another caller has."""
+            for node in nodes:
+                try:
+                    node.run(lambda n=node: n.meta.DeleteStage(delete, timeout=self.policy.timeout))
+                except NodeCallError as failure:
+                    if failure.retryable:
+                        unanswered[node] = failure
+                        continue
+                    unanswered.pop(node, None)
+                    refused.append(failure)
+                    if failure.code == grpc.StatusCode.NOT_FOUND:
+                        return False
+                    continue
+                unanswered.pop(node, None)
+                deleted.append(node)
+            return True
+
+        majority = len(owners) // 2 + 1
+        free = delete_from([n for n in owners if n.id in records.ok])
+        for retry in range(self.policy.attempts + 1, 2 * self.policy.attempts + 1):
+            if not (free and unanswered and len(deleted) < majority):
+                break
+            time.sleep(self.policy.delay(retry))  # on from the backoff of node.run's own tries
+            free = delete_from(list(unanswered))
+        if len(deleted) >= majority:
+            return record, files
+        raise self._claim_failed(
+            stage_id, claimant, record, files, len(owners), deleted, unanswered, refused
+        )
+
+    def _claim_failed(
+        self,
+        stage_id: bytes,
+        claimant: bytes,
+        record: bytes,
+        files: dict[str, bytes],
+        owners: int,
+        deleted: list[NodeClient],
+        unanswered: dict[NodeClient, NodeCallError],
+        refused: list[NodeCallError],
+    ) -> errors.ChunkstoreError:
+        """Put the stage back where this claim deleted it, or may have; the error that says
+        so (see :meth:`claim_stage`)."""
+        what = (
+            f"claim stage {stage_id.hex()}: {len(deleted)} of its {owners} owners gave it to "
+            "this caller, a majority is needed"
+        )
+        targets = [*deleted, *unanswered]
+        if targets:
+            back = self._put_back(stage_id, claimant, record, files, targets)
+            kept = [n.id for n in targets if n.id not in back.ok]
+            what += f"; put back on {len(back.ok)} of the {len(targets)} owners it deleted it from"
+            what += " or that did not answer" if unanswered else ""
+            what += f" (not on {', '.join(kept)})" if kept else ""
+        taken = [f for f in refused if f.code == grpc.StatusCode.NOT_FOUND]
+        if taken:
+            more = "".join(f"; {f}" for f in [*refused, *unanswered.values()] if f not in taken)
+            return errors.NotFound(
+                f"{what}; node {taken[0].node.id} says another caller claimed it first{more}"
             )
-        return next(iter(records.ok.values())).data, files
+        return to_error(what, [*refused, *unanswered.values()])
+
+    def _put_back(
+        self,
+        stage_id: bytes,
+        claimant: bytes,
+        record: bytes,
+        files: Mapping[str, bytes],
+        nodes: Sequence[NodeClient],
+    ) -> Replies[object]:
+        """RestoreStage on each of ``nodes``, in parallel."""
+        request = pb.RestoreStageRequest(
+            id=stage_id,
+            claimant=claimant,
+            data=record,
+            files=[pb.StageFile(stage_id=stage_id, path=p, data=d) for p, d in files.items()],
+        )
+        timeout = self.policy.deadline(request.ByteSize())
+        return call_each(
+            self._pool,
+            {n: partial(lambda n: n.meta.RestoreStage(request, timeout=timeout), n) for n in nodes},
+        )
+
+    def restore_stage(
+        self, stage_id: bytes, claimant: bytes, record: bytes, files: Mapping[str, bytes]
+    ) -> None:
+        """Put the stage back on every owner (see :meth:`MetaStore.restore_stage`); raises
+        unless a write quorum of them hold it then."""
+        check_claimant(claimant)
+        owners = self._owners(stage_key(stage_id))
+        replies = self._put_back(stage_id, claimant, record, files, owners)
+        if len(replies.ok) < self._quorum:
+            raise to_error(
+                f"put back stage {stage_id.hex()}: {len(replies.ok)} of its {len(owners)} "
+                f"owners hold it, write quorum is {self._quorum}",
+                replies.failed,
+            )
 
     def list_stages(self) -> list[tuple[bytes, bytes]]:
         """Stages of every node (GC needs them all: it raises if a node does not answer)."""

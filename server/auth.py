@@ -86,6 +86,7 @@ METHOD_SCOPES: dict[str, Scope] = {
     "MetaService/PutStageFile": Scope.WRITE,
     "MetaService/ListStageFiles": Scope.READ,
     "MetaService/DeleteStage": Scope.WRITE,
+    "MetaService/RestoreStage": Scope.WRITE,
     "MetaService/ListStages": Scope.READ,
     "ClusterService/GetClusterMap": Scope.READ,
     "ClusterService/GetNodeStatus": Scope.READ,

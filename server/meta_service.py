@@ -23,7 +23,7 @@ from chunkstore.model import (
     decode_version,
     parse_record,
 )
-from chunkstore.stores.base import MetaStore
+from chunkstore.stores.base import MetaStore, check_claimant
 from chunkstore.v1 import model_pb2
 from chunkstore.v1 import store_pb2 as pb
 from chunkstore.v1 import store_pb2_grpc as pb_grpc
@@ -194,6 +194,20 @@ class MetaServicer(pb_grpc.MetaServiceServicer):
     ) -> pb.Empty:
         claimant = request.claimant if request.HasField("claimant") else None
         self._store.delete_stage(_stage_id(request.id), claimant)
+        return _EMPTY
+
+    def RestoreStage(
+        self, request: pb.RestoreStageRequest, context: grpc.ServicerContext
+    ) -> pb.Empty:
+        stage_id = _stage_id(request.id)
+        check_claimant(request.claimant)
+        with _refused():
+            parse_record(model_pb2.Stage, request.data, f"stage {stage_id.hex()}")
+            for f in request.files:
+                what = f"the record of {f.path!r} in stage {stage_id.hex()}"
+                parse_record(model_pb2.StagedFile, f.data, what)
+        files = {f.path: f.data for f in request.files}
+        self._store.restore_stage(stage_id, request.claimant, request.data, files)
         return _EMPTY
 
     def ListStages(self, request: pb.Empty, context: grpc.ServicerContext) -> pb.StageRecords:

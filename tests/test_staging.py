@@ -20,6 +20,8 @@ from chunkstore.client.rpc import NodeClient
 from chunkstore.connect import connect
 from chunkstore.errors import InvalidInput, NotFound, StoreFull, StoreUnavailable
 from chunkstore.repository import Repository
+from chunkstore.v1 import store_pb2 as pb
+from chunkstore.v1 import store_pb2_grpc as pb_grpc
 
 MB = 1 << 20
 RANK_SCRIPT = """
@@ -313,6 +315,171 @@ def test_a_claim_whose_delete_answer_is_lost_beats_one_that_came_after(
         assert "committed, aborted or expired meanwhile" in str(failures[0])
         assert [v.id for v in first.log("lost-race")] == [version.id]
         assert first.store.list_stages() == []
+
+
+class _Unreachable(_LostAnswer):
+    """What a client sees of a call that never reached the node (it is down)."""
+
+    def details(self) -> str:
+        return "failed to connect to all addresses"
+
+
+def holders(cluster: LocalCluster, stage_id: str) -> dict[str, set[str]]:
+    """The owners of the stage that hold it, each with the paths of its files there."""
+    raw = bytes.fromhex(stage_id)
+    found = {}
+    for node in cluster.map.owners(stage_key(raw)):
+        with grpc.insecure_channel(cluster.address(node.id)) as channel:
+            meta = pb_grpc.MetaServiceStub(channel)
+            try:
+                meta.GetStage(pb.StageKey(id=raw), timeout=10)
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.NOT_FOUND, e
+                continue
+            files = meta.ListStageFiles(pb.StageKey(id=raw), timeout=10).files
+            found[node.id] = {f.path for f in files}
+    return found
+
+
+def test_a_commit_whose_delete_answers_are_lost_on_every_try_still_makes_its_version(
+    claim_cluster, tmp_path, monkeypatch
+):
+    """The second owner deletes the stage, but the answers of every try of that call are
+    lost: the claim asks that owner again after the first pass, the node answers OK (it
+    remembers the claimant), and the commit makes its one version."""
+    (f,) = rank_files(tmp_path, 1)
+    with connect(claim_cluster.url) as store:
+        stage = store.stage("lost-answers", message="step 1")
+        store.stage_add(stage.id, f)
+        second = claim_cluster.map.owners(stage_key(bytes.fromhex(stage.id)))[1].id
+        tries: list[bytes] = []
+
+        def lose_every_answer_of_the_first_call(node_id: str, claimant: bytes, call):
+            if node_id != second:
+                return call()
+            tries.append(claimant)
+            answer = call()
+            if len(tries) <= store.store.policy.attempts:
+                raise _LostAnswer()
+            return answer
+
+        hook_delete_stage(monkeypatch, lose_every_answer_of_the_first_call)
+        version = stage.commit(expect=1)
+        monkeypatch.undo()
+        assert len(tries) == store.store.policy.attempts + 1 and len(set(tries)) == 1
+        assert [v.id for v in store.log("lost-answers")] == [version.id]
+        assert holders(claim_cluster, stage.id) == {}
+
+
+def test_a_commit_that_cannot_reach_an_owner_to_delete_puts_the_stage_back(
+    claim_cluster, tmp_path, monkeypatch
+):
+    """The second owner cannot be reached for the deletes (down after the read): the claim
+    is short of a majority, fails as unavailable naming that owner, and puts the stage back
+    on the first owner, which it had deleted it from; a commit then makes the one version."""
+    (f,) = rank_files(tmp_path, 1)
+    with connect(claim_cluster.url) as store:
+        stage = store.stage("unreachable", message="step 1")
+        store.stage_add(stage.id, f)
+        first, second = (n.id for n in claim_cluster.map.owners(stage_key(bytes.fromhex(stage.id))))
+        deleted: list[str] = []
+
+        def second_owner_down(node_id: str, claimant: bytes, call):
+            if node_id == second:
+                raise _Unreachable()
+            deleted.append(node_id)
+            return call()
+
+        hook_delete_stage(monkeypatch, second_owner_down)
+        with pytest.raises(StoreUnavailable) as info:
+            stage.commit(expect=1)
+        monkeypatch.undo()
+        assert deleted == [first]
+        message = str(info.value)
+        assert f"claim stage {stage.id}: 1 of its 2 owners gave it to this caller" in message
+        assert "put back on 2 of the 2 owners" in message and f"node {second}" in message
+        assert "\n" not in message
+        assert holders(claim_cluster, stage.id) == {first: {f.name}, second: {f.name}}
+        assert "unreachable" not in store.store.list_repos()
+        with connect(claim_cluster.url) as again:  # no wait for the reconnect backoff
+            version = again.open_stage(stage.id).commit(expect=1)
+            assert [v.id for v in again.log("unreachable")] == [version.id]
+        assert holders(claim_cluster, stage.id) == {}
+
+
+def test_racing_commits_that_split_the_owners_both_fail_and_put_the_stage_back(
+    claim_cluster, tmp_path, monkeypatch
+):
+    """Two processes commit one stage; both read it on both owners. One (X) deletes it on the
+    first owner; the other (Y) cannot reach that owner, deletes it on the second, and asks
+    the first again: X has it. X finds the second owner taken by Y. Neither holds a majority:
+    both fail, and both put the stage back where they deleted it, so a later commit makes
+    the one version (without the put-backs the stage would be gone for good)."""
+    (f,) = rank_files(tmp_path, 1)
+    with connect(claim_cluster.url) as a, connect(claim_cluster.url) as b:
+        stage = a.stage("split", message="step 1")
+        a.stage_add(stage.id, f)
+        first, second = (n.id for n in claim_cluster.map.owners(stage_key(bytes.fromhex(stage.id))))
+        order: list[bytes] = []  # claimants in the order they reached the first owner
+        y_came, x_deleted, y_deleted, y_asked_again = (threading.Event() for _ in range(4))
+
+        def split(node_id: str, claimant: bytes, call):
+            if node_id == first:
+                if not order:
+                    order.append(claimant)
+                    assert y_came.wait(30)  # both have read the stage before any delete
+                    answer = call()
+                    x_deleted.set()
+                    return answer
+                if claimant == order[0]:
+                    return call()
+                if not y_deleted.is_set():  # Y, first pass: the owner is unreachable
+                    if not y_came.is_set():
+                        order.append(claimant)
+                        y_came.set()
+                        assert x_deleted.wait(30)
+                    raise _Unreachable()
+                try:  # Y asks again, after it deleted the stage on the second owner
+                    return call()
+                finally:
+                    y_asked_again.set()
+            if claimant == order[0]:  # X on the second owner: after Y, and X waits for Y
+                assert y_deleted.wait(30)
+                try:
+                    return call()
+                finally:
+                    assert y_asked_again.wait(30)
+            answer = call()
+            y_deleted.set()
+            return answer
+
+        hook_delete_stage(monkeypatch, split)
+        failures: dict[str, BaseException] = {}
+
+        def commit(name: str, store) -> None:
+            try:
+                store.open_stage(stage.id).commit(expect=1)
+            except BaseException as e:  # checked below
+                failures[name] = e
+
+        threads = [threading.Thread(target=commit, args=p) for p in (("a", a), ("b", b))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        monkeypatch.undo()
+        assert len(order) == 2 and order[0] != order[1]
+        assert sorted(failures) == ["a", "b"], failures
+        for e in failures.values():
+            assert isinstance(e, NotFound) and "nothing was committed here" in str(e), e
+            assert "1 of its 2 owners gave it to this caller" in str(e)
+            assert "says another caller claimed it first" in str(e)
+        assert "split" not in a.store.list_repos()
+        assert holders(claim_cluster, stage.id) == {first: {f.name}, second: {f.name}}
+        with connect(claim_cluster.url) as again:
+            version = again.open_stage(stage.id).commit(expect=1)
+            assert [v.id for v in again.log("split")] == [version.id]
+        assert holders(claim_cluster, stage.id) == {}
 
 
 def test_a_commit_that_loses_a_race_after_its_checks_commits_nothing(repo: Repository, tmp_path):

@@ -24,6 +24,7 @@ from chunkstore.errors import (
     InvalidInput,
     NotFound,
     PermissionDenied,
+    StageClaimed,
     StoreFull,
     StoreUnavailable,
 )
@@ -405,16 +406,65 @@ def test_a_delete_retried_by_its_claimant_succeeds_and_nobody_elses(store: Store
         store.get_stage(sid)
     assert sid not in dict(store.list_stages())  # what is remembered is no stage
 
-    store.put_stage(sid, STAGE)  # put back (a commit that failed), then claimed by another
-    store.delete_stage(sid, other)
+    store.restore_stage(sid, mine, STAGE, {"a": STAGED})  # a commit that failed puts it back
+    store.delete_stage(sid, other)  # then another claims it
     store.delete_stage(sid, other)
     with pytest.raises(NotFound):
         store.delete_stage(sid, mine)  # only the last delete's claimant is remembered
-    store.put_stage(sid, STAGE)
+    store.restore_stage(sid, other, STAGE, {})
     store.delete_stage(sid)  # a delete without a claimant (abort, GC) leaves none to retry
     for claimant in (mine, other):
         with pytest.raises(NotFound):
             store.delete_stage(sid, claimant)
+
+
+def test_only_the_claimant_that_deleted_a_stage_puts_it_back_and_once(store: Store):
+    """Once a claimant deleted a stage, nobody else can make it exist again while that is
+    remembered: not another claimant's put-back, nor a PutStage (a repair's copy). Its own
+    put-back re-creates it as given, once; a stage that is there is left as it is."""
+    sid, mine, other = new_stage(store), os.urandom(16), os.urandom(16)
+    store.delete_stage(sid, mine)
+    for put in (
+        lambda: store.restore_stage(sid, other, STAGE, {"a": STAGED}),
+        lambda: store.put_stage(sid, STAGE),
+    ):
+        with pytest.raises(StageClaimed, match=f"stage {sid.hex()} was claimed"):
+            put()
+        assert sid not in dict(store.list_stages()) and store.stage_files(sid) == {}
+    store.restore_stage(sid, mine, STAGE, {"a": STAGED, "b": STAGED})
+    assert store.get_stage(sid) == STAGE and store.stage_files(sid) == {"a": STAGED, "b": STAGED}
+    store.restore_stage(sid, other, b"other", {})  # there: left as it is
+    assert store.get_stage(sid) == STAGE and store.stage_files(sid) == {"a": STAGED, "b": STAGED}
+    store.delete_stage(sid, other)
+    with pytest.raises(StageClaimed):  # a late repeat of the first put-back: too late
+        store.restore_stage(sid, mine, STAGE, {"a": STAGED})
+    assert sid not in dict(store.list_stages())
+    store.restore_stage(sid, other, STAGE, {})
+    store.delete_stage(sid)  # an abort: nobody may put it back
+    for claimant in (mine, other):
+        with pytest.raises(StageClaimed):
+            store.restore_stage(sid, claimant, STAGE, {})
+    assert sid not in dict(store.list_stages())
+    claimed = new_stage(store)
+    assert store.claim_stage(claimed, mine) == (STAGE, {"a": STAGED})
+    with pytest.raises(StageClaimed):
+        store.put_stage(claimed, STAGE)
+    store.restore_stage(claimed, mine, STAGE, {"a": STAGED})  # a commit that failed
+    assert store.claim_stage(claimed, other) == (STAGE, {"a": STAGED})
+
+
+def test_a_put_back_with_a_bad_claimant_is_refused_and_changes_nothing(store: Store):
+    sid, mine = new_stage(store), os.urandom(16)
+    store.delete_stage(sid, mine)
+    for claimant in (b"", b"c" * 15, b"c" * 17):
+        with pytest.raises(InvalidInput, match=f"has 16 bytes, got {len(claimant)}"):
+            store.restore_stage(sid, claimant, STAGE, {})
+    kept = new_stage(store)
+    with pytest.raises(InvalidInput, match="has 16 bytes, got 3; nothing was changed"):
+        store.claim_stage(kept, b"abc")
+    assert dict(store.list_stages()) == {kept: STAGE} and store.stage_files(kept) == {"a": STAGED}
+    store.restore_stage(sid, mine, STAGE, {})
+    assert store.get_stage(sid) == STAGE
 
 
 def test_a_claimant_of_the_wrong_size_is_refused_and_deletes_nothing(store: Store):

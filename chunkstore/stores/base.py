@@ -54,7 +54,7 @@ def check_claimant(claimant: bytes | None) -> None:
     """Raise InvalidInput unless ``claimant`` is None or :data:`CLAIMANT_BYTES` bytes."""
     if claimant is not None and len(claimant) != CLAIMANT_BYTES:
         raise errors.InvalidInput(
-            f"a claimant token has {CLAIMANT_BYTES} bytes, got {len(claimant)}; nothing was deleted"
+            f"a claimant token has {CLAIMANT_BYTES} bytes, got {len(claimant)}; nothing was changed"
         )
 
 
@@ -263,7 +263,9 @@ class MetaStore(ABC):
 
     @abstractmethod
     def put_stage(self, stage_id: bytes, data: bytes) -> None:
-        """Store a stage record durably, creating or replacing it."""
+        """Store a stage record durably, creating or replacing it; StageClaimed while a delete
+        of it that carried a claimant is remembered here (only :meth:`restore_stage` by that
+        claimant re-creates it then)."""
 
     @abstractmethod
     def get_stage(self, stage_id: bytes) -> bytes:
@@ -285,10 +287,25 @@ class MetaStore(ABC):
         :data:`CLAIM_KEPT_SECONDS`: a retry whose first try deleted it then succeeds again."""
 
     @abstractmethod
-    def claim_stage(self, stage_id: bytes) -> tuple[bytes, dict[str, bytes]]:
-        """Remove a stage and its files in one step, returning ``(record, files)`` as they
-        were: of callers claiming one stage at once, exactly one gets it, the others NotFound
-        (as they do if it is absent)."""
+    def claim_stage(
+        self, stage_id: bytes, claimant: bytes | None = None
+    ) -> tuple[bytes, dict[str, bytes]]:
+        """Remove a stage and its files, returning ``(record, files)`` as they were: of callers
+        claiming one stage at once, exactly one gets it, the others NotFound (as they do if it
+        is absent). ``claimant`` (a token, see :func:`check_claimant`) is noted as with
+        :meth:`delete_stage`, so that the caller can :meth:`restore_stage` it."""
+
+    @abstractmethod
+    def restore_stage(
+        self, stage_id: bytes, claimant: bytes, record: bytes, files: Mapping[str, bytes]
+    ) -> None:
+        """Put back a stage that ``claimant`` deleted (or claimed), with its record and files.
+
+        It is re-created only if it is absent and the last delete of it was this claimant's,
+        within :data:`CLAIM_KEPT_SECONDS`; the claimant is then forgotten, so it is put back
+        once. A stage that is there is left as it is. Otherwise StageClaimed: another claimant,
+        an abort or GC deleted it since, and it stays deleted. So once a claimant deleted a
+        stage, nobody but that claimant can make it exist again while the note is kept."""
 
     @abstractmethod
     def list_stages(self) -> list[tuple[bytes, bytes]]:

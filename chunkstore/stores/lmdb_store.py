@@ -771,7 +771,13 @@ class LmdbStore(Store):
     # stages
 
     def put_stage(self, stage_id: bytes, data: bytes) -> None:
-        self._write(lambda txn: txn.put(stage_id, data, db=self._stages))
+        def write(txn: lmdb.Transaction) -> None:
+            noted = _noted_claimant(txn.get(stage_id, db=self._stage_claims), time.time())
+            if noted is not None:
+                raise errors.StageClaimed(stage_id)
+            txn.put(stage_id, data, db=self._stages)
+
+        self._write(write)
 
     def get_stage(self, stage_id: bytes) -> bytes:
         data = self._read(lambda txn: txn.get(stage_id, db=self._stages))
@@ -806,9 +812,31 @@ class LmdbStore(Store):
 
         self._write(delete)
 
-    def claim_stage(self, stage_id: bytes) -> tuple[bytes, dict[str, bytes]]:
-        """One transaction reads and removes the stage: no claimant is needed."""
-        return self._write(partial(self._remove_stage, stage_id=stage_id, claimant=None))
+    def claim_stage(
+        self, stage_id: bytes, claimant: bytes | None = None
+    ) -> tuple[bytes, dict[str, bytes]]:
+        """One transaction reads and removes the stage; ``claimant`` is noted only so that it
+        can :meth:`restore_stage` it."""
+        base.check_claimant(claimant)
+        return self._write(partial(self._remove_stage, stage_id=stage_id, claimant=claimant))
+
+    def restore_stage(
+        self, stage_id: bytes, claimant: bytes, record: bytes, files: Mapping[str, bytes]
+    ) -> None:
+        base.check_claimant(claimant)
+
+        def restore(txn: lmdb.Transaction) -> None:
+            if txn.get(stage_id, db=self._stages) is not None:
+                return
+            noted = _noted_claimant(txn.get(stage_id, db=self._stage_claims), time.time())
+            if noted != claimant:
+                raise errors.StageClaimed(stage_id)
+            txn.put(stage_id, record, db=self._stages)
+            for path, data in files.items():
+                txn.put(_stage_key(stage_id, path), data, db=self._stage_files)
+            txn.delete(stage_id, db=self._stage_claims)
+
+        self._write(restore)
 
     def _remove_stage(
         self, txn: lmdb.Transaction, stage_id: bytes, claimant: bytes | None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 from chunkstore import errors
 from chunkstore.stores import base
@@ -171,6 +171,8 @@ class MemoryStore(Store):
 
     def put_stage(self, stage_id: bytes, data: bytes) -> None:
         with self._lock:
+            if self._noted(stage_id) is not None:
+                raise errors.StageClaimed(stage_id)
             self._stages[stage_id] = bytes(data)
             self._stage_files.setdefault(stage_id, {})
 
@@ -194,15 +196,36 @@ class MemoryStore(Store):
     def delete_stage(self, stage_id: bytes, claimant: bytes | None = None) -> None:
         base.check_claimant(claimant)
         with self._lock:
-            if stage_id not in self._stages and claimant is not None:
-                at, by = self._stage_claims.get(stage_id, (0.0, b""))
-                if by == claimant and base.claim_kept(at, time.time()):
-                    return  # this claimant's retry: its first try deleted the stage
+            noted = None if stage_id in self._stages else self._noted(stage_id)
+            if claimant is not None and noted == claimant:
+                return  # this claimant's retry: its first try deleted the stage
             self._remove_stage(stage_id, claimant)
 
-    def claim_stage(self, stage_id: bytes) -> tuple[bytes, dict[str, bytes]]:
+    def claim_stage(
+        self, stage_id: bytes, claimant: bytes | None = None
+    ) -> tuple[bytes, dict[str, bytes]]:
+        base.check_claimant(claimant)
         with self._lock:
-            return self._remove_stage(stage_id, None)
+            return self._remove_stage(stage_id, claimant)
+
+    def restore_stage(
+        self, stage_id: bytes, claimant: bytes, record: bytes, files: Mapping[str, bytes]
+    ) -> None:
+        base.check_claimant(claimant)
+        with self._lock:
+            if stage_id in self._stages:
+                return
+            if self._noted(stage_id) != claimant:
+                raise errors.StageClaimed(stage_id)
+            self._stages[stage_id] = bytes(record)
+            self._stage_files[stage_id] = {path: bytes(data) for path, data in files.items()}
+            del self._stage_claims[stage_id]
+
+    def _noted(self, stage_id: bytes) -> bytes | None:
+        """The claimant of the last delete of the stage, if still kept. The caller holds the
+        lock."""
+        at, by = self._stage_claims.get(stage_id, (0.0, b""))
+        return by if by and base.claim_kept(at, time.time()) else None
 
     def _remove_stage(
         self, stage_id: bytes, claimant: bytes | None

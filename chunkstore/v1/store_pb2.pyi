@@ -248,6 +248,18 @@ class DeleteStageRequest(_message.Message):
     claimant: bytes
     def __init__(self, id: _Optional[bytes] = ..., claimant: _Optional[bytes] = ...) -> None: ...
 
+class RestoreStageRequest(_message.Message):
+    __slots__ = ("id", "claimant", "data", "files")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    CLAIMANT_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    id: bytes
+    claimant: bytes
+    data: bytes
+    files: _containers.RepeatedCompositeFieldContainer[StageFile]
+    def __init__(self, id: _Optional[bytes] = ..., claimant: _Optional[bytes] = ..., data: _Optional[bytes] = ..., files: _Optional[_Iterable[_Union[StageFile, _Mapping]]] = ...) -> None: ...
+
 class NodeInfo(_message.Message):
     __slots__ = ("id", "address", "weight")
     ID_FIELD_NUMBER: _ClassVar[int]

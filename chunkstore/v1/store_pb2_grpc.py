@@ -580,6 +580,11 @@ class MetaServiceStub:
                 request_serializer=chunkstore_dot_v1_dot_store__pb2.DeleteStageRequest.SerializeToString,
                 response_deserializer=chunkstore_dot_v1_dot_store__pb2.Empty.FromString,
                 _registered_method=True)
+        self.RestoreStage = channel.unary_unary(
+                '/chunkstore.v1.MetaService/RestoreStage',
+                request_serializer=chunkstore_dot_v1_dot_store__pb2.RestoreStageRequest.SerializeToString,
+                response_deserializer=chunkstore_dot_v1_dot_store__pb2.Empty.FromString,
+                _registered_method=True)
         self.ListStages = channel.unary_unary(
                 '/chunkstore.v1.MetaService/ListStages',
                 request_serializer=chunkstore_dot_v1_dot_store__pb2.Empty.SerializeToString,
@@ -730,6 +735,12 @@ class MetaServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RestoreStage(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListStages(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -847,6 +858,11 @@ def add_MetaServiceServicer_to_server(servicer, server):
             'DeleteStage': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteStage,
                     request_deserializer=chunkstore_dot_v1_dot_store__pb2.DeleteStageRequest.FromString,
+                    response_serializer=chunkstore_dot_v1_dot_store__pb2.Empty.SerializeToString,
+            ),
+            'RestoreStage': grpc.unary_unary_rpc_method_handler(
+                    servicer.RestoreStage,
+                    request_deserializer=chunkstore_dot_v1_dot_store__pb2.RestoreStageRequest.FromString,
                     response_serializer=chunkstore_dot_v1_dot_store__pb2.Empty.SerializeToString,
             ),
             'ListStages': grpc.unary_unary_rpc_method_handler(
@@ -1449,6 +1465,33 @@ class MetaService:
             target,
             '/chunkstore.v1.MetaService/DeleteStage',
             chunkstore_dot_v1_dot_store__pb2.DeleteStageRequest.SerializeToString,
+            chunkstore_dot_v1_dot_store__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RestoreStage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chunkstore.v1.MetaService/RestoreStage',
+            chunkstore_dot_v1_dot_store__pb2.RestoreStageRequest.SerializeToString,
             chunkstore_dot_v1_dot_store__pb2.Empty.FromString,
             options,
             channel_credentials,
