@@ -470,12 +470,12 @@ def test_racing_commits_that_split_the_owners_both_fail_and_put_the_stage_back(
         monkeypatch.undo()
         assert len(order) == 2 and order[0] != order[1]
         assert sorted(failures) == ["a", "b"], failures
+        assert holders(claim_cluster, stage.id) == {first: {f.name}, second: {f.name}}
         for e in failures.values():
             assert isinstance(e, NotFound) and "nothing was committed here" in str(e), e
             assert "1 of its 2 owners gave it to this caller" in str(e)
             assert "says another caller claimed it first" in str(e)
         assert "split" not in a.store.list_repos()
-        assert holders(claim_cluster, stage.id) == {first: {f.name}, second: {f.name}}
         with connect(claim_cluster.url) as again:
             version = again.open_stage(stage.id).commit(expect=1)
             assert [v.id for v in again.log("split")] == [version.id]
