@@ -31,11 +31,11 @@ store.stage_add(sys.argv[2], sys.argv[3], as_path=sys.argv[4])
 store.close()
 """
 RACE_SCRIPT = """
-import sys, time, chunkstore, chunkstore.errors
+import sys, chunkstore, chunkstore.errors
 store = chunkstore.connect(sys.argv[1])
 stage = store.open_stage(sys.argv[2])
-while time.time() < float(sys.argv[3]):
-    pass
+print("ready", flush=True)
+sys.stdin.readline()  # both have opened the stage: commit at once
 try:
     print(stage.commit().id.hex())
 except chunkstore.errors.NotFound as e:
@@ -94,17 +94,19 @@ def check_racing_commits(url: str, tmp_path: Path, rounds: int = 3) -> None:
         for i in range(rounds):
             stage = store.stage("race", message=f"race {i}")
             store.stage_add(stage.id, f)
-            start = str(time.time() + 2.0)  # both have connected by then
             procs = [
                 subprocess.Popen(
-                    [sys.executable, "-c", RACE_SCRIPT, url, stage.id, start],
+                    [sys.executable, "-c", RACE_SCRIPT, url, stage.id],
+                    stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE,
                     text=True,
                 )
                 for _ in range(2)
             ]
-            outs = sorted(p.communicate(timeout=120)[0].strip() for p in procs)
+            for p in procs:  # each has opened the stage
+                assert p.stdout.readline() == "ready\n", p.communicate(timeout=120)
+            outs = sorted(p.communicate("go\n", timeout=120)[0].strip() for p in procs)
             assert all(p.returncode == 0 for p in procs), outs
             winner, loser = outs
             assert loser.startswith(f"lost: no stage {stage.id}") or loser.startswith(
