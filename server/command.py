@@ -22,7 +22,7 @@ from typing import Any
 from chunkstore.client.help_format import HelpFormatter
 from chunkstore.client.rpc import RETRYABLE, Credentials, RpcPolicy
 from chunkstore.cluster_map import load_cluster_file
-from chunkstore.errors import ChunkstoreError, StoreUnavailable
+from chunkstore.errors import ChunkstoreError, PermissionDenied, StoreUnavailable
 from chunkstore.jsonout import emit_json
 
 from . import admin, local_cluster, node
@@ -174,8 +174,10 @@ def add_cluster_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="show every node of a cluster: health, chunks, bytes, ring share",
         description=(
             "Show every node in the cluster map. Exit code 1 if any node is unhealthy "
-            "(degraded) or peers refuse a node's calls (peer authentication failed); 6 if no "
-            "node answers at all (none of the --store seeds, or no node of the --dir cluster)."
+            "(degraded) or peers refuse a node's calls (peer authentication failed); else 7 "
+            "if a node serves but refuses this caller's token (token refused: what it holds "
+            "is unknown), or the seeds refuse to serve the map; 6 if no node answers at all "
+            "(none of the --store seeds, or no node of the --dir cluster)."
         ),
         epilog="examples:\n  chunkstore cluster status --dir ./cluster\n"
         "  chunkstore cluster status --store grpc://10.0.0.1:7400 --json",
@@ -276,10 +278,6 @@ def _down(args: argparse.Namespace) -> int:
     return 0
 
 
-#: How a node that refuses the caller's token answers, as cluster_status reports it.
-_REFUSED = ("UNAUTHENTICATED", "PERMISSION_DENIED")
-
-
 #: How a node that cannot be reached answers, as cluster_status reports it.
 _UNREACHED = frozenset(code.name for code in RETRYABLE)
 
@@ -298,8 +296,8 @@ def _status(args: argparse.Namespace) -> int:
         emit_json(status, sys.stdout)
     else:
         print(local_cluster.format_status(status))
-    refused = [n["id"] for n in status["nodes"] if n["error"] in _REFUSED]
-    if refused:  # they may serve well: it is the caller they turn away
+    refused = [n["id"] for n in status["nodes"] if n["token_refused"]]
+    if refused:  # they serve: it is the caller they turn away
         print(
             f"chunkstore cluster status: nodes {', '.join(refused)} refuse this caller: give a "
             "token (any scope) with --token or $CHUNKSTORE_TOKEN",
@@ -316,7 +314,9 @@ def _status(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return StoreUnavailable.exit_code
-    return 1 if status["state"] in ("degraded", "peer authentication failed") else 0
+    if status["state"] in ("degraded", "peer authentication failed"):
+        return 1  # what is known to be wrong with the cluster comes before what is unknown
+    return PermissionDenied.exit_code if refused else 0
 
 
 _ACTIONS = {"up": _up, "down": _down, "status": _status, **admin.ACTIONS}

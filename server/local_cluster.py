@@ -536,17 +536,20 @@ def cluster_status(
     "bytes", "share", "error"}`` and the node's reconciler state: ``"epoch"`` (of its map),
     ``"rebalancing"``, ``"pass_running"``, ``"pass_progress"``, ``"misplaced"``,
     ``"under_replicated"``, ``"chunks_copied"``, ``"chunks_dropped"``. An unreachable or
-    unhealthy node has ``healthy`` false, those values None and ``error`` saying why;
+    unhealthy node has ``healthy`` false, those values None and ``error`` saying why; a node
+    that serves but refuses the caller's token has ``healthy`` true, ``token_refused`` true,
+    those values None and ``error`` ``UNAUTHENTICATED`` or ``PERMISSION_DENIED``;
     ``share`` is its fraction of the ring (shares sum to 1), ``peers_refused`` the peers that
     refused its calls in its last pass (a peer token problem), ``checked`` whether every other
-    healthy node compared keys with it since it started (None if it does not answer).
+    healthy node compared keys with it since it started (None if its status is unknown).
     ``"state"`` sums it up: ``degraded`` (a node does not serve), ``peer authentication
-    failed``, ``rebalancing``, ``not yet checked`` or ``in sync``. ``"departed"`` lists, in
-    the same form (``share`` 0, ``checked`` None), the nodes that recent map changes removed
-    and that still answer (they hand their data over before they may be stopped). The cluster is
-    ``rebalancing`` while a reachable node has not learned the map yet, has not finished a
-    pass under it, or its last pass left keys below their replica count or on a node that does
-    not own them, or while a removed node that answers still holds chunks.
+    failed``, ``token refused``, ``rebalancing``, ``not yet checked`` or ``in sync``.
+    ``"departed"`` lists, in the same form (``share`` 0, ``checked`` None), the nodes that
+    recent map changes removed and that still answer (they hand their data over before they
+    may be stopped). The cluster is ``rebalancing`` while a reachable node has not learned the
+    map yet, has not finished a pass under it, or its last pass left keys below their replica
+    count or on a node that does not own them, or while a removed node that answers still
+    holds chunks.
     """
     if not isinstance(target, ClusterMap):
         target = fetch_map(target, timeout, credentials)
@@ -580,12 +583,12 @@ def cluster_status(
             answers = pool.map(lambda a: _probe(a, timeout, credentials), gone.values())
             for (node_id, address), probe in zip(gone.items(), answers, strict=True):
                 probe.pop("departed")
-                if probe["healthy"]:  # out of the map: no share of the ring
+                if _known(probe):  # out of the map: no share of the ring
                     departed.append(
                         {"id": node_id, "address": address, **probe, "share": 0.0, "checked": None}
                     )
     rebalancing = any(
-        p["rebalancing"] or p["epoch"] != cluster.epoch for p in probes if p["healthy"]
+        p["rebalancing"] or p["epoch"] != cluster.epoch for p in probes if _known(p)
     ) or any(d["rebalancing"] or d["chunks"] for d in departed)
     nodes = [
         {"id": n.id, "address": n.address, **probe, "share": ring.share(n.id)}
@@ -608,28 +611,32 @@ def cluster_status(
 
 def _checked(node: dict[str, Any], nodes: Sequence[dict[str, Any]]) -> bool | None:
     """Whether every other healthy node's last complete pass compared keys with this run of
-    ``node`` (None if it does not answer). A node restarted (replaced by an empty one, say)
-    after a peer's pass is not checked until that peer's next pass: until then the peer's
-    report, "in sync" perhaps, is about the node that was there before. A peer whose pass did
-    not reach the node counted its keys as under-replicated instead."""
-    if not node["healthy"]:
+    ``node`` (None if it does not answer or refuses the caller's token). A node restarted
+    (replaced by an empty one, say) after a peer's pass is not checked until that peer's next
+    pass: until then the peer's report, "in sync" perhaps, is about the node that was there
+    before. A peer whose pass did not reach the node counted its keys as under-replicated
+    instead."""
+    if not _known(node):
         return None
     mine = node["incarnation"]
     return all(
         other["checked_by_peer"].get(node["id"], mine) == mine
         for other in nodes
-        if other is not node and other["healthy"]
+        if other is not node and _known(other)
     )
 
 
 def _cluster_state(nodes: Sequence[dict[str, Any]], rebalancing: bool) -> str:
     """The cluster in a few words: ``degraded`` while a node of the map does not serve, then
-    ``peer authentication failed``, ``rebalancing``, ``not yet checked`` (a node started since
-    a peer's last pass), else ``in sync``."""
+    ``peer authentication failed``, ``token refused`` (a node serves but refuses the caller's
+    token, so what it holds is unknown), ``rebalancing``, ``not yet checked`` (a node started
+    since a peer's last pass), else ``in sync``."""
     if not all(n["healthy"] for n in nodes):
         return "degraded"
     if any(n["peers_refused"] for n in nodes):
         return "peer authentication failed"
+    if any(n["token_refused"] for n in nodes):
+        return "token refused"
     if rebalancing:
         return "rebalancing"
     if not all(n["checked"] for n in nodes):
@@ -638,30 +645,28 @@ def _cluster_state(nodes: Sequence[dict[str, Any]], rebalancing: bool) -> str:
 
 
 def _probe(address: str, timeout: float, credentials: Credentials | None) -> dict[str, Any]:
+    """One node's health check and status. A node that answers its health check (which needs
+    no token) but refuses the caller's token on the status call is ``token_refused``: its
+    ``healthy`` is what the health check said, and what it holds is unknown (None)."""
     with (credentials or Credentials()).channel(address) as channel:
         try:
             check = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(), timeout=timeout
             )
+        except grpc.RpcError as e:
+            return _unknown(healthy=False, error=e.code().name)
+        serving = check.status == health_pb2.HealthCheckResponse.SERVING
+        try:
             status = pb_grpc.ClusterServiceStub(channel).GetNodeStatus(pb.Empty(), timeout=timeout)
         except grpc.RpcError as e:
-            return {
-                "healthy": False,
-                "chunks": None,
-                "bytes": None,
-                "error": e.code().name,
-                **dict.fromkeys(_RECONCILER_FIELDS),
-                "peers_refused": [],
-                "incarnation": None,
-                "checked_by_peer": {},
-                "departed": [],
-            }
-    serving = check.status == health_pb2.HealthCheckResponse.SERVING
+            refused = e.code() in _TOKEN_REFUSED
+            return _unknown(healthy=serving and refused, error=e.code().name, token_refused=refused)
     return {
         "healthy": serving,
         "chunks": status.chunks,
         "bytes": status.stored_bytes,
         "error": None if serving else _SERVING_STATUS.Name(check.status),
+        "token_refused": False,
         **{name: getattr(status, name) for name in _RECONCILER_FIELDS},
         "peers_refused": list(status.peers_refused),
         # 0: a node of an earlier release, which does not say; taken as checked
@@ -669,6 +674,31 @@ def _probe(address: str, timeout: float, credentials: Credentials | None) -> dic
         "checked_by_peer": dict(status.checked),
         "departed": [(n.id, n.address) for n in status.departed],
     }
+
+
+#: How a node refuses the caller's token (none, an unknown one, or one of too low a scope).
+_TOKEN_REFUSED = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+
+
+def _unknown(healthy: bool, error: str, token_refused: bool = False) -> dict[str, Any]:
+    """A probe of a node whose status could not be read: ``error`` says why."""
+    return {
+        "healthy": healthy,
+        "chunks": None,
+        "bytes": None,
+        "error": error,
+        "token_refused": token_refused,
+        **dict.fromkeys(_RECONCILER_FIELDS),
+        "peers_refused": [],
+        "incarnation": None,
+        "checked_by_peer": {},
+        "departed": [],
+    }
+
+
+def _known(node: dict[str, Any]) -> bool:
+    """Whether a probed node serves and told its status (it did not refuse the token)."""
+    return node["healthy"] and not node["token_refused"]
 
 
 #: NodeStatus fields that describe a node's reconciler, as cluster_status reports them.
@@ -686,6 +716,8 @@ _RECONCILER_FIELDS = (
 
 def _state(node: dict[str, Any], epoch: int) -> str:
     """What a node's reconciler is doing, in a few words."""
+    if node["token_refused"]:
+        return f"token refused ({node['error'].lower().replace('_', ' ')})"
     if node["chunks"] is None:
         return "-"
     if node["epoch"] != epoch:
@@ -706,6 +738,13 @@ def _state(node: dict[str, Any], epoch: int) -> str:
     return "in sync" if node["checked"] is not False else "not yet checked"
 
 
+def _health(node: dict[str, Any]) -> str:
+    """The HEALTH column: what the node's health check said, else why it did not answer."""
+    if node["healthy"]:
+        return "serving"
+    return "not serving" if node["token_refused"] else node["error"].lower()
+
+
 def format_status(status: dict[str, Any]) -> str:
     """A printable table of :func:`cluster_status` output."""
     nodes = status["nodes"]
@@ -715,7 +754,7 @@ def format_status(status: dict[str, Any]) -> str:
         rows.append((
             n["id"],
             n["address"],
-            "serving" if n["healthy"] else n["error"].lower(),
+            _health(n),
             str(n["chunks"]) if reachable else "-",
             human_bytes(n["bytes"]) if reachable else "-",
             f"{n['share']:.1%}",

@@ -419,6 +419,64 @@ def test_cluster_status_sends_the_token(auth_cluster, capsys):
     )
 
 
+def test_cluster_status_reports_nodes_that_refuse_the_token_as_serving(tmp_path, capsys):
+    """A node whose health check passes but that refuses the caller's token serves: status
+    says "token refused" (what it holds is unknown) and exits 7, not 1 (degraded); a node that
+    does not serve still makes the cluster degraded (exit 1) whatever the others refuse."""
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text(tokens_toml())
+    peer_token = tmp_path / "peer-token"
+    peer_token.write_text(TOKENS["admin"])
+    args = ["--tokens", str(tokens), "--peer-token-file", str(peer_token)]
+    with LocalCluster(tmp_path / "c", 2, 2, node_args=args) as cluster:
+        by_dir = ["cluster", "status", "--dir", str(cluster.directory)]
+        assert cli_main([*by_dir, "--json"]) == PermissionDenied.exit_code  # no token at all
+        out, err = capsys.readouterr()
+        status = json.loads(out)
+        assert status["state"] == "token refused"
+        for node in status["nodes"]:
+            assert node["healthy"] and node["token_refused"]
+            assert node["error"] == "UNAUTHENTICATED"
+            assert node["chunks"] is None and node["checked"] is None
+        assert one_line(err) == (
+            "chunkstore cluster status: nodes n1, n2 refuse this caller: give a token (any "
+            "scope) with --token or $CHUNKSTORE_TOKEN"
+        )
+        assert cli_main([*by_dir, "--json", "--token", TOKENS["read"]]) == 0
+        status = json.loads(capsys.readouterr().out)
+        assert not any(n["token_refused"] for n in status["nodes"])
+
+        # n2 restarted with the read token revoked: n1 serves the map and its status, n2 serves
+        # but refuses the read token.
+        tokens.write_text(tokens_toml().split("\n\n", 1)[1])
+        assert cluster.stop("n2") == 0
+        cluster.start("n2")
+        by_url = ["cluster", "status", "--store", cluster.url, "--token", TOKENS["read"]]
+        assert cli_main(by_url) == PermissionDenied.exit_code
+        out, err = capsys.readouterr()
+        lines = out.splitlines()
+        assert lines[0].endswith("2 of 2 nodes healthy, replicas 2, write quorum 2, token refused")
+        n1, n2 = (line.split() for line in lines[2:4])
+        assert n1[:3] == ["n1", cluster.address("n1"), "serving"] and n1[3] == "0"
+        assert n2[:4] == ["n2", cluster.address("n2"), "serving", "-"]
+        assert lines[3].endswith("token refused (unauthenticated)")
+        assert "nodes n2 refuse this caller" in one_line(err)
+        assert cli_main([*by_url, "--json"]) == PermissionDenied.exit_code
+        status = json.loads(capsys.readouterr().out)
+        assert [(n["healthy"], n["token_refused"]) for n in status["nodes"]] == [
+            (True, False),
+            (True, True),
+        ]
+        assert status["nodes"][0]["checked"] is True  # its only peer's report is unknown
+        assert status["rebalancing"] is False  # n2's unknown state counts for nothing
+
+        # n2 down and n1 refusing the caller: degraded (exit 1) comes before token refused.
+        cluster.kill("n2")
+        assert cli_main([*by_dir, "--timeout", "1"]) == 1
+        out, err = capsys.readouterr()
+        assert out.splitlines()[0].endswith("degraded") and "refuse this caller" in err
+
+
 def test_membership_changes_need_an_admin_token(auth_cluster, capsys):
     epoch = local_cluster.fetch_map(
         [auth_cluster.address("n1")], credentials=Credentials(token=TOKENS["read"])
@@ -627,7 +685,7 @@ def test_cluster_up_passes_tls_and_tokens_to_its_nodes(tmp_path, pki, monkeypatc
         assert url.startswith("grpcs://127.0.0.1:")
         assert local_cluster.uses_tls(d)
         status = ["cluster", "status", "--dir", str(d), "--json"]
-        assert cli_main(status) == 1  # no token: GetNodeStatus is refused
+        assert cli_main(status) == 7  # no token: GetNodeStatus is refused
         out, err = capsys.readouterr()
         assert json.loads(out)["nodes"][0]["error"] == "UNAUTHENTICATED"
         assert err == (
