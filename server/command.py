@@ -98,8 +98,10 @@ def add_cluster_parser(subparsers: Any) -> argparse.ArgumentParser:
         description=(
             "Start N node processes (detached) with their data, logs and pids in DIR; "
             "print the store URL once all serve. If DIR holds a cluster already, start those of "
-            "its nodes (in the current map) that do not run. If a new cluster fails to start, "
-            "nothing of it is left in DIR."
+            "its nodes (in the current map) that do not run. Exit code 6 if a node does not "
+            "start (the error says why; the nodes this start began are stopped again, and of "
+            "a new cluster nothing is left in DIR), 2 for bad options or a DIR holding files "
+            "a new cluster would write."
         ),
         epilog="examples:\n"
         "  export CHUNKSTORE_STORE=$(chunkstore cluster up "
@@ -154,7 +156,7 @@ def add_cluster_parser(subparsers: Any) -> argparse.ArgumentParser:
         description=(
             "Stop the nodes 'chunkstore cluster up' started in DIR: SIGTERM, then SIGKILL after "
             "--timeout. Their data stays in DIR; 'chunkstore cluster up --dir DIR' starts them "
-            "again."
+            "again. Exit code 2, with nothing done, if DIR holds no cluster."
         ),
         epilog="example:\n  chunkstore cluster down --dir ./cluster",
         formatter_class=HelpFormatter,
@@ -284,6 +286,7 @@ _UNREACHED = frozenset(code.name for code in RETRYABLE)
 
 def _status(args: argparse.Namespace) -> int:
     if args.dir:
+        local_cluster.check_holds_cluster(args.dir)
         cluster = load_cluster_file(f"{args.dir}/{local_cluster.MAP_FILE}")
         credentials = Credentials.from_env(tls=local_cluster.uses_tls(args.dir), token=args.token)
     else:  # the map of the seeds: StoreUnavailable (exit 6) if none answers, as for add-node

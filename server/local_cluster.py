@@ -42,7 +42,7 @@ from chunkstore.cluster_map import (
     map_from_proto,
     newer,
 )
-from chunkstore.errors import ChunkstoreError, InvalidInput
+from chunkstore.errors import InvalidInput, StoreUnavailable
 from chunkstore.progress import human_bytes
 from chunkstore.tomlfile import load_toml
 from chunkstore.v1 import store_pb2 as pb
@@ -50,6 +50,7 @@ from chunkstore.v1 import store_pb2_grpc as pb_grpc
 
 from .auth import load_node_security
 from .membership import load_persisted
+from .node import PROG as NODE_PROG
 
 HOST = "127.0.0.1"
 MAP_FILE = "cluster.toml"
@@ -69,8 +70,27 @@ _CHANNEL_OPTIONS = [
 _SERVING_STATUS = health_pb2.HealthCheckResponse.ServingStatus
 
 
-class LocalClusterError(ChunkstoreError):
-    """A local cluster that cannot be started, stopped or reached; str() says why."""
+class LocalClusterError(StoreUnavailable):
+    """A local cluster whose nodes do not start, or that no node of answers; str() says why."""
+
+
+class NodeDidNotStart(LocalClusterError):
+    """A node that exited, or did not answer SERVING in time, when it was started.
+
+    str() is one line, ``node ID did not start: REASON``, then each of :attr:`notes` (what was
+    undone since), then the tail of its log where REASON is not the error line it wrote.
+    """
+
+    def __init__(self, node_id: str, reason: str, log: str = "") -> None:
+        self.node_id = node_id
+        self.reason = reason
+        self.log = log
+        self.notes: list[str] = []
+        super().__init__(node_id, reason)
+
+    def __str__(self) -> str:
+        notes = "".join(f"; {note}" for note in self.notes)
+        return f"node {self.node_id} did not start: {self.reason}{notes}{self.log}"
 
 
 def free_ports(count: int, host: str = HOST) -> list[int]:
@@ -183,8 +203,8 @@ def wait_serving(
     credentials: Credentials | None = None,
 ) -> None:
     """Return once the node at ``address`` answers SERVING (asked with ``credentials``); raise
-    LocalClusterError with the tail of its log if its process exits first or ``timeout``
-    seconds pass."""
+    NodeDidNotStart, with the error line it wrote or the tail of its log, if its process exits
+    first or ``timeout`` seconds pass."""
     deadline = time.monotonic() + timeout
     last = ""
     with _fast_channel(address, credentials) as channel:
@@ -192,9 +212,7 @@ def wait_serving(
         while True:
             code = process.poll()
             if code is not None:
-                raise LocalClusterError(
-                    f"node {node_id} exited with code {code}{log_tail(directory, node_id)}"
-                )
+                raise _exited(directory, node_id, code)
             try:
                 reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=0.5)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
@@ -202,11 +220,26 @@ def wait_serving(
             except grpc.RpcError as e:
                 last = f" (last answer: {e.code().name}: {e.details()})"
             if time.monotonic() > deadline:
-                raise LocalClusterError(
-                    f"node {node_id} did not answer SERVING on {address} within {timeout:g} s"
-                    f"{last}{log_tail(directory, node_id)}"
+                raise NodeDidNotStart(
+                    node_id,
+                    f"it did not answer SERVING on {address} within {timeout:g} s{last}",
+                    log_tail(directory, node_id),
                 )
             time.sleep(0.05)
+
+
+def _exited(directory: str | Path, node_id: str, code: int) -> NodeDidNotStart:
+    """Why node ``node_id`` exited at start: the error line it wrote last (a port in use, a
+    store it cannot open...), else its exit code and the tail of its log."""
+    try:
+        log = (Path(directory) / f"{node_id}.log").read_text(errors="replace")
+    except OSError:
+        log = ""
+    last = log.rstrip().rpartition("\n")[2]
+    prefix = f"{NODE_PROG}: error: "
+    if last.startswith(prefix):
+        return NodeDidNotStart(node_id, f"{last.removeprefix(prefix)} (it exited with code {code})")
+    return NodeDidNotStart(node_id, f"it exited with code {code}", log_tail(directory, node_id))
 
 
 def log_tail(directory: str | Path, node_id: str) -> str:
@@ -260,8 +293,9 @@ def cluster_up(
     changes) whose data is in ``directory`` and that do not run are started with their data;
     nodes that run are left alone, and nodes the map no longer has are not started. Any of
     ``nodes``, ``replicas``, ``write_quorum`` given must match that map. Nodes run detached.
-    If one fails to start, those just started are stopped and LocalClusterError says why,
-    with the tail of its log.
+    If one fails to start, those just started are stopped and NodeDidNotStart says why: the
+    error line the node wrote, else the tail of its log. A new cluster is not made in a
+    directory that holds a file it would write (InvalidInput).
 
     ``extra_args`` (TLS and tokens options of ``chunkstore node``), if given, replace those
     the nodes start with, now and on later restarts (InvalidInput if they differ from those
@@ -373,15 +407,31 @@ def _create_and_start(
     timeout: float,
     extra_args: Sequence[str] | None,
 ) -> Up:
-    """Make a new cluster in ``d`` and start it; on any failure, remove what was made."""
+    """Make a new cluster in ``d`` and start it; on any failure, remove what was made.
+    InvalidInput, before anything is written, if ``d`` holds a file the cluster would write
+    (and so remove again if it failed)."""
     made_dir = not d.exists()
-    cluster = create(d, DEFAULT_NODES if nodes is None else nodes, replicas, write_quorum)
+    count = DEFAULT_NODES if nodes is None else nodes
+    if not made_dir:
+        taken = [
+            name
+            for name in _cluster_files([f"n{i + 1}" for i in range(count)])
+            if (d / name).exists()
+        ]
+        if taken:
+            raise InvalidInput(
+                f"{d} holds {', '.join(taken)}, which a new cluster would use: "
+                "move it away or use another directory"
+            )
+    cluster = create(d, count, replicas, write_quorum)
     try:
         if extra_args is not None:
             _set_security_args(d, extra_args)
         _start_all(d, list(cluster.nodes), timeout)
-    except BaseException:
+    except BaseException as e:
         _remove_cluster_files(d, cluster, made_dir)
+        if isinstance(e, NodeDidNotStart):
+            e.notes.append(f"nothing of the new cluster was left in {d}")
         raise
     return Up(store_url(cluster, uses_tls(d)), [n.id for n in cluster.nodes], [], [])
 
@@ -391,17 +441,25 @@ def _remove_cluster_files(d: Path, cluster: ClusterMap, made_dir: bool) -> None:
     if made_dir:
         shutil.rmtree(d, ignore_errors=True)
         return
-    for name in (MAP_FILE, NODE_ARGS_FILE, PEER_TOKEN_FILE):
-        (d / name).unlink(missing_ok=True)
-    for n in cluster.nodes:
-        for suffix in (".metrics", ".log", ".pid"):
-            (d / f"{n.id}{suffix}").unlink(missing_ok=True)
-        shutil.rmtree(d / n.id, ignore_errors=True)
+    for name in _cluster_files([n.id for n in cluster.nodes]):
+        if (d / name).is_dir():
+            shutil.rmtree(d / name, ignore_errors=True)
+        else:
+            (d / name).unlink(missing_ok=True)
+
+
+def _cluster_files(node_ids: Sequence[str]) -> list[str]:
+    """The names a cluster of nodes ``node_ids`` writes in its directory (see the module's
+    docstring)."""
+    names = [MAP_FILE, NODE_ARGS_FILE, PEER_TOKEN_FILE]
+    for node_id in node_ids:
+        names += [node_id, *(f"{node_id}{suffix}" for suffix in (".log", ".metrics", ".pid"))]
+    return names
 
 
 def _start_all(d: Path, nodes: Sequence[NodeSpec], timeout: float) -> None:
     """Start ``nodes`` of the cluster in ``d`` and wait until each serves; if one does not,
-    stop them all and raise."""
+    stop them all and raise (NodeDidNotStart, noting the others it stopped)."""
     credentials = Credentials.from_env(tls=uses_tls(d))
     processes = {n.id: start_node(d, n.id, detached=True) for n in nodes}
     deadline = time.monotonic() + timeout
@@ -410,10 +468,13 @@ def _start_all(d: Path, nodes: Sequence[NodeSpec], timeout: float) -> None:
             wait_serving(
                 d, n.id, n.address, processes[n.id], deadline - time.monotonic(), credentials
             )
-    except BaseException:
+    except BaseException as e:
         stop_processes(list(processes.values()))
         for node_id in processes:
             (d / f"{node_id}.pid").unlink(missing_ok=True)
+        if isinstance(e, NodeDidNotStart) and len(processes) > 1:
+            others = [node_id for node_id in processes if node_id != e.node_id]
+            e.notes.append(f"stopped again: {', '.join(others)}")
         raise
 
 
@@ -439,11 +500,11 @@ def cluster_down(directory: str | Path, timeout: float = 15.0) -> list[str]:
     """Stop the nodes of the cluster in ``directory``; return the ids of those that ran.
 
     Each gets SIGTERM, and SIGKILL if it has not exited ``timeout`` seconds later. Pid files
-    are removed; a pid that no longer runs a node is left alone.
+    are removed; a pid that no longer runs a node is left alone. InvalidInput, before anything
+    is done, if ``directory`` holds no cluster.
     """
     d = Path(directory)
-    if not (d / MAP_FILE).exists():
-        raise LocalClusterError(f"{d}: no cluster here (no {MAP_FILE})")
+    check_holds_cluster(d)
     pids: dict[str, int] = {}
     for pid_file in sorted(d.glob("*.pid")):
         pid = _node_pid(pid_file)
@@ -460,6 +521,15 @@ def cluster_down(directory: str | Path, timeout: float = 15.0) -> list[str]:
             os.kill(pid, signal.SIGKILL)
         (d / f"{node_id}.pid").unlink()
     return list(pids)
+
+
+def check_holds_cluster(directory: str | Path) -> None:
+    """Raise InvalidInput unless ``directory`` holds a cluster (its cluster file)."""
+    d = Path(directory)
+    if not (d / MAP_FILE).is_file():
+        raise InvalidInput(
+            f"{d} holds no cluster (no {MAP_FILE}): give the directory given to cluster up"
+        )
 
 
 def running_nodes(directory: str | Path) -> dict[str, int]:

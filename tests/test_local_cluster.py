@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -192,8 +193,33 @@ def test_up_and_down_json_errors_are_one_line_on_stderr(tmp_path: Path, capsys):
     assert err.startswith("chunkstore cluster up: error: a cluster needs at least 1 node")
     assert not (tmp_path / "c").exists()
     code, out, err = cluster_cli(capsys, "down", "--dir", str(tmp_path / "none"), "--json")
-    assert (code, out) == (1, "") and err.count("\n") == 1
-    assert err.startswith("chunkstore cluster down: error: ") and "no cluster here" in err
+    assert (code, out) == (2, "") and err.count("\n") == 1
+    assert err.startswith("chunkstore cluster down: error: ") and "holds no cluster" in err
+    assert not (tmp_path / "none").exists()
+
+
+@pytest.mark.parametrize("action", ["down", "status"])
+@pytest.mark.parametrize("exists", [True, False])
+def test_down_and_status_of_a_directory_without_a_cluster_exit_2_and_change_nothing(
+    tmp_path: Path, capsys, action: str, exists: bool
+):
+    d = tmp_path / "not-a-cluster"
+    if exists:
+        d.mkdir()
+        (d / "notes.txt").write_text("mine")
+        (d / "n1.pid").write_text(f"{os.getpid()}\n")  # not a node: never signalled
+    for json_flag in ([], ["--json"]):
+        code, out, err = cluster_cli(capsys, action, "--dir", str(d), *json_flag)
+        assert (code, out) == (2, "")
+        assert err == (
+            f"chunkstore cluster {action}: error: {d} holds no cluster (no cluster.toml): give "
+            "the directory given to cluster up\n"
+        )
+    if exists:
+        assert sorted(p.name for p in d.iterdir()) == ["n1.pid", "notes.txt"]
+        assert (d / "notes.txt").read_text() == "mine"
+    else:
+        assert not d.exists()
 
 
 def test_a_failed_first_start_leaves_nothing_behind(tmp_path: Path, capsys):
@@ -209,10 +235,12 @@ def test_a_failed_first_start_leaves_nothing_behind(tmp_path: Path, capsys):
     d.mkdir()
     (d / "notes.txt").write_text("mine")
     code, _, err = cluster_cli(capsys, "up", "--dir", str(d), "--timeout", "0.001")
-    assert code == 1 and "did not answer SERVING" in err
+    assert code == 6 and err.startswith("chunkstore cluster up: error: node n1 did not start: ")
+    assert "it did not answer SERVING on 127.0.0.1:" in err and "stopped again: n2, n3" in err
+    assert f"nothing of the new cluster was left in {d}" in err
     assert [p.name for p in d.iterdir()] == ["notes.txt"]
     code, _, err = cluster_cli(capsys, "up", "--dir", str(tmp_path / "new"), "--timeout", "0.001")
-    assert code == 1 and not (tmp_path / "new").exists()
+    assert code == 6 and not (tmp_path / "new").exists()
 
     # A retry starts a new cluster, without the options of the failed one.
     code, out, err = cluster_cli(capsys, "up", "--dir", str(d), "--nodes", "1")
@@ -228,13 +256,97 @@ def test_up_with_a_failing_node_stops_the_others_and_shows_its_log(tmp_path: Pat
     local_cluster.create(d, 3)
     (d / "n2").mkdir()
     (d / "n2" / "stray-file").write_text("not a store")
-    with pytest.raises(local_cluster.LocalClusterError) as err:
+    with pytest.raises(local_cluster.NodeDidNotStart) as err:
         local_cluster.cluster_up(d, timeout=30)
-    message = str(err.value)
-    assert message.startswith("node n2 exited with code 6")
-    assert "cannot open store" in message  # the tail of n2.log
-    assert list(d.glob("*.pid")) == []
+    assert str(err.value) == (  # the error line n2 wrote in its log
+        f"node n2 did not start: cannot open store at {d / 'n2'}: the directory is not empty "
+        "and holds no store (it exited with code 6); stopped again: n1, n3"
+    )
+    assert list(d.glob("*.pid")) == [] and node_processes(d) == []
     assert local_cluster.cluster_down(d) == []
+
+
+def node_processes(d: Path) -> list[int]:
+    """The pids of the node processes that run with their data in ``d``."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:  # gone meanwhile
+            continue
+        if local_cluster.NODE_MODULE.encode() in args and str(d).encode() in b" ".join(args):
+            pids.append(int(cmdline.parent.name))
+    return pids
+
+
+def held_port(port: int = 0) -> socket.socket:
+    """A listening socket on loopback ``port`` (0: any): no node can bind it while it is open."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # the port a node just closed
+    s.bind((local_cluster.HOST, port))
+    s.listen()
+    return s
+
+
+def test_up_where_a_node_cannot_listen_exits_6_and_leaves_nothing_running(
+    tmp_path: Path, capsys, monkeypatch
+):
+    with held_port() as taken:
+        port = taken.getsockname()[1]
+        # A new cluster whose n2 gets a port in use.
+        real_free_ports = local_cluster.free_ports
+
+        def free_ports(count: int, host: str = local_cluster.HOST) -> list[int]:
+            return [real_free_ports(1)[0], port, *real_free_ports(count - 2)]
+
+        monkeypatch.setattr(local_cluster, "free_ports", free_ports)
+        d = tmp_path / "new"
+        for json_flag in ([], ["--json"]):
+            code, out, err = cluster_cli(capsys, "up", "--dir", str(d), *json_flag)
+            assert (code, out) == (6, "") and err.count("\n") == 1
+            assert err == (
+                "chunkstore cluster up: error: node n2 did not start: cannot listen on "
+                f"127.0.0.1:{port}: address already in use (it exited with code 1); stopped "
+                f"again: n1, n3; nothing of the new cluster was left in {d}\n"
+            )
+            assert not d.exists() and node_processes(d) == []
+    monkeypatch.undo()
+
+    # An existing cluster, stopped, whose n1 finds its port taken on restart: n2 is stopped
+    # again, and the cluster stays as it was.
+    d = tmp_path / "old"
+    url = local_cluster.cluster_up(d, nodes=2, replicas=2).url
+    local_cluster.cluster_down(d)
+    port = int(load_cluster_file(d / "cluster.toml").node("n1").address.rsplit(":", 1)[1])
+    before = sorted(p.name for p in d.iterdir())
+    with held_port(port):
+        code, out, err = cluster_cli(capsys, "up", "--dir", str(d), "--json")
+    assert (code, out) == (6, "") and err == (
+        "chunkstore cluster up: error: node n1 did not start: cannot listen on "
+        f"127.0.0.1:{port}: address already in use (it exited with code 1); stopped again: n2\n"
+    )
+    assert sorted(p.name for p in d.iterdir()) == before
+    assert local_cluster.running_nodes(d) == {} and node_processes(d) == []
+    # Once the port is free, the same cluster starts.
+    assert local_cluster.cluster_up(d).url == url
+    local_cluster.cluster_down(d)
+
+
+def test_a_first_start_refuses_a_directory_holding_what_the_cluster_would_write(
+    tmp_path: Path, capsys
+):
+    d = tmp_path / "work"
+    (d / "n2").mkdir(parents=True)
+    (d / "n2" / "notes.txt").write_text("mine")
+    (d / "n3.log").write_text("my log")
+    code, out, err = cluster_cli(capsys, "up", "--dir", str(d), "--json")
+    assert (code, out) == (2, "")
+    assert err == (
+        f"chunkstore cluster up: error: {d} holds n2, n3.log, which a new cluster would use: "
+        "move it away or use another directory\n"
+    )
+    assert sorted(p.name for p in d.iterdir()) == ["n2", "n3.log"]
+    assert (d / "n2" / "notes.txt").read_text() == "mine" and node_processes(d) == []
 
 
 def test_operator_commands_name_the_seeds_they_cannot_reach_and_exit_6(capsys):
