@@ -10,6 +10,8 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from google.protobuf.message import DecodeError
+
 from chunkstore import ids
 from chunkstore.errors import (
     AmbiguousRef,
@@ -20,8 +22,15 @@ from chunkstore.errors import (
     NotFound,
     UnreadableVersion,
 )
-from chunkstore.model import Version, check_repo_name, decode_version, parse_version
+from chunkstore.model import (
+    Version,
+    VersionLink,
+    check_repo_name,
+    decode_version,
+    parse_version,
+)
 from chunkstore.stores.base import MetaStore
+from chunkstore.v1 import model_pb2
 
 MIN_PREFIX = 6
 _HEX = re.compile(r"[0-9a-f]+")
@@ -95,18 +104,40 @@ def load_versions(
     return out
 
 
-def users_of(meta: MetaStore, repo: str) -> list[Version]:
+def users_of(
+    meta: MetaStore,
+    repo: str,
+    on_unreadable: Callable[[UnreadableVersion, bytes], None] | None = None,
+) -> list[Version]:
     """The versions of other repos that name a version of ``repo`` as an input. The others are
-    only parsed, not decoded: this reads every version record in the store. UnreadableVersion
-    if a record cannot be read: it might name one."""
+    only parsed, not decoded: this reads every version record in the store. A record that
+    cannot be read (it does not parse, is a version of another repo, or names a version of
+    ``repo`` and does not match its id) might name one: UnreadableVersion, or with
+    ``on_unreadable`` it is passed there with its bytes and left out."""
     out = []
     for name in meta.list_repos():
         if name == repo:
             continue
         for vid, data in meta.list_versions(name):
-            if any(link.repo == repo for link in parse_version(name, vid, data).inputs):
-                out.append(decode_version(name, vid, data))
+            try:
+                if any(link.repo == repo for link in parse_version(name, vid, data).inputs):
+                    out.append(decode_version(name, vid, data))
+            except UnreadableVersion as error:
+                if on_unreadable is None:
+                    raise
+                on_unreadable(error, data)
     return out
+
+
+def parsed_inputs(data: bytes) -> list[VersionLink] | None:
+    """The input links a version record parses to, trusted as they are (None if it does not
+    parse): what can still be told of a record that does not match its id or is stored under
+    another repo."""
+    try:
+        msg = model_pb2.Version.FromString(data)
+    except DecodeError:
+        return None
+    return [VersionLink(link.repo, link.id) for link in msg.inputs]
 
 
 def latest(meta: MetaStore, repo: str, on_unreadable: OnUnreadable | None = None) -> Version | None:

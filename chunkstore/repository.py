@@ -14,6 +14,7 @@ import math
 import os
 import socket
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -21,13 +22,14 @@ from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from chunkstore import codec
+from chunkstore import codec, ids
 from chunkstore.batching import by_size
 from chunkstore.chunking import ChunkerParams
 from chunkstore.delta import BaseTensors, base_length, read_chunks
 from chunkstore.dirlock import locked
 from chunkstore.errors import (
     ChunkNotFound,
+    ChunkstoreWarning,
     CorruptChunk,
     CorruptRecord,
     InvalidInput,
@@ -64,6 +66,7 @@ from chunkstore.refs import (
     left_out,
     load_versions,
     newest_and_count,
+    parsed_inputs,
     reads_as_id_prefix,
     resolve,
     unknown_repo,
@@ -191,6 +194,9 @@ class PruneResult:
     kept: list[tuple[Version, list[str]]]  # each kept version, newest first, with why
     removed: list[Version]  # newest first
     dry_run: bool = False  # lists what a real run would remove; nothing was
+    # version records (of any repo) that cannot be read and might name a version of the repo
+    # as an input: the versions they name stay
+    unreadable: list[UnreadableVersion] = field(default_factory=list)
 
 
 @dataclass
@@ -483,29 +489,62 @@ class Repository:
 
         Each removal is one record deleted: an interrupted prune leaves every version either
         whole or gone, and running it again finishes it.
+
+        A version record that cannot be read (of ``repo``, or of another repo if it might name
+        one of ``repo``'s) is never removed, and every version of ``repo`` that its input links
+        name, as far as it parses, stays; each is named in a ChunkstoreWarning and in
+        ``unreadable``. One whose inputs are unknown (it does not parse, or a link names a
+        version of ``repo`` that is not there: its id may be what was damaged) stops the
+        prune, removing nothing (CorruptRecord naming each), unless nothing would be removed.
         """
         if policy.empty:
             raise InvalidInput(
                 "prune needs a keep rule (--keep-last, --keep-within, --keep-lowest or "
                 "--keep-highest); to remove one version use rm"
             )
-        try:
-            versions = load_versions(self.store, _check_repo_name(repo))
-            others = users_of(self.store, repo)
-        except UnreadableVersion as e:
-            raise CorruptRecord(
-                f"prune removed nothing: {e}, so what it keeps is unknown; restore it from a "
-                f"copy of the store, or remove it ({_rm_hint(e)}), then prune again"
-            ) from None
-        if not versions:
+        found: list[tuple[UnreadableVersion, bytes | None]] = []
+        versions = load_versions(
+            self.store, _check_repo_name(repo), on_unreadable=lambda e: found.append((e, None))
+        )
+        others = users_of(self.store, repo, on_unreadable=lambda e, data: found.append((e, data)))
+        if not versions and not found:
             raise unknown_repo(self.store, repo)
-        decided = plan(versions, policy, others)
+        own = dict(self.store.list_versions(repo)) if found else {}
+        present = {v.id for v in versions}
+        pinned: dict[bytes, list[str]] = {}
+        unknown: list[UnreadableVersion] = []
+        for error, data in found:
+            links = parsed_inputs(own[error.version_id] if data is None else data)
+            if links is None or any(link.repo == repo and link.id not in present for link in links):
+                unknown.append(error)
+                continue
+            for link in links:  # matched by id alone: the repo a link names may be damaged
+                if link.id in present:
+                    why = f"input of unreadable {error.repo}@{ids.short(error.version_id)}"
+                    pinned.setdefault(link.id, []).append(why)
+        decided = plan(versions, policy, others, pinned)
         kept = [(v, why) for v, why in decided if why]
         removed = [v for v, why in decided if not why]
+        if unknown and removed:
+            raise CorruptRecord(
+                "prune removed nothing: "
+                + "; ".join(str(e) for e in unknown)
+                + ", so which versions "
+                + ("it names" if len(unknown) == 1 else "they name")
+                + " as inputs is unknown; restore from a copy of the store, or remove "
+                + ("it" if len(unknown) == 1 else "them")
+                + f" ({', '.join(_rm_hint(e) for e in unknown)}), then prune again"
+            )
+        for error, _ in found:
+            warnings.warn(
+                f"{error}; prune keeps every version of {repo!r} it names as an input",
+                ChunkstoreWarning,
+                stacklevel=2,
+            )
         if not dry_run:
             for v in removed:
                 self.store.delete_version(v.repo, v.id)
-        return PruneResult(repo, kept, removed, dry_run)
+        return PruneResult(repo, kept, removed, dry_run, [e for e, _ in found])
 
     def copy(
         self,

@@ -63,11 +63,15 @@ class KeepPolicy:
 
 
 def plan(
-    versions: Sequence[Version], policy: KeepPolicy, others: Iterable[Version] = ()
+    versions: Sequence[Version],
+    policy: KeepPolicy,
+    others: Iterable[Version] = (),
+    pinned: Mapping[bytes, Sequence[str]] | None = None,
 ) -> list[tuple[Version, list[str]]]:
     """Each of ``versions`` (one repo's, newest first) with the reasons it is kept; an empty
     list means it goes. ``others`` are versions of other repos, kept whatever happens here,
-    whose inputs are kept too.
+    whose inputs are kept too. ``pinned`` keeps versions by id whatever the rules, with the
+    reasons given (those a record that cannot be read may name), and their inputs too.
 
     Raises InvalidInput if a metric rule names a metric no version records (a misspelt
     metric would otherwise keep nothing by it).
@@ -92,6 +96,8 @@ def plan(
     for v in versions:
         if v.tags:
             reasons[v.id].append("tagged " + ", ".join(v.tags))
+    for vid, why in (pinned or {}).items():
+        reasons[vid].extend(why)
     _keep_inputs(versions, reasons, others)
     return [(v, reasons[v.id]) for v in versions]
 

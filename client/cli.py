@@ -519,6 +519,10 @@ def cmd_prune(repo: Repository, args: argparse.Namespace) -> int:
                 "dry_run": r.dry_run,
                 "kept": [{**_brief(v), "reasons": why} for v, why in r.kept],
                 "removed": [_brief(v) for v in r.removed],
+                "unreadable": [
+                    {"repo": e.repo, "id": e.version_id.hex(), "reason": e.reason}
+                    for e in r.unreadable
+                ],
             }
         )
         return 0

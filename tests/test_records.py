@@ -1,6 +1,7 @@
 """Version and stage records that cannot be read: nodes refuse to store them, and readers that
 meet one already stored (written by an earlier node, or damaged on disk) name it instead of
-failing with an internal error; GC and prune refuse to act on a listing without it."""
+failing with an internal error; GC refuses to act on a listing without it, and prune keeps
+every version such a record may name as an input (and refuses where that is unknown)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from chunkstore.repository import Repository, UnreadableRemoved
 from chunkstore.retention import KeepPolicy
 from chunkstore.stores.base import Store
 from chunkstore.stores.lmdb_store import LmdbStore
+from chunkstore.v1 import model_pb2
 from chunkstore.v1 import store_pb2 as pb
 from chunkstore.v1 import store_pb2_grpc as pb_grpc
 
@@ -100,6 +102,103 @@ def test_gc_and_prune_refuse_while_a_record_is_unreadable(repo: Repository, tmp_
     assert [v.id for v in repo.prune("m", KeepPolicy(last=1)).removed] == [pushed[1].id]
 
 
+def damage(store: Store, repo: str, vid: bytes) -> None:
+    """Replace version ``vid`` of ``repo`` with a copy that still parses (its inputs intact)
+    but no longer matches its id, as damage on disk leaves a record."""
+    msg = model_pb2.Version.FromString(store.get_version(repo, vid))
+    msg.message += " (damaged)"
+    store.delete_version(repo, vid)
+    store.put_version(repo, vid, msg.SerializeToString())
+
+
+def push_n(repo: Repository, tmp_path, count: int, name: str = "m", inputs=()) -> list:
+    """``count`` versions of ``name``, each with a file the others lack."""
+    out = []
+    for i in range(count):
+        write(tmp_path / name / "model.bin", random_bytes(50_000, seed=len(name) * 100 + i))
+        out.append(repo.push(tmp_path / name, name, message=f"step {i}", inputs=inputs).version)
+    return out
+
+
+def test_prune_goes_on_past_unreadable_records_that_name_none_of_its_versions(
+    repo: Repository, tmp_path
+):
+    pushed = push_three(repo, tmp_path)
+    damage(repo.store, "m", pushed[1].id)  # parses: it names no input
+    (x,) = push_n(repo, tmp_path, 1, "x")
+    misfiled = repo.store.get_version("x", x.id)  # intact, but a version of x stored as "other"'s
+    repo.store.put_version("other", x.id, misfiled)
+    with pytest.warns(ChunkstoreWarning) as caught:
+        result = repo.prune("m", KeepPolicy(last=1))
+    assert [v.id for v in result.removed] == [pushed[0].id]
+    assert [(v.id, why) for v, why in result.kept] == [(pushed[2].id, ["newest", "last 1"])]
+    assert sorted((e.repo, e.version_id, e.reason) for e in result.unreadable) == [
+        ("m", pushed[1].id, "it does not match its id"),
+        ("other", x.id, "it is a version of repo 'x'"),
+    ]
+    assert {str(w.message) for w in caught} == {
+        f"version record m@{pushed[1].id.hex()} is unreadable: it does not match its id; "
+        "prune keeps every version of 'm' it names as an input",
+        f"version record other@{x.id.hex()} is unreadable: it is a version of repo 'x'; "
+        "prune keeps every version of 'm' it names as an input",
+    }
+    assert sorted(vid for vid, _ in repo.store.list_versions("m")) == sorted(
+        [pushed[1].id, pushed[2].id]  # the unreadable record stays: only rm removes it
+    )
+
+
+def test_prune_keeps_what_an_unreadable_record_may_name_and_stops_where_that_is_unknown(
+    repo: Repository, tmp_path
+):
+    pushed = push_n(repo, tmp_path, 4)
+    (ft,) = push_n(repo, tmp_path, 1, "ft", inputs=[f"m@{pushed[0].short_id}"])
+    (v4,) = push_n(repo, tmp_path, 1, "m", inputs=[f"m@{pushed[1].short_id}"])
+    damage(repo.store, "ft", ft.id)  # another repo's record, naming m's first version
+    damage(repo.store, "m", v4.id)  # m's newest, naming its second
+    with pytest.warns(ChunkstoreWarning):
+        dry = repo.prune("m", KeepPolicy(last=1), dry_run=True)
+        result = repo.prune("m", KeepPolicy(last=1))
+    for r in (dry, result):
+        assert [v.id for v in r.removed] == [pushed[2].id]
+        assert [(v.id, why) for v, why in r.kept] == [
+            (pushed[3].id, ["newest", "last 1"]),
+            (pushed[1].id, [f"input of unreadable m@{v4.short_id}"]),
+            (pushed[0].id, [f"input of unreadable ft@{ft.short_id}"]),
+        ]
+    assert len(repo.store.list_versions("m")) == 4
+
+    # A record that does not parse may name any version: prune removes nothing while one is
+    # there and would remove something (m's first version, once ft's record is gone)...
+    repo.rm(f"ft@{ft.id.hex()}")
+    kept = sorted(vid for vid, _ in repo.store.list_versions("m"))
+    vid = plant(repo.store, "elsewhere")
+    for dry_run in (True, False):
+        with pytest.raises(CorruptRecord) as info:
+            repo.prune("m", KeepPolicy(last=1), dry_run=dry_run)
+        assert str(info.value) == (
+            f"prune removed nothing: {unreadable_warning('elsewhere')}, so which versions it "
+            "names as inputs is unknown; restore from a copy of the store, or remove it "
+            f"(chunkstore rm elsewhere@{vid.hex()}), then prune again"
+        )
+        assert info.value.exit_code == 4
+    assert sorted(v for v, _ in repo.store.list_versions("m")) == kept
+    # ...but it goes on if the rules keep every version anyway.
+    with pytest.warns(ChunkstoreWarning, match=unreadable_warning("elsewhere")):
+        assert repo.prune("m", KeepPolicy(last=10)).removed == []
+    repo.rm(f"elsewhere@{vid.hex()}")
+
+    # A link to a version of m that is not there stops it too: its id may be what was damaged.
+    (gone,) = push_n(repo, tmp_path, 1, "gone-input")
+    (user,) = push_n(repo, tmp_path, 1, "user", inputs=[f"m@{pushed[3].short_id}"])
+    msg = model_pb2.Version.FromString(repo.store.get_version("user", user.id))
+    msg.inputs[0].id = gone.id  # the id of no version of m
+    repo.store.delete_version("user", user.id)
+    repo.store.put_version("user", user.id, msg.SerializeToString())
+    with pytest.raises(CorruptRecord, match="prune removed nothing: version record user@"):
+        repo.prune("m", KeepPolicy(last=1))
+    assert sorted(v for v, _ in repo.store.list_versions("m")) == kept
+
+
 def test_verify_lists_an_unreadable_record_and_checks_the_rest(repo: Repository, tmp_path):
     push_three(repo, tmp_path)
     plant(repo.store)
@@ -147,8 +246,9 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
 
 
 def test_the_cli_lists_past_an_unreadable_record_and_gc_refuses(env_store, tmp_path, capsys):
-    write(tmp_path / "ckpt" / "model.bin", random_bytes(300_000, seed=1))
-    assert run(capsys, "push", str(tmp_path / "ckpt"), "--repo", "m", "-q")[0] == 0
+    for seed in (1, 2):  # two versions: prune --keep-last 1 would remove one
+        write(tmp_path / "ckpt" / "model.bin", random_bytes(300_000, seed=seed))
+        assert run(capsys, "push", str(tmp_path / "ckpt"), "--repo", "m", "-q")[0] == 0
     with LmdbStore(env_store) as store:  # damaged, or written by an earlier node
         vid = plant(store)
     warning = f"chunkstore: warning: {unreadable_warning()}; left out\n"
@@ -314,3 +414,29 @@ def test_a_damaged_copy_on_one_owner_is_read_from_another_and_a_push_repairs_it(
         assert (code, err) == (0, "")
         with Repository(LmdbStore(copy)) as repo:
             assert repo.resolve(f"m@{version.id.hex()}").id == version.id
+
+
+def test_the_cli_prune_names_the_unreadable_records_it_kept_versions_for(
+    env_store, tmp_path, capsys
+):
+    for seed in (1, 2, 3):
+        write(tmp_path / "ckpt" / "model.bin", random_bytes(50_000, seed=seed))
+        assert run(capsys, "push", str(tmp_path / "ckpt"), "--repo", "m", "-q")[0] == 0
+    write(tmp_path / "ft" / "model.bin", random_bytes(50_000, seed=9))
+    first = json.loads(run(capsys, "log", "m", "--json")[1])[-1]["id"]
+    push = ["push", str(tmp_path / "ft"), "--repo", "ft", "-q", "--input", f"m@{first[:12]}"]
+    assert run(capsys, *push)[0] == 0
+    ft = json.loads(run(capsys, "log", "ft", "--json")[1])[0]["id"]
+    with LmdbStore(env_store) as store:
+        damage(store, "ft", bytes.fromhex(ft))
+    code, out, err = run(capsys, "prune", "m", "--keep-last", "1", "--json")
+    assert code == 0
+    assert err == (
+        f"chunkstore: warning: version record ft@{ft} is unreadable: it does not match its id; "
+        "prune keeps every version of 'm' it names as an input\n"
+    )
+    report = json.loads(out)
+    assert report["unreadable"] == [{"repo": "ft", "id": ft, "reason": "it does not match its id"}]
+    assert [v["id"] for v in report["kept"]][-1] == first
+    assert report["kept"][-1]["reasons"] == [f"input of unreadable ft@{ft[:8]}"]
+    assert len(report["removed"]) == 1
