@@ -594,7 +594,7 @@ def cmd_verify(repo: Repository, args: argparse.Namespace) -> int:
         for cid in r.missing:
             print(f"missing chunk {cid.hex()}", file=sys.stderr)
         for error in r.unreadable:
-            print(error, file=sys.stderr)
+            print(f"{error}{_hint(error)}", file=sys.stderr)  # with the rm that removes it
         if r.ok:
             rebuilt = f", {r.deltas} rebuilt from deltas" if r.deltas else ""
             verified = f"{_count(r.chunks, 'chunk')} ({human_bytes(r.bytes)})"

@@ -261,7 +261,8 @@ def test_the_cli_lists_past_an_unreadable_record_and_gc_refuses(env_store, tmp_p
         assert code == 4 and out == "" and len(err.splitlines()) == 1, argv
         assert err.startswith("chunkstore: error: ") and f"rm m@{vid.hex()}" in err
     code, out, err = run(capsys, "verify", "-q")
-    assert code == 4 and unreadable_warning() in err
+    hint = f"(restore it from a copy of the store, or remove it: chunkstore rm m@{vid.hex()})"
+    assert code == 4 and f"{unreadable_warning()} {hint}\n" in err
     assert err.endswith("0 corrupt chunks and 0 missing chunks, 1 unreadable version record\n")
     code, _, err = run(capsys, "pull", f"m@{vid.hex()[:10]}", str(tmp_path / "out"))
     assert code == 4 and err == (
