@@ -183,8 +183,10 @@ def test_prune_keeps_what_an_unreadable_record_may_name_and_stops_where_that_is_
         assert info.value.exit_code == 4
     assert sorted(v for v, _ in repo.store.list_versions("m")) == kept
     # ...but it goes on if the rules keep every version anyway.
-    with pytest.warns(ChunkstoreWarning, match=unreadable_warning("elsewhere")):
-        assert repo.prune("m", KeepPolicy(last=10)).removed == []
+    with pytest.warns(ChunkstoreWarning) as caught:
+        result = repo.prune("m", KeepPolicy(last=10))
+    assert result.removed == [] and len(caught) == 2  # and m's own unreadable record
+    assert {(e.repo, e.version_id) for e in result.unreadable} == {("elsewhere", vid), ("m", v4.id)}
     repo.rm(f"elsewhere@{vid.hex()}")
 
     # A link to a version of m that is not there stops it too: its id may be what was damaged.
