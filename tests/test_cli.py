@@ -425,6 +425,16 @@ def _holds_chunks(store_dir) -> bool:
         return False
 
 
+#: The CLI as a terminal starts it, where Ctrl-C raises KeyboardInterrupt. A process keeps an
+#: ignored signal ignored across exec, and Python installs its SIGINT handler only where SIGINT
+#: is not ignored: run as a background job of a shell without job control (which ignores
+#: SIGINT), ``python -m chunkstore.client.cli`` would never see the Ctrl-C.
+_CLI_AT_A_TERMINAL = (
+    "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "from chunkstore.client.cli import main; sys.exit(main())"
+)
+
+
 def test_ctrl_c_mid_push_leaves_nothing_visible_and_next_push_reuses(env_store, tmp_path):
     data = random_bytes(300 * MB, seed=5)
     write(tmp_path / "big" / "w.bin", data)
@@ -432,8 +442,8 @@ def test_ctrl_c_mid_push_leaves_nothing_visible_and_next_push_reuses(env_store, 
     proc = subprocess.Popen(
         [
             sys.executable,
-            "-m",
-            "chunkstore.client.cli",
+            "-c",
+            _CLI_AT_A_TERMINAL,
             "push",
             str(tmp_path / "big"),
             "--repo",
