@@ -674,12 +674,15 @@ def test_push_drops_source_pages_its_encoders_read(tmp_path):
                 peak[0] = max(peak[0], rss_file_kib() - before[0])
             return super().put(chunks)
 
-    limits = PipelineLimits(window_bytes=2 * mib, group_bytes=1 * mib, batch_bytes=2 * mib)
+    # Large encoding tasks: pages only the cutting dropped would stay mapped as far behind it
+    # as the tasks may queue (~24 MiB), far above what the windows being hashed and cut and
+    # the running encoders hold at once (~4 MiB; up to 8 MiB on a loaded machine).
+    limits = PipelineLimits(window_bytes=1 * mib, group_bytes=4 * mib, batch_bytes=2 * mib)
     with Repository(SlowStore(), limits=limits) as repo:
         repo.push(tmp_path / "v1", "m")
         before.append(rss_file_kib())
         repo.push(tmp_path / "v2", "m")
-    assert peak[0] < 10 << 10  # KiB: ~6 MiB; ~14 MiB when only the cutting dropped pages
+    assert peak[0] < 16 << 10  # KiB
 
 
 def test_write_file_streams_a_delta_coded_file_in_order(repo, tmp_path):
