@@ -15,6 +15,7 @@ import pytest
 from cluster_fixtures import LocalCluster, cluster_fixture
 from conftest import random_bytes, tree_bytes, write
 
+from chunkstore import staging
 from chunkstore.client.cluster_store import stage_key
 from chunkstore.client.rpc import NodeClient
 from chunkstore.connect import connect
@@ -583,12 +584,27 @@ def test_same_path_twice_keeps_the_last(repo: Repository, tmp_path):
     assert (tmp_path / "out" / "w.bin").read_bytes() == b"second"
 
 
-def test_gc_keeps_open_stages_and_drops_expired_ones(repo: Repository, tmp_path):
+class _Clock:
+    """The ``time`` module as staging sees it, with a clock that can be moved ahead."""
+
+    def __init__(self) -> None:
+        self.ahead_ns = 0
+
+    def __getattr__(self, name: str):
+        return getattr(time, name)
+
+    def time_ns(self) -> int:
+        return time.time_ns() + self.ahead_ns
+
+
+def test_gc_keeps_open_stages_and_drops_expired_ones(repo: Repository, tmp_path, monkeypatch):
+    clock = _Clock()
+    monkeypatch.setattr(staging, "time", clock)
     kept = repo.stage("m")
     kept.add(write(tmp_path / "k" / "keep.bin", random_bytes(MB, seed=1)))
-    doomed = repo.stage("m", ttl_seconds=0.5)  # long enough for the add on a busy machine
+    doomed = repo.stage("m", ttl_seconds=60)  # however long the add takes on a busy machine
     doomed.add(write(tmp_path / "d" / "drop.bin", random_bytes(MB, seed=2)))
-    time.sleep(0.6)
+    clock.ahead_ns = 61 * 10**9  # a minute later: doomed has expired, kept has not
     with pytest.raises(InvalidInput, match="expired"):
         doomed.commit()
     dry = repo.gc(grace_seconds=0, dry_run=True)
