@@ -187,6 +187,21 @@ def parse_version(repo: str, version_id: bytes, data: bytes) -> model_pb2.Versio
     return msg
 
 
+def trusted_inputs(data: bytes) -> list[VersionLink] | None:
+    """The input links a version record parses to, taken as they are (None if it does not
+    parse): what can still be told of a record that does not match its id or is stored under
+    another repo."""
+    try:
+        msg = model_pb2.Version.FromString(data)
+    except DecodeError:
+        return None
+    return _links(msg)
+
+
+def _links(msg: model_pb2.Version) -> list[VersionLink]:
+    return [VersionLink(i.repo, i.id) for i in msg.inputs]
+
+
 def decode_version(
     repo: str, version_id: bytes, data: bytes, tags: list[str] | None = None
 ) -> Version:
@@ -214,7 +229,7 @@ def decode_version(
         ],
         params=dict(msg.params),
         metrics=dict(msg.metrics),
-        inputs=[VersionLink(i.repo, i.id) for i in msg.inputs],
+        inputs=_links(msg),
         new_bytes=msg.new_bytes,
         tags=sorted(tags or []),
     )

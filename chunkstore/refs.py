@@ -10,8 +10,6 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from google.protobuf.message import DecodeError
-
 from chunkstore import ids
 from chunkstore.errors import (
     AmbiguousRef,
@@ -22,15 +20,8 @@ from chunkstore.errors import (
     NotFound,
     UnreadableVersion,
 )
-from chunkstore.model import (
-    Version,
-    VersionLink,
-    check_repo_name,
-    decode_version,
-    parse_version,
-)
+from chunkstore.model import Version, check_repo_name, decode_version, parse_version
 from chunkstore.stores.base import MetaStore
-from chunkstore.v1 import model_pb2
 
 MIN_PREFIX = 6
 _HEX = re.compile(r"[0-9a-f]+")
@@ -127,17 +118,6 @@ def users_of(
                     raise
                 on_unreadable(error, data)
     return out
-
-
-def parsed_inputs(data: bytes) -> list[VersionLink] | None:
-    """The input links a version record parses to, trusted as they are (None if it does not
-    parse): what can still be told of a record that does not match its id or is stored under
-    another repo."""
-    try:
-        msg = model_pb2.Version.FromString(data)
-    except DecodeError:
-        return None
-    return [VersionLink(link.repo, link.id) for link in msg.inputs]
 
 
 def latest(meta: MetaStore, repo: str, on_unreadable: OnUnreadable | None = None) -> Version | None:

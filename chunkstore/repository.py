@@ -53,6 +53,7 @@ from chunkstore.model import (
     decode_version,
     encode_version,
     normalise_path,
+    trusted_inputs,
 )
 from chunkstore.model import (
     check_repo_name as _check_repo_name,
@@ -66,7 +67,6 @@ from chunkstore.refs import (
     left_out,
     load_versions,
     newest_and_count,
-    parsed_inputs,
     reads_as_id_prefix,
     resolve,
     unknown_repo,
@@ -510,30 +510,17 @@ class Repository:
         if not versions and not found:
             raise unknown_repo(self.store, repo)
         own = dict(self.store.list_versions(repo)) if found else {}
-        present = {v.id for v in versions}
-        pinned: dict[bytes, list[str]] = {}
-        unknown: list[UnreadableVersion] = []
-        for error, data in found:
-            links = parsed_inputs(own[error.version_id] if data is None else data)
-            if links is None or any(link.repo == repo and link.id not in present for link in links):
-                unknown.append(error)
-                continue
-            for link in links:  # matched by id alone: the repo a link names may be damaged
-                if link.id in present:
-                    why = f"input of unreadable {error.repo}@{ids.short(error.version_id)}"
-                    pinned.setdefault(link.id, []).append(why)
+        read = [(e, own[e.version_id] if data is None else data) for e, data in found]
+        pinned, unknown = _inputs_of_unreadable(repo, read, {v.id for v in versions})
         decided = plan(versions, policy, others, pinned)
         kept = [(v, why) for v, why in decided if why]
         removed = [v for v, why in decided if not why]
         if unknown and removed:
+            it, names = ("it", "it names") if len(unknown) == 1 else ("them", "they name")
             raise CorruptRecord(
-                "prune removed nothing: "
-                + "; ".join(str(e) for e in unknown)
-                + ", so which versions "
-                + ("it names" if len(unknown) == 1 else "they name")
-                + " as inputs is unknown; restore from a copy of the store, or remove "
-                + ("it" if len(unknown) == 1 else "them")
-                + f" ({', '.join(_rm_hint(e) for e in unknown)}), then prune again"
+                f"prune removed nothing: {'; '.join(str(e) for e in unknown)}, so which "
+                f"versions {names} as inputs is unknown; restore from a copy of the store, or "
+                f"remove {it} ({', '.join(_rm_hint(e) for e in unknown)}), then prune again"
             )
         for error, _ in found:
             warnings.warn(
@@ -1173,6 +1160,27 @@ class Repository:
         if version is None:
             raise unknown_repo(self.store, repo)
         return version
+
+
+def _inputs_of_unreadable(
+    repo: str, records: list[tuple[UnreadableVersion, bytes]], present: set[bytes]
+) -> tuple[dict[bytes, list[str]], list[UnreadableVersion]]:
+    """What version records that cannot be read (each with its bytes) tell a prune of
+    ``repo``, whose versions are ``present``: each present version they name as an input, with
+    why it stays; and the records whose inputs cannot be told (they do not parse, or name a
+    version of ``repo`` that is not there: the id may be what was damaged)."""
+    pinned: dict[bytes, list[str]] = {}
+    unknown: list[UnreadableVersion] = []
+    for error, data in records:
+        links = trusted_inputs(data)
+        if links is None or any(link.repo == repo and link.id not in present for link in links):
+            unknown.append(error)
+            continue
+        for link in links:  # matched by id alone: the repo a link names may be damaged
+            if link.id in present:
+                why = f"input of unreadable {error.repo}@{ids.short(error.version_id)}"
+                pinned.setdefault(link.id, []).append(why)
+    return pinned, unknown
 
 
 def _rm_hint(error: UnreadableVersion) -> str:
