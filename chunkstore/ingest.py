@@ -18,10 +18,10 @@ With a base (:class:`~chunkstore.delta.BaseTensors`, read once a file with tenso
 tensor the base also has is cut at the
 base tensor's chunk boundaries, and each of its chunks the store lacks may be stored as a delta
 against the paired base chunk (see :mod:`chunkstore.delta`): the existence check also asks for
-the keyframes. Each encoding task reads the keyframes of its chunks in one call, decodes one only
-when its chunk is tried as a delta, and decides between the delta and the standalone encoding;
-a tensor whose first two tried chunks do not pay as deltas (rewritten rather than nudged) has
-its other chunks in the task stored on their own without decoding their keyframes.
+the keyframes. An encoding task tries a tensor's first two chunks as deltas before the
+others, and decides for each between the delta and the standalone encoding; a tensor whose
+first two tried chunks do not pay (rewritten rather than nudged) has its other chunks stored on
+their own, their keyframes never read (see :func:`_encode_group`).
 """
 
 from __future__ import annotations
@@ -485,7 +485,9 @@ class Ingester:
 
     def _queue_group(self, mapped: MappedFile, group: list[_Task], begin: int, end: int) -> None:
         self._put_queue(
-            self._pool.submit(_encode_then_release, self.store, group, mapped, begin, end)
+            self._pool.submit(
+                _encode_then_release, self.store, group, self._delta_outcomes, mapped, begin, end
+            )
         )
 
     def _deltas_may_pay(self, base: BaseChunk) -> bool:
@@ -581,7 +583,12 @@ def _hash_all(datas: list[memoryview]) -> list[bytes]:
 
 
 def _encode_then_release(
-    store: ChunkStore, group: list[_Task], mapped: MappedFile, begin: int, end: int
+    store: ChunkStore,
+    group: list[_Task],
+    known: Mapping[str, list[int]],
+    mapped: MappedFile,
+    begin: int,
+    end: int,
 ) -> list[Encoded]:
     """Encode a group of chunks lying in ``[begin, end)`` of a file, then drop those pages.
 
@@ -596,7 +603,7 @@ def _encode_then_release(
             if ids.chunk_id(own) != cid:
                 raise _changed(mapped.path)
             settled.append((cid, own, size, key))
-        return _encode_group(store, settled)
+        return _encode_group(store, settled, known)
     finally:
         mapped.release(begin, end)
 
@@ -607,34 +614,94 @@ def _changed(path: Path) -> ChunkstoreError:
     )
 
 
-def _encode_group(store: ChunkStore, group: list[_Task]) -> list[Encoded]:
-    """Encode a group of chunks, reading the keyframes they may be coded against in one call;
-    if that read fails (a keyframe gone or damaged: verify reports it), each chunk is stored
-    on its own."""
-    keys = list(dict.fromkeys(key.id for _, _, _, key in group if key is not None))
-    if keys:
-        try:
-            return store.with_blobs(keys, partial(_encode_against, group))
-        except ChunkstoreError:
-            pass
-    return [encode_chunk(cid, data, size) for cid, data, size, _ in group]
+def _encode_group(
+    store: ChunkStore, group: list[_Task], known: Mapping[str, list[int]] | None = None
+) -> list[Encoded]:
+    """Encode a group of chunks, each one that has a keyframe as a delta where that pays.
 
-
-def _encode_against(group: list[_Task], blobs: Mapping[bytes, bytes | memoryview]) -> list[Encoded]:
-    """Encode each chunk, as a delta against its keyframe where that pays; a tensor whose
-    first two tried chunks did not pay has its other chunks stored on their own untried."""
-    out = []
-    outcomes: dict[str, list[int]] = {}  # base tensor -> [paid, missed] in this group
-    for cid, data, size, key in group:
-        paid, missed = outcomes.setdefault(key.tensor, [0, 0]) if key else (0, 0)
-        if key is None or (missed >= 2 and not paid):
-            out.append(encode_chunk(cid, data, size))
+    A tensor is judged by its first :data:`PROBES` chunks tried as deltas: once one pays, all
+    its chunks are tried; once all of them miss (a tensor rewritten rather than nudged), the
+    rest are stored on their own and their keyframes are never read, so a push over a cluster
+    fetches no base chunk it will not use. ``known`` holds the push's outcomes so far per base
+    tensor, ``[paid, missed]``. Keyframes are read in at most two calls: first those of the
+    chunks of tensors that pay and of the probes, then, once the probes are judged, those of
+    the other chunks of tensors whose probes paid. If a read fails (a keyframe gone or
+    damaged: verify reports it), the chunks left are stored on their own.
+    """
+    known = known or {}
+    outcomes = {key.tensor: list(known.get(key.tensor, (0, 0))) for *_, key in group if key}
+    out: list[Encoded | None] = [None] * len(group)
+    waiting = list(range(len(group)))
+    while waiting:
+        now, waiting = _next_round(group, waiting, outcomes)
+        tried = [i for i in now if _pays(group[i][3], outcomes) is not False]
+        for i in now:
+            if _pays(group[i][3], outcomes) is False:
+                cid, data, size, _ = group[i]
+                out[i] = encode_chunk(cid, data, size)
+        if not tried:
             continue
+        keys = list(dict.fromkeys(group[i][3].id for i in tried))
+        try:
+            store.with_blobs(keys, partial(_encode_tried, group, tried, outcomes, out))
+        except ChunkstoreError:
+            for i in [*tried, *waiting]:
+                cid, data, size, _ = group[i]
+                out[i] = encode_chunk(cid, data, size)
+            break
+    return out  # type: ignore[return-value]  # every index was set
+
+
+#: Chunks of a tensor tried as deltas before its other chunks are: if none of them pays, the
+#: others are not tried.
+PROBES = 2
+
+
+def _pays(key: _Keyframe | None, outcomes: Mapping[str, list[int]]) -> bool | None:
+    """Whether the chunks of ``key``'s tensor pay as deltas: True once one did, False once
+    :data:`PROBES` did not and none did (or without a keyframe), None while being probed."""
+    if key is None:
+        return False
+    paid, missed = outcomes[key.tensor]
+    if paid:
+        return True
+    return False if missed >= PROBES else None
+
+
+def _next_round(
+    group: list[_Task], waiting: list[int], outcomes: Mapping[str, list[int]]
+) -> tuple[list[int], list[int]]:
+    """Split the waiting chunks (indices into ``group``) into those to encode now and those
+    that wait for their tensor's probes, which are among the first."""
+    now, later = [], []
+    probes: dict[str, int] = {}
+    for i in waiting:
+        key = group[i][3]
+        if _pays(key, outcomes) is None:
+            room = PROBES - outcomes[key.tensor][1]
+            if probes.get(key.tensor, 0) >= room:
+                later.append(i)
+                continue
+            probes[key.tensor] = probes.get(key.tensor, 0) + 1
+        now.append(i)
+    return now, later
+
+
+def _encode_tried(
+    group: list[_Task],
+    tried: list[int],
+    outcomes: dict[str, list[int]],
+    out: list[Encoded | None],
+    blobs: Mapping[bytes, bytes | memoryview],
+) -> None:
+    """Encode the ``tried`` chunks of ``group`` into ``out``, each as a delta against its
+    keyframe (in ``blobs``) where that is smaller, counting each outcome for its tensor."""
+    for i in tried:
+        cid, data, size, key = group[i]
         raw = codec.verified_buffer(key.id, blobs[key.id])
         if len(raw) != key.length:
             encoded = encode_chunk(cid, data, size)
         else:
             encoded = encode_chunk(cid, data, size, (key.id, raw, key.transform))
         outcomes[key.tensor][encoded.ref is None] += 1
-        out.append(encoded)
-    return out
+        out[i] = encoded

@@ -740,6 +740,45 @@ def test_encoding_task_stops_trying_deltas_of_a_rewritten_tensor(monkeypatch):
     assert _encoded_bytes(store, encoded) == nudged + rewritten
 
 
+def _reads(store: MemoryStore, monkeypatch) -> list[list[bytes]]:
+    """The ids of each keyframe read the store is asked for, in order."""
+    calls: list[list[bytes]] = []
+    real = store.with_blobs
+    monkeypatch.setattr(
+        store, "with_blobs", lambda ids, fn: calls.append(list(ids)) or real(ids, fn)
+    )
+    return calls
+
+
+def test_encoding_task_reads_no_keyframe_of_a_rewritten_tensor_past_its_probes(monkeypatch):
+    rng = np.random.default_rng(42)
+    chunks = [weights(rng, 32 * KB, "bf16").tobytes() for _ in range(12)]
+    nudged = [optimizer_step(rng, np.frombuffer(c, "<u2"), "bf16").tobytes() for c in chunks[:6]]
+    rewritten = [weights(rng, 32 * KB, "bf16").tobytes() for _ in range(6)]
+    store = MemoryStore()
+    group = _group(store, rewritten, chunks[6:], "b") + _group(store, nudged, chunks[:6], "a")
+    calls = _reads(store, monkeypatch)
+    encoded = ingest._encode_group(store, group)
+    assert [e.ref is not None for e in encoded] == [False] * 6 + [True] * 6
+    keys = [key.id for *_, key in group]
+    assert calls == [keys[:2] + keys[6:8], keys[8:]]  # probes of both, then the rest of a
+    assert _encoded_bytes(store, encoded) == rewritten + nudged
+
+
+def test_encoding_task_follows_the_push_s_outcomes_so_far(monkeypatch):
+    rng = np.random.default_rng(43)
+    bases = [weights(rng, 32 * KB, "bf16").tobytes() for _ in range(8)]
+    new = [optimizer_step(rng, np.frombuffer(b, "<u2"), "bf16").tobytes() for b in bases]
+    store = MemoryStore()
+    group = _group(store, new[:4], bases[:4], "paid") + _group(store, new[4:], bases[4:], "lost")
+    calls = _reads(store, monkeypatch)
+    encoded = ingest._encode_group(store, group, {"paid": [1, 0], "lost": [0, 2]})
+    keys = [key.id for *_, key in group]
+    assert calls == [keys[:4]]  # all of the paying tensor in one read, none of the other
+    assert [e.ref is not None for e in encoded] == [True] * 4 + [False] * 4
+    assert _encoded_bytes(store, encoded) == new
+
+
 def test_encoding_task_with_a_keyframe_gone_stores_its_chunks_whole():
     rng = np.random.default_rng(41)
     bases = [weights(rng, 32 * KB, "bf16").tobytes() for _ in range(3)]
