@@ -263,7 +263,11 @@ def codec_figures(store: Path, tag: str, name: str) -> dict:
             dsize = sum(len(raw) for _, raw, _, _ in coded)
             out["delta_enc"] = mb_per_s(
                 lambda c: delta.encode_chunk(
-                    c[0], c[1], c[2], (c[3].base, bases[c[3].base], c[3].transform)
+                    c[0],
+                    c[1],
+                    c[2],
+                    (c[3].base, bases[c[3].base], c[3].transform),
+                    None if c[3].transform else len(parts[c[3].base]),  # as a push does
                 ),
                 coded,
                 dsize,

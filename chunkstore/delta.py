@@ -215,54 +215,31 @@ def encode_chunk(
     data: bytes | memoryview,
     element_size: int | None,
     base: tuple[bytes, bytes, str] | None = None,
+    base_size: int | None = None,
 ) -> Encoded:
     """Encode one chunk, as the XOR against ``base = (id, raw bytes, transform)`` if that is
     at most :data:`KEEP_RATIO` of its standalone encoding, else on its own.
 
-    The XOR is encoded in full; the standalone size is first estimated from a sample, and only
-    encoded in full when the estimate does not already settle it.
+    The XOR is encoded in full. The chunk is encoded on its own too only when the XOR is not
+    clearly smaller than the standalone size expected: ``base_size`` where given (the size of
+    the base's own blob, a close guess for a chunk of the same dtype nudged from it), else
+    an estimate from a sample of the chunk.
     """
     if base is None:
         return Encoded(chunk_id, codec.encode(data, element_size), len(data), chunk_id)
     base_id, base_raw, transform = base
-    if _delta_unlikely(data, base_raw, transform, element_size):
-        return Encoded(chunk_id, codec.encode(data, element_size), len(data), chunk_id)
     diff = xor(data, predict(base_raw, transform))
     if element_size in (2, 4):  # the planes of an XOR are mostly zero bits: no need to choose
         diff_blob = codec.encode_as(diff, codec.PLANES2 if element_size == 2 else codec.PLANES4)
     else:
         diff_blob = codec.encode(diff, element_size)
-    if len(diff_blob) > KEEP_RATIO * codec.estimate(data, element_size):
+    expected = base_size if base_size is not None else codec.estimate(data, element_size)
+    if len(diff_blob) > KEEP_RATIO * expected:
         blob = codec.encode(data, element_size)
         if len(diff_blob) > KEEP_RATIO * len(blob):
             return Encoded(chunk_id, blob, len(data), chunk_id)
     delta_id = ids.chunk_id(diff)
     return Encoded(delta_id, diff_blob, len(data), chunk_id, DeltaRef(delta_id, base_id, transform))
-
-
-_PROBE_BYTES = 8192
-
-
-def _delta_unlikely(
-    data: bytes | memoryview, base_raw: bytes, transform: str, element_size: int | None
-) -> bool:
-    """Whether a probe from the middle of the chunk says its delta will not pay (a tensor
-    rewritten rather than nudged), so the full XOR need not be encoded to find out."""
-    n = len(data)
-    if transform or n < 4 * _PROBE_BYTES or len(base_raw) != n:
-        return False
-    step = element_size or 1
-    start = n // 2 - (n // 2) % step
-    probe = memoryview(data)[start : start + _PROBE_BYTES]
-    base_probe = np.frombuffer(base_raw, np.uint8, _PROBE_BYTES, start)
-    diff = xor(probe, base_probe)
-    if element_size in (2, 4):
-        diff_size = len(
-            codec.encode_as(diff, codec.PLANES2 if element_size == 2 else codec.PLANES4)
-        )
-    else:
-        diff_size = len(codec.encode(diff, element_size))
-    return diff_size > KEEP_RATIO * len(codec.encode(probe, element_size))
 
 
 class BaseTensors:

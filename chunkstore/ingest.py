@@ -698,10 +698,12 @@ def _encode_tried(
     keyframe (in ``blobs``) where that is smaller, counting each outcome for its tensor."""
     for i in tried:
         cid, data, size, key = group[i]
-        raw = codec.verified_buffer(key.id, blobs[key.id])
+        blob = blobs[key.id]
+        raw = codec.verified_buffer(key.id, blob)
         if len(raw) != key.length:
             encoded = encode_chunk(cid, data, size)
         else:
-            encoded = encode_chunk(cid, data, size, (key.id, raw, key.transform))
+            base_size = None if key.transform else len(blob)  # a keyframe is stored whole
+            encoded = encode_chunk(cid, data, size, (key.id, raw, key.transform), base_size)
         outcomes[key.tensor][encoded.ref is None] += 1
         out[i] = encoded
