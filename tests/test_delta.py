@@ -724,6 +724,32 @@ def _encoded_bytes(store: MemoryStore, encoded: list[delta.Encoded]) -> list[byt
     return [out[e.chunk_id] for e in encoded]
 
 
+def test_delta_beating_the_base_blob_size_is_kept_without_encoding_the_chunk_alone(monkeypatch):
+    rng = np.random.default_rng(44)
+    base = weights(rng, 32 * KB, "bf16").tobytes()
+    new = optimizer_step(rng, np.frombuffer(base, "<u2"), "bf16").tobytes()
+    base_blob = codec.encode(base, 2)
+    expected = delta.encode_chunk(ids.chunk_id(new), new, 2, (ids.chunk_id(base), base, ""))
+    assert expected.ref is not None  # a nudged chunk pays as a delta
+    calls = []
+    monkeypatch.setattr(codec, "estimate", lambda *a: calls.append("estimate"))
+    monkeypatch.setattr(codec, "encode", lambda *a: calls.append("encode"))
+    hinted = delta.encode_chunk(
+        ids.chunk_id(new), new, 2, (ids.chunk_id(base), base, ""), len(base_blob)
+    )
+    assert calls == [] and hinted == expected
+
+
+def test_delta_not_beating_the_chunk_alone_is_dropped_whatever_the_base_blob_size():
+    rng = np.random.default_rng(45)
+    base = rng.bytes(64 * KB)  # incompressible: its blob is as large as it
+    new = bytes(64 * KB)  # zeros: the XOR is the base's bytes, the chunk alone is tiny
+    encoded = delta.encode_chunk(
+        ids.chunk_id(new), new, 2, (ids.chunk_id(base), base, ""), len(codec.encode(base, 2))
+    )
+    assert encoded.ref is None and encoded.blob == codec.encode(new, 2)
+
+
 def test_encoding_task_stops_trying_deltas_of_a_rewritten_tensor(monkeypatch):
     rng = np.random.default_rng(40)
     chunks = [weights(rng, 32 * KB, "bf16").tobytes() for _ in range(12)]
