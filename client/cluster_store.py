@@ -55,7 +55,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import TypeVar
 
@@ -167,6 +167,23 @@ def _map_from(reply: pb.ClusterMap, address: str) -> ClusterMap:
         return map_from_proto(reply)
     except ClusterMapError as e:
         raise errors.StoreUnavailable(f"{address} serves an invalid cluster map: {e}") from None
+
+
+@dataclass
+class _Claim:
+    """A caller's claim of a stage (see :meth:`ClusterStore.claim_stage`): what it read, and
+    how the owners answered its deletes."""
+
+    stage_id: bytes
+    claimant: bytes
+    record: bytes
+    files: dict[str, bytes]
+    owners: int
+    deleted: list[NodeClient] = field(default_factory=list)
+    unanswered: dict[NodeClient, NodeCallError] = field(default_factory=dict)  # retryable, so far
+    refused: list[NodeCallError] = field(
+        default_factory=list
+    )  # NOT_FOUND (another has it), or worse
 
 
 class ClusterStore(Store):
@@ -1037,76 +1054,68 @@ class ClusterStore(Store):
                 "hold it, a majority is needed",
                 records.failed,
             )
-        files = self.stage_files(stage_id)
-        record = next(iter(records.ok.values())).data
-        claimant = claimant or secrets.token_bytes(CLAIMANT_BYTES)
-        delete = pb.DeleteStageRequest(id=stage_id, claimant=claimant)
-        deleted: list[NodeClient] = []
-        unanswered: dict[NodeClient, NodeCallError] = {}  # a retryable failure, for now
-        refused: list[NodeCallError] = []  # NOT_FOUND (another caller has it there), or worse
-
-        def delete_from(nodes: list[NodeClient]) -> bool:
-            """Delete it from ``nodes`` in turn; False at the first that another caller has."""
-            for node in nodes:
-                try:
-                    node.run(lambda n=node: n.meta.DeleteStage(delete, timeout=self.policy.timeout))
-                except NodeCallError as failure:
-                    if failure.retryable:
-                        unanswered[node] = failure
-                        continue
-                    unanswered.pop(node, None)
-                    refused.append(failure)
-                    if failure.code == grpc.StatusCode.NOT_FOUND:
-                        return False
-                    continue
-                unanswered.pop(node, None)
-                deleted.append(node)
-            return True
-
+        claim = _Claim(
+            stage_id,
+            claimant or secrets.token_bytes(CLAIMANT_BYTES),
+            next(iter(records.ok.values())).data,
+            self.stage_files(stage_id),
+            len(owners),
+        )
         majority = len(owners) // 2 + 1
-        free = delete_from([n for n in owners if n.id in records.ok])
+        free = self._delete_for(claim, [n for n in owners if n.id in records.ok])
         for retry in range(self.policy.attempts + 1, 2 * self.policy.attempts + 1):
-            if not (free and unanswered and len(deleted) < majority):
+            if not (free and claim.unanswered and len(claim.deleted) < majority):
                 break
             time.sleep(self.policy.delay(retry))  # on from the backoff of node.run's own tries
-            free = delete_from(list(unanswered))
-        if len(deleted) >= majority:
-            return record, files
-        raise self._claim_failed(
-            stage_id, claimant, record, files, len(owners), deleted, unanswered, refused
-        )
+            free = self._delete_for(claim, list(claim.unanswered))
+        if len(claim.deleted) >= majority:
+            return claim.record, claim.files
+        raise self._claim_failed(claim)
 
-    def _claim_failed(
-        self,
-        stage_id: bytes,
-        claimant: bytes,
-        record: bytes,
-        files: dict[str, bytes],
-        owners: int,
-        deleted: list[NodeClient],
-        unanswered: dict[NodeClient, NodeCallError],
-        refused: list[NodeCallError],
-    ) -> errors.ChunkstoreError:
+    def _delete_for(self, claim: _Claim, nodes: list[NodeClient]) -> bool:
+        """Delete the claimed stage from ``nodes`` in turn, noting each answer in ``claim``;
+        False at the first node that says another caller has it."""
+        delete = pb.DeleteStageRequest(id=claim.stage_id, claimant=claim.claimant)
+        for node in nodes:
+            try:
+                node.run(lambda n=node: n.meta.DeleteStage(delete, timeout=self.policy.timeout))
+            except NodeCallError as failure:
+                if failure.retryable:
+                    claim.unanswered[node] = failure
+                    continue
+                claim.unanswered.pop(node, None)
+                claim.refused.append(failure)
+                if failure.code == grpc.StatusCode.NOT_FOUND:
+                    return False
+                continue
+            claim.unanswered.pop(node, None)
+            claim.deleted.append(node)
+        return True
+
+    def _claim_failed(self, claim: _Claim) -> errors.ChunkstoreError:
         """Put the stage back where this claim deleted it, or may have; the error that says
         so (see :meth:`claim_stage`)."""
         what = (
-            f"claim stage {stage_id.hex()}: {len(deleted)} of its {owners} owners gave it to "
-            "this caller, a majority is needed"
+            f"claim stage {claim.stage_id.hex()}: {len(claim.deleted)} of its {claim.owners} "
+            "owners gave it to this caller, a majority is needed"
         )
-        targets = [*deleted, *unanswered]
+        targets = [*claim.deleted, *claim.unanswered]
         if targets:
-            back = self._put_back(stage_id, claimant, record, files, targets)
+            back = self._put_back(
+                claim.stage_id, claim.claimant, claim.record, claim.files, targets
+            )
             kept = [n.id for n in targets if n.id not in back.ok]
             what += f"; put back on {len(back.ok)} of the {len(targets)} owners it deleted it from"
-            what += " or that did not answer" if unanswered else ""
+            what += " or that did not answer" if claim.unanswered else ""
             what += f" (not on {', '.join(kept)})" if kept else ""
-        taken = [f for f in refused if f.code == grpc.StatusCode.NOT_FOUND]
+        failures = [*claim.refused, *claim.unanswered.values()]
+        taken = [f for f in claim.refused if f.code == grpc.StatusCode.NOT_FOUND]
         if taken:
-            more = "".join(f"; {f}" for f in [*refused, *unanswered.values()] if f not in taken)
+            more = "".join(f"; {f}" for f in failures if f not in taken)
             return errors.NotFound(
                 f"{what}; node {taken[0].node.id} says another caller claimed it first{more}"
             )
-        return to_error(what, [*refused, *unanswered.values()])
+        return to_error(what, failures)
 
     def _put_back(
         self,
