@@ -750,22 +750,6 @@ def test_delta_not_beating_the_chunk_alone_is_dropped_whatever_the_base_blob_siz
     assert encoded.ref is None and encoded.blob == codec.encode(new, 2)
 
 
-def test_encoding_task_stops_trying_deltas_of_a_rewritten_tensor(monkeypatch):
-    rng = np.random.default_rng(40)
-    chunks = [weights(rng, 32 * KB, "bf16").tobytes() for _ in range(12)]
-    nudged = [optimizer_step(rng, np.frombuffer(c, "<u2"), "bf16").tobytes() for c in chunks[:6]]
-    rewritten = [weights(rng, 32 * KB, "bf16").tobytes() for _ in range(6)]
-    store = MemoryStore()
-    group = _group(store, nudged, chunks[:6], "a") + _group(store, rewritten, chunks[6:], "b")
-    decoded = []
-    real = codec.verified_buffer
-    monkeypatch.setattr(codec, "verified_buffer", lambda c, b: decoded.append(c) or real(c, b))
-    encoded = ingest._encode_group(store, group)
-    assert [e.ref is not None for e in encoded] == [True] * 6 + [False] * 6
-    assert len(decoded) == 6 + 2  # tensor b: two tries, then its keyframes are not decoded
-    assert _encoded_bytes(store, encoded) == nudged + rewritten
-
-
 def _reads(store: MemoryStore, monkeypatch) -> list[list[bytes]]:
     """The ids of each keyframe read the store is asked for, in order."""
     calls: list[list[bytes]] = []
@@ -776,19 +760,23 @@ def _reads(store: MemoryStore, monkeypatch) -> list[list[bytes]]:
     return calls
 
 
-def test_encoding_task_reads_no_keyframe_of_a_rewritten_tensor_past_its_probes(monkeypatch):
-    rng = np.random.default_rng(42)
+def test_encoding_task_stops_trying_deltas_of_a_rewritten_tensor(monkeypatch):
+    rng = np.random.default_rng(40)
     chunks = [weights(rng, 32 * KB, "bf16").tobytes() for _ in range(12)]
     nudged = [optimizer_step(rng, np.frombuffer(c, "<u2"), "bf16").tobytes() for c in chunks[:6]]
     rewritten = [weights(rng, 32 * KB, "bf16").tobytes() for _ in range(6)]
     store = MemoryStore()
-    group = _group(store, rewritten, chunks[6:], "b") + _group(store, nudged, chunks[:6], "a")
+    group = _group(store, nudged, chunks[:6], "a") + _group(store, rewritten, chunks[6:], "b")
+    decoded = []
+    real = codec.verified_buffer
+    monkeypatch.setattr(codec, "verified_buffer", lambda c, b: decoded.append(c) or real(c, b))
     calls = _reads(store, monkeypatch)
     encoded = ingest._encode_group(store, group)
-    assert [e.ref is not None for e in encoded] == [False] * 6 + [True] * 6
+    assert [e.ref is not None for e in encoded] == [True] * 6 + [False] * 6
+    assert len(decoded) == 6 + 2  # tensor b: two tries, then its keyframes are not decoded
     keys = [key.id for *_, key in group]
-    assert calls == [keys[:2] + keys[6:8], keys[8:]]  # probes of both, then the rest of a
-    assert _encoded_bytes(store, encoded) == rewritten + nudged
+    assert calls == [keys[:2] + keys[6:8], keys[2:6]]  # the probes of both, then the rest of a
+    assert _encoded_bytes(store, encoded) == nudged + rewritten
 
 
 def test_encoding_task_follows_the_push_s_outcomes_so_far(monkeypatch):
