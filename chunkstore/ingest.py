@@ -493,8 +493,7 @@ class Ingester:
     def _deltas_may_pay(self, base: BaseChunk) -> bool:
         """False once two chunks of the base tensor were tried and none paid as a delta (a
         tensor rewritten rather than nudged): its other chunks skip reading their bases."""
-        paid, missed = self._delta_outcomes.get(base.tensor, (0, 0))
-        return paid > 0 or missed < 2
+        return _verdict(self._delta_outcomes.get(base.tensor, (0, 0))) is not False
 
     def _put_queue(self, item: object) -> None:
         while True:
@@ -657,15 +656,18 @@ def _encode_group(
 PROBES = 2
 
 
-def _pays(key: _Keyframe | None, outcomes: Mapping[str, list[int]]) -> bool | None:
-    """Whether the chunks of ``key``'s tensor pay as deltas: True once one did, False once
-    :data:`PROBES` did not and none did (or without a keyframe), None while being probed."""
-    if key is None:
-        return False
-    paid, missed = outcomes[key.tensor]
+def _verdict(outcome: Sequence[int]) -> bool | None:
+    """Whether a tensor's chunks pay as deltas, from its ``[paid, missed]`` so far: True once
+    one did, False once :data:`PROBES` did not and none did, None while being probed."""
+    paid, missed = outcome
     if paid:
         return True
     return False if missed >= PROBES else None
+
+
+def _pays(key: _Keyframe | None, outcomes: Mapping[str, list[int]]) -> bool | None:
+    """The :func:`_verdict` on ``key``'s tensor; False without a keyframe."""
+    return False if key is None else _verdict(outcomes[key.tensor])
 
 
 def _next_round(
