@@ -180,10 +180,10 @@ class _Claim:
     files: dict[str, bytes]
     owners: int
     deleted: list[NodeClient] = field(default_factory=list)
-    unanswered: dict[NodeClient, NodeCallError] = field(default_factory=dict)  # retryable, so far
-    refused: list[NodeCallError] = field(
-        default_factory=list
-    )  # NOT_FOUND (another has it), or worse
+    #: Owners whose delete failed with a retryable status, so far.
+    unanswered: dict[NodeClient, NodeCallError] = field(default_factory=dict)
+    #: NOT_FOUND (another caller has it there), or worse.
+    refused: list[NodeCallError] = field(default_factory=list)
 
 
 class ClusterStore(Store):
