@@ -9,7 +9,7 @@ everybody's listings and pulls.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 import grpc
@@ -23,7 +23,7 @@ from chunkstore.model import (
     decode_version,
     parse_record,
 )
-from chunkstore.stores.base import MetaStore, check_claimant
+from chunkstore.stores.base import MetaStore
 from chunkstore.v1 import model_pb2
 from chunkstore.v1 import store_pb2 as pb
 from chunkstore.v1 import store_pb2_grpc as pb_grpc
@@ -165,8 +165,7 @@ class MetaServicer(pb_grpc.MetaServiceServicer):
 
     def PutStage(self, request: pb.StageRecord, context: grpc.ServicerContext) -> pb.Empty:
         stage_id = _stage_id(request.id)
-        with _refused():
-            parse_record(model_pb2.Stage, request.data, f"stage {stage_id.hex()}")
+        _check_stage(stage_id, request.data, {})
         self._store.put_stage(stage_id, request.data)
         return _EMPTY
 
@@ -176,9 +175,7 @@ class MetaServicer(pb_grpc.MetaServiceServicer):
 
     def PutStageFile(self, request: pb.StageFile, context: grpc.ServicerContext) -> pb.Empty:
         stage_id = _stage_id(request.stage_id)
-        with _refused():
-            what = f"the record of {request.path!r} in stage {stage_id.hex()}"
-            parse_record(model_pb2.StagedFile, request.data, what)
+        _check_stage(stage_id, None, {request.path: request.data})
         self._store.put_stage_file(stage_id, request.path, request.data)
         return _EMPTY
 
@@ -200,13 +197,8 @@ class MetaServicer(pb_grpc.MetaServiceServicer):
         self, request: pb.RestoreStageRequest, context: grpc.ServicerContext
     ) -> pb.Empty:
         stage_id = _stage_id(request.id)
-        check_claimant(request.claimant)
-        with _refused():
-            parse_record(model_pb2.Stage, request.data, f"stage {stage_id.hex()}")
-            for f in request.files:
-                what = f"the record of {f.path!r} in stage {stage_id.hex()}"
-                parse_record(model_pb2.StagedFile, f.data, what)
         files = {f.path: f.data for f in request.files}
+        _check_stage(stage_id, request.data, files)
         self._store.restore_stage(stage_id, request.claimant, request.data, files)
         return _EMPTY
 
@@ -223,6 +215,17 @@ def _refused() -> Iterator[None]:
         yield
     except errors.CorruptRecord as e:
         raise errors.InvalidInput(f"refused: {e}; nothing was stored") from None
+
+
+def _check_stage(stage_id: bytes, record: bytes | None, files: Mapping[str, bytes]) -> None:
+    """Refuse (InvalidInput) a stage record (unless None) or a staged file's record that
+    cannot be read."""
+    with _refused():
+        if record is not None:
+            parse_record(model_pb2.Stage, record, f"stage {stage_id.hex()}")
+        for path, data in files.items():
+            what = f"the record of {path!r} in stage {stage_id.hex()}"
+            parse_record(model_pb2.StagedFile, data, what)
 
 
 def _stage_id(raw: bytes) -> bytes:

@@ -549,6 +549,44 @@ def test_delete_stage_refuses_a_claimant_of_the_wrong_size_and_deletes_nothing(m
     meta_api.DeleteStage(pb.DeleteStageRequest(id=sid), timeout=5)
 
 
+def test_restore_stage_puts_back_only_a_readable_stage_for_the_claimant_that_deleted_it(
+    meta_api,
+):
+    sid, mine, other = put_stage(meta_api), os.urandom(16), os.urandom(16)
+    record = meta_api.GetStage(pb.StageKey(id=sid), timeout=5).data
+    files = list(meta_api.ListStageFiles(pb.StageKey(id=sid), timeout=5).files)
+    meta_api.DeleteStage(pb.DeleteStageRequest(id=sid, claimant=mine), timeout=5)
+    garbage = b"\xff\xfe not a record"
+    bad_file = pb.StageFile(stage_id=sid, path="a", data=garbage)
+    refused = [
+        (pb.RestoreStageRequest(id=sid, claimant=b"c" * 15, data=record, files=files), "got 15"),
+        (pb.RestoreStageRequest(id=sid[:8], claimant=mine, data=record), "a stage id has 16"),
+        (pb.RestoreStageRequest(id=sid, claimant=mine, data=garbage), "parse as a Stage"),
+        (
+            pb.RestoreStageRequest(id=sid, claimant=mine, data=record, files=[bad_file]),
+            "parse as a StagedFile",
+        ),
+    ]
+    for request, needle in refused:
+        with pytest.raises(grpc.RpcError) as info:
+            meta_api.RestoreStage(request, timeout=5)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, needle
+        assert needle in info.value.details()
+    with pytest.raises(grpc.RpcError) as info:  # another claimant's put-back
+        meta_api.RestoreStage(
+            pb.RestoreStageRequest(id=sid, claimant=other, data=record, files=files), timeout=5
+        )
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert sid not in [r.id for r in meta_api.ListStages(pb.Empty(), timeout=5).stages]
+
+    restore = pb.RestoreStageRequest(id=sid, claimant=mine, data=record, files=files)
+    meta_api.RestoreStage(restore, timeout=5)
+    assert meta_api.GetStage(pb.StageKey(id=sid), timeout=5).data == record
+    back = meta_api.ListStageFiles(pb.StageKey(id=sid), timeout=5).files
+    assert [(f.path, f.data) for f in back] == [(f.path, f.data) for f in files]
+    meta_api.DeleteStage(pb.DeleteStageRequest(id=sid), timeout=5)
+
+
 def test_scan_manifests_streams_ids_with_their_time(meta_api):
     key = os.urandom(8).hex()
     records = dict(_manifest(f"{key}{i}") for i in range(3))
