@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import struct
 import subprocess
 import sys
 import threading
@@ -503,6 +504,28 @@ def test_a_claimant_is_remembered_for_an_hour(store: Store, monkeypatch):
         store.delete_stage(sid, mine)
 
 
+def test_a_claimant_is_remembered_until_its_stage_expires(store: Store, monkeypatch):
+    """A copy of a claimed stage left on an owner that was down (which a repair would copy
+    back) is refused for as long as the stage could still be committed, not only for an hour;
+    once the stage has expired, nothing could commit it, and the note goes."""
+    clock = Clock(monkeypatch)
+    day = 24 * 3600
+    record = model_pb2.Stage(repo="r", expires_ns=int((clock.now + day) * 1e9))
+    sid, mine = os.urandom(16), os.urandom(16)
+    store.put_stage(sid, record.SerializeToString())
+    store.claim_stage(sid, mine)
+    clock.now += day - 1
+    with pytest.raises(StageClaimed):
+        store.put_stage(sid, record.SerializeToString())
+    store.delete_stage(sid, mine)  # its claimant's retry still succeeds
+    assert store.list_stages() == []
+    clock.now += 2
+    with pytest.raises(StageClaimed):
+        store.restore_stage(sid, mine, STAGE, {})  # forgotten: not even its claimant
+    store.put_stage(sid, record.SerializeToString())
+    assert store.get_stage(sid) == record.SerializeToString()
+
+
 # LmdbStore only
 
 
@@ -532,6 +555,28 @@ def test_lmdb_forgets_claimants_as_it_deletes_stages_later(tmp_path, monkeypatch
         store.delete_stage(sid, mine)
         store.claim_stage(new_stage(store))  # a claim in one transaction notes nobody
     assert stage_claims(path) == 1
+
+
+def test_lmdb_reads_the_claimant_notes_of_an_earlier_release(tmp_path, monkeypatch):
+    """Notes of the time and claimant only, as an earlier release wrote them, are kept for
+    CLAIM_KEPT_SECONDS."""
+    clock = Clock(monkeypatch)
+    path = tmp_path / "s"
+    mine = os.urandom(16)
+    with LmdbStore(path) as store:
+        sid = new_stage(store)
+        store.delete_stage(sid, mine)
+    with lmdb.open(str(path), max_dbs=16) as env, env.begin(write=True) as txn:
+        claims = env.open_db(b"stage_claims", txn=txn, create=False)
+        txn.put(sid, struct.pack("<d", clock.now) + mine, db=claims)
+    clock.now += base.CLAIM_KEPT_SECONDS - 1
+    with LmdbStore(path) as store:
+        store.delete_stage(sid, mine)
+        with pytest.raises(StageClaimed):
+            store.put_stage(sid, STAGE)
+        clock.now += 2
+        store.put_stage(sid, STAGE)
+        assert store.get_stage(sid) == STAGE
 
 
 def test_an_lmdb_store_made_before_stage_claims_gets_them_when_opened_to_write(tmp_path):

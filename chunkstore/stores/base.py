@@ -22,8 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from google.protobuf.message import DecodeError
+
 from chunkstore import codec, errors, ids
 from chunkstore.parallel import for_each
+from chunkstore.v1 import model_pb2
 
 
 @dataclass(frozen=True)
@@ -40,14 +43,28 @@ CHUNKS_PER_TASK = 16  # chunks a reading thread fetches in one call, then decode
 #: Size of a claimant token: random bytes a caller makes once per claim of a stage and passes
 #: to every try of :meth:`MetaStore.delete_stage`, so that its own retry is told from another's.
 CLAIMANT_BYTES = 16
-#: How long a store remembers which claimant deleted a stage: a retry follows within seconds.
+#: How long a store remembers which claimant deleted a stage, at least: a retry follows within
+#: seconds. A stage that expires later is remembered until it expires (see :func:`kept_until`).
 CLAIM_KEPT_SECONDS = 3600.0
 
 
-def claim_kept(at: float, now: float) -> bool:
-    """Whether a note that a claimant deleted a stage, made at ``at``, is still kept at ``now``:
-    less than :data:`CLAIM_KEPT_SECONDS` apart (a clock set back keeps none longer)."""
-    return abs(now - at) < CLAIM_KEPT_SECONDS
+def kept_until(record: bytes, at: float) -> float:
+    """Until when a store remembers the claimant that deleted, at ``at``, the stage whose
+    record is ``record``: :data:`CLAIM_KEPT_SECONDS`, or until the stage expires if that is
+    later. A copy of the stage that another owner still holds (it was down at the claim) is
+    refused meanwhile, so it can never be committed a second time: once expired, a stage can no
+    longer be committed. A record that does not parse is remembered the least."""
+    try:
+        expires = model_pb2.Stage.FromString(record).expires_ns / 1e9
+    except DecodeError:
+        expires = 0.0
+    return max(at + CLAIM_KEPT_SECONDS, expires)
+
+
+def claim_kept(at: float, until: float, now: float) -> bool:
+    """Whether a note that a claimant deleted a stage, made at ``at`` and kept until ``until``,
+    is still kept at ``now`` (a clock set back by CLAIM_KEPT_SECONDS or more keeps none)."""
+    return at - CLAIM_KEPT_SECONDS < now < until
 
 
 def check_claimant(claimant: bytes | None) -> None:
@@ -283,8 +300,8 @@ class MetaStore(ABC):
     @abstractmethod
     def delete_stage(self, stage_id: bytes, claimant: bytes | None = None) -> None:
         """Remove a stage and its files; NotFound if absent, unless ``claimant`` (a token, see
-        :func:`check_claimant`) made the last delete of it here within
-        :data:`CLAIM_KEPT_SECONDS`: a retry whose first try deleted it then succeeds again."""
+        :func:`check_claimant`) made the last delete of it here and the store still remembers
+        it (see :func:`kept_until`): a retry whose first try deleted it then succeeds again."""
 
     @abstractmethod
     def claim_stage(
@@ -302,8 +319,8 @@ class MetaStore(ABC):
         """Put back a stage that ``claimant`` deleted (or claimed), with its record and files.
 
         It is re-created only if it is absent and the last delete of it was this claimant's,
-        within :data:`CLAIM_KEPT_SECONDS`; the claimant is then forgotten, so it is put back
-        once. A stage that is there is left as it is. Otherwise StageClaimed: another claimant,
+        still remembered (see :func:`kept_until`); the claimant is then forgotten, so it is put
+        back once. A stage that is there is left as it is. Otherwise StageClaimed: another claimant,
         an abort or GC deleted it since, and it stays deleted. So once a claimant deleted a
         stage, nobody but that claimant can make it exist again while the note is kept."""
 

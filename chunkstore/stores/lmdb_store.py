@@ -11,8 +11,9 @@ It is the default store on one machine and each storage node's shard. Named data
 - ``tags``: repo (UTF-8) + NUL + tag (UTF-8) -> version id
 - ``stages``: stage id -> stage record
 - ``stage_files``: stage id + NUL + path (UTF-8) -> staged file record
-- ``stage_claims``: stage id -> time (float64 LE) + claimant of its last delete that carried
-  one, kept for ``CLAIM_KEPT_SECONDS`` (see :meth:`LmdbStore.delete_stage`)
+- ``stage_claims``: stage id -> time + time kept until (float64 LE each) + claimant of its last
+  delete that carried one (see :meth:`LmdbStore.delete_stage`); a store of an earlier release
+  noted the time and claimant only, kept for ``CLAIM_KEPT_SECONDS``
 - ``meta``: ``format`` -> ``1``; ``stored_bytes`` -> total blob bytes, uint64 LE
 
 Every write is one transaction committed with sync, so it is durable and all or nothing. LMDB
@@ -85,6 +86,7 @@ RELEASE_BLOBS = 128
 _FULL_DISK_BYTES = 64 << 20  # an I/O error at commit with less free space means a full disk
 _MAX_KEY = 511  # LMDB's default maximum key size
 _STAMP = struct.Struct("<d")
+_NOTE = struct.Struct("<dd")  # a stage_claims note's time and the time it is kept until
 _CHUNK_META = struct.Struct("<dI")  # wanted_at, blob size
 WANTED_REFRESH_SECONDS = 60.0
 
@@ -799,8 +801,9 @@ class LmdbStore(Store):
 
     def delete_stage(self, stage_id: bytes, claimant: bytes | None = None) -> None:
         """Remove a stage and its files, noting ``claimant`` (see
-        :meth:`MetaStore.delete_stage`). Every removal drops the notes older than
-        CLAIM_KEPT_SECONDS, so there are never more than the deletes of that long."""
+        :meth:`MetaStore.delete_stage`). Every removal drops the notes no longer kept, so there
+        are never more than the deletes of stages that have not expired yet, or of the last
+        CLAIM_KEPT_SECONDS."""
         base.check_claimant(claimant)
 
         def delete(txn: lmdb.Transaction) -> None:
@@ -862,7 +865,8 @@ class LmdbStore(Store):
         if claimant is None:
             txn.delete(stage_id, db=self._stage_claims)
         else:
-            txn.put(stage_id, _STAMP.pack(now) + claimant, db=self._stage_claims)
+            note = _NOTE.pack(now, base.kept_until(record, now)) + claimant
+            txn.put(stage_id, note, db=self._stage_claims)
         return record, files
 
     def list_stages(self) -> list[tuple[bytes, bytes]]:
@@ -886,8 +890,13 @@ def _noted_claimant(noted: bytes | None, now: float) -> bytes | None:
     ``now`` (see :func:`~chunkstore.stores.base.claim_kept`)."""
     if noted is None:
         return None
-    (at,) = _STAMP.unpack_from(noted)
-    return noted[_STAMP.size :] if base.claim_kept(at, now) else None
+    if len(noted) == _STAMP.size + base.CLAIMANT_BYTES:  # noted by an earlier release
+        (at,) = _STAMP.unpack_from(noted)
+        until, claimant = at + base.CLAIM_KEPT_SECONDS, noted[_STAMP.size :]
+    else:
+        at, until = _NOTE.unpack_from(noted)
+        claimant = noted[_NOTE.size :]
+    return claimant if base.claim_kept(at, until, now) else None
 
 
 def _key(repo: str, name: bytes) -> bytes:

@@ -26,7 +26,8 @@ class MemoryStore(Store):
         self._tags: dict[tuple[str, str], bytes] = {}
         self._stages: dict[bytes, bytes] = {}
         self._stage_files: dict[bytes, dict[str, bytes]] = {}
-        self._stage_claims: dict[bytes, tuple[float, bytes]] = {}  # id -> (time, claimant)
+        # id -> (time, time kept until, claimant)
+        self._stage_claims: dict[bytes, tuple[float, float, bytes]] = {}
 
     # chunks
 
@@ -224,26 +225,26 @@ class MemoryStore(Store):
     def _noted(self, stage_id: bytes) -> bytes | None:
         """The claimant of the last delete of the stage, if still kept. The caller holds the
         lock."""
-        at, by = self._stage_claims.get(stage_id, (0.0, b""))
-        return by if by and base.claim_kept(at, time.time()) else None
+        at, until, by = self._stage_claims.get(stage_id, (0.0, 0.0, b""))
+        return by if by and base.claim_kept(at, until, time.time()) else None
 
     def _remove_stage(
         self, stage_id: bytes, claimant: bytes | None
     ) -> tuple[bytes, dict[str, bytes]]:
         """Remove a stage and its files, note who removed it (``claimant``, or nobody) and drop
-        the notes older than CLAIM_KEPT_SECONDS; return ``(record, files)`` as they were.
-        NotFound if absent. The caller holds the lock."""
+        the notes no longer kept; return ``(record, files)`` as they were. NotFound if absent.
+        The caller holds the lock."""
         record = self._stages.pop(stage_id, None)
         if record is None:
             raise errors.NotFound(f"stage {stage_id.hex()} not found")
         now = time.time()
         self._stage_claims = {
-            k: note for k, note in self._stage_claims.items() if base.claim_kept(note[0], now)
+            k: note for k, note in self._stage_claims.items() if base.claim_kept(*note[:2], now)
         }
         if claimant is None:
             self._stage_claims.pop(stage_id, None)
         else:
-            self._stage_claims[stage_id] = (now, claimant)
+            self._stage_claims[stage_id] = (now, base.kept_until(record, now), claimant)
         return record, self._stage_files.pop(stage_id, {})
 
     def list_stages(self) -> list[tuple[bytes, bytes]]:
