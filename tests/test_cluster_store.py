@@ -24,8 +24,8 @@ from conftest import count_fetches, random_bytes, tree_bytes, write
 
 # The store protocol as every store keeps it, run here against a cluster (``store`` below).
 # Left out: test_put_of_existing_id_keeps_first_blob and test_read_verifies store blobs that do
-# not match their ids, which nodes refuse; test_a_claimant_is_remembered_for_an_hour would
-# wait an hour on a node.
+# not match their ids, which nodes refuse; test_a_claimant_is_remembered_for_an_hour and
+# test_a_claimant_is_remembered_until_its_stage_expires would wait an hour or a day on a node.
 from test_stores import (  # noqa: F401
     blob,
     test_a_claimant_of_the_wrong_size_is_refused_and_deletes_nothing,
