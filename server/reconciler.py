@@ -205,6 +205,8 @@ class Reconciler(NodeWorker):
         self._refused: set[str] = set()  # peers that refused this node's calls in it
         self._seen: dict[str, int] = {}  # peer id -> its incarnation, found by the probe
         self._checked: dict[str, int] = {}  # the same, of the last complete pass
+        # Stages held here that a peer refused as claimed there: said once, not every pass.
+        self._claimed_elsewhere: set[bytes] = set()
         #: New at every start, so that peers tell this node from an earlier run of it.
         self.incarnation = secrets.randbits(63) + 1
         self._holder.subscribe(lambda cluster: self.wake())
@@ -816,7 +818,9 @@ class Reconciler(NodeWorker):
     def _stages(self, cluster: ClusterMap, report: Report) -> None:
         me = self.node_id
         policy = self._peers.policy
-        for stage_id, data in self._store.list_stages():
+        stages = self._store.list_stages()
+        self._claimed_elsewhere &= {stage_id for stage_id, _ in stages}
+        for stage_id, data in stages:
             self._check(cluster)
             row = [n.id for n in cluster.owners(stage_key(stage_id))]
             files = self._store.stage_files(stage_id)
@@ -887,6 +891,17 @@ class Reconciler(NodeWorker):
                 self._call(client, "meta", "PutStageFile", request, timeout)
                 self._copied("stage_file", 1, report)
         except NodeCallError as e:
-            log.warning("node %s: copying stage %s: %s", self.node_id, stage_id.hex(), e)
+            if e.code != grpc.StatusCode.NOT_FOUND:
+                log.warning("node %s: copying stage %s: %s", self.node_id, stage_id.hex(), e)
+            elif stage_id not in self._claimed_elsewhere:
+                self._claimed_elsewhere.add(stage_id)
+                log.info(
+                    "node %s: stage %s was claimed on node %s (committed while this node was "
+                    "away, or being committed): it refuses this node's copy, which stays here "
+                    "until the stage expires",
+                    self.node_id,
+                    stage_id.hex(),
+                    peer,
+                )
             return False
         return True

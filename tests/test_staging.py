@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from cluster_checks import metric, wait_until
 from cluster_fixtures import LocalCluster, cluster_fixture
 from conftest import random_bytes, tree_bytes, write
 
@@ -408,6 +409,39 @@ def test_a_commit_that_cannot_reach_an_owner_to_delete_puts_the_stage_back(
             version = again.open_stage(stage.id).commit(expect=1)
             assert [v.id for v in again.log("unreachable")] == [version.id]
         assert holders(claim_cluster, stage.id) == {}
+
+
+def test_a_stage_claimed_while_an_owner_was_down_is_not_brought_back_from_it(tmp_path):
+    """The owner that was down at the commit still holds the stage when it comes back. Its
+    repair passes offer that copy to the other owners, which refuse it (they remember the
+    claim until the stage expires): the stage cannot be committed a second time, and the
+    node says so once, not at every pass."""
+    (f,) = rank_files(tmp_path, 1)
+    nodes = ["--reconcile-interval", "0.5"]
+    with (
+        LocalCluster(tmp_path / "c", nodes=3, replicas=3, write_quorum=2, node_args=nodes) as c,
+        connect(c.url) as store,
+    ):
+        stage = store.stage("m", message="step 1")
+        store.stage_add(stage.id, f)
+        c.kill("n3")
+        version = stage.commit(expect=1)
+        c.start("n3")
+
+        def passes() -> float:
+            return metric(
+                c.metrics_url("n3"), "chunkstore_reconcile_passes_total", result="complete"
+            )
+
+        first = passes()
+        wait_until(lambda: passes() >= first + 3, 30, "three repair passes on n3")
+        assert holders(c, stage.id) == {"n3": {f.name}}
+        with connect(c.url) as again, pytest.raises(NotFound, match="was committed, aborted"):
+            again.open_stage(stage.id).commit(expect=1)
+        assert [v.id for v in store.log("m")] == [version.id]
+        refusals = [line for line in c.log("n3").splitlines() if stage.id in line]
+        assert len(refusals) == 1, refusals
+        assert "claimed" in refusals[0] and "WARNING" not in refusals[0]
 
 
 def test_racing_commits_that_split_the_owners_both_fail_and_put_the_stage_back(
