@@ -27,8 +27,8 @@ class StageClaimed(NotFound):
         self.stage_id = stage_id
         super().__init__(
             f"stage {stage_id.hex()} was claimed (deleted) here by a commit, or deleted since: "
-            "only the claimant that deleted it may put it back, and only before the stage "
-            "expires (or within the hour)"
+            "only the claimant that deleted it may put it back, and only within an hour of "
+            "the delete, or of the stage's expiry if later"
         )
 
 

@@ -898,7 +898,7 @@ class Reconciler(NodeWorker):
                 log.info(
                     "node %s: stage %s was claimed on node %s (committed while this node was "
                     "away, or being committed): it refuses this node's copy, which stays here "
-                    "until the stage expires",
+                    "until gc drops the stage once it has expired",
                     self.node_id,
                     stage_id.hex(),
                     peer,

@@ -507,14 +507,15 @@ def test_a_claimant_is_remembered_for_an_hour(store: Store, monkeypatch):
 def test_a_claimant_is_remembered_until_its_stage_expires(store: Store, monkeypatch):
     """A copy of a claimed stage left on an owner that was down (which a repair would copy
     back) is refused for as long as the stage could still be committed, not only for an hour;
-    once the stage has expired, nothing could commit it, and the note goes."""
+    an hour after the stage has expired (clocks differ), nothing could commit it, and the note
+    goes."""
     clock = Clock(monkeypatch)
     day = 24 * 3600
     record = model_pb2.Stage(repo="r", expires_ns=int((clock.now + day) * 1e9))
     sid, mine = os.urandom(16), os.urandom(16)
     store.put_stage(sid, record.SerializeToString())
     store.claim_stage(sid, mine)
-    clock.now += day - 1
+    clock.now += day + base.CLAIM_KEPT_SECONDS - 1
     with pytest.raises(StageClaimed):
         store.put_stage(sid, record.SerializeToString())
     store.delete_stage(sid, mine)  # its claimant's retry still succeeds

@@ -44,21 +44,23 @@ CHUNKS_PER_TASK = 16  # chunks a reading thread fetches in one call, then decode
 #: to every try of :meth:`MetaStore.delete_stage`, so that its own retry is told from another's.
 CLAIMANT_BYTES = 16
 #: How long a store remembers which claimant deleted a stage, at least: a retry follows within
-#: seconds. A stage that expires later is remembered until it expires (see :func:`kept_until`).
+#: seconds. A stage that expires later is remembered that long after it expires (see
+#: :func:`kept_until`).
 CLAIM_KEPT_SECONDS = 3600.0
 
 
 def kept_until(record: bytes, at: float) -> float:
     """Until when a store remembers the claimant that deleted, at ``at``, the stage whose
-    record is ``record``: :data:`CLAIM_KEPT_SECONDS`, or until the stage expires if that is
-    later. A copy of the stage that another owner still holds (it was down at the claim) is
-    refused meanwhile, so it can never be committed a second time: once expired, a stage can no
-    longer be committed. A record that does not parse is remembered the least."""
+    record is ``record``: :data:`CLAIM_KEPT_SECONDS` after the delete, or after the stage
+    expires if that is later (the margin is for clocks that differ). A copy of the stage that
+    another owner still holds (it was down at the claim) is refused meanwhile, so it can never
+    be committed a second time: once expired, a stage can no longer be committed. A record that
+    does not parse is remembered the least."""
     try:
         expires = model_pb2.Stage.FromString(record).expires_ns / 1e9
     except DecodeError:
         expires = 0.0
-    return max(at + CLAIM_KEPT_SECONDS, expires)
+    return max(at, expires) + CLAIM_KEPT_SECONDS
 
 
 def claim_kept(at: float, until: float, now: float) -> bool:
