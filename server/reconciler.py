@@ -23,11 +23,14 @@ in the node's state file, so a pass interrupted by a restart resumes under the s
 change of map aborts the running pass and starts a new one.
 
 Deletions are not replicated (no tombstones): a record removed while one owner was down comes
-back from that owner, as the cluster client documents.
+back from that owner, as the cluster client documents. Stages are the exception that a commit
+needs: an owner that remembers a claim of a stage refuses any copy of it, and a node whose copy
+every other owner refuses so drops it, since no majority could ever hold it again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import threading
@@ -851,9 +854,15 @@ class Reconciler(NodeWorker):
             report.under_replicated_found += self._found(
                 [stage_id], [row], holders, plan.responsible
             )
+            claimed: set[str] = set()  # owners that refused the copy as claimed there
             for peer in plan.sends:
-                if self._send_stage(cluster, peer, stage_id, data, files, has[peer], report):
+                theirs = has[peer]
+                if self._send_stage(cluster, peer, stage_id, data, files, theirs, report, claimed):
                     holders[stage_id].add(peer)
+            others = [p for p in row if p != me]
+            if claimed and self._claimed_here(cluster, stage_id, others, claimed):
+                self._dropped("stage", 1, report)
+                continue
             drops, short, misplaced = _outcome(me, [stage_id], [row], holders, plan.responsible)
             report.records_under_replicated += short
             report.misplaced += misplaced
@@ -874,7 +883,10 @@ class Reconciler(NodeWorker):
         files: dict[str, bytes],
         theirs: tuple[bool, set[str]],
         report: Report,
+        claimed: set[str],
     ) -> bool:
+        """Copy the stage, or the files of it that ``peer`` lacks; whether it now has all.
+        A peer that refuses the stage as claimed there is added to ``claimed``."""
         client = self._client(cluster, peer)
         policy = self._peers.policy
         present, paths = theirs
@@ -891,17 +903,43 @@ class Reconciler(NodeWorker):
                 self._call(client, "meta", "PutStageFile", request, timeout)
                 self._copied("stage_file", 1, report)
         except NodeCallError as e:
-            if e.code != grpc.StatusCode.NOT_FOUND:
+            if e.code == grpc.StatusCode.NOT_FOUND:
+                claimed.add(peer)
+            else:
                 log.warning("node %s: copying stage %s: %s", self.node_id, stage_id.hex(), e)
-            elif stage_id not in self._claimed_elsewhere:
-                self._claimed_elsewhere.add(stage_id)
-                log.info(
-                    "node %s: stage %s was claimed on node %s (committed while this node was "
-                    "away, or being committed): it refuses this node's copy, which stays here "
-                    "until gc drops the stage once it has expired",
-                    self.node_id,
-                    stage_id.hex(),
-                    peer,
-                )
             return False
         return True
+
+    def _claimed_here(
+        self, cluster: ClusterMap, stage_id: bytes, others: list[str], claimed: set[str]
+    ) -> bool:
+        """Whether this node dropped its copy of a stage that some of its other owners refuse
+        as claimed there (they remember that claim until an hour after the stage expires).
+
+        If every other owner refuses it, no majority of them can hold the stage again before
+        it has expired, so it can never be committed: the copy is dropped. If only some do
+        (a commit in progress, or one that lost a race and could not put the stage back
+        everywhere), it is kept, and that is said once.
+        """
+        if set(others) <= claimed:
+            self._check(cluster)
+            with contextlib.suppress(errors.NotFound):
+                self._store.delete_stage(stage_id)
+            log.info(
+                "node %s: dropped its copy of stage %s: every other owner (%s) refuses it as "
+                "claimed there (committed while this node was away)",
+                self.node_id,
+                stage_id.hex(),
+                ", ".join(sorted(others)),
+            )
+            return True
+        if stage_id not in self._claimed_elsewhere:
+            self._claimed_elsewhere.add(stage_id)
+            log.info(
+                "node %s: stage %s was claimed on node %s (being committed, or a commit that "
+                "could not put it back there): it refuses this node's copy, which stays here",
+                self.node_id,
+                stage_id.hex(),
+                ", ".join(sorted(claimed)),
+            )
+        return False
