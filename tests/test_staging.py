@@ -7,7 +7,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -417,66 +417,67 @@ def repair_passes(cluster: LocalCluster, node_id: str) -> Callable[[], float]:
     return lambda: metric(url, "chunkstore_reconcile_passes_total", result="complete")
 
 
-def test_a_stage_claimed_while_an_owner_was_down_is_dropped_by_that_owner(tmp_path):
+@pytest.fixture
+def staged_on_three(tmp_path) -> Iterator[tuple[LocalCluster, Repository, staging.Stage, Path]]:
+    """A stage of one file on a 3-node cluster with 3 replicas and repair passes every 0.5 s:
+    the cluster, a client, the stage and the file."""
+    (f,) = rank_files(tmp_path, 1)
+    nodes = ["--reconcile-interval", "0.5"]
+    with (
+        LocalCluster(tmp_path / "c", nodes=3, replicas=3, write_quorum=2, node_args=nodes) as c,
+        connect(c.url) as store,
+    ):
+        stage = store.stage("m", message="step 1")
+        store.stage_add(stage.id, f)
+        yield c, store, stage, f
+
+
+def test_a_stage_claimed_while_an_owner_was_down_is_dropped_by_that_owner(staged_on_three):
     """The owner that was down at the commit still holds the stage when it comes back. Its
     repair offers that copy to the other owners, which refuse it: they remember the claim until
     an hour after the stage expires. Refused by every other owner, the copy could never be
     committed, so the node drops it, and says so once. The stage is not committed again."""
-    (f,) = rank_files(tmp_path, 1)
-    nodes = ["--reconcile-interval", "0.5"]
-    with (
-        LocalCluster(tmp_path / "c", nodes=3, replicas=3, write_quorum=2, node_args=nodes) as c,
-        connect(c.url) as store,
-    ):
-        stage = store.stage("m", message="step 1")
-        store.stage_add(stage.id, f)
-        c.kill("n3")
-        version = stage.commit(expect=1)
-        c.start("n3")
-        passes = repair_passes(c, "n3")
-        first = passes()
-        wait_until(lambda: passes() >= first + 3, 30, "three repair passes on n3")
-        assert holders(c, stage.id) == {}
-        with connect(c.url) as again, pytest.raises(NotFound, match="committed, aborted or"):
-            again.open_stage(stage.id)
-        assert [v.id for v in store.log("m")] == [version.id]
-        said = [line for line in c.log("n3").splitlines() if stage.id in line]
-        assert len(said) == 1, said
-        assert "dropped its copy" in said[0] and "WARNING" not in said[0]
+    c, store, stage, _ = staged_on_three
+    c.kill("n3")
+    version = stage.commit(expect=1)
+    c.start("n3")
+    passes = repair_passes(c, "n3")
+    first = passes()
+    wait_until(lambda: passes() >= first + 3, 30, "three repair passes on n3")
+    assert holders(c, stage.id) == {}
+    with connect(c.url) as again, pytest.raises(NotFound, match="committed, aborted or"):
+        again.open_stage(stage.id)
+    assert [v.id for v in store.log("m")] == [version.id]
+    said = [line for line in c.log("n3").splitlines() if stage.id in line]
+    assert len(said) == 1, said
+    assert "dropped its copy" in said[0] and "WARNING" not in said[0]
 
 
-def test_a_stage_one_owner_refuses_as_claimed_is_kept_by_the_others(tmp_path):
+def test_a_stage_one_owner_refuses_as_claimed_is_kept_by_the_others(staged_on_three):
     """One owner remembers a claim of the stage (a commit that lost a race and could not put
     it back there), the two others still hold it. Their repair offers it to that owner, which
     refuses it; they keep their copies and say so once each at most, and a commit by their
     majority makes the version."""
-    (f,) = rank_files(tmp_path, 1)
-    nodes = ["--reconcile-interval", "0.5"]
-    with (
-        LocalCluster(tmp_path / "c", nodes=3, replicas=3, write_quorum=2, node_args=nodes) as c,
-        connect(c.url) as store,
-    ):
-        stage = store.stage("m", message="step 1")
-        store.stage_add(stage.id, f)
-        with grpc.insecure_channel(c.address("n1")) as channel:
-            meta = pb_grpc.MetaServiceStub(channel)
-            request = pb.DeleteStageRequest(id=bytes.fromhex(stage.id), claimant=os.urandom(16))
-            meta.DeleteStage(request, timeout=10)
-        counters = {n: repair_passes(c, n) for n in ("n2", "n3")}
-        firsts = {n: count() for n, count in counters.items()}
+    c, store, stage, f = staged_on_three
+    with grpc.insecure_channel(c.address("n1")) as channel:
+        meta = pb_grpc.MetaServiceStub(channel)
+        request = pb.DeleteStageRequest(id=bytes.fromhex(stage.id), claimant=os.urandom(16))
+        meta.DeleteStage(request, timeout=10)
+    counters = {n: repair_passes(c, n) for n in ("n2", "n3")}
+    firsts = {n: count() for n, count in counters.items()}
 
-        def passed_three() -> bool:
-            return all(count() >= firsts[n] + 3 for n, count in counters.items())
+    def passed_three() -> bool:
+        return all(count() >= firsts[n] + 3 for n, count in counters.items())
 
-        wait_until(passed_three, 30, "three repair passes on n2 and n3")
-        assert holders(c, stage.id) == {"n2": {f.name}, "n3": {f.name}}
-        said = {n: [line for line in c.log(n).splitlines() if stage.id in line] for n in counters}
-        assert 1 <= sum(map(len, said.values())) <= 2, said  # by the one or both that offer it
-        assert all(len(lines) <= 1 for lines in said.values()), said
-        assert all("refuses this node's copy" in line for lines in said.values() for line in lines)
-        version = stage.commit(expect=1)
-        assert [v.id for v in store.log("m")] == [version.id]
-        assert holders(c, stage.id) == {}
+    wait_until(passed_three, 30, "three repair passes on n2 and n3")
+    assert holders(c, stage.id) == {"n2": {f.name}, "n3": {f.name}}
+    said = {n: [line for line in c.log(n).splitlines() if stage.id in line] for n in counters}
+    assert 1 <= sum(map(len, said.values())) <= 2, said  # by the one or both that offer it
+    assert all(len(lines) <= 1 for lines in said.values()), said
+    assert all("refuses this node's copy" in line for lines in said.values() for line in lines)
+    version = stage.commit(expect=1)
+    assert [v.id for v in store.log("m")] == [version.id]
+    assert holders(c, stage.id) == {}
 
 
 def test_racing_commits_that_split_the_owners_both_fail_and_put_the_stage_back(
