@@ -633,11 +633,13 @@ def _encode_group(
     waiting = list(range(len(group)))
     while waiting:
         now, waiting = _next_round(group, waiting, outcomes)
-        tried = [i for i in now if _pays(group[i][3], outcomes) is not False]
+        tried = []
         for i in now:
             if _pays(group[i][3], outcomes) is False:
                 cid, data, size, _ = group[i]
                 out[i] = encode_chunk(cid, data, size)
+            else:
+                tried.append(i)
         if not tried:
             continue
         keys = list(dict.fromkeys(group[i][3].id for i in tried))

@@ -860,7 +860,7 @@ class Reconciler(NodeWorker):
                 if self._send_stage(cluster, peer, stage_id, data, files, theirs, report, claimed):
                     holders[stage_id].add(peer)
             others = [p for p in row if p != me]
-            if claimed and self._claimed_here(cluster, stage_id, others, claimed):
+            if claimed and self._drop_if_claimed(cluster, stage_id, others, claimed):
                 self._dropped("stage", 1, report)
                 continue
             drops, short, misplaced = _outcome(me, [stage_id], [row], holders, plan.responsible)
@@ -910,11 +910,12 @@ class Reconciler(NodeWorker):
             return False
         return True
 
-    def _claimed_here(
+    def _drop_if_claimed(
         self, cluster: ClusterMap, stage_id: bytes, others: list[str], claimed: set[str]
     ) -> bool:
-        """Whether this node dropped its copy of a stage that some of its other owners refuse
-        as claimed there (they remember that claim until an hour after the stage expires).
+        """Drop this node's copy of a stage that every one of its ``others`` owners refuses as
+        claimed there (``claimed``: they remember that claim until an hour after the stage
+        expires); whether it did.
 
         If every other owner refuses it, no majority of them can hold the stage again before
         it has expired, so it can never be committed: the copy is dropped. If only some do
