@@ -226,9 +226,14 @@ class Stage:
         return version
 
     def abort(self) -> None:
-        """Drop the stage; what its files uploaded is left to GC."""
+        """Drop the stage; what its files uploaded is left to GC.
+
+        The delete carries a claimant token of its own, as a commit's claim does: the owners
+        remember it, so a copy an owner kept while it was down is refused by the others when
+        it is back, not copied back to them by repair, and a retried delete whose first
+        answer was lost succeeds."""
         try:
-            self._repository.store.delete_stage(self._raw_id)
+            self._repository.store.delete_stage(self._raw_id, secrets.token_bytes(CLAIMANT_BYTES))
         except NotFound:
             raise self._gone() from None
 

@@ -928,7 +928,7 @@ class Reconciler(NodeWorker):
                 self._store.delete_stage(stage_id)
             log.info(
                 "node %s: dropped its copy of stage %s: every other owner (%s) refuses it as "
-                "claimed there (committed while this node was away)",
+                "claimed there (committed or aborted while this node was away)",
                 self.node_id,
                 stage_id.hex(),
                 ", ".join(sorted(others)),

@@ -453,6 +453,25 @@ def test_a_stage_claimed_while_an_owner_was_down_is_dropped_by_that_owner(staged
     assert "dropped its copy" in said[0] and "WARNING" not in said[0]
 
 
+def test_a_stage_aborted_while_an_owner_was_down_does_not_come_back(staged_on_three):
+    """An abort leaves on each owner it reached the same note as a commit's claim, so the copy
+    of the owner that was down is refused by the others when it comes back, and dropped: the
+    aborted stage is not resurrected by repair."""
+    c, store, stage, _ = staged_on_three
+    c.kill("n3")
+    stage.abort()
+    c.start("n3")
+    passes = repair_passes(c, "n3")
+    first = passes()
+    wait_until(lambda: passes() >= first + 3, 30, "three repair passes on n3")
+    assert holders(c, stage.id) == {}
+    with connect(c.url) as again, pytest.raises(NotFound, match="committed, aborted or"):
+        again.open_stage(stage.id)
+    assert "m" not in store.store.list_repos()
+    said = [line for line in c.log("n3").splitlines() if stage.id in line]
+    assert len(said) == 1 and "dropped its copy" in said[0], said
+
+
 def test_a_stage_one_owner_refuses_as_claimed_is_kept_by_the_others(staged_on_three):
     """One owner remembers a claim of the stage (a commit that lost a race and could not put
     it back there), the two others still hold it. Their repair offers it to that owner, which
