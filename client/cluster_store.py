@@ -53,7 +53,7 @@ import secrets
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -947,8 +947,10 @@ class ClusterStore(Store):
 
     # stages: placed by their id, replicated like versions
 
-    def put_stage(self, stage_id: bytes, data: bytes) -> None:
-        record = pb.StageRecord(id=stage_id, data=data)
+    def put_stage(self, stage_id: bytes, data: bytes, released: Collection[bytes] = ()) -> None:
+        for claimant in released:
+            check_claimant(claimant)
+        record = pb.StageRecord(id=stage_id, data=data, released=released)
         write_all(
             self._pool,
             self._owners(stage_key(stage_id)),
@@ -1108,6 +1110,8 @@ class ClusterStore(Store):
             what += f"; put back on {len(back.ok)} of the {len(targets)} owners it deleted it from"
             what += " or that did not answer" if claim.unanswered else ""
             what += f" (not on {', '.join(kept)})" if kept else ""
+            if kept:
+                what += self._release(claim.stage_id, claim.claimant, claim.record)
         failures = [*claim.refused, *claim.unanswered.values()]
         taken = [f for f in claim.refused if f.code == grpc.StatusCode.NOT_FOUND]
         if taken:
@@ -1142,16 +1146,46 @@ class ClusterStore(Store):
         self, stage_id: bytes, claimant: bytes, record: bytes, files: Mapping[str, bytes]
     ) -> None:
         """Put the stage back on every owner (see :meth:`MetaStore.restore_stage`); raises
-        unless a write quorum of them hold it then."""
+        unless a write quorum of them hold it then. If some owner could not take it back, the
+        claim is released (:meth:`release_claim`) on the others."""
         check_claimant(claimant)
         owners = self._owners(stage_key(stage_id))
         replies = self._put_back(stage_id, claimant, record, files, owners)
+        released = self._release(stage_id, claimant, record) if replies.failed else ""
         if len(replies.ok) < self._quorum:
             raise to_error(
                 f"put back stage {stage_id.hex()}: {len(replies.ok)} of its {len(owners)} "
-                f"owners hold it, write quorum is {self._quorum}",
+                f"owners hold it, write quorum is {self._quorum}{released}",
                 replies.failed,
             )
+
+    def release_claim(self, stage_id: bytes, claimant: bytes, record: bytes) -> None:
+        """Release it on every owner of the stage; raises unless one of them noted it."""
+        check_claimant(claimant)
+        replies = self._releases(stage_id, claimant, record)
+        if not replies.ok:
+            raise to_error(f"release claim of stage {stage_id.hex()}", replies.failed)
+
+    def _releases(self, stage_id: bytes, claimant: bytes, record: bytes) -> Replies[object]:
+        """ReleaseStage on every owner, in parallel."""
+        request = pb.ReleaseStageRequest(id=stage_id, claimant=claimant, data=record)
+        return call_each(
+            self._pool,
+            {
+                n: partial(lambda n: n.meta.ReleaseStage(request, timeout=self.policy.timeout), n)
+                for n in self._owners(stage_key(stage_id))
+            },
+        )
+
+    def _release(self, stage_id: bytes, claimant: bytes, record: bytes) -> str:
+        """Release a claim that could not be put back on every owner it deleted the stage
+        from: their notes of its delete would refuse every other copy of the stage, so that it
+        could not be committed before it expires. What was done, for an error message."""
+        replies = self._releases(stage_id, claimant, record)
+        return (
+            f"; claim released on {len(replies.ok)} of its {len(replies.ok) + len(replies.failed)}"
+            " owners (their repair copies the stage back to the others once they are back)"
+        )
 
     def list_stages(self) -> list[tuple[bytes, bytes]]:
         """Stages of every node (GC needs them all: it raises if a node does not answer)."""

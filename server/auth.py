@@ -87,6 +87,7 @@ METHOD_SCOPES: dict[str, Scope] = {
     "MetaService/ListStageFiles": Scope.READ,
     "MetaService/DeleteStage": Scope.WRITE,
     "MetaService/RestoreStage": Scope.WRITE,
+    "MetaService/ReleaseStage": Scope.WRITE,
     "MetaService/ListStages": Scope.READ,
     "ClusterService/GetClusterMap": Scope.READ,
     "ClusterService/GetNodeStatus": Scope.READ,

@@ -166,7 +166,7 @@ class MetaServicer(pb_grpc.MetaServiceServicer):
     def PutStage(self, request: pb.StageRecord, context: grpc.ServicerContext) -> pb.Empty:
         stage_id = _stage_id(request.id)
         _check_stage(stage_id, request.data, {})
-        self._store.put_stage(stage_id, request.data)
+        self._store.put_stage(stage_id, request.data, request.released)
         return _EMPTY
 
     def GetStage(self, request: pb.StageKey, context: grpc.ServicerContext) -> pb.StageRecord:
@@ -200,6 +200,14 @@ class MetaServicer(pb_grpc.MetaServiceServicer):
         files = {f.path: f.data for f in request.files}
         _check_stage(stage_id, request.data, files)
         self._store.restore_stage(stage_id, request.claimant, request.data, files)
+        return _EMPTY
+
+    def ReleaseStage(
+        self, request: pb.ReleaseStageRequest, context: grpc.ServicerContext
+    ) -> pb.Empty:
+        stage_id = _stage_id(request.id)
+        _check_stage(stage_id, request.data, {})
+        self._store.release_claim(stage_id, request.claimant, request.data)
         return _EMPTY
 
     def ListStages(self, request: pb.Empty, context: grpc.ServicerContext) -> pb.StageRecords:

@@ -23,9 +23,11 @@ in the node's state file, so a pass interrupted by a restart resumes under the s
 change of map aborts the running pass and starts a new one.
 
 Deletions are not replicated (no tombstones): a record removed while one owner was down comes
-back from that owner, as the cluster client documents. Stages are the exception that a commit
-needs: an owner that remembers a claim of a stage refuses any copy of it, and a node whose copy
-every other owner refuses so drops it, since no majority could ever hold it again.
+back from that owner, as the cluster client documents. Stages are the exception that commits
+and aborts need: an owner that remembers a claim (or an abort) of a stage refuses any copy of
+it, and a node whose copy every other owner refuses so drops it, since no majority could ever
+hold it again. A copy carries the claims given up that this node knows of (a commit that lost
+could not put the stage back everywhere), and an owner whose note names one of them accepts it.
 """
 
 from __future__ import annotations
@@ -885,14 +887,16 @@ class Reconciler(NodeWorker):
         report: Report,
         claimed: set[str],
     ) -> bool:
-        """Copy the stage, or the files of it that ``peer`` lacks; whether it now has all.
-        A peer that refuses the stage as claimed there is added to ``claimed``."""
+        """Copy the stage (with the claims of it given up that this node knows of), or the
+        files of it that ``peer`` lacks; whether it now has all. A peer that refuses the stage
+        as claimed there is added to ``claimed``."""
         client = self._client(cluster, peer)
         policy = self._peers.policy
         present, paths = theirs
         try:
             if not present:
-                record = pb.StageRecord(id=stage_id, data=data)
+                released = sorted(self._store.released_claims(stage_id))
+                record = pb.StageRecord(id=stage_id, data=data, released=released)
                 self._call(client, "meta", "PutStage", record, policy.deadline(len(data)))
                 self._copied("stage", 1, report)
             for path, body in files.items():

@@ -587,6 +587,38 @@ def test_restore_stage_puts_back_only_a_readable_stage_for_the_claimant_that_del
     meta_api.DeleteStage(pb.DeleteStageRequest(id=sid), timeout=5)
 
 
+def test_release_stage_lets_in_a_copy_that_carries_it_and_refuses_bad_input(meta_api):
+    """A ReleaseStage of the claimant whose delete the node notes drops that note; a
+    PutStage that carries the release of the noted claimant is accepted (a repair's copy);
+    bad claimants, ids and records are refused and change nothing."""
+    sid, mine, other = put_stage(meta_api), os.urandom(16), os.urandom(16)
+    record = meta_api.GetStage(pb.StageKey(id=sid), timeout=5).data
+    meta_api.DeleteStage(pb.DeleteStageRequest(id=sid, claimant=mine), timeout=5)
+    refused = [
+        (meta_api.ReleaseStage, pb.ReleaseStageRequest(id=sid, claimant=b"c", data=record)),
+        (meta_api.ReleaseStage, pb.ReleaseStageRequest(id=sid[:8], claimant=mine, data=record)),
+        (meta_api.ReleaseStage, pb.ReleaseStageRequest(id=sid, claimant=mine, data=b"\xff")),
+        (meta_api.PutStage, pb.StageRecord(id=sid, data=record, released=[mine, b"c" * 17])),
+    ]
+    for call, request in refused:
+        with pytest.raises(grpc.RpcError) as info:
+            call(request, timeout=5)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, request
+    for released in ([], [other]):
+        with pytest.raises(grpc.RpcError) as info:
+            meta_api.PutStage(pb.StageRecord(id=sid, data=record, released=released), timeout=5)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    meta_api.PutStage(pb.StageRecord(id=sid, data=record, released=[other, mine]), timeout=5)
+    assert meta_api.GetStage(pb.StageKey(id=sid), timeout=5).data == record
+
+    second = put_stage(meta_api)
+    meta_api.DeleteStage(pb.DeleteStageRequest(id=second, claimant=mine), timeout=5)
+    meta_api.ReleaseStage(pb.ReleaseStageRequest(id=second, claimant=mine, data=record))
+    meta_api.PutStage(pb.StageRecord(id=second, data=record), timeout=5)
+    for stage_id in (sid, second):
+        meta_api.DeleteStage(pb.DeleteStageRequest(id=stage_id), timeout=5)
+
+
 def test_scan_manifests_streams_ids_with_their_time(meta_api):
     key = os.urandom(8).hex()
     records = dict(_manifest(f"{key}{i}") for i in range(3))

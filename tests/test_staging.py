@@ -499,6 +499,76 @@ def test_a_stage_one_owner_refuses_as_claimed_is_kept_by_the_others(staged_on_th
     assert holders(c, stage.id) == {}
 
 
+def test_a_commit_that_loses_and_cannot_put_the_stage_back_releases_its_claim(
+    tmp_path, monkeypatch
+):
+    """With 2 replicas, X deletes the stage on the first owner, then finds it taken on the
+    second by Y; the first owner is down before X can put the stage back there, so its note
+    of X's delete would refuse every other copy until an hour after the stage expires, and the
+    stage could never be committed. X releases its claim on the second owner instead. Y puts
+    the stage back there; once the first owner is back, the second's repair hands it the
+    release with its copy, the first accepts it, and a commit makes the one version."""
+    (f,) = rank_files(tmp_path, 1)
+    nodes = ["--reconcile-interval", "0.5"]
+    with (
+        LocalCluster(tmp_path / "c", nodes=3, replicas=2, node_args=nodes) as c,
+        connect(c.url) as store,
+    ):
+        stage = store.stage("m", message="step 1")
+        store.stage_add(stage.id, f)
+        raw = bytes.fromhex(stage.id)
+        first, second = (n.id for n in c.map.owners(stage_key(raw)))
+        y = os.urandom(16)
+        with grpc.insecure_channel(c.address(second)) as channel:
+            meta = pb_grpc.MetaServiceStub(channel)
+            record = meta.GetStage(pb.StageKey(id=raw), timeout=10).data
+            files = meta.ListStageFiles(pb.StageKey(id=raw), timeout=10).files
+
+            def y_takes_the_second_owner(node_id: str, claimant: bytes, call):
+                if node_id == second:
+                    meta.DeleteStage(pb.DeleteStageRequest(id=raw, claimant=y), timeout=10)
+                    c.kill(first)  # before X can put the stage back there
+                return call()
+
+            hook_delete_stage(monkeypatch, y_takes_the_second_owner)
+            with pytest.raises(NotFound) as info:
+                stage.commit(expect=1)
+            monkeypatch.undo()
+            message = str(info.value)
+            assert f"put back on 0 of the 1 owners it deleted it from (not on {first})" in message
+            assert "claim released on 1 of its 2 owners" in message, message
+            restore = pb.RestoreStageRequest(id=raw, claimant=y, data=record, files=files)
+            meta.RestoreStage(restore, timeout=10)  # Y's commit failed too: Y puts it back
+        c.start(first)
+        passes = repair_passes(c, second)
+        start = passes()
+        wait_until(lambda: passes() >= start + 3, 30, f"three repair passes on {second}")
+        assert holders(c, stage.id) == {first: {f.name}, second: {f.name}}
+        with connect(c.url) as again:  # no wait for the reconnect backoff
+            version = again.open_stage(stage.id).commit(expect=1)
+            assert [v.id for v in again.log("m")] == [version.id]
+
+
+def test_a_claim_released_through_the_cluster_client_lets_the_stage_be_put_again(
+    claim_cluster, tmp_path
+):
+    (f,) = rank_files(tmp_path, 1)
+    with connect(claim_cluster.url) as store:
+        stage = store.stage("released", message="step 1")
+        store.stage_add(stage.id, f)
+        raw, mine = bytes.fromhex(stage.id), os.urandom(16)
+        record = store.store.get_stage(raw)
+        store.store.delete_stage(raw, mine)
+        with pytest.raises(NotFound):
+            store.store.put_stage(raw, record)  # every owner notes the delete
+        with pytest.raises(InvalidInput, match="has 16 bytes, got 3"):
+            store.store.release_claim(raw, b"abc", record)
+        store.store.release_claim(raw, mine, record)
+        store.store.put_stage(raw, record)
+        assert store.store.get_stage(raw) == record
+        store.store.delete_stage(raw)
+
+
 def test_racing_commits_that_split_the_owners_both_fail_and_put_the_stage_back(
     claim_cluster, tmp_path, monkeypatch
 ):

@@ -527,16 +527,72 @@ def test_a_claimant_is_remembered_until_its_stage_expires(store: Store, monkeypa
     assert store.get_stage(sid) == record.SerializeToString()
 
 
+def test_a_copy_carrying_the_release_of_the_noted_claimant_is_accepted(store: Store):
+    """A claimant that lost, and could not put the stage back where it deleted it, releases
+    its claim; a copy of the stage that carries that release is accepted where the delete is
+    noted (and the note goes), one carrying another claimant's release is not."""
+    sid, mine, other = new_stage(store), os.urandom(16), os.urandom(16)
+    store.delete_stage(sid, mine)
+    with pytest.raises(StageClaimed):
+        store.put_stage(sid, STAGE, released=[other])
+    assert store.list_stages() == []
+    store.put_stage(sid, STAGE, released=[other, mine])
+    assert store.get_stage(sid) == STAGE
+    store.delete_stage(sid)
+    store.put_stage(sid, STAGE)  # the note went with the copy it let in
+
+
+def test_a_released_claim_is_remembered_as_long_as_its_delete_would_be(store: Store, monkeypatch):
+    clock = Clock(monkeypatch)
+    day = 24 * 3600
+    record = model_pb2.Stage(repo="r", expires_ns=int((clock.now + day) * 1e9))
+    sid, mine = os.urandom(16), os.urandom(16)
+    store.release_claim(sid, mine, record.SerializeToString())  # held here or not
+    assert store.released_claims(sid) == {mine}
+    assert store.released_claims(os.urandom(16)) == set()
+    clock.now += day + base.CLAIM_KEPT_SECONDS - 1
+    assert store.released_claims(sid) == {mine}
+    clock.now += 2
+    assert store.released_claims(sid) == set()
+
+
+def test_releasing_a_claim_drops_the_note_of_its_delete_here(store: Store):
+    sid, mine, other = new_stage(store), os.urandom(16), os.urandom(16)
+    store.delete_stage(sid, mine)
+    store.release_claim(sid, other, STAGE)
+    with pytest.raises(StageClaimed):
+        store.put_stage(sid, STAGE)
+    store.release_claim(sid, mine, STAGE)
+    assert store.released_claims(sid) == {mine, other}
+    store.put_stage(sid, STAGE)
+    assert store.get_stage(sid) == STAGE
+
+
+def test_a_release_with_a_bad_claimant_is_refused_and_changes_nothing(store: Store):
+    sid, mine = new_stage(store), os.urandom(16)
+    store.delete_stage(sid, mine)
+    for claimant in (b"", b"c" * 15, b"c" * 17):
+        with pytest.raises(InvalidInput, match=f"has 16 bytes, got {len(claimant)}"):
+            store.release_claim(sid, claimant, STAGE)
+        with pytest.raises(InvalidInput, match=f"has 16 bytes, got {len(claimant)}"):
+            store.put_stage(sid, STAGE, released=[mine, claimant])
+    assert store.released_claims(sid) == set()
+    assert store.list_stages() == []
+    with pytest.raises(StageClaimed):
+        store.put_stage(sid, STAGE)
+
+
 # LmdbStore only
 
 
-def stage_claims(path: Path) -> int:
-    """How many claimants the closed store at ``path`` remembers."""
+def stage_claims(path: Path, db: bytes = b"stage_claims") -> int:
+    """How many claimants the closed store at ``path`` remembers (with ``db``
+    ``b"stage_releases"``: how many releases)."""
     with (
         lmdb.open(str(path), max_dbs=16, readonly=True, lock=False) as env,
         env.begin() as txn,
     ):
-        return txn.stat(env.open_db(b"stage_claims", txn=txn, create=False))["entries"]
+        return txn.stat(env.open_db(db, txn=txn, create=False))["entries"]
 
 
 def test_lmdb_forgets_claimants_as_it_deletes_stages_later(tmp_path, monkeypatch):
@@ -556,6 +612,19 @@ def test_lmdb_forgets_claimants_as_it_deletes_stages_later(tmp_path, monkeypatch
         store.delete_stage(sid, mine)
         store.claim_stage(new_stage(store))  # a claim in one transaction notes nobody
     assert stage_claims(path) == 1
+
+
+def test_lmdb_forgets_releases_as_it_notes_later_ones(tmp_path, monkeypatch):
+    clock = Clock(monkeypatch)
+    path = tmp_path / "s"
+    with LmdbStore(path) as store:
+        for _ in range(20):
+            store.release_claim(os.urandom(16), os.urandom(16), STAGE)
+    assert stage_claims(path, b"stage_releases") == 20
+    clock.now += base.CLAIM_KEPT_SECONDS
+    with LmdbStore(path) as store:
+        store.release_claim(os.urandom(16), os.urandom(16), STAGE)
+    assert stage_claims(path, b"stage_releases") == 1
 
 
 def test_lmdb_reads_the_claimant_notes_of_an_earlier_release(tmp_path, monkeypatch):
@@ -585,16 +654,20 @@ def test_an_lmdb_store_made_before_stage_claims_gets_them_when_opened_to_write(t
     with LmdbStore(path) as store:
         sid = new_stage(store)
     with lmdb.open(str(path), max_dbs=16) as env, env.begin(write=True) as txn:
-        txn.drop(env.open_db(b"stage_claims", txn=txn, create=False), delete=True)
+        for db in (b"stage_claims", b"stage_releases"):
+            txn.drop(env.open_db(db, txn=txn, create=False), delete=True)
     before = (path / "data.mdb").read_bytes()
     with LmdbStore(path, readonly=True) as store:
         assert store.list_stages() == [(sid, STAGE)]
+        assert store.released_claims(sid) == set()
     assert (path / "data.mdb").read_bytes() == before  # opened to read, it adds nothing
     with LmdbStore(path) as store:
         mine = os.urandom(16)
         store.delete_stage(sid, mine)
         store.delete_stage(sid, mine)
-    assert stage_claims(path) == 1
+        store.release_claim(sid, mine, STAGE)
+    assert stage_claims(path) == 0  # the release dropped the note of its delete
+    assert stage_claims(path, b"stage_releases") == 1
 
 
 def test_lmdb_map_grows(tmp_path):

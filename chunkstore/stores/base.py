@@ -15,7 +15,7 @@ repository layer runs on every implementation: :class:`MemoryStore` for tests,
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -281,10 +281,11 @@ class MetaStore(ABC):
         """All tags of ``repo``: name -> version id."""
 
     @abstractmethod
-    def put_stage(self, stage_id: bytes, data: bytes) -> None:
+    def put_stage(self, stage_id: bytes, data: bytes, released: Collection[bytes] = ()) -> None:
         """Store a stage record durably, creating or replacing it; StageClaimed while a delete
         of it that carried a claimant is remembered here (only :meth:`restore_stage` by that
-        claimant re-creates it then)."""
+        claimant re-creates it then), unless that claimant is among ``released`` (it gave its
+        claim up, see :meth:`release_claim`): the note of its delete is then dropped."""
 
     @abstractmethod
     def get_stage(self, stage_id: bytes) -> bytes:
@@ -324,7 +325,18 @@ class MetaStore(ABC):
         still remembered (see :func:`kept_until`); the claimant is then forgotten, so it is put
         back once. A stage that is there is left as it is. Otherwise StageClaimed: another claimant,
         an abort or GC deleted it since, and it stays deleted. So once a claimant deleted a
-        stage, nobody but that claimant can make it exist again while the note is kept."""
+        stage, nobody but that claimant can make it exist again while the note is kept, unless
+        it gives its claim up (:meth:`release_claim`)."""
+
+    @abstractmethod
+    def release_claim(self, stage_id: bytes, claimant: bytes, record: bytes) -> None:
+        """Note that ``claimant`` gave up its claim of the stage whose record is ``record``
+        (its commit fell short of a majority, and it could not put the stage back on every
+        owner it deleted it from). The note is kept as long as that claimant's delete would
+        be (:func:`kept_until`), so that repair can hand it on with a copy of the stage to an
+        owner where the delete is still noted, which then accepts the copy (``released`` of
+        :meth:`put_stage`); a note of that claimant's delete here is dropped. InvalidInput
+        for a claimant of another size than :data:`CLAIMANT_BYTES`."""
 
     @abstractmethod
     def list_stages(self) -> list[tuple[bytes, bytes]]:

@@ -14,6 +14,8 @@ It is the default store on one machine and each storage node's shard. Named data
 - ``stage_claims``: stage id -> time + time kept until (float64 LE each) + claimant of its last
   delete that carried one (see :meth:`LmdbStore.delete_stage`); a store of an earlier release
   noted the time and claimant only, kept for ``CLAIM_KEPT_SECONDS``
+- ``stage_releases``: stage id + claimant -> time + time kept until (float64 LE each): the
+  claimants that gave up their claim of a stage (see :meth:`LmdbStore.release_claim`)
 - ``meta``: ``format`` -> ``1``; ``stored_bytes`` -> total blob bytes, uint64 LE
 
 Every write is one transaction committed with sync, so it is durable and all or nothing. LMDB
@@ -37,7 +39,7 @@ import shutil
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -64,11 +66,12 @@ _DBS = (
     b"stages",
     b"stage_files",
     b"stage_claims",
+    b"stage_releases",
     b"meta",
 )
 #: Databases added to format 1 since its first stores were made: a store without one gets it
 #: when it is first opened to write (one opened to read only never needs it).
-_ADDED = frozenset({b"stage_claims"})
+_ADDED = frozenset({b"stage_claims", b"stage_releases"})
 _FORMAT_KEY = b"format"
 _STORED_KEY = b"stored_bytes"
 _SCAN_BATCH = 4096  # keys per read transaction when iterating a whole database
@@ -186,6 +189,7 @@ class LmdbStore(Store):
             self._stages,
             self._stage_files,
             self._stage_claims,
+            self._stage_releases,
             self._meta,
         ) = dbs
         self._map_ranges = mapped_ranges(self.path / "data.mdb")
@@ -772,14 +776,53 @@ class LmdbStore(Store):
 
     # stages
 
-    def put_stage(self, stage_id: bytes, data: bytes) -> None:
+    def put_stage(self, stage_id: bytes, data: bytes, released: Collection[bytes] = ()) -> None:
+        for claimant in released:
+            base.check_claimant(claimant)
+
         def write(txn: lmdb.Transaction) -> None:
             noted = _noted_claimant(txn.get(stage_id, db=self._stage_claims), time.time())
             if noted is not None:
-                raise errors.StageClaimed(stage_id)
+                if noted not in released:
+                    raise errors.StageClaimed(stage_id)
+                txn.delete(stage_id, db=self._stage_claims)
             txn.put(stage_id, data, db=self._stages)
 
         self._write(write)
+
+    def release_claim(self, stage_id: bytes, claimant: bytes, record: bytes) -> None:
+        """See :meth:`MetaStore.release_claim`; each call also drops the releases no longer
+        kept, so there are never more than those of stages that have not expired yet, or of
+        the last CLAIM_KEPT_SECONDS."""
+        base.check_claimant(claimant)
+
+        def write(txn: lmdb.Transaction) -> None:
+            now = time.time()
+            expired = [
+                key
+                for key, note in txn.cursor(db=self._stage_releases)
+                if not base.claim_kept(*_NOTE.unpack(note), now)
+            ]
+            for key in expired:
+                txn.delete(key, db=self._stage_releases)
+            note = _NOTE.pack(now, base.kept_until(record, now))
+            txn.put(stage_id + claimant, note, db=self._stage_releases)
+            noted = _noted_claimant(txn.get(stage_id, db=self._stage_claims), now)
+            if noted == claimant:
+                txn.delete(stage_id, db=self._stage_claims)
+
+        self._write(write)
+
+    def released_claims(self, stage_id: bytes) -> set[bytes]:
+        """The claimants that gave up their claim of the stage (:meth:`release_claim`),
+        while remembered."""
+        if self._stage_releases is None:  # a store of an earlier release, opened to read
+            return set()
+        rows = self._read(partial(_with_prefix, self._stage_releases, stage_id))
+        now = time.time()
+        return {
+            bytes(claimant) for claimant, note in rows if base.claim_kept(*_NOTE.unpack(note), now)
+        }
 
     def get_stage(self, stage_id: bytes) -> bytes:
         data = self._read(lambda txn: txn.get(stage_id, db=self._stages))

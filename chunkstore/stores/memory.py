@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 
 from chunkstore import errors
 from chunkstore.stores import base
@@ -28,6 +28,8 @@ class MemoryStore(Store):
         self._stage_files: dict[bytes, dict[str, bytes]] = {}
         # id -> (time, time kept until, claimant)
         self._stage_claims: dict[bytes, tuple[float, float, bytes]] = {}
+        # id -> claimant that gave its claim up -> (time, time kept until)
+        self._stage_releases: dict[bytes, dict[bytes, tuple[float, float]]] = {}
 
     # chunks
 
@@ -170,12 +172,39 @@ class MemoryStore(Store):
 
     # stages
 
-    def put_stage(self, stage_id: bytes, data: bytes) -> None:
+    def put_stage(self, stage_id: bytes, data: bytes, released: Collection[bytes] = ()) -> None:
+        for claimant in released:
+            base.check_claimant(claimant)
         with self._lock:
-            if self._noted(stage_id) is not None:
-                raise errors.StageClaimed(stage_id)
+            noted = self._noted(stage_id)
+            if noted is not None:
+                if noted not in released:
+                    raise errors.StageClaimed(stage_id)
+                del self._stage_claims[stage_id]
             self._stages[stage_id] = bytes(data)
             self._stage_files.setdefault(stage_id, {})
+
+    def release_claim(self, stage_id: bytes, claimant: bytes, record: bytes) -> None:
+        base.check_claimant(claimant)
+        now = time.time()
+        with self._lock:
+            self._stage_releases = {
+                sid: kept
+                for sid, releases in self._stage_releases.items()
+                if (kept := {c: n for c, n in releases.items() if base.claim_kept(*n, now)})
+            }
+            releases = self._stage_releases.setdefault(stage_id, {})
+            releases[claimant] = (now, base.kept_until(record, now))
+            if self._noted(stage_id) == claimant:
+                del self._stage_claims[stage_id]
+
+    def released_claims(self, stage_id: bytes) -> set[bytes]:
+        """The claimants that gave up their claim of the stage (:meth:`release_claim`),
+        while remembered."""
+        now = time.time()
+        with self._lock:
+            releases = self._stage_releases.get(stage_id, {})
+            return {c for c, note in releases.items() if base.claim_kept(*note, now)}
 
     def get_stage(self, stage_id: bytes) -> bytes:
         with self._lock:

@@ -205,12 +205,14 @@ class Tags(_message.Message):
     def __init__(self, tags: _Optional[_Iterable[_Union[Tag, _Mapping]]] = ...) -> None: ...
 
 class StageRecord(_message.Message):
-    __slots__ = ("id", "data")
+    __slots__ = ("id", "data", "released")
     ID_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
     id: bytes
     data: bytes
-    def __init__(self, id: _Optional[bytes] = ..., data: _Optional[bytes] = ...) -> None: ...
+    released: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, id: _Optional[bytes] = ..., data: _Optional[bytes] = ..., released: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class StageKey(_message.Message):
     __slots__ = ("id",)
@@ -259,6 +261,16 @@ class RestoreStageRequest(_message.Message):
     data: bytes
     files: _containers.RepeatedCompositeFieldContainer[StageFile]
     def __init__(self, id: _Optional[bytes] = ..., claimant: _Optional[bytes] = ..., data: _Optional[bytes] = ..., files: _Optional[_Iterable[_Union[StageFile, _Mapping]]] = ...) -> None: ...
+
+class ReleaseStageRequest(_message.Message):
+    __slots__ = ("id", "claimant", "data")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    CLAIMANT_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    id: bytes
+    claimant: bytes
+    data: bytes
+    def __init__(self, id: _Optional[bytes] = ..., claimant: _Optional[bytes] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
     __slots__ = ("id", "address", "weight")

@@ -585,6 +585,11 @@ class MetaServiceStub:
                 request_serializer=chunkstore_dot_v1_dot_store__pb2.RestoreStageRequest.SerializeToString,
                 response_deserializer=chunkstore_dot_v1_dot_store__pb2.Empty.FromString,
                 _registered_method=True)
+        self.ReleaseStage = channel.unary_unary(
+                '/chunkstore.v1.MetaService/ReleaseStage',
+                request_serializer=chunkstore_dot_v1_dot_store__pb2.ReleaseStageRequest.SerializeToString,
+                response_deserializer=chunkstore_dot_v1_dot_store__pb2.Empty.FromString,
+                _registered_method=True)
         self.ListStages = channel.unary_unary(
                 '/chunkstore.v1.MetaService/ListStages',
                 request_serializer=chunkstore_dot_v1_dot_store__pb2.Empty.SerializeToString,
@@ -741,6 +746,12 @@ class MetaServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReleaseStage(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListStages(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -863,6 +874,11 @@ def add_MetaServiceServicer_to_server(servicer, server):
             'RestoreStage': grpc.unary_unary_rpc_method_handler(
                     servicer.RestoreStage,
                     request_deserializer=chunkstore_dot_v1_dot_store__pb2.RestoreStageRequest.FromString,
+                    response_serializer=chunkstore_dot_v1_dot_store__pb2.Empty.SerializeToString,
+            ),
+            'ReleaseStage': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseStage,
+                    request_deserializer=chunkstore_dot_v1_dot_store__pb2.ReleaseStageRequest.FromString,
                     response_serializer=chunkstore_dot_v1_dot_store__pb2.Empty.SerializeToString,
             ),
             'ListStages': grpc.unary_unary_rpc_method_handler(
@@ -1492,6 +1508,33 @@ class MetaService:
             target,
             '/chunkstore.v1.MetaService/RestoreStage',
             chunkstore_dot_v1_dot_store__pb2.RestoreStageRequest.SerializeToString,
+            chunkstore_dot_v1_dot_store__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseStage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chunkstore.v1.MetaService/ReleaseStage',
+            chunkstore_dot_v1_dot_store__pb2.ReleaseStageRequest.SerializeToString,
             chunkstore_dot_v1_dot_store__pb2.Empty.FromString,
             options,
             channel_credentials,
