@@ -411,10 +411,19 @@ def test_a_commit_that_cannot_reach_an_owner_to_delete_puts_the_stage_back(
         assert holders(claim_cluster, stage.id) == {}
 
 
-def repair_passes(cluster: LocalCluster, node_id: str) -> Callable[[], float]:
-    """The count of the node's complete repair passes, read from its metrics."""
-    url = cluster.metrics_url(node_id)
-    return lambda: metric(url, "chunkstore_reconcile_passes_total", result="complete")
+def wait_for_repair_passes(cluster: LocalCluster, *node_ids: str, passes: int = 3) -> None:
+    """Wait until each of the nodes has completed ``passes`` more repair passes."""
+
+    def done(node_id: str) -> float:
+        url = cluster.metrics_url(node_id)
+        return metric(url, "chunkstore_reconcile_passes_total", result="complete")
+
+    firsts = {n: done(n) for n in node_ids}
+    wait_until(
+        lambda: all(done(n) >= first + passes for n, first in firsts.items()),
+        30,
+        f"{passes} repair passes on {', '.join(node_ids)}",
+    )
 
 
 @pytest.fixture
@@ -432,44 +441,28 @@ def staged_on_three(tmp_path) -> Iterator[tuple[LocalCluster, Repository, stagin
         yield c, store, stage, f
 
 
-def test_a_stage_claimed_while_an_owner_was_down_is_dropped_by_that_owner(staged_on_three):
-    """The owner that was down at the commit still holds the stage when it comes back. Its
-    repair offers that copy to the other owners, which refuse it: they remember the claim until
-    an hour after the stage expires. Refused by every other owner, the copy could never be
-    committed, so the node drops it, and says so once. The stage is not committed again."""
+@pytest.mark.parametrize("end", ["commit", "abort"])
+def test_a_stage_ended_while_an_owner_was_down_is_dropped_by_that_owner(staged_on_three, end):
+    """The owner that was down at the commit (or abort) still holds the stage when it comes
+    back. Its repair offers that copy to the other owners, which refuse it: they remember the
+    claim (an abort leaves the same note) until an hour after the stage expires. Refused by
+    every other owner, the copy could never be committed, so the node drops it, and says so
+    once. The stage is not committed again, nor brought back."""
     c, store, stage, _ = staged_on_three
     c.kill("n3")
-    version = stage.commit(expect=1)
+    version = stage.commit(expect=1) if end == "commit" else stage.abort()
     c.start("n3")
-    passes = repair_passes(c, "n3")
-    first = passes()
-    wait_until(lambda: passes() >= first + 3, 30, "three repair passes on n3")
+    wait_for_repair_passes(c, "n3")
     assert holders(c, stage.id) == {}
     with connect(c.url) as again, pytest.raises(NotFound, match="committed, aborted or"):
         again.open_stage(stage.id)
-    assert [v.id for v in store.log("m")] == [version.id]
+    if end == "abort":
+        assert "m" not in store.store.list_repos()
+    else:
+        assert [v.id for v in store.log("m")] == [version.id]
     said = [line for line in c.log("n3").splitlines() if stage.id in line]
     assert len(said) == 1, said
     assert "dropped its copy" in said[0] and "WARNING" not in said[0]
-
-
-def test_a_stage_aborted_while_an_owner_was_down_does_not_come_back(staged_on_three):
-    """An abort leaves on each owner it reached the same note as a commit's claim, so the copy
-    of the owner that was down is refused by the others when it comes back, and dropped: the
-    aborted stage is not resurrected by repair."""
-    c, store, stage, _ = staged_on_three
-    c.kill("n3")
-    stage.abort()
-    c.start("n3")
-    passes = repair_passes(c, "n3")
-    first = passes()
-    wait_until(lambda: passes() >= first + 3, 30, "three repair passes on n3")
-    assert holders(c, stage.id) == {}
-    with connect(c.url) as again, pytest.raises(NotFound, match="committed, aborted or"):
-        again.open_stage(stage.id)
-    assert "m" not in store.store.list_repos()
-    said = [line for line in c.log("n3").splitlines() if stage.id in line]
-    assert len(said) == 1 and "dropped its copy" in said[0], said
 
 
 def test_a_stage_one_owner_refuses_as_claimed_is_kept_by_the_others(staged_on_three):
@@ -482,15 +475,9 @@ def test_a_stage_one_owner_refuses_as_claimed_is_kept_by_the_others(staged_on_th
         meta = pb_grpc.MetaServiceStub(channel)
         request = pb.DeleteStageRequest(id=bytes.fromhex(stage.id), claimant=os.urandom(16))
         meta.DeleteStage(request, timeout=10)
-    counters = {n: repair_passes(c, n) for n in ("n2", "n3")}
-    firsts = {n: count() for n, count in counters.items()}
-
-    def passed_three() -> bool:
-        return all(count() >= firsts[n] + 3 for n, count in counters.items())
-
-    wait_until(passed_three, 30, "three repair passes on n2 and n3")
+    wait_for_repair_passes(c, "n2", "n3")
     assert holders(c, stage.id) == {"n2": {f.name}, "n3": {f.name}}
-    said = {n: [line for line in c.log(n).splitlines() if stage.id in line] for n in counters}
+    said = {n: [line for line in c.log(n).splitlines() if stage.id in line] for n in ("n2", "n3")}
     assert 1 <= sum(map(len, said.values())) <= 2, said  # by the one or both that offer it
     assert all(len(lines) <= 1 for lines in said.values()), said
     assert all("refuses this node's copy" in line for lines in said.values() for line in lines)
@@ -540,9 +527,7 @@ def test_a_commit_that_loses_and_cannot_put_the_stage_back_releases_its_claim(
             restore = pb.RestoreStageRequest(id=raw, claimant=y, data=record, files=files)
             meta.RestoreStage(restore, timeout=10)  # Y's commit failed too: Y puts it back
         c.start(first)
-        passes = repair_passes(c, second)
-        start = passes()
-        wait_until(lambda: passes() >= start + 3, 30, f"three repair passes on {second}")
+        wait_for_repair_passes(c, second)
         assert holders(c, stage.id) == {first: {f.name}, second: {f.name}}
         with connect(c.url) as again:  # no wait for the reconnect backoff
             version = again.open_stage(stage.id).commit(expect=1)
