@@ -534,6 +534,38 @@ def test_a_commit_that_loses_and_cannot_put_the_stage_back_releases_its_claim(
             assert [v.id for v in again.log("m")] == [version.id]
 
 
+def test_a_commit_that_cannot_put_back_a_stage_it_claimed_releases_its_claim(tmp_path, monkeypatch):
+    """The commit claims the stage on both owners, then its version cannot be written and the
+    first owner is down when the commit puts the stage back: it is back on the second only,
+    and the claim is released there. Once the first owner is back, the second's repair copies
+    the stage to it with the release, and a commit makes the one version."""
+    (f,) = rank_files(tmp_path, 1)
+    nodes = ["--reconcile-interval", "0.5"]
+    with (
+        LocalCluster(tmp_path / "c", nodes=3, replicas=2, node_args=nodes) as c,
+        connect(c.url) as store,
+    ):
+        stage = store.stage("m", message="step 1")
+        store.stage_add(stage.id, f)
+        first, second = (n.id for n in c.map.owners(stage_key(bytes.fromhex(stage.id))))
+
+        def first_owner_lost(*args, **kwargs):
+            c.kill(first)
+            raise StoreUnavailable("the version could not be written")
+
+        with monkeypatch.context() as m:
+            m.setattr(store, "commit_version", first_owner_lost)
+            with pytest.raises(StoreUnavailable) as info:
+                stage.commit(expect=1)
+        assert "claim released on 1 of its 2 owners" in str(info.value), info.value
+        c.start(first)
+        wait_for_repair_passes(c, second)
+        assert holders(c, stage.id) == {first: {f.name}, second: {f.name}}
+        with connect(c.url) as again:  # no wait for the reconnect backoff
+            version = again.open_stage(stage.id).commit(expect=1)
+            assert [v.id for v in again.log("m")] == [version.id]
+
+
 def test_a_claim_released_through_the_cluster_client_lets_the_stage_be_put_again(
     claim_cluster, tmp_path
 ):
