@@ -1035,7 +1035,8 @@ class ClusterStore(Store):
         was put back or could not be: NotFound if an owner answered that another caller
         deleted it, else (owners unreachable) StoreUnavailable, and the stage can be claimed
         once they are back. An owner that deleted it for this caller but could not be reached
-        to put it back keeps it deleted.
+        to put it back keeps it deleted; the claim is then released on the other owners
+        (:meth:`release_claim`), whose repair copies the stage back there once it is back.
 
         When the read finds the stage on no more than half of the owners, nothing is
         deleted: NotFound if every other owner answered that it lacks it (another claimed
