@@ -426,19 +426,27 @@ def wait_for_repair_passes(cluster: LocalCluster, *node_ids: str, passes: int = 
     )
 
 
-@pytest.fixture
-def staged_on_three(tmp_path) -> Iterator[tuple[LocalCluster, Repository, staging.Stage, Path]]:
-    """A stage of one file on a 3-node cluster with 3 replicas and repair passes every 0.5 s:
-    the cluster, a client, the stage and the file."""
+Staged = tuple[LocalCluster, Repository, staging.Stage, Path]
+
+
+def one_file_stage(tmp_path: Path, **cluster: int) -> Iterator[Staged]:
+    """A stage of one file on a 3-node cluster (``cluster``: its replicas and write quorum)
+    with repair passes every 0.5 s: the cluster, a client, the stage and the file."""
     (f,) = rank_files(tmp_path, 1)
     nodes = ["--reconcile-interval", "0.5"]
     with (
-        LocalCluster(tmp_path / "c", nodes=3, replicas=3, write_quorum=2, node_args=nodes) as c,
+        LocalCluster(tmp_path / "c", nodes=3, node_args=nodes, **cluster) as c,
         connect(c.url) as store,
     ):
         stage = store.stage("m", message="step 1")
         store.stage_add(stage.id, f)
         yield c, store, stage, f
+
+
+@pytest.fixture
+def staged_on_three(tmp_path) -> Iterator[Staged]:
+    """:func:`one_file_stage` with 3 replicas, write quorum 2."""
+    yield from one_file_stage(tmp_path, replicas=3, write_quorum=2)
 
 
 @pytest.mark.parametrize("end", ["commit", "abort"])
@@ -486,8 +494,26 @@ def test_a_stage_one_owner_refuses_as_claimed_is_kept_by_the_others(staged_on_th
     assert holders(c, stage.id) == {}
 
 
+@pytest.fixture
+def staged_on_two(tmp_path) -> Iterator[Staged]:
+    """:func:`one_file_stage` with 2 replicas."""
+    yield from one_file_stage(tmp_path, replicas=2)
+
+
+def check_copied_back_and_committable(c: LocalCluster, stage: staging.Stage, f: Path) -> None:
+    """The first of the stage's two owners, which was down, is started: the second's repair
+    copies the stage back to it, and a commit makes the one version."""
+    first, second = (n.id for n in c.map.owners(stage_key(bytes.fromhex(stage.id))))
+    c.start(first)
+    wait_for_repair_passes(c, second)
+    assert holders(c, stage.id) == {first: {f.name}, second: {f.name}}
+    with connect(c.url) as again:  # no wait for the reconnect backoff
+        version = again.open_stage(stage.id).commit(expect=1)
+        assert [v.id for v in again.log("m")] == [version.id]
+
+
 def test_a_commit_that_loses_and_cannot_put_the_stage_back_releases_its_claim(
-    tmp_path, monkeypatch
+    staged_on_two, monkeypatch
 ):
     """With 2 replicas, X deletes the stage on the first owner, then finds it taken on the
     second by Y; the first owner is down before X can put the stage back there, so its note
@@ -495,75 +521,53 @@ def test_a_commit_that_loses_and_cannot_put_the_stage_back_releases_its_claim(
     stage could never be committed. X releases its claim on the second owner instead. Y puts
     the stage back there; once the first owner is back, the second's repair hands it the
     release with its copy, the first accepts it, and a commit makes the one version."""
-    (f,) = rank_files(tmp_path, 1)
-    nodes = ["--reconcile-interval", "0.5"]
-    with (
-        LocalCluster(tmp_path / "c", nodes=3, replicas=2, node_args=nodes) as c,
-        connect(c.url) as store,
-    ):
-        stage = store.stage("m", message="step 1")
-        store.stage_add(stage.id, f)
-        raw = bytes.fromhex(stage.id)
-        first, second = (n.id for n in c.map.owners(stage_key(raw)))
-        y = os.urandom(16)
-        with grpc.insecure_channel(c.address(second)) as channel:
-            meta = pb_grpc.MetaServiceStub(channel)
-            record = meta.GetStage(pb.StageKey(id=raw), timeout=10).data
-            files = meta.ListStageFiles(pb.StageKey(id=raw), timeout=10).files
+    c, store, stage, f = staged_on_two
+    raw = bytes.fromhex(stage.id)
+    first, second = (n.id for n in c.map.owners(stage_key(raw)))
+    y = os.urandom(16)
+    with grpc.insecure_channel(c.address(second)) as channel:
+        meta = pb_grpc.MetaServiceStub(channel)
+        record = meta.GetStage(pb.StageKey(id=raw), timeout=10).data
+        files = meta.ListStageFiles(pb.StageKey(id=raw), timeout=10).files
 
-            def y_takes_the_second_owner(node_id: str, claimant: bytes, call):
-                if node_id == second:
-                    meta.DeleteStage(pb.DeleteStageRequest(id=raw, claimant=y), timeout=10)
-                    c.kill(first)  # before X can put the stage back there
-                return call()
+        def y_takes_the_second_owner(node_id: str, claimant: bytes, call):
+            if node_id == second:
+                meta.DeleteStage(pb.DeleteStageRequest(id=raw, claimant=y), timeout=10)
+                c.kill(first)  # before X can put the stage back there
+            return call()
 
-            hook_delete_stage(monkeypatch, y_takes_the_second_owner)
-            with pytest.raises(NotFound) as info:
-                stage.commit(expect=1)
-            monkeypatch.undo()
-            message = str(info.value)
-            assert f"put back on 0 of the 1 owners it deleted it from (not on {first})" in message
-            assert "claim released on 1 of its 2 owners" in message, message
-            restore = pb.RestoreStageRequest(id=raw, claimant=y, data=record, files=files)
-            meta.RestoreStage(restore, timeout=10)  # Y's commit failed too: Y puts it back
-        c.start(first)
-        wait_for_repair_passes(c, second)
-        assert holders(c, stage.id) == {first: {f.name}, second: {f.name}}
-        with connect(c.url) as again:  # no wait for the reconnect backoff
-            version = again.open_stage(stage.id).commit(expect=1)
-            assert [v.id for v in again.log("m")] == [version.id]
+        hook_delete_stage(monkeypatch, y_takes_the_second_owner)
+        with pytest.raises(NotFound) as info:
+            stage.commit(expect=1)
+        monkeypatch.undo()
+        message = str(info.value)
+        assert f"put back on 0 of the 1 owners it deleted it from (not on {first})" in message
+        assert "claim released on 1 of its 2 owners" in message, message
+        restore = pb.RestoreStageRequest(id=raw, claimant=y, data=record, files=files)
+        meta.RestoreStage(restore, timeout=10)  # Y's commit failed too: Y puts it back
+    check_copied_back_and_committable(c, stage, f)
 
 
-def test_a_commit_that_cannot_put_back_a_stage_it_claimed_releases_its_claim(tmp_path, monkeypatch):
+def test_a_commit_that_cannot_put_back_a_stage_it_claimed_releases_its_claim(
+    staged_on_two, monkeypatch
+):
     """The commit claims the stage on both owners, then its version cannot be written and the
     first owner is down when the commit puts the stage back: it is back on the second only,
     and the claim is released there. Once the first owner is back, the second's repair copies
     the stage to it with the release, and a commit makes the one version."""
-    (f,) = rank_files(tmp_path, 1)
-    nodes = ["--reconcile-interval", "0.5"]
-    with (
-        LocalCluster(tmp_path / "c", nodes=3, replicas=2, node_args=nodes) as c,
-        connect(c.url) as store,
-    ):
-        stage = store.stage("m", message="step 1")
-        store.stage_add(stage.id, f)
-        first, second = (n.id for n in c.map.owners(stage_key(bytes.fromhex(stage.id))))
+    c, store, stage, f = staged_on_two
+    first = c.map.owners(stage_key(bytes.fromhex(stage.id)))[0].id
 
-        def first_owner_lost(*args, **kwargs):
-            c.kill(first)
-            raise StoreUnavailable("the version could not be written")
+    def first_owner_lost(*args, **kwargs):
+        c.kill(first)
+        raise StoreUnavailable("the version could not be written")
 
-        with monkeypatch.context() as m:
-            m.setattr(store, "commit_version", first_owner_lost)
-            with pytest.raises(StoreUnavailable) as info:
-                stage.commit(expect=1)
-        assert "claim released on 1 of its 2 owners" in str(info.value), info.value
-        c.start(first)
-        wait_for_repair_passes(c, second)
-        assert holders(c, stage.id) == {first: {f.name}, second: {f.name}}
-        with connect(c.url) as again:  # no wait for the reconnect backoff
-            version = again.open_stage(stage.id).commit(expect=1)
-            assert [v.id for v in again.log("m")] == [version.id]
+    with monkeypatch.context() as m:
+        m.setattr(store, "commit_version", first_owner_lost)
+        with pytest.raises(StoreUnavailable) as info:
+            stage.commit(expect=1)
+    assert "claim released on 1 of its 2 owners" in str(info.value), info.value
+    check_copied_back_and_committable(c, stage, f)
 
 
 def test_a_claim_released_through_the_cluster_client_lets_the_stage_be_put_again(
