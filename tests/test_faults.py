@@ -1,5 +1,5 @@
-"""Fault suite: real node processes on loopback, faults injected while clients push, pull and
-collect garbage, and one invariant checked at the end of every run:
+"""Fault suite: real node processes on loopback, faults injected while clients push, stage and
+commit, pull and collect garbage, and one invariant checked at the end of every run:
 
 - every version whose push was acknowledged (returned) reads back byte-identical;
 - no version that was not acknowledged is visible half-written: every visible version pulls
@@ -60,7 +60,7 @@ POLICY = RpcPolicy(
 )
 OWN_BYTES = 4 << 20  # new bytes per pushed version (plus 2 MiB shared by all)
 FAULTS = ["kill", "pause", "drop", "delay", "reset"]
-OPS = ["push", "push", "pull", "gc"]
+OPS = ["push", "push", "stage", "pull", "gc"]
 GC_HOOKS = ("list_repos", "scan", "delete")  # where in a GC its fault lands
 
 _env_seed = os.environ.get("CHUNKSTORE_FAULT_SEED")
@@ -219,12 +219,21 @@ class Trigger:
 def run_op(
     op: str, repo: Repository, ledger: Ledger, message: str, tmp: Path, progress: Trigger
 ) -> str:
-    """Push version ``message``, pull it (``op`` "pull": ``message`` names an acknowledged
-    version), or collect garbage; return what happened, in words."""
+    """Push version ``message``, stage its two files as two ranks would and commit them, pull
+    it (``op`` "pull": ``message`` names an acknowledged version), or collect garbage; return
+    what happened, in words."""
     if op == "push":
         repo.push(ledger.attempted[message], REPO, message=message, progress=progress)
         ledger.acked.add(message)
         return "acknowledged"
+    if op == "stage":
+        stage = repo.stage(REPO, message=message)
+        tree = ledger.attempted[message]
+        repo.stage_add(stage.id, tree / "shared.bin", as_path="shared.bin")
+        repo.stage_add(stage.id, tree / "own.bin", as_path="own.bin", progress=progress)
+        stage.commit(expect=2)
+        ledger.acked.add(message)
+        return "staged and committed"
     if op == "pull":
         version = next(v for v in repo.log(REPO) if v.message == message)
         dest = tmp / "pulls" / f"{message}-{time.monotonic_ns()}"
@@ -250,12 +259,13 @@ def run_op(
 
 @pytest.mark.parametrize("seed", SEEDS, ids=lambda s: f"seed={s}")
 def test_random_fault_schedule(tmp_path, capsys, seed):
-    """Per round: start a push, pull or GC (after removing a version, so that GC has garbage
-    to sweep); inject one fault at a random point of its progress (kill -9, SIGSTOP, or the
-    proxy in front of n4 dropping, delaying or resetting); hold it a random time; heal it
-    (restart, SIGCONT, pass); record what the operation returned. With replicas 3 and write
-    quorum 2, one fault at a time must fail no push and no pull; GC may refuse (it must not
-    sweep without every node) but must never take a chunk a visible version needs."""
+    """Per round: start a push, a stage-and-commit, a pull or a GC (after removing a version,
+    so that GC has garbage to sweep); inject one fault at a random point of its progress
+    (kill -9, SIGSTOP, or the proxy in front of n4 dropping, delaying or resetting); hold it a
+    random time; heal it (restart, SIGCONT, pass); record what the operation returned. With
+    replicas 3 and write quorum 2, one fault at a time must fail no push, no commit and no
+    pull; GC may refuse (it must not sweep without every node) but must never take a chunk a
+    visible version needs."""
     rng = random.Random(seed)
     ledger = Ledger(tmp_path / "trees")
     shared = random_bytes(2 << 20, seed=seed + 1000)
@@ -274,7 +284,7 @@ def test_random_fault_schedule(tmp_path, capsys, seed):
                 hold = rng.uniform(0.3, 1.5)
                 message = f"r{r}"
                 note = ""
-                if op == "push":
+                if op in ("push", "stage"):
                     ledger.tree(message, seed * 1000 + r + 1, shared, size=OWN_BYTES)
                 elif op == "pull":
                     message = rng.choice(sorted(ledger.acked))
