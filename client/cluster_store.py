@@ -66,7 +66,14 @@ from chunkstore.allocator import keep_freed_memory
 from chunkstore.batching import by_size
 from chunkstore.cluster_map import ClusterMap, ClusterMapError, NodeSpec, map_from_proto, newer
 from chunkstore.forks import OpenedIn
-from chunkstore.stores.base import CLAIMANT_BYTES, ChunkInfo, ChunkTotals, Store, check_claimant
+from chunkstore.stores.base import (
+    CLAIMANT_BYTES,
+    ChunkInfo,
+    ChunkTotals,
+    Store,
+    check_claimant,
+    check_released,
+)
 from chunkstore.v1 import store_pb2 as pb
 
 from . import manifest_parts
@@ -948,8 +955,7 @@ class ClusterStore(Store):
     # stages: placed by their id, replicated like versions
 
     def put_stage(self, stage_id: bytes, data: bytes, released: Collection[bytes] = ()) -> None:
-        for claimant in released:
-            check_claimant(claimant)
+        check_released(released)
         record = pb.StageRecord(id=stage_id, data=data, released=released)
         write_all(
             self._pool,

@@ -924,7 +924,8 @@ class Reconciler(NodeWorker):
         If every other owner refuses it, no majority of them can hold the stage again before
         it has expired, so it can never be committed: the copy is dropped. If only some do
         (a commit in progress, or one that lost a race and could not put the stage back
-        everywhere), it is kept, and that is said once.
+        everywhere, until its release reaches this node and goes with the copy), it is kept,
+        and that is said once.
         """
         if set(others) <= claimed:
             self._check(cluster)

@@ -77,6 +77,12 @@ def check_claimant(claimant: bytes | None) -> None:
         )
 
 
+def check_released(released: Collection[bytes]) -> None:
+    """:func:`check_claimant` of each claimant a copy of a stage says gave its claim up."""
+    for claimant in released:
+        check_claimant(claimant)
+
+
 @dataclass(frozen=True)
 class ChunkTotals:
     chunks: int

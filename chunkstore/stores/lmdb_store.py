@@ -777,8 +777,7 @@ class LmdbStore(Store):
     # stages
 
     def put_stage(self, stage_id: bytes, data: bytes, released: Collection[bytes] = ()) -> None:
-        for claimant in released:
-            base.check_claimant(claimant)
+        base.check_released(released)
 
         def write(txn: lmdb.Transaction) -> None:
             noted = _noted_claimant(txn.get(stage_id, db=self._stage_claims), time.time())
@@ -798,13 +797,9 @@ class LmdbStore(Store):
 
         def write(txn: lmdb.Transaction) -> None:
             now = time.time()
-            expired = [
-                key
-                for key, note in txn.cursor(db=self._stage_releases)
-                if not base.claim_kept(*_NOTE.unpack(note), now)
-            ]
-            for key in expired:
-                txn.delete(key, db=self._stage_releases)
+            _drop_where(
+                txn, self._stage_releases, lambda n: not base.claim_kept(*_NOTE.unpack(n), now)
+            )
             note = _NOTE.pack(now, base.kept_until(record, now))
             txn.put(stage_id + claimant, note, db=self._stage_releases)
             noted = _noted_claimant(txn.get(stage_id, db=self._stage_claims), now)
@@ -898,13 +893,7 @@ class LmdbStore(Store):
         for path, _ in rows:
             txn.delete(stage_id + b"\0" + path, db=self._stage_files)
         now = time.time()
-        expired = [
-            key
-            for key, noted in txn.cursor(db=self._stage_claims)
-            if _noted_claimant(noted, now) is None
-        ]
-        for key in expired:
-            txn.delete(key, db=self._stage_claims)
+        _drop_where(txn, self._stage_claims, lambda noted: _noted_claimant(noted, now) is None)
         if claimant is None:
             txn.delete(stage_id, db=self._stage_claims)
         else:
@@ -926,6 +915,12 @@ def _put_record(
     added = txn.put(key, data, db=db, overwrite=False)
     if not added and replaces(record_id, txn.get(key, db=db), data):
         txn.put(key, data, db=db)
+
+
+def _drop_where(txn: lmdb.Transaction, db: lmdb._Database, stale: Callable[[bytes], bool]) -> None:
+    """Delete every entry of ``db`` whose value is ``stale``."""
+    for key in [key for key, value in txn.cursor(db=db) if stale(value)]:
+        txn.delete(key, db=db)
 
 
 def _noted_claimant(noted: bytes | None, now: float) -> bytes | None:

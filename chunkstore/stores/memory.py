@@ -28,8 +28,8 @@ class MemoryStore(Store):
         self._stage_files: dict[bytes, dict[str, bytes]] = {}
         # id -> (time, time kept until, claimant)
         self._stage_claims: dict[bytes, tuple[float, float, bytes]] = {}
-        # id -> claimant that gave its claim up -> (time, time kept until)
-        self._stage_releases: dict[bytes, dict[bytes, tuple[float, float]]] = {}
+        # (id, claimant that gave its claim up) -> (time, time kept until)
+        self._stage_releases: dict[tuple[bytes, bytes], tuple[float, float]] = {}
 
     # chunks
 
@@ -173,8 +173,7 @@ class MemoryStore(Store):
     # stages
 
     def put_stage(self, stage_id: bytes, data: bytes, released: Collection[bytes] = ()) -> None:
-        for claimant in released:
-            base.check_claimant(claimant)
+        base.check_released(released)
         with self._lock:
             noted = self._noted(stage_id)
             if noted is not None:
@@ -189,12 +188,11 @@ class MemoryStore(Store):
         now = time.time()
         with self._lock:
             self._stage_releases = {
-                sid: kept
-                for sid, releases in self._stage_releases.items()
-                if (kept := {c: n for c, n in releases.items() if base.claim_kept(*n, now)})
+                key: note
+                for key, note in self._stage_releases.items()
+                if base.claim_kept(*note, now)
             }
-            releases = self._stage_releases.setdefault(stage_id, {})
-            releases[claimant] = (now, base.kept_until(record, now))
+            self._stage_releases[stage_id, claimant] = (now, base.kept_until(record, now))
             if self._noted(stage_id) == claimant:
                 del self._stage_claims[stage_id]
 
@@ -203,8 +201,11 @@ class MemoryStore(Store):
         while remembered."""
         now = time.time()
         with self._lock:
-            releases = self._stage_releases.get(stage_id, {})
-            return {c for c, note in releases.items() if base.claim_kept(*note, now)}
+            return {
+                claimant
+                for (sid, claimant), note in self._stage_releases.items()
+                if sid == stage_id and base.claim_kept(*note, now)
+            }
 
     def get_stage(self, stage_id: bytes) -> bytes:
         with self._lock:
