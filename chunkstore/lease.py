@@ -10,8 +10,9 @@ the lease broken, so the reader knows the file changed, and releases the lease, 
 goes on.
 
 A lease is taken only where that is safe and possible: SIGIO has its default action (which
-would end the process) and the handler can be installed, or it already is; the caller owns the
-file or has CAP_LEASE; nobody has the file open for writing; the file system supports leases.
+would end the process) and the handler can be installed, which only the main thread may do
+(:func:`prepare` does it early), or it already is; the caller owns the file or has CAP_LEASE;
+nobody has the file open for writing; the file system supports leases.
 Otherwise :func:`guard` returns None and the mapping is unguarded, as without this module. The
 kernel breaks a lease itself after ``/proc/sys/fs/lease-break-time`` seconds (45 by default),
 so a main thread kept that long from running Python code leaves the mapping unguarded again.
@@ -112,7 +113,7 @@ def guard(fd: int, mm: mmap.mmap) -> Lease | None:
     where none can be taken (see the module). On success the lease owns ``fd``."""
     with _LOCK:
         _CLOSING[:] = [lease for lease in _CLOSING if not lease._close()]
-    if _MMAP is None or not _handler_installed():
+    if _MMAP is None or not prepare():
         return None
     try:
         fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
@@ -131,9 +132,11 @@ def guard(fd: int, mm: mmap.mmap) -> Lease | None:
     return lease
 
 
-def _handler_installed() -> bool:
-    """Whether SIGIO runs :func:`_on_sigio`, installing it if SIGIO has its default action
-    and this is the main thread (the only one that may install a handler)."""
+def prepare() -> bool:
+    """Whether SIGIO runs this module's handler, installing it if SIGIO has its default action
+    and this is the main thread (the only one that may install a handler). Once installed,
+    files mapped by any thread can be guarded: :class:`~chunkstore.repository.Repository`
+    calls this when it is made, so a push from a background thread is guarded too."""
     current = signal.getsignal(signal.SIGIO)
     if current is _on_sigio:
         return True

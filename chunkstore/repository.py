@@ -22,7 +22,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from chunkstore import codec, ids
+from chunkstore import codec, ids, lease
 from chunkstore.batching import by_size
 from chunkstore.chunking import ChunkerParams
 from chunkstore.delta import BaseTensors, base_length, read_chunks
@@ -239,6 +239,7 @@ class Repository:
         self.store = store
         self.chunker = chunker
         self.limits = limits
+        lease.prepare()  # made on the main thread: pushes from any thread can then be guarded
 
     def close(self) -> None:
         self.store.close()

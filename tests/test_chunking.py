@@ -74,14 +74,14 @@ def test_a_mapped_file_truncated_meanwhile_reads_as_changed_not_sigbus(tmp_path,
 
 
 _PUSH_WHILE_REWRITTEN = """
-import sys
+import sys, threading
 from pathlib import Path
 from chunkstore import codec, ids
 from chunkstore.errors import ChunkstoreError
 from chunkstore.repository import Repository
 from chunkstore.stores.lmdb_store import LmdbStore
 
-path, store = Path(sys.argv[1]), sys.argv[2]
+path, store, thread = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 
 class RewriteOnFirstBytes:
     done = False
@@ -93,22 +93,32 @@ class RewriteOnFirstBytes:
             with open(path, "wb") as f:
                 f.write(b"short")
 
-with LmdbStore(store) as s:
+def push(repository):
     try:
-        Repository(s).push(path.parent, repo="m", progress=RewriteOnFirstBytes())
+        repository.push(path.parent, repo="m", progress=RewriteOnFirstBytes())
     except ChunkstoreError as exc:
         print(exc)
+
+with LmdbStore(store) as s:
+    repository = Repository(s)  # made on the main thread, as a training script does
+    if thread == "main":
+        push(repository)
+    else:  # a background checkpoint upload
+        worker = threading.Thread(target=push, args=(repository,))
+        worker.start()
+        worker.join()
     blobs = s.get([info.id for info in s.scan()])
     print(s.list_repos(), all(ids.chunk_id(codec.decode(b)) == cid for cid, b in blobs))
 """
 
 
-def test_a_file_rewritten_in_place_during_its_push_fails_it_cleanly(tmp_path):
+@pytest.mark.parametrize("thread", ["main", "worker"])
+def test_a_file_rewritten_in_place_during_its_push_fails_it_cleanly(tmp_path, thread):
     path = tmp_path / "src" / "model.bin"
     path.parent.mkdir()
     path.write_bytes(os.urandom(200 * MiB))
     done = subprocess.run(
-        [sys.executable, "-c", _PUSH_WHILE_REWRITTEN, str(path), str(tmp_path / "store")],
+        [sys.executable, "-c", _PUSH_WHILE_REWRITTEN, str(path), str(tmp_path / "store"), thread],
         capture_output=True,
         text=True,
         timeout=120,
