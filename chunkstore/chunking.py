@@ -132,7 +132,8 @@ class MappedFile:
 
     Where it can, the map is guarded by a read lease (see :mod:`chunkstore.lease`): a file
     truncated or opened for writing meanwhile then reads as zeros from then on, and is
-    :meth:`changed`, instead of killing the process with SIGBUS.
+    :meth:`changed`, instead of killing the process with SIGBUS. ``writer_present`` says
+    that none could be taken because the file was open for writing.
     """
 
     def __init__(self, path: Path) -> None:
@@ -140,6 +141,7 @@ class MappedFile:
         self._mm: mmap.mmap | None = None
         self._lease: lease.Lease | None = None
         self._released = 0
+        self.writer_present = False
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             self._stamp = _stamp(os.fstat(fd))
@@ -147,7 +149,10 @@ class MappedFile:
             if self.size:
                 self._mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
                 self._mm.madvise(mmap.MADV_SEQUENTIAL)
-                self._lease = lease.guard(fd, self._mm)
+                try:
+                    self._lease = lease.guard(fd, self._mm)
+                except lease.WriterPresent:
+                    self.writer_present = True
         finally:
             if self._lease is None:
                 os.close(fd)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -38,7 +39,7 @@ from pathlib import Path
 from chunkstore import codec, ids
 from chunkstore.chunking import Chunker, ChunkerParams, MappedFile, file_regions
 from chunkstore.delta import BaseChunk, BaseTensors, Encoded, base_length, encode_chunk
-from chunkstore.errors import ChunkstoreError
+from chunkstore.errors import ChunkstoreError, ChunkstoreWarning
 from chunkstore.file_index import read_index
 from chunkstore.model import DeltaRef, Manifest
 from chunkstore.progress import NoProgress, Progress
@@ -225,6 +226,8 @@ class Ingester:
         """
         mapped = MappedFile(path)
         self._maps.append(mapped)
+        if mapped.writer_present:
+            warnings.warn(_still_written(path), ChunkstoreWarning, stacklevel=2)
         view = mapped.view
         index = read_index(view, mapped.size)
         windows: list[_Window] = []
@@ -605,6 +608,14 @@ def _encode_then_release(
         return _encode_group(store, settled, known)
     finally:
         mapped.release(begin, end)
+
+
+def _still_written(path: Path) -> str:
+    return (
+        f"{path} is open for writing, so nothing guards its push against a writer: it fails if "
+        "the file changes, and a truncation would end the process (SIGBUS); push files once "
+        "they are written"
+    )
 
 
 def _changed(path: Path) -> ChunkstoreError:

@@ -21,6 +21,7 @@ so a main thread kept that long from running Python code leaves the mapping ungu
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import mmap
 import os
@@ -108,16 +109,23 @@ class Lease:
         fcntl.fcntl(self._fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
 
 
+class WriterPresent(Exception):
+    """No lease can be taken because the file is open for writing (by any process)."""
+
+
 def guard(fd: int, mm: mmap.mmap) -> Lease | None:
     """A read lease on the file open read-only as ``fd`` guarding ``mm``, a map of it, or None
-    where none can be taken (see the module). On success the lease owns ``fd``."""
+    where none can be taken (see the module); WriterPresent if that is because the file is
+    open for writing. On success the lease owns ``fd``."""
     with _LOCK:
         _CLOSING[:] = [lease for lease in _CLOSING if not lease._close()]
     if _MMAP is None or not prepare():
         return None
     try:
         fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
-    except OSError:
+    except OSError as e:
+        if e.errno == errno.EAGAIN:
+            raise WriterPresent from None
         return None
     try:
         # Tell the main thread, whatever it waits in: it is where Python runs the handler.

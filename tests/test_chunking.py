@@ -35,6 +35,16 @@ def test_released_ranges_leave_residency_and_read_back_the_same(tmp_path):
         del view
 
 
+def test_a_file_open_for_writing_is_mapped_unguarded_and_says_so(tmp_path):
+    path = tmp_path / "model.bin"
+    path.write_bytes(os.urandom(MiB))
+    with MappedFile(path) as mapped:
+        assert mapped._lease is not None and not mapped.writer_present
+    with open(path, "r+b"), MappedFile(path) as mapped:  # a writer holds it open
+        assert mapped._lease is None and mapped.writer_present
+        assert mapped.view[:8].tobytes() == path.read_bytes()[:8]
+
+
 _HOLD = """
 import sys, time
 from pathlib import Path

@@ -759,6 +759,25 @@ def test_push_warns_of_each_path_it_leaves_out_and_lists_it_in_json(env_store, t
     assert code == 0 and err.count("warning") == 2
 
 
+def test_push_warns_of_a_file_still_open_for_writing_and_stores_it(env_store, tmp_path, capsys):
+    src = tmp_path / "ckpt"
+    data = random_bytes(2 * MB, seed=3)
+    write(src / "model.bin", data)
+    write(src / "config.json", b"{}")
+    with open(src / "model.bin", "r+b"):  # a trainer still writing it
+        code, _, err = run(capsys, "push", str(src), "--repo", "w", "-q")
+    assert code == 0
+    assert err == (
+        f"chunkstore: warning: {src / 'model.bin'} is open for writing, so nothing guards its "
+        "push against a writer: it fails if the file changes, and a truncation would end the "
+        "process (SIGBUS); push files once they are written\n"
+    )
+    code, _, err = run(capsys, "push", str(src), "--repo", "w", "-q")  # closed: no warning
+    assert (code, err) == (0, "")
+    assert run(capsys, "pull", "w", str(tmp_path / "out"), "-q")[0] == 0
+    assert (tmp_path / "out" / "model.bin").read_bytes() == data
+
+
 @pytest.mark.parametrize("argv", [["push", "", "--repo", "x"], ["pull", "llama-ft", "", "--force"]])
 def test_an_empty_path_argument_is_bad_input(two_versions, tmp_path, monkeypatch, capsys, argv):
     monkeypatch.chdir(tmp_path)
