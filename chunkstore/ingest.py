@@ -26,6 +26,7 @@ their own, their keyframes never read (see :func:`_encode_group`).
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import warnings
@@ -37,7 +38,7 @@ from functools import cached_property, partial
 from pathlib import Path
 
 from chunkstore import codec, ids
-from chunkstore.chunking import Chunker, ChunkerParams, MappedFile, file_regions
+from chunkstore.chunking import ByteReader, Chunker, ChunkerParams, MappedFile, file_regions
 from chunkstore.delta import BaseChunk, BaseTensors, Encoded, base_length, encode_chunk
 from chunkstore.errors import ChunkstoreError, ChunkstoreWarning
 from chunkstore.file_index import read_index
@@ -107,6 +108,9 @@ class _Keyframe:
 #: What an encoding task gets per chunk: id, bytes, element size, and the keyframe to code a
 #: delta against, if any.
 _Task = tuple[bytes, bytes | memoryview, int | None, _Keyframe | None]
+#: A chunk queued for an encoding task: id, offset and length in its file, element size, and
+#: the keyframe to code a delta against, if any.
+_Queued = tuple[bytes, int, int, int | None, _Keyframe | None]
 
 
 def local_manifest(
@@ -123,10 +127,12 @@ def local_manifest(
     progress = progress or NoProgress()
     with MappedFile(path) as mapped:
         view = mapped.view
-        index = read_index(view, mapped.size)
+        index = _index_of(mapped)
         chunks = []
-        for offset, length, _, _ in plan_cuts(chunker, view, index, base, name):
+        cuts = plan_cuts(chunker, view, index, base, name)
+        for offset, length, _, _ in mapped.filled_ahead(cuts, 2 * params.max_size):
             chunks.append((ids.chunk_id(view[offset : offset + length]), length))
+            mapped.release_before(offset)  # memory stays bounded by a chunk, not the file
             progress.advance(length)
         return Manifest(mapped.size, chunks, index.tensors if index else [])
 
@@ -135,7 +141,12 @@ def has_tensor_index(path: Path) -> bool:
     """Whether the file at ``path`` is a safetensors or torch.save file (its header read, not
     the rest)."""
     with MappedFile(path) as mapped:
-        return read_index(mapped.view, mapped.size) is not None
+        return _index_of(mapped) is not None
+
+
+def _index_of(mapped: MappedFile) -> TensorIndex | None:
+    with mapped.index_view() as data:
+        return read_index(data, mapped.size)
 
 
 def plan_cuts(
@@ -229,7 +240,7 @@ class Ingester:
         if mapped.writer_present:
             warnings.warn(_still_written(path), ChunkstoreWarning, stacklevel=2)
         view = mapped.view
-        index = read_index(view, mapped.size)
+        index = _index_of(mapped)
         windows: list[_Window] = []
         cuts: list[_Cut] = []
         cut_bytes = 0
@@ -238,7 +249,8 @@ class Ingester:
             self.limits.queued_groups + 2
         )
         base = self._base if index is not None else None
-        for cut in plan_cuts(self._chunker, view, index, base, name):
+        planned = plan_cuts(self._chunker, view, index, base, name)
+        for cut in mapped.filled_ahead(planned, 2 * self._chunker.params.max_size):
             cuts.append(cut)
             cut_bytes += cut[1]
             if cut_bytes >= self.limits.window_bytes:
@@ -320,12 +332,11 @@ class Ingester:
                 again = MappedFile(mapped.path)
             except FileNotFoundError:
                 raise _changed(mapped.path) from None
-            with again:
-                view = again.view
+            with again, contextlib.closing(again.reader()) as reader:
                 for (cid, length), offset in zip(manifest.chunks, manifest.offsets(), strict=True):
                     if cid not in need:
                         continue
-                    data = bytes(view[offset : offset + length])
+                    data = reader.read(offset, length)
                     if ids.chunk_id(data) != cid:
                         raise _changed(mapped.path)
                     blob = codec.encode(data)  # chosen by sample: the rare path needs no index
@@ -459,7 +470,7 @@ class Ingester:
         self.stats.scanned_bytes += scanned
         self.stats.chunks += len(window)
         new_bytes = 0
-        group: list[_Task] = []
+        group: list[_Queued] = []
         group_bytes = group_begin = 0
         for cid, data, element_size, base, offset in fresh.values():
             if cid not in lacking:
@@ -476,7 +487,7 @@ class Ingester:
                 self._delta_tried[cid] = base.tensor
             if not group:
                 group_begin = offset
-            group.append((cid, data, element_size, keyframe))
+            group.append((cid, offset, len(data), element_size, keyframe))
             group_bytes += len(data)
             new_bytes += len(data)
             if group_bytes >= self.limits.group_bytes:
@@ -486,10 +497,18 @@ class Ingester:
             self._queue_group(mapped, group, group_begin, offset + len(data))
         self._progress.advance(scanned, new_bytes)
 
-    def _queue_group(self, mapped: MappedFile, group: list[_Task], begin: int, end: int) -> None:
+    def _queue_group(self, mapped: MappedFile, group: list[_Queued], begin: int, end: int) -> None:
+        reader = mapped.reader()  # the file's map may be closed before the group is encoded
         self._put_queue(
             self._pool.submit(
-                _encode_then_release, self.store, group, self._delta_outcomes, mapped, begin, end
+                _encode_then_release,
+                self.store,
+                group,
+                self._delta_outcomes,
+                mapped,
+                reader,
+                begin,
+                end,
             )
         )
 
@@ -586,35 +605,37 @@ def _hash_all(datas: list[memoryview]) -> list[bytes]:
 
 def _encode_then_release(
     store: ChunkStore,
-    group: list[_Task],
+    group: list[_Queued],
     known: Mapping[str, list[int]],
     mapped: MappedFile,
+    reader: ByteReader,
     begin: int,
     end: int,
 ) -> list[Encoded]:
-    """Encode a group of chunks lying in ``[begin, end)`` of a file, then drop those pages.
+    """Encode a group of chunks lying in ``[begin, end)`` of a file, then drop those pages and
+    close ``reader``, which the chunks are read through.
 
-    Each chunk is first copied out of the map and hashed again: encoding reads only bytes known
-    to be the chunk's, so a file written to while it is pushed fails the push instead of
-    leaving in the store a blob that does not match its id.
+    Each chunk is first copied out and hashed again: encoding reads only bytes known to be the
+    chunk's, so a file written to while it is pushed fails the push instead of leaving in the
+    store a blob that does not match its id.
     """
     try:
-        settled = []
-        for cid, data, size, key in group:
-            own = bytes(data)
+        settled: list[_Task] = []
+        for cid, offset, length, size, key in group:
+            own = reader.read(offset, length)
             if ids.chunk_id(own) != cid:
                 raise _changed(mapped.path)
             settled.append((cid, own, size, key))
         return _encode_group(store, settled, known)
     finally:
         mapped.release(begin, end)
+        reader.close()
 
 
 def _still_written(path: Path) -> str:
     return (
-        f"{path} is open for writing, so nothing guards its push against a writer: it fails if "
-        "the file changes, and a truncation would end the process (SIGBUS); push files once "
-        "they are written"
+        f"{path} is open for writing: it is pushed as it reads now, and the push fails if it "
+        "changes meanwhile; push files once they are written"
     )
 
 

@@ -12,10 +12,11 @@ goes on.
 A lease is taken only where that is safe and possible: SIGIO has its default action (which
 would end the process) and the handler can be installed, which only the main thread may do
 (:func:`prepare` does it early), or it already is; the caller owns the file or has CAP_LEASE;
-nobody has the file open for writing; the file system supports leases.
-Otherwise :func:`guard` returns None and the mapping is unguarded, as without this module. The
-kernel breaks a lease itself after ``/proc/sys/fs/lease-break-time`` seconds (45 by default),
-so a main thread kept that long from running Python code leaves the mapping unguarded again.
+nobody has the file open for writing; the file system supports leases. Otherwise
+:func:`guard` returns None, and :class:`~chunkstore.chunking.MappedFile` reads the file into
+memory instead of mapping it. The kernel breaks a lease itself after
+``/proc/sys/fs/lease-break-time`` seconds (45 by default), so a main thread kept that long
+from running Python code leaves the mapping unguarded again.
 """
 
 from __future__ import annotations

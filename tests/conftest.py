@@ -66,11 +66,20 @@ os.environ.setdefault("CHUNKSTORE_AUTHOR", "tester")
 
 def rss_file_kib() -> int:
     """Resident pages of mapped files in this process, in KiB (RssFile of /proc/self/status)."""
+    return _status_kib("RssFile")
+
+
+def rss_anon_kib() -> int:
+    """Resident anonymous pages of this process, in KiB (RssAnon of /proc/self/status)."""
+    return _status_kib("RssAnon")
+
+
+def _status_kib(field: str) -> int:
     with open("/proc/self/status") as status:
         for line in status:
-            if line.startswith("RssFile:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
-    raise AssertionError("no RssFile in /proc/self/status")
+    raise AssertionError(f"no {field} in /proc/self/status")
 
 
 def failing_fallocate(code: int):

@@ -9,9 +9,11 @@ import time
 
 import numpy as np
 import pytest
-from conftest import rss_file_kib
+from conftest import rss_anon_kib, rss_file_kib
 
-from chunkstore.chunking import MappedFile
+from chunkstore.chunking import FILL_BYTES, ChunkerParams, MappedFile
+from chunkstore.ingest import local_manifest
+from chunkstore.progress import NoProgress
 
 MiB = 1 << 20
 
@@ -35,14 +37,46 @@ def test_released_ranges_leave_residency_and_read_back_the_same(tmp_path):
         del view
 
 
-def test_a_file_open_for_writing_is_mapped_unguarded_and_says_so(tmp_path):
+def test_a_file_no_lease_can_guard_is_copied_as_it_is_read_and_cannot_fault(tmp_path):
     path = tmp_path / "model.bin"
-    path.write_bytes(os.urandom(MiB))
+    data = os.urandom(20 * MiB + 5)
+    path.write_bytes(data)
     with MappedFile(path) as mapped:
-        assert mapped._lease is not None and not mapped.writer_present
-    with open(path, "r+b"), MappedFile(path) as mapped:  # a writer holds it open
-        assert mapped._lease is None and mapped.writer_present
-        assert mapped.view[:8].tobytes() == path.read_bytes()[:8]
+        assert not mapped.copied and not mapped.writer_present  # mapped, a lease guards it
+    with open(path, "r+b") as writer, MappedFile(path) as mapped:  # a writer holds it open
+        assert mapped.copied and mapped.writer_present
+        view = mapped.view
+        mapped.fill(1000)  # reads ahead FILL_BYTES
+        assert view[: FILL_BYTES + 8].tobytes() == data[:FILL_BYTES] + bytes(8)
+        mapped.fill(FILL_BYTES + 1)
+        assert view[FILL_BYTES : 2 * FILL_BYTES].tobytes() == data[FILL_BYTES : 2 * FILL_BYTES]
+        reader = mapped.reader()
+        mapped.release(0, FILL_BYTES)
+        assert view[4096:4104].tobytes() == bytes(8)  # dropped pages read as zeros
+        assert reader.read(4096, 8) == data[4096:4104]  # the reader reads the file
+        writer.truncate(MiB)
+        mapped.fill(len(data))  # no SIGBUS: reads short
+        assert view[len(data) - 8 :].tobytes() == bytes(8)
+        assert reader.read(2 * MiB, 8) == b"" and mapped.changed()
+        del view
+    assert reader.read(16, 8) == data[16:24]  # outlives the map until closed
+    reader.close()
+
+
+def test_a_copied_file_is_hashed_in_memory_bounded_by_its_read_ahead(tmp_path):
+    path = tmp_path / "model.bin"
+    path.write_bytes(os.urandom(96 * MiB))
+    peak = []
+
+    class Sample(NoProgress):
+        def advance(self, done, new=0):
+            peak.append(rss_anon_kib())
+
+    with open(path, "r+b"):  # a writer holds it open: copied, not mapped
+        before = rss_anon_kib()
+        manifest = local_manifest(path, ChunkerParams(), progress=Sample())
+    assert sum(length for _, length in manifest.chunks) == 96 * MiB
+    assert max(peak) - before < 32 << 10  # KiB: the read-ahead, not the file
 
 
 _HOLD = """
@@ -113,6 +147,9 @@ with LmdbStore(store) as s:
     repository = Repository(s)  # made on the main thread, as a training script does
     if thread == "main":
         push(repository)
+    elif thread == "writer open":  # no lease: the file is copied as it is read, not mapped
+        with open(path, "r+b"):
+            push(repository)
     else:  # a background checkpoint upload
         worker = threading.Thread(target=push, args=(repository,))
         worker.start()
@@ -122,7 +159,7 @@ with LmdbStore(store) as s:
 """
 
 
-@pytest.mark.parametrize("thread", ["main", "worker"])
+@pytest.mark.parametrize("thread", ["main", "worker", "writer open"])
 def test_a_file_rewritten_in_place_during_its_push_fails_it_cleanly(tmp_path, thread):
     path = tmp_path / "src" / "model.bin"
     path.parent.mkdir()

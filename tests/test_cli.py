@@ -768,9 +768,9 @@ def test_push_warns_of_a_file_still_open_for_writing_and_stores_it(env_store, tm
         code, _, err = run(capsys, "push", str(src), "--repo", "w", "-q")
     assert code == 0
     assert err == (
-        f"chunkstore: warning: {src / 'model.bin'} is open for writing, so nothing guards its "
-        "push against a writer: it fails if the file changes, and a truncation would end the "
-        "process (SIGBUS); push files once they are written\n"
+        f"chunkstore: warning: {src / 'model.bin'} is open for writing: it is pushed as it "
+        "reads now, and the push fails if it changes meanwhile; push files once they are "
+        "written\n"
     )
     code, _, err = run(capsys, "push", str(src), "--repo", "w", "-q")  # closed: no warning
     assert (code, err) == (0, "")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import resource
@@ -898,3 +899,35 @@ def test_a_push_of_more_files_than_open_descriptors_allowed(lmdb_repo, tmp_path)
     assert len(version.files) == 600
     lmdb_repo.pull("many", tmp_path / "out")
     assert tree_bytes(tmp_path / "out") == tree_bytes(tmp_path / "src")
+
+
+def test_files_held_open_for_writing_are_copied_and_cut_as_mapped_ones_are(tmp_path):
+    """No lease guards a file a writer holds open: it is read into memory as it is cut, not
+    mapped. Its chunks, deltas and pull are those of the same files mapped."""
+    src = tmp_path / "ckpt"
+    src.mkdir()
+    rng = np.random.default_rng(5)
+    shapes = {f"w{i}": ("BF16", (1024, 1024)) for i in range(12)}  # 24 MiB: several fills
+    step = {name: weights(rng, 1 << 20, "bf16") for name in shapes}
+    write_safetensors(src / "model.safetensors", {n: (*shapes[n], step[n]) for n in shapes})
+    write(src / "data.bin", random_bytes(20 * MB, seed=7))
+    small = PipelineLimits(window_bytes=MB, group_bytes=256 << 10, batch_bytes=MB)
+    with Repository(LmdbStore(tmp_path / "store"), limits=small) as repo:
+        held = {}
+        for name in ("copied", "mapped"):
+            with contextlib.ExitStack() as writers:
+                if name == "copied":
+                    for path in src.iterdir():
+                        writers.enter_context(open(path, "r+b"))
+                    writers.enter_context(pytest.warns(ChunkstoreWarning, match="open for wri"))
+                held[name] = repo.push(src, repo=name)
+        assert held["mapped"].stats.new_chunks == 0  # the same cuts: every chunk stored
+        files = {name: repo.resolve(name).files for name in held}
+        assert [f.manifest_id for f in files["copied"]] == [f.manifest_id for f in files["mapped"]]
+        nudged = {n: (v.view(np.uint16) ^ np.uint16(1)).view(v.dtype) for n, v in step.items()}
+        write_safetensors(src / "model.safetensors", {n: (*shapes[n], nudged[n]) for n in shapes})
+        with open(src / "model.safetensors", "r+b"), pytest.warns(ChunkstoreWarning):
+            pushed = repo.push(src, repo="copied")
+        assert pushed.stats.delta_chunks > 0  # new chunks read back from the file as deltas
+        repo.pull("copied", tmp_path / "out")
+        assert tree_bytes(tmp_path / "out") == tree_bytes(src)
