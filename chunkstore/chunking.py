@@ -289,11 +289,14 @@ class MappedFile:
             self._released = end
 
     def release(self, begin: int, end: int) -> None:
-        """Drop resident pages that lie wholly inside ``[begin, end)``; any thread may call it."""
+        """Drop resident pages that lie wholly inside ``[begin, end)``; any thread may call it,
+        also once the file is closed (a copied file's memory is then gone already)."""
         start = -(-begin // mmap.PAGESIZE) * mmap.PAGESIZE
         stop = end - end % mmap.PAGESIZE
-        if self._mm is not None and stop > start:
-            self._mm.madvise(mmap.MADV_DONTNEED, start, stop - start)
+        mm = self._mm
+        if mm is not None and stop > start:
+            with contextlib.suppress(ValueError):  # closed meanwhile: nothing left to drop
+                mm.madvise(mmap.MADV_DONTNEED, start, stop - start)
 
     def close(self) -> None:
         if self._lease is not None:

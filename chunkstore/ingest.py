@@ -499,18 +499,14 @@ class Ingester:
 
     def _queue_group(self, mapped: MappedFile, group: list[_Queued], begin: int, end: int) -> None:
         reader = mapped.reader()  # the file's map may be closed before the group is encoded
-        self._put_queue(
-            self._pool.submit(
-                _encode_then_release,
-                self.store,
-                group,
-                self._delta_outcomes,
-                mapped,
-                reader,
-                begin,
-                end,
-            )
-        )
+        encode = partial(_encode_then_release, self.store, group, self._delta_outcomes, mapped)
+        try:
+            task = self._pool.submit(encode, reader, begin, end)
+        except BaseException:  # the push is being stopped
+            reader.close()
+            raise
+        task.add_done_callback(lambda _: reader.close())  # also if it is cancelled
+        self._put_queue(task)
 
     def _deltas_may_pay(self, base: BaseChunk) -> bool:
         """False once two chunks of the base tensor were tried and none paid as a delta (a
@@ -612,8 +608,8 @@ def _encode_then_release(
     begin: int,
     end: int,
 ) -> list[Encoded]:
-    """Encode a group of chunks lying in ``[begin, end)`` of a file, then drop those pages and
-    close ``reader``, which the chunks are read through.
+    """Encode a group of chunks lying in ``[begin, end)`` of a file, read through ``reader``,
+    then drop those pages.
 
     Each chunk is first copied out and hashed again: encoding reads only bytes known to be the
     chunk's, so a file written to while it is pushed fails the push instead of leaving in the
@@ -629,7 +625,6 @@ def _encode_then_release(
         return _encode_group(store, settled, known)
     finally:
         mapped.release(begin, end)
-        reader.close()
 
 
 def _still_written(path: Path) -> str:

@@ -931,3 +931,26 @@ def test_files_held_open_for_writing_are_copied_and_cut_as_mapped_ones_are(tmp_p
         assert pushed.stats.delta_chunks > 0  # new chunks read back from the file as deltas
         repo.pull("copied", tmp_path / "out")
         assert tree_bytes(tmp_path / "out") == tree_bytes(src)
+
+
+def test_a_copied_file_truncated_mid_push_fails_it_and_leaves_nothing_open(tmp_path):
+    src = tmp_path / "ckpt"
+    write(src / "model.bin", random_bytes(48 * MB, seed=8))
+    small = PipelineLimits(window_bytes=MB, group_bytes=256 << 10, batch_bytes=MB)
+
+    class TruncateOnFirstBytes(RecordedProgress):
+        def advance(self, done, new=0):
+            if self.units[-1][2] == 0:
+                os.truncate(src / "model.bin", MB)
+            super().advance(done, new)
+
+    with Repository(LmdbStore(tmp_path / "store"), limits=small) as repo:
+        fds = sorted(os.listdir("/proc/self/fd"))
+        with (
+            open(src / "model.bin", "r+b"),  # a writer holds it open: copied, not mapped
+            pytest.warns(ChunkstoreWarning),
+            pytest.raises(ChunkstoreError, match="changed while it was pushed"),
+        ):
+            repo.push(src, repo="m", progress=TruncateOnFirstBytes())
+        assert repo.store.list_repos() == []
+        assert sorted(os.listdir("/proc/self/fd")) == fds  # no descriptor left behind
