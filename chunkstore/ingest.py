@@ -1,18 +1,20 @@
 """The push pipeline: cut files into chunks, find the ones the store lacks, encode and store them.
 
-Per file: memory-map -> cut (FastCDC) on the calling thread -> per window of chunks, ids
-(BLAKE3) on the hashing threads while the next window is cut, then one batched existence check
-(windows waiting together, such as those of many small files, share one); the missing chunks
-are encoded on a thread pool and handed, in order, to a writer thread that stores them in large
-all-or-nothing batches. Memory is bounded by the window and the writer's queue, never by file
-size.
+Per file: memory-map (or, where no lease can guard the map, read into memory ahead of the
+cutter: see :class:`~chunkstore.chunking.MappedFile`) -> cut (FastCDC) on the calling thread
+-> per window of chunks, ids (BLAKE3) on the hashing threads while the next window is cut, then
+one batched existence check (windows waiting together, such as those of many small files, share
+one); the missing chunks are encoded on a thread pool and handed, in order, to a writer thread
+that stores them in large all-or-nothing batches. Memory is bounded by the window and the
+writer's queue, never by file size.
 
-A file may be written to while it is pushed. Each new chunk is copied out of the map and hashed
-again before it is encoded, so the store never holds a blob that does not match its id (the
-push fails instead), and a file whose size or modification time moved during the push fails
-it before anything is committed; so does one truncated or opened for writing while a lease
-guards its map (see :mod:`chunkstore.lease`), instead of SIGBUS. A file removed, or replaced by
-another (an atomic save), while it is pushed is stored as it was read.
+A file may be written to while it is pushed. Each new chunk is read again from the file (or its
+map) and hashed again before it is encoded, so the store never holds a blob that does not match
+its id (the push fails instead), and a file whose size or modification time moved during the
+push fails it before anything is committed; so does one truncated or opened for writing while
+a lease guards its map (see :mod:`chunkstore.lease`) or while it is read into memory, instead
+of SIGBUS. A file removed, or replaced by another (an atomic save), while it is pushed is
+stored as it was read.
 
 With a base (:class:`~chunkstore.delta.BaseTensors`, read once a file with tensors comes up), a
 tensor the base also has is cut at the

@@ -40,6 +40,8 @@ from chunkstore.stores.memory import MemoryStore
 from chunkstore.synthetic import weights, write_safetensors
 
 MB = 1 << 20
+#: Pipeline windows small enough that a file of a few MB fills, drops and queues several times.
+SMALL_WINDOWS = PipelineLimits(window_bytes=MB, group_bytes=256 << 10, batch_bytes=MB)
 
 
 @pytest.fixture
@@ -911,8 +913,7 @@ def test_files_held_open_for_writing_are_copied_and_cut_as_mapped_ones_are(tmp_p
     step = {name: weights(rng, 1 << 20, "bf16") for name in shapes}
     write_safetensors(src / "model.safetensors", {n: (*shapes[n], step[n]) for n in shapes})
     write(src / "data.bin", random_bytes(20 * MB, seed=7))
-    small = PipelineLimits(window_bytes=MB, group_bytes=256 << 10, batch_bytes=MB)
-    with Repository(LmdbStore(tmp_path / "store"), limits=small) as repo:
+    with Repository(LmdbStore(tmp_path / "store"), limits=SMALL_WINDOWS) as repo:
         held = {}
         for name in ("copied", "mapped"):
             with contextlib.ExitStack() as writers:
@@ -936,7 +937,6 @@ def test_files_held_open_for_writing_are_copied_and_cut_as_mapped_ones_are(tmp_p
 def test_a_copied_file_truncated_mid_push_fails_it_and_leaves_nothing_open(tmp_path):
     src = tmp_path / "ckpt"
     write(src / "model.bin", random_bytes(48 * MB, seed=8))
-    small = PipelineLimits(window_bytes=MB, group_bytes=256 << 10, batch_bytes=MB)
 
     class TruncateOnFirstBytes(RecordedProgress):
         def advance(self, done, new=0):
@@ -944,7 +944,7 @@ def test_a_copied_file_truncated_mid_push_fails_it_and_leaves_nothing_open(tmp_p
                 os.truncate(src / "model.bin", MB)
             super().advance(done, new)
 
-    with Repository(LmdbStore(tmp_path / "store"), limits=small) as repo:
+    with Repository(LmdbStore(tmp_path / "store"), limits=SMALL_WINDOWS) as repo:
         fds = sorted(os.listdir("/proc/self/fd"))
         with (
             open(src / "model.bin", "r+b"),  # a writer holds it open: copied, not mapped
