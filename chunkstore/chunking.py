@@ -13,11 +13,12 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import TypeVar
 
 import pyfastcdc
 
 from chunkstore import lease
+from chunkstore.byte_readers import BufferReader, ByteReader, FileReader
 from chunkstore.errors import InvalidInput
 from chunkstore.tensor_index import TensorIndex
 
@@ -127,38 +128,6 @@ def _stamp(st: os.stat_result) -> tuple[int, int, int, int]:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
-class ByteReader(Protocol):
-    """Reads bytes of one file from any thread, until closed."""
-
-    def read(self, offset: int, length: int) -> bytes:
-        """A copy of ``length`` bytes at ``offset`` (fewer if the file shrank meanwhile)."""
-
-    def close(self) -> None:
-        """Let go of what the reader holds."""
-
-
-class _ViewReader:
-    def __init__(self, view: memoryview) -> None:
-        self._view = view
-
-    def read(self, offset: int, length: int) -> bytes:
-        return bytes(self._view[offset : offset + length])
-
-    def close(self) -> None:
-        self._view.release()
-
-
-class _FileReader:
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
-
-    def read(self, offset: int, length: int) -> bytes:
-        return os.pread(self._fd, length, offset)
-
-    def close(self) -> None:
-        os.close(self._fd)
-
-
 class MappedFile:
     """A file's bytes in memory, read as work advances, whose pages can be released behind it.
 
@@ -176,8 +145,7 @@ class MappedFile:
     that :meth:`fill` reads the file into, in order, and dropped pages read as zeros. So a
     reader fills before it reads, and reads the bytes of chunks it comes back to through a
     :meth:`reader`. A file that shrinks then reads short, which its chunks' ids catch, and
-    :meth:`changed` says so; nothing can fault. Only :meth:`index_view` maps such a file, for
-    the moment its tensor index is read.
+    :meth:`changed` says so; nothing can fault.
     """
 
     def __init__(self, path: Path) -> None:
@@ -234,20 +202,6 @@ class MappedFile:
     def view(self) -> memoryview:
         return memoryview(self._mm) if self._mm is not None else memoryview(b"")
 
-    @contextlib.contextmanager
-    def index_view(self) -> Iterator[memoryview]:
-        """The file's bytes to read its tensor index from: :attr:`view`, or for a copied file
-        a map of the file itself, unguarded, closed when the block ends."""
-        if self._fd is None:
-            yield self.view
-            return
-        source = mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ)
-        try:
-            yield memoryview(source)
-        finally:
-            with contextlib.suppress(BufferError):  # a view still alive: closed when it goes
-                source.close()
-
     def fill(self, end: int) -> None:
         """Make sure the bytes before ``end`` were read into the view (a copied file's; a
         mapped file's always are), reading ahead :data:`FILL_BYTES` at a time. Not
@@ -276,8 +230,8 @@ class MappedFile:
         """A reader of the file's bytes, released or not, that outlives :meth:`close` until
         it is closed itself (it keeps the map, or a descriptor of a copied file)."""
         if self._fd is not None:
-            return _FileReader(os.dup(self._fd))
-        return _ViewReader(self.view)
+            return FileReader(os.dup(self._fd))
+        return BufferReader(self.view)
 
     def release_before(self, offset: int) -> None:
         """Drop resident pages that lie wholly before ``offset``."""

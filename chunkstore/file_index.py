@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+from chunkstore.byte_readers import ByteReader
 from chunkstore.tensor_index import TensorIndex, read_safetensors_index
 from chunkstore.torch_index import read_torch_index
 
 
-def read_index(data: bytes | memoryview, file_size: int) -> TensorIndex | None:
-    """The tensor index of the file whose bytes are ``data`` (the whole file, which may be a
-    memory map), or None if it is neither format (or a malformed one)."""
-    return read_safetensors_index(data, file_size) or read_torch_index(data, file_size)
+def read_index(reader: ByteReader, file_size: int) -> TensorIndex | None:
+    """The tensor index of the file of ``file_size`` bytes that ``reader`` reads (only the
+    parts that describe its tensors are read), or None if it is neither format (or a malformed
+    one, or one that shrank meanwhile)."""
+    return read_safetensors_index(reader, file_size) or read_torch_index(reader, file_size)

@@ -29,6 +29,7 @@ their own, their keyframes never read (see :func:`_encode_group`).
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import threading
 import warnings
@@ -40,7 +41,8 @@ from functools import cached_property, partial
 from pathlib import Path
 
 from chunkstore import codec, ids
-from chunkstore.chunking import ByteReader, Chunker, ChunkerParams, MappedFile, file_regions
+from chunkstore.byte_readers import ByteReader, FileReader
+from chunkstore.chunking import Chunker, ChunkerParams, MappedFile, file_regions
 from chunkstore.delta import BaseChunk, BaseTensors, Encoded, base_length, encode_chunk
 from chunkstore.errors import ChunkstoreError, ChunkstoreWarning
 from chunkstore.file_index import read_index
@@ -142,13 +144,16 @@ def local_manifest(
 def has_tensor_index(path: Path) -> bool:
     """Whether the file at ``path`` is a safetensors or torch.save file (its header read, not
     the rest)."""
-    with MappedFile(path) as mapped:
-        return _index_of(mapped) is not None
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    with contextlib.closing(FileReader(fd)) as reader:
+        return read_index(reader, os.fstat(fd).st_size) is not None
 
 
 def _index_of(mapped: MappedFile) -> TensorIndex | None:
-    with mapped.index_view() as data:
-        return read_index(data, mapped.size)
+    """The tensor index of the file, read with ``pread`` when it is copied (a map of it could
+    fault if it shrank meanwhile)."""
+    with contextlib.closing(mapped.reader()) as reader:
+        return read_index(reader, mapped.size)
 
 
 def plan_cuts(

@@ -21,7 +21,6 @@ old file is the version the deltas were coded against; and :func:`in_place` and
 
 from __future__ import annotations
 
-import mmap
 import os
 import threading
 from bisect import bisect_right
@@ -29,6 +28,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from chunkstore import ids
+from chunkstore.byte_readers import FileReader
 from chunkstore.file_index import read_index
 from chunkstore.model import Manifest
 from chunkstore.parallel import for_each
@@ -159,11 +159,10 @@ def _groups(
 def _tensor_starts(fd: int, size: int) -> dict[str, tuple[int, int]]:
     """Name -> (start, byte length) of each tensor of the old file, if it has a tensor index
     (safetensors, or a PyTorch checkpoint)."""
-    if size == 0:
-        return {}
-    with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as mapped, memoryview(mapped) as view:
-        index = read_index(view, size)
-        return {t.name: (t.begin, t.end - t.begin) for t in index.tensors} if index else {}
+    # Read with pread, not mapped: a map would fault if the file shrank meanwhile. The caller
+    # closes fd.
+    index = read_index(FileReader(fd), size)
+    return {t.name: (t.begin, t.end - t.begin) for t in index.tensors} if index else {}
 
 
 def _bytes_of(fd: int, size: int, cid: bytes, length: int, at: int) -> bytes | None:

@@ -14,6 +14,7 @@ import math
 import struct
 from dataclasses import dataclass
 
+from chunkstore.byte_readers import ByteReader
 from chunkstore.model import TensorInfo
 
 #: Bits per element of each dtype the safetensors format defines (as of safetensors 0.8).
@@ -65,19 +66,23 @@ def element_size(dtype: str) -> int:
     return _NUMBER_SIZE.get(dtype, max(1, DTYPE_BITS[dtype] // 8))
 
 
-def read_safetensors_index(data: bytes | memoryview, file_size: int) -> TensorIndex | None:
-    """The tensor index of a safetensors file whose first bytes are ``data``, or None.
-
-    ``data`` must hold at least the whole header (the caller passes the mapped file).
-    """
-    if file_size < 8 or len(data) < 8:
+def read_safetensors_index(reader: ByteReader, file_size: int) -> TensorIndex | None:
+    """The tensor index of the safetensors file of ``file_size`` bytes that ``reader`` reads
+    (only its header is read), or None."""
+    if file_size < 8:
         return None
-    (length,) = struct.unpack_from("<Q", data, 0)
+    head = reader.read(0, 8)
+    if len(head) < 8:
+        return None
+    (length,) = struct.unpack("<Q", head)
     header_end = 8 + length
-    if length < 2 or length > MAX_HEADER or header_end > file_size or header_end > len(data):
+    if length < 2 or length > MAX_HEADER or header_end > file_size:
+        return None
+    data = reader.read(8, length)
+    if len(data) < length:  # the file shrank meanwhile
         return None
     try:
-        header = json.loads(bytes(data[8:header_end]).decode("utf-8"))
+        header = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
         return None
     if not isinstance(header, dict):

@@ -34,6 +34,7 @@ import zipfile
 from collections import Counter
 from dataclasses import dataclass, replace
 
+from chunkstore.byte_readers import ByteReader
 from chunkstore.model import TensorInfo
 from chunkstore.seekable import SeekableReader
 from chunkstore.tensor_index import DTYPE_BITS, TensorIndex
@@ -95,42 +96,44 @@ _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature ... file name length, ext
 _LOCAL_SIGNATURE = b"PK\x03\x04"
 
 
-def read_torch_index(data: bytes | memoryview, file_size: int) -> TensorIndex | None:
-    """The tensor index of a ``torch.save`` checkpoint whose bytes are ``data`` (the whole
-    file), or None."""
-    if len(data) != file_size or not _starts_with_a_pickle(data):
+def read_torch_index(reader: ByteReader, file_size: int) -> TensorIndex | None:
+    """The tensor index of the ``torch.save`` checkpoint of ``file_size`` bytes that
+    ``reader`` reads (its zip directory, pickle and member headers, not the tensors), or
+    None."""
+    if not _starts_with_a_pickle(reader):
         return None
     try:
-        return _read(memoryview(data))
+        return _read(_Archive(reader, file_size))
     except Exception:  # noqa: BLE001 - whatever a damaged zip or pickle raises, it is bytes
         return None
 
 
-def _starts_with_a_pickle(data: bytes | memoryview) -> bool:
+def _starts_with_a_pickle(reader: ByteReader) -> bool:
     """Whether the file's first zip member is ``PREFIX/data.pkl``, as torch.save writes it: a
     cheap test that spares other zip files (a dataset of many members, an ``.npz``) a reading
     of their whole directory."""
-    if len(data) < _LOCAL_HEADER.size:
+    head = reader.read(0, _LOCAL_HEADER.size)
+    if len(head) < _LOCAL_HEADER.size:
         return False
-    signature, name_length, _ = _LOCAL_HEADER.unpack_from(data, 0)
-    name = bytes(data[_LOCAL_HEADER.size : _LOCAL_HEADER.size + name_length])
+    signature, name_length, _ = _LOCAL_HEADER.unpack(head)
+    name = reader.read(_LOCAL_HEADER.size, name_length)
     return signature == _LOCAL_SIGNATURE and name.endswith(b"/data.pkl") and name.count(b"/") == 1
 
 
-def _read(view: memoryview) -> TensorIndex | None:
-    with zipfile.ZipFile(_ViewFile(view)) as archive:
-        members = {info.filename: info for info in archive.infolist()}
+def _read(archive: _Archive) -> TensorIndex | None:
+    with zipfile.ZipFile(archive) as zipped:
+        members = {info.filename: info for info in zipped.infolist()}
         pickles = [name for name in members if name.endswith("/data.pkl") and name.count("/") == 1]
         if len(pickles) != 1:
             return None
         prefix = pickles[0][: -len("data.pkl")]
         order = members.get(prefix + "byteorder")
-        if order is not None and _member_bytes(view, order) != b"little":
+        if order is not None and archive.member_bytes(order) != b"little":
             return None  # written on a big-endian machine: not bytes we can plane or diff
         pkl = members[pickles[0]]
         if pkl.file_size > MAX_PICKLE:
             return None
-        storages, tensors, viewers = _unpickle(_member_bytes(view, pkl))
+        storages, tensors, viewers = _unpickle(archive.member_bytes(pkl))
     entries = {}
     for key, (dtype, numel) in storages.items():
         info = members.get(f"{prefix}data/{key}")
@@ -139,7 +142,7 @@ def _read(view: memoryview) -> TensorIndex | None:
         bits = numel * DTYPE_BITS[dtype]
         if bits % 8 or info.file_size != bits // 8:
             return None
-        begin = _data_start(view, info)
+        begin = archive.data_start(info)
         if key in tensors:
             name, shape = tensors[key]
         else:
@@ -173,37 +176,41 @@ def _distinct_names(entries: dict[str, TensorInfo]) -> list[TensorInfo]:
     return [t for key, t in renamed.items() if key not in left_out]
 
 
-def _member_bytes(view: memoryview, info: zipfile.ZipInfo) -> bytes:
-    if info.compress_type != zipfile.ZIP_STORED:
-        raise ValueError(f"{info.filename} is compressed")
-    begin = _data_start(view, info)
-    return bytes(view[begin : begin + info.file_size])
+class _Archive(SeekableReader):
+    """The file as a read-only, seekable raw file (for ``zipfile``), read through a
+    :class:`~chunkstore.byte_readers.ByteReader`, with what the index needs of its members."""
 
-
-def _data_start(view: memoryview, info: zipfile.ZipInfo) -> int:
-    """Where a member's bytes start: after its local header, whose extra field (torch pads the
-    data to 64 bytes with it) may differ from the central directory's."""
-    signature, name_length, extra_length = _LOCAL_HEADER.unpack_from(view, info.header_offset)
-    if signature != _LOCAL_SIGNATURE:
-        raise ValueError(f"{info.filename}: no local header at {info.header_offset}")
-    begin = info.header_offset + _LOCAL_HEADER.size + name_length + extra_length
-    if begin + info.file_size > len(view):
-        raise ValueError(f"{info.filename} runs past the end of the file")
-    return begin
-
-
-class _ViewFile(SeekableReader):
-    """A read-only, seekable file over a buffer, without copying it (for ``zipfile``)."""
-
-    def __init__(self, view: memoryview) -> None:
-        super().__init__(len(view))
-        self._view = view
+    def __init__(self, reader: ByteReader, size: int) -> None:
+        super().__init__(size)
+        self._reader = reader
 
     def readinto(self, buffer) -> int:  # type: ignore[override]
-        chunk = self._view[self._pos : self._pos + len(buffer)]
+        chunk = self._reader.read(self._pos, min(len(buffer), max(0, self._size - self._pos)))
         buffer[: len(chunk)] = chunk
         self._pos += len(chunk)
         return len(chunk)
+
+    def member_bytes(self, info: zipfile.ZipInfo) -> bytes:
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise ValueError(f"{info.filename} is compressed")
+        data = self._reader.read(self.data_start(info), info.file_size)
+        if len(data) != info.file_size:
+            raise ValueError(f"{info.filename} was cut short")
+        return data
+
+    def data_start(self, info: zipfile.ZipInfo) -> int:
+        """Where a member's bytes start: after its local header, whose extra field (torch pads
+        the data to 64 bytes with it) may differ from the central directory's."""
+        header = self._reader.read(info.header_offset, _LOCAL_HEADER.size)
+        if len(header) != _LOCAL_HEADER.size:
+            raise ValueError(f"{info.filename}: its local header lies past the end")
+        signature, name_length, extra_length = _LOCAL_HEADER.unpack(header)
+        if signature != _LOCAL_SIGNATURE:
+            raise ValueError(f"{info.filename}: no local header at {info.header_offset}")
+        begin = info.header_offset + _LOCAL_HEADER.size + name_length + extra_length
+        if begin + info.file_size > self._size:
+            raise ValueError(f"{info.filename} runs past the end of the file")
+        return begin
 
 
 # -- the pickle ---------------------------------------------------------------------------------

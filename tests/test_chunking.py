@@ -176,3 +176,75 @@ def test_a_file_rewritten_in_place_during_its_push_fails_it_cleanly(tmp_path, th
         "[] True",  # nothing committed, and no blob stored under another's id
     ]
     assert path.read_bytes() == b"short"
+
+
+_TRUNCATED_AS_ITS_INDEX_IS_READ = """
+import sys
+from pathlib import Path
+import numpy as np
+import chunkstore.ingest, chunkstore.reuse
+from chunkstore.errors import ChunkstoreError
+from chunkstore.repository import Repository
+from chunkstore.stores.lmdb_store import LmdbStore
+from chunkstore.synthetic import weights, write_safetensors
+
+tmp, where = Path(sys.argv[1]), sys.argv[2]
+src, out = tmp / "src", tmp / "out"
+src.mkdir()
+def checkpoint(seed):
+    rng = np.random.default_rng(seed)
+    tensors = {f"w{i}": ("BF16", (1 << 20,), weights(rng, 1 << 20, "bf16")) for i in range(4)}
+    write_safetensors(src / "model.safetensors", tensors)
+
+def truncating(module, victim):
+    original = module.read_index
+    def read_index(reader, size):  # the file shrinks as its index is read
+        module.read_index = original
+        victim().write_bytes(b"")
+        return original(reader, size)
+    module.read_index = read_index
+
+with LmdbStore(tmp / "store") as s:
+    repository = Repository(s)
+    if where == "push":
+        checkpoint(0)
+        truncating(chunkstore.ingest, lambda: src / "model.safetensors")
+        with open(src / "model.safetensors", "r+b"):  # held open: copied, not mapped
+            try:
+                repository.push(src, repo="m")
+            except ChunkstoreError as exc:
+                print(exc)
+        print(s.list_repos())
+    else:  # a pull over an older copy of the file, which shrinks as it is read
+        checkpoint(0)
+        repository.push(src, repo="m")
+        repository.pull("m", out)
+        checkpoint(10)
+        repository.push(src, repo="m")
+        truncating(chunkstore.reuse, lambda: out / "model.safetensors")
+        repository.pull("m", out, force=True)
+        print((out / "model.safetensors").read_bytes() == (src / "model.safetensors").read_bytes())
+"""
+
+
+@pytest.mark.parametrize("where", ["push", "pull"])
+def test_a_file_truncated_as_its_tensor_index_is_read_fails_cleanly(tmp_path, where):
+    """The tensor index of a file no lease guards (a push's held-open file, a pull's older
+    copy) is read with pread: a file that shrinks meanwhile reads short, it cannot fault."""
+    done = subprocess.run(
+        [sys.executable, "-c", _TRUNCATED_AS_ITS_INDEX_IS_READ, str(tmp_path), where],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr  # -7 is SIGBUS
+    path = tmp_path / "src" / "model.safetensors"
+    assert done.stdout.splitlines() == (
+        [
+            f"{path} changed while it was pushed; nothing was committed: "
+            "push again once it is written",
+            "[]",
+        ]
+        if where == "push"
+        else ["True"]  # every chunk fetched instead
+    )

@@ -10,12 +10,17 @@ import pytest
 from conftest import write
 from safetensors.numpy import save_file
 
+from chunkstore.byte_readers import BufferReader
 from chunkstore.chunking import Chunker, file_regions
 from chunkstore.repository import Repository
 from chunkstore.synthetic import weights, write_safetensors
 from chunkstore.tensor_index import read_safetensors_index
 
 MB = 1 << 20
+
+
+def index_of(data: bytes):
+    return read_safetensors_index(BufferReader(data), len(data))
 
 
 def tensors(n: int, mb: float = 1, seed: int = 0, dtype: str = "bf16") -> dict:
@@ -29,7 +34,7 @@ def test_index_matches_the_reference_writer(tmp_path):
     arrays = {"b": np.arange(10, dtype=np.float32), "a": np.ones((3, 4), dtype=np.int64)}
     save_file(arrays, str(tmp_path / "m.safetensors"), metadata={"step": "1"})
     data = (tmp_path / "m.safetensors").read_bytes()
-    index = read_safetensors_index(data, len(data))
+    index = index_of(data)
     assert index is not None
     by_name = {t.name: t for t in index.tensors}
     assert set(by_name) == {"a", "b"}
@@ -68,7 +73,7 @@ GOOD = {"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
     ids=lambda d: str(len(d)),
 )
 def test_malformed_headers_are_not_safetensors(data):
-    assert read_safetensors_index(data, len(data)) is None
+    assert index_of(data) is None
 
 
 def test_malformed_file_still_pushes_as_bytes(repo: Repository, tmp_path):
@@ -92,7 +97,7 @@ def test_manifest_keeps_the_tensor_index(repo: Repository, tmp_path):
 def test_cuts_follow_tensors_and_element_boundaries(tmp_path):
     write_safetensors(tmp_path / "m.safetensors", tensors(3, mb=1.5, dtype="fp32"))
     data = memoryview((tmp_path / "m.safetensors").read_bytes())
-    index = read_safetensors_index(data, len(data))
+    index = index_of(data)
     chunker = Chunker()
     cuts = list(chunker.cut_file(data, index))
     assert sum(n for _, n, _ in cuts) == len(data)
@@ -108,7 +113,7 @@ def test_small_tensors_share_regions(tmp_path):
     small = {f"norm.{i}": ("F32", (64,), np.ones(64, np.float32) * i) for i in range(100)}
     write_safetensors(tmp_path / "m.safetensors", {**small, **tensors(1, dtype="fp32")})
     data = (tmp_path / "m.safetensors").read_bytes()
-    regions = file_regions(read_safetensors_index(data, len(data)), len(data), 16 * 1024)
+    regions = file_regions(index_of(data), len(data), 16 * 1024)
     assert len(regions) == 3  # header, the run of small tensors, the big tensor
 
 
@@ -151,7 +156,7 @@ def test_every_dtype_of_the_format_is_understood(dtype, shape, nbytes, element_s
     data = _file(
         {"t": {"dtype": dtype, "shape": shape, "data_offsets": [0, nbytes]}}, b"\7" * nbytes
     )
-    index = read_safetensors_index(data, len(data))
+    index = index_of(data)
     assert index is not None
     (tensor,) = index.tensors
     assert (tensor.dtype, tensor.end - tensor.begin) == (dtype, nbytes)
@@ -164,4 +169,4 @@ def test_packed_dtypes_must_fill_whole_bytes(dtype, shape):
         data = _file(
             {"t": {"dtype": dtype, "shape": shape, "data_offsets": [0, nbytes]}}, b"\0" * 4
         )
-        assert read_safetensors_index(data, len(data)) is None
+        assert index_of(data) is None

@@ -9,8 +9,10 @@ tensor must hold are known here without torch.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import os
 import zipfile
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from conftest import count_fetches, tree_bytes
 from test_cli import run
 from test_delta import stepped
 
+from chunkstore.byte_readers import BufferReader, FileReader
 from chunkstore.file_index import read_index
 from chunkstore.repository import Repository
 from chunkstore.stores.memory import MemoryStore
@@ -27,6 +30,7 @@ from chunkstore.synthetic import (
     bf16_from_f32,
     f32_from_bf16,
     weights,
+    write_safetensors,
     write_torch_checkpoint,
 )
 from chunkstore.torch_index import read_torch_index
@@ -36,7 +40,7 @@ KB = 1024
 
 
 def index_of(data: bytes):
-    return read_torch_index(data, len(data))
+    return read_torch_index(BufferReader(data), len(data))
 
 
 def by_name(data: bytes) -> dict:
@@ -301,7 +305,7 @@ def test_cli_shows_and_diffs_the_tensors_of_a_torch_checkpoint(env_store, tmp_pa
 )
 def test_read_index_takes_torch_checkpoints(name):
     data = (DATA / name).read_bytes()
-    assert read_index(data, len(data)) == index_of(data)
+    assert read_index(BufferReader(data), len(data)) == index_of(data)
 
 
 def test_pull_over_the_previous_checkpoint_copies_its_moved_tensors(repo: Repository, tmp_path):
@@ -342,3 +346,27 @@ def test_damaged_checkpoints_never_fail_reading_their_index():
 def assert_within(index, data) -> None:
     """An index read from damaged bytes, if any, still only names ranges of the file."""
     assert index is None or all(0 <= t.begin <= t.end <= len(data) for t in index.tensors)
+
+
+@pytest.mark.parametrize("name", ["mixed.pt", "model.safetensors"])
+def test_a_file_that_shrank_since_its_size_was_taken_has_no_index(tmp_path, name):
+    """A file read with pread while it shrinks (no lease guards it) reads short: its index is
+    None, never a fault or a half-read index."""
+    path = tmp_path / name
+    if name.endswith(".pt"):
+        path.write_bytes((DATA / name).read_bytes())
+    else:
+        write_safetensors(path, {"w": ("F32", (256,), np.ones(256, np.float32))})
+    size = path.stat().st_size
+
+    def index_now():
+        with contextlib.closing(FileReader(os.open(path, os.O_RDONLY))) as reader:
+            return read_index(reader, size)
+
+    whole = index_now()
+    assert whole == read_index(BufferReader(path.read_bytes()), size) and whole is not None
+    # A safetensors index is its header; a checkpoint's also needs the zip directory at its end.
+    cuts = [0, 6, whole.header_end - 1] + ([size - 1] if name.endswith(".pt") else [])
+    for cut in cuts:
+        os.truncate(path, cut)
+        assert index_now() is None, cut
