@@ -290,8 +290,8 @@ class Ingester:
     def finish(self) -> IngestStats:
         """Wait until every queued chunk is durable; raise what the writer met, if anything.
 
-        Meanwhile marks wanted, in one call, the chunks this push relies on without uploading them:
-        those the existence checks found stored (see
+        While the last batches are stored, marks wanted in one call the chunks this push relies
+        on without uploading them: those the existence checks found stored (see
         :meth:`~chunkstore.stores.base.ChunkStore.lacking`) and those of the base versions. Any
         found gone (taken by a concurrent GC, or lost) is stored again from its file, and a
         chunk coded against one is stored on its own. Then records in each ingested file's

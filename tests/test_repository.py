@@ -6,6 +6,7 @@ import contextlib
 import io
 import os
 import resource
+import threading
 import time
 
 import numpy as np
@@ -544,6 +545,30 @@ def test_push_marks_the_chunks_it_found_in_one_transaction(lmdb_repo, ckpt, monk
     wanted = {i.id: i.wanted_at for i in lmdb_repo.store.scan()}
     version_chunks = {cid for f in result.version.files for cid, _ in lmdb_repo.manifest(f).chunks}
     assert all(wanted[cid] >= result.version.created_ns / 1e9 - 60 for cid in version_chunks)
+
+
+def test_push_marks_the_chunks_it_found_while_its_last_batch_is_stored(lmdb_repo, ckpt, tmp_path):
+    repo = lmdb_repo
+    repo.push(ckpt, repo="m")
+    write(ckpt / "model.bin", random_bytes(3 * MB, seed=5))  # one batch of new chunks
+    store = repo.store
+    real_mark, real_put = store.mark_wanted, store.put
+    marking = threading.Event()
+    seen = []
+
+    def mark_wanted(ids):
+        marking.set()
+        return real_mark(ids)
+
+    def put(chunks):
+        seen.append(marking.wait(timeout=10))  # stored only once the marks went out
+        return real_put(chunks)
+
+    store.mark_wanted, store.put = mark_wanted, put
+    repo.push(ckpt, repo="m")
+    assert seen == [True]
+    repo.pull("m", tmp_path / "out")
+    assert tree_bytes(tmp_path / "out") == tree_bytes(ckpt)
 
 
 def test_push_whose_found_chunks_vanish_stores_them_again(lmdb_repo, ckpt, tmp_path):
