@@ -228,9 +228,10 @@ with LmdbStore(tmp / "store") as s:
 
 
 @pytest.mark.parametrize("where", ["push", "pull"])
-def test_a_file_truncated_as_its_tensor_index_is_read_fails_cleanly(tmp_path, where):
+def test_a_file_truncated_as_its_tensor_index_is_read_cannot_fault(tmp_path, where):
     """The tensor index of a file no lease guards (a push's held-open file, a pull's older
-    copy) is read with pread: a file that shrinks meanwhile reads short, it cannot fault."""
+    copy) is read with pread: a file that shrinks meanwhile reads short, it cannot fault. The
+    push then fails cleanly; the pull fetches what it cannot copy."""
     done = subprocess.run(
         [sys.executable, "-c", _TRUNCATED_AS_ITS_INDEX_IS_READ, str(tmp_path), where],
         capture_output=True,
