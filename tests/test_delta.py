@@ -403,13 +403,21 @@ def test_push_stores_again_base_chunks_lost_from_the_store(repo: Repository, tmp
     ]
     lost = [stepped_chunks[0], kept_chunks[0]]  # a keyframe, and a chunk v2 shares with v1
     assert repo.store.delete(lost[1:]) == 1  # lost before the push
-    real = repo.store.mark_wanted
+    real_put, real_mark = repo.store.put, repo.store.mark_wanted
+    coded = threading.Event()
 
-    def collect_then_mark(chunk_ids):  # the keyframe is taken after the deltas were coded
-        assert repo.store.delete(lost[:1]) == 1
-        return real(chunk_ids)
+    def put_then_collect(chunks):  # the deltas were coded: then the keyframe is taken
+        added = real_put(chunks)
+        if not coded.is_set():
+            assert repo.store.delete(lost[:1]) == 1
+            coded.set()
+        return added
 
-    repo.store.mark_wanted = collect_then_mark
+    def mark_once_collected(chunk_ids):  # the marks go out beside the writer: let them wait
+        assert coded.wait(timeout=10)
+        return real_mark(chunk_ids)
+
+    repo.store.put, repo.store.mark_wanted = put_then_collect, mark_once_collected
     result = repo.push(p2, "m", tags=["v2"])
     assert repo.store.missing([kept_chunks[0]]) == set()  # stored again from the file
     manifest = the_manifest(repo, "m@v2")
